@@ -1,0 +1,13 @@
+pub mod check;
+pub mod dockerfile;
+pub mod fmt;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Reads a spec file's text, naming the file in the error.
+pub fn read_spec_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read spec file {}", path.display()))
+}

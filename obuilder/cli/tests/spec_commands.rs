@@ -1,0 +1,162 @@
+//! The spec subcommands as a user runs them: exit codes, messages, files rewritten.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn obuilder(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_obuilder"))
+        .args(args)
+        .output()
+        .expect("run obuilder")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn examples() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"))
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    let specs: Vec<String> = std::fs::read_dir(examples())
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".spec"))
+        .collect();
+    let mut args = vec!["check"];
+    args.extend(specs.iter().map(String::as_str));
+    let out = obuilder(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("specs OK"));
+}
+
+#[test]
+fn check_reports_every_error_in_every_file() {
+    let dir = tempdir();
+    let a = dir.join("a.spec");
+    let b = dir.join("b.spec");
+    std::fs::write(&a, "((from busybox)\n (rn (shell \"x\")))\n").unwrap();
+    std::fs::write(
+        &b,
+        "((from busybox)\n (copy (from (build x)) (src a) (dst b))\n (env A))\n",
+    )
+    .unwrap();
+    let out = obuilder(&["check", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:2:3: error: unknown operation `rn`",
+            a.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("help: did you mean `run`?"), "{err}");
+    assert!(
+        err.contains(&format!("{}:2:14: error: unknown build `x`", b.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}:3:2: error: expected `(env NAME VALUE)`",
+            b.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("2 of 2 spec file(s) have errors"), "{err}");
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let out = obuilder(&["check", "/nonexistent/x.spec"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read spec file /nonexistent/x.spec"));
+}
+
+#[test]
+fn fmt_rewrites_in_place_keeping_comments_and_check_mode_reports() {
+    let dir = tempdir();
+    let f = dir.join("s.spec");
+    let original = "; top\n((from   busybox)   (run (shell \"echo hi\")   ; why\n (network host)))";
+    std::fs::write(&f, original).unwrap();
+    let out = obuilder(&["fmt", "--check", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("not formatted"));
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        original,
+        "--check must not write"
+    );
+
+    let out = obuilder(&["fmt", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let formatted = std::fs::read_to_string(&f).unwrap();
+    assert_eq!(
+        formatted,
+        "; top\n((from busybox)\n (run (shell \"echo hi\") ; why\n      (network host)))\n"
+    );
+    let out = obuilder(&["fmt", "--check", f.to_str().unwrap()]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn fmt_leaves_an_invalid_spec_untouched() {
+    let dir = tempdir();
+    let f = dir.join("bad.spec");
+    std::fs::write(&f, "((from busybox) (run (shell \"x\")").unwrap();
+    let out = obuilder(&["fmt", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains(&format!("{}:1:17: error: unclosed `(`", f.display())));
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        "((from busybox) (run (shell \"x\")"
+    );
+}
+
+#[test]
+fn dockerfile_plain_buildkit_and_windows() {
+    let spec = examples().join("secrets.spec");
+    let out = obuilder(&["dockerfile", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success());
+    let plain = text(&out.stdout);
+    assert!(
+        plain.starts_with("FROM busybox\nSHELL [ \"/bin/sh\", \"-c\" ]\n"),
+        "{plain}"
+    );
+    assert!(!plain.contains("--mount"));
+    let out = obuilder(&["dockerfile", "-f", spec.to_str().unwrap(), "--buildkit"]);
+    assert!(text(&out.stdout)
+        .contains("RUN --mount=type=secret,id=token,target=/run/secrets/token,uid=0 "));
+    let out = obuilder(&[
+        "dockerfile",
+        "--escape",
+        "windows",
+        "-f",
+        spec.to_str().unwrap(),
+    ]);
+    assert!(text(&out.stdout).starts_with("#escape=`\n"));
+    let out = obuilder(&[
+        "dockerfile",
+        "--escape",
+        "mac",
+        "-f",
+        spec.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("possible values: unix, windows"));
+}
+
+fn tempdir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "obuilder-cli-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

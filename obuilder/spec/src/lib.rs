@@ -1,0 +1,50 @@
+//! OBuilder build specs: read, check, print and export them.
+//!
+//! A leaf crate with no I/O, shared by the engine, the CLI and the cluster client.
+//!
+//! * [`Spec::parse_named`] reads OBuilder's S-expression format (Sexplib's dialect) and
+//!   returns every problem with `file:line:col`, the offending text and a "did you mean".
+//! * [`Spec::to_mach`] prints the canonical machine form, byte-identical to OBuilder's
+//!   `Sexplib.Sexp.to_string_mach`; [`sexp::Sexp`] is also what cache keys are built from.
+//! * [`Spec::to_pretty`] and [`format_source`] give the form for people (`obuilder fmt`);
+//!   the latter keeps comments.
+//! * [`docker::dockerfile`] exports a Dockerfile as `obuilder dockerfile` does.
+
+pub mod docker;
+pub mod error;
+pub mod layout;
+pub mod sexp;
+mod spec;
+
+pub use error::{Diagnostic, SpecError};
+pub use sexp::Sexp;
+pub use spec::{Base, Copy, DataSource, Mount, Op, Run, Spec, User, OPS};
+
+/// Formats a spec file's text for people, keeping its comments and atoms as written.
+///
+/// The spec must be valid (its errors are returned otherwise). The result is checked to read
+/// back as the very same spec before it is returned, so formatting can never change meaning.
+pub fn format_source(file: &str, src: &str) -> Result<String, SpecError> {
+    let (spec, doc) = spec::parse_with_doc(file, src)?;
+    let formatted = layout::format_document(&doc);
+    match Spec::parse_named(file, &formatted) {
+        Ok(again) if again == spec => Ok(formatted),
+        _ => Err(SpecError {
+            file: file.to_string(),
+            source: src.to_string(),
+            diagnostics: vec![Diagnostic {
+                pos: sexp::Pos {
+                    line: 1,
+                    col: 1,
+                    offset: 0,
+                },
+                len: 1,
+                message:
+                    "internal error: the formatted text would not read back as the same spec; \
+                          the file was left as it is (please report this)"
+                        .into(),
+                help: None,
+            }],
+        }),
+    }
+}

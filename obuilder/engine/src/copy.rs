@@ -1,0 +1,576 @@
+//! `copy`: source manifests (what the cache key hashes) and writing the files into a
+//! snapshot.
+//!
+//! Manifests follow OBuilder's rules: a source is split on `/`, empty and `.` parts are
+//! dropped, `..` is refused, every intermediate part must be a real directory (symlinked
+//! directories are not followed), entries are sorted byte-wise and excluded by basename.
+//!
+//! Unlike OBuilder, which pipes a tar stream into the image's own `tar` (so an image needs a
+//! working `tar`, and busybox's fails on directories), the builder writes the files itself.
+//! Every path inside the snapshot is resolved with `openat2(RESOLVE_IN_ROOT)`, so a symlink
+//! in the image resolves inside the rootfs as it would in the container, never to the host.
+//! Modes follow OBuilder's tar: files 0755 if any execute bit is set, else 0644;
+//! directories 0755; owner = the step's user; mtimes copied.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use sha2::{Digest, Sha256};
+
+use crate::key::{CopyOp, Manifest};
+
+/// A `copy` that cannot be done, with OBuilder's wording where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("No source items for copy!")]
+    NoSources,
+    #[error("When copying multiple items, the destination must end with '/'")]
+    MultipleNeedsDir,
+    #[error("Source path {0:?} not found")]
+    NotFound(String),
+    #[error("Can't use .. in source paths! (in {0:?})")]
+    DotDot(String),
+    #[error("Not a directory: {0} (in {1:?})")]
+    NotADirectory(String, String),
+    #[error("Not a regular file: {0} (in {1:?})")]
+    NotARegularFile(String, String),
+    #[error("Unsupported file type for {0:?}: only regular files, directories and symlinks can be copied")]
+    Unsupported(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyError {
+    let path = path.to_path_buf();
+    move |source| CopyError::Io { what, path, source }
+}
+
+/// The manifest of one `src` of a `copy`, relative to `src_dir`.
+pub fn manifest(src_dir: &Path, src: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+    let mut acc: Vec<&str> = Vec::new();
+    let parts: Vec<&str> = src
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == ".." {
+            return Err(CopyError::DotDot(src.to_string()));
+        }
+        acc.push(part);
+        let path = src_dir.join(acc.join("/"));
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(CopyError::NotFound(src.to_string()))
+            }
+            Err(e) => return Err(io_err("cannot read", &path)(e)),
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if last && (m.is_file() || m.file_type().is_symlink()) => {}
+            Ok(m) if m.is_file() => {
+                return Err(CopyError::NotADirectory(acc.join("/"), src.to_string()))
+            }
+            Ok(_) if !last => {
+                return Err(CopyError::NotARegularFile(acc.join("/"), src.to_string()))
+            }
+            Ok(_) => return Err(CopyError::Unsupported(acc.join("/"))),
+        }
+    }
+    generate(src_dir, &acc.join("/"), exclude)
+}
+
+fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+    let path = if rel.is_empty() {
+        src_dir.to_path_buf()
+    } else {
+        src_dir.join(rel)
+    };
+    let meta = std::fs::symlink_metadata(&path).map_err(io_err("cannot read", &path))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        let mut names: Vec<Vec<u8>> = std::fs::read_dir(&path)
+            .map_err(io_err("cannot list", &path))?
+            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("cannot list", &path))?;
+        names.sort();
+        let mut entries = Vec::new();
+        for name in names {
+            let name = String::from_utf8(name).map_err(|n| {
+                CopyError::Unsupported(format!("{rel}/{}", String::from_utf8_lossy(n.as_bytes())))
+            })?;
+            if exclude.contains(&name) {
+                continue;
+            }
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            entries.push(generate(src_dir, &child, exclude)?);
+        }
+        Ok(Manifest::Dir {
+            path: rel.to_string(),
+            entries,
+        })
+    } else if ft.is_file() {
+        let mut f = File::open(&path).map_err(io_err("cannot open", &path))?;
+        let mut h = Sha256::new();
+        io::copy(&mut f, &mut h).map_err(io_err("cannot read", &path))?;
+        Ok(Manifest::File {
+            path: rel.to_string(),
+            sha256: hex::encode(h.finalize()),
+        })
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(&path).map_err(io_err("cannot read link", &path))?;
+        Ok(Manifest::Symlink {
+            path: rel.to_string(),
+            target: target.to_string_lossy().into_owned(),
+        })
+    } else {
+        Err(CopyError::Unsupported(rel.to_string()))
+    }
+}
+
+/// Decides between one item copied as `dst` and several copied into `dst/`.
+pub fn copy_op(items: Vec<Manifest>, dst: &str) -> Result<CopyOp, CopyError> {
+    if items.is_empty() {
+        return Err(CopyError::NoSources);
+    }
+    if dst.ends_with('/') {
+        Ok(CopyOp::Items(items, dst.to_string()))
+    } else if items.len() == 1 {
+        Ok(CopyOp::Item(
+            items.into_iter().next().unwrap_or(Manifest::Dir {
+                path: String::new(),
+                entries: vec![],
+            }),
+            dst.to_string(),
+        ))
+    } else {
+        Err(CopyError::MultipleNeedsDir)
+    }
+}
+
+/// Writes the files of `op` from `src_dir` into the tree at `rootfs`, owned by uid:gid.
+/// Blocking; run it on a blocking thread.
+pub fn write_into(
+    rootfs: &Path,
+    src_dir: &Path,
+    op: &CopyOp,
+    uid: u32,
+    gid: u32,
+) -> Result<(), CopyError> {
+    let root: OwnedFd = rustix::fs::open(
+        rootfs,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("cannot open rootfs", rootfs)(e.into()))?;
+    let w = Writer {
+        root,
+        rootfs,
+        src_dir,
+        uid,
+        gid,
+    };
+    match op {
+        CopyOp::Item(item, dst) => {
+            w.ensure_parents(dst)?;
+            w.write(item, dst)
+        }
+        CopyOp::Items(items, dst) => {
+            w.ensure_parents(&format!("{dst}x"))?;
+            for item in items {
+                match item {
+                    // `.`: the directory's contents go into dst.
+                    Manifest::Dir { path, entries } if path.is_empty() => {
+                        w.dir(dst.trim_end_matches('/'))?;
+                        for e in entries {
+                            w.write(e, &format!("{dst}{}", basename(e.path())))?;
+                        }
+                    }
+                    _ => w.write(item, &format!("{dst}{}", basename(item.path())))?,
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+struct Writer<'a> {
+    root: OwnedFd,
+    rootfs: &'a Path,
+    src_dir: &'a Path,
+    uid: u32,
+    gid: u32,
+}
+
+/// Splits a container path into (parent, name); `/` has no name.
+fn split(path: &str) -> (String, Option<String>) {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rfind('/') {
+        Some(i) => (
+            trimmed[..i].to_string(),
+            Some(trimmed[i + 1..].to_string()).filter(|n| !n.is_empty()),
+        ),
+        None => (
+            String::new(),
+            Some(trimmed.to_string()).filter(|n| !n.is_empty()),
+        ),
+    }
+}
+
+impl Writer<'_> {
+    fn host(&self, path: &str) -> PathBuf {
+        self.rootfs.join(path.trim_start_matches('/'))
+    }
+
+    fn err(&self, what: &'static str, path: &str) -> impl FnOnce(rustix::io::Errno) -> CopyError {
+        let p = self.host(path);
+        move |e| CopyError::Io {
+            what,
+            path: p,
+            source: e.into(),
+        }
+    }
+
+    /// Opens a directory of the container tree, resolving symlinks inside the root.
+    fn open_dir(&self, path: &str) -> Result<OwnedFd, CopyError> {
+        let rel = path.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        rustix::fs::openat2(
+            self.root.as_fd(),
+            rel,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(self.err("cannot open directory", path))
+    }
+
+    /// Creates the missing parent directories of `path` (owned by the user, 0755);
+    /// existing ones are left as they are.
+    fn ensure_parents(&self, path: &str) -> Result<(), CopyError> {
+        let (parent, _) = split(path);
+        let mut cur = String::new();
+        for part in parent.split('/').filter(|p| !p.is_empty()) {
+            let dir = self.open_dir(&cur)?;
+            match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
+                Ok(()) => {
+                    rustix::fs::chownat(
+                        &dir,
+                        part,
+                        Some(rustix::fs::Uid::from_raw(self.uid)),
+                        Some(rustix::fs::Gid::from_raw(self.gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(self.err("cannot chown", &format!("{cur}/{part}")))?;
+                }
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => {
+                    return Err(self
+                        .err("cannot create directory", &format!("{cur}/{part}"))(
+                        e
+                    ))
+                }
+            }
+            cur = format!("{cur}/{part}");
+        }
+        Ok(())
+    }
+
+    /// Makes `path` a directory owned by the user with mode 0755 (creating it if needed).
+    fn dir(&self, path: &str) -> Result<(), CopyError> {
+        let (parent, name) = split(path);
+        let Some(name) = name else {
+            return Ok(()); // the root itself: leave it
+        };
+        let pfd = self.open_dir(&parent)?;
+        match rustix::fs::mkdirat(&pfd, name.as_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(self.err("cannot create directory", path)(e)),
+        }
+        let fd = self.open_dir(path)?;
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(self.uid)),
+            Some(rustix::fs::Gid::from_raw(self.gid)),
+        )
+        .map_err(self.err("cannot chown", path))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+            .map_err(self.err("cannot chmod", path))?;
+        Ok(())
+    }
+
+    /// Removes a non-directory at `name` in `pfd`, as tar does before extracting over it.
+    fn clear(&self, pfd: &OwnedFd, name: &str, path: &str) -> Result<(), CopyError> {
+        match rustix::fs::unlinkat(pfd, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(rustix::io::Errno::ISDIR) => Err(CopyError::Io {
+                what: "a directory is in the way of",
+                path: self.host(path),
+                source: io::Error::from_raw_os_error(libc::EISDIR),
+            }),
+            Err(e) => Err(self.err("cannot replace", path)(e)),
+        }
+    }
+
+    fn set_mtime(
+        &self,
+        pfd: &OwnedFd,
+        name: &str,
+        src: &Path,
+        path: &str,
+    ) -> Result<(), CopyError> {
+        let m = std::fs::symlink_metadata(src).map_err(io_err("cannot read", src))?;
+        let t = Timespec {
+            tv_sec: m.mtime(),
+            tv_nsec: m.mtime_nsec() as _,
+        };
+        rustix::fs::utimensat(
+            pfd,
+            name,
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(self.err("cannot set times of", path))
+    }
+
+    fn write(&self, item: &Manifest, dst: &str) -> Result<(), CopyError> {
+        let src = self.src_dir.join(item.path());
+        let (parent, name) = split(dst);
+        match item {
+            Manifest::Dir { entries, .. } => {
+                self.dir(dst)?;
+                for e in entries {
+                    self.write(
+                        e,
+                        &format!("{}/{}", dst.trim_end_matches('/'), basename(e.path())),
+                    )?;
+                }
+                if let Some(name) = name {
+                    let pfd = self.open_dir(&parent)?;
+                    self.set_mtime(&pfd, &name, &src, dst)?;
+                }
+                Ok(())
+            }
+            Manifest::File { .. } => {
+                let name = name.ok_or_else(|| {
+                    CopyError::Unsupported(format!("{dst} (a file cannot replace /)"))
+                })?;
+                let pfd = self.open_dir(&parent)?;
+                self.clear(&pfd, &name, dst)?;
+                let mut input = File::open(&src).map_err(io_err("cannot open", &src))?;
+                let exec = input
+                    .metadata()
+                    .map_err(io_err("cannot read", &src))?
+                    .permissions()
+                    .mode()
+                    & 0o111
+                    != 0;
+                let mode = if exec { 0o755 } else { 0o644 };
+                let fd = rustix::fs::openat(
+                    &pfd,
+                    name.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(mode),
+                )
+                .map_err(self.err("cannot create", dst))?;
+                let mut out = File::from(fd);
+                io::copy(&mut input, &mut out).map_err(|e| CopyError::Io {
+                    what: "cannot write",
+                    path: self.host(dst),
+                    source: e,
+                })?;
+                rustix::fs::fchown(
+                    &out,
+                    Some(rustix::fs::Uid::from_raw(self.uid)),
+                    Some(rustix::fs::Gid::from_raw(self.gid)),
+                )
+                .map_err(self.err("cannot chown", dst))?;
+                // chown clears set-id bits; set the mode after it (and past the umask).
+                rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))
+                    .map_err(self.err("cannot chmod", dst))?;
+                drop(out);
+                self.set_mtime(&pfd, &name, &src, dst)
+            }
+            Manifest::Symlink { target, .. } => {
+                let name = name.ok_or_else(|| {
+                    CopyError::Unsupported(format!("{dst} (a symlink cannot replace /)"))
+                })?;
+                let pfd = self.open_dir(&parent)?;
+                self.clear(&pfd, &name, dst)?;
+                rustix::fs::symlinkat(OsStr::new(target), &pfd, name.as_str())
+                    .map_err(self.err("cannot create symlink", dst))?;
+                rustix::fs::chownat(
+                    &pfd,
+                    name.as_str(),
+                    Some(rustix::fs::Uid::from_raw(self.uid)),
+                    Some(rustix::fs::Gid::from_raw(self.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(self.err("cannot chown", dst))?;
+                self.set_mtime(&pfd, &name, &src, dst)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::create_dir_all(p.join("src/sub")).unwrap();
+        std::fs::write(p.join("src/a.c"), "int a;\n").unwrap();
+        std::fs::write(p.join("src/sub/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            p.join("src/sub/run.sh"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        std::fs::create_dir_all(p.join("src/.git")).unwrap();
+        std::os::unix::fs::symlink("a.c", p.join("src/link")).unwrap();
+        std::os::unix::fs::symlink("sub", p.join("src/dirlink")).unwrap();
+        d
+    }
+
+    #[test]
+    fn manifest_rules() {
+        let d = ctx();
+        let src = d.path().join("src");
+        let m = manifest(&src, "./sub//run.sh", &[]).unwrap();
+        assert_eq!(m.path(), "sub/run.sh");
+        assert!(matches!(
+            manifest(&src, "../x", &[]),
+            Err(CopyError::DotDot(_))
+        ));
+        assert!(matches!(
+            manifest(&src, "nope", &[]),
+            Err(CopyError::NotFound(_))
+        ));
+        assert!(matches!(
+            manifest(&src, "a.c/x", &[]),
+            Err(CopyError::NotADirectory(..))
+        ));
+        assert!(matches!(
+            manifest(&src, "dirlink/run.sh", &[]),
+            Err(CopyError::NotARegularFile(..))
+        ));
+        let all = manifest(&src, ".", &[".git".into()]).unwrap();
+        let Manifest::Dir { path, entries } = &all else {
+            panic!()
+        };
+        assert_eq!(path, "");
+        let names: Vec<&str> = entries.iter().map(Manifest::path).collect();
+        assert_eq!(names, ["a.c", "dirlink", "link", "sub"]);
+        assert_eq!(
+            all.to_sexp()
+                .to_mach()
+                .split("(File(a.c ")
+                .nth(1)
+                .map(|s| &s[..64]),
+            Some(hex::encode(Sha256::digest(b"int a;\n")).as_str())
+        );
+    }
+
+    #[test]
+    fn copy_op_rules() {
+        let f = || Manifest::File {
+            path: "a".into(),
+            sha256: "h".into(),
+        };
+        assert!(matches!(copy_op(vec![], "/x"), Err(CopyError::NoSources)));
+        assert!(matches!(
+            copy_op(vec![f(), f()], "/x"),
+            Err(CopyError::MultipleNeedsDir)
+        ));
+        assert!(matches!(copy_op(vec![f()], "/x"), Ok(CopyOp::Item(..))));
+        assert!(matches!(
+            copy_op(vec![f(), f()], "/x/"),
+            Ok(CopyOp::Items(..))
+        ));
+    }
+
+    #[test]
+    fn writes_stay_inside_the_root_even_through_symlinks() {
+        let d = ctx();
+        let src = d.path().join("src");
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        // A hostile image: /app points at an absolute host path.
+        std::os::unix::fs::symlink(&outside, root.join("app")).unwrap();
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        let op = copy_op(
+            vec![manifest(&src, ".", &[".git".into()]).unwrap()],
+            "/app/",
+        )
+        .unwrap();
+        // Inside the root the link dangles: a clear error, and nothing written anywhere.
+        let e = write_into(&root, &src, &op, uid, gid).unwrap_err();
+        assert!(e.to_string().contains("cannot open directory"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing may land outside the root"
+        );
+        // `/app` -> `<outside>` resolved inside the root is `<root>/<outside>`.
+        let landed = root.join(outside.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&landed).unwrap();
+        write_into(&root, &src, &op, uid, gid).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing may land outside the root"
+        );
+        assert_eq!(
+            std::fs::read_to_string(landed.join("a.c")).unwrap(),
+            "int a;\n"
+        );
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&landed.join("a.c")), 0o644);
+        assert_eq!(mode(&landed.join("sub/run.sh")), 0o755);
+        assert_eq!(mode(&landed.join("sub")), 0o755);
+        assert_eq!(
+            std::fs::read_link(landed.join("link")).unwrap(),
+            Path::new("a.c")
+        );
+
+        // A single file copied as a new name, parents created.
+        let op = copy_op(vec![manifest(&src, "a.c", &[]).unwrap()], "/opt/deep/b.c").unwrap();
+        write_into(&root, &src, &op, uid, gid).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("opt/deep/b.c")).unwrap(),
+            "int a;\n"
+        );
+        // Copying again over existing files works (tar semantics).
+        write_into(&root, &src, &op, uid, gid).unwrap();
+    }
+}

@@ -1,0 +1,298 @@
+//! The SQLite database of results, at `<state dir>/db/db.sqlite`.
+//!
+//! Table `builds` as OBuilder's (id, created, used, rc = children count, parent), so LRU
+//! pruning only ever sees leaves; foreign keys are enforced (OBuilder declares but never
+//! enables them). Table `images` maps local image names to content digests and base ids.
+//! Times are UTC `YYYY-MM-DD HH:MM:SS.mmm` text, which sorts by time.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+#[error("database {path}: {source}")]
+pub struct DbError {
+    path: String,
+    #[source]
+    source: rusqlite::Error,
+}
+
+/// One row of `builds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRow {
+    pub id: String,
+    pub created: String,
+    pub used: String,
+    pub children: i64,
+    pub parent: Option<String>,
+}
+
+/// A local image name and what it resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub name: String,
+    /// `sha256:…` of the image content (an archive's bytes, a manifest, …).
+    pub digest: String,
+    /// The base id builds use for this image.
+    pub base_id: String,
+    /// Where the content lives (a blob path) and how to read it, as JSON.
+    pub source: String,
+    pub updated: String,
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+/// Now as the database's time text.
+pub fn now() -> String {
+    format_time(OffsetDateTime::now_utc())
+}
+
+pub fn format_time(t: OffsetDateTime) -> String {
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    t.format(&f).unwrap_or_default()
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let err = |source| DbError {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             PRAGMA foreign_keys=ON;
+             CREATE TABLE IF NOT EXISTS builds (
+               id TEXT PRIMARY KEY,
+               created TEXT NOT NULL,
+               used TEXT NOT NULL,
+               rc INTEGER NOT NULL,
+               parent TEXT,
+               FOREIGN KEY (parent) REFERENCES builds (id) ON DELETE RESTRICT);
+             CREATE INDEX IF NOT EXISTS lru ON builds (rc, used);
+             CREATE TABLE IF NOT EXISTS images (
+               name TEXT PRIMARY KEY,
+               digest TEXT NOT NULL,
+               base_id TEXT NOT NULL,
+               source TEXT NOT NULL,
+               updated TEXT NOT NULL);",
+        )
+        .map_err(err)?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+            path: path.display().to_string(),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c).map_err(|source| DbError {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Records a new result and counts it as a child of its parent, in one transaction.
+    /// A parent missing from the table (a result from before the database) is added first.
+    pub fn add(&self, id: &str, parent: Option<&str>, now: &str) -> Result<(), DbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Some(p) = parent {
+                tx.execute(
+                    "INSERT OR IGNORE INTO builds (id, created, used, rc, parent) VALUES (?1, ?2, ?2, 0, NULL)",
+                    params![p, now],
+                )?;
+            }
+            let existed: bool = tx
+                .query_row("SELECT 1 FROM builds WHERE id = ?1", params![id], |_| Ok(true))
+                .optional()?
+                .unwrap_or(false);
+            if !existed {
+                tx.execute(
+                    "INSERT INTO builds (id, created, used, rc, parent) VALUES (?1, ?2, ?2, 0, ?3)",
+                    params![id, now, parent],
+                )?;
+                if let Some(p) = parent {
+                    tx.execute("UPDATE builds SET rc = rc + 1 WHERE id = ?1", params![p])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn set_used(&self, id: &str, now: &str) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE builds SET used = ?2 WHERE id = ?1",
+                params![id, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<BuildRow>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, created, used, rc, parent FROM builds WHERE id = ?1",
+                params![id],
+                row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn children(&self, id: &str) -> Result<Vec<String>, DbError> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT id FROM builds WHERE parent = ?1 ORDER BY id")?;
+            let rows = s.query_map(params![id], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Removes a row (which must have no children) and uncounts it from its parent.
+    pub fn delete(&self, id: &str) -> Result<(), DbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let parent: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT parent FROM builds WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(parent) = parent {
+                tx.execute("DELETE FROM builds WHERE id = ?1", params![id])?;
+                if let Some(p) = parent {
+                    tx.execute("UPDATE builds SET rc = rc - 1 WHERE id = ?1", params![p])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Leaves (no children) last used before `before`, least recently used first.
+    pub fn lru(&self, before: &str, limit: usize) -> Result<Vec<String>, DbError> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT id FROM builds WHERE rc = 0 AND used < ?1 ORDER BY used ASC, rowid ASC LIMIT ?2",
+            )?;
+            let rows = s.query_map(params![before, limit as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    pub fn count(&self) -> Result<i64, DbError> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM builds", [], |r| r.get(0)))
+    }
+
+    pub fn all(&self) -> Result<Vec<BuildRow>, DbError> {
+        self.with(|c| {
+            let mut s =
+                c.prepare("SELECT id, created, used, rc, parent FROM builds ORDER BY rowid")?;
+            let rows = s.query_map([], row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn put_image(&self, img: &ImageRow) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO images (name, digest, base_id, source, updated) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![img.name, img.digest, img.base_id, img.source, img.updated],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRow>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, digest, base_id, source, updated FROM images WHERE name = ?1",
+                params![name],
+                image_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRow>, DbError> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT name, digest, base_id, source, updated FROM images ORDER BY name",
+            )?;
+            let rows = s.query_map([], image_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<bool, DbError> {
+        self.with(|c| {
+            c.execute("DELETE FROM images WHERE name = ?1", params![name])
+                .map(|n| n > 0)
+        })
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRow> {
+    Ok(BuildRow {
+        id: r.get(0)?,
+        created: r.get(1)?,
+        used: r.get(2)?,
+        children: r.get(3)?,
+        parent: r.get(4)?,
+    })
+}
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.get(0)?,
+        digest: r.get(1)?,
+        base_id: r.get(2)?,
+        source: r.get(3)?,
+        updated: r.get(4)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_counts_and_lru_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+        db.add("base", None, "2026-01-01 00:00:00.000").unwrap();
+        db.add("a", Some("base"), "2026-01-01 00:00:01.000")
+            .unwrap();
+        db.add("b", Some("a"), "2026-01-01 00:00:02.000").unwrap();
+        db.add("b", Some("a"), "2026-01-01 00:00:03.000").unwrap(); // re-add keeps counts
+        assert_eq!(db.get("a").unwrap().unwrap().children, 1);
+        assert_eq!(db.lru("2027-01-01 00:00:00.000", 10).unwrap(), ["b"]);
+        assert!(
+            db.delete("a").is_err(),
+            "foreign keys forbid removing a parent"
+        );
+        db.delete("b").unwrap();
+        assert_eq!(db.get("a").unwrap().unwrap().children, 0);
+        assert_eq!(db.lru("2027-01-01 00:00:00.000", 10).unwrap(), ["a"]);
+        assert_eq!(
+            db.lru("2026-01-01 00:00:00.500", 10).unwrap(),
+            Vec::<String>::new()
+        );
+        db.set_used("a", "2026-06-01 00:00:00.000").unwrap();
+        assert_eq!(db.count().unwrap(), 2);
+    }
+}

@@ -1,0 +1,130 @@
+//! The Store interface: snapshots keyed by build id. Backends (in `obuilder-stores`) do
+//! filesystem work only; the policy (database, de-duplication, pruning) lives in
+//! [`crate::Builder`].
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use crate::exec::ExecError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    pub fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { what, path, source }
+    }
+}
+
+/// A build in progress: `dir` holds what becomes the result (`log`, `env`, …) and `rootfs`
+/// is the writable tree the step works on (inside `dir` for most stores; a mount point
+/// elsewhere for overlayfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildDir {
+    pub id: String,
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// Free space as a store sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskUsage {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+impl DiskUsage {
+    pub fn free_percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            0.0
+        } else {
+            100.0 * self.free_bytes as f64 / self.total_bytes as f64
+        }
+    }
+}
+
+/// Snapshot storage.
+///
+/// Caller's promises (kept by the builder): [`Store::recover`] is called once, before
+/// anything else; `prepare` is never called for an id that is already a result, nor twice
+/// concurrently for one id; every `prepare` is followed by exactly one `commit` or
+/// `discard` of the returned dir; results are never modified once committed.
+///
+/// Implementor's guarantees: `commit` publishes atomically (a crash leaves either no result
+/// or a complete one); `discard` and a failed `commit` leave nothing under the result name;
+/// `recover` removes every half-done build a crash left behind.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The store's root directory.
+    fn root(&self) -> &Path;
+
+    /// Where the builder keeps its database and the sandbox its state.
+    fn state_dir(&self) -> PathBuf {
+        self.root().join("state")
+    }
+
+    /// A short description for messages, e.g. `btrfs:/var/lib/obuilder`.
+    fn describe(&self) -> String;
+
+    /// Creates the layout if needed and removes leftovers of interrupted builds.
+    async fn recover(&self) -> Result<(), StoreError>;
+
+    /// The directory of committed result `id` (holding `rootfs/`, `log`, …), if it exists.
+    async fn result(&self, id: &str) -> Result<Option<PathBuf>, StoreError>;
+
+    /// The ids of all committed results.
+    async fn list(&self) -> Result<Vec<String>, StoreError>;
+
+    /// A writable build dir for `id`: an empty `rootfs` when `base` is `None`, otherwise a
+    /// copy-on-write clone of `base`'s rootfs (`base` must be a result).
+    async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError>;
+
+    /// Publishes a prepared build atomically as result `dir.id`; returns the result dir.
+    async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError>;
+
+    /// Throws a prepared build away, leaving nothing behind.
+    async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError>;
+
+    /// Deletes result `id` (the builder deletes dependants first).
+    async fn delete(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Waits for deletes to free their space, where the filesystem defers it.
+    async fn complete_deletes(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Space on the filesystem holding the store.
+    async fn df(&self) -> Result<DiskUsage, StoreError> {
+        statvfs_usage(self.root())
+    }
+}
+
+/// Disk usage from `statvfs(2)`.
+pub fn statvfs_usage(path: &Path) -> Result<DiskUsage, StoreError> {
+    let s = rustix::fs::statvfs(path).map_err(|e| StoreError::Io {
+        what: "statvfs",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(DiskUsage {
+        total_bytes: s.f_blocks * s.f_frsize,
+        free_bytes: s.f_bavail * s.f_frsize,
+    })
+}

@@ -1,0 +1,212 @@
+//! `overlayfs:/path`: each result holds only its own layer (what its step changed) plus a
+//! `parent` file naming the result below it; a step runs on an overlay mount of its
+//! parent's chain with a fresh upper layer. Good on tmpfs; no copy at all per step.
+//!
+//! Layout: see [`crate::common`], plus `ROOT/merged/ID` mount points for builds in
+//! progress; `result/ID/rootfs` is a layer (whiteouts included), `result/ID/parent` names
+//! the layer below. Wiped at start-up: every mount under `merged/`, and `result-tmp/`.
+//!
+//! Long chains: the classic `lowerdir=a:b:c` option must fit in one page (about 45 layers
+//! with paths of this length). Layers are passed one by one with the new mount API's
+//! `lowerdir+` (Linux ≥ 6.8), which has no such limit; the kernel's own stack limit (500)
+//! is the bound. The merged view is mounted with `redirect_dir=off,metacopy=off,index=off`
+//! so a layer never refers to another by path and stays valid under any later stack.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use obuilder_engine::store::{BuildDir, Store, StoreError};
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, unmount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
+};
+
+use crate::common::{entries, remove_tree, Layout};
+
+/// The kernel refuses deeper overlay stacks.
+pub const MAX_LAYERS: usize = 500;
+
+pub struct OverlayStore {
+    layout: Layout,
+}
+
+impl OverlayStore {
+    pub fn new(root: impl Into<PathBuf>) -> OverlayStore {
+        OverlayStore {
+            layout: Layout::new(root),
+        }
+    }
+
+    fn merged(&self, id: &str) -> PathBuf {
+        self.layout.root.join("merged").join(id)
+    }
+
+    /// The layers of `id` from the top down: `result/ID/rootfs`, its parent's, …
+    fn chain(&self, id: &str) -> Result<Vec<PathBuf>, StoreError> {
+        let mut out = Vec::new();
+        let mut cur = Some(id.to_string());
+        while let Some(c) = cur {
+            let dir = self.layout.result(&c);
+            out.push(dir.join("rootfs"));
+            if out.len() > MAX_LAYERS {
+                return Err(StoreError::Other(format!(
+                    "{id}: more than {MAX_LAYERS} layers, the kernel's overlayfs limit; \
+                     build a shorter chain or use another store"
+                )));
+            }
+            cur = match std::fs::read_to_string(dir.join("parent")) {
+                Ok(p) => Some(p.trim().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(StoreError::io("cannot read", dir.join("parent"))(e)),
+            };
+        }
+        Ok(out)
+    }
+
+    fn unmount_if_mounted(&self, path: &Path) -> Result<(), StoreError> {
+        match unmount(path, UnmountFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(StoreError::io("cannot unmount", path)(e.into())),
+        }
+    }
+}
+
+fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), StoreError> {
+    let err = |what: &'static str| StoreError::io(what, target.to_path_buf());
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| err("overlayfs not available for")(e.into()))?;
+    let set = |k: &str, v: &Path| {
+        fsconfig_set_string(fs.as_fd(), k, v).map_err(|e| {
+            StoreError::Other(format!(
+                "overlay option {k}={}: {e} (Linux 6.8 or later is needed)",
+                v.display()
+            ))
+        })
+    };
+    for l in lowers {
+        set("lowerdir+", l)?;
+    }
+    set("upperdir", upper)?;
+    set("workdir", work)?;
+    for (k, v) in [
+        ("redirect_dir", "off"),
+        ("metacopy", "off"),
+        ("index", "off"),
+    ] {
+        fsconfig_set_string(fs.as_fd(), k, v)
+            .map_err(|e| StoreError::Other(format!("overlay option {k}={v}: {e}")))?;
+    }
+    fsconfig_create(fs.as_fd()).map_err(|e| err("cannot create overlay for")(e.into()))?;
+    let mnt = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::empty(),
+    )
+    .map_err(|e| err("cannot mount overlay for")(e.into()))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| err("cannot attach overlay at")(e.into()))
+}
+
+#[async_trait]
+impl Store for OverlayStore {
+    fn root(&self) -> &Path {
+        &self.layout.root
+    }
+
+    fn describe(&self) -> String {
+        format!("overlayfs:{}", self.layout.root.display())
+    }
+
+    async fn recover(&self) -> Result<(), StoreError> {
+        self.layout.create()?;
+        let merged = self.layout.root.join("merged");
+        std::fs::create_dir_all(&merged).map_err(StoreError::io("cannot create", &merged))?;
+        for m in entries(&merged)? {
+            tracing::info!("unmounting leftover {}", m.display());
+            self.unmount_if_mounted(&m)?;
+            remove_tree(&m)?;
+        }
+        for leftover in entries(&self.layout.tmp_dir())? {
+            tracing::info!("removing leftover {}", leftover.display());
+            remove_tree(&leftover)?;
+        }
+        Ok(())
+    }
+
+    async fn result(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        Ok(self.layout.exists(id))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, StoreError> {
+        self.layout.list()
+    }
+
+    async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError> {
+        let dir = self.layout.make_tmp(id)?;
+        let upper = dir.join("rootfs");
+        let r = (|| {
+            std::fs::create_dir(&upper).map_err(StoreError::io("cannot create", &upper))?;
+            let Some(b) = base else {
+                return Ok(upper.clone());
+            };
+            let lowers = self.chain(b)?;
+            let work = dir.join("work");
+            std::fs::create_dir(&work).map_err(StoreError::io("cannot create", &work))?;
+            std::fs::write(dir.join("parent"), b)
+                .map_err(StoreError::io("cannot write", dir.join("parent")))?;
+            let merged = self.merged(id);
+            std::fs::create_dir_all(&merged).map_err(StoreError::io("cannot create", &merged))?;
+            mount_overlay(&lowers, &upper, &work, &merged)?;
+            Ok(merged)
+        })();
+        match r {
+            Ok(rootfs) => Ok(BuildDir {
+                id: id.to_string(),
+                dir,
+                rootfs,
+            }),
+            Err(e) => {
+                let _ = self.unmount_if_mounted(&self.merged(id));
+                let _ = remove_tree(&self.merged(id));
+                let _ = remove_tree(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
+        let merged = self.merged(&dir.id);
+        if dir.rootfs == merged {
+            self.unmount_if_mounted(&merged)?;
+            remove_tree(&merged)?;
+            remove_tree(&dir.dir.join("work"))?;
+        }
+        self.layout.publish(&dir.id)
+    }
+
+    async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
+        let merged = self.merged(&dir.id);
+        self.unmount_if_mounted(&merged)?;
+        remove_tree(&merged)?;
+        remove_tree(&dir.dir)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(moved) = self.layout.unpublish(id)? {
+            remove_tree(&moved)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! The store conformance suite on real filesystems made by the test (loopback files).
+
+use std::sync::Arc;
+
+use obuilder_engine::exec::RealExec;
+use obuilder_engine::store::Store;
+use obuilder_stores::btrfs::BtrfsStore;
+use obuilder_stores::overlayfs::OverlayStore;
+use obuilder_stores::rsync::{RsyncMode, RsyncStore};
+use obuilder_stores::xfs::XfsStore;
+use testkit::conformance::store_conformance;
+use testkit::{require, Cap, LoopFs};
+
+#[tokio::test]
+async fn btrfs_store_conformance() {
+    require!(Cap::Root, Cap::Tool("mkfs.btrfs"), Cap::Tool("btrfs"));
+    let fs = LoopFs::new("btrfs", 512);
+    let root = fs.mnt.join("store");
+    store_conformance(|| Arc::new(BtrfsStore::new(&root, RealExec::shared())) as Arc<dyn Store>)
+        .await;
+    // Committed results are read-only subvolumes.
+    let e = std::fs::write(root.join("result/a/rootfs/x"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_erofs()), "{e}");
+}
+
+fn libc_erofs() -> i32 {
+    30
+}
+
+#[tokio::test]
+async fn xfs_reflink_store_conformance() {
+    require!(Cap::Root, Cap::Tool("mkfs.xfs"));
+    let fs = LoopFs::new("xfs", 512);
+    let root = fs.mnt.join("store");
+    store_conformance(|| Arc::new(XfsStore::new(&root, RealExec::shared())) as Arc<dyn Store>)
+        .await;
+}
+
+#[tokio::test]
+async fn overlayfs_store_conformance() {
+    require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus);
+    let fs = LoopFs::new("ext4", 256);
+    let root = fs.mnt.join("store");
+    store_conformance(|| Arc::new(OverlayStore::new(&root)) as Arc<dyn Store>).await;
+}
+
+#[tokio::test]
+async fn rsync_copy_store_conformance() {
+    require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::Tool("rsync"));
+    let fs = LoopFs::new("ext4", 256);
+    let root = fs.mnt.join("store");
+    store_conformance(|| {
+        Arc::new(RsyncStore::new(&root, RsyncMode::Copy, RealExec::shared())) as Arc<dyn Store>
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rsync_hardlink_store_conformance() {
+    require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::Tool("rsync"));
+    let fs = LoopFs::new("ext4", 256);
+    let root = fs.mnt.join("store");
+    store_conformance(|| {
+        Arc::new(RsyncStore::new(
+            &root,
+            RsyncMode::Hardlink,
+            RealExec::shared(),
+        )) as Arc<dyn Store>
+    })
+    .await;
+    // Unchanged files of a child are hard links to its parent's.
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+    assert_eq!(ino("result/a/rootfs/suid"), ino("result/b/rootfs/suid"));
+    assert_ne!(
+        ino("result/a/rootfs/etc/conf"),
+        ino("result/b/rootfs/etc/conf")
+    );
+}
+
+/// Chains deeper than the classic `lowerdir=a:b:…` option can hold (one page) still mount.
+#[tokio::test]
+async fn overlayfs_long_chains_pass_the_page_limit() {
+    require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus);
+    let fs = LoopFs::new("ext4", 256);
+    let store = OverlayStore::new(fs.mnt.join("store"));
+    store.recover().await.unwrap();
+    let id = |i: usize| format!("{:064x}", i);
+    let mut base: Option<String> = None;
+    for i in 0..80 {
+        let d = store
+            .prepare(&id(i), base.as_deref())
+            .await
+            .unwrap_or_else(|e| panic!("layer {i}: {e}"));
+        std::fs::write(d.rootfs.join(format!("f{i}")), "x").unwrap();
+        store.commit(&d).await.unwrap();
+        base = Some(id(i));
+    }
+    let top = store.prepare("top", base.as_deref()).await.unwrap();
+    assert_eq!(std::fs::read_dir(&top.rootfs).unwrap().count(), 80);
+    store.discard(&top).await.unwrap();
+}

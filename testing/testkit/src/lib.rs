@@ -1,0 +1,246 @@
+//! Test support shared by every crate's tests.
+//!
+//! * [`require`] / [`require!`]: capability gates. A test that needs root, a kernel feature
+//!   or a tool skips with the reason; with `OBUILDER_TEST_STRICT=1` (set by `.ci/run`) the
+//!   same gate fails instead, so CI cannot pass by skipping.
+//! * [`LoopFs`]: a real filesystem (btrfs, xfs, ext4) on a loopback file, unmounted and
+//!   deleted on drop.
+//! * [`RecordingExec`]: an `Exec` that records argv and answers from a script, for tests of
+//!   command sequences (including the ZFS/macOS ones that cannot run here).
+//! * [`conformance`]: the store conformance suite, one body run against every backend.
+
+pub mod conformance;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use obuilder_engine::exec::{Cmd, Exec, ExecError, Output};
+
+/// Something a test may need from the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Root,
+    /// A tool on PATH (e.g. `runc`, `mkfs.btrfs`).
+    Tool(&'static str),
+    /// A file that must exist (e.g. `/bin/busybox`).
+    File(&'static str),
+    /// Overlayfs with the new mount API's `lowerdir+` (Linux ≥ 6.8).
+    OverlayLowerdirPlus,
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file()
+        || Path::new("/sbin").join(tool).is_file()
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let r = rustix::system::uname();
+    let rel = r.release().to_string_lossy();
+    let mut it = rel
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse::<u32>().ok());
+    let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+fn missing(cap: Cap) -> Option<String> {
+    match cap {
+        Cap::Root => (!rustix::process::geteuid().is_root()).then(|| "needs root".to_string()),
+        Cap::Tool(t) => (!which(t)).then(|| format!("needs `{t}` (run scripts/setup.sh)")),
+        Cap::File(f) => {
+            (!Path::new(f).exists()).then(|| format!("needs {f} (run scripts/setup.sh)"))
+        }
+        Cap::OverlayLowerdirPlus => {
+            (!kernel_at_least(6, 8)).then(|| "needs Linux >= 6.8 for overlayfs lowerdir+".into())
+        }
+    }
+}
+
+/// True when every capability is present. Otherwise prints why the test is skipped and
+/// returns false, or panics when `OBUILDER_TEST_STRICT=1`.
+pub fn require(test: &str, caps: &[Cap]) -> bool {
+    let reasons: Vec<String> = caps.iter().filter_map(|c| missing(*c)).collect();
+    if reasons.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: {}", reasons.join(", "));
+    if std::env::var("OBUILDER_TEST_STRICT").is_ok_and(|v| v == "1") {
+        panic!("OBUILDER_TEST_STRICT=1 and a required capability is missing: {msg}");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+/// `require!(Cap::Root, Cap::Tool("runc"))` at the top of a test: skip (or fail in strict
+/// mode) unless all are present.
+#[macro_export]
+macro_rules! require {
+    ($($cap:expr),+ $(,)?) => {
+        if !$crate::require(module_path!(), &[$($cap),+]) {
+            return;
+        }
+    };
+}
+
+fn run(argv: &[&str]) -> Result<(), String> {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", argv[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{argv:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A filesystem on a loopback file, mounted for the test and cleaned up on drop.
+pub struct LoopFs {
+    pub mnt: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    /// `kind`: `btrfs`, `xfs` (with reflinks) or `ext4`. Sizes in MiB.
+    pub fn new(kind: &str, size_mib: u64) -> LoopFs {
+        let dir = tempfile::Builder::new()
+            .prefix("obuilder-loopfs-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let image = dir.path().join(format!("{kind}.img"));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size_mib * 1024 * 1024).unwrap();
+        drop(f);
+        let img = image.to_str().unwrap();
+        match kind {
+            "btrfs" => run(&["mkfs.btrfs", "-q", img]),
+            "xfs" => run(&["mkfs.xfs", "-q", "-m", "reflink=1", img]),
+            "ext4" => run(&["mkfs.ext4", "-q", "-F", img]),
+            other => panic!("unknown loop fs kind {other}"),
+        }
+        .expect("mkfs");
+        run(&["mount", "-o", "loop", img, mnt.to_str().unwrap()]).expect("mount loop fs");
+        LoopFs {
+            mnt,
+            image,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Anything a failed test left mounted below us goes first.
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut below: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| {
+                    m.starts_with(self.mnt.to_str().unwrap_or("\0")) && Path::new(m) != self.mnt
+                })
+                .collect();
+            below.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in below {
+                let _ = run(&["umount", "-l", m]);
+            }
+        }
+        if run(&["umount", self.mnt.to_str().unwrap()]).is_err() {
+            let _ = run(&["umount", "-l", self.mnt.to_str().unwrap()]);
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// An `Exec` that records every command and answers from a script: the first rule whose
+/// argv prefix matches gives the answer; unmatched commands succeed with no output.
+#[derive(Default, Clone)]
+pub struct RecordingExec {
+    pub calls: Arc<Mutex<Vec<Cmd>>>,
+    rules: Arc<Mutex<Vec<(Vec<String>, Result<String, String>)>>>,
+}
+
+impl RecordingExec {
+    pub fn new() -> RecordingExec {
+        RecordingExec::default()
+    }
+
+    /// Commands starting with `prefix` print `stdout` and succeed.
+    pub fn answer(&self, prefix: &[&str], stdout: &str) {
+        self.rules.lock().unwrap().push((
+            prefix.iter().map(|s| s.to_string()).collect(),
+            Ok(stdout.into()),
+        ));
+    }
+
+    /// Commands starting with `prefix` fail with `stderr`.
+    pub fn fail(&self, prefix: &[&str], stderr: &str) {
+        self.rules.lock().unwrap().push((
+            prefix.iter().map(|s| s.to_string()).collect(),
+            Err(stderr.into()),
+        ));
+    }
+
+    /// The argv of every command so far, as strings joined by spaces.
+    pub fn argvs(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.argv.join(" "))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Exec for RecordingExec {
+    async fn output(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        self.calls.lock().unwrap().push(cmd.clone());
+        let rules = self.rules.lock().unwrap();
+        for (prefix, answer) in rules.iter() {
+            if cmd.argv.len() >= prefix.len() && cmd.argv[..prefix.len()] == prefix[..] {
+                return match answer {
+                    Ok(out) => Ok(Output {
+                        stdout: out.clone().into_bytes(),
+                        stderr: vec![],
+                    }),
+                    Err(err) => Err(ExecError::Failed {
+                        cmd: cmd.display(),
+                        status: "exit status: 1".into(),
+                        stderr: err.clone(),
+                    }),
+                };
+            }
+        }
+        Ok(Output::default())
+    }
+
+    fn spawn(
+        &self,
+        cmd: &Cmd,
+        stdin: std::process::Stdio,
+        stdout: std::process::Stdio,
+        stderr: std::process::Stdio,
+    ) -> Result<tokio::process::Child, ExecError> {
+        self.calls.lock().unwrap().push(cmd.clone());
+        tokio::process::Command::new("true")
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| ExecError::Spawn {
+                cmd: cmd.display(),
+                source,
+            })
+    }
+}

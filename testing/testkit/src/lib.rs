@@ -162,12 +162,15 @@ impl Drop for LoopFs {
     }
 }
 
+/// An argv prefix and the answer to commands that start with it (stdout or stderr).
+type Rule = (Vec<String>, Result<String, String>);
+
 /// An `Exec` that records every command and answers from a script: the first rule whose
 /// argv prefix matches gives the answer; unmatched commands succeed with no output.
 #[derive(Default, Clone)]
 pub struct RecordingExec {
     pub calls: Arc<Mutex<Vec<Cmd>>>,
-    rules: Arc<Mutex<Vec<(Vec<String>, Result<String, String>)>>>,
+    rules: Arc<Mutex<Vec<Rule>>>,
 }
 
 impl RecordingExec {

@@ -7,31 +7,81 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
+use commands::{build, check, dockerfile, fmt, healthcheck, image, maintenance};
+
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
 /// previous one and is cached under a content hash.
 #[derive(Parser)]
 #[command(name = "obuilder", version, propagate_version = true)]
 struct Cli {
+    /// Log what obuilder does (every external command at debug level) to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build a spec: `obuilder build -f SPEC CONTEXT_DIR`.
+    Build(build::Args),
+    /// Local base images: import, list, remove.
+    #[command(subcommand)]
+    Image(image::Command),
+    /// Delete a result and everything built on it.
+    Delete(maintenance::DeleteArgs),
+    /// Delete every result not in use.
+    Clean(maintenance::CleanArgs),
+    /// Delete least-recently-used results last used before a date or age.
+    Prune(maintenance::PruneArgs),
+    /// Show the store's free space and number of results.
+    Df(maintenance::DfArgs),
+    /// Build a tiny image and run `echo` in it: is this machine able to build?
+    Healthcheck(healthcheck::Args),
     /// Print a spec as a Dockerfile (or a BuildKit one with --buildkit).
-    Dockerfile(commands::dockerfile::Args),
+    Dockerfile(dockerfile::Args),
     /// Pretty-print specs in place, keeping comments (or check that they are formatted).
-    Fmt(commands::fmt::Args),
+    Fmt(fmt::Args),
     /// Read and scope-check specs, reporting every error with file:line:col.
-    Check(commands::check::Args),
+    Check(check::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OBUILDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let result = match cli.command {
-        Command::Dockerfile(args) => commands::dockerfile::run(args),
-        Command::Fmt(args) => commands::fmt::run(args),
-        Command::Check(args) => commands::check::run(args),
+        Command::Dockerfile(a) => dockerfile::run(a),
+        Command::Fmt(a) => fmt::run(a),
+        Command::Check(a) => check::run(a),
+        async_cmd => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(async move {
+                match async_cmd {
+                    Command::Build(a) => build::run(a).await,
+                    Command::Image(c) => image::run(c).await,
+                    Command::Delete(a) => maintenance::delete(a).await,
+                    Command::Clean(a) => maintenance::clean(a).await,
+                    Command::Prune(a) => maintenance::prune(a).await,
+                    Command::Df(a) => maintenance::df(a).await,
+                    Command::Healthcheck(a) => healthcheck::run(a).await,
+                    Command::Dockerfile(_) | Command::Fmt(_) | Command::Check(_) => unreachable!(),
+                }
+            }),
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(code) => code,

@@ -187,14 +187,15 @@ impl Builder {
         sandbox: Arc<dyn Sandbox>,
         fetcher: Arc<dyn Fetcher>,
     ) -> Result<Builder, BuildError> {
-        store
-            .recover()
-            .await
-            .map_err(|e| fail(format!("cannot recover store {}: {e}", store.describe())))?;
+        // Containers first: they may still run on a build dir the store is about to remove.
         sandbox
             .recover()
             .await
             .map_err(|e| fail(format!("cannot recover sandbox: {e}")))?;
+        store
+            .recover()
+            .await
+            .map_err(|e| fail(format!("cannot recover store {}: {e}", store.describe())))?;
         let db_dir = store.state_dir().join("db");
         std::fs::create_dir_all(&db_dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", db_dir.display())))?;
@@ -678,6 +679,23 @@ impl Builder {
                 }
                 Err(BuildError::Cancelled)
             }
+        }
+    }
+
+    /// Waits until no step is in flight, e.g. after a cancellation, so that every container
+    /// is killed and every build dir discarded before the process exits.
+    pub async fn wait_idle(&self) {
+        loop {
+            if self
+                .shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .inflight
+                .is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

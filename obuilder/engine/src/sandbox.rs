@@ -42,9 +42,9 @@ pub struct RunConfig {
 pub enum SandboxError {
     #[error("cancelled")]
     Cancelled,
-    #[error("{cmd:?} failed with exit status {status}")]
+    #[error("`{cmd}` failed with exit status {status}")]
     Failed { cmd: String, status: i32 },
-    #[error("{cmd:?} was killed by signal {signal}")]
+    #[error("`{cmd}` was killed by signal {signal}")]
     Signalled { cmd: String, signal: i32 },
     #[error("{0}")]
     Unsupported(String),

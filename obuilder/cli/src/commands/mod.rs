@@ -1,6 +1,11 @@
+pub mod build;
 pub mod check;
 pub mod dockerfile;
 pub mod fmt;
+pub mod healthcheck;
+pub mod image;
+pub mod maintenance;
+pub mod setup;
 
 use std::path::Path;
 

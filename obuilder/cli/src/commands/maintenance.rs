@@ -1,0 +1,149 @@
+//! `obuilder delete|clean|prune|df`: looking after the store.
+
+use std::process::ExitCode;
+
+use obuilder_engine::db;
+use obuilder_engine::log::{LogEvent, LogSink};
+
+use super::setup::{builder, SandboxArgs, StoreArgs};
+
+fn print_sink() -> LogSink {
+    std::sync::Arc::new(|e: &LogEvent| {
+        if let LogEvent::Note(n) | LogEvent::Heading(n) = e {
+            println!("{n}");
+        }
+    })
+}
+
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    /// The result to delete, with everything built on it.
+    id: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let b = builder(&a.store, &a.sandbox).await?;
+    if b.db().get(&a.id)?.is_none() && b.store().result(&a.id).await?.is_none() {
+        eprintln!("obuilder: no result {:?} in this store", a.id);
+        return Ok(ExitCode::FAILURE);
+    }
+    let n = b.delete(&a.id, &print_sink()).await?;
+    println!("Removed {n} item{}", if n == 1 { "" } else { "s" });
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct CleanArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+pub async fn clean(a: CleanArgs) -> anyhow::Result<ExitCode> {
+    let b = builder(&a.store, &a.sandbox).await?;
+    let n = b
+        .prune("9999-12-31 23:59:59.999", usize::MAX, &print_sink())
+        .await?;
+    println!("Removed {n} items");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// Remove results last used before this: a date (`2026-11-01`, `2026-11-01 12:00:00`)
+    /// or an age (`90m`, `12h`, `7d`).
+    #[arg(long, value_name = "DATE|AGE")]
+    before: String,
+    /// Remove at most this many results (least recently used leaves first).
+    #[arg(long, value_name = "N", default_value_t = usize::MAX, hide_default_value = true)]
+    limit: usize,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// Parses `--before` into database time text.
+pub fn parse_before(s: &str, now: time::OffsetDateTime) -> anyhow::Result<String> {
+    let s = s.trim();
+    if let Some(unit) = s.chars().last().filter(|c| c.is_ascii_alphabetic()) {
+        let n: i64 = s[..s.len() - 1]
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--before {s:?}: expected a number before `{unit}`"))?;
+        let d = match unit {
+            's' => time::Duration::seconds(n),
+            'm' => time::Duration::minutes(n),
+            'h' => time::Duration::hours(n),
+            'd' => time::Duration::days(n),
+            _ => anyhow::bail!("--before {s:?}: an age ends in s, m, h or d"),
+        };
+        return Ok(db::format_time(now - d));
+    }
+    let ok_date = s.len() >= 10
+        && s.as_bytes()[4] == b'-'
+        && s.as_bytes()[7] == b'-'
+        && s[..4]
+            .bytes()
+            .chain(s[5..7].bytes())
+            .chain(s[8..10].bytes())
+            .all(|b| b.is_ascii_digit());
+    if !ok_date {
+        anyhow::bail!("--before {s:?}: expected YYYY-MM-DD[ HH:MM:SS] or an age such as 7d");
+    }
+    Ok(s.replace('T', " "))
+}
+
+pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let before = parse_before(&a.before, time::OffsetDateTime::now_utc())?;
+    let b = builder(&a.store, &a.sandbox).await?;
+    let n = b.prune(&before, a.limit, &print_sink()).await?;
+    println!("Removed {n} items");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct DfArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+pub async fn df(a: DfArgs) -> anyhow::Result<ExitCode> {
+    let b = builder(&a.store, &a.sandbox).await?;
+    let u = b.store().df().await?;
+    let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
+    println!("store:   {}", b.store().describe());
+    println!("results: {}", b.db().count()?);
+    println!(
+        "free:    {:.1}% ({:.1} GiB of {:.1} GiB)",
+        u.free_percent(),
+        gib(u.free_bytes),
+        gib(u.total_bytes)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_accepts_dates_and_ages() {
+        let now = time::macros::datetime!(2026-11-22 12:00:00 UTC);
+        assert_eq!(parse_before("7d", now).unwrap(), "2026-11-15 12:00:00.000");
+        assert_eq!(parse_before("90m", now).unwrap(), "2026-11-22 10:30:00.000");
+        assert_eq!(parse_before("2026-11-01", now).unwrap(), "2026-11-01");
+        assert_eq!(
+            parse_before("2026-11-01T10:00:00", now).unwrap(),
+            "2026-11-01 10:00:00"
+        );
+        assert!(parse_before("yesterday", now).is_err());
+        assert!(parse_before("7w", now).is_err());
+    }
+}

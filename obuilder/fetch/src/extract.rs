@@ -1,0 +1,410 @@
+//! Extracting image layers (tar, optionally gzip or zstd) into a root filesystem.
+//!
+//! Every path is resolved inside the root with `openat2(RESOLVE_IN_ROOT)`: an absolute
+//! symlink in the image (Debian's `/var/run -> /run`) resolves inside the rootfs as it would
+//! in the container, and a malicious layer with `../` paths or symlinks pointing out can never
+//! write to the host. OCI whiteouts are applied (`.wh.NAME` deletes NAME, `.wh..wh..opq`
+//! empties its directory); hard links, symlinks, devices, fifos, ownership, modes (incl.
+//! set-id bits), mtimes and xattrs (where the filesystem allows) are kept.
+
+use std::ffi::OsStr;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+
+/// A layer that cannot be extracted.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Bad(String),
+}
+
+fn io_err(what: &str, path: &str) -> impl FnOnce(io::Error) -> ExtractError {
+    let (what, path) = (what.to_string(), path.to_string());
+    move |source| ExtractError::Io { what, path, source }
+}
+
+fn errno(what: &str, path: &str) -> impl FnOnce(rustix::io::Errno) -> ExtractError {
+    let f = io_err(what, path);
+    move |e| f(e.into())
+}
+
+/// Wraps a reader, decompressing gzip or zstd if its first bytes say so.
+pub fn decompress<'a>(r: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let mut br = BufReader::with_capacity(256 * 1024, r);
+    let head = br.fill_buf()?.to_vec();
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(br))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(br)?)
+    } else {
+        Box::new(br)
+    })
+}
+
+/// Normalises an archive path to components relative to the root; `..` is refused.
+fn clean(path: &Path) -> Result<Vec<String>, ExtractError> {
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(
+                n.to_str()
+                    .ok_or_else(|| {
+                        ExtractError::Bad(format!("path {} is not UTF-8", path.display()))
+                    })?
+                    .to_string(),
+            ),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(ExtractError::Bad(format!(
+                    "refusing entry {}: `..` in a layer path would write outside the root",
+                    path.display()
+                )))
+            }
+            Component::Prefix(_) => {
+                return Err(ExtractError::Bad(format!("bad path {}", path.display())))
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Root {
+    fd: OwnedFd,
+}
+
+impl Root {
+    fn open_dir(&self, parts: &[String]) -> Result<OwnedFd, ExtractError> {
+        let rel = if parts.is_empty() {
+            ".".to_string()
+        } else {
+            parts.join("/")
+        };
+        rustix::fs::openat2(
+            self.fd.as_fd(),
+            rel.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(errno("cannot open directory", &format!("/{rel}")))
+    }
+
+    /// Opens the parent of `parts`, creating missing directories (0755, root) on the way.
+    fn parent(&self, parts: &[String]) -> Result<OwnedFd, ExtractError> {
+        let parent = &parts[..parts.len() - 1];
+        match self.open_dir(parent) {
+            Ok(fd) => Ok(fd),
+            Err(_) => {
+                for i in 0..parent.len() {
+                    let dir = self.open_dir(&parent[..i])?;
+                    match rustix::fs::mkdirat(&dir, parent[i].as_str(), Mode::from_raw_mode(0o755))
+                    {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(errno(
+                                "cannot create directory",
+                                &format!("/{}", parent[..=i].join("/")),
+                            )(e))
+                        }
+                    }
+                }
+                self.open_dir(parent)
+            }
+        }
+    }
+}
+
+/// Removes `name` in `dir`, recursively if it is a directory.
+fn remove_at(dir: &OwnedFd, name: &str, shown: &str) -> Result<(), ExtractError> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(rustix::io::Errno::ISDIR) => {
+            let sub = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno("cannot open", shown))?;
+            clear_dir(&sub, shown)?;
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+                .map_err(errno("cannot remove", shown))
+        }
+        Err(e) => Err(errno("cannot remove", shown)(e)),
+    }
+}
+
+/// Removes everything inside a directory.
+fn clear_dir(dir: &OwnedFd, shown: &str) -> Result<(), ExtractError> {
+    let mut names = Vec::new();
+    let d = rustix::fs::Dir::read_from(dir).map_err(errno("cannot list", shown))?;
+    for e in d {
+        let e = e.map_err(errno("cannot list", shown))?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(String::from_utf8_lossy(n).into_owned());
+        }
+    }
+    for n in names {
+        remove_at(dir, &n, &format!("{shown}/{n}"))?;
+    }
+    Ok(())
+}
+
+/// Extracts one layer into `rootfs`. Blocking.
+pub fn extract_layer(rootfs: &Path, layer: impl Read) -> Result<(), ExtractError> {
+    let fd = rustix::fs::open(
+        rootfs,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("cannot open", &rootfs.display().to_string()))?;
+    let root = Root { fd };
+    let reader = decompress(layer).map_err(io_err("cannot read layer", "-"))?;
+    let mut archive = tar::Archive::new(reader);
+    // Directory times are set after their contents, as tar does.
+    let mut dir_times: Vec<(Vec<String>, i64)> = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(io_err("cannot read layer", "-"))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| ExtractError::Bad(format!("truncated or corrupt layer: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(io_err("bad entry path", "-"))?
+            .into_owned();
+        let parts = clean(&path)?;
+        let shown = format!("/{}", parts.join("/"));
+        let Some(name) = parts.last().cloned() else {
+            continue; // the root itself
+        };
+        // Whiteouts.
+        if name == ".wh..wh..opq" {
+            let dir = root.open_dir(&parts[..parts.len() - 1])?;
+            clear_dir(&dir, &shown)?;
+            continue;
+        }
+        if let Some(target) = name.strip_prefix(".wh.") {
+            let dir = root.parent(&parts)?;
+            remove_at(&dir, target, &shown)?;
+            continue;
+        }
+        let h = entry.header().clone();
+        let mode = h.mode().unwrap_or(0o644) & 0o7777;
+        let (uid, gid) = (h.uid().unwrap_or(0) as u32, h.gid().unwrap_or(0) as u32);
+        let mtime = h.mtime().unwrap_or(0) as i64;
+        let parent = root.parent(&parts)?;
+        let kind = h.entry_type();
+        let owner = |fd_name: &str, flags: AtFlags| {
+            rustix::fs::chownat(
+                &parent,
+                fd_name,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                flags,
+            )
+            .map_err(errno("cannot chown", &shown))
+        };
+        if kind.is_dir() {
+            match rustix::fs::mkdirat(&parent, name.as_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {
+                    // A non-directory in the way is replaced; a directory is kept (merged).
+                    let st = rustix::fs::statat(&parent, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(errno("cannot stat", &shown))?;
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        != rustix::fs::FileType::Directory
+                    {
+                        remove_at(&parent, &name, &shown)?;
+                        rustix::fs::mkdirat(&parent, name.as_str(), Mode::from_raw_mode(0o700))
+                            .map_err(errno("cannot create directory", &shown))?;
+                    }
+                }
+                Err(e) => return Err(errno("cannot create directory", &shown)(e)),
+            }
+            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chmodat(
+                &parent,
+                name.as_str(),
+                Mode::from_raw_mode(mode),
+                AtFlags::empty(),
+            )
+            .map_err(errno("cannot chmod", &shown))?;
+            set_xattrs(&mut entry, &root, &parts)?;
+            dir_times.push((parts, mtime));
+            continue;
+        }
+        // Anything else replaces what is there (a directory too, as tar does).
+        remove_at(&parent, &name, &shown)?;
+        if kind.is_file() || kind == tar::EntryType::Continuous {
+            let fd = rustix::fs::openat(
+                &parent,
+                name.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(errno("cannot create", &shown))?;
+            let mut f = std::fs::File::from(fd);
+            io::copy(&mut entry, &mut f).map_err(|e| {
+                ExtractError::Bad(format!("truncated layer while writing {shown}: {e}"))
+            })?;
+            rustix::fs::fchown(
+                &f,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(errno("cannot chown", &shown))?;
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))
+                .map_err(errno("cannot chmod", &shown))?;
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| ExtractError::Bad(format!("symlink {shown} has no target")))?;
+            rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, name.as_str())
+                .map_err(errno("cannot create symlink", &shown))?;
+            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+        } else if kind.is_hard_link() {
+            let target = entry
+                .link_name()
+                .map_err(io_err("bad link", &shown))?
+                .ok_or_else(|| ExtractError::Bad(format!("hard link {shown} has no target")))?;
+            let tparts = clean(&target)?;
+            if tparts.is_empty() {
+                return Err(ExtractError::Bad(format!(
+                    "hard link {shown} points at the root"
+                )));
+            }
+            let tdir = root.open_dir(&tparts[..tparts.len() - 1])?;
+            let tname = tparts.last().cloned().unwrap_or_default();
+            rustix::fs::linkat(
+                &tdir,
+                tname.as_str(),
+                &parent,
+                name.as_str(),
+                AtFlags::empty(),
+            )
+            .map_err(errno(
+                &format!("cannot hard-link /{} to", tparts.join("/")),
+                &shown,
+            ))?;
+            continue; // the link shares the target's metadata
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            let ft = if kind.is_fifo() {
+                rustix::fs::FileType::Fifo
+            } else if kind.is_character_special() {
+                rustix::fs::FileType::CharacterDevice
+            } else {
+                rustix::fs::FileType::BlockDevice
+            };
+            let dev = rustix::fs::makedev(
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            );
+            rustix::fs::mknodat(&parent, name.as_str(), ft, Mode::from_raw_mode(mode), dev)
+                .map_err(errno("cannot create device", &shown))?;
+            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chmodat(
+                &parent,
+                name.as_str(),
+                Mode::from_raw_mode(mode),
+                AtFlags::empty(),
+            )
+            .map_err(errno("cannot chmod", &shown))?;
+        } else {
+            tracing::debug!("skipping {shown}: entry type {kind:?}");
+            continue;
+        }
+        if !kind.is_symlink() {
+            set_xattrs(&mut entry, &root, &parts)?;
+        }
+        let t = Timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        };
+        let _ = rustix::fs::utimensat(
+            &parent,
+            name.as_str(),
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+    for (parts, mtime) in dir_times.into_iter().rev() {
+        if let Some((name, dir)) = parts.split_last() {
+            if let Ok(p) = root.open_dir(dir) {
+                let t = Timespec {
+                    tv_sec: mtime,
+                    tv_nsec: 0,
+                };
+                let _ = rustix::fs::utimensat(
+                    &p,
+                    name.as_str(),
+                    &Timestamps {
+                        last_access: t,
+                        last_modification: t,
+                    },
+                    AtFlags::SYMLINK_NOFOLLOW,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies `SCHILY.xattr.*` PAX records; a filesystem that refuses them is not an error.
+fn set_xattrs<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    root: &Root,
+    parts: &[String],
+) -> Result<(), ExtractError> {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return Ok(());
+    };
+    let mut attrs = Vec::new();
+    for e in exts.flatten() {
+        if let Ok(k) = e.key() {
+            if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                attrs.push((name.to_string(), e.value_bytes().to_vec()));
+            }
+        }
+    }
+    if attrs.is_empty() {
+        return Ok(());
+    }
+    let rel = parts.join("/");
+    if let Ok(fd) = rustix::fs::openat2(
+        root.fd.as_fd(),
+        rel.as_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    ) {
+        // Through the fd's /proc link: the very inode just made, never a path lookup.
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        for (k, v) in attrs {
+            if let Err(e) = rustix::fs::setxattr(
+                proc.as_str(),
+                k.as_str(),
+                &v,
+                rustix::fs::XattrFlags::empty(),
+            ) {
+                tracing::debug!("xattr {k} on /{rel}: {e}");
+            }
+        }
+    }
+    Ok(())
+}

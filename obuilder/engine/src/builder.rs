@@ -713,6 +713,8 @@ impl Builder {
 
     /// Removes up to `limit` least-recently-used leaves last used before `before` (database
     /// time text), one at a time, never one that a running build has pinned or builds on.
+    /// Returns at once; the space may come back later on stores that free it lazily (see
+    /// `Store::complete_deletes`).
     pub async fn prune(
         &self,
         before: &str,
@@ -723,7 +725,10 @@ impl Builder {
         while removed < limit {
             let candidates = self
                 .db
-                .lru(before, limit.saturating_sub(removed) + 16)
+                .lru(
+                    before,
+                    limit.saturating_sub(removed).saturating_add(16).min(1024),
+                )
                 .map_err(fail)?;
             let victim = {
                 let s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -738,9 +743,6 @@ impl Builder {
             self.store.delete(&id).await.map_err(fail)?;
             self.db.delete(&id).map_err(fail)?;
             removed += 1;
-        }
-        if removed > 0 {
-            self.store.complete_deletes().await.map_err(fail)?;
         }
         Ok(removed)
     }

@@ -36,8 +36,26 @@ pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits (up to a minute on btrfs) until deleted results have given their space back.
+#[derive(clap::Args)]
+pub struct WaitArgs {
+    /// Wait until the filesystem has freed the deleted results' space (btrfs frees it in
+    /// the background, which can take a while).
+    #[arg(long)]
+    wait_for_space: bool,
+}
+
+async fn maybe_wait(b: &obuilder_engine::Builder, w: &WaitArgs) -> anyhow::Result<()> {
+    if w.wait_for_space {
+        b.store().complete_deletes().await?;
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct CleanArgs {
+    #[command(flatten)]
+    wait: WaitArgs,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -62,6 +80,8 @@ pub struct PruneArgs {
     /// Remove at most this many results (least recently used leaves first).
     #[arg(long, value_name = "N", default_value_t = usize::MAX, hide_default_value = true)]
     limit: usize,
+    #[command(flatten)]
+    wait: WaitArgs,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -102,6 +122,7 @@ pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     let before = parse_before(&a.before, time::OffsetDateTime::now_utc())?;
     let b = builder(&a.store, &a.sandbox).await?;
     let n = b.prune(&before, a.limit, &print_sink()).await?;
+    maybe_wait(&b, &a.wait).await?;
     println!("Removed {n} items");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,632 @@
+//! `obuilder build` end to end: the real binary, real runc, real stores on loopback
+//! filesystems, a busybox image made from Debian's busybox-static package.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use testkit::{require, Cap, LoopFs};
+
+const QUICKSTART: &str = include_str!("../../../examples/quickstart.spec");
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_obuilder")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Replaces every 64-hex id with `[ID]`.
+fn redact(s: &str) -> String {
+    let mut out = String::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if i + 64 <= b.len()
+            && b[i..i + 64]
+                .iter()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            out.push_str("[ID]");
+            i += 64;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A store on its own loopback filesystem, with the busybox image imported.
+struct Env {
+    _fs: LoopFs,
+    store: String,
+    extra: Vec<String>,
+    ctx: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(kind: &str) -> Env {
+        let (fs_kind, store_kind, extra): (&str, &str, Vec<String>) = match kind {
+            "btrfs" => ("btrfs", "btrfs", vec![]),
+            "xfs" => ("xfs", "xfs", vec![]),
+            "overlayfs" => ("ext4", "overlayfs", vec![]),
+            "rsync-copy" => ("ext4", "rsync", vec!["--rsync-mode".into(), "copy".into()]),
+            "rsync-hardlink" => (
+                "ext4",
+                "rsync",
+                vec!["--rsync-mode".into(), "hardlink".into()],
+            ),
+            other => panic!("{other}"),
+        };
+        let fs = LoopFs::new(fs_kind, 512);
+        let store = format!("{store_kind}:{}", fs.mnt.join("store").display());
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("sub")).unwrap();
+        std::fs::write(ctx.join("a.txt"), "hello\n").unwrap();
+        std::fs::write(ctx.join("sub/run.sh"), "echo run-me\n").unwrap();
+        let env = Env {
+            _fs: fs,
+            store,
+            extra,
+            ctx,
+            _tmp: tmp,
+        };
+        let rootfs = env._tmp.path().join("busybox");
+        make_busybox(&rootfs);
+        let out = env.run(&[
+            "image",
+            "import",
+            "busybox",
+            rootfs.to_str().unwrap(),
+            "--env",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        ]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        env
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.push("--store".into());
+        v.push(self.store.clone());
+        v.extend(self.extra.iter().cloned());
+        v
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(self.args(args)).output().unwrap()
+    }
+
+    fn spec(&self, name: &str, body: &str) -> PathBuf {
+        let p = self._tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn build(&self, spec: &Path) -> Output {
+        self.run(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            self.ctx.to_str().unwrap(),
+        ])
+    }
+
+    fn root(&self) -> PathBuf {
+        PathBuf::from(self.store.split_once(':').unwrap().1)
+    }
+
+    /// Nothing half-done: no temp build, no mount, no container, no bundle.
+    fn assert_clean(&self) {
+        let root = self.root();
+        let tmp: Vec<_> = std::fs::read_dir(root.join("result-tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "result-tmp: {tmp:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&format!("{}/merged", root.display())),
+            "a mount is left"
+        );
+        let runc = Command::new("runc")
+            .args([
+                "--root",
+                root.join("state/runc").to_str().unwrap(),
+                "list",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(text(&runc.stdout).trim(), "", "a container is left");
+        let bundles: Vec<_> = std::fs::read_dir(root.join("state/runc-tmp"))
+            .unwrap()
+            .collect();
+        assert!(bundles.is_empty(), "bundles: {bundles:?}");
+    }
+}
+
+fn make_busybox(dir: &Path) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/make-busybox-rootfs.sh"
+    );
+    let out = Command::new("bash")
+        .args([script, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn caps() -> [Cap; 5] {
+    [
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar"),
+    ]
+}
+
+fn transcript(kind: &str) {
+    let env = Env::new(kind);
+    let spec = env.spec("q.spec", QUICKSTART);
+    let first = env.build(&spec);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let expected_first = "\
+(from busybox)
+Extracting layer 1/1 sha256:[ID]
+---> saved as \"[ID]\"
+/: (shell /bin/sh -c)
+/: (run (shell \"mkdir -p /data && echo step1 > /data/1\"))
+---> saved as \"[ID]\"
+/: (run (shell \"seq 1 10000 > /data/2\"))
+---> saved as \"[ID]\"
+/: (run (shell \"wc -l /data/2 > /data/3\"))
+---> saved as \"[ID]\"
+/: (run (shell \"dd if=/dev/zero of=/data/4 bs=1024 count=1024 2>/dev/null\"))
+---> saved as \"[ID]\"
+/: (run (shell \"ls -l /data > /data/5 && echo last-step-v0\"))
+last-step-v0
+---> saved as \"[ID]\"
+Got: \"[ID]\"
+";
+    assert_eq!(
+        redact(&text(&first.stdout)),
+        expected_first,
+        "{kind}: first run"
+    );
+
+    let second = env.build(&spec);
+    assert!(second.status.success());
+    let expected_second = expected_first
+        .replace("Extracting layer 1/1 sha256:[ID]\n", "")
+        .replace("---> saved as", "---> using")
+        .replace("\"[ID]\"\n/", "\"[ID]\" from cache\n/")
+        .replace(
+            "last-step-v0\n---> using \"[ID]\"\n",
+            "last-step-v0\n---> using \"[ID]\" from cache\n",
+        );
+    assert_eq!(
+        redact(&text(&second.stdout)),
+        expected_second,
+        "{kind}: second run is all from cache"
+    );
+    assert_eq!(
+        text(&first.stdout).lines().last(),
+        text(&second.stdout).lines().last(),
+        "same final id"
+    );
+
+    let changed = env.spec(
+        "q2.spec",
+        &QUICKSTART.replace("last-step-v0", "last-step-v1"),
+    );
+    let third = env.build(&changed);
+    let out = redact(&text(&third.stdout));
+    assert_eq!(
+        out.matches("from cache").count(),
+        5,
+        "{kind}: all but the last step cached:\n{out}"
+    );
+    assert!(
+        out.ends_with("last-step-v1\n---> saved as \"[ID]\"\nGot: \"[ID]\"\n"),
+        "{out}"
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn transcript_btrfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs")
+    );
+    transcript("btrfs");
+}
+
+#[test]
+fn transcript_overlayfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.ext4"),
+        Cap::OverlayLowerdirPlus
+    );
+    transcript("overlayfs");
+}
+
+#[test]
+fn transcript_xfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.xfs")
+    );
+    transcript("xfs");
+}
+
+#[test]
+fn transcript_rsync_copy() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync")
+    );
+    transcript("rsync-copy");
+}
+
+#[test]
+fn transcript_rsync_hardlink() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync")
+    );
+    transcript("rsync-hardlink");
+}
+
+#[test]
+fn copy_stages_users_and_env() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec(
+        "t.spec",
+        r#"((build tool
+  ((from busybox)
+   (shell /bin/sh -c)
+   (run (shell "mkdir -p /opt && echo built-by-stage > /opt/tool"))))
+ (from busybox)
+ (shell /bin/sh -c)
+ (workdir /src)
+ (user (uid 1000) (gid 1000))
+ (copy (src .) (dst ./) (exclude sub))
+ (copy (src sub/run.sh) (dst /usr/local/bin/run-me))
+ (copy (from (build tool)) (src /opt/tool) (dst tool))
+ (env GREETING "hello world")
+ (run (shell "id -u; pwd; stat -c '%u:%g %a %n' a.txt tool /usr/local/bin/run-me; ls; cat tool; echo $GREETING")))"#,
+    );
+    let out = env.build(&spec);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let o = text(&out.stdout);
+    for want in [
+        "1000\n/src\n",
+        "1000:1000 644 a.txt\n",
+        "1000:1000 644 tool\n",
+        "1000:1000 644 /usr/local/bin/run-me\n",
+        "a.txt\ntool\n",
+        "built-by-stage\nhello world\n",
+        "--> finished \"tool\"",
+    ] {
+        assert!(o.contains(want), "missing {want:?} in:\n{o}");
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn a_failed_step_is_named_and_not_cached() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec(
+        "f.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo about-to-fail; exit 3\")))",
+    );
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("about-to-fail"),
+        "the failed step's log is shown"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("Build step failed: `/bin/sh -c \"echo about-to-fail; exit 3\"` failed with exit status 3"), "{err}");
+    assert!(
+        err.contains("in step /: (run (shell \"echo about-to-fail; exit 3\"))"),
+        "{err}"
+    );
+    // Not cached: the next attempt runs it again.
+    let again = env.build(&spec);
+    assert!(text(&again.stdout).contains("about-to-fail"));
+    assert!(
+        !text(&again.stdout).contains("from cache\nabout"),
+        "failures are never cached"
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn unknown_image_and_bad_spec_fail_clearly() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec("u.spec", "((from nosuchimage) (run (shell \"true\")))");
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unknown image \"nosuchimage\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("obuilder image import nosuchimage"),
+        "{}",
+        text(&out.stderr)
+    );
+    let bad = env.spec("b.spec", "((from busybox) (rn (shell \"true\")))");
+    let out = env.build(&bad);
+    assert!(
+        text(&out.stderr).contains("b.spec:1:18: error: unknown operation `rn`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn ctrl_c_kills_the_container_and_records_nothing() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec(
+        "s.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
+    );
+    let child = Command::new(bin())
+        .args(env.args(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_container(&env.root());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("Cancelled at user's request"));
+    env.assert_clean();
+    let results = std::fs::read_dir(env.root().join("result"))
+        .unwrap()
+        .count();
+    assert_eq!(results, 1, "only the base image was recorded");
+}
+
+fn wait_for_container(root: &Path) {
+    for _ in 0..200 {
+        let out = Command::new("runc")
+            .args([
+                "--root",
+                root.join("state/runc").to_str().unwrap(),
+                "list",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        if !text(&out.stdout).trim().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("no container started");
+}
+
+#[test]
+fn crash_mid_step_then_restart_leaves_nothing_and_builds() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec(
+        "s.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
+    );
+    let mut child = Command::new(bin())
+        .args(env.args(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_container(&env.root());
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert!(
+        std::fs::read_dir(env.root().join("result-tmp"))
+            .unwrap()
+            .count()
+            > 0,
+        "the crash left a build dir"
+    );
+    let ok = env.spec(
+        "ok.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo after-crash\")))",
+    );
+    let out = env.build(&ok);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("after-crash"));
+    env.assert_clean();
+    // The killed container's `sleep` is gone too.
+    let ps = Command::new("pgrep")
+        .args(["-f", "sleep 300"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&ps.stdout).trim(),
+        "",
+        "the crashed build's process still runs"
+    );
+}
+
+#[test]
+fn maintenance_commands() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec("q.spec", QUICKSTART);
+    let out = env.build(&spec);
+    let last = text(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("Got: ")
+        .trim_matches('"')
+        .to_string();
+    let df = env.run(&["df"]);
+    assert!(
+        text(&df.stdout).contains("results: 6"),
+        "{}",
+        text(&df.stdout)
+    );
+    let del = env.run(&["delete", &last]);
+    assert!(
+        text(&del.stdout).contains(&format!("Removing {last}")),
+        "{}",
+        text(&del.stdout)
+    );
+    let prune = env.run(&["prune", "--before", "1d"]);
+    assert!(
+        text(&prune.stdout).contains("Removed 0 items"),
+        "nothing is a day old: {}",
+        text(&prune.stdout)
+    );
+    let prune = env.run(&["prune", "--before", "2999-01-01", "--limit", "2"]);
+    assert!(
+        text(&prune.stdout).contains("Removed 2 items"),
+        "{}",
+        text(&prune.stdout)
+    );
+    let clean = env.run(&["clean"]);
+    assert!(
+        text(&clean.stdout).contains("Removed 3 items"),
+        "{}",
+        text(&clean.stdout)
+    );
+    assert_eq!(
+        std::fs::read_dir(env.root().join("result"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let hc = env.run(&["healthcheck"]);
+    assert!(
+        hc.status.success(),
+        "{}{}",
+        text(&hc.stdout),
+        text(&hc.stderr)
+    );
+    assert!(text(&hc.stdout).contains("Healthcheck passed"));
+    let unknown = env.run(&["delete", "0000"]);
+    assert_eq!(unknown.status.code(), Some(1));
+}
+
+#[test]
+fn store_flag_errors_list_every_form() {
+    let out = Command::new(bin())
+        .args(["df", "--store", "nfs:/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("unknown store kind \"nfs\"")
+            && e.contains("btrfs:/ABS/PATH, overlayfs:/ABS/PATH, rsync:/ABS/PATH"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sandbox_network_hostname_hosts_and_fast_sync() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    let spec = env.spec(
+        "n.spec",
+        r#"((from busybox)
+ (shell /bin/sh -c)
+ (run (shell "echo isolated=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,); hostname; cat /etc/hosts"))
+ (run (network host) (shell "echo host-ifaces=$(tail -n +3 /proc/net/dev | wc -l); test -s /etc/resolv.conf && echo resolv-ok; echo x > /etc/resolv.conf || echo resolv-ro"))
+ (run (shell "sync; echo synced")))"#,
+    );
+    let mut args = env.args(&[
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ]);
+    args.push("--fast-sync".into());
+    let out = Command::new(bin()).args(&args).output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}{}", text(&out.stderr));
+    assert!(
+        o.contains("isolated=lo,\n"),
+        "only loopback without (network host):\n{o}"
+    );
+    assert!(o.contains("builder\n127.0.0.1 localhost builder\n"), "{o}");
+    let host_ifaces: usize = o
+        .rsplit("host-ifaces=")
+        .next()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(host_ifaces >= 1, "{o}");
+    assert!(
+        o.contains("resolv-ok\n") && o.contains("resolv-ro\n"),
+        "the host's resolv.conf, read-only:\n{o}"
+    );
+    assert!(o.contains("synced\n"));
+}

@@ -1,0 +1,107 @@
+//! The runc sandbox's exact commands, through the command seam (no root, no runc needed).
+
+use std::sync::Arc;
+
+use obuilder_engine::log::StepLog;
+use obuilder_engine::sandbox::{RunConfig, Sandbox};
+use obuilder_engine::CancellationToken;
+use obuilder_sandbox::{RuncOptions, RuncSandbox};
+use testkit::RecordingExec;
+
+fn config() -> RunConfig {
+    RunConfig {
+        argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+        env: vec![],
+        cwd: "/".into(),
+        uid: 0,
+        gid: 0,
+        hostname: "builder".into(),
+        network: vec![],
+        mounts: vec![],
+        secrets: vec![],
+    }
+}
+
+#[tokio::test]
+async fn recovery_deletes_every_leftover_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = RecordingExec::new();
+    exec.answer(&["runc", "--root"], "obuilder-1-0\nobuilder-1-1\n");
+    let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
+    sb.recover().await.unwrap();
+    let root = dir.path().join("runc").display().to_string();
+    assert_eq!(
+        exec.argvs(),
+        [
+            format!("runc --root {root} list -q"),
+            format!("runc --root {root} delete --force obuilder-1-0"),
+            format!("runc --root {root} delete --force obuilder-1-1"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_run_is_one_runc_run_with_its_own_bundle_removed_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = RecordingExec::new();
+    let sb = RuncSandbox::new(
+        dir.path(),
+        RuncOptions {
+            fast_sync: true,
+            runc: "/usr/sbin/runc".into(),
+        },
+        Arc::new(exec.clone()),
+    );
+    std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
+    let log = StepLog::create(&dir.path().join("log")).unwrap();
+    sb.run(
+        &config(),
+        &dir.path().join("rootfs"),
+        &log,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let calls = exec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let argv = &calls[0].argv;
+    let id = format!("obuilder-{}-0", std::process::id());
+    let bundle = dir.path().join("runc-tmp").join(&id).display().to_string();
+    assert_eq!(
+        argv,
+        &[
+            "/usr/sbin/runc",
+            "--root",
+            &dir.path().join("runc").display().to_string(),
+            "run",
+            "--bundle",
+            &bundle,
+            &id
+        ]
+    );
+    assert_eq!(calls[0].cwd.as_ref().unwrap().display().to_string(), bundle);
+    assert!(
+        !std::path::Path::new(&bundle).exists(),
+        "the bundle (config, secrets) is removed after the run"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_networks_fail_before_runc_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = RecordingExec::new();
+    let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
+    std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
+    let log = StepLog::create(&dir.path().join("log")).unwrap();
+    let mut c = config();
+    c.network = vec!["nat".into()];
+    let e = sb
+        .run(&c, dir.path(), &log, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("unsupported network configuration"),
+        "{e}"
+    );
+    assert!(exec.calls.lock().unwrap().is_empty());
+}

@@ -131,6 +131,8 @@ struct Context {
 struct Pins {
     shared: Arc<Mutex<Shared>>,
     ids: Mutex<Vec<Id>>,
+    /// Cache hits, whose `used` time is recorded when the build ends.
+    hits: Mutex<Vec<Id>>,
 }
 
 impl Pins {
@@ -138,6 +140,15 @@ impl Pins {
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         *s.pins.entry(id.to_string()).or_insert(0) += 1;
         self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
+    }
+}
+
+impl Pins {
+    fn hit(&self, id: &str) {
+        self.hits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(id.to_string());
@@ -208,7 +219,14 @@ impl Builder {
             shared: Arc::default(),
             stats: Stats::default(),
         };
-        b.reconcile().await?;
+        // The marker exists while a builder has the store open; finding it at start means the
+        // last one did not exit cleanly, and only then is the O(results) reconciliation needed.
+        let marker = b.store.state_dir().join("builder.open");
+        if marker.exists() {
+            b.reconcile().await?;
+        }
+        std::fs::write(&marker, std::process::id().to_string())
+            .map_err(|e| fail(format!("cannot write {}: {e}", marker.display())))?;
         Ok(b)
     }
 
@@ -272,8 +290,17 @@ impl Builder {
         let pins = Pins {
             shared: self.shared.clone(),
             ids: Mutex::default(),
+            hits: Mutex::default(),
         };
-        self.stage(spec, ctx, opts, &pins).await.map(|(id, _)| id)
+        let r = self.stage(spec, ctx, opts, &pins).await.map(|(id, _)| id);
+        // One write for all of this build's cache hits, not one per step.
+        let hits = std::mem::take(&mut *pins.hits.lock().unwrap_or_else(|p| p.into_inner()));
+        if !hits.is_empty() {
+            if let Err(e) = self.db.touch(&hits, &db::now()) {
+                tracing::warn!("cannot record cache hits: {e}");
+            }
+        }
+        r
     }
 
     fn stage<'a>(
@@ -583,7 +610,7 @@ impl Builder {
             }
             if let Some(path) = self.store.result(id).await.map_err(fail)? {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                let _ = self.db.set_used(id, &db::now());
+                pins.hit(id);
                 let replay = StepLog::open_finished(&path.join("log")).map_err(fail)?;
                 replay
                     .follow(|b| log(&LogEvent::Output(b.to_vec())))
@@ -745,6 +772,13 @@ impl Builder {
             removed += 1;
         }
         Ok(removed)
+    }
+}
+
+impl Drop for Builder {
+    /// A clean exit: the next start can skip reconciling the database with the disk.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.store.state_dir().join("builder.open"));
     }
 }
 

@@ -133,13 +133,17 @@ impl Db {
         })
     }
 
-    pub fn set_used(&self, id: &str, now: &str) -> Result<(), DbError> {
+    /// Marks several results used, in one transaction (a build's cache hits).
+    pub fn touch(&self, ids: &[String], now: &str) -> Result<(), DbError> {
         self.with(|c| {
-            c.execute(
-                "UPDATE builds SET used = ?2 WHERE id = ?1",
-                params![id, now],
-            )
-            .map(|_| ())
+            let tx = c.transaction()?;
+            {
+                let mut s = tx.prepare_cached("UPDATE builds SET used = ?2 WHERE id = ?1")?;
+                for id in ids {
+                    s.execute(params![id, now])?;
+                }
+            }
+            tx.commit()
         })
     }
 
@@ -292,7 +296,11 @@ mod tests {
             db.lru("2026-01-01 00:00:00.500", 10).unwrap(),
             Vec::<String>::new()
         );
-        db.set_used("a", "2026-06-01 00:00:00.000").unwrap();
+        db.touch(&["a".into()], "2026-06-01 00:00:00.000").unwrap();
+        assert_eq!(
+            db.get("a").unwrap().unwrap().used,
+            "2026-06-01 00:00:00.000"
+        );
         assert_eq!(db.count().unwrap(), 2);
     }
 }

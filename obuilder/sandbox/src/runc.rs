@@ -130,6 +130,14 @@ impl RuncSandbox {
         std::fs::write(bundle.join("config.json"), text).map_err(io("cannot write config.json"))
     }
 
+    fn clear_bundles(&self) -> Result<(), SandboxError> {
+        for e in std::fs::read_dir(self.bundles()).map_err(io("cannot list bundles"))? {
+            let p = e.map_err(io("cannot list bundles"))?.path();
+            let _ = std::fs::remove_dir_all(&p);
+        }
+        Ok(())
+    }
+
     async fn kill(&self, id: &str) {
         // The container may not exist yet (runc still creating it): retry briefly.
         for _ in 0..50 {
@@ -168,6 +176,15 @@ impl Sandbox for RuncSandbox {
         for d in [self.runc_root(), self.bundles()] {
             std::fs::create_dir_all(&d).map_err(io(format!("cannot create {}", d.display())))?;
         }
+        // runc keeps a directory per container in its root: with none, there is nothing to
+        // ask runc about (and starting it costs more than the rest of a cached build).
+        let any = std::fs::read_dir(self.runc_root())
+            .map_err(io("cannot list the runc root"))?
+            .next()
+            .is_some();
+        if !any {
+            return self.clear_bundles();
+        }
         let out = self.exec.output(&self.runc(&["list", "-q"])).await?;
         for id in out
             .stdout_str()
@@ -180,11 +197,7 @@ impl Sandbox for RuncSandbox {
                 .output(&self.runc(&["delete", "--force", id]))
                 .await?;
         }
-        for e in std::fs::read_dir(self.bundles()).map_err(io("cannot list bundles"))? {
-            let p = e.map_err(io("cannot list bundles"))?.path();
-            let _ = std::fs::remove_dir_all(&p);
-        }
-        Ok(())
+        self.clear_bundles()
     }
 
     async fn run(

@@ -28,6 +28,10 @@ async fn recovery_deletes_every_leftover_container() {
     let exec = RecordingExec::new();
     exec.answer(&["runc", "--root"], "obuilder-1-0\nobuilder-1-1\n");
     let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
+    // With no container state in runc's root, runc is not even asked.
+    sb.recover().await.unwrap();
+    assert!(exec.argvs().is_empty());
+    std::fs::create_dir_all(dir.path().join("runc/obuilder-1-0")).unwrap();
     sb.recover().await.unwrap();
     let root = dir.path().join("runc").display().to_string();
     assert_eq!(

@@ -2,8 +2,9 @@
 //! writable snapshot of its parent's, made read-only and renamed into place on commit.
 //!
 //! Layout: see [`crate::common`]; `result/ID/rootfs` is a read-only subvolume. Wiped at
-//! start-up: every subvolume and directory under `result-tmp/`. Commit is a property set
-//! and one rename (no second snapshot as in OBuilder).
+//! start-up: every subvolume and directory under `result-tmp/`. Commit is a read-only flag
+//! and one rename (no second snapshot as in OBuilder). The per-step operations (snapshot,
+//! read-only flag) are ioctls; create, delete and sync go through `btrfs` via the Exec seam.
 
 use std::path::{Path, PathBuf};
 
@@ -89,8 +90,13 @@ impl Store for BtrfsStore {
             }
             Some(b) => {
                 let src = self.layout.result(b).join("rootfs");
-                self.btrfs(&["subvolume", "snapshot", &path_str(&src), &path_str(&rootfs)])
-                    .await
+                crate::btrfs_ioctl::snapshot(&src, &rootfs).map_err(|e| {
+                    StoreError::Other(format!(
+                        "cannot snapshot {} to {}: {e}",
+                        src.display(),
+                        rootfs.display()
+                    ))
+                })
             }
         };
         if let Err(e) = r {
@@ -105,15 +111,12 @@ impl Store for BtrfsStore {
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
-        self.btrfs(&[
-            "property",
-            "set",
-            "-ts",
-            &path_str(&dir.rootfs),
-            "ro",
-            "true",
-        ])
-        .await?;
+        crate::btrfs_ioctl::set_readonly(&dir.rootfs).map_err(|e| {
+            StoreError::Other(format!(
+                "cannot make {} read-only: {e}",
+                dir.rootfs.display()
+            ))
+        })?;
         self.layout.publish(&dir.id)
     }
 

@@ -2,6 +2,7 @@
 //! `--store` value that picks one at run time.
 
 pub mod btrfs;
+mod btrfs_ioctl;
 pub mod common;
 pub mod overlayfs;
 pub mod rsync;

@@ -176,6 +176,7 @@ async fn failures_are_not_cached_and_restart_recovers_db_agreement() {
         .await
         .unwrap();
     b.db().delete(&id).unwrap();
+    std::mem::forget(b); // a crash: no clean exit
     let store = Arc::new(RsyncStore::new(
         d.path().join("store"),
         RsyncMode::Copy,

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
-use commands::{build, check, dockerfile, fmt, healthcheck, image, maintenance};
+use commands::{build, check, dockerfile, fmt, healthcheck, image, maintenance, pull};
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
 /// previous one and is cached under a content hash.
@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Build a spec: `obuilder build -f SPEC CONTEXT_DIR`.
     Build(build::Args),
+    /// Fetch an image from a registry without building.
+    Pull(pull::Args),
     /// Local base images: import, list, remove.
     #[command(subcommand)]
     Image(image::Command),
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
                 match async_cmd {
                     Command::Build(a) => build::run(a).await,
                     Command::Image(c) => image::run(c).await,
+                    Command::Pull(a) => pull::run(a).await,
                     Command::Delete(a) => maintenance::delete(a).await,
                     Command::Clean(a) => maintenance::clean(a).await,
                     Command::Prune(a) => maintenance::prune(a).await,

@@ -377,7 +377,15 @@ fn unknown_image_and_bad_spec_fail_clearly() {
     }
     let env = Env::new("btrfs");
     let spec = env.spec("u.spec", "((from nosuchimage) (run (shell \"true\")))");
-    let out = env.build(&spec);
+    // Offline (--pull never): tests never reach past loopback.
+    let mut args = env.args(&[
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ]);
+    args.extend(["--pull".to_string(), "never".to_string()]);
+    let out = Command::new(bin()).args(&args).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("unknown image \"nosuchimage\""),
@@ -386,6 +394,18 @@ fn unknown_image_and_bad_spec_fail_clearly() {
     );
     assert!(
         text(&out.stderr).contains("obuilder image import nosuchimage"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A registry that is not there (loopback port 1).
+    let gone = env.spec(
+        "g.spec",
+        "((from 127.0.0.1:1/nothing:v1) (run (shell \"true\")))",
+    );
+    let out = env.build(&gone);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach registry 127.0.0.1:1"),
         "{}",
         text(&out.stderr)
     );
@@ -629,4 +649,147 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
         "the host's resolv.conf, read-only:\n{o}"
     );
     assert!(o.contains("synced\n"));
+}
+
+#[test]
+fn build_from_a_registry_image_then_offline() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(
+            module_path!(),
+            &[Cap::Tool("docker-registry"), Cap::Tool("skopeo")],
+        )
+    {
+        return;
+    }
+    use testkit::registry::oci::{layer_of_dir, write_layout, Image};
+    let reg = testkit::registry::TestRegistry::start();
+    let env = Env::new("btrfs");
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("busybox");
+    make_busybox(&rootfs);
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let layout = tmp.path().join("layout");
+    write_layout(
+        &layout,
+        &[Image {
+            os: "linux",
+            arch,
+            layers: vec![layer_of_dir(&rootfs)],
+            env: vec!["PATH=/bin", "FROM_REGISTRY=yes"],
+        }],
+    );
+    reg.push(&layout, "library/busybox", "latest");
+    let image = format!("{}/library/busybox:latest", reg.addr);
+    let spec = env.spec("r.spec", &format!("((from {image}) (shell /bin/sh -c) (run (shell \"echo FROM_REGISTRY=$FROM_REGISTRY\")))"));
+    let out = env.build(&spec);
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}{}", text(&out.stderr));
+    assert!(
+        o.contains(&format!("Resolving {image}"))
+            && o.contains("Downloading sha256:")
+            && o.contains("FROM_REGISTRY=yes"),
+        "{o}"
+    );
+    // The registry goes away: a tag seen before still builds (--pull=missing).
+    drop(reg);
+    let again = env.build(&spec);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("from cache"));
+    // --pull=always needs the registry, and says which one it could not reach.
+    let mut args = env.args(&[
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ]);
+    args.extend(["--pull".to_string(), "always".to_string()]);
+    let out = Command::new(bin()).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach registry 127.0.0.1:"),
+        "{}",
+        text(&out.stderr)
+    );
+    let ls = env.run(&["image", "ls"]);
+    assert!(
+        text(&ls.stdout).contains(&format!("pulled from {image}")),
+        "{}",
+        text(&ls.stdout)
+    );
+}
+
+#[test]
+fn pull_and_a_malicious_image_records_nothing() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(
+            module_path!(),
+            &[Cap::Tool("docker-registry"), Cap::Tool("skopeo")],
+        )
+    {
+        return;
+    }
+    use testkit::registry::oci::{write_layout, Image};
+    let reg = testkit::registry::TestRegistry::start();
+    let env = Env::new("btrfs");
+    let tmp = tempfile::tempdir().unwrap();
+    // A layer that tries `../` (refused by the extractor).
+    let mut evil = Vec::new();
+    {
+        let mut h = tar::Header::new_old();
+        let path = b"../../escape";
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_cksum();
+        evil.extend_from_slice(h.as_bytes());
+        evil.extend_from_slice(&[b'x'; 512]);
+        evil.extend_from_slice(&[0; 1024]);
+    }
+    let layout = tmp.path().join("evil");
+    let arch = if std::env::consts::ARCH == "x86_64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    write_layout(
+        &layout,
+        &[Image {
+            os: "linux",
+            arch,
+            layers: vec![evil],
+            env: vec![],
+        }],
+    );
+    reg.push(&layout, "evil", "v1");
+    let image = format!("{}/evil:v1", reg.addr);
+    let pull = env.run(&["pull", &image]);
+    assert!(pull.status.success(), "{}", text(&pull.stderr));
+    assert!(
+        text(&pull.stdout).contains(&format!("Pulled {image}: sha256:")),
+        "{}",
+        text(&pull.stdout)
+    );
+    let spec = env.spec(
+        "e.spec",
+        &format!("((from {image}) (run (shell \"true\")))"),
+    );
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(1));
+    let e = text(&out.stderr);
+    assert!(
+        e.contains(&image) && e.contains("layer sha256:") && e.contains("`..`"),
+        "{e}"
+    );
+    let df = env.run(&["df"]);
+    assert!(
+        text(&df.stdout).contains("results: 0"),
+        "nothing recorded: {}",
+        text(&df.stdout)
+    );
+    env.assert_clean();
 }

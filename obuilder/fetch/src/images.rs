@@ -29,6 +29,10 @@ pub struct ImageRecord {
     /// Where it was imported from, for `image ls`.
     pub source: String,
     pub imported: String,
+    /// The canonical reference this image was pulled from, for registry images (whose
+    /// layers are downloaded when first needed).
+    #[serde(default)]
+    pub registry: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,22 +58,53 @@ pub struct ImageStore {
     dir: PathBuf,
 }
 
-/// A writer that hashes what passes through it.
-struct HashWriter<W> {
-    inner: W,
+/// One blob being written: hashed as it goes, stored under its digest by [`BlobWriter::finish`].
+pub struct BlobWriter {
+    tmp: tempfile_lite::NamedFile,
     hash: Sha256,
     len: u64,
 }
 
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+impl BlobWriter {
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ImageStoreError> {
+        let p = self.tmp.path().to_path_buf();
+        self.tmp
+            .file()
+            .write_all(data)
+            .map_err(ioe("cannot write", &p))?;
+        self.hash.update(data);
+        self.len += data.len() as u64;
+        Ok(())
     }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Verifies the digest (if one is expected) and moves the blob into place. On a
+    /// mismatch nothing is stored.
+    pub fn finish(
+        self,
+        store: &ImageStore,
+        expect: Option<&str>,
+    ) -> Result<String, ImageStoreError> {
+        let digest = format!("sha256:{}", hex::encode(self.hash.finalize()));
+        if let Some(e) = expect {
+            if e != digest {
+                return Err(ImageStoreError::Bad(format!(
+                    "content digest {digest} does not match the expected {e}"
+                )));
+            }
+        }
+        let dst = store.blob_path(&digest)?;
+        self.tmp
+            .persist(&dst)
+            .map_err(ioe("cannot store blob", &dst))?;
+        Ok(digest)
     }
 }
 
@@ -118,6 +153,19 @@ impl ImageStore {
         Ok(())
     }
 
+    /// A writer for one blob: bytes go to a temp file and are hashed on the way.
+    pub fn blob_writer(&self) -> Result<BlobWriter, ImageStoreError> {
+        self.ensure()?;
+        let tmp_dir = self.dir.join("tmp");
+        let tmp = tempfile_lite::NamedFile::new_in(&tmp_dir)
+            .map_err(ioe("cannot create a file in", &tmp_dir))?;
+        Ok(BlobWriter {
+            tmp,
+            hash: Sha256::new(),
+            len: 0,
+        })
+    }
+
     /// Copies a stream into the blob store; returns its digest. If `expect` is given, a
     /// mismatch is an error naming both digests, and nothing is stored.
     pub fn put_blob(
@@ -126,32 +174,21 @@ impl ImageStore {
         expect: Option<&str>,
         what: &str,
     ) -> Result<String, ImageStoreError> {
-        self.ensure()?;
-        let tmp_dir = self.dir.join("tmp");
-        let mut tmp = tempfile_lite::NamedFile::new_in(&tmp_dir)
-            .map_err(ioe("cannot create a file in", &tmp_dir))?;
-        let tmp_path = tmp.path().to_path_buf();
-        let digest = {
-            let mut w = HashWriter {
-                inner: io::BufWriter::new(tmp.file()),
-                hash: Sha256::new(),
-                len: 0,
-            };
-            io::copy(&mut r, &mut w)
+        let mut w = self.blob_writer()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r
+                .read(&mut buf)
                 .map_err(|e| ImageStoreError::Bad(format!("cannot read {what}: {e}")))?;
-            w.flush().map_err(ioe("cannot write", &tmp_path))?;
-            format!("sha256:{}", hex::encode(w.hash.finalize()))
-        };
-        if let Some(e) = expect {
-            if e != digest {
-                return Err(ImageStoreError::Bad(format!(
-                    "{what}: content digest {digest} does not match the expected {e}"
-                )));
+            if n == 0 {
+                break;
             }
+            w.write(&buf[..n])?;
         }
-        let dst = self.blob_path(&digest)?;
-        tmp.persist(&dst).map_err(ioe("cannot store blob", &dst))?;
-        Ok(digest)
+        w.finish(self, expect).map_err(|e| match e {
+            ImageStoreError::Bad(m) => ImageStoreError::Bad(format!("{what}: {m}")),
+            other => other,
+        })
     }
 
     pub fn put_blob_file(
@@ -174,10 +211,11 @@ impl ImageStore {
         }
     }
 
-    /// Records an image (atomically replacing any record of the same name).
+    /// Records an image (atomically replacing any record of the same name). Imported
+    /// images must have all their layers; registry images get theirs when first needed.
     pub fn put(&self, rec: &ImageRecord) -> Result<(), ImageStoreError> {
         self.ensure()?;
-        for l in &rec.layers {
+        for l in rec.layers.iter().filter(|_| rec.registry.is_none()) {
             let p = self.blob_path(l)?;
             if !p.exists() {
                 return Err(ImageStoreError::Bad(format!(

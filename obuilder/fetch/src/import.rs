@@ -108,6 +108,7 @@ fn plain_record(
         config,
         source: path.display().to_string(),
         imported: String::new(),
+        registry: None,
     }
 }
 
@@ -224,7 +225,8 @@ fn blob_in_layout(layout: &Path, digest: &str) -> Result<PathBuf, ImageStoreErro
     Ok(layout.join("blobs/sha256").join(hex))
 }
 
-fn config_of(v: &Value) -> ImageConfig {
+/// The parts of an image config builds use (and keep).
+pub fn config_of(v: &Value) -> ImageConfig {
     let c = &v["config"];
     let env = c["Env"]
         .as_array()
@@ -250,10 +252,39 @@ fn config_of(v: &Value) -> ImageConfig {
     }
 }
 
-const INDEX_TYPES: [&str; 2] = [
+pub const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
+
+/// The digest of the manifest for `platform` (`os/arch`) in an index; the error lists the
+/// platforms the index offers.
+pub fn select_platform(index: &Value, platform: &str) -> Result<String, String> {
+    let manifests = index["manifests"]
+        .as_array()
+        .ok_or("the index has no manifests")?;
+    let (os, arch) = platform.split_once('/').unwrap_or(("linux", platform));
+    let mut seen = Vec::new();
+    for d in manifests {
+        let p = &d["platform"];
+        seen.push(format!(
+            "{}/{}",
+            p["os"].as_str().unwrap_or("?"),
+            p["architecture"].as_str().unwrap_or("?")
+        ));
+        // Attestation manifests (unknown/unknown) are not images.
+        if p.is_null() || (p["os"] == os && p["architecture"] == arch) {
+            return d["digest"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| "a manifest descriptor has no digest".into());
+        }
+    }
+    Err(format!(
+        "no manifest for platform {platform} (the index offers: {})",
+        seen.join(", ")
+    ))
+}
 
 /// Picks the manifest for `platform` from an index (recursing into nested indexes).
 fn pick_manifest(
@@ -262,44 +293,20 @@ fn pick_manifest(
     platform: &str,
     name: &str,
 ) -> Result<(String, Value), ImageStoreError> {
-    let manifests = index["manifests"]
-        .as_array()
-        .ok_or_else(|| bad(format!("{name}: index has no manifests")))?;
-    let (os, arch) = platform.split_once('/').unwrap_or(("linux", platform));
-    let mut seen = Vec::new();
-    for d in manifests {
-        let p = &d["platform"];
-        let plat = format!(
-            "{}/{}",
-            p["os"].as_str().unwrap_or("?"),
-            p["architecture"].as_str().unwrap_or("?")
-        );
-        let matches = p.is_null() || (p["os"] == os && p["architecture"] == arch);
-        seen.push(plat);
-        if !matches {
-            continue;
-        }
-        let digest = d["digest"]
-            .as_str()
-            .ok_or_else(|| bad(format!("{name}: manifest descriptor without digest")))?;
-        let path = blob_in_layout(layout, digest)?;
-        let bytes = std::fs::read(&path).map_err(ioe("cannot read", &path))?;
-        verify(&bytes, digest, name)?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| bad(format!("{name}: manifest {digest}: {e}")))?;
-        let mt = v["mediaType"]
-            .as_str()
-            .or(d["mediaType"].as_str())
-            .unwrap_or("");
-        if INDEX_TYPES.contains(&mt) {
-            return pick_manifest(layout, &v, platform, name);
-        }
-        return Ok((digest.to_string(), v));
+    let digest = select_platform(index, platform).map_err(|e| bad(format!("{name}: {e}")))?;
+    let path = blob_in_layout(layout, &digest)?;
+    let bytes = std::fs::read(&path).map_err(ioe("cannot read", &path))?;
+    verify(&bytes, &digest, name)?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("{name}: manifest {digest}: {e}")))?;
+    let mt = v["mediaType"].as_str().unwrap_or("");
+    if INDEX_TYPES.contains(&mt)
+        || INDEX_TYPES.contains(&"application/vnd.oci.image.index.v1+json")
+            && v["manifests"].is_array()
+    {
+        return pick_manifest(layout, &v, platform, name);
     }
-    Err(bad(format!(
-        "{name}: no manifest for platform {platform} (the index offers: {})",
-        seen.join(", ")
-    )))
+    Ok((digest, v))
 }
 
 fn verify(bytes: &[u8], digest: &str, what: &str) -> Result<(), ImageStoreError> {
@@ -349,6 +356,7 @@ fn import_oci_layout(
         config: config_of(&config),
         source: String::new(),
         imported: String::new(),
+        registry: None,
     })
 }
 
@@ -400,5 +408,6 @@ fn import_docker_save(
         config,
         source: String::new(),
         imported: String::new(),
+        registry: None,
     })
 }

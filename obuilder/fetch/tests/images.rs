@@ -421,3 +421,41 @@ async fn plain_rootfs_dir_import_is_content_addressed() {
     assert!(images.remove("img").unwrap());
     assert!(images.list().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn rootfs_dir_is_packed_with_gnu_tar_keeping_owners_and_xattrs() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("root");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exec = testkit::RecordingExec::new();
+    let images = ImageStore::new(&t.path().join("state"));
+    let shared: obuilder_engine::exec::SharedExec = std::sync::Arc::new(exec.clone());
+    // The recorder writes no tar file, so the import stops after the command: fine here.
+    let _ = import(
+        &images,
+        &shared,
+        ImportRequest {
+            name: "x",
+            path: &dir,
+            env: None,
+            platform: None,
+        },
+    )
+    .await;
+    let argv = exec.argvs();
+    assert_eq!(argv.len(), 1);
+    assert!(argv[0].starts_with("tar --create --file "), "{}", argv[0]);
+    assert!(
+        argv[0].ends_with(&format!(
+            "--numeric-owner --xattrs --xattrs-include=* --sort=name --format=pax \
+             --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime --directory {} .",
+            dir.display()
+        )),
+        "{}",
+        argv[0]
+    );
+    assert!(
+        images.get("x").unwrap().is_none(),
+        "a failed import records nothing"
+    );
+}

@@ -109,3 +109,37 @@ async fn unsupported_networks_fail_before_runc_starts() {
     );
     assert!(exec.calls.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn cancellation_kills_then_deletes_the_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = RecordingExec::new();
+    exec.spawn_instead(&["sleep", "0.5"]);
+    let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
+    std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
+    let log = StepLog::create(&dir.path().join("log")).unwrap();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        c2.cancel();
+    });
+    let e = sb
+        .run(&config(), dir.path(), &log, &cancel)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, obuilder_engine::sandbox::SandboxError::Cancelled),
+        "{e}"
+    );
+    let id = format!("obuilder-{}-0", std::process::id());
+    let root = dir.path().join("runc").display().to_string();
+    let argvs = exec.argvs();
+    assert_eq!(
+        argvs[1..],
+        [
+            format!("runc --root {root} kill {id} KILL"),
+            format!("runc --root {root} delete --force {id}")
+        ]
+    );
+}

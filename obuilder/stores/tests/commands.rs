@@ -73,3 +73,51 @@ fn tempfile_dir() -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     d
 }
+
+#[tokio::test]
+async fn rsync_command_sequences() {
+    use obuilder_stores::rsync::{RsyncMode, RsyncStore};
+    for (mode, checksum) in [
+        (RsyncMode::Copy, None),
+        (RsyncMode::Hardlink, Some(true)),
+        (RsyncMode::HardlinkUnsafe, Some(false)),
+    ] {
+        let dir = tempfile_dir();
+        let exec = RecordingExec::new();
+        let store = RsyncStore::new(&dir, mode, Arc::new(exec.clone()));
+        store.recover().await.unwrap();
+        let a = store.prepare("a", None).await.unwrap();
+        store.commit(&a).await.unwrap();
+        let b = store.prepare("b", Some("a")).await.unwrap();
+        store.commit(&b).await.unwrap();
+        let r = dir.display();
+        let mut want = vec![format!(
+            "rsync -aHq {r}/result/a/rootfs/ {r}/result-tmp/b/rootfs"
+        )];
+        if let Some(c) = checksum {
+            want.push(format!(
+                "rsync -aHq{} --link-dest={r}/result/a {r}/result-tmp/b/ {r}/result-tmp/b.link/",
+                if c { " --checksum" } else { "" }
+            ));
+        }
+        assert_eq!(exec.argvs(), want, "{mode:?}");
+        assert!(dir.join("result/b").is_dir(), "{mode:?}: published");
+        assert!(!dir.join("result-tmp/b").exists() && !dir.join("result-tmp/b.link").exists());
+    }
+}
+
+#[tokio::test]
+async fn btrfs_delete_and_sync_commands() {
+    let dir = tempfile_dir();
+    let exec = RecordingExec::new();
+    let store = BtrfsStore::new(&dir, Arc::new(exec.clone()));
+    store.recover().await.unwrap();
+    std::fs::create_dir_all(dir.join("result/x/rootfs")).unwrap();
+    store.delete("x").await.unwrap();
+    assert!(!dir.join("result/x").exists(), "renamed away, then removed");
+    store.complete_deletes().await.unwrap();
+    assert_eq!(
+        exec.argvs(),
+        [format!("timeout 60 btrfs subvolume sync {}", dir.display())]
+    );
+}

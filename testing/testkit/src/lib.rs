@@ -10,6 +10,7 @@
 //! * [`conformance`]: the store conformance suite, one body run against every backend.
 
 pub mod conformance;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -171,6 +172,8 @@ type Rule = (Vec<String>, Result<String, String>);
 pub struct RecordingExec {
     pub calls: Arc<Mutex<Vec<Cmd>>>,
     rules: Arc<Mutex<Vec<Rule>>>,
+    /// What `spawn` really starts in place of the recorded command (default `true`).
+    spawn_instead: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 impl RecordingExec {
@@ -192,6 +195,12 @@ impl RecordingExec {
             prefix.iter().map(|s| s.to_string()).collect(),
             Err(stderr.into()),
         ));
+    }
+
+    /// Makes `spawn` start this command instead of `true` (e.g. `sleep 1`, to test
+    /// cancellation of a long run).
+    pub fn spawn_instead(&self, argv: &[&str]) {
+        *self.spawn_instead.lock().unwrap() = Some(argv.iter().map(|s| s.to_string()).collect());
     }
 
     /// The argv of every command so far, as strings joined by spaces.
@@ -236,7 +245,14 @@ impl Exec for RecordingExec {
         stderr: std::process::Stdio,
     ) -> Result<tokio::process::Child, ExecError> {
         self.calls.lock().unwrap().push(cmd.clone());
-        tokio::process::Command::new("true")
+        let argv = self
+            .spawn_instead
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| vec!["true".into()]);
+        tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr)

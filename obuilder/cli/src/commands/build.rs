@@ -7,7 +7,7 @@ use anyhow::Context;
 use obuilder_engine::{BuildError, BuildOptions};
 use obuilder_spec::Spec;
 
-use super::setup::{builder, console_sink, Color, SandboxArgs, StoreArgs};
+use super::setup::{builder_with, console_sink, Color, RegistryArgs, SandboxArgs, StoreArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +24,8 @@ pub struct Args {
     store: StoreArgs,
     #[command(flatten)]
     sandbox: SandboxArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Colour headings and notes.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     color: Color,
@@ -53,7 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.context.display()
         );
     }
-    let builder = builder(&args.store, &args.sandbox).await?;
+    let builder = builder_with(&args.store, &args.sandbox, Some(&args.registry)).await?;
     let mut opts = BuildOptions::new(&args.context, console_sink(args.color.enabled()));
     opts.secrets = secrets;
     let cancel = opts.cancel.clone();

@@ -88,8 +88,13 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let list = images(&store)?.list().map_err(anyhow::Error::msg)?;
             println!("{:<32} {:<19} {:>6}  SOURCE", "NAME", "DIGEST", "LAYERS");
             for r in list {
+                let origin = if r.registry.is_some() {
+                    "pulled from"
+                } else {
+                    "imported from"
+                };
                 println!(
-                    "{:<32} {:<19} {:>6}  {}",
+                    "{:<32} {:<19} {:>6}  {origin} {}",
                     r.name,
                     &r.digest[..r.digest.len().min(19)],
                     r.layers.len(),

@@ -5,6 +5,7 @@ pub mod fmt;
 pub mod healthcheck;
 pub mod image;
 pub mod maintenance;
+pub mod pull;
 pub mod setup;
 
 use std::path::Path;

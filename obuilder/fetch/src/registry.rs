@@ -1,0 +1,571 @@
+//! The OCI distribution protocol, spoken directly (no Docker daemon).
+//!
+//! * Manifests: `GET /v2/REPO/manifests/REF` accepting OCI and Docker manifests and indexes;
+//!   an index picks the host's platform (or the one asked for). The manifest's digest is
+//!   computed from its bytes and checked against a pinned digest and the registry's
+//!   `Docker-Content-Digest`.
+//! * Blobs: `GET /v2/REPO/blobs/DIGEST`, streamed into the blob store, verified against the
+//!   digest and the size the manifest gives; a blob already in the store is not fetched again.
+//!   Layers download concurrently.
+//! * Auth: anonymous first; on `401` with a `Bearer` challenge, a token from the realm (with
+//!   Basic credentials from `~/.docker/config.json` or `$DOCKER_CONFIG/config.json` when there
+//!   are some); on a `Basic` challenge, those credentials directly.
+//! * Transport: HTTPS, except plain HTTP for registries on loopback and those the operator
+//!   marks insecure (`--insecure-registry HOST[:PORT]`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use obuilder_engine::fetch::ImageConfig;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::images::{ImageStore, ImageStoreError};
+use crate::import::{config_of, select_platform, INDEX_TYPES};
+use crate::reference::Reference;
+
+pub const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Why a registry operation failed; every message names the image (and the layer).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{image}: not found in the registry ({detail})")]
+    NotFound { image: String, detail: String },
+    #[error("{image}: access denied by the registry ({status}); check the credentials for {registry} in ~/.docker/config.json (or $DOCKER_CONFIG)")]
+    Denied {
+        image: String,
+        registry: String,
+        status: u16,
+    },
+    #[error("{image}: cannot reach registry {registry}: {detail}")]
+    Unreachable {
+        image: String,
+        registry: String,
+        detail: String,
+    },
+    #[error("{image}: {what}: {detail}")]
+    Bad {
+        image: String,
+        what: String,
+        detail: String,
+    },
+}
+
+/// What happens to a layer download, for progress display.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Start { digest: String, size: u64 },
+    Advance { digest: String, bytes: u64 },
+    Done { digest: String },
+    Cached { digest: String },
+}
+
+pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Registries (`host` or `host:port`) reached over plain HTTP.
+    pub insecure: Vec<String>,
+    /// `os/arch` to take from multi-platform images (default: this host's).
+    pub platform: String,
+    /// Layers downloaded at once.
+    pub concurrency: usize,
+    /// Where `config.json` with credentials is (default: `$DOCKER_CONFIG` or `~/.docker`).
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> RegistryOptions {
+        RegistryOptions {
+            insecure: Vec::new(),
+            platform: crate::import::host_platform(),
+            concurrency: 4,
+            docker_config: None,
+        }
+    }
+}
+
+/// A resolved image: its manifest digest, config and layers (digest, size).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub reference: Reference,
+    pub digest: String,
+    pub config: ImageConfig,
+    pub layers: Vec<(String, u64)>,
+}
+
+pub struct Registry {
+    http: reqwest::Client,
+    opts: RegistryOptions,
+    creds: HashMap<String, String>,
+    /// `Authorization` header values by `registry/repository`.
+    auth: tokio::sync::Mutex<HashMap<String, String>>,
+}
+
+/// Basic credentials by registry, from a Docker `config.json` (`auths.HOST.auth`).
+pub fn load_docker_credentials(path: Option<PathBuf>) -> HashMap<String, String> {
+    let path = path
+        .or_else(|| std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")));
+    let Some(path) = path else {
+        return HashMap::new();
+    };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return HashMap::new();
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+        tracing::warn!("ignoring {}: not valid JSON", path.display());
+        return HashMap::new();
+    };
+    let mut out = HashMap::new();
+    if let Some(auths) = v["auths"].as_object() {
+        for (host, entry) in auths {
+            let host = host
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            let host = host.split('/').next().unwrap_or(host);
+            let host = if host == "index.docker.io" || host == "registry-1.docker.io" {
+                "docker.io"
+            } else {
+                host
+            };
+            if let Some(a) = entry["auth"].as_str().filter(|a| !a.is_empty()) {
+                out.insert(host.to_string(), a.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` (or `Basic realm="…"`).
+pub fn parse_challenge(h: &str) -> Option<(String, HashMap<String, String>)> {
+    let (scheme, rest) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
+    let mut params = HashMap::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let (k, after) = s.split_once('=')?;
+        let after = after.trim_start();
+        let (v, next) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        } else {
+            match after.find(',') {
+                Some(i) => (&after[..i], &after[i..]),
+                None => (after, ""),
+            }
+        };
+        params.insert(k.trim().to_ascii_lowercase(), v.to_string());
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some((scheme.to_ascii_lowercase(), params))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+impl Registry {
+    pub fn new(opts: RegistryOptions) -> Result<Registry, String> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("obuilder/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+        let creds = load_docker_credentials(opts.docker_config.clone());
+        Ok(Registry {
+            http,
+            opts,
+            creds,
+            auth: Default::default(),
+        })
+    }
+
+    fn scheme(&self, r: &Reference) -> &'static str {
+        if r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    fn url(&self, r: &Reference, tail: &str) -> String {
+        format!(
+            "{}://{}/v2/{}/{}",
+            self.scheme(r),
+            r.api_host(),
+            r.repository,
+            tail
+        )
+    }
+
+    fn unreachable(&self, r: &Reference, e: &reqwest::Error) -> RegistryError {
+        let mut detail = e.to_string();
+        let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        while let Some(s) = src {
+            detail = format!("{detail}: {s}");
+            src = s.source();
+        }
+        if self.scheme(r) == "https" {
+            detail.push_str(&format!(
+                " (a plain-HTTP registry needs --insecure-registry {})",
+                r.registry
+            ));
+        }
+        RegistryError::Unreachable {
+            image: r.to_string(),
+            registry: r.registry.clone(),
+            detail,
+        }
+    }
+
+    /// GET with auth: anonymous (or a cached token) first; on 401, authenticate and retry once.
+    async fn get(
+        &self,
+        r: &Reference,
+        url: &str,
+        accept: &[&str],
+    ) -> Result<reqwest::Response, RegistryError> {
+        let key = format!("{}/{}", r.registry, r.repository);
+        let mut authz = self.auth.lock().await.get(&key).cloned();
+        for attempt in 0..2 {
+            let mut req = self.http.get(url);
+            if !accept.is_empty() {
+                req = req.header(reqwest::header::ACCEPT, accept.join(", "));
+            }
+            if let Some(a) = &authz {
+                req = req.header(reqwest::header::AUTHORIZATION, a);
+            }
+            let resp = req.send().await.map_err(|e| self.unreachable(r, &e))?;
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+                    .unwrap_or_default();
+                authz = Some(self.authenticate(r, &challenge).await?);
+                self.auth
+                    .lock()
+                    .await
+                    .insert(key.clone(), authz.clone().unwrap_or_default());
+                continue;
+            }
+            return Ok(resp);
+        }
+        Err(RegistryError::Denied {
+            image: r.to_string(),
+            registry: r.registry.clone(),
+            status: 401,
+        })
+    }
+
+    async fn authenticate(&self, r: &Reference, challenge: &str) -> Result<String, RegistryError> {
+        let basic = self.creds.get(&r.registry).cloned();
+        let denied = |status| RegistryError::Denied {
+            image: r.to_string(),
+            registry: r.registry.clone(),
+            status,
+        };
+        let Some((scheme, params)) = parse_challenge(challenge) else {
+            return Err(denied(401));
+        };
+        match scheme.as_str() {
+            "basic" => basic
+                .map(|b| format!("Basic {b}"))
+                .ok_or_else(|| denied(401)),
+            "bearer" => {
+                let realm = params.get("realm").ok_or_else(|| RegistryError::Bad {
+                    image: r.to_string(),
+                    what: "authentication".into(),
+                    detail: format!("Bearer challenge without a realm: {challenge}"),
+                })?;
+                let scope = params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
+                let mut req = self.http.get(realm).query(&[("scope", scope.as_str())]);
+                if let Some(service) = params.get("service") {
+                    req = req.query(&[("service", service.as_str())]);
+                }
+                if let Some(b) = &basic {
+                    req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
+                }
+                let resp = req.send().await.map_err(|e| self.unreachable(r, &e))?;
+                if !resp.status().is_success() {
+                    return Err(denied(resp.status().as_u16()));
+                }
+                let v: Value = resp.json().await.map_err(|e| RegistryError::Bad {
+                    image: r.to_string(),
+                    what: "token".into(),
+                    detail: e.to_string(),
+                })?;
+                let token = v["token"]
+                    .as_str()
+                    .or(v["access_token"].as_str())
+                    .ok_or_else(|| RegistryError::Bad {
+                        image: r.to_string(),
+                        what: "token".into(),
+                        detail: "the token server's answer has no token".into(),
+                    })?;
+                Ok(format!("Bearer {token}"))
+            }
+            _ => Err(denied(401)),
+        }
+    }
+
+    async fn check(
+        &self,
+        r: &Reference,
+        resp: reqwest::Response,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let code = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string))
+            .unwrap_or_else(|| status.to_string());
+        Err(match status.as_u16() {
+            404 => RegistryError::NotFound {
+                image: r.to_string(),
+                detail: format!("{what}: {code}"),
+            },
+            401 | 403 => RegistryError::Denied {
+                image: r.to_string(),
+                registry: r.registry.clone(),
+                status: status.as_u16(),
+            },
+            _ => RegistryError::Bad {
+                image: r.to_string(),
+                what: what.into(),
+                detail: format!("HTTP {status}: {code}"),
+            },
+        })
+    }
+
+    async fn manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+    ) -> Result<(String, Value, Option<String>), RegistryError> {
+        let resp = self
+            .get(
+                r,
+                &self.url(r, &format!("manifests/{reference}")),
+                &MANIFEST_TYPES,
+            )
+            .await?;
+        let resp = self
+            .check(r, resp, &format!("manifest {reference}"))
+            .await?;
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let ctype = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(r, &e))?;
+        let digest = sha256_hex(&bytes);
+        let bad = |detail: String| RegistryError::Bad {
+            image: r.to_string(),
+            what: format!("manifest {reference}"),
+            detail,
+        };
+        if reference.starts_with("sha256:") && reference != digest {
+            return Err(bad(format!(
+                "content digest {digest} does not match the requested {reference}"
+            )));
+        }
+        if let Some(h) = &header_digest {
+            if h.starts_with("sha256:") && *h != digest {
+                return Err(bad(format!("content digest {digest} does not match the registry's Docker-Content-Digest {h}")));
+            }
+        }
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        Ok((digest, v, ctype))
+    }
+
+    /// Resolves a reference to its manifest digest, config and layers (no layer download).
+    pub async fn resolve(&self, r: &Reference) -> Result<Resolved, RegistryError> {
+        let (mut digest, mut manifest, ctype) = self.manifest(r, r.reference()).await?;
+        let mt = manifest["mediaType"]
+            .as_str()
+            .map(str::to_string)
+            .or(ctype)
+            .unwrap_or_default();
+        if INDEX_TYPES.contains(&mt.as_str()) || manifest["manifests"].is_array() {
+            let d = select_platform(&manifest, &self.opts.platform).map_err(|detail| {
+                RegistryError::Bad {
+                    image: r.to_string(),
+                    what: "platform".into(),
+                    detail,
+                }
+            })?;
+            let (d2, m2, _) = self.manifest(r, &d).await?;
+            digest = d2;
+            manifest = m2;
+        }
+        let bad = |detail: &str| RegistryError::Bad {
+            image: r.to_string(),
+            what: "manifest".into(),
+            detail: detail.into(),
+        };
+        if manifest["schemaVersion"].as_i64() == Some(1) {
+            return Err(bad(
+                "schema 1 manifests are not supported; push the image again with a current client",
+            ));
+        }
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .ok_or_else(|| bad("no config"))?
+            .to_string();
+        let resp = self
+            .get(r, &self.url(r, &format!("blobs/{config_digest}")), &[])
+            .await?;
+        let resp = self
+            .check(r, resp, &format!("config {config_digest}"))
+            .await?;
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(r, &e))?;
+        if sha256_hex(&bytes) != config_digest {
+            return Err(RegistryError::Bad {
+                image: r.to_string(),
+                what: format!("config {config_digest}"),
+                detail: format!("content digest {} does not match", sha256_hex(&bytes)),
+            });
+        }
+        let config: Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(&format!("config is not JSON: {e}")))?;
+        let mut layers = Vec::new();
+        for l in manifest["layers"].as_array().cloned().unwrap_or_default() {
+            let d = l["digest"]
+                .as_str()
+                .ok_or_else(|| bad("a layer without digest"))?;
+            if !d.starts_with("sha256:") || d.len() != 71 {
+                return Err(bad(&format!("unsupported layer digest {d:?}")));
+            }
+            layers.push((d.to_string(), l["size"].as_u64().unwrap_or(0)));
+        }
+        Ok(Resolved {
+            reference: r.clone(),
+            digest,
+            config: config_of(&config),
+            layers,
+        })
+    }
+
+    /// Downloads the layers the blob store lacks, concurrently, verifying each.
+    pub async fn download(
+        &self,
+        res: &Resolved,
+        images: &ImageStore,
+        progress: &ProgressSink,
+    ) -> Result<(), RegistryError> {
+        let todo: Vec<(String, u64)> = res
+            .layers
+            .iter()
+            .filter(|(d, _)| {
+                let have = images.blob_path(d).map(|p| p.exists()).unwrap_or(false);
+                if have {
+                    progress(&Progress::Cached { digest: d.clone() });
+                }
+                !have
+            })
+            .cloned()
+            .collect();
+        futures_util::stream::iter(
+            todo.into_iter()
+                .map(|(d, size)| self.blob(&res.reference, d, size, images, progress)),
+        )
+        .buffer_unordered(self.opts.concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+        Ok(())
+    }
+
+    async fn blob(
+        &self,
+        r: &Reference,
+        digest: String,
+        size: u64,
+        images: &ImageStore,
+        progress: &ProgressSink,
+    ) -> Result<(), RegistryError> {
+        let bad = |detail: String| RegistryError::Bad {
+            image: r.to_string(),
+            what: format!("layer {digest}"),
+            detail,
+        };
+        let resp = self
+            .get(r, &self.url(r, &format!("blobs/{digest}")), &[])
+            .await?;
+        let resp = self.check(r, resp, &format!("layer {digest}")).await?;
+        progress(&Progress::Start {
+            digest: digest.clone(),
+            size,
+        });
+        let mut w = images.blob_writer().map_err(|e| bad(e.to_string()))?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| bad(format!("download interrupted: {e}")))?;
+            w.write(&chunk).map_err(|e| bad(e.to_string()))?;
+            progress(&Progress::Advance {
+                digest: digest.clone(),
+                bytes: chunk.len() as u64,
+            });
+        }
+        if size > 0 && w.len() != size {
+            return Err(bad(format!(
+                "truncated download: got {} of {size} bytes",
+                w.len()
+            )));
+        }
+        w.finish(images, Some(&digest))
+            .map_err(|e: ImageStoreError| bad(e.to_string()))?;
+        progress(&Progress::Done { digest });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        let (s, p) = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).unwrap();
+        assert_eq!(s, "bearer");
+        assert_eq!(p["realm"], "https://auth.docker.io/token");
+        assert_eq!(p["service"], "registry.docker.io");
+        assert_eq!(p["scope"], "repository:library/alpine:pull");
+        let (s, p) = parse_challenge(r#"Basic realm="basic-realm""#).unwrap();
+        assert_eq!((s.as_str(), p["realm"].as_str()), ("basic", "basic-realm"));
+    }
+
+    #[test]
+    fn credentials_from_docker_config() {
+        let d = std::env::temp_dir().join(format!("obuilder-dockercfg-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("config.json");
+        std::fs::write(&p, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},"127.0.0.1:5000":{"auth":"YTpi"}}}"#).unwrap();
+        let c = load_docker_credentials(Some(p));
+        assert_eq!(c["docker.io"], "dTpw");
+        assert_eq!(c["127.0.0.1:5000"], "YTpi");
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

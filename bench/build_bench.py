@@ -316,7 +316,7 @@ def main():
 def report(a, rows, rtrue, rlast, scale):
     lines = []
     w = lines.append
-    w("# Benchmarks")
+    w("## Builds (`bench/build_bench.py`)")
     w("")
     w(f"Measured by `python3 bench/build_bench.py{' --quick' if a.quick else ''}` on "
       f"{time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores, kernel {os.uname().release}); "
@@ -324,7 +324,7 @@ def report(a, rows, rtrue, rlast, scale):
       "process (`obuilder build …` or the baseline command), median [min–max], in ms. Each store lives on a "
       "filesystem made fresh for the run (3 GiB loopback file). `--fast-sync` is on.")
     w("")
-    w("## The quick-start spec (6 steps) on each store")
+    w("### The quick-start spec (6 steps) on each store")
     w("")
     w("Baselines in the same run: `runc run` of `true` on a prepared bundle: "
       f"**{ms(rtrue[0])}** [{ms(rtrue[1])}–{ms(rtrue[2])}]; of the last step's command: "
@@ -343,7 +343,7 @@ def report(a, rows, rtrue, rlast, scale):
         sc = scale
         over0 = sc["last0"][0] - sc["snap0"][0]
         overN = sc["lastN"][0] - sc["snapN"][0]
-        w(f"## btrfs with {sc['count']} results in the store")
+        w(f"### btrfs with {sc['count']} results in the store")
         w("")
         w(f"Filled with {sc['count']} results (100-step specs) in {sc['fill_s']:.0f} s. Then an empty btrfs store and the "
           f"full one were measured alternately ({a.reps * 4} rounds), so that the machine's drift hits both alike.")
@@ -364,7 +364,7 @@ def report(a, rows, rtrue, rlast, scale):
         w("The baseline is what any snapshot builder pays for the step on this filesystem in its current state: "
           "snapshot the base, run the same command inside the fresh snapshot with runc, delete the snapshot.")
         w("")
-    w("## Targets (issue 3, btrfs)")
+    w("### Targets (issue 3, btrfs)")
     w("")
     bt = [r for r in rows if r[0] == "btrfs"]
     if bt:
@@ -379,8 +379,9 @@ def report(a, rows, rtrue, rlast, scale):
               f"the whole step went from {ms(scale['last0'][0])} to {ms(scale['lastN'][0])} ms.")
     w("")
     out = "\n".join(lines) + "\n"
-    with open(a.out, "w") as f:
-        f.write(out)
+    sys.path.insert(0, HERE)
+    from report import write_section
+    write_section("build", out, a.out)
     print(out)
 
 

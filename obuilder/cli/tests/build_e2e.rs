@@ -202,7 +202,6 @@ Got: \"[ID]\"
     let second = env.build(&spec);
     assert!(second.status.success());
     let expected_second = expected_first
-        .replace("Extracting layer 1/1 sha256:[ID]\n", "")
         .replace("---> saved as", "---> using")
         .replace("\"[ID]\"\n/", "\"[ID]\" from cache\n/")
         .replace(

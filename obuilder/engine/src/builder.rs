@@ -406,9 +406,18 @@ impl Builder {
         let resolved = self.fetcher.resolve(image, log).await.map_err(fail)?;
         let id = resolved.base_id();
         let fetcher = self.fetcher.clone();
-        let sink = log.clone();
-        let work: Work = Box::new(move |dir: BuildDir, _steplog, _cancel| {
+        let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, _cancel| {
             Box::pin(async move {
+                // The fetcher's notes (downloads, extraction) go into the base step's own log,
+                // so every waiter sees them live and the saved log keeps them.
+                let sink: LogSink = Arc::new(move |e: &LogEvent| {
+                    let _ = match e {
+                        LogEvent::Heading(t) | LogEvent::Note(t) => {
+                            steplog.write(format!("{t}\n").as_bytes())
+                        }
+                        LogEvent::Output(b) => steplog.write(b),
+                    };
+                });
                 let config = fetcher
                     .fetch(&resolved, &dir.rootfs, &sink)
                     .await

@@ -546,3 +546,83 @@ fn malicious_pushed_layers_stay_inside_the_root() {
         );
     });
 }
+
+#[tokio::test]
+async fn multi_layer_image_with_whiteouts_hard_links_and_zstd() {
+    need!();
+    if !testkit::require(module_path!(), &[Cap::Root]) {
+        return;
+    }
+    let reg = TestRegistry::start();
+    let t = tempfile::tempdir().unwrap();
+    let (os, arch) = host();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, body) in [
+        ("etc/keep", "v1\n"),
+        ("etc/gone", "gone\n"),
+        ("opaque/old", "old\n"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        b.append_data(&mut h, path, body.as_bytes()).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "etc/keep-hard", "etc/keep").unwrap();
+    let lower = b.into_inner().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, body) in [
+        ("etc/.wh.gone", ""),
+        ("opaque/.wh..wh..opq", ""),
+        ("opaque/new", "new\n"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        b.append_data(&mut h, path, body.as_bytes()).unwrap();
+    }
+    let upper = zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap();
+    push(
+        &reg,
+        t.path(),
+        "layers",
+        "v",
+        &[Image {
+            os: &os,
+            arch: &arch,
+            layers: vec![lower, upper],
+            env: vec![],
+        }],
+    );
+    let f = ImageFetcher::with_registry(
+        ImageStore::new(&t.path().join("state")),
+        registry(&[]),
+        PullPolicy::Missing,
+        Arc::new(|_| {}),
+    );
+    let res = f
+        .resolve(&format!("{}/layers:v", reg.addr), &null_sink())
+        .await
+        .unwrap();
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    f.fetch(&res, &root, &null_sink()).await.unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(!root.join("etc/gone").exists(), "whiteout applied");
+    assert!(
+        !root.join("opaque/old").exists(),
+        "opaque directory applied"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("opaque/new")).unwrap(),
+        "new\n",
+        "zstd layer extracted"
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("etc/keep")).unwrap().ino(),
+        std::fs::metadata(root.join("etc/keep-hard")).unwrap().ino(),
+        "hard link kept"
+    );
+}

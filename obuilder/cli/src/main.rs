@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
-use commands::{build, check, dockerfile, fmt, healthcheck, image, maintenance, pull};
+use commands::{build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, pull};
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
 /// previous one and is cached under a content hash.
@@ -30,6 +30,9 @@ enum Command {
     /// Local base images: import, list, remove.
     #[command(subcommand)]
     Image(image::Command),
+    /// Shared caches: list, remove.
+    #[command(subcommand)]
+    Cache(cache::Command),
     /// Delete a result and everything built on it.
     Delete(maintenance::DeleteArgs),
     /// Delete every result not in use.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
                     Command::Build(a) => build::run(a).await,
                     Command::Image(c) => image::run(c).await,
                     Command::Pull(a) => pull::run(a).await,
+                    Command::Cache(c) => cache::run(c).await,
                     Command::Delete(a) => maintenance::delete(a).await,
                     Command::Clean(a) => maintenance::clean(a).await,
                     Command::Prune(a) => maintenance::prune(a).await,

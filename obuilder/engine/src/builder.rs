@@ -30,7 +30,7 @@ use crate::db::{self, Db};
 use crate::fetch::{Fetcher, ImageConfig};
 use crate::key::{sha256_hex, CopyInput, Id, RunInput, SecretInput};
 use crate::log::{LogEvent, LogSink, StepLog};
-use crate::sandbox::{RunConfig, Sandbox, SandboxError, SecretMount};
+use crate::sandbox::{BindMount, RunConfig, Sandbox, SandboxError, SecretMount};
 use crate::store::{BuildDir, Store};
 
 /// Why a build did not produce a result. Cloneable: every waiter of a shared step gets it.
@@ -169,6 +169,20 @@ impl Drop for Pins {
     }
 }
 
+/// Calls `f` with the id of every secret any `run` of the spec (or its stages) asks for.
+fn secrets_wanted(spec: &Spec, f: &mut dyn FnMut(&str)) {
+    for (_, child) in &spec.child_builds {
+        secrets_wanted(child, f);
+    }
+    for op in &spec.ops {
+        if let Op::Run(r) = op {
+            for s in &r.secrets {
+                f(&s.id);
+            }
+        }
+    }
+}
+
 /// The env of a base image, stored in its result as OBuilder does: `((env ((K V)…)))`.
 fn env_file_text(env: &[(String, String)]) -> String {
     use obuilder_spec::Sexp;
@@ -280,6 +294,23 @@ impl Builder {
     /// Builds `spec`; returns the id of its last step.
     pub async fn build(&self, spec: &Spec, opts: &BuildOptions) -> Result<Id, BuildError> {
         spec.validate().map_err(fail)?;
+        // Every secret the spec asks for must be given, before anything runs.
+        let mut missing = Vec::new();
+        secrets_wanted(spec, &mut |id| {
+            if !opts.secrets.iter().any(|(s, _)| s == id) && !missing.iter().any(|m| m == id) {
+                missing.push(id.to_string());
+            }
+        });
+        if !missing.is_empty() {
+            return Err(fail(format!(
+                "the spec needs secret(s) {} that were not given; pass each with --secret ID:FILE",
+                missing
+                    .iter()
+                    .map(|m| format!("{m:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let ctx = Context {
             env: opts.env.clone(),
             user: User::ROOT,
@@ -445,13 +476,6 @@ impl Builder {
         opts: &BuildOptions,
         pins: &Pins,
     ) -> Result<Id, BuildError> {
-        if let Some(c) = run.cache.first() {
-            return Err(fail(format!(
-                "shared caches are not supported yet (cache {:?} in {})",
-                c.id,
-                Op::Run(run.clone()).to_sexp().to_hum()
-            )));
-        }
         let (uid, gid) = match &ctx.user {
             User::Unix { uid, gid } => (*uid, *gid),
             User::Name(n) => {
@@ -504,13 +528,50 @@ impl Builder {
             secrets,
         };
         let sandbox = self.sandbox.clone();
+        let store = self.store.clone();
+        let caches: Vec<(String, String)> = run
+            .cache
+            .iter()
+            .map(|c| (c.id.clone(), c.target.clone()))
+            .collect();
         let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, cancel| {
             Box::pin(async move {
-                match sandbox.run(&config, &dir.rootfs, &steplog, &cancel).await {
+                let mut config = config;
+                // Each cache: a private writable copy for this step, released afterwards.
+                let mut copies = Vec::new();
+                for (name, target) in &caches {
+                    match store.cache_checkout(name, uid, gid).await {
+                        Ok(copy) => {
+                            config.mounts.push(BindMount {
+                                src: copy.path.clone(),
+                                dst: target.clone(),
+                                readonly: false,
+                            });
+                            copies.push(copy);
+                        }
+                        Err(e) => {
+                            for c in copies {
+                                let _ = store.cache_release(c, false).await;
+                            }
+                            return Err(fail(format!("cannot check out cache {name:?}: {e}")));
+                        }
+                    }
+                }
+                let r = match sandbox.run(&config, &dir.rootfs, &steplog, &cancel).await {
                     Ok(()) => Ok(()),
                     Err(SandboxError::Cancelled) => Err(BuildError::Cancelled),
                     Err(e) => Err(fail(e)),
+                };
+                // As OBuilder: a cache keeps what a step put in it even if the step failed
+                // (downloads stay useful); a cancelled step's half-written copy is dropped.
+                let keep = r != Err(BuildError::Cancelled);
+                for c in copies {
+                    let name = c.name.clone();
+                    if let Err(e) = store.cache_release(c, keep).await {
+                        tracing::warn!("releasing cache {name:?}: {e}");
+                    }
                 }
+                r
             })
         });
         self.step(&id, Some(base), opts, pins, work).await?;

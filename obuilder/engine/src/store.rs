@@ -43,6 +43,23 @@ pub struct BuildDir {
     pub rootfs: PathBuf,
 }
 
+/// A private writable copy of a shared cache, checked out for one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheCopy {
+    pub name: String,
+    /// The directory to mount at the cache's target.
+    pub path: PathBuf,
+    /// The cache's generation when the copy was taken (first release wins).
+    pub generation: u64,
+}
+
+/// A shared cache and how many copies are checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub name: String,
+    pub in_use: usize,
+}
+
 /// Free space as a store sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DiskUsage {
@@ -104,6 +121,22 @@ pub trait Store: Send + Sync {
 
     /// Deletes result `id` (the builder deletes dependants first).
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Checks out a private writable copy of shared cache `name` (created empty on first
+    /// use), its top directory owned by `uid:gid`.
+    async fn cache_checkout(&self, name: &str, uid: u32, gid: u32)
+        -> Result<CacheCopy, StoreError>;
+
+    /// Ends a checkout. With `keep`, the copy becomes the cache's latest version unless
+    /// another copy was published since this one was taken (first release wins; the later
+    /// one is discarded). Deletions made in the copy survive. Without `keep`, discarded.
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError>;
+
+    /// The shared caches, with how many copies each has checked out (by any process).
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError>;
+
+    /// Deletes a shared cache; refused while a copy is checked out.
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError>;
 
     /// Waits for deletes to free their space, where the filesystem defers it.
     async fn complete_deletes(&self) -> Result<(), StoreError> {

@@ -12,16 +12,48 @@ use async_trait::async_trait;
 use obuilder_engine::exec::{Cmd, SharedExec};
 use obuilder_engine::store::{BuildDir, Store, StoreError};
 
+use crate::cache::{CacheOps, Caches};
 use crate::common::{entries, path_str, remove_tree, Layout};
+use obuilder_engine::store::{CacheCopy, CacheInfo};
 
 pub struct BtrfsStore {
     layout: Layout,
     exec: SharedExec,
+    caches: Caches,
+}
+
+/// Cache trees as subvolumes: created empty, snapshotted per checkout.
+struct SubvolOps<'a>(&'a BtrfsStore);
+
+#[async_trait]
+impl CacheOps for SubvolOps<'_> {
+    async fn create_empty(&self, dst: &Path) -> Result<(), StoreError> {
+        self.0.btrfs(&["subvolume", "create", &path_str(dst)]).await
+    }
+    async fn clone_tree(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
+        crate::btrfs_ioctl::snapshot(src, dst).map_err(|e| {
+            StoreError::Other(format!(
+                "cannot snapshot {} to {}: {e}",
+                src.display(),
+                dst.display()
+            ))
+        })
+    }
+    async fn remove(&self, path: &Path) -> Result<(), StoreError> {
+        if is_subvolume(path) {
+            self.0
+                .btrfs(&["subvolume", "delete", &path_str(path)])
+                .await?;
+        }
+        remove_tree(path)
+    }
 }
 
 impl BtrfsStore {
     pub fn new(root: impl Into<PathBuf>, exec: SharedExec) -> BtrfsStore {
+        let root = root.into();
         BtrfsStore {
+            caches: Caches::new(&root),
             layout: Layout::new(root),
             exec,
         }
@@ -65,6 +97,7 @@ impl Store for BtrfsStore {
 
     async fn recover(&self) -> Result<(), StoreError> {
         self.layout.create()?;
+        self.caches.recover(&SubvolOps(self)).await?;
         for leftover in entries(&self.layout.tmp_dir())? {
             tracing::info!("removing leftover {}", leftover.display());
             self.remove_build_dir(&leftover).await?;
@@ -122,6 +155,27 @@ impl Store for BtrfsStore {
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
         self.remove_build_dir(&dir.dir).await
+    }
+
+    async fn cache_checkout(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<CacheCopy, StoreError> {
+        self.caches.checkout(&SubvolOps(self), name, uid, gid).await
+    }
+
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError> {
+        self.caches.release(&SubvolOps(self), copy, keep).await
+    }
+
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        self.caches.list()
+    }
+
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.caches.delete(&SubvolOps(self), name).await
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {

@@ -3,6 +3,7 @@
 
 pub mod btrfs;
 mod btrfs_ioctl;
+pub mod cache;
 pub mod common;
 pub mod overlayfs;
 pub mod rsync;

@@ -16,12 +16,14 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use obuilder_engine::store::{BuildDir, Store, StoreError};
+use obuilder_engine::exec::SharedExec;
+use obuilder_engine::store::{BuildDir, CacheCopy, CacheInfo, Store, StoreError};
 use rustix::mount::{
     fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, unmount, FsMountFlags,
     FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
 };
 
+use crate::cache::{Caches, CopyOps};
 use crate::common::{entries, remove_tree, Layout};
 
 /// The kernel refuses deeper overlay stacks.
@@ -29,12 +31,26 @@ pub const MAX_LAYERS: usize = 500;
 
 pub struct OverlayStore {
     layout: Layout,
+    caches: Caches,
+    exec: SharedExec,
 }
 
 impl OverlayStore {
-    pub fn new(root: impl Into<PathBuf>) -> OverlayStore {
+    pub fn new(root: impl Into<PathBuf>, exec: SharedExec) -> OverlayStore {
+        let root = root.into();
         OverlayStore {
+            caches: Caches::new(&root),
             layout: Layout::new(root),
+            exec,
+        }
+    }
+
+    /// Caches are plain directories copied per checkout (reflinked where the filesystem
+    /// can); the copy replaces the cache on release, so deletions survive.
+    fn cache_ops(&self) -> CopyOps {
+        CopyOps {
+            exec: self.exec.clone(),
+            reflink: "--reflink=auto",
         }
     }
 
@@ -131,6 +147,7 @@ impl Store for OverlayStore {
 
     async fn recover(&self) -> Result<(), StoreError> {
         self.layout.create()?;
+        self.caches.recover(&self.cache_ops()).await?;
         let merged = self.layout.root.join("merged");
         std::fs::create_dir_all(&merged).map_err(StoreError::io("cannot create", &merged))?;
         for m in entries(&merged)? {
@@ -201,6 +218,29 @@ impl Store for OverlayStore {
         self.unmount_if_mounted(&merged)?;
         remove_tree(&merged)?;
         remove_tree(&dir.dir)
+    }
+
+    async fn cache_checkout(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<CacheCopy, StoreError> {
+        self.caches
+            .checkout(&self.cache_ops(), name, uid, gid)
+            .await
+    }
+
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError> {
+        self.caches.release(&self.cache_ops(), copy, keep).await
+    }
+
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        self.caches.list()
+    }
+
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.caches.delete(&self.cache_ops(), name).await
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {

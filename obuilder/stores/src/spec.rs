@@ -64,7 +64,7 @@ impl StoreSpec {
     pub fn open(&self, exec: SharedExec) -> Arc<dyn Store> {
         match self {
             StoreSpec::Btrfs(p) => Arc::new(crate::btrfs::BtrfsStore::new(p, exec)),
-            StoreSpec::Overlayfs(p) => Arc::new(crate::overlayfs::OverlayStore::new(p)),
+            StoreSpec::Overlayfs(p) => Arc::new(crate::overlayfs::OverlayStore::new(p, exec)),
             StoreSpec::Rsync(p, m) => Arc::new(crate::rsync::RsyncStore::new(p, *m, exec)),
             StoreSpec::Xfs(p) => Arc::new(crate::xfs::XfsStore::new(p, exec)),
         }

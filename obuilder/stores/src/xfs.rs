@@ -8,18 +8,29 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use obuilder_engine::exec::{Cmd, SharedExec};
-use obuilder_engine::store::{BuildDir, Store, StoreError};
+use obuilder_engine::store::{BuildDir, CacheCopy, CacheInfo, Store, StoreError};
 
+use crate::cache::{Caches, CopyOps};
 use crate::common::{entries, path_str, remove_tree, Layout};
 
 pub struct XfsStore {
+    caches: Caches,
     layout: Layout,
     exec: SharedExec,
 }
 
 impl XfsStore {
+    fn cache_ops(&self) -> CopyOps {
+        CopyOps {
+            exec: self.exec.clone(),
+            reflink: "--reflink=always",
+        }
+    }
+
     pub fn new(root: impl Into<PathBuf>, exec: SharedExec) -> XfsStore {
+        let root = root.into();
         XfsStore {
+            caches: Caches::new(&root),
             layout: Layout::new(root),
             exec,
         }
@@ -38,6 +49,7 @@ impl Store for XfsStore {
 
     async fn recover(&self) -> Result<(), StoreError> {
         self.layout.create()?;
+        self.caches.recover(&self.cache_ops()).await?;
         for leftover in entries(&self.layout.tmp_dir())? {
             tracing::info!("removing leftover {}", leftover.display());
             remove_tree(&leftover)?;
@@ -92,6 +104,29 @@ impl Store for XfsStore {
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
         remove_tree(&dir.dir)
+    }
+
+    async fn cache_checkout(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<CacheCopy, StoreError> {
+        self.caches
+            .checkout(&self.cache_ops(), name, uid, gid)
+            .await
+    }
+
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError> {
+        self.caches.release(&self.cache_ops(), copy, keep).await
+    }
+
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        self.caches.list()
+    }
+
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.caches.delete(&self.cache_ops(), name).await
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {

@@ -41,7 +41,8 @@ async fn overlayfs_store_conformance() {
     require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus);
     let fs = LoopFs::new("ext4", 256);
     let root = fs.mnt.join("store");
-    store_conformance(|| Arc::new(OverlayStore::new(&root)) as Arc<dyn Store>).await;
+    store_conformance(|| Arc::new(OverlayStore::new(&root, RealExec::shared())) as Arc<dyn Store>)
+        .await;
 }
 
 #[tokio::test]
@@ -83,7 +84,7 @@ async fn rsync_hardlink_store_conformance() {
 async fn overlayfs_long_chains_pass_the_page_limit() {
     require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus);
     let fs = LoopFs::new("ext4", 256);
-    let store = OverlayStore::new(fs.mnt.join("store"));
+    let store = OverlayStore::new(fs.mnt.join("store"), RealExec::shared());
     store.recover().await.unwrap();
     let id = |i: usize| format!("{:064x}", i);
     let mut base: Option<String> = None;

@@ -200,6 +200,112 @@ pub async fn store_conformance(open: impl Fn() -> Arc<dyn Store>) {
     assert!(d.join("rootfs").exists());
 
     store.df().await.expect("df");
+    cache_conformance(&*store).await;
+}
+
+/// Shared caches: private copies, publish on release, deletions kept, first release wins,
+/// ownership, odd names, delete refused while in use.
+pub async fn cache_conformance(store: &dyn Store) {
+    use std::os::unix::fs::MetadataExt;
+    // First use: an empty directory owned by the step's user.
+    let a = store.cache_checkout("downloads", 1000, 1000).await.unwrap();
+    assert_eq!(std::fs::read_dir(&a.path).unwrap().count(), 0);
+    let m = std::fs::metadata(&a.path).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1000, 1000));
+    std::fs::write(a.path.join("one"), "1").unwrap();
+    std::fs::write(a.path.join("doomed"), "d").unwrap();
+    store.cache_release(a, true).await.unwrap();
+
+    // The next step sees it; its deletion survives its release.
+    let b = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    assert_eq!(read(&b.path.join("one")), "1");
+    assert_eq!(
+        std::fs::metadata(&b.path).unwrap().uid(),
+        0,
+        "each user owns the top of its copy"
+    );
+    std::fs::remove_file(b.path.join("doomed")).unwrap();
+    store.cache_release(b, true).await.unwrap();
+    let c = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    assert!(
+        !c.path.join("doomed").exists(),
+        "a deletion inside a cache survives"
+    );
+    store.cache_release(c, false).await.unwrap();
+
+    // Two copies at once: private to each; the first released wins, the other is dropped.
+    let x = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    let y = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    std::fs::write(x.path.join("x"), "x").unwrap();
+    assert!(!y.path.join("x").exists(), "copies are private");
+    std::fs::write(y.path.join("y"), "y").unwrap();
+    assert_eq!(
+        store
+            .cache_list()
+            .await
+            .unwrap()
+            .iter()
+            .find(|c| c.name == "downloads")
+            .map(|c| c.in_use),
+        Some(2)
+    );
+    let e = store
+        .cache_delete("downloads")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use"), "{e}");
+    store.cache_release(y, true).await.unwrap();
+    store.cache_release(x, true).await.unwrap();
+    let z = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    assert!(
+        z.path.join("y").exists() && !z.path.join("x").exists(),
+        "first release wins"
+    );
+    // A discarded copy changes nothing.
+    std::fs::write(z.path.join("junk"), "j").unwrap();
+    store.cache_release(z, false).await.unwrap();
+
+    // Names that are paths, dots, blanks or collide under a lossy escape stay apart.
+    for (i, name) in ["a/b", "..", "x y", "\n1", "\u{a1}"].iter().enumerate() {
+        let c = store.cache_checkout(name, 0, 0).await.unwrap();
+        assert!(
+            c.path.starts_with(store.root()),
+            "{name:?} stays in the store"
+        );
+        std::fs::write(c.path.join("id"), i.to_string()).unwrap();
+        store.cache_release(c, true).await.unwrap();
+    }
+    for (i, name) in ["a/b", "..", "x y", "\n1", "\u{a1}"].iter().enumerate() {
+        let c = store.cache_checkout(name, 0, 0).await.unwrap();
+        assert_eq!(read(&c.path.join("id")), i.to_string(), "{name:?}");
+        store.cache_release(c, false).await.unwrap();
+    }
+    let names: Vec<String> = store
+        .cache_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.contains(&"a/b".to_string()) && names.contains(&"downloads".to_string()));
+    store.cache_delete("downloads").await.unwrap();
+    assert!(store.cache_delete("downloads").await.is_err());
+    let fresh = store.cache_checkout("downloads", 0, 0).await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&fresh.path).unwrap().count(),
+        0,
+        "deleted means gone"
+    );
+    store.cache_release(fresh, false).await.unwrap();
+    assert!(
+        std::fs::read_dir(store.root().join("cache-tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no copy is left behind"
+    );
 }
 
 trait FifoLike {

@@ -883,3 +883,76 @@ fn secrets_are_mounted_for_their_step_only_and_stored_nowhere() {
     assert_eq!(text(&grep.stdout), "", "secret found in the store");
     env.assert_clean();
 }
+
+#[test]
+fn two_processes_share_a_store_safely() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new("btrfs");
+    // The shared step counts its runs in a cache; it takes a while, so both processes meet.
+    let shared = "(run (cache (count (target /c))) (shell \"echo ran >> /c/runs; sleep 1.5\"))";
+    let a = env.spec(
+        "a.spec",
+        &format!("((from busybox) (shell /bin/sh -c) {shared} (run (shell \"echo done-a\")))"),
+    );
+    let b = env.spec(
+        "b.spec",
+        &format!("((from busybox) (shell /bin/sh -c) {shared} (run (shell \"echo done-b\")))"),
+    );
+    // Make the base first, so both start at the shared step.
+    let base = env.spec("base.spec", "((from busybox))");
+    assert!(env.build(&base).status.success());
+    let spawn = |spec: &Path| {
+        Command::new(bin())
+            .args(env.args(&[
+                "build",
+                "-f",
+                spec.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let pa = spawn(&a);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    // A third process that wants the store to itself is refused while they build.
+    let clean = env.run(&["clean"]);
+    assert_eq!(clean.status.code(), Some(1));
+    assert!(
+        text(&clean.stderr).contains("another obuilder process is using"),
+        "{}",
+        text(&clean.stderr)
+    );
+    let pb = spawn(&b);
+    let (oa, ob) = (
+        pa.wait_with_output().unwrap(),
+        pb.wait_with_output().unwrap(),
+    );
+    assert!(
+        oa.status.success(),
+        "a: {}{}",
+        text(&oa.stdout),
+        text(&oa.stderr)
+    );
+    assert!(
+        ob.status.success(),
+        "b: {}{}",
+        text(&ob.stdout),
+        text(&ob.stderr)
+    );
+    assert!(text(&oa.stdout).contains("done-a") && text(&ob.stdout).contains("done-b"));
+    // The shared step ran once: the second process waited and took the first's result.
+    let count = env.spec("count.spec", "((from busybox) (shell /bin/sh -c) (run (cache (count (target /c))) (shell \"wc -l < /c/runs\")))");
+    let out = env.build(&count);
+    assert!(
+        text(&out.stdout).contains("\n1\n"),
+        "the shared step ran more than once:\n{}",
+        text(&out.stdout)
+    );
+    env.assert_clean();
+    // Alone again: clean works.
+    assert!(env.run(&["clean"]).status.success());
+}

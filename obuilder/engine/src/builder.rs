@@ -29,6 +29,7 @@ use crate::copy;
 use crate::db::{self, Db};
 use crate::fetch::{Fetcher, ImageConfig};
 use crate::key::{sha256_hex, CopyInput, Id, RunInput, SecretInput};
+use crate::lock::{self, StepLock, StoreLock};
 use crate::log::{LogEvent, LogSink, StepLog};
 use crate::sandbox::{BindMount, RunConfig, Sandbox, SandboxError, SecretMount};
 use crate::store::{BuildDir, Store};
@@ -115,6 +116,7 @@ pub struct Builder {
     db: Arc<Db>,
     shared: Arc<Mutex<Shared>>,
     pub stats: Stats,
+    lock: StoreLock,
 }
 
 #[derive(Clone)]
@@ -212,16 +214,31 @@ impl Builder {
         sandbox: Arc<dyn Sandbox>,
         fetcher: Arc<dyn Fetcher>,
     ) -> Result<Builder, BuildError> {
-        // Containers first: they may still run on a build dir the store is about to remove.
-        sandbox
-            .recover()
-            .await
-            .map_err(|e| fail(format!("cannot recover sandbox: {e}")))?;
-        store
-            .recover()
-            .await
-            .map_err(|e| fail(format!("cannot recover store {}: {e}", store.describe())))?;
-        let db_dir = store.state_dir().join("db");
+        let state = store.state_dir();
+        std::fs::create_dir_all(&state)
+            .map_err(|e| fail(format!("cannot create {}: {e}", state.display())))?;
+        let lock = StoreLock::open(&state)
+            .map_err(|e| fail(format!("cannot open the store lock: {e}")))?;
+        // Alone: whatever is half-done was left by a crash and can go. Not alone: it may be
+        // another process's live work, so leave it.
+        let alone = lock.try_exclusive();
+        if alone {
+            // Containers first: they may still run on a build dir the store is about to remove.
+            sandbox
+                .recover()
+                .await
+                .map_err(|e| fail(format!("cannot recover sandbox: {e}")))?;
+            store
+                .recover()
+                .await
+                .map_err(|e| fail(format!("cannot recover store {}: {e}", store.describe())))?;
+        } else {
+            tracing::info!(
+                "another obuilder process uses {}; sharing it",
+                store.describe()
+            );
+        }
+        let db_dir = state.join("db");
         std::fs::create_dir_all(&db_dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", db_dir.display())))?;
         let db = Db::open(&db_dir.join("db.sqlite")).map_err(fail)?;
@@ -232,15 +249,28 @@ impl Builder {
             db: Arc::new(db),
             shared: Arc::default(),
             stats: Stats::default(),
+            lock,
         };
-        // The marker exists while a builder has the store open; finding it at start means the
-        // last one did not exit cleanly, and only then is the O(results) reconciliation needed.
-        let marker = b.store.state_dir().join("builder.open");
-        if marker.exists() {
-            b.reconcile().await?;
+        // Markers left by processes that died: only then is the O(results) reconciliation
+        // of the database with the disk needed.
+        if alone {
+            let dead = lock::markers(&state);
+            if !dead.is_empty() {
+                b.reconcile().await?;
+                for m in dead {
+                    let _ = std::fs::remove_file(m);
+                }
+            }
         }
-        std::fs::write(&marker, std::process::id().to_string())
+        let marker = lock::marker(&state);
+        std::fs::create_dir_all(state.join("open"))
+            .map_err(|e| fail(format!("cannot create {}: {e}", state.display())))?;
+        std::fs::write(&marker, b"")
             .map_err(|e| fail(format!("cannot write {}: {e}", marker.display())))?;
+        b.lock
+            .shared()
+            .await
+            .map_err(|e| fail(format!("cannot lock {}: {e}", b.lock.path().display())))?;
         Ok(b)
     }
 
@@ -281,6 +311,12 @@ impl Builder {
             missing = left;
         }
         Ok(())
+    }
+
+    /// Takes the store for this process alone (no other obuilder process may use it until
+    /// this one exits), as CLI pruning and deletion need; false if another process uses it.
+    pub fn try_exclusive(&self) -> bool {
+        self.lock.try_exclusive()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -846,9 +882,9 @@ impl Builder {
 }
 
 impl Drop for Builder {
-    /// A clean exit: the next start can skip reconciling the database with the disk.
+    /// A clean exit: no reconciliation is needed on this process's account.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.store.state_dir().join("builder.open"));
+        let _ = std::fs::remove_file(lock::marker(&self.store.state_dir()));
     }
 }
 
@@ -891,6 +927,24 @@ impl BuildTask {
 
     async fn build(&self, work: Work) -> StepResult {
         // Another process, or a build that finished just now, may have made it.
+        if let Some(p) = self.store.result(&self.id).await.map_err(fail)? {
+            return Ok(p);
+        }
+        // Another obuilder process may be building the same step: wait for it, then take
+        // its result.
+        let inf = self.inf.clone();
+        let id = self.id.clone();
+        let _step_lock = StepLock::acquire(
+            &self.store.state_dir(),
+            &self.id,
+            || inf.cancel.is_cancelled(),
+            || {
+                tracing::info!("waiting for another obuilder process building {id}");
+            },
+        )
+        .await
+        .map_err(|e| fail(format!("cannot lock step {}: {e}", self.id)))?
+        .ok_or(BuildError::Cancelled)?;
         if let Some(p) = self.store.result(&self.id).await.map_err(fail)? {
             return Ok(p);
         }

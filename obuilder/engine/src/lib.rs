@@ -15,6 +15,7 @@ pub mod db;
 pub mod exec;
 pub mod fetch;
 pub mod key;
+pub mod lock;
 pub mod log;
 pub mod sandbox;
 pub mod store;

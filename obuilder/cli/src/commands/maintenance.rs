@@ -7,6 +7,17 @@ use obuilder_engine::log::{LogEvent, LogSink};
 
 use super::setup::{builder, SandboxArgs, StoreArgs};
 
+/// Deleting results is safe only when no other process builds on them.
+fn need_alone(b: &obuilder_engine::Builder) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        b.try_exclusive(),
+        "another obuilder process is using {}; deleting results needs the store to itself \
+         (try again when it has finished)",
+        b.store().describe()
+    );
+    Ok(())
+}
+
 fn print_sink() -> LogSink {
     std::sync::Arc::new(|e: &LogEvent| {
         if let LogEvent::Note(n) | LogEvent::Heading(n) = e {
@@ -27,6 +38,7 @@ pub struct DeleteArgs {
 
 pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
+    need_alone(&b)?;
     if b.db().get(&a.id)?.is_none() && b.store().result(&a.id).await?.is_none() {
         eprintln!("obuilder: no result {:?} in this store", a.id);
         return Ok(ExitCode::FAILURE);
@@ -64,6 +76,7 @@ pub struct CleanArgs {
 
 pub async fn clean(a: CleanArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
+    need_alone(&b)?;
     let n = b
         .prune("9999-12-31 23:59:59.999", usize::MAX, &print_sink())
         .await?;
@@ -121,6 +134,7 @@ pub fn parse_before(s: &str, now: time::OffsetDateTime) -> anyhow::Result<String
 pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     let before = parse_before(&a.before, time::OffsetDateTime::now_utc())?;
     let b = builder(&a.store, &a.sandbox).await?;
+    need_alone(&b)?;
     let n = b.prune(&before, a.limit, &print_sink()).await?;
     maybe_wait(&b, &a.wait).await?;
     println!("Removed {n} items");

@@ -89,7 +89,64 @@ pub fn manifest(src_dir: &Path, src: &str, exclude: &[String]) -> Result<Manifes
     generate(src_dir, &acc.join("/"), exclude)
 }
 
-fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+/// Whether an `exclude` entry excludes the entry at `rel` (named `name`). Entries without
+/// glob characters match a basename at any depth, as in OBuilder; with `*`, `?` or `[…]`
+/// they are globs, matched against the basename, or against the path relative to the copied
+/// source when they contain a `/`.
+pub fn excluded(exclude: &[String], rel: &str, name: &str) -> bool {
+    exclude.iter().any(|x| {
+        if !x.contains(['*', '?', '[']) {
+            x == name
+        } else if x.contains('/') {
+            glob(x.trim_start_matches("./").as_bytes(), rel.as_bytes())
+        } else {
+            glob(x.as_bytes(), name.as_bytes())
+        }
+    })
+}
+
+/// Shell-style matching: `*` (not across `/`), `?`, `[abc]`, `[a-z]`, `[!…]`.
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && s[0] != b'/' && glob(p, &s[1..])),
+        (Some(b'?'), Some(c)) if *c != b'/' => glob(&p[1..], &s[1..]),
+        (Some(b'['), Some(c)) => match p.iter().position(|&b| b == b']').filter(|&e| e > 1) {
+            Some(end) => {
+                let (neg, set) = if p[1] == b'!' {
+                    (true, &p[2..end])
+                } else {
+                    (false, &p[1..end])
+                };
+                let mut hit = false;
+                let mut i = 0;
+                while i < set.len() {
+                    if i + 2 < set.len() && set[i + 1] == b'-' {
+                        hit |= set[i] <= *c && *c <= set[i + 2];
+                        i += 3;
+                    } else {
+                        hit |= set[i] == *c;
+                        i += 1;
+                    }
+                }
+                hit != neg && glob(&p[end + 1..], &s[1..])
+            }
+            None => *c == b'[' && glob(&p[1..], &s[1..]),
+        },
+        (Some(a), Some(b)) => a == b && glob(&p[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+/// Walks the tree (cheap) and records the files to hash; hashing happens afterwards, in
+/// parallel.
+fn walk(
+    src_dir: &Path,
+    rel: &str,
+    top: &str,
+    exclude: &[String],
+    files: &mut Vec<(String, bool)>,
+) -> Result<Manifest, CopyError> {
     let path = if rel.is_empty() {
         src_dir.to_path_buf()
     } else {
@@ -109,27 +166,31 @@ fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, C
             let name = String::from_utf8(name).map_err(|n| {
                 CopyError::Unsupported(format!("{rel}/{}", String::from_utf8_lossy(n.as_bytes())))
             })?;
-            if exclude.contains(&name) {
-                continue;
-            }
             let child = if rel.is_empty() {
-                name
+                name.clone()
             } else {
                 format!("{rel}/{name}")
             };
-            entries.push(generate(src_dir, &child, exclude)?);
+            let within = child
+                .strip_prefix(top)
+                .map(|r| r.trim_start_matches('/'))
+                .unwrap_or(&child);
+            if excluded(exclude, within, &name) {
+                continue;
+            }
+            entries.push(walk(src_dir, &child, top, exclude, files)?);
         }
         Ok(Manifest::Dir {
             path: rel.to_string(),
             entries,
         })
     } else if ft.is_file() {
-        let mut f = File::open(&path).map_err(io_err("cannot open", &path))?;
-        let mut h = Sha256::new();
-        io::copy(&mut f, &mut h).map_err(io_err("cannot read", &path))?;
+        let exec = meta.permissions().mode() & 0o111 != 0;
+        files.push((rel.to_string(), exec));
+        // Filled in by `hash_all`.
         Ok(Manifest::File {
             path: rel.to_string(),
-            sha256: hex::encode(h.finalize()),
+            sha256: String::new(),
         })
     } else if ft.is_symlink() {
         let target = std::fs::read_link(&path).map_err(io_err("cannot read link", &path))?;
@@ -140,6 +201,81 @@ fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, C
     } else {
         Err(CopyError::Unsupported(rel.to_string()))
     }
+}
+
+/// SHA-256 of one file, streamed.
+fn hash_file(path: &Path) -> Result<String, CopyError> {
+    let mut f = File::open(path).map_err(io_err("cannot open", path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).map_err(io_err("cannot read", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Hashes the files on all cores; returns the hashes in the order given.
+fn hash_all(src_dir: &Path, files: &[(String, bool)]) -> Result<Vec<String>, CopyError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(files.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<String, CopyError>>>> =
+        files.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((rel, _)) = files.get(i) else { break };
+                let r = hash_file(&src_dir.join(rel));
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(Err(CopyError::NoSources))
+        })
+        .collect()
+}
+
+fn fill(m: &mut Manifest, hashes: &std::collections::HashMap<&str, (&String, bool)>) {
+    match m {
+        Manifest::File { path, sha256 } => {
+            if let Some((h, exec)) = hashes.get(path.as_str()) {
+                if *exec {
+                    *m = Manifest::Executable {
+                        path: path.clone(),
+                        sha256: (*h).clone(),
+                    };
+                } else {
+                    *sha256 = (*h).clone();
+                }
+            }
+        }
+        Manifest::Dir { entries, .. } => entries.iter_mut().for_each(|e| fill(e, hashes)),
+        _ => {}
+    }
+}
+
+fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+    let mut files = Vec::new();
+    let mut m = walk(src_dir, rel, rel, exclude, &mut files)?;
+    let hashes = hash_all(src_dir, &files)?;
+    let map = files
+        .iter()
+        .zip(&hashes)
+        .map(|((p, exec), h)| (p.as_str(), (h, *exec)))
+        .collect();
+    fill(&mut m, &map);
+    Ok(m)
 }
 
 /// Decides between one item copied as `dst` and several copied into `dst/`.
@@ -372,7 +508,7 @@ impl Writer<'_> {
                 }
                 Ok(())
             }
-            Manifest::File { .. } => {
+            Manifest::File { .. } | Manifest::Executable { .. } => {
                 let name = name.ok_or_else(|| {
                     CopyError::Unsupported(format!("{dst} (a file cannot replace /)"))
                 })?;
@@ -495,6 +631,81 @@ mod tests {
                 .nth(1)
                 .map(|s| &s[..64]),
             Some(hex::encode(Sha256::digest(b"int a;\n")).as_str())
+        );
+    }
+
+    #[test]
+    fn globs_and_basenames_in_exclude() {
+        let x = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            excluded(&x(&[".git"]), "a/.git", ".git"),
+            "a basename at any depth"
+        );
+        assert!(!excluded(&x(&[".git"]), "a/.gitignore", ".gitignore"));
+        assert!(excluded(&x(&["*.o"]), "src/lib/a.o", "a.o"));
+        assert!(!excluded(&x(&["*.o"]), "src/lib/a.oc", "a.oc"));
+        assert!(excluded(&x(&["build/*"]), "build/out", "out"));
+        assert!(
+            !excluded(&x(&["build/*"]), "src/build/out", "out"),
+            "a path glob is anchored"
+        );
+        assert!(excluded(&x(&["mod0[1-3].c"]), "m/mod02.c", "mod02.c"));
+        assert!(!excluded(&x(&["mod0[!1-3].c"]), "m/mod02.c", "mod02.c"));
+        assert!(excluded(&x(&["?.tmp"]), "x.tmp", "x.tmp"));
+        let d = ctx();
+        let src = d.path().join("src");
+        let m = manifest(&src, ".", &x(&["*.c", "sub/*"])).unwrap();
+        let Manifest::Dir { entries, .. } = &m else {
+            panic!()
+        };
+        let names: Vec<&str> = entries.iter().map(Manifest::path).collect();
+        assert_eq!(names, [".git", "dirlink", "link", "sub"]);
+        let Manifest::Dir { entries, .. } = &entries[3] else {
+            panic!()
+        };
+        assert!(entries.is_empty(), "sub/* excluded");
+    }
+
+    #[test]
+    fn the_execute_bit_is_part_of_the_key() {
+        let d = ctx();
+        let src = d.path().join("src");
+        let before = manifest(&src, "a.c", &[]).unwrap();
+        assert!(
+            matches!(before, Manifest::File { .. }),
+            "non-executable files keep OBuilder's form"
+        );
+        std::fs::set_permissions(src.join("a.c"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let after = manifest(&src, "a.c", &[]).unwrap();
+        assert!(matches!(after, Manifest::Executable { .. }));
+        assert_ne!(
+            before.to_sexp().to_mach(),
+            after.to_sexp().to_mach(),
+            "chmod +x alone changes the key"
+        );
+    }
+
+    #[test]
+    fn long_names_and_many_files_hash_in_parallel() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let long = "n".repeat(150);
+        std::fs::create_dir_all(src.join(&long)).unwrap();
+        for i in 0..200 {
+            std::fs::write(src.join(&long).join(format!("{long}{i}")), format!("{i}")).unwrap();
+        }
+        let m = manifest(&src, ".", &[]).unwrap();
+        let text = m.to_sexp().to_mach();
+        assert_eq!(text.matches("(File(").count(), 200);
+        assert!(text.contains(&hex::encode(Sha256::digest(b"199"))));
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        write_into(&root, &src, &copy_op(vec![m], "/dst/").unwrap(), uid, gid).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("dst").join(&long).join(format!("{long}7"))).unwrap(),
+            "7"
         );
     }
 

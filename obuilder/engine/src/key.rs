@@ -8,7 +8,11 @@
 use obuilder_spec::{Sexp, User};
 use sha2::{Digest, Sha256};
 
-/// The version of the key scheme. 0 is OBuilder's own (v0.4 to HEAD) for `run` and `copy`.
+/// The version of the key scheme. 0 is OBuilder's own (v0.4 to HEAD) for `run` and `copy`,
+/// with one deliberate difference: an executable file appears in a `copy` manifest as
+/// `(Executable (PATH SHA256))` instead of `(File (PATH SHA256))`, because its execute bit
+/// decides the mode it is copied with (OBuilder ignored it, so a `chmod +x` alone reused a
+/// stale result). Copies without executables keep OBuilder's ids.
 pub const KEY_SCHEME: u32 = 0;
 
 /// A build id: lowercase hex SHA-256.
@@ -89,6 +93,8 @@ impl RunInput {
 pub enum Manifest {
     /// A regular file: its path (relative to the source dir) and content SHA-256.
     File { path: String, sha256: String },
+    /// A regular file with an execute bit set (copied with mode 0755).
+    Executable { path: String, sha256: String },
     /// A symlink: its path and target (not followed).
     Symlink { path: String, target: String },
     /// A directory: its path and entries, sorted byte-wise.
@@ -102,6 +108,7 @@ impl Manifest {
     pub fn path(&self) -> &str {
         match self {
             Manifest::File { path, .. }
+            | Manifest::Executable { path, .. }
             | Manifest::Symlink { path, .. }
             | Manifest::Dir { path, .. } => path,
         }
@@ -113,6 +120,9 @@ impl Manifest {
         };
         match self {
             Manifest::File { path, sha256 } => pair("File", path, Sexp::atom(sha256.clone())),
+            Manifest::Executable { path, sha256 } => {
+                pair("Executable", path, Sexp::atom(sha256.clone()))
+            }
             Manifest::Symlink { path, target } => pair("Symlink", path, Sexp::atom(target.clone())),
             Manifest::Dir { path, entries } => pair(
                 "Dir",

@@ -80,11 +80,31 @@ impl OverlayStore {
         Ok(out)
     }
 
-    fn unmount_if_mounted(&self, path: &Path) -> Result<(), StoreError> {
-        match unmount(path, UnmountFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(StoreError::io("cannot unmount", path)(e.into())),
+    /// Unmounts `path` if it is a mount. `EBUSY` (a process forked elsewhere in this program
+    /// may hold a descriptor for a moment) is retried for up to a second; after that a
+    /// `lazy` caller detaches the mount, others get the error (a commit must never leave a
+    /// writer behind in what becomes a result).
+    fn unmount_if_mounted(&self, path: &Path, lazy: bool) -> Result<(), StoreError> {
+        for _ in 0..20 {
+            match unmount(path, UnmountFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => {
+                    return Ok(())
+                }
+                Err(rustix::io::Errno::BUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => return Err(StoreError::io("cannot unmount", path)(e.into())),
+            }
         }
+        if lazy {
+            tracing::warn!("{} stays busy; detaching it", path.display());
+            return unmount(path, UnmountFlags::DETACH)
+                .map_err(|e| StoreError::io("cannot unmount", path)(e.into()));
+        }
+        Err(StoreError::Other(format!(
+            "cannot unmount {}: still in use after 1 s",
+            path.display()
+        )))
     }
 }
 
@@ -152,7 +172,7 @@ impl Store for OverlayStore {
         std::fs::create_dir_all(&merged).map_err(StoreError::io("cannot create", &merged))?;
         for m in entries(&merged)? {
             tracing::info!("unmounting leftover {}", m.display());
-            self.unmount_if_mounted(&m)?;
+            self.unmount_if_mounted(&m, true)?;
             remove_tree(&m)?;
         }
         for leftover in entries(&self.layout.tmp_dir())? {
@@ -195,7 +215,7 @@ impl Store for OverlayStore {
                 rootfs,
             }),
             Err(e) => {
-                let _ = self.unmount_if_mounted(&self.merged(id));
+                let _ = self.unmount_if_mounted(&self.merged(id), true);
                 let _ = remove_tree(&self.merged(id));
                 let _ = remove_tree(&dir);
                 Err(e)
@@ -206,7 +226,7 @@ impl Store for OverlayStore {
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
         let merged = self.merged(&dir.id);
         if dir.rootfs == merged {
-            self.unmount_if_mounted(&merged)?;
+            self.unmount_if_mounted(&merged, false)?;
             remove_tree(&merged)?;
             remove_tree(&dir.dir.join("work"))?;
         }
@@ -215,7 +235,7 @@ impl Store for OverlayStore {
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
         let merged = self.merged(&dir.id);
-        self.unmount_if_mounted(&merged)?;
+        self.unmount_if_mounted(&merged, true)?;
         remove_tree(&merged)?;
         remove_tree(&dir.dir)
     }

@@ -615,7 +615,8 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
  (shell /bin/sh -c)
  (run (shell "echo isolated=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,); hostname; cat /etc/hosts"))
  (run (network host) (shell "echo host-ifaces=$(tail -n +3 /proc/net/dev | wc -l); test -s /etc/resolv.conf && echo resolv-ok; echo x > /etc/resolv.conf || echo resolv-ro"))
- (run (shell "sync; echo synced")))"#,
+ (run (shell "sync; echo synced"))
+ (run (shell "(nc -l -p 7777 > /tmp/got &); sleep 0.3; echo over-loopback | nc 127.0.0.1 7777; sleep 0.3; cat /tmp/got")))"#,
     );
     let mut args = env.args(&[
         "build",
@@ -648,6 +649,10 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
         "the host's resolv.conf, read-only:\n{o}"
     );
     assert!(o.contains("synced\n"));
+    assert!(
+        o.contains("\nover-loopback\n"),
+        "loopback works in the isolated network:\n{o}"
+    );
 }
 
 #[test]
@@ -955,4 +960,54 @@ fn two_processes_share_a_store_safely() {
     env.assert_clean();
     // Alone again: clean works.
     assert!(env.run(&["clean"]).status.success());
+}
+
+#[test]
+fn prune_keep_free_and_hit_counters() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(module_path!(), &[Cap::OverlayLowerdirPlus])
+    {
+        return;
+    }
+    // ext4 frees space at once, so the threshold is seen immediately.
+    let env = Env::new("overlayfs");
+    let big = env.spec("big.spec", "((from busybox) (shell /bin/sh -c) (run (shell \"dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null\")))");
+    assert!(env.build(&big).status.success());
+    assert!(env.build(&big).status.success(), "second time from cache");
+    let df = text(&env.run(&["df"]).stdout);
+    assert!(
+        df.contains("cache:   2 hits, 2 misses (50% of steps from cache)"),
+        "{df}"
+    );
+    let free = |df: &str| -> f64 {
+        df.split("free:")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split('%')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = free(&df);
+    assert!(
+        before < 70.0,
+        "the 200 MB result fills the 512 MB filesystem: {df}"
+    );
+    let out = env.run(&["prune", "--keep-free", "80"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = free(&text(&env.run(&["df"]).stdout));
+    assert!(after >= 80.0, "{after}% free after pruning to 80%");
+    assert!(
+        text(&out.stdout).contains("Removed "),
+        "{}",
+        text(&out.stdout)
+    );
+    let both = env.run(&["prune", "--keep-free", "80", "--before", "1d"]);
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "--keep-free and --before exclude each other"
+    );
 }

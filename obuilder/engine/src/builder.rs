@@ -135,6 +135,8 @@ struct Pins {
     ids: Mutex<Vec<Id>>,
     /// Cache hits, whose `used` time is recorded when the build ends.
     hits: Mutex<Vec<Id>>,
+    /// Steps this build had to run (or attach to).
+    misses: AtomicU64,
 }
 
 impl Pins {
@@ -358,14 +360,14 @@ impl Builder {
             shared: self.shared.clone(),
             ids: Mutex::default(),
             hits: Mutex::default(),
+            misses: AtomicU64::new(0),
         };
         let r = self.stage(spec, ctx, opts, &pins).await.map(|(id, _)| id);
         // One write for all of this build's cache hits, not one per step.
         let hits = std::mem::take(&mut *pins.hits.lock().unwrap_or_else(|p| p.into_inner()));
-        if !hits.is_empty() {
-            if let Err(e) = self.db.touch(&hits, &db::now()) {
-                tracing::warn!("cannot record cache hits: {e}");
-            }
+        let misses = pins.misses.load(Ordering::Relaxed) as i64;
+        if let Err(e) = self.db.touch(&hits, &db::now(), hits.len() as i64, misses) {
+            tracing::warn!("cannot record cache hits: {e}");
         }
         r
     }
@@ -710,6 +712,7 @@ impl Builder {
                     continue;
                 }
                 if self.attach(id, &inf) {
+                    pins.misses.fetch_add(1, Ordering::Relaxed);
                     return self.wait(id, inf, opts).await;
                 }
                 continue;
@@ -741,6 +744,7 @@ impl Builder {
                 inf
             };
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            pins.misses.fetch_add(1, Ordering::Relaxed);
             let task = BuildTask {
                 store: self.store.clone(),
                 db: self.db.clone(),
@@ -813,6 +817,30 @@ impl Builder {
                 Err(BuildError::Cancelled)
             }
         }
+    }
+
+    /// Removes least-recently-used leaves, a few at a time, until the store's filesystem has
+    /// `percent` free (or nothing more can go). Deletes on btrfs free their space lazily, so
+    /// after each batch it waits for them (`Store::complete_deletes`, bounded).
+    pub async fn prune_until_free(&self, percent: f64, log: &LogSink) -> Result<usize, BuildError> {
+        let mut removed = 0;
+        loop {
+            let usage = self.store.df().await.map_err(fail)?;
+            if usage.free_percent() >= percent {
+                break;
+            }
+            let n = self.prune("9999-12-31 23:59:59.999", 8, log).await?;
+            if n == 0 {
+                log(&LogEvent::Note(format!(
+                    "{:.1}% free, short of {percent}%, and nothing more can be pruned",
+                    usage.free_percent()
+                )));
+                break;
+            }
+            removed += n;
+            self.store.complete_deletes().await.map_err(fail)?;
+        }
+        Ok(removed)
     }
 
     /// Waits until no step is in flight, e.g. after a cancellation, so that every container

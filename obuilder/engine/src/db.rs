@@ -80,6 +80,9 @@ impl Db {
                parent TEXT,
                FOREIGN KEY (parent) REFERENCES builds (id) ON DELETE RESTRICT);
              CREATE INDEX IF NOT EXISTS lru ON builds (rc, used);
+             CREATE TABLE IF NOT EXISTS stats (
+               key TEXT PRIMARY KEY,
+               value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS images (
                name TEXT PRIMARY KEY,
                digest TEXT NOT NULL,
@@ -133,8 +136,9 @@ impl Db {
         })
     }
 
-    /// Marks several results used, in one transaction (a build's cache hits).
-    pub fn touch(&self, ids: &[String], now: &str) -> Result<(), DbError> {
+    /// Marks several results used and adds to the hit/miss counters, in one transaction
+    /// (a build's cache hits).
+    pub fn touch(&self, ids: &[String], now: &str, hits: i64, misses: i64) -> Result<(), DbError> {
         self.with(|c| {
             let tx = c.transaction()?;
             {
@@ -142,8 +146,32 @@ impl Db {
                 for id in ids {
                     s.execute(params![id, now])?;
                 }
+                let mut add = tx.prepare_cached(
+                    "INSERT INTO stats (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + ?2",
+                )?;
+                for (k, v) in [("cache_hits", hits), ("cache_misses", misses)] {
+                    if v != 0 {
+                        add.execute(params![k, v])?;
+                    }
+                }
             }
             tx.commit()
+        })
+    }
+
+    /// Cache hits and misses recorded since the store was made.
+    pub fn hit_miss(&self) -> Result<(i64, i64), DbError> {
+        self.with(|c| {
+            let get = |k: &str| -> rusqlite::Result<i64> {
+                Ok(
+                    c.query_row("SELECT value FROM stats WHERE key = ?1", params![k], |r| {
+                        r.get(0)
+                    })
+                    .optional()?
+                    .unwrap_or(0),
+                )
+            };
+            Ok((get("cache_hits")?, get("cache_misses")?))
         })
     }
 
@@ -296,7 +324,9 @@ mod tests {
             db.lru("2026-01-01 00:00:00.500", 10).unwrap(),
             Vec::<String>::new()
         );
-        db.touch(&["a".into()], "2026-06-01 00:00:00.000").unwrap();
+        db.touch(&["a".into()], "2026-06-01 00:00:00.000", 1, 2)
+            .unwrap();
+        assert_eq!(db.hit_miss().unwrap(), (1, 2));
         assert_eq!(
             db.get("a").unwrap().unwrap().used,
             "2026-06-01 00:00:00.000"

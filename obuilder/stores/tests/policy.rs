@@ -213,3 +213,42 @@ async fn prune_never_removes_what_a_running_build_uses() {
     let removed = b.prune("9999-12-31", 100, &buffer_sink().0).await.unwrap();
     assert_eq!(removed, 3, "after the build everything goes, leaves first");
 }
+
+#[tokio::test]
+async fn a_build_arriving_while_its_step_is_cancelling_waits_then_starts_afresh() {
+    require!(Cap::Tool("rsync"));
+    let (_d, sandbox, b) = setup().await;
+    let s = spec("block c");
+    let o1 = BuildOptions::new("/tmp", buffer_sink().0);
+    let c1 = o1.cancel.clone();
+    let (b1, s1) = (b.clone(), s.clone());
+    let started = sandbox.started.notified();
+    let t1 = tokio::spawn(async move { b1.build(&s1, &o1).await });
+    started.await;
+    // The only waiter leaves: the step is being cancelled...
+    c1.cancel();
+    // ...and a new request for the same step arrives at once.
+    let (sink2, log2) = buffer_sink();
+    let (b2, s2) = (b.clone(), s.clone());
+    let restarted = sandbox.started.notified();
+    let t2 = tokio::spawn(async move { b2.build(&s2, &BuildOptions::new("/tmp", sink2)).await });
+    assert_eq!(t1.await.unwrap(), Err(BuildError::Cancelled));
+    restarted.await;
+    sandbox.release.notify_waiters();
+    let id = t2
+        .await
+        .unwrap()
+        .expect("the new build runs the step afresh");
+    assert_eq!(sandbox.cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        sandbox.runs.load(Ordering::SeqCst),
+        2,
+        "cancelled once, then run again"
+    );
+    let log = redact(&log2.lock().unwrap());
+    assert!(
+        log.ends_with("ran: block c\n---> saved as \"[ID]\"\n"),
+        "{log}"
+    );
+    assert!(b.store().result(&id).await.unwrap().is_some());
+}

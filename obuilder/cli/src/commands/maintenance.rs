@@ -85,11 +85,16 @@ pub async fn clean(a: CleanArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["before", "keep_free"])))]
 pub struct PruneArgs {
     /// Remove results last used before this: a date (`2026-11-01`, `2026-11-01 12:00:00`)
     /// or an age (`90m`, `12h`, `7d`).
     #[arg(long, value_name = "DATE|AGE")]
-    before: String,
+    before: Option<String>,
+    /// Remove least-recently-used results until the store's filesystem has this much free
+    /// (in percent).
+    #[arg(long, value_name = "PERCENT", conflicts_with = "before")]
+    keep_free: Option<f64>,
     /// Remove at most this many results (least recently used leaves first).
     #[arg(long, value_name = "N", default_value_t = usize::MAX, hide_default_value = true)]
     limit: usize,
@@ -132,10 +137,24 @@ pub fn parse_before(s: &str, now: time::OffsetDateTime) -> anyhow::Result<String
 }
 
 pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
-    let before = parse_before(&a.before, time::OffsetDateTime::now_utc())?;
+    let before = a
+        .before
+        .as_deref()
+        .map(|b| parse_before(b, time::OffsetDateTime::now_utc()))
+        .transpose()?;
+    if let Some(p) = a.keep_free {
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&p),
+            "--keep-free {p}: expected a percentage from 0 to 100"
+        );
+    }
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
-    let n = b.prune(&before, a.limit, &print_sink()).await?;
+    let n = match (before, a.keep_free) {
+        (Some(before), _) => b.prune(&before, a.limit, &print_sink()).await?,
+        (None, Some(p)) => b.prune_until_free(p, &print_sink()).await?,
+        (None, None) => unreachable!("clap requires one"),
+    };
     maybe_wait(&b, &a.wait).await?;
     println!("Removed {n} items");
     Ok(ExitCode::SUCCESS)
@@ -155,6 +174,13 @@ pub async fn df(a: DfArgs) -> anyhow::Result<ExitCode> {
     let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
     println!("store:   {}", b.store().describe());
     println!("results: {}", b.db().count()?);
+    let (hits, misses) = b.db().hit_miss()?;
+    let rate = if hits + misses > 0 {
+        100.0 * hits as f64 / (hits + misses) as f64
+    } else {
+        0.0
+    };
+    println!("cache:   {hits} hits, {misses} misses ({rate:.0}% of steps from cache)");
     println!(
         "free:    {:.1}% ({:.1} GiB of {:.1} GiB)",
         u.free_percent(),

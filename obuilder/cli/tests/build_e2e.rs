@@ -1011,3 +1011,30 @@ fn prune_keep_free_and_hit_counters() {
         "--keep-free and --before exclude each other"
     );
 }
+
+#[test]
+fn copy_from_a_stage_sees_all_its_layers_on_overlayfs() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(module_path!(), &[Cap::OverlayLowerdirPlus])
+    {
+        return;
+    }
+    let env = Env::new("overlayfs");
+    let spec = env.spec(
+        "stage.spec",
+        r#"((build tool
+  ((from busybox)
+   (shell /bin/sh -c)
+   (run (shell "mkdir -p /opt && echo made-early > /opt/early"))
+   (run (shell "echo made-late > /opt/late"))))
+ (from busybox)
+ (shell /bin/sh -c)
+ (copy (from (build tool)) (src /opt/early /opt/late /bin/busybox) (dst /got/))
+ (run (shell "cat /got/early /got/late; test -x /got/busybox && echo exec-kept")))"#,
+    );
+    let out = env.build(&spec);
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}{}", text(&out.stderr));
+    assert!(o.contains("made-early\nmade-late\nexec-kept\n"), "{o}");
+    env.assert_clean();
+}

@@ -137,6 +137,17 @@ async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
     let specs: Vec<Spec> = (0..100)
         .map(|_| Spec::parse(&random_spec(&mut rng)).unwrap())
         .collect();
+    // Each build asks for its base and each `run`.
+    let requested_steps: usize = specs
+        .iter()
+        .map(|s| {
+            1 + s
+                .ops
+                .iter()
+                .filter(|o| matches!(o, obuilder_spec::Op::Run(_)))
+                .count()
+        })
+        .sum();
     let sem = Arc::new(tokio::sync::Semaphore::new(10));
     let mut tasks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
@@ -160,8 +171,14 @@ async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
         built,
         "store and db agree after building"
     );
-    let hits = builder.stats.hits.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(hits > 50, "random builds share steps: {hits} hits");
+    // Sharing happened: far fewer steps ran than were asked for (whether a shared step was a
+    // cache hit or joined while in flight depends on timing; the count of distinct steps
+    // does not).
+    let requested: usize = requested_steps;
+    assert!(
+        (built as usize) * 2 < requested,
+        "{built} distinct steps ran for {requested} requested"
+    );
 
     // Prune everything.
     let removed = builder

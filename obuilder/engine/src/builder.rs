@@ -630,22 +630,44 @@ impl Builder {
                 return Err(fail(format!("user {n:?}: copy needs a numeric user here")))
             }
         };
-        let src_dir = match &c.from {
-            DataSource::Context => opts.src_dir.clone(),
+        // From a stage: a read-only view of its result's whole tree, held until the step ends.
+        let (src_dir, view) = match &c.from {
+            DataSource::Context => (opts.src_dir.clone(), None),
             DataSource::Build(name) => {
                 let (id, _) = ctx
                     .scope
                     .get(name)
                     .ok_or_else(|| fail(format!("Unknown build {name:?}")))?;
-                let dir = self
-                    .store
-                    .result(id)
-                    .await
-                    .map_err(fail)?
-                    .ok_or_else(|| fail(format!("Build result {id:?} not found")))?;
-                dir.join("rootfs")
+                if self.store.result(id).await.map_err(fail)?.is_none() {
+                    return Err(fail(format!("Build result {id:?} not found")));
+                }
+                let v = self.store.view(id).await.map_err(fail)?;
+                (v.clone(), Some(v))
             }
         };
+        let r = self
+            .copy_from(base, c, ctx, opts, pins, src_dir, uid, gid)
+            .await;
+        if let Some(v) = view {
+            if let Err(e) = self.store.release_view(&v).await {
+                tracing::warn!("releasing the view {}: {e}", v.display());
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_from(
+        &self,
+        base: &str,
+        c: &Copy,
+        ctx: &Context,
+        opts: &BuildOptions,
+        pins: &Pins,
+        src_dir: PathBuf,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Id, BuildError> {
         let dst = if c.dst.starts_with('/') {
             c.dst.clone()
         } else if ctx.workdir.ends_with('/') {

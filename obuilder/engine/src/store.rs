@@ -122,6 +122,18 @@ pub trait Store: Send + Sync {
     /// Deletes result `id` (the builder deletes dependants first).
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
 
+    /// A read-only view of result `id`'s whole root filesystem (for `copy (from (build …))`),
+    /// valid until [`Store::release_view`]. Most stores hand out the result's own `rootfs`;
+    /// overlayfs mounts its layers read-only.
+    async fn view(&self, id: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root().join("result").join(id).join("rootfs"))
+    }
+
+    /// Ends a view made by [`Store::view`].
+    async fn release_view(&self, _view: &Path) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Checks out a private writable copy of shared cache `name` (created empty on first
     /// use), its top directory owned by `uid:gid`.
     async fn cache_checkout(&self, name: &str, uid: u32, gid: u32)

@@ -155,6 +155,37 @@ fn mount_overlay(
     .map_err(|e| err("cannot attach overlay at")(e.into()))
 }
 
+/// A read-only overlay of `lowers` (top first) at `target`.
+fn mount_overlay_ro(lowers: &[PathBuf], target: &Path) -> Result<(), StoreError> {
+    let err = |what: &'static str| StoreError::io(what, target.to_path_buf());
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| err("overlayfs not available for")(e.into()))?;
+    for l in lowers {
+        fsconfig_set_string(fs.as_fd(), "lowerdir+", l).map_err(|e| {
+            StoreError::Other(format!("overlay option lowerdir+={}: {e}", l.display()))
+        })?;
+    }
+    for (k, v) in [("redirect_dir", "off"), ("metacopy", "off")] {
+        fsconfig_set_string(fs.as_fd(), k, v)
+            .map_err(|e| StoreError::Other(format!("overlay option {k}={v}: {e}")))?;
+    }
+    fsconfig_create(fs.as_fd()).map_err(|e| err("cannot create overlay for")(e.into()))?;
+    let mnt = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )
+    .map_err(|e| err("cannot mount overlay for")(e.into()))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| err("cannot attach overlay at")(e.into()))
+}
+
 #[async_trait]
 impl Store for OverlayStore {
     fn root(&self) -> &Path {
@@ -238,6 +269,34 @@ impl Store for OverlayStore {
         self.unmount_if_mounted(&merged, true)?;
         remove_tree(&merged)?;
         remove_tree(&dir.dir)
+    }
+
+    async fn view(&self, id: &str) -> Result<PathBuf, StoreError> {
+        let lowers = self.chain(id)?;
+        if lowers.len() == 1 {
+            return Ok(lowers[0].clone());
+        }
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let target = self.layout.root.join("merged").join(format!(
+            "view-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&target).map_err(StoreError::io("cannot create", &target))?;
+        // Lower layers only: overlayfs makes such a mount read-only.
+        if let Err(e) = mount_overlay_ro(&lowers, &target) {
+            let _ = std::fs::remove_dir(&target);
+            return Err(e);
+        }
+        Ok(target)
+    }
+
+    async fn release_view(&self, view: &Path) -> Result<(), StoreError> {
+        if view.starts_with(self.layout.root.join("merged")) {
+            self.unmount_if_mounted(view, true)?;
+            remove_tree(view)?;
+        }
+        Ok(())
     }
 
     async fn cache_checkout(

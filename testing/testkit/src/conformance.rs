@@ -142,6 +142,21 @@ pub async fn store_conformance(open: impl Fn() -> Arc<dyn Store>) {
     assert!(a.join("rootfs/gone").exists());
     assert!(!a.join("rootfs/new").exists());
 
+    // A read-only view of a result holds its whole tree (overlayfs: all its layers).
+    let v = store.view("b").await.unwrap();
+    assert_eq!(read(&v.join("etc/conf")), "v2");
+    assert_eq!(read(&v.join("new")), "n");
+    assert!(
+        v.join("suid").exists(),
+        "the parent's files are in the view"
+    );
+    assert!(!v.join("gone").exists(), "deletions too");
+    store.release_view(&v).await.unwrap();
+    assert!(
+        mounts_below(&root).is_empty(),
+        "a released view leaves no mount"
+    );
+
     // A grandchild sees the deletion and the changes.
     let c = store.prepare("c", Some("b")).await.unwrap();
     assert!(!c.rootfs.join("gone").exists(), "a deletion is inherited");

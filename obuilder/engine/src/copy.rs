@@ -617,6 +617,25 @@ mod tests {
             manifest(&src, "dirlink/run.sh", &[]),
             Err(CopyError::NotARegularFile(..))
         ));
+        // Special files are refused with a clear error, directly or inside a directory.
+        let fifo = src.join("sub/fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = manifest(&src, "sub/fifo", &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Unsupported file type for \"sub/fifo\""),
+            "{e}"
+        );
+        let e = manifest(&src, "sub", &[]).unwrap_err();
+        assert!(e.to_string().contains("sub/fifo"), "{e}");
+        std::fs::remove_file(&fifo).unwrap();
         let all = manifest(&src, ".", &[".git".into()]).unwrap();
         let Manifest::Dir { path, entries } = &all else {
             panic!()

@@ -252,3 +252,38 @@ async fn a_build_arriving_while_its_step_is_cancelling_waits_then_starts_afresh(
     );
     assert!(b.store().result(&id).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn both_waiters_leaving_cancels_the_step() {
+    require!(Cap::Tool("rsync"));
+    let (_d, sandbox, b) = setup().await;
+    let s = spec("block d");
+    let (o1, o2) = (
+        BuildOptions::new("/tmp", buffer_sink().0),
+        BuildOptions::new("/tmp", buffer_sink().0),
+    );
+    let (c1, c2) = (o1.cancel.clone(), o2.cancel.clone());
+    let (b1, b2, s1, s2) = (b.clone(), b.clone(), s.clone(), s.clone());
+    let started = sandbox.started.notified();
+    let t1 = tokio::spawn(async move { b1.build(&s1, &o1).await });
+    started.await;
+    let t2 = tokio::spawn(async move { b2.build(&s2, &o2).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c1.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sandbox.cancelled.load(Ordering::SeqCst),
+        0,
+        "one waiter is left"
+    );
+    c2.cancel();
+    assert_eq!(t1.await.unwrap(), Err(BuildError::Cancelled));
+    assert_eq!(t2.await.unwrap(), Err(BuildError::Cancelled));
+    b.wait_idle().await;
+    assert_eq!(
+        sandbox.cancelled.load(Ordering::SeqCst),
+        1,
+        "the last one leaving cancels the step"
+    );
+    assert_eq!(b.db().count().unwrap(), 1, "only the base is recorded");
+}

@@ -63,10 +63,10 @@ class LoopFs:
 class Registry:
     """Debian's docker-registry on 127.0.0.1 with a throw-away storage dir."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.dir = tempfile.mkdtemp(prefix="obuilder-bench-registry-", dir="/var/tmp")
         s = socket.socket()
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", port))
         self.port = s.getsockname()[1]
         s.close()
         self.addr = f"127.0.0.1:{self.port}"

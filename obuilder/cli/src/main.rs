@@ -58,11 +58,18 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OBUILDER_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("OBUILDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // OBUILDER_TIMINGS=1: per-phase timings (fetch, hash, snapshot, sandbox, copy, publish).
+    if std::env::var_os("OBUILDER_TIMINGS").is_some_and(|v| v == "1") {
+        if let Ok(d) = "obuilder::timing=info".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let result = match cli.command {

@@ -487,6 +487,7 @@ impl Builder {
                         LogEvent::Output(b) => steplog.write(b),
                     };
                 });
+                let _t = crate::timing::phase("fetch", &dir.id);
                 let config = fetcher
                     .fetch(&resolved, &dir.rootfs, &sink)
                     .await
@@ -595,11 +596,13 @@ impl Builder {
                         }
                     }
                 }
+                let t = crate::timing::phase("sandbox", &dir.id);
                 let r = match sandbox.run(&config, &dir.rootfs, &steplog, &cancel).await {
                     Ok(()) => Ok(()),
                     Err(SandboxError::Cancelled) => Err(BuildError::Cancelled),
                     Err(e) => Err(fail(e)),
                 };
+                drop(t);
                 // As OBuilder: a cache keeps what a step put in it even if the step failed
                 // (downloads stay useful); a cancelled step's half-written copy is dropped.
                 let keep = r != Err(BuildError::Cancelled);
@@ -676,6 +679,7 @@ impl Builder {
             format!("{}/{}", ctx.workdir, c.dst)
         };
         let (srcs, exclude, sd) = (c.src.clone(), c.exclude.clone(), src_dir.clone());
+        let hash_t = crate::timing::phase("hash", base);
         let op = tokio::task::spawn_blocking(move || {
             let items = srcs
                 .iter()
@@ -686,6 +690,7 @@ impl Builder {
         .await
         .map_err(fail)?
         .map_err(fail)?;
+        drop(hash_t);
         let input = CopyInput {
             base: base.to_string(),
             user: ctx.user.clone(),
@@ -998,11 +1003,13 @@ impl BuildTask {
         if let Some(p) = self.store.result(&self.id).await.map_err(fail)? {
             return Ok(p);
         }
+        let snap_t = crate::timing::phase("snapshot", &self.id);
         let dir = self
             .store
             .prepare(&self.id, self.base.as_deref())
             .await
             .map_err(|e| fail(format!("cannot prepare a snapshot for {}: {e}", self.id)))?;
+        drop(snap_t);
         let steplog = match StepLog::create(&dir.dir.join("log")) {
             Ok(l) => l,
             Err(e) => {
@@ -1021,7 +1028,10 @@ impl BuildTask {
         };
         steplog.finish();
         match r {
-            Ok(()) => match self.store.commit(&dir).await {
+            Ok(()) => match {
+                let _t = crate::timing::phase("publish", &self.id);
+                self.store.commit(&dir).await
+            } {
                 Ok(path) => {
                     self.db
                         .add(&self.id, self.base.as_deref(), &db::now())

@@ -19,6 +19,7 @@ pub mod lock;
 pub mod log;
 pub mod sandbox;
 pub mod store;
+pub mod timing;
 
 pub use builder::{BuildError, BuildOptions, Builder};
 pub use tokio_util::sync::CancellationToken;

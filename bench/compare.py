@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""obuilder side by side with buildah on the shared workload (../shared/bench/).
+
+Usage (as root, one command on a fresh machine of this kind):
+
+    python3 bench/compare.py [--quick] [--reps N] [--stores btrfs,overlayfs,...] [--no-throughput]
+
+It installs buildah and debootstrap if missing, makes the Debian bookworm minbase base
+with debootstrap (cached under /var/tmp/obuilder-bench-cache), starts Debian's
+docker-registry on 127.0.0.1:5000 and pushes the base as localhost:5000/debian:bookworm,
+generates the 206-file context, then for each scenario runs obuilder (on each store) and
+buildah (overlay storage, runc, --layers, --network none) alternately, each on a
+filesystem made fresh for the run:
+
+* base pull           — the base from the registry into empty storage;
+* cold                — the whole workload, base already local;
+* fully cached        — the same again;
+* last step changed   — "final step 1" rewritten;
+* one source changed  — src/lib07/mod03.c edited.
+
+Then (unless --no-throughput) 40 workload variants (each a different last step and one
+different source file), 4 at a time, on a btrfs store holding 5000 results and on an empty
+one; and obuilder's peak RSS. Results: the "compare" section of docs/benchmarks.md. It
+never runs two measurements at once and cleans up everything it mounts and starts.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from report import REPO, LoopFs, Registry, sh, stats, write_section  # noqa: E402
+from pull_bench import layout, minbase  # noqa: E402
+
+OBUILDER = os.path.join(REPO, "target", "release", "obuilder")
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "workload"))
+BASE_REF = "localhost:5000/debian:bookworm"
+
+STORES = {
+    "btrfs": ("btrfs", ["--store", "btrfs:{root}"]),
+    "overlayfs": ("ext4", ["--store", "overlayfs:{root}"]),
+    "xfs": ("xfs", ["--store", "xfs:{root}"]),
+    "rsync copy": ("ext4", ["--store", "rsync:{root}", "--rsync-mode", "copy"]),
+    "rsync hardlink": ("ext4", ["--store", "rsync:{root}", "--rsync-mode", "hardlink"]),
+}
+
+PHASES = ["fetch", "hash", "snapshot", "sandbox", "copy", "publish"]
+
+
+def run(argv, env=None, cwd=None):
+    """Runs a command; returns (seconds, stdout, stderr, max RSS in KiB)."""
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS=%M"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env=env, cwd=cwd)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    m = re.findall(r"MAXRSS=(\d+)", r.stderr)
+    return dt, r.stdout, r.stderr, int(m[-1]) if m else 0
+
+
+def phases(stderr):
+    out = {}
+    for m in re.finditer(r'phase="?(\w+)"? ms=([0-9.]+)', stderr):
+        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+class Ours:
+    def __init__(self, store_label, work):
+        fs_kind, args = STORES[store_label]
+        self.label = f"obuilder ({store_label})"
+        self.fs = LoopFs(fs_kind, 6144)
+        self.args_t = args
+        self.work = work
+        self.n = 0
+        self.root = None
+        self.spec_text = open(os.path.join(SHARED, "spec.sexp")).read()
+
+    def fresh(self):
+        self.n += 1
+        self.root = os.path.join(self.fs.mnt, f"store-{self.n}")
+        self.args = [a.format(root=self.root) for a in self.args_t]
+
+    def drop(self):
+        if self.root:
+            subprocess.run([OBUILDER, "clean"] + self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def spec(self, text):
+        p = os.path.join(self.work, f"ob-{time.time_ns()}.spec")
+        open(p, "w").write(text)
+        return p
+
+    def pull(self):
+        p = self.spec(f"((from {BASE_REF}))\n")
+        return run([OBUILDER, "build", "-f", p, self.work] + self.args)
+
+    def build(self, ctx, final="final step 1"):
+        env = dict(os.environ, OBUILDER_TIMINGS="1")
+        p = self.spec(self.spec_text.replace("final step 1", final))
+        return run([OBUILDER, "build", "--fast-sync", "-f", p, ctx] + self.args, env=env)
+
+    def close(self):
+        self.drop()
+        self.fs.close()
+
+
+class Buildah:
+    label = "buildah"
+
+    def __init__(self, work):
+        self.fs = LoopFs("ext4", 6144)
+        self.work = work
+        self.n = 0
+        self.dockerfile = open(os.path.join(SHARED, "Dockerfile")).read()
+
+    def fresh(self):
+        self.n += 1
+        base = os.path.join(self.fs.mnt, f"b-{self.n}")
+        self.common = ["--root", os.path.join(base, "root"), "--runroot", os.path.join(base, "run"), "--storage-driver", "overlay"]
+        self.base = base
+
+    def drop(self):
+        subprocess.run(["buildah"] + self.common + ["rm", "--all"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["buildah"] + self.common + ["rmi", "--all", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # overlay storage leaves mounts behind; unmount before removing
+        for l in open("/proc/self/mountinfo").read().splitlines():
+            m = l.split()[4]
+            if m.startswith(self.base + "/"):
+                subprocess.run(["umount", "-l", m], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def pull(self):
+        return run(["buildah"] + self.common + ["pull", "--quiet", "--tls-verify=false", BASE_REF])
+
+    def build(self, ctx, final="final step 1"):
+        df = os.path.join(self.work, f"Dockerfile-{time.time_ns()}")
+        open(df, "w").write(self.dockerfile.replace("final step 1", final))
+        return run(["buildah"] + self.common + ["bud", "--quiet", "--layers", "--network", "none", "--isolation", "oci",
+                                                "--runtime", "runc", "--tls-verify=false", "-f", df, "-t", "obench", ctx])
+
+    def close(self):
+        self.drop()
+        self.fs.close()
+
+
+def edit_source(ctx, tag):
+    with open(os.path.join(ctx, "src/lib07/mod03.c"), "a") as f:
+        f.write(f"/* edit {tag} */\n")
+
+
+def scenarios(tool, ctx, reps, results, timings, rss):
+    """One round for one tool: fresh storage, then the five scenarios."""
+    tool.fresh()
+    try:
+        t, *_ = tool.pull()
+        results.setdefault((tool.label, "base pull"), []).append(t)
+        t, _, err, mem = tool.build(ctx)
+        results.setdefault((tool.label, "cold"), []).append(t)
+        timings.setdefault((tool.label, "cold"), []).append(phases(err))
+        rss.setdefault(tool.label, []).append(mem)
+        t, *_ = tool.build(ctx)
+        results.setdefault((tool.label, "fully cached"), []).append(t)
+        t, _, err, _ = tool.build(ctx, final=f"final step r{time.time_ns()}")
+        results.setdefault((tool.label, "last step changed"), []).append(t)
+        timings.setdefault((tool.label, "last step changed"), []).append(phases(err))
+        edit_source(ctx, time.time_ns())
+        t, _, err, _ = tool.build(ctx)
+        results.setdefault((tool.label, "one source changed"), []).append(t)
+        timings.setdefault((tool.label, "one source changed"), []).append(phases(err))
+    finally:
+        tool.drop()
+        sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
+
+
+def throughput(work, ctx_master, n_builds, fill_n):
+    """40 variants, 4 at a time, on a btrfs store holding fill_n results, and on an empty one."""
+    out = {}
+    for label, fill_to in [("empty store", 0), (f"store with {fill_n} results", fill_n)]:
+        ours = Ours("btrfs", work)
+        try:
+            ours.fresh()
+            ours.pull()
+            ours.build(ctx_master)
+            if fill_to:
+                per = 100
+                for j in range(fill_to // per):
+                    steps = "".join(f' (run (shell "true fill-{j}-{k}"))' for k in range(per))
+                    p = ours.spec(f"((from {BASE_REF}) (shell /bin/sh -c){steps})\n")
+                    run([OBUILDER, "build", "--fast-sync", "-f", p, ctx_master] + ours.args)
+            sh("sync")
+            time.sleep(3)
+            ctxs = []
+            for i in range(n_builds):
+                c = os.path.join(work, f"ctx-{label[:5]}-{i}")
+                shutil.copytree(ctx_master, c, symlinks=True)
+                edit_source(c, f"variant-{i}")
+                ctxs.append(c)
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                res = list(pool.map(lambda i: ours.build(ctxs[i], final=f"variant {i}"), range(n_builds)))
+            wall = time.perf_counter() - t0
+            out[label] = dict(wall=wall, per_build=[r[0] for r in res], rss=max(r[3] for r in res))
+            for c in ctxs:
+                shutil.rmtree(c, ignore_errors=True)
+        finally:
+            ours.close()
+    return out
+
+
+def ms(x):
+    return f"{x * 1000:.0f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one repetition, btrfs only, small throughput run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stores", default="btrfs,overlayfs,xfs,rsync copy,rsync hardlink")
+    ap.add_argument("--no-throughput", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    if a.quick:
+        a.reps, a.stores = 1, "btrfs"
+    for tool, pkg in [("buildah", "buildah"), ("debootstrap", "debootstrap"), ("docker-registry", "docker-registry"), ("skopeo", "skopeo")]:
+        if shutil.which(tool) is None:
+            sh("apt-get", "install", "-y", "-qq", pkg, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    sh("cargo", "build", "--release", "--quiet", cwd=REPO)
+    work = tempfile.mkdtemp(prefix="obuilder-compare-", dir="/var/tmp")
+    reg = Registry(port=5000)
+    tools = []
+    try:
+        root = minbase()
+        base_layer = os.path.join(work, "base.tar.gz")
+        sh("tar", "--create", "--gzip", "--file", base_layer, "--numeric-owner", "--directory", root, ".")
+        layout(os.path.join(work, "layout"), [base_layer], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+        reg.push(os.path.join(work, "layout"), "debian:bookworm")
+        ctx = os.path.join(work, "ctx")
+        sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
+        stores = [s.strip() for s in a.stores.split(",") if s.strip()]
+        tools = [Buildah(work)] + [Ours(s, work) for s in stores]
+        results, timings, rss = {}, {}, {}
+        for rep in range(a.reps):
+            for tool in tools:  # alternate tools within each repetition
+                print(f"rep {rep + 1}/{a.reps}: {tool.label}", file=sys.stderr)
+                scenarios(tool, ctx, a.reps, results, timings, rss)
+        thr = None
+        if not a.no_throughput:
+            print("throughput", file=sys.stderr)
+            thr = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000)
+        report(a, results, timings, rss, thr, [t.label for t in tools])
+    finally:
+        for t in tools:
+            t.close()
+        reg.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+TARGETS = {"cold": 1 / 3, "fully cached": 1 / 50, "last step changed": 1 / 10, "one source changed": 1 / 4, "base pull": 1 / 2}
+
+
+def report(a, results, timings, rss, thr, labels):
+    L = []
+    w = L.append
+    w("## obuilder and buildah on the shared workload (`bench/compare.py`)")
+    w("")
+    w(f"Measured by `python3 bench/compare.py{' --quick' if a.quick else ''}` on {time.strftime('%Y-%m-%d')} "
+      f"({os.cpu_count()} cores): the 8-step workload of `../shared/bench/` (Debian bookworm minbase base from "
+      f"`localhost:5000`, 10 000-file step, 206-file context), {a.reps} round(s) alternating the tools, each tool's "
+      "storage on a filesystem made fresh for the run. buildah: overlay storage, runc, `--layers`, `--network none`. "
+      "obuilder: `--fast-sync`. Whole-process wall times, median [min–max] in ms.")
+    w("")
+    scen = ["base pull", "cold", "fully cached", "last step changed", "one source changed"]
+    w("| scenario | " + " | ".join(labels) + " | target ours/buildah |")
+    w("|---|" + "---|" * len(labels) + "---|")
+    for sc in scen:
+        cells = []
+        for lab in labels:
+            v = results.get((lab, sc))
+            cells.append(f"{ms(stats(v)[0])} [{ms(stats(v)[1])}–{ms(stats(v)[2])}]" if v else "–")
+        w(f"| {sc} | " + " | ".join(cells) + f" | ≤ {TARGETS[sc]:.3f} |")
+    w("")
+    w("Ratios ours / buildah (medians; **bold** where the target is met):")
+    w("")
+    ours = [l for l in labels if l != "buildah"]
+    w("| scenario | " + " | ".join(ours) + " |")
+    w("|---|" + "---|" * len(ours))
+    for sc in scen:
+        b = results.get(("buildah", sc))
+        cells = []
+        for lab in ours:
+            v = results.get((lab, sc))
+            if v and b:
+                r = stats(v)[0] / stats(b)[0]
+                cells.append(f"**{r:.3f}**" if r <= TARGETS[sc] else f"{r:.3f}")
+            else:
+                cells.append("–")
+        w(f"| {sc} | " + " | ".join(cells) + " |")
+    w("")
+    snap = [l for l in ours if "rsync" not in l]
+    rs = [l for l in ours if "rsync" in l]
+    if snap and rs:
+        w("rsync against the snapshot stores (the seeds report 4 → 16 jobs/hour moving macOS from rsync to ZFS):")
+        w("")
+        for sc in ["cold", "last step changed", "one source changed"]:
+            best = min(stats(results[(l, sc)])[0] for l in snap)
+            w(f"* {sc}: " + ", ".join(f"{l} {stats(results[(l, sc)])[0] / best:.1f}× the fastest snapshot store" for l in rs))
+        w("")
+    w("Where obuilder's time goes (sum of its own phase timings per build, median over rounds, ms; `sandbox` is runc "
+      "start + the command):")
+    w("")
+    w("| build | " + " | ".join(PHASES) + " | whole process |")
+    w("|---|" + "---|" * (len(PHASES) + 1))
+    for lab in ours:
+        for sc in ["cold", "last step changed", "one source changed"]:
+            ts = timings.get((lab, sc), [])
+            if not ts:
+                continue
+            cells = [f"{sorted(t.get(p, 0) for t in ts)[len(ts) // 2]:.0f}" for p in PHASES]
+            w(f"| {lab}, {sc} | " + " | ".join(cells) + f" | {ms(stats(results[(lab, sc)])[0])} |")
+    w("")
+    w("Peak RSS of one `obuilder build` process during the cold build: " +
+      ", ".join(f"{lab} {max(v) / 1024:.0f} MiB" for lab, v in rss.items() if lab != "buildah") +
+      (f" (buildah: {max(rss['buildah']) / 1024:.0f} MiB)." if "buildah" in rss else "."))
+    w("")
+    if thr:
+        w("### Throughput on a busy btrfs store")
+        w("")
+        w("Workload variants (each its own last step and one different source file), 4 `obuilder build` processes at "
+          "a time on one store:")
+        w("")
+        w("| store | builds | wall (s) | builds per hour | median build (ms) | peak RSS per process |")
+        w("|---|---|---|---|---|---|")
+        for k, v in thr.items():
+            n = len(v["per_build"])
+            w(f"| {k} | {n} | {v['wall']:.1f} | {n / v['wall'] * 3600:.0f} | {ms(stats(v['per_build'])[0])} | {v['rss'] / 1024:.0f} MiB |")
+        ks = list(thr)
+        if len(ks) == 2:
+            e, f = stats(thr[ks[0]]["per_build"])[0], stats(thr[ks[1]]["per_build"])[0]
+            w("")
+            w(f"A build on the full store took {f / e:.2f}× as long as on the empty one.")
+        w("")
+    out = "\n".join(L) + "\n"
+    write_section("compare", out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -980,6 +980,11 @@ impl BuildTask {
         let _ = self.inf.result.send(Some(r));
     }
 
+    async fn commit_timed(&self, dir: &BuildDir) -> Result<PathBuf, crate::store::StoreError> {
+        let _t = crate::timing::phase("publish", &self.id);
+        self.store.commit(dir).await
+    }
+
     async fn build(&self, work: Work) -> StepResult {
         // Another process, or a build that finished just now, may have made it.
         if let Some(p) = self.store.result(&self.id).await.map_err(fail)? {
@@ -1028,10 +1033,7 @@ impl BuildTask {
         };
         steplog.finish();
         match r {
-            Ok(()) => match {
-                let _t = crate::timing::phase("publish", &self.id);
-                self.store.commit(&dir).await
-            } {
+            Ok(()) => match self.commit_timed(&dir).await {
                 Ok(path) => {
                     self.db
                         .add(&self.id, self.base.as_deref(), &db::now())

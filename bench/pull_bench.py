@@ -17,6 +17,8 @@ what it costs, and that it downloads only its own layer.
 """
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -82,14 +84,23 @@ def layout(dir, layer_files, env):
         return d, len(data)
 
     layers = []
+    diff_ids = []
     for lf in layer_files:
+        # The config names each layer by the digest of its uncompressed tar.
+        h = hashlib.sha256()
+        with gzip.open(lf, "rb") as g:
+            for chunk in iter(lambda: g.read(1 << 20), b""):
+                h.update(chunk)
+        diff_ids.append("sha256:" + h.hexdigest())
         d, size = sha_file(lf)
         dst = os.path.join(dir, "blobs/sha256", d[7:])
         if not os.path.exists(dst):
             os.link(lf, dst) if os.stat(lf).st_dev == os.stat(dir).st_dev else shutil.copy(lf, dst)
         layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size})
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
-    cfg = json.dumps({"architecture": arch, "os": "linux", "config": {"Env": env}, "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    cfg = json.dumps({"architecture": arch, "os": "linux", "created": "2023-11-14T22:13:20Z", "config": {"Env": env},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                      "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "layer"} for _ in diff_ids]}).encode()
     cd, cs = blob(cfg)
     man = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},

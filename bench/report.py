@@ -66,6 +66,7 @@ class Registry:
     def __init__(self, port=0):
         self.dir = tempfile.mkdtemp(prefix="obuilder-bench-registry-", dir="/var/tmp")
         s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a previous run
         s.bind(("127.0.0.1", port))
         self.port = s.getsockname()[1]
         s.close()

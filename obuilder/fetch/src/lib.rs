@@ -160,6 +160,17 @@ impl ImageFetcher {
 
     /// Downloads the layers of a registry image that the blob store lacks.
     pub async fn download(&self, rec: &ImageRecord, log: &LogSink) -> Result<(), FetchError> {
+        self.download_tapped(rec, log, None).await
+    }
+
+    /// [`ImageFetcher::download`], streaming one layer's bytes to `tap` as they arrive
+    /// (see [`Registry::download_tapped`]).
+    async fn download_tapped(
+        &self,
+        rec: &ImageRecord,
+        log: &LogSink,
+        tap: Option<(String, tokio::sync::mpsc::Sender<Vec<u8>>)>,
+    ) -> Result<(), FetchError> {
         let Some(pulled_from) = &rec.registry else {
             return Ok(());
         };
@@ -219,7 +230,7 @@ impl ImageFetcher {
             }
         });
         registry
-            .download(&res, &self.images, &progress)
+            .download_tapped(&res, &self.images, &progress, tap)
             .await
             .map_err(|e| bad(&rec.name, e))
     }
@@ -245,28 +256,126 @@ impl Fetcher for ImageFetcher {
         let name = image.name.clone();
         let rec: ImageRecord = serde_json::from_value(image.source.clone())
             .map_err(|e| bad(&name, format!("bad image record: {e}")))?;
-        self.download(&rec, log).await?;
+        let _t = obuilder_engine::timing::phase("download+extract", &rec.digest);
+        // The first layer that is not stored yet is extracted while it downloads (the
+        // layers before it from the blob store first); the rest after the download. Nothing
+        // is trusted before the download has checked every digest: on any error the caller
+        // throws the half-made root filesystem away.
+        let first_missing = rec.layers.iter().position(|l| {
+            !self
+                .images
+                .blob_path(l)
+                .map(|p| p.exists())
+                .unwrap_or(false)
+        });
+        let (tap, rx) = match first_missing {
+            Some(k) if rec.registry.is_some() => {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+                (Some((rec.layers[k].clone(), tx)), Some((k, rx)))
+            }
+            _ => (None, None),
+        };
+        let upto = rx.as_ref().map(|(k, _)| *k + 1).unwrap_or(0);
+        let early = {
+            let (this, rootfs, rec, log) = (
+                self.images.clone(),
+                rootfs.to_path_buf(),
+                rec.clone(),
+                log.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
+                let total = rec.layers.len();
+                let Some((k, mut rx)) = rx else {
+                    return Ok(());
+                };
+                for i in 0..k {
+                    extract_stored(&this, &rec, i, total, &rootfs, &log)?;
+                }
+                let first = rx.blocking_recv();
+                if first.is_none() {
+                    // Nothing streamed: another process stored the layer meanwhile.
+                    return extract_stored(&this, &rec, k, total, &rootfs, &log);
+                }
+                log(&LogEvent::Note(format!(
+                    "Extracting layer {}/{total} {} while it downloads",
+                    k + 1,
+                    rec.layers[k]
+                )));
+                let reader = StreamReader {
+                    rx,
+                    cur: first.unwrap_or_default(),
+                    pos: 0,
+                };
+                extract::extract_layer(&rootfs, reader)
+                    .map_err(|e| bad(&rec.name, format!("layer {}: {e}", rec.layers[k])))
+            })
+        };
+        let downloaded = self.download_tapped(&rec, log, tap).await;
+        let extracted = early.await.map_err(|e| bad(&name, e))?;
+        downloaded?;
+        extracted?;
         let total = rec.layers.len();
-        for (i, layer) in rec.layers.iter().enumerate() {
-            log(&LogEvent::Note(format!(
-                "Extracting layer {}/{total} {layer}",
-                i + 1
-            )));
-            let path = self.images.blob_path(layer).map_err(|e| bad(&name, e))?;
-            let (rootfs, layer_name) = (rootfs.to_path_buf(), layer.clone());
-            let n = name.clone();
+        for i in upto..total {
+            let (images, rootfs, rec, log) = (
+                self.images.clone(),
+                rootfs.to_path_buf(),
+                rec.clone(),
+                log.clone(),
+            );
             tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::open(&path).map_err(|source| FetchError::Io {
-                    name: n.clone(),
-                    what: format!("layer {layer_name}"),
-                    source,
-                })?;
-                extract::extract_layer(&rootfs, f)
-                    .map_err(|e| bad(&n, format!("layer {layer_name}: {e}")))
+                extract_stored(&images, &rec, i, total, &rootfs, &log)
             })
             .await
             .map_err(|e| bad(&name, e))??;
         }
         Ok(rec.config)
+    }
+}
+
+/// Extracts layer `i` of `rec` from the blob store.
+fn extract_stored(
+    images: &ImageStore,
+    rec: &ImageRecord,
+    i: usize,
+    total: usize,
+    rootfs: &Path,
+    log: &LogSink,
+) -> Result<(), FetchError> {
+    let layer = &rec.layers[i];
+    log(&LogEvent::Note(format!(
+        "Extracting layer {}/{total} {layer}",
+        i + 1
+    )));
+    let path = images.blob_path(layer).map_err(|e| bad(&rec.name, e))?;
+    let f = std::fs::File::open(&path).map_err(|source| FetchError::Io {
+        name: rec.name.clone(),
+        what: format!("layer {layer}"),
+        source,
+    })?;
+    extract::extract_layer(rootfs, f).map_err(|e| bad(&rec.name, format!("layer {layer}: {e}")))
+}
+
+/// Reads the chunks of a layer as the download sends them.
+struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.cur = chunk;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }

@@ -103,9 +103,11 @@ pub struct Resolved {
 }
 
 pub struct Registry {
-    http: reqwest::Client,
+    /// Made on first use: loading the system's CA certificates costs milliseconds that a
+    /// build served from the cache should not pay.
+    http: std::sync::OnceLock<reqwest::Client>,
     opts: RegistryOptions,
-    creds: HashMap<String, String>,
+    creds: std::sync::OnceLock<HashMap<String, String>>,
     /// `Authorization` header values by `registry/repository`.
     auth: tokio::sync::Mutex<HashMap<String, String>>,
 }
@@ -173,20 +175,36 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 impl Registry {
+    /// A client; nothing is read or connected until the first request.
     pub fn new(opts: RegistryOptions) -> Result<Registry, String> {
-        let http = reqwest::Client::builder()
+        Ok(Registry {
+            http: Default::default(),
+            opts,
+            creds: Default::default(),
+            auth: Default::default(),
+        })
+    }
+
+    fn http(&self, r: &Reference) -> Result<&reqwest::Client, RegistryError> {
+        if let Some(c) = self.http.get() {
+            return Ok(c);
+        }
+        let c = reqwest::Client::builder()
             .user_agent(concat!("obuilder/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(60))
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
-        let creds = load_docker_credentials(opts.docker_config.clone());
-        Ok(Registry {
-            http,
-            opts,
-            creds,
-            auth: Default::default(),
-        })
+            .map_err(|e| RegistryError::Unreachable {
+                image: r.to_string(),
+                registry: r.registry.clone(),
+                detail: format!("cannot set up the HTTP client: {e}"),
+            })?;
+        Ok(self.http.get_or_init(|| c))
+    }
+
+    fn creds(&self) -> &HashMap<String, String> {
+        self.creds
+            .get_or_init(|| load_docker_credentials(self.opts.docker_config.clone()))
     }
 
     fn scheme(&self, r: &Reference) -> &'static str {
@@ -237,7 +255,7 @@ impl Registry {
         let key = format!("{}/{}", r.registry, r.repository);
         let mut authz = self.auth.lock().await.get(&key).cloned();
         for attempt in 0..2 {
-            let mut req = self.http.get(url);
+            let mut req = self.http(r)?.get(url);
             if !accept.is_empty() {
                 req = req.header(reqwest::header::ACCEPT, accept.join(", "));
             }
@@ -269,7 +287,7 @@ impl Registry {
     }
 
     async fn authenticate(&self, r: &Reference, challenge: &str) -> Result<String, RegistryError> {
-        let basic = self.creds.get(&r.registry).cloned();
+        let basic = self.creds().get(&r.registry).cloned();
         let denied = |status| RegistryError::Denied {
             image: r.to_string(),
             registry: r.registry.clone(),
@@ -292,7 +310,7 @@ impl Registry {
                     .get("scope")
                     .cloned()
                     .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
-                let mut req = self.http.get(realm).query(&[("scope", scope.as_str())]);
+                let mut req = self.http(r)?.get(realm).query(&[("scope", scope.as_str())]);
                 if let Some(service) = params.get("service") {
                     req = req.query(&[("service", service.as_str())]);
                 }
@@ -476,6 +494,21 @@ impl Registry {
         images: &ImageStore,
         progress: &ProgressSink,
     ) -> Result<(), RegistryError> {
+        self.download_tapped(res, images, progress, None).await
+    }
+
+    /// [`Registry::download`], also sending the bytes of one layer (`tap`: its digest and a
+    /// channel) as they arrive, so that it can be extracted while it downloads. The receiver
+    /// must not trust what it got until this returns `Ok` (the digest is checked at the end);
+    /// if the layer is already stored, nothing is sent. A receiver that goes away does not
+    /// stop the download.
+    pub async fn download_tapped(
+        &self,
+        res: &Resolved,
+        images: &ImageStore,
+        progress: &ProgressSink,
+        tap: Option<(String, tokio::sync::mpsc::Sender<Vec<u8>>)>,
+    ) -> Result<(), RegistryError> {
         let todo: Vec<(String, u64)> = res
             .layers
             .iter()
@@ -488,10 +521,13 @@ impl Registry {
             })
             .cloned()
             .collect();
-        futures_util::stream::iter(
-            todo.into_iter()
-                .map(|(d, size)| self.blob(&res.reference, d, size, images, progress)),
-        )
+        futures_util::stream::iter(todo.into_iter().map(|(d, size)| {
+            let tap = tap
+                .as_ref()
+                .filter(|(t, _)| *t == d)
+                .map(|(_, tx)| tx.clone());
+            self.blob(&res.reference, d, size, images, progress, tap)
+        }))
         .buffer_unordered(self.opts.concurrency.max(1))
         .try_collect::<Vec<()>>()
         .await?;
@@ -505,6 +541,7 @@ impl Registry {
         size: u64,
         images: &ImageStore,
         progress: &ProgressSink,
+        mut tap: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     ) -> Result<(), RegistryError> {
         let bad = |detail: String| RegistryError::Bad {
             image: r.to_string(),
@@ -524,6 +561,11 @@ impl Registry {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| bad(format!("download interrupted: {e}")))?;
             w.write(&chunk).map_err(|e| bad(e.to_string()))?;
+            if let Some(tx) = &tap {
+                if tx.send(chunk.to_vec()).await.is_err() {
+                    tap = None; // the extractor stopped; the blob is still stored
+                }
+            }
             progress(&Progress::Advance {
                 digest: digest.clone(),
                 bytes: chunk.len() as u64,

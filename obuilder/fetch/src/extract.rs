@@ -308,7 +308,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
         let kind = h.entry_type();
         let owner = |fd_name: &str, flags: AtFlags| {
             rustix::fs::chownat(
-                &parent,
+                parent,
                 fd_name,
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(gid)),
@@ -317,18 +317,18 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             .map_err(errno("cannot chown", &shown))
         };
         if kind.is_dir() {
-            match rustix::fs::mkdirat(&parent, name.as_str(), Mode::from_raw_mode(0o700)) {
+            match rustix::fs::mkdirat(parent, name.as_str(), Mode::from_raw_mode(0o700)) {
                 Ok(()) => {}
                 Err(rustix::io::Errno::EXIST) => {
                     // A non-directory in the way is replaced; a directory is kept (merged).
-                    let st = rustix::fs::statat(&parent, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    let st = rustix::fs::statat(parent, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
                         .map_err(errno("cannot stat", &shown))?;
                     if rustix::fs::FileType::from_raw_mode(st.st_mode)
                         != rustix::fs::FileType::Directory
                     {
                         root.invalidate();
                         remove_at(parent, &name, &shown)?;
-                        rustix::fs::mkdirat(&parent, name.as_str(), Mode::from_raw_mode(0o700))
+                        rustix::fs::mkdirat(parent, name.as_str(), Mode::from_raw_mode(0o700))
                             .map_err(errno("cannot create directory", &shown))?;
                     }
                 }
@@ -336,7 +336,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             }
             owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
             rustix::fs::chmodat(
-                &parent,
+                parent,
                 name.as_str(),
                 Mode::from_raw_mode(mode),
                 AtFlags::empty(),
@@ -436,7 +436,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             })?;
             owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
             rustix::fs::chmodat(
-                &parent,
+                parent,
                 name.as_str(),
                 Mode::from_raw_mode(mode),
                 AtFlags::empty(),
@@ -454,7 +454,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             tv_nsec: 0,
         };
         let _ = rustix::fs::utimensat(
-            &parent,
+            parent,
             name.as_str(),
             &Timestamps {
                 last_access: t,

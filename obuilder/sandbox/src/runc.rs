@@ -39,11 +39,15 @@ impl Default for RuncOptions {
     }
 }
 
+/// Container ids are `obuilder-PID-N` with N counted per process, not per sandbox: runc
+/// names the container's cgroup after its id, so two sandboxes in one process (a worker
+/// with several stores) must never hand out the same one.
+static NEXT_CONTAINER: AtomicU64 = AtomicU64::new(0);
+
 pub struct RuncSandbox {
     state_dir: PathBuf,
     opts: RuncOptions,
     exec: SharedExec,
-    next: AtomicU64,
     machine: String,
 }
 
@@ -59,7 +63,6 @@ impl RuncSandbox {
             state_dir: state_dir.to_path_buf(),
             opts,
             exec,
-            next: AtomicU64::new(0),
             machine: rustix::system::uname()
                 .machine()
                 .to_string_lossy()
@@ -243,7 +246,7 @@ impl Sandbox for RuncSandbox {
         let id = format!(
             "obuilder-{}-{}",
             std::process::id(),
-            self.next.fetch_add(1, Ordering::Relaxed)
+            NEXT_CONTAINER.fetch_add(1, Ordering::Relaxed)
         );
         let bundle = self.bundles().join(&id);
         // Secret targets that do not exist get mount points made by runc; remember them to

@@ -69,7 +69,13 @@ async fn a_run_is_one_runc_run_with_its_own_bundle_removed_after() {
     let calls = exec.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1);
     let argv = &calls[0].argv;
-    let id = format!("obuilder-{}-0", std::process::id());
+    let id = argv.last().unwrap().clone();
+    let prefix = format!("obuilder-{}-", std::process::id());
+    assert!(
+        id.strip_prefix(&prefix)
+            .is_some_and(|n| n.parse::<u64>().is_ok()),
+        "{id}"
+    );
     let bundle = dir.path().join("runc-tmp").join(&id).display().to_string();
     assert_eq!(
         argv,
@@ -132,9 +138,9 @@ async fn cancellation_kills_then_deletes_the_container() {
         matches!(e, obuilder_engine::sandbox::SandboxError::Cancelled),
         "{e}"
     );
-    let id = format!("obuilder-{}-0", std::process::id());
     let root = dir.path().join("runc").display().to_string();
     let argvs = exec.argvs();
+    let id = exec.calls.lock().unwrap()[0].argv.last().unwrap().clone();
     assert_eq!(
         argvs[1..],
         [
@@ -142,4 +148,33 @@ async fn cancellation_kills_then_deletes_the_container() {
             format!("runc --root {root} delete --force {id}")
         ]
     );
+}
+
+/// runc names a container's cgroup after its id: two sandboxes in one process (a worker
+/// with two stores) must never use the same id, or one container joins the other's cgroup.
+#[tokio::test]
+async fn two_sandboxes_in_one_process_never_share_a_container_id() {
+    let mut ids = Vec::new();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for _ in 0..3 {
+        for dir in &dirs {
+            let exec = RecordingExec::new();
+            let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
+            std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
+            let log = StepLog::create(&dir.path().join("log")).unwrap();
+            sb.run(
+                &config(),
+                &dir.path().join("rootfs"),
+                &log,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            ids.push(exec.calls.lock().unwrap()[0].argv.last().unwrap().clone());
+        }
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "{ids:?}");
 }

@@ -77,13 +77,35 @@ fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> StoreError
     StoreError::io(what, p.to_path_buf())
 }
 
-/// An exclusive lock on a cache's generation file, held until dropped.
+/// A lock on a cache's generation file, held until dropped: exclusive to create or swap the
+/// latest version, shared to copy it (so copies run side by side, and never while a release
+/// renames the tree being copied).
 struct GenLock {
     file: std::fs::File,
 }
 
 impl GenLock {
-    fn take(path: &Path) -> Result<GenLock, StoreError> {
+    /// Waits on a blocking thread: a lock held across an `.await` (a copy in progress) must
+    /// not be waited for on a runtime worker, or the holder could never be polled again.
+    async fn take(path: &Path) -> Result<GenLock, StoreError> {
+        Self::take_async(path, rustix::fs::FlockOperation::LockExclusive).await
+    }
+
+    async fn take_shared(path: &Path) -> Result<GenLock, StoreError> {
+        Self::take_async(path, rustix::fs::FlockOperation::LockShared).await
+    }
+
+    async fn take_async(
+        path: &Path,
+        op: rustix::fs::FlockOperation,
+    ) -> Result<GenLock, StoreError> {
+        let p = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::take_as(&p, op))
+            .await
+            .map_err(|e| io("cannot lock", path)(std::io::Error::other(e.to_string())))?
+    }
+
+    fn take_as(path: &Path, op: rustix::fs::FlockOperation) -> Result<GenLock, StoreError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -91,8 +113,7 @@ impl GenLock {
             .truncate(false)
             .open(path)
             .map_err(io("cannot open", path))?;
-        rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io("cannot lock", path)(e.into()))?;
+        rustix::fs::flock(file.as_fd(), op).map_err(|e| io("cannot lock", path)(e.into()))?;
         Ok(GenLock { file })
     }
 
@@ -143,8 +164,8 @@ impl Caches {
         let esc = escape(name);
         let master = self.dir.join(&esc);
         let gen_path = self.dir.join(format!("{esc}.gen"));
-        let generation = {
-            let mut lock = GenLock::take(&gen_path)?;
+        {
+            let _lock = GenLock::take(&gen_path).await?;
             if !master.exists() {
                 let fresh = self.tmp.join(format!(
                     "new-{}-{}-{esc}",
@@ -156,14 +177,20 @@ impl Caches {
                     .map_err(io("cannot chown", &fresh))?;
                 std::fs::rename(&fresh, &master).map_err(io("cannot create cache", &master))?;
             }
-            lock.read()
-        };
+        }
         let path = self.tmp.join(format!(
             "{}-{}-{esc}",
             std::process::id(),
             self.next.fetch_add(1, Ordering::Relaxed)
         ));
-        ops.clone_tree(&master, &path).await?;
+        // The generation and the tree copied must be the same version: a release swaps the
+        // tree only under the exclusive lock.
+        let generation = {
+            let mut lock = GenLock::take_shared(&gen_path).await?;
+            let g = lock.read();
+            ops.clone_tree(&master, &path).await?;
+            g
+        };
         // The step's user owns the top of its copy (the cache may have been made by another).
         std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io("cannot chown", &path))?;
         Ok(CacheCopy {
@@ -182,7 +209,7 @@ impl Caches {
         let esc = escape(&copy.name);
         let master = self.dir.join(&esc);
         if keep {
-            let mut lock = GenLock::take(&self.dir.join(format!("{esc}.gen")))?;
+            let mut lock = GenLock::take(&self.dir.join(format!("{esc}.gen"))).await?;
             if lock.read() == copy.generation {
                 let old = self.tmp.join(format!(
                     "old-{}-{}-{esc}",
@@ -242,7 +269,7 @@ impl Caches {
         if !master.exists() {
             return Err(StoreError::Other(format!("no cache named {name:?}")));
         }
-        let _lock = GenLock::take(&gen_path)?;
+        let _lock = GenLock::take(&gen_path).await?;
         let n = self.copies_of(&esc);
         if n > 0 {
             return Err(StoreError::Other(format!(

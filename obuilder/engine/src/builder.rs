@@ -680,11 +680,24 @@ impl Builder {
         };
         let (srcs, exclude, sd) = (c.src.clone(), c.exclude.clone(), src_dir.clone());
         let hash_t = crate::timing::phase("hash", base);
+        let db = self.db.clone();
         let op = tokio::task::spawn_blocking(move || {
+            let abs = std::fs::canonicalize(&sd).unwrap_or_else(|_| sd.clone());
+            let cache = DbHashCache {
+                known: db
+                    .file_hashes_under(&abs.to_string_lossy())
+                    .unwrap_or_default(),
+                db,
+                new: Default::default(),
+            };
             let items = srcs
                 .iter()
-                .map(|s| copy::manifest(&sd, s, &exclude))
+                .map(|s| copy::manifest_cached(&sd, s, &exclude, &cache))
                 .collect::<Result<Vec<_>, _>>()?;
+            let new = std::mem::take(&mut *cache.new.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Err(e) = cache.db.put_file_hashes(&new) {
+                tracing::warn!("cannot record context hashes (they will be computed again): {e}");
+            }
             copy::copy_op(items, &dst)
         })
         .await
@@ -1064,5 +1077,31 @@ impl BuildTask {
                 Err(e)
             }
         }
+    }
+}
+
+/// Context-file hashes kept in the store's database, so that an unchanged build context is
+/// stat-ed, not read, on the next build.
+struct DbHashCache {
+    db: Arc<Db>,
+    /// What the database has for the context directory, read in one query.
+    known: std::collections::HashMap<String, (String, String)>,
+    new: std::sync::Mutex<Vec<(String, String, String)>>,
+}
+
+impl copy::HashCache for DbHashCache {
+    fn get(&self, path: &Path, key: &str) -> Option<String> {
+        match self.known.get(path.to_string_lossy().as_ref()) {
+            Some((k, h)) if k == key => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, path: &Path, key: &str, sha256: &str) {
+        self.new.lock().unwrap_or_else(|p| p.into_inner()).push((
+            path.to_string_lossy().into_owned(),
+            key.to_string(),
+            sha256.to_string(),
+        ));
     }
 }

@@ -56,8 +56,65 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyErro
     move |source| CopyError::Io { what, path, source }
 }
 
+/// Remembers the SHA-256 of files by where they are and what `stat` says of them, so that
+/// an unchanged context is not read again. Advisory: a miss only costs a hash.
+pub trait HashCache: Sync {
+    /// The hash recorded for `path` with this stat `key`, if any.
+    fn get(&self, path: &Path, key: &str) -> Option<String>;
+    /// Records a hash (the caller flushes a batch when the manifest is done).
+    fn put(&self, path: &Path, key: &str, sha256: &str);
+}
+
+/// No cache: every file is read.
+pub struct NoCache;
+
+impl HashCache for NoCache {
+    fn get(&self, _: &Path, _: &str) -> Option<String> {
+        None
+    }
+    fn put(&self, _: &Path, _: &str, _: &str) {}
+}
+
+/// What must not change for a recorded hash to stay valid: device, inode, size, mtime and
+/// ctime in nanoseconds (ctime moves on any write or metadata change and cannot be set
+/// back by a user). `None` for a file changed in the last 2 s: a write landing in the same
+/// clock tick as our read would leave these unchanged, so such a file is never recorded.
+fn stat_key(m: &std::fs::Metadata) -> Option<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if now - m.ctime().max(m.mtime()) < RECENT_SECS.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    Some(format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+/// Files changed less than this many seconds ago are never recorded (2; tests set -1 to
+/// record everything).
+static RECENT_SECS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(2);
+
 /// The manifest of one `src` of a `copy`, relative to `src_dir`.
 pub fn manifest(src_dir: &Path, src: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+    manifest_cached(src_dir, src, exclude, &NoCache)
+}
+
+/// [`manifest`], taking unchanged files' hashes from `cache` and recording new ones.
+pub fn manifest_cached(
+    src_dir: &Path,
+    src: &str,
+    exclude: &[String],
+    cache: &dyn HashCache,
+) -> Result<Manifest, CopyError> {
     let mut acc: Vec<&str> = Vec::new();
     let parts: Vec<&str> = src
         .split('/')
@@ -86,7 +143,7 @@ pub fn manifest(src_dir: &Path, src: &str, exclude: &[String]) -> Result<Manifes
             Ok(_) => return Err(CopyError::Unsupported(acc.join("/"))),
         }
     }
-    generate(src_dir, &acc.join("/"), exclude)
+    generate(src_dir, &acc.join("/"), exclude, cache)
 }
 
 /// Whether an `exclude` entry excludes the entry at `rel` (named `name`). Entries without
@@ -145,7 +202,7 @@ fn walk(
     rel: &str,
     top: &str,
     exclude: &[String],
-    files: &mut Vec<(String, bool)>,
+    files: &mut Vec<(String, bool, Option<String>)>,
 ) -> Result<Manifest, CopyError> {
     let path = if rel.is_empty() {
         src_dir.to_path_buf()
@@ -186,7 +243,7 @@ fn walk(
         })
     } else if ft.is_file() {
         let exec = meta.permissions().mode() & 0o111 != 0;
-        files.push((rel.to_string(), exec));
+        files.push((rel.to_string(), exec, stat_key(&meta)));
         // Filled in by `hash_all`.
         Ok(Manifest::File {
             path: rel.to_string(),
@@ -218,11 +275,33 @@ fn hash_file(path: &Path) -> Result<String, CopyError> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Hashes the files on all cores; returns the hashes in the order given.
-fn hash_all(src_dir: &Path, files: &[(String, bool)]) -> Result<Vec<String>, CopyError> {
+/// Hashes the files on all cores (those `cache` knows unchanged are not read); returns the
+/// hashes in the order given.
+fn hash_all(
+    src_dir: &Path,
+    files: &[(String, bool, Option<String>)],
+    cache: &dyn HashCache,
+) -> Result<Vec<String>, CopyError> {
+    let abs = std::fs::canonicalize(src_dir).unwrap_or_else(|_| src_dir.to_path_buf());
+    let one = |rel: &str, key: &Option<String>| -> Result<String, CopyError> {
+        let path = abs.join(rel);
+        if let Some(k) = key {
+            if let Some(h) = cache.get(&path, k) {
+                return Ok(h);
+            }
+        }
+        let h = hash_file(&path)?;
+        if let Some(k) = key {
+            cache.put(&path, k, &h);
+        }
+        Ok(h)
+    };
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(files.len().max(1));
+    if workers == 1 || files.len() < 4 {
+        return files.iter().map(|(rel, _, key)| one(rel, key)).collect();
+    }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<Result<String, CopyError>>>> =
         files.iter().map(|_| Default::default()).collect();
@@ -230,8 +309,10 @@ fn hash_all(src_dir: &Path, files: &[(String, bool)]) -> Result<Vec<String>, Cop
         for _ in 0..workers {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((rel, _)) = files.get(i) else { break };
-                let r = hash_file(&src_dir.join(rel));
+                let Some((rel, _, key)) = files.get(i) else {
+                    break;
+                };
+                let r = one(rel, key);
                 *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
         }
@@ -265,14 +346,19 @@ fn fill(m: &mut Manifest, hashes: &std::collections::HashMap<&str, (&String, boo
     }
 }
 
-fn generate(src_dir: &Path, rel: &str, exclude: &[String]) -> Result<Manifest, CopyError> {
+fn generate(
+    src_dir: &Path,
+    rel: &str,
+    exclude: &[String],
+    cache: &dyn HashCache,
+) -> Result<Manifest, CopyError> {
     let mut files = Vec::new();
     let mut m = walk(src_dir, rel, rel, exclude, &mut files)?;
-    let hashes = hash_all(src_dir, &files)?;
+    let hashes = hash_all(src_dir, &files, cache)?;
     let map = files
         .iter()
         .zip(&hashes)
-        .map(|((p, exec), h)| (p.as_str(), (h, *exec)))
+        .map(|((p, exec, _), h)| (p.as_str(), (h, *exec)))
         .collect();
     fill(&mut m, &map);
     Ok(m)
@@ -651,6 +737,66 @@ mod tests {
                 .map(|s| &s[..64]),
             Some(hex::encode(Sha256::digest(b"int a;\n")).as_str())
         );
+    }
+
+    /// A cache in memory that counts what it is asked.
+    #[derive(Default)]
+    struct MemCache {
+        map: std::sync::Mutex<std::collections::HashMap<PathBuf, (String, String)>>,
+        hits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl HashCache for MemCache {
+        fn get(&self, path: &Path, key: &str) -> Option<String> {
+            let m = self.map.lock().unwrap();
+            let (k, h) = m.get(path)?;
+            (k == key).then(|| {
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                h.clone()
+            })
+        }
+        fn put(&self, path: &Path, key: &str, sha256: &str) {
+            self.map
+                .lock()
+                .unwrap()
+                .insert(path.to_path_buf(), (key.to_string(), sha256.to_string()));
+        }
+    }
+
+    #[test]
+    fn hash_cache_serves_unchanged_files_and_notices_changes() {
+        let d = ctx();
+        let src = d.path().join("src");
+        let plain = manifest(&src, ".", &[]).unwrap();
+        let hits = |c: &MemCache| c.hits.load(std::sync::atomic::Ordering::SeqCst);
+
+        // Files changed in the last 2 s are never recorded (a write in the same clock tick
+        // as our read would not show in their stat).
+        let c = MemCache::default();
+        assert_eq!(manifest_cached(&src, ".", &[], &c).unwrap(), plain);
+        assert!(c.map.lock().unwrap().is_empty(), "fresh files recorded");
+
+        RECENT_SECS.store(-1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(manifest_cached(&src, ".", &[], &c).unwrap(), plain);
+        assert_eq!(c.map.lock().unwrap().len(), 2, "a.c and sub/run.sh");
+        assert_eq!(manifest_cached(&src, ".", &[], &c).unwrap(), plain);
+        assert_eq!(hits(&c), 2, "unchanged files come from the cache");
+
+        // Same size, mtime put back: ctime still moves, so the file is read again.
+        let a = src.join("a.c");
+        let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+        std::fs::write(&a, "int b;\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let m = manifest_cached(&src, ".", &[], &c).unwrap();
+        RECENT_SECS.store(2, std::sync::atomic::Ordering::Relaxed);
+        assert_ne!(m, plain);
+        assert_eq!(m, manifest(&src, ".", &[]).unwrap());
+        assert_eq!(hits(&c), 3, "only sub/run.sh from the cache");
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub fn format_time(t: OffsetDateTime) -> String {
     t.format(&f).unwrap_or_default()
 }
 
+/// How many context-file hashes the database keeps (the oldest recorded go first).
+pub const FILE_HASHES_KEPT: i64 = 200_000;
+
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let err = |source| DbError {
@@ -68,6 +71,13 @@ impl Db {
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
+        // Closing would checkpoint the WAL into the database (two fsyncs) and delete it, on
+        // every CLI run; SQLite checkpoints on its own once the WAL reaches 1000 pages.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
@@ -83,6 +93,10 @@ impl Db {
              CREATE TABLE IF NOT EXISTS stats (
                key TEXT PRIMARY KEY,
                value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS file_hashes (
+               path TEXT PRIMARY KEY,
+               stat TEXT NOT NULL,
+               sha256 TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS images (
                name TEXT PRIMARY KEY,
                digest TEXT NOT NULL,
@@ -153,6 +167,55 @@ impl Db {
                     if v != 0 {
                         add.execute(params![k, v])?;
                     }
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Every recorded hash of a file under `dir` (an absolute path): path → (stat, sha256).
+    pub fn file_hashes_under(
+        &self,
+        dir: &str,
+    ) -> Result<std::collections::HashMap<String, (String, String)>, DbError> {
+        let lo = format!("{}/", dir.trim_end_matches('/'));
+        // The next string after every one that starts with `lo`.
+        let hi = format!("{}0", dir.trim_end_matches('/'));
+        self.with(|c| {
+            let mut s = c.prepare_cached(
+                "SELECT path, stat, sha256 FROM file_hashes WHERE path >= ?1 AND path < ?2",
+            )?;
+            let rows = s.query_map(params![lo, hi], |r| {
+                Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?)))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records context files' hashes (path, stat key, sha256) in one transaction, keeping
+    /// the table to the most recent `FILE_HASHES_KEPT` rows.
+    pub fn put_file_hashes(&self, rows: &[(String, String, String)]) -> Result<(), DbError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut s = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO file_hashes (path, stat, sha256) VALUES (?1, ?2, ?3)",
+                )?;
+                for (p, k, h) in rows {
+                    s.execute(params![p, k, h])?;
+                }
+                let max: i64 =
+                    tx.query_row("SELECT coalesce(max(rowid), 0) FROM file_hashes", [], |r| {
+                        r.get(0)
+                    })?;
+                if max > FILE_HASHES_KEPT {
+                    tx.execute(
+                        "DELETE FROM file_hashes WHERE rowid <= ?1",
+                        params![max - FILE_HASHES_KEPT],
+                    )?;
                 }
             }
             tx.commit()
@@ -301,6 +364,28 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_hashes_by_directory_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+        let row = |p: &str, h: &str| (p.to_string(), "k".to_string(), h.to_string());
+        db.put_file_hashes(&[
+            row("/ctx/a", "1"),
+            row("/ctx/sub/b", "2"),
+            row("/ctx2/c", "3"),
+            row("/ctx-b/d", "4"),
+            row("/ct/e", "5"),
+        ])
+        .unwrap();
+        let mut got: Vec<String> = db.file_hashes_under("/ctx").unwrap().into_keys().collect();
+        got.sort();
+        assert_eq!(got, ["/ctx/a", "/ctx/sub/b"]);
+        assert_eq!(db.file_hashes_under("/ctx/").unwrap().len(), 2);
+        // Re-recording replaces; the table keeps the newest rows.
+        db.put_file_hashes(&[row("/ctx/a", "9")]).unwrap();
+        assert_eq!(db.file_hashes_under("/ctx").unwrap()["/ctx/a"].1, "9");
+    }
 
     #[test]
     fn children_counts_and_lru_leaves() {

@@ -54,8 +54,17 @@ STORES = {
 PHASES = ["fetch", "hash", "snapshot", "sandbox", "copy", "publish"]
 
 
-def run(argv, env=None, cwd=None):
+def settle():
+    """Before each measurement: write back what the last one left dirty, so that neither tool
+    pays for the other's (or its own previous) writeback."""
+    os.sync()
+    time.sleep(0.3)
+
+
+def run(argv, env=None, cwd=None, settled=True):
     """Runs a command; returns (seconds, stdout, stderr, max RSS in KiB)."""
+    if settled:
+        settle()
     t = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS=%M"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env=env, cwd=cwd)
@@ -103,10 +112,10 @@ class Ours:
         p = self.spec(f"((from {BASE_REF}))\n")
         return run([OBUILDER, "build", "-f", p, self.work] + self.args)
 
-    def build(self, ctx, final="final step 1"):
+    def build(self, ctx, final="final step 1", settled=True):
         env = dict(os.environ, OBUILDER_TIMINGS="1")
         p = self.spec(self.spec_text.replace("final step 1", final))
-        return run([OBUILDER, "build", "--fast-sync", "-f", p, ctx] + self.args, env=env)
+        return run([OBUILDER, "build", "--fast-sync", "-f", p, ctx] + self.args, env=env, settled=settled)
 
     def close(self):
         self.drop()
@@ -149,6 +158,43 @@ class Buildah:
 
     def close(self):
         self.drop()
+        self.fs.close()
+
+
+class Chroot:
+    """The same work with no tool at all: the Dockerfile's RUN lines run one after the other
+    with `chroot` in a copy of the base (made untimed), and its COPY as `cp -a`. The floor
+    under any builder's cold build."""
+    label = "plain chroot (no tool)"
+
+    def __init__(self, work, base_root):
+        self.fs = LoopFs("ext4", 6144)
+        self.work = work
+        self.base_root = base_root
+        self.steps = []
+        for line in open(os.path.join(SHARED, "Dockerfile")):
+            if line.startswith("RUN "):
+                self.steps.append(("run", line[4:].strip()))
+            elif line.startswith("COPY "):
+                self.steps.append(("copy", None))
+
+    def cold(self, ctx):
+        root = os.path.join(self.fs.mnt, "root")
+        shutil.rmtree(root, ignore_errors=True)
+        sh("cp", "-a", self.base_root, root)
+        os.makedirs(os.path.join(root, "src"), exist_ok=True)
+        settle()
+        t = time.perf_counter()
+        for kind, cmd in self.steps:
+            if kind == "copy":
+                sh("cp", "-a", ctx + "/.", os.path.join(root, "src") + "/")
+            else:
+                sh("chroot", root, "/bin/sh", "-c", f"cd /src && {cmd}")
+        dt = time.perf_counter() - t
+        shutil.rmtree(root, ignore_errors=True)
+        return dt
+
+    def close(self):
         self.fs.close()
 
 
@@ -195,7 +241,7 @@ def throughput(work, ctx_master, n_builds, fill_n):
                 for j in range(fill_to // per):
                     steps = "".join(f' (run (shell "true fill-{j}-{k}"))' for k in range(per))
                     p = ours.spec(f"((from {BASE_REF}) (shell /bin/sh -c){steps})\n")
-                    run([OBUILDER, "build", "--fast-sync", "-f", p, ctx_master] + ours.args)
+                    run([OBUILDER, "build", "--fast-sync", "-f", p, ctx_master] + ours.args, settled=False)
             sh("sync")
             time.sleep(3)
             ctxs = []
@@ -206,9 +252,10 @@ def throughput(work, ctx_master, n_builds, fill_n):
                 ctxs.append(c)
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                res = list(pool.map(lambda i: ours.build(ctxs[i], final=f"variant {i}"), range(n_builds)))
+                res = list(pool.map(lambda i: ours.build(ctxs[i], final=f"variant {i}", settled=False), range(n_builds)))
             wall = time.perf_counter() - t0
-            out[label] = dict(wall=wall, per_build=[r[0] for r in res], rss=max(r[3] for r in res))
+            out[label] = dict(wall=wall, per_build=[r[0] for r in res], rss=max(r[3] for r in res),
+                              own=[r[0] - phases(r[2]).get("sandbox", 0) / 1000 for r in res])
             for c in ctxs:
                 shutil.rmtree(c, ignore_errors=True)
         finally:
@@ -248,16 +295,21 @@ def main():
         sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
         stores = [s.strip() for s in a.stores.split(",") if s.strip()]
         tools = [Buildah(work)] + [Ours(s, work) for s in stores]
+        floor = Chroot(work, root)
+        tools.append(floor)
         results, timings, rss = {}, {}, {}
         for rep in range(a.reps):
             for tool in tools:  # alternate tools within each repetition
                 print(f"rep {rep + 1}/{a.reps}: {tool.label}", file=sys.stderr)
-                scenarios(tool, ctx, a.reps, results, timings, rss)
+                if tool is floor:
+                    results.setdefault((floor.label, "cold"), []).append(floor.cold(ctx))
+                else:
+                    scenarios(tool, ctx, a.reps, results, timings, rss)
         thr = None
         if not a.no_throughput:
             print("throughput", file=sys.stderr)
             thr = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000)
-        report(a, results, timings, rss, thr, [t.label for t in tools])
+        report(a, results, timings, rss, thr, [t.label for t in tools if t is not floor], floor.label)
     finally:
         for t in tools:
             t.close()
@@ -268,7 +320,7 @@ def main():
 TARGETS = {"cold": 1 / 3, "fully cached": 1 / 50, "last step changed": 1 / 10, "one source changed": 1 / 4, "base pull": 1 / 2}
 
 
-def report(a, results, timings, rss, thr, labels):
+def report(a, results, timings, rss, thr, labels, floor_label):
     L = []
     w = L.append
     w("## obuilder and buildah on the shared workload (`bench/compare.py`)")
@@ -288,6 +340,14 @@ def report(a, results, timings, rss, thr, labels):
             v = results.get((lab, sc))
             cells.append(f"{ms(stats(v)[0])} [{ms(stats(v)[1])}–{ms(stats(v)[2])}]" if v else "–")
         w(f"| {sc} | " + " | ".join(cells) + f" | ≤ {TARGETS[sc]:.3f} |")
+    fl = results.get((floor_label, "cold"))
+    b_cold = results.get(("buildah", "cold"))
+    if fl and b_cold:
+        w("")
+        w(f"The same work with no tool at all ({floor_label}: the RUN lines under `chroot` one after the other "
+          f"in a copy of the base on a fresh ext4, the COPY as `cp -a`): **{ms(stats(fl)[0])}** "
+          f"[{ms(stats(fl)[1])}–{ms(stats(fl)[2])}] ms, {stats(fl)[0] / stats(b_cold)[0]:.3f} of buildah's cold build. "
+          "That is the floor under any builder's cold ratio in this run.")
     w("")
     w("Ratios ours / buildah (medians; **bold** where the target is met):")
     w("")
@@ -347,7 +407,10 @@ def report(a, results, timings, rss, thr, labels):
         if len(ks) == 2:
             e, f = stats(thr[ks[0]]["per_build"])[0], stats(thr[ks[1]]["per_build"])[0]
             w("")
-            w(f"A build on the full store took {f / e:.2f}× as long as on the empty one.")
+            oe, of = stats(thr[ks[0]]["own"])[0], stats(thr[ks[1]]["own"])[0]
+            w(f"A build on the full store took {f / e:.2f}× as long as on the empty one. obuilder's own time per "
+              f"build (wall time minus the time inside runc; 3 steps re-run, 5 cache hits): {ms(oe)} ms on the "
+              f"empty store, {ms(of)} ms on the full one ({of / oe:.2f}×).")
         w("")
     out = "\n".join(L) + "\n"
     write_section("compare", out)

@@ -264,15 +264,17 @@ impl Builder {
                 }
             }
         }
+        b.lock
+            .shared()
+            .await
+            .map_err(|e| fail(format!("cannot lock {}: {e}", b.lock.path().display())))?;
+        // Written only while holding the lock: a process that is alone (exclusive) can then
+        // never mistake a starting process's marker for a dead one's.
         let marker = lock::marker(&state);
         std::fs::create_dir_all(state.join("open"))
             .map_err(|e| fail(format!("cannot create {}: {e}", state.display())))?;
         std::fs::write(&marker, b"")
             .map_err(|e| fail(format!("cannot write {}: {e}", marker.display())))?;
-        b.lock
-            .shared()
-            .await
-            .map_err(|e| fail(format!("cannot lock {}: {e}", b.lock.path().display())))?;
         Ok(b)
     }
 

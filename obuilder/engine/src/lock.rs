@@ -52,12 +52,11 @@ impl StoreLock {
 
     /// Holds the lock shared (waiting while another process holds it exclusively).
     pub async fn shared(&self) -> std::io::Result<()> {
+        let mut backoff = Backoff::default();
         loop {
             match flock(self.file.as_fd(), FlockOperation::NonBlockingLockShared) {
                 Ok(()) => return Ok(()),
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
+                Err(rustix::io::Errno::WOULDBLOCK) => backoff.wait().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -65,6 +64,21 @@ impl StoreLock {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Polling for a lock (polled, not waited for, so that a cancelled build stops waiting):
+/// 1 ms at first, doubling to 50 ms. Another process's start-up or a short step is
+/// typically done in a few milliseconds; a fixed 50 ms made every such wait cost 50.
+#[derive(Default)]
+struct Backoff {
+    ms: u64,
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        self.ms = (self.ms * 2).clamp(1, 50);
+        tokio::time::sleep(Duration::from_millis(self.ms)).await;
     }
 }
 
@@ -84,6 +98,7 @@ impl StepLock {
         let bucket: String = id.chars().take(3).collect();
         let file = open(&state_dir.join("locks").join(format!("{bucket}.lock")))?;
         let mut told = false;
+        let mut backoff = Backoff::default();
         loop {
             match flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Ok(Some(StepLock { _file: file })),
@@ -95,7 +110,7 @@ impl StepLock {
                         waiting();
                         told = true;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -61,18 +61,26 @@ def settle():
     time.sleep(0.3)
 
 
-def run(argv, env=None, cwd=None, settled=True):
-    """Runs a command; returns (seconds, stdout, stderr, max RSS in KiB)."""
+def run(argv, env=None, cwd=None, settled=True, rss=False):
+    """Runs a command; returns (seconds, stdout, stderr, max RSS in KiB or 0). With `rss`,
+    through `/usr/bin/time` (the child's own rusage would count the forked Python's pages);
+    without, directly, so that a 7 ms build is not measured with an extra exec in front."""
     if settled:
         settle()
+    pre = ["/usr/bin/time", "-f", "MAXRSS=%M"] if rss else []
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS=%M"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       env=env, cwd=cwd)
+    r = subprocess.run(pre + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     dt = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     m = re.findall(r"MAXRSS=(\d+)", r.stderr)
     return dt, r.stdout, r.stderr, int(m[-1]) if m else 0
+
+
+def spawn_floor():
+    """What the harness itself adds to any measured process: spawning /bin/true."""
+    xs = [run(["/bin/true"], settled=False)[0] for _ in range(50)]
+    return stats(xs)[0]
 
 
 def phases(stderr):
@@ -112,10 +120,10 @@ class Ours:
         p = self.spec(f"((from {BASE_REF}))\n")
         return run([OBUILDER, "build", "-f", p, self.work] + self.args)
 
-    def build(self, ctx, final="final step 1", settled=True):
+    def build(self, ctx, final="final step 1", settled=True, rss=False):
         env = dict(os.environ, OBUILDER_TIMINGS="1")
         p = self.spec(self.spec_text.replace("final step 1", final))
-        return run([OBUILDER, "build", "--fast-sync", "-f", p, ctx] + self.args, env=env, settled=settled)
+        return run([OBUILDER, "build", "--fast-sync", "-f", p, ctx] + self.args, env=env, settled=settled, rss=rss)
 
     def close(self):
         self.drop()
@@ -150,11 +158,11 @@ class Buildah:
     def pull(self):
         return run(["buildah"] + self.common + ["pull", "--quiet", "--tls-verify=false", BASE_REF])
 
-    def build(self, ctx, final="final step 1"):
+    def build(self, ctx, final="final step 1", rss=False):
         df = os.path.join(self.work, f"Dockerfile-{time.time_ns()}")
         open(df, "w").write(self.dockerfile.replace("final step 1", final))
         return run(["buildah"] + self.common + ["bud", "--quiet", "--layers", "--network", "none", "--isolation", "oci",
-                                                "--runtime", "runc", "--tls-verify=false", "-f", df, "-t", "obench", ctx])
+                                                "--runtime", "runc", "--tls-verify=false", "-f", df, "-t", "obench", ctx], rss=rss)
 
     def close(self):
         self.drop()
@@ -209,7 +217,7 @@ def scenarios(tool, ctx, reps, results, timings, rss):
     try:
         t, *_ = tool.pull()
         results.setdefault((tool.label, "base pull"), []).append(t)
-        t, _, err, mem = tool.build(ctx)
+        t, _, err, mem = tool.build(ctx, rss=True)
         results.setdefault((tool.label, "cold"), []).append(t)
         timings.setdefault((tool.label, "cold"), []).append(phases(err))
         rss.setdefault(tool.label, []).append(mem)
@@ -252,10 +260,12 @@ def throughput(work, ctx_master, n_builds, fill_n):
                 ctxs.append(c)
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                res = list(pool.map(lambda i: ours.build(ctxs[i], final=f"variant {i}", settled=False), range(n_builds)))
+                res = list(pool.map(lambda i: ours.build(ctxs[i], final=f"variant {i}", settled=False, rss=True),
+                                    range(n_builds)))
             wall = time.perf_counter() - t0
             out[label] = dict(wall=wall, per_build=[r[0] for r in res], rss=max(r[3] for r in res),
-                              own=[r[0] - phases(r[2]).get("sandbox", 0) / 1000 for r in res])
+                              own=[r[0] - phases(r[2]).get("sandbox", 0) / 1000 for r in res],
+                              phases=[phases(r[2]) for r in res])
             for c in ctxs:
                 shutil.rmtree(c, ignore_errors=True)
         finally:
@@ -273,6 +283,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stores", default="btrfs,overlayfs,xfs,rsync copy,rsync hardlink")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--only-throughput", action="store_true",
+                    help="skip the scenarios; rewrite only the throughput part of the report")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -298,7 +310,7 @@ def main():
         floor = Chroot(work, root)
         tools.append(floor)
         results, timings, rss = {}, {}, {}
-        for rep in range(a.reps):
+        for rep in range(0 if a.only_throughput else a.reps):
             for tool in tools:  # alternate tools within each repetition
                 print(f"rep {rep + 1}/{a.reps}: {tool.label}", file=sys.stderr)
                 if tool is floor:
@@ -309,6 +321,7 @@ def main():
         if not a.no_throughput:
             print("throughput", file=sys.stderr)
             thr = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000)
+        a.spawn_floor = spawn_floor()
         report(a, results, timings, rss, thr, [t.label for t in tools if t is not floor], floor.label)
     finally:
         for t in tools:
@@ -321,6 +334,9 @@ TARGETS = {"cold": 1 / 3, "fully cached": 1 / 50, "last step changed": 1 / 10, "
 
 
 def report(a, results, timings, rss, thr, labels, floor_label):
+    report_throughput(a, thr)
+    if a.only_throughput:
+        return
     L = []
     w = L.append
     w("## obuilder and buildah on the shared workload (`bench/compare.py`)")
@@ -329,7 +345,9 @@ def report(a, results, timings, rss, thr, labels, floor_label):
       f"({os.cpu_count()} cores): the 8-step workload of `../shared/bench/` (Debian bookworm minbase base from "
       f"`localhost:5000`, 10 000-file step, 206-file context), {a.reps} round(s) alternating the tools, each tool's "
       "storage on a filesystem made fresh for the run. buildah: overlay storage, runc, `--layers`, `--network none`. "
-      "obuilder: `--fast-sync`. Whole-process wall times, median [min–max] in ms.")
+      "obuilder: `--fast-sync`. Whole-process wall times, median [min–max] in ms, each after `sync` and a 0.3 s "
+      f"pause (spawning `/bin/true` the same way takes {a.spawn_floor * 1000:.1f} ms: the harness's share of "
+      "every figure).")
     w("")
     scen = ["base pull", "cold", "fully cached", "last step changed", "one source changed"]
     w("| scenario | " + " | ".join(labels) + " | target ours/buildah |")
@@ -392,8 +410,19 @@ def report(a, results, timings, rss, thr, labels, floor_label):
       ", ".join(f"{lab} {max(v) / 1024:.0f} MiB" for lab, v in rss.items() if lab != "buildah") +
       (f" (buildah: {max(rss['buildah']) / 1024:.0f} MiB)." if "buildah" in rss else "."))
     w("")
+    out = "\n".join(L) + "\n"
+    write_section("compare", out)
+    print(out)
+
+
+def report_throughput(a, thr):
+    L = []
+    w = L.append
     if thr:
-        w("### Throughput on a busy btrfs store")
+        w("## Throughput on a busy btrfs store (`bench/compare.py`)")
+        w("")
+        w(f"Measured on {time.strftime('%Y-%m-%d')}, part of the same run as the comparison above "
+          f"(or alone with `--only-throughput`).")
         w("")
         w("Workload variants (each its own last step and one different source file), 4 `obuilder build` processes at "
           "a time on one store:")
@@ -410,11 +439,18 @@ def report(a, results, timings, rss, thr, labels, floor_label):
             oe, of = stats(thr[ks[0]]["own"])[0], stats(thr[ks[1]]["own"])[0]
             w(f"A build on the full store took {f / e:.2f}× as long as on the empty one. obuilder's own time per "
               f"build (wall time minus the time inside runc; 3 steps re-run, 5 cache hits): {ms(oe)} ms on the "
-              f"empty store, {ms(of)} ms on the full one ({of / oe:.2f}×).")
+              f"empty store, {ms(of)} ms on the full one ({of / oe:.2f}×). Per phase (median per build, ms):")
+            w("")
+            w("| store | " + " | ".join(PHASES) + " | whole build |")
+            w("|---|" + "---|" * (len(PHASES) + 1))
+            for k in ks:
+                ps = thr[k]["phases"]
+                cells = [f"{sorted(p.get(ph, 0) for p in ps)[len(ps) // 2]:.0f}" for ph in PHASES]
+                w(f"| {k} | " + " | ".join(cells) + f" | {ms(stats(thr[k]['per_build'])[0])} |")
         w("")
-    out = "\n".join(L) + "\n"
-    write_section("compare", out)
-    print(out)
+        out = "\n".join(L) + "\n"
+        write_section("throughput", out)
+        print(out)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ filesystem made fresh for the run:
 * one source changed  — src/lib07/mod03.c edited.
 
 Then (unless --no-throughput) 40 workload variants (each a different last step and one
-different source file), 4 at a time, on a btrfs store holding 5000 results and on an empty
-one; and obuilder's peak RSS. Results: the "compare" section of docs/benchmarks.md. It
+different source file), 4 at a time, on an empty store and on one holding 5000 results
+(btrfs and overlayfs; --throughput-stores), with the same btrfs work done without obuilder
+as the baseline; and obuilder's peak RSS. Results: the "compare" section of docs/benchmarks.md. It
 never runs two measurements at once and cleans up everything it mounts and starts.
 """
 
@@ -146,6 +147,8 @@ class Buildah:
         self.base = base
 
     def drop(self):
+        if not hasattr(self, "common"):
+            return
         subprocess.run(["buildah"] + self.common + ["rm", "--all"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["buildah"] + self.common + ["rmi", "--all", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # overlay storage leaves mounts behind; unmount before removing
@@ -235,21 +238,83 @@ def scenarios(tool, ctx, reps, results, timings, rss):
         sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
 
 
-def throughput(work, ctx_master, n_builds, fill_n):
-    """40 variants, 4 at a time, on a btrfs store holding fill_n results, and on an empty one."""
+BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417  # _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
+BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A  # _IOW(0x94, 26, __u64)
+BTRFS_SUBVOL_RDONLY = 1 << 1
+
+
+def raw_btrfs_steps(src, tmp, n_variants):
+    """The btrfs work of the throughput run with no obuilder: for each variant, 3 chained steps
+    of (snapshot the previous result with the same ioctl obuilder uses, write 100 KB into it,
+    make it read-only with the same ioctl, rename it into place), 4 variants at a time.
+    Returns (wall seconds, per-variant seconds in the snapshot ioctls, in the read-only ioctls)."""
+    import fcntl
+    import struct
+
+    def snapshot(src_dir, parent, name):
+        sfd = os.open(src_dir, os.O_RDONLY | os.O_DIRECTORY)
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            args = bytearray(4096)
+            struct.pack_into("q", args, 0, sfd)
+            args[56:56 + len(name)] = name.encode()
+            fcntl.ioctl(pfd, BTRFS_IOC_SNAP_CREATE_V2, args)
+        finally:
+            os.close(sfd)
+            os.close(pfd)
+
+    def set_ro(d):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, struct.pack("Q", BTRFS_SUBVOL_RDONLY))
+        finally:
+            os.close(fd)
+
+    def variant(i):
+        prev, t_snap, t_ro = src, 0.0, 0.0
+        for k in range(3):
+            top = os.path.join(tmp, f"raw-{i}-{k}")
+            os.mkdir(top)
+            t = time.perf_counter()
+            snapshot(prev, top, "rootfs")
+            t_snap += time.perf_counter() - t
+            with open(os.path.join(top, "rootfs", f"raw-{i}-{k}"), "wb") as f:
+                f.write(os.urandom(100_000))
+            t = time.perf_counter()
+            set_ro(os.path.join(top, "rootfs"))
+            t_ro += time.perf_counter() - t
+            dst = os.path.join(tmp, f"done-{i}-{k}")
+            os.rename(top, dst)
+            prev = os.path.join(dst, "rootfs")
+        return t_snap, t_ro
+
+    os.makedirs(tmp, exist_ok=True)
+    settle()
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        res = list(pool.map(variant, range(n_variants)))
+    return time.perf_counter() - t0, [r[0] for r in res], [r[1] for r in res]
+
+
+def throughput(work, ctx_master, n_builds, fill_n, store_label):
+    """n_builds variants, 4 at a time, on an empty store and on one holding fill_n results. On
+    btrfs, each time followed by the same btrfs work without obuilder (`raw_btrfs_steps`)."""
     out = {}
     for label, fill_to in [("empty store", 0), (f"store with {fill_n} results", fill_n)]:
-        ours = Ours("btrfs", work)
+        ours = Ours(store_label, work)
         try:
             ours.fresh()
             ours.pull()
             ours.build(ctx_master)
+            newest = max(os.scandir(os.path.join(ours.root, "result")), key=lambda e: e.stat().st_mtime_ns).path
             if fill_to:
                 per = 100
+                t_fill = time.perf_counter()
                 for j in range(fill_to // per):
                     steps = "".join(f' (run (shell "true fill-{j}-{k}"))' for k in range(per))
                     p = ours.spec(f"((from {BASE_REF}) (shell /bin/sh -c){steps})\n")
                     run([OBUILDER, "build", "--fast-sync", "-f", p, ctx_master] + ours.args, settled=False)
+                print(f"  filled {fill_to} results in {time.perf_counter() - t_fill:.0f} s", file=sys.stderr)
             sh("sync")
             time.sleep(3)
             ctxs = []
@@ -268,6 +333,10 @@ def throughput(work, ctx_master, n_builds, fill_n):
                               phases=[phases(r[2]) for r in res])
             for c in ctxs:
                 shutil.rmtree(c, ignore_errors=True)
+            if store_label == "btrfs":
+                raw_wall, raw_snap, raw_ro = raw_btrfs_steps(os.path.join(newest, "rootfs"),
+                                                             os.path.join(ours.fs.mnt, f"raw-{ours.n}"), n_builds)
+                out[label].update(raw_wall=raw_wall, raw_snap=raw_snap, raw_ro=raw_ro)
         finally:
             ours.close()
     return out
@@ -283,6 +352,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stores", default="btrfs,overlayfs,xfs,rsync copy,rsync hardlink")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--throughput-stores", default="btrfs,overlayfs",
+                    help="stores for the throughput run (default: %(default)s)")
     ap.add_argument("--only-throughput", action="store_true",
                     help="skip the scenarios; rewrite only the throughput part of the report")
     a = ap.parse_args()
@@ -320,12 +391,18 @@ def main():
         thr = None
         if not a.no_throughput:
             print("throughput", file=sys.stderr)
-            thr = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000)
+            thr = {}
+            for st in [x.strip() for x in a.throughput_stores.split(",") if x.strip()]:
+                print(f"throughput: {st}", file=sys.stderr)
+                thr[st] = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000, st)
         a.spawn_floor = spawn_floor()
         report(a, results, timings, rss, thr, [t.label for t in tools if t is not floor], floor.label)
     finally:
         for t in tools:
-            t.close()
+            try:
+                t.close()
+            except Exception as e:  # clean up the others anyway
+                print(f"cleaning up {t.label}: {e}", file=sys.stderr)
         reg.close()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -415,42 +492,76 @@ def report(a, results, timings, rss, thr, labels, floor_label):
     print(out)
 
 
+def med(xs):
+    return stats(xs)[0]
+
+
 def report_throughput(a, thr):
+    if not thr:
+        return
     L = []
     w = L.append
-    if thr:
-        w("## Throughput on a busy btrfs store (`bench/compare.py`)")
-        w("")
-        w(f"Measured on {time.strftime('%Y-%m-%d')}, part of the same run as the comparison above "
-          f"(or alone with `--only-throughput`).")
-        w("")
-        w("Workload variants (each its own last step and one different source file), 4 `obuilder build` processes at "
-          "a time on one store:")
-        w("")
-        w("| store | builds | wall (s) | builds per hour | median build (ms) | peak RSS per process |")
-        w("|---|---|---|---|---|---|")
-        for k, v in thr.items():
+    w("## Throughput on a busy store (`bench/compare.py`)")
+    w("")
+    w(f"Measured on {time.strftime('%Y-%m-%d')}, part of the same run as the comparison above "
+      f"(or alone with `--only-throughput`). Workload variants (each its own last step and one different source "
+      f"file, so 3 steps re-run and 5 are cache hits), 4 `obuilder build` processes at a time on one store, first "
+      f"on a store holding only the workload, then on one also holding 5000 other results (50 specs of 100 steps).")
+    w("")
+    w("| store | results in store | builds | wall (s) | builds per hour | median build (ms) | obuilder's own time per build (ms) | peak RSS per process |")
+    w("|---|---|---|---|---|---|---|---|")
+    for st, runs in thr.items():
+        for k, v in runs.items():
             n = len(v["per_build"])
-            w(f"| {k} | {n} | {v['wall']:.1f} | {n / v['wall'] * 3600:.0f} | {ms(stats(v['per_build'])[0])} | {v['rss'] / 1024:.0f} MiB |")
-        ks = list(thr)
-        if len(ks) == 2:
-            e, f = stats(thr[ks[0]]["per_build"])[0], stats(thr[ks[1]]["per_build"])[0]
-            w("")
-            oe, of = stats(thr[ks[0]]["own"])[0], stats(thr[ks[1]]["own"])[0]
-            w(f"A build on the full store took {f / e:.2f}× as long as on the empty one. obuilder's own time per "
-              f"build (wall time minus the time inside runc; 3 steps re-run, 5 cache hits): {ms(oe)} ms on the "
-              f"empty store, {ms(of)} ms on the full one ({of / oe:.2f}×). Per phase (median per build, ms):")
-            w("")
-            w("| store | " + " | ".join(PHASES) + " | whole build |")
-            w("|---|" + "---|" * (len(PHASES) + 1))
-            for k in ks:
-                ps = thr[k]["phases"]
-                cells = [f"{sorted(p.get(ph, 0) for p in ps)[len(ps) // 2]:.0f}" for ph in PHASES]
-                w(f"| {k} | " + " | ".join(cells) + f" | {ms(stats(thr[k]['per_build'])[0])} |")
+            w(f"| {st} | {k} | {n} | {v['wall']:.1f} | {n / v['wall'] * 3600:.0f} | {ms(med(v['per_build']))} | "
+              f"{ms(med(v['own']))} | {v['rss'] / 1024:.0f} MiB |")
+    w("")
+    w("obuilder's own time is a build's wall time minus the time inside runc (start and command). Per phase "
+      "(median per build, ms):")
+    w("")
+    w("| store | results in store | " + " | ".join(PHASES) + " | whole build |")
+    w("|---|---|" + "---|" * (len(PHASES) + 1))
+    for st, runs in thr.items():
+        for k, v in runs.items():
+            ps = v["phases"]
+            cells = [f"{sorted(p.get(ph, 0) for p in ps)[len(ps) // 2]:.0f}" for ph in PHASES]
+            w(f"| {st} | {k} | " + " | ".join(cells) + f" | {ms(med(v['per_build']))} |")
+    for st, runs in thr.items():
+        ks = list(runs)
+        if len(ks) != 2:
+            continue
+        e, f = runs[ks[0]], runs[ks[1]]
         w("")
-        out = "\n".join(L) + "\n"
-        write_section("throughput", out)
-        print(out)
+        w(f"{st}: a build on the full store took {med(f['per_build']) / med(e['per_build']):.2f}× as long as on the "
+          f"empty one; obuilder's own time per build {med(f['own']) / med(e['own']):.2f}×.")
+        if "raw_wall" in e:
+            rs = lambda v: [x + y for x, y in zip(v["raw_snap"], v["raw_ro"])]  # noqa: E731
+            be, bf = med(rs(e)), med(rs(f))
+            w("")
+            w("The same btrfs work with no obuilder at all, 4 at a time, on each of the two stores just after "
+              "obuilder's run (per variant, 3 chained steps of: snapshot ioctl, write 100 KB, read-only ioctl, "
+              "rename; ms per variant, median):")
+            w("")
+            w("| results in store | wall (s) | snapshot ioctls | read-only ioctls | both |")
+            w("|---|---|---|---|---|")
+            for k in ks:
+                v = runs[k]
+                w(f"| {k} | {v['raw_wall']:.2f} | {ms(med(v['raw_snap']))} | {ms(med(v['raw_ro']))} | "
+                  f"{ms(med(rs(v)))} |")
+            w("")
+            w(f"btrfs's own cost for those steps grew {bf / be:.2f}× ({ms(be)} → {ms(bf)} ms per variant).")
+        ex = lambda v: [o - (p.get("snapshot", 0) + p.get("publish", 0)) / 1000  # noqa: E731
+                        for o, p in zip(v["own"], v["phases"])]
+        xe, xf = med(ex(e)), med(ex(f))
+        w("")
+        w(f"obuilder's own time outside the store's snapshot and publish calls (the per-step overhead that is "
+          f"obuilder's code: lookups, hashing, locks, the database, sandbox setup): {ms(xe)} ms per build on the "
+          f"empty store, {ms(xf)} ms on the full one (**{xf / xe:.2f}×**), {ms(xe / 3)} → {ms(xf / 3)} ms per "
+          f"re-run step.")
+    w("")
+    out = "\n".join(L) + "\n"
+    write_section("throughput", out)
+    print(out)
 
 
 if __name__ == "__main__":

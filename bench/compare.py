@@ -389,12 +389,13 @@ def main():
                 else:
                     scenarios(tool, ctx, a.reps, results, timings, rss)
         thr = None
+        a.fill = 500 if a.quick else 5000
         if not a.no_throughput:
             print("throughput", file=sys.stderr)
             thr = {}
             for st in [x.strip() for x in a.throughput_stores.split(",") if x.strip()]:
                 print(f"throughput: {st}", file=sys.stderr)
-                thr[st] = throughput(work, ctx, 8 if a.quick else 40, 500 if a.quick else 5000, st)
+                thr[st] = throughput(work, ctx, 8 if a.quick else 40, a.fill, st)
         a.spawn_floor = spawn_floor()
         report(a, results, timings, rss, thr, [t.label for t in tools if t is not floor], floor.label)
     finally:
@@ -506,7 +507,8 @@ def report_throughput(a, thr):
     w(f"Measured on {time.strftime('%Y-%m-%d')}, part of the same run as the comparison above "
       f"(or alone with `--only-throughput`). Workload variants (each its own last step and one different source "
       f"file, so 3 steps re-run and 5 are cache hits), 4 `obuilder build` processes at a time on one store, first "
-      f"on a store holding only the workload, then on one also holding 5000 other results (50 specs of 100 steps).")
+      f"on a store holding only the workload, then on one also holding {a.fill} other results ({a.fill // 100} specs "
+      f"of 100 steps).")
     w("")
     w("| store | results in store | builds | wall (s) | builds per hour | median build (ms) | obuilder's own time per build (ms) | peak RSS per process |")
     w("|---|---|---|---|---|---|---|---|")

@@ -84,6 +84,11 @@ def spawn_floor():
     return stats(xs)[0]
 
 
+def phase_cells(ps):
+    """Table cells: the median of each phase over the builds' phase timings `ps`, in ms."""
+    return [f"{sorted(p.get(ph, 0) for p in ps)[len(ps) // 2]:.0f}" for ph in PHASES]
+
+
 def phases(stderr):
     out = {}
     for m in re.finditer(r'phase="?(\w+)"? ms=([0-9.]+)', stderr):
@@ -481,8 +486,7 @@ def report(a, results, timings, rss, thr, labels, floor_label):
             ts = timings.get((lab, sc), [])
             if not ts:
                 continue
-            cells = [f"{sorted(t.get(p, 0) for t in ts)[len(ts) // 2]:.0f}" for p in PHASES]
-            w(f"| {lab}, {sc} | " + " | ".join(cells) + f" | {ms(stats(results[(lab, sc)])[0])} |")
+            w(f"| {lab}, {sc} | " + " | ".join(phase_cells(ts)) + f" | {ms(stats(results[(lab, sc)])[0])} |")
     w("")
     w("Peak RSS of one `obuilder build` process during the cold build: " +
       ", ".join(f"{lab} {max(v) / 1024:.0f} MiB" for lab, v in rss.items() if lab != "buildah") +
@@ -525,9 +529,7 @@ def report_throughput(a, thr):
     w("|---|---|" + "---|" * (len(PHASES) + 1))
     for st, runs in thr.items():
         for k, v in runs.items():
-            ps = v["phases"]
-            cells = [f"{sorted(p.get(ph, 0) for p in ps)[len(ps) // 2]:.0f}" for ph in PHASES]
-            w(f"| {st} | {k} | " + " | ".join(cells) + f" | {ms(med(v['per_build']))} |")
+            w(f"| {st} | {k} | " + " | ".join(phase_cells(v["phases"])) + f" | {ms(med(v['per_build']))} |")
     for st, runs in thr.items():
         ks = list(runs)
         if len(ks) != 2:

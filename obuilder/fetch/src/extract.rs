@@ -221,33 +221,41 @@ pub fn extract_layer(rootfs: &Path, layer: impl Read + Send) -> Result<(), Extra
                 }
             }
         });
+        // A closed channel is the end; an error the thread sent is the reader's error.
         extract_from(
             rootfs,
-            ChannelReader {
-                rx,
-                cur: Vec::new(),
-                pos: 0,
-            },
+            ChunkReader::new(move || rx.recv().map_or(Ok(None), |c| c.map(Some))),
         )
     })
 }
 
-/// Reads the chunks a decompression thread sends.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+/// A reader over the chunks `next` hands out (`Ok(None)` at the end): what a decompression
+/// thread or a download sends through a channel.
+pub(crate) struct ChunkReader<F> {
+    next: F,
     cur: Vec<u8>,
     pos: usize,
 }
 
-impl Read for ChannelReader {
+impl<F: FnMut() -> io::Result<Option<Vec<u8>>>> ChunkReader<F> {
+    pub(crate) fn new(next: F) -> Self {
+        ChunkReader {
+            next,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<F: FnMut() -> io::Result<Option<Vec<u8>>>> Read for ChunkReader<F> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.cur = chunk?;
+            match (self.next)()? {
+                Some(chunk) => {
+                    self.cur = chunk;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = out.len().min(self.cur.len() - self.pos);

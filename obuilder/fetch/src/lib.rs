@@ -291,7 +291,7 @@ impl Fetcher for ImageFetcher {
                 for i in 0..k {
                     extract_stored(&this, &rec, i, total, &rootfs, &log)?;
                 }
-                let first = rx.blocking_recv();
+                let mut first = rx.blocking_recv();
                 if first.is_none() {
                     // Nothing streamed: another process stored the layer meanwhile.
                     return extract_stored(&this, &rec, k, total, &rootfs, &log);
@@ -301,11 +301,9 @@ impl Fetcher for ImageFetcher {
                     k + 1,
                     rec.layers[k]
                 )));
-                let reader = StreamReader {
-                    rx,
-                    cur: first.unwrap_or_default(),
-                    pos: 0,
-                };
+                let reader = extract::ChunkReader::new(move || {
+                    Ok(first.take().or_else(|| rx.blocking_recv()))
+                });
                 extract::extract_layer(&rootfs, reader)
                     .map_err(|e| bad(&rec.name, format!("layer {}: {e}", rec.layers[k])))
             })
@@ -353,29 +351,4 @@ fn extract_stored(
         source,
     })?;
     extract::extract_layer(rootfs, f).map_err(|e| bad(&rec.name, format!("layer {layer}: {e}")))
-}
-
-/// Reads the chunks of a layer as the download sends them.
-struct StreamReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl std::io::Read for StreamReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => {
-                    self.cur = chunk;
-                    self.pos = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
 }

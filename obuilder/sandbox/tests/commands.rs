@@ -22,6 +22,23 @@ fn config() -> RunConfig {
     }
 }
 
+/// Runs `config()` once in a runc sandbox on `dir`; returns the commands it ran.
+async fn run_once(dir: &std::path::Path, opts: RuncOptions) -> RecordingExec {
+    let exec = RecordingExec::new();
+    let sb = RuncSandbox::new(dir, opts, Arc::new(exec.clone()));
+    std::fs::create_dir_all(dir.join("runc-tmp")).unwrap();
+    let log = StepLog::create(&dir.join("log")).unwrap();
+    sb.run(
+        &config(),
+        &dir.join("rootfs"),
+        &log,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    exec
+}
+
 #[tokio::test]
 async fn recovery_deletes_every_leftover_container() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,25 +64,14 @@ async fn recovery_deletes_every_leftover_container() {
 #[tokio::test]
 async fn a_run_is_one_runc_run_with_its_own_bundle_removed_after() {
     let dir = tempfile::tempdir().unwrap();
-    let exec = RecordingExec::new();
-    let sb = RuncSandbox::new(
+    let exec = run_once(
         dir.path(),
         RuncOptions {
             fast_sync: true,
             runc: "/usr/sbin/runc".into(),
         },
-        Arc::new(exec.clone()),
-    );
-    std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
-    let log = StepLog::create(&dir.path().join("log")).unwrap();
-    sb.run(
-        &config(),
-        &dir.path().join("rootfs"),
-        &log,
-        &CancellationToken::new(),
     )
-    .await
-    .unwrap();
+    .await;
     let calls = exec.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1);
     let argv = &calls[0].argv;
@@ -158,18 +164,7 @@ async fn two_sandboxes_in_one_process_never_share_a_container_id() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     for _ in 0..3 {
         for dir in &dirs {
-            let exec = RecordingExec::new();
-            let sb = RuncSandbox::new(dir.path(), RuncOptions::default(), Arc::new(exec.clone()));
-            std::fs::create_dir_all(dir.path().join("runc-tmp")).unwrap();
-            let log = StepLog::create(&dir.path().join("log")).unwrap();
-            sb.run(
-                &config(),
-                &dir.path().join("rootfs"),
-                &log,
-                &CancellationToken::new(),
-            )
-            .await
-            .unwrap();
+            let exec = run_once(dir.path(), RuncOptions::default()).await;
             ids.push(exec.calls.lock().unwrap()[0].argv.last().unwrap().clone());
         }
     }

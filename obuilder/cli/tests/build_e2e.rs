@@ -1,177 +1,20 @@
 //! `obuilder build` end to end: the real binary, real runc, real stores on loopback
 //! filesystems, a busybox image made from Debian's busybox-static package.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-use testkit::{require, Cap, LoopFs};
-
-const QUICKSTART: &str = include_str!("../../../examples/quickstart.spec");
+use testkit::e2e::{caps, make_busybox, redact, text, Env};
+use testkit::{require, Cap};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_obuilder")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Replaces every 64-hex id with `[ID]`.
-fn redact(s: &str) -> String {
-    let mut out = String::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if i + 64 <= b.len()
-            && b[i..i + 64]
-                .iter()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        {
-            out.push_str("[ID]");
-            i += 64;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// A store on its own loopback filesystem, with the busybox image imported.
-struct Env {
-    _fs: LoopFs,
-    store: String,
-    extra: Vec<String>,
-    ctx: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(kind: &str) -> Env {
-        let (fs_kind, store_kind, extra): (&str, &str, Vec<String>) = match kind {
-            "btrfs" => ("btrfs", "btrfs", vec![]),
-            "xfs" => ("xfs", "xfs", vec![]),
-            "overlayfs" => ("ext4", "overlayfs", vec![]),
-            "rsync-copy" => ("ext4", "rsync", vec!["--rsync-mode".into(), "copy".into()]),
-            "rsync-hardlink" => (
-                "ext4",
-                "rsync",
-                vec!["--rsync-mode".into(), "hardlink".into()],
-            ),
-            other => panic!("{other}"),
-        };
-        let fs = LoopFs::new(fs_kind, 512);
-        let store = format!("{store_kind}:{}", fs.mnt.join("store").display());
-        let tmp = tempfile::tempdir().unwrap();
-        let ctx = tmp.path().join("ctx");
-        std::fs::create_dir_all(ctx.join("sub")).unwrap();
-        std::fs::write(ctx.join("a.txt"), "hello\n").unwrap();
-        std::fs::write(ctx.join("sub/run.sh"), "echo run-me\n").unwrap();
-        let env = Env {
-            _fs: fs,
-            store,
-            extra,
-            ctx,
-            _tmp: tmp,
-        };
-        let rootfs = env._tmp.path().join("busybox");
-        make_busybox(&rootfs);
-        let out = env.run(&[
-            "image",
-            "import",
-            "busybox",
-            rootfs.to_str().unwrap(),
-            "--env",
-            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        ]);
-        assert!(out.status.success(), "import: {}", text(&out.stderr));
-        env
-    }
-
-    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<String> {
-        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        v.push("--store".into());
-        v.push(self.store.clone());
-        v.extend(self.extra.iter().cloned());
-        v
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin()).args(self.args(args)).output().unwrap()
-    }
-
-    fn spec(&self, name: &str, body: &str) -> PathBuf {
-        let p = self._tmp.path().join(name);
-        std::fs::write(&p, body).unwrap();
-        p
-    }
-
-    fn build(&self, spec: &Path) -> Output {
-        self.run(&[
-            "build",
-            "-f",
-            spec.to_str().unwrap(),
-            self.ctx.to_str().unwrap(),
-        ])
-    }
-
-    fn root(&self) -> PathBuf {
-        PathBuf::from(self.store.split_once(':').unwrap().1)
-    }
-
-    /// Nothing half-done: no temp build, no mount, no container, no bundle.
-    fn assert_clean(&self) {
-        let root = self.root();
-        let tmp: Vec<_> = std::fs::read_dir(root.join("result-tmp"))
-            .unwrap()
-            .collect();
-        assert!(tmp.is_empty(), "result-tmp: {tmp:?}");
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(
-            !mounts.contains(&format!("{}/merged", root.display())),
-            "a mount is left"
-        );
-        let runc = Command::new("runc")
-            .args([
-                "--root",
-                root.join("state/runc").to_str().unwrap(),
-                "list",
-                "-q",
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(text(&runc.stdout).trim(), "", "a container is left");
-        let bundles: Vec<_> = std::fs::read_dir(root.join("state/runc-tmp"))
-            .unwrap()
-            .collect();
-        assert!(bundles.is_empty(), "bundles: {bundles:?}");
-    }
-}
-
-fn make_busybox(dir: &Path) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/make-busybox-rootfs.sh"
-    );
-    let out = Command::new("bash")
-        .args([script, dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
-fn caps() -> [Cap; 5] {
-    [
-        Cap::Root,
-        Cap::Tool("runc"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar"),
-    ]
-}
+const QUICKSTART: &str = include_str!("../../../examples/quickstart.spec");
 
 fn transcript(kind: &str) {
-    let env = Env::new(kind);
+    let env = Env::new(bin(), kind);
     let spec = env.spec("q.spec", QUICKSTART);
     let first = env.build(&spec);
     assert!(first.status.success(), "{}", text(&first.stderr));
@@ -298,7 +141,7 @@ fn copy_stages_users_and_env() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "t.spec",
         r#"((build tool
@@ -342,7 +185,7 @@ fn a_failed_step_is_named_and_not_cached() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "f.spec",
         "((from busybox) (shell /bin/sh -c) (run (shell \"echo about-to-fail; exit 3\")))",
@@ -374,7 +217,7 @@ fn unknown_image_and_bad_spec_fail_clearly() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec("u.spec", "((from nosuchimage) (run (shell \"true\")))");
     // Offline (--pull never): tests never reach past loopback.
     let mut args = env.args(&[
@@ -422,7 +265,7 @@ fn ctrl_c_kills_the_container_and_records_nothing() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "s.spec",
         "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
@@ -479,7 +322,7 @@ fn crash_mid_step_then_restart_leaves_nothing_and_builds() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "s.spec",
         "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
@@ -530,7 +373,7 @@ fn maintenance_commands() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec("q.spec", QUICKSTART);
     let out = env.build(&spec);
     let last = text(&out.stdout)
@@ -608,7 +451,7 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "n.spec",
         r#"((from busybox)
@@ -667,7 +510,7 @@ fn build_from_a_registry_image_then_offline() {
     }
     use testkit::registry::oci::{layer_of_dir, write_layout, Image};
     let reg = testkit::registry::TestRegistry::start();
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let tmp = tempfile::tempdir().unwrap();
     let rootfs = tmp.path().join("busybox");
     make_busybox(&rootfs);
@@ -738,7 +581,7 @@ fn pull_and_a_malicious_image_records_nothing() {
     }
     use testkit::registry::oci::{write_layout, Image};
     let reg = testkit::registry::TestRegistry::start();
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let tmp = tempfile::tempdir().unwrap();
     // A layer that tries `../` (refused by the extractor).
     let mut evil = Vec::new();
@@ -803,7 +646,7 @@ fn shared_caches_persist_between_steps_and_builds() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let spec = |n: u32| {
         format!(
             "((from busybox) (shell /bin/sh -c) (user (uid 1000) (gid 1000))\n \
@@ -843,9 +686,9 @@ fn secrets_are_mounted_for_their_step_only_and_stored_nowhere() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     let value = "S3CRET-VALUE-7f3a9";
-    let secret_file = env._tmp.path().join("token.txt");
+    let secret_file = env.tmp.path().join("token.txt");
     std::fs::write(&secret_file, value).unwrap();
     let spec = env.spec(
         "s.spec",
@@ -894,7 +737,7 @@ fn two_processes_share_a_store_safely() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new("btrfs");
+    let env = Env::new(bin(), "btrfs");
     // The shared step counts its runs in a cache; it takes a while, so both processes meet.
     let shared = "(run (cache (count (target /c))) (shell \"echo ran >> /c/runs; sleep 1.5\"))";
     let a = env.spec(
@@ -970,7 +813,7 @@ fn prune_keep_free_and_hit_counters() {
         return;
     }
     // ext4 frees space at once, so the threshold is seen immediately.
-    let env = Env::new("overlayfs");
+    let env = Env::new(bin(), "overlayfs");
     let big = env.spec("big.spec", "((from busybox) (shell /bin/sh -c) (run (shell \"dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null\")))");
     assert!(env.build(&big).status.success());
     assert!(env.build(&big).status.success(), "second time from cache");
@@ -1019,7 +862,7 @@ fn copy_from_a_stage_sees_all_its_layers_on_overlayfs() {
     {
         return;
     }
-    let env = Env::new("overlayfs");
+    let env = Env::new(bin(), "overlayfs");
     let spec = env.spec(
         "stage.spec",
         r#"((build tool

@@ -10,6 +10,7 @@
 //! * [`exec`]: the one seam every external command goes through.
 
 pub mod builder;
+pub mod confined;
 pub mod copy;
 pub mod db;
 pub mod exec;

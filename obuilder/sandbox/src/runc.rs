@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use obuilder_engine::confined::{self, ConfinedRoot};
 use obuilder_engine::exec::{Cmd, SharedExec};
 use obuilder_engine::log::StepLog;
 use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError};
@@ -153,39 +154,6 @@ impl RuncSandbox {
     }
 }
 
-/// The components of `target` (inside `rootfs`) that do not exist yet, outermost first.
-fn missing_components(rootfs: &Path, target: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut p = rootfs.to_path_buf();
-    for part in target.split('/').filter(|x| !x.is_empty() && *x != ".") {
-        if part == ".." {
-            return Vec::new();
-        }
-        p.push(part);
-        match p.symlink_metadata() {
-            Ok(m) if m.file_type().is_symlink() => return Vec::new(), // not ours to touch
-            Ok(_) => {}
-            Err(_) => out.push(p.clone()),
-        }
-    }
-    out
-}
-
-/// Removes mount points runc made: the innermost if it is an empty file, then the
-/// directories above it if they are empty.
-fn remove_mount_points(paths: &[PathBuf]) {
-    for (i, p) in paths.iter().enumerate().rev() {
-        let Ok(m) = p.symlink_metadata() else {
-            continue;
-        };
-        if i + 1 == paths.len() && m.is_file() && m.len() == 0 {
-            let _ = std::fs::remove_file(p);
-        } else if m.is_dir() {
-            let _ = std::fs::remove_dir(p); // only if empty
-        }
-    }
-}
-
 /// Reads the merged stdout/stderr pipe into the step log on a blocking thread.
 fn pump(read: OwnedFd, log: StepLog) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
@@ -250,11 +218,15 @@ impl Sandbox for RuncSandbox {
         );
         let bundle = self.bundles().join(&id);
         // Secret targets that do not exist get mount points made by runc; remember them to
-        // remove afterwards, so the snapshot keeps no trace of the secret.
-        let made: Vec<Vec<PathBuf>> = c
+        // remove afterwards, so the snapshot keeps no trace of the secret. Both the look
+        // and the removal go through descriptors confined to the rootfs that never follow
+        // a symlink: the step may have swapped a directory for a link to the host.
+        let confined =
+            ConfinedRoot::open(rootfs).map_err(io(format!("cannot open {}", rootfs.display())))?;
+        let made: Vec<Vec<String>> = c
             .secrets
             .iter()
-            .map(|s| missing_components(rootfs, &s.target))
+            .map(|s| confined::missing_components(&confined, &s.target))
             .collect();
         let result = async {
             self.write_bundle(&bundle, c, rootfs)?;
@@ -301,7 +273,7 @@ impl Sandbox for RuncSandbox {
         .await;
         let _ = std::fs::remove_dir_all(&bundle);
         for paths in made {
-            remove_mount_points(&paths);
+            confined::remove_made(&confined, &paths);
         }
         result
     }

@@ -27,6 +27,7 @@ async fn run_once(dir: &std::path::Path, opts: RuncOptions) -> RecordingExec {
     let exec = RecordingExec::new();
     let sb = RuncSandbox::new(dir, opts, Arc::new(exec.clone()));
     std::fs::create_dir_all(dir.join("runc-tmp")).unwrap();
+    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
     let log = StepLog::create(&dir.join("log")).unwrap();
     sb.run(
         &config(),

@@ -10,6 +10,7 @@
 //! * [`conformance`]: the store conformance suite, one body run against every backend.
 
 pub mod conformance;
+pub mod e2e;
 pub mod registry;
 
 use std::path::{Path, PathBuf};

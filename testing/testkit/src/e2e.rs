@@ -1,0 +1,201 @@
+//! End-to-end helpers for tests that run the real `obuilder` binary: a store on its own
+//! loopback filesystem with a busybox image imported, id redaction for transcripts, and a
+//! check that nothing half-done is left.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::{Cap, LoopFs};
+
+/// Lossy text of a command's output.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Replaces every 64-hex id with `[ID]`.
+pub fn redact(s: &str) -> String {
+    let mut out = String::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if i + 64 <= b.len()
+            && b[i..i + 64]
+                .iter()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            out.push_str("[ID]");
+            i += 64;
+        } else {
+            let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(ch);
+            i += ch.len_utf8().max(1);
+        }
+    }
+    out
+}
+
+/// What every end-to-end build test needs from the machine.
+pub fn caps() -> [Cap; 5] {
+    [
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar"),
+    ]
+}
+
+/// The store kinds every store-dependent behaviour is tested on.
+pub const STORES: [&str; 5] = ["btrfs", "xfs", "overlayfs", "rsync-copy", "rsync-hardlink"];
+
+/// Makes a busybox root filesystem at `dir` with `scripts/make-busybox-rootfs.sh`.
+pub fn make_busybox(dir: &Path) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/make-busybox-rootfs.sh"
+    );
+    let out = Command::new("bash")
+        .args([script, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A store on its own loopback filesystem, with the busybox image imported.
+pub struct Env {
+    pub bin: PathBuf,
+    pub fs: LoopFs,
+    /// The `--store` value.
+    pub store: String,
+    /// Extra store flags (`--rsync-mode …`).
+    pub extra: Vec<String>,
+    /// A context directory holding `a.txt` and `sub/run.sh`.
+    pub ctx: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    /// `kind` is one of [`STORES`]; `bin` the `obuilder` binary under test.
+    pub fn new(bin: &str, kind: &str) -> Env {
+        Env::with_size(bin, kind, 512)
+    }
+
+    /// As [`Env::new`], on a filesystem of `size_mib`.
+    pub fn with_size(bin: &str, kind: &str, size_mib: u64) -> Env {
+        let (fs_kind, store_kind, extra): (&str, &str, Vec<String>) = match kind {
+            "btrfs" => ("btrfs", "btrfs", vec![]),
+            "xfs" => ("xfs", "xfs", vec![]),
+            "overlayfs" => ("ext4", "overlayfs", vec![]),
+            "rsync-copy" => ("ext4", "rsync", vec!["--rsync-mode".into(), "copy".into()]),
+            "rsync-hardlink" => (
+                "ext4",
+                "rsync",
+                vec!["--rsync-mode".into(), "hardlink".into()],
+            ),
+            other => panic!("unknown store kind {other}"),
+        };
+        let fs = LoopFs::new(fs_kind, size_mib);
+        let store = format!("{store_kind}:{}", fs.mnt.join("store").display());
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("sub")).unwrap();
+        std::fs::write(ctx.join("a.txt"), "hello\n").unwrap();
+        std::fs::write(ctx.join("sub/run.sh"), "echo run-me\n").unwrap();
+        let env = Env {
+            bin: PathBuf::from(bin),
+            fs,
+            store,
+            extra,
+            ctx,
+            tmp,
+        };
+        let rootfs = env.tmp.path().join("busybox");
+        make_busybox(&rootfs);
+        let out = env.run(&[
+            "image",
+            "import",
+            "busybox",
+            rootfs.to_str().unwrap(),
+            "--env",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        ]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        env
+    }
+
+    /// `args` followed by the store flags.
+    pub fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.push("--store".into());
+        v.push(self.store.clone());
+        v.extend(self.extra.iter().cloned());
+        v
+    }
+
+    /// The binary with `args` and the store flags.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(self.args(args));
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Writes a spec file in the test's temp dir.
+    pub fn spec(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    /// `obuilder build -f SPEC CTX` plus `extra` flags.
+    pub fn build_with(&self, spec: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            self.ctx.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    pub fn build(&self, spec: &Path) -> Output {
+        self.build_with(spec, &[])
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> PathBuf {
+        PathBuf::from(self.store.split_once(':').unwrap().1)
+    }
+
+    /// Nothing half-done: no temp build, no mount, no container, no bundle.
+    pub fn assert_clean(&self) {
+        let root = self.root();
+        let tmp: Vec<_> = std::fs::read_dir(root.join("result-tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "result-tmp: {tmp:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&format!("{}/merged", root.display())),
+            "a mount is left"
+        );
+        let runc = Command::new("runc")
+            .args([
+                "--root",
+                root.join("state/runc").to_str().unwrap(),
+                "list",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(text(&runc.stdout).trim(), "", "a container is left");
+        let bundles: Vec<_> = std::fs::read_dir(root.join("state/runc-tmp"))
+            .unwrap()
+            .collect();
+        assert!(bundles.is_empty(), "bundles: {bundles:?}");
+    }
+}

@@ -1,5 +1,6 @@
 //! `obuilder`: the command-line tool. Each subcommand lives in `commands/<name>.rs` with a
-//! `run(args) -> anyhow::Result<ExitCode>`; this file only parses and dispatches.
+//! `run(args) -> anyhow::Result<ExitCode>`; this file only parses and dispatches. Exit
+//! codes, signals and a closed stdout are handled in `commands/process.rs`.
 
 use std::process::ExitCode;
 
@@ -7,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
-use commands::{build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, pull};
+use commands::{
+    build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, process, pull,
+};
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
 /// previous one and is cached under a content hash.
@@ -81,17 +84,35 @@ fn main() -> ExitCode {
             .build()
         {
             Ok(rt) => rt.block_on(async move {
-                match async_cmd {
-                    Command::Build(a) => build::run(a).await,
-                    Command::Image(c) => image::run(c).await,
-                    Command::Pull(a) => pull::run(a).await,
-                    Command::Cache(c) => cache::run(c).await,
-                    Command::Delete(a) => maintenance::delete(a).await,
-                    Command::Clean(a) => maintenance::clean(a).await,
-                    Command::Prune(a) => maintenance::prune(a).await,
-                    Command::Df(a) => maintenance::df(a).await,
-                    Command::Healthcheck(a) => healthcheck::run(a).await,
-                    Command::Dockerfile(_) | Command::Fmt(_) | Command::Check(_) => unreachable!(),
+                process::watch_signals();
+                let cancel = process::interrupt().clone();
+                // Builds and the healthcheck stop themselves cleanly when cancelled; any
+                // other command stops at once (each store operation is crash-safe).
+                let graceful = matches!(async_cmd, Command::Build(_) | Command::Healthcheck(_));
+                let cmd = async move {
+                    match async_cmd {
+                        Command::Build(a) => build::run(a).await,
+                        Command::Image(c) => image::run(c).await,
+                        Command::Pull(a) => pull::run(a).await,
+                        Command::Cache(c) => cache::run(c).await,
+                        Command::Delete(a) => maintenance::delete(a).await,
+                        Command::Clean(a) => maintenance::clean(a).await,
+                        Command::Prune(a) => maintenance::prune(a).await,
+                        Command::Df(a) => maintenance::df(a).await,
+                        Command::Healthcheck(a) => healthcheck::run(a).await,
+                        Command::Dockerfile(_) | Command::Fmt(_) | Command::Check(_) => {
+                            unreachable!("run without a runtime")
+                        }
+                    }
+                };
+                if graceful {
+                    return cmd.await;
+                }
+                tokio::select! {
+                    r = cmd => r,
+                    _ = cancel.cancelled(), if !process::stdout_closed() => {
+                        Ok(process::interrupted_code().unwrap_or(ExitCode::FAILURE))
+                    }
                 }
             }),
             Err(e) => Err(e.into()),
@@ -99,9 +120,6 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("obuilder: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => process::report(&e),
     }
 }

@@ -197,9 +197,14 @@ fn a_failed_step_is_named_and_not_cached() {
         "the failed step's log is shown"
     );
     let err = text(&out.stderr);
-    assert!(err.contains("Build step failed: `/bin/sh -c \"echo about-to-fail; exit 3\"` failed with exit status 3"), "{err}");
     assert!(
-        err.contains("in step /: (run (shell \"echo about-to-fail; exit 3\"))"),
+        err.contains(
+            "Build step failed: `/bin/sh -c \"echo about-to-fail; exit 3\"` exited with status 3"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("in step 2/2: /: (run (shell \"echo about-to-fail; exit 3\"))"),
         "{err}"
     );
     // Not cached: the next attempt runs it again.
@@ -228,7 +233,7 @@ fn unknown_image_and_bad_spec_fail_clearly() {
     ]);
     args.extend(["--pull".to_string(), "never".to_string()]);
     let out = Command::new(bin()).args(&args).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("unknown image \"nosuchimage\""),
         "{}",
@@ -245,7 +250,7 @@ fn unknown_image_and_bad_spec_fail_clearly() {
         "((from 127.0.0.1:1/nothing:v1) (run (shell \"true\")))",
     );
     let out = env.build(&gone);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "obuilder could not do its part");
     assert!(
         text(&out.stderr).contains("cannot reach registry 127.0.0.1:1"),
         "{}",
@@ -253,6 +258,7 @@ fn unknown_image_and_bad_spec_fail_clearly() {
     );
     let bad = env.spec("b.spec", "((from busybox) (rn (shell \"true\")))");
     let out = env.build(&bad);
+    assert_eq!(out.status.code(), Some(2), "a spec that does not parse");
     assert!(
         text(&out.stderr).contains("b.spec:1:18: error: unknown operation `rn`"),
         "{}",
@@ -428,7 +434,7 @@ fn maintenance_commands() {
     );
     assert!(text(&hc.stdout).contains("Healthcheck passed"));
     let unknown = env.run(&["delete", "0000"]);
-    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(unknown.status.code(), Some(2));
 }
 
 #[test]
@@ -437,7 +443,7 @@ fn store_flag_errors_list_every_form() {
         .args(["df", "--store", "nfs:/x"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let e = text(&out.stderr);
     assert!(
         e.contains("unknown store kind \"nfs\"")
@@ -555,7 +561,7 @@ fn build_from_a_registry_image_then_offline() {
     ]);
     args.extend(["--pull".to_string(), "always".to_string()]);
     let out = Command::new(bin()).args(&args).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         text(&out.stderr).contains("cannot reach registry 127.0.0.1:"),
         "{}",
@@ -626,7 +632,7 @@ fn pull_and_a_malicious_image_records_nothing() {
         &format!("((from {image}) (run (shell \"true\")))"),
     );
     let out = env.build(&spec);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     let e = text(&out.stderr);
     assert!(
         e.contains(&image) && e.contains("layer sha256:") && e.contains("`..`"),
@@ -698,7 +704,7 @@ fn secrets_are_mounted_for_their_step_only_and_stored_nowhere() {
     );
     // Not given: fails before anything runs, naming it.
     let out = env.build(&spec);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("needs secret(s) \"tok\""),
         "{}",
@@ -768,7 +774,7 @@ fn two_processes_share_a_store_safely() {
     std::thread::sleep(std::time::Duration::from_millis(400));
     // A third process that wants the store to itself is refused while they build.
     let clean = env.run(&["clean"]);
-    assert_eq!(clean.status.code(), Some(1));
+    assert_eq!(clean.status.code(), Some(3));
     assert!(
         text(&clean.stderr).contains("another obuilder process is using"),
         "{}",

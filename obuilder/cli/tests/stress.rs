@@ -6,14 +6,13 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use obuilder_engine::exec::RealExec;
+use obuilder_config::{BuilderConfig, SandboxSpec};
 use obuilder_engine::log::buffer_sink;
 use obuilder_engine::store::Store;
-use obuilder_engine::{BuildOptions, Builder};
-use obuilder_fetch::images::ImageStore;
+use obuilder_engine::BuildOptions;
 use obuilder_fetch::import::{import, ImportRequest};
-use obuilder_fetch::ImageFetcher;
-use obuilder_sandbox::{RuncOptions, RuncSandbox};
+use obuilder_fetch::FetchConfig;
+use obuilder_sandbox::RuncOptions;
 use obuilder_spec::Spec;
 use obuilder_stores::rsync::RsyncMode;
 use obuilder_stores::StoreSpec;
@@ -92,11 +91,17 @@ fn leftovers(root: &Path) -> Vec<String> {
 async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
     let fs = LoopFs::new(fs_kind, 1024);
     let root = fs.mnt.join("store");
-    let exec = RealExec::shared();
-    let store: Arc<dyn Store> = store_for(&root).open(exec.clone());
-    std::fs::create_dir_all(&root).unwrap();
-    let state = store.state_dir();
-    let images = ImageStore::new(&state);
+    // The engine as a library, put together as a worker would.
+    let mut config = BuilderConfig::new(store_for(&root));
+    config.sandbox = Some(SandboxSpec::Runc(RuncOptions {
+        fast_sync: true,
+        ..RuncOptions::default()
+    }));
+    config.fetch = FetchConfig::local();
+    let builder = Arc::new(config.open().await.unwrap());
+    let store: Arc<dyn Store> = builder.store().clone();
+    let images = config.images();
+    let exec = config.exec.clone();
     let rootfs = fs.mnt.join("busybox");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -119,20 +124,6 @@ async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
     )
     .await
     .unwrap();
-    let sandbox = Arc::new(RuncSandbox::new(
-        &state,
-        RuncOptions {
-            fast_sync: true,
-            runc: "runc".into(),
-        },
-        exec.clone(),
-    ));
-    let builder = Arc::new(
-        Builder::new(store.clone(), sandbox, Arc::new(ImageFetcher::new(images)))
-            .await
-            .unwrap(),
-    );
-
     let mut rng = Lcg(42);
     let specs: Vec<Spec> = (0..100)
         .map(|_| Spec::parse(&random_spec(&mut rng)).unwrap())
@@ -164,7 +155,7 @@ async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
         let (i, r, log) = t.await.unwrap();
         assert!(r.is_ok(), "build {i} failed: {r:?}\n{log}");
     }
-    let built = builder.db().count().unwrap();
+    let built = builder.count().unwrap() as i64;
     assert!(built > 10, "{built} results");
     assert_eq!(
         store.list().await.unwrap().len() as i64,
@@ -182,11 +173,11 @@ async fn stress(fs_kind: &str, store_for: impl Fn(&Path) -> StoreSpec) {
 
     // Prune everything.
     let removed = builder
-        .prune("9999-12-31", usize::MAX, &buffer_sink().0)
+        .prune(None, usize::MAX, &buffer_sink().0)
         .await
         .unwrap();
     assert_eq!(removed as i64, built);
-    assert_eq!(builder.db().count().unwrap(), 0);
+    assert_eq!(builder.count().unwrap(), 0);
     assert!(
         store.list().await.unwrap().is_empty(),
         "store and db agree after pruning"
@@ -241,7 +232,7 @@ async fn stress_xfs() {
 async fn stress_rsync_copy() {
     if gate(Cap::Tool("rsync")) {
         stress("ext4", |r| {
-            StoreSpec::Rsync(r.to_path_buf(), RsyncMode::Copy)
+            StoreSpec::Rsync(r.to_path_buf(), Some(RsyncMode::Copy))
         })
         .await;
     }
@@ -251,7 +242,7 @@ async fn stress_rsync_copy() {
 async fn stress_rsync_hardlink() {
     if gate(Cap::Tool("rsync")) {
         stress("ext4", |r| {
-            StoreSpec::Rsync(r.to_path_buf(), RsyncMode::Hardlink)
+            StoreSpec::Rsync(r.to_path_buf(), Some(RsyncMode::Hardlink))
         })
         .await;
     }

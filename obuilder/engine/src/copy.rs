@@ -7,21 +7,22 @@
 //!
 //! Unlike OBuilder, which pipes a tar stream into the image's own `tar` (so an image needs a
 //! working `tar`, and busybox's fails on directories), the builder writes the files itself.
-//! Every path inside the snapshot is resolved with `openat2(RESOLVE_IN_ROOT)`, so a symlink
+//! Every path inside the snapshot is resolved inside it (`crate::confined`), so a symlink
 //! in the image resolves inside the rootfs as it would in the container, never to the host.
 //! Modes follow OBuilder's tar: files 0755 if any execute bit is set, else 0644;
 //! directories 0755; owner = the step's user; mtimes copied.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, Mode};
 use sha2::{Digest, Sha256};
+
+use crate::confined::{self, ConfinedRoot, Follow, Owner};
 
 use crate::key::{CopyOp, Manifest};
 
@@ -384,7 +385,26 @@ pub fn copy_op(items: Vec<Manifest>, dst: &str) -> Result<CopyOp, CopyError> {
     }
 }
 
+/// `op` with its destination mapped by `f` (a sandbox's `copy_target`): the host tree to
+/// write into, and the op with the destination inside that tree.
+pub fn map_dst<E>(
+    op: CopyOp,
+    f: impl FnOnce(&str) -> Result<(PathBuf, String), E>,
+) -> Result<(PathBuf, CopyOp), E> {
+    Ok(match op {
+        CopyOp::Item(item, dst) => {
+            let (root, dst) = f(&dst)?;
+            (root, CopyOp::Item(item, dst))
+        }
+        CopyOp::Items(items, dst) => {
+            let (root, dst) = f(&dst)?;
+            (root, CopyOp::Items(items, dst))
+        }
+    })
+}
+
 /// Writes the files of `op` from `src_dir` into the tree at `rootfs`, owned by uid:gid.
+/// Every path in the tree is resolved inside it (`confined`), as the container would.
 /// Blocking; run it on a blocking thread.
 pub fn write_into(
     rootfs: &Path,
@@ -393,18 +413,11 @@ pub fn write_into(
     uid: u32,
     gid: u32,
 ) -> Result<(), CopyError> {
-    let root: OwnedFd = rustix::fs::open(
-        rootfs,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("cannot open rootfs", rootfs)(e.into()))?;
+    let root = ConfinedRoot::open(rootfs).map_err(io_err("cannot open rootfs", rootfs))?;
     let w = Writer {
         root,
-        rootfs,
         src_dir,
-        uid,
-        gid,
+        owner: Owner { uid, gid },
     };
     match op {
         CopyOp::Item(item, dst) => {
@@ -435,107 +448,57 @@ fn basename(p: &str) -> &str {
 }
 
 struct Writer<'a> {
-    root: OwnedFd,
-    rootfs: &'a Path,
+    root: ConfinedRoot,
     src_dir: &'a Path,
-    uid: u32,
-    gid: u32,
-}
-
-/// Splits a container path into (parent, name); `/` has no name.
-fn split(path: &str) -> (String, Option<String>) {
-    let trimmed = path.trim_end_matches('/');
-    match trimmed.rfind('/') {
-        Some(i) => (
-            trimmed[..i].to_string(),
-            Some(trimmed[i + 1..].to_string()).filter(|n| !n.is_empty()),
-        ),
-        None => (
-            String::new(),
-            Some(trimmed.to_string()).filter(|n| !n.is_empty()),
-        ),
-    }
+    owner: Owner,
 }
 
 impl Writer<'_> {
-    fn host(&self, path: &str) -> PathBuf {
-        self.rootfs.join(path.trim_start_matches('/'))
+    fn err(&self, what: &'static str, path: &str) -> impl FnOnce(io::Error) -> CopyError {
+        io_err(what, &self.root.shown(path))
     }
 
-    fn err(&self, what: &'static str, path: &str) -> impl FnOnce(rustix::io::Errno) -> CopyError {
-        let p = self.host(path);
-        move |e| CopyError::Io {
-            what,
-            path: p,
-            source: e.into(),
-        }
-    }
-
-    /// Opens a directory of the container tree, resolving symlinks inside the root.
-    fn open_dir(&self, path: &str) -> Result<OwnedFd, CopyError> {
-        let rel = path.trim_start_matches('/');
-        let rel = if rel.is_empty() { "." } else { rel };
-        rustix::fs::openat2(
-            self.root.as_fd(),
-            rel,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )
-        .map_err(self.err("cannot open directory", path))
+    /// The parent directory of `path` (resolved in the tree) and the final name.
+    fn parent(&self, path: &str) -> Result<Option<(OwnedFd, String)>, CopyError> {
+        self.root
+            .parent(path, Follow::InRoot)
+            .map_err(self.err("cannot open the directory of", path))
     }
 
     /// Creates the missing parent directories of `path` (owned by the user, 0755);
     /// existing ones are left as they are.
     fn ensure_parents(&self, path: &str) -> Result<(), CopyError> {
-        let (parent, _) = split(path);
-        let mut cur = String::new();
-        for part in parent.split('/').filter(|p| !p.is_empty()) {
-            let dir = self.open_dir(&cur)?;
-            match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
-                Ok(()) => {
-                    rustix::fs::chownat(
-                        &dir,
-                        part,
-                        Some(rustix::fs::Uid::from_raw(self.uid)),
-                        Some(rustix::fs::Gid::from_raw(self.gid)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(self.err("cannot chown", &format!("{cur}/{part}")))?;
-                }
-                Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => {
-                    return Err(self
-                        .err("cannot create directory", &format!("{cur}/{part}"))(
-                        e
-                    ))
-                }
-            }
-            cur = format!("{cur}/{part}");
+        let parts = confined::components(path);
+        if let Some((_, dirs)) = parts.split_last() {
+            let dir = format!("/{}", dirs.join("/"));
+            self.root
+                .create_dirs(&dir, 0o755, Some(self.owner))
+                .map_err(self.err("cannot create directory", &dir))?;
         }
         Ok(())
     }
 
     /// Makes `path` a directory owned by the user with mode 0755 (creating it if needed).
     fn dir(&self, path: &str) -> Result<(), CopyError> {
-        let (parent, name) = split(path);
-        let Some(name) = name else {
+        let Some((pfd, name)) = self.parent(path)? else {
             return Ok(()); // the root itself: leave it
         };
-        let pfd = self.open_dir(&parent)?;
         match rustix::fs::mkdirat(&pfd, name.as_str(), Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(self.err("cannot create directory", path)(e)),
+            Err(e) => return Err(self.err("cannot create directory", path)(e.into())),
         }
-        let fd = self.open_dir(path)?;
+        let fd = self
+            .root
+            .dir(path, Follow::InRoot)
+            .map_err(self.err("cannot open directory", path))?;
         rustix::fs::fchown(
             &fd,
-            Some(rustix::fs::Uid::from_raw(self.uid)),
-            Some(rustix::fs::Gid::from_raw(self.gid)),
+            Some(rustix::fs::Uid::from_raw(self.owner.uid)),
+            Some(rustix::fs::Gid::from_raw(self.owner.gid)),
         )
-        .map_err(self.err("cannot chown", path))?;
+        .map_err(|e| self.err("cannot chown", path)(e.into()))?;
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
-            .map_err(self.err("cannot chmod", path))?;
+            .map_err(|e| self.err("cannot chmod", path)(e.into()))?;
         Ok(())
     }
 
@@ -543,12 +506,12 @@ impl Writer<'_> {
     fn clear(&self, pfd: &OwnedFd, name: &str, path: &str) -> Result<(), CopyError> {
         match rustix::fs::unlinkat(pfd, name, AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(rustix::io::Errno::ISDIR) => Err(CopyError::Io {
+            Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => Err(CopyError::Io {
                 what: "a directory is in the way of",
-                path: self.host(path),
+                path: self.root.shown(path),
                 source: io::Error::from_raw_os_error(libc::EISDIR),
             }),
-            Err(e) => Err(self.err("cannot replace", path)(e)),
+            Err(e) => Err(self.err("cannot replace", path)(e.into())),
         }
     }
 
@@ -560,25 +523,12 @@ impl Writer<'_> {
         path: &str,
     ) -> Result<(), CopyError> {
         let m = std::fs::symlink_metadata(src).map_err(io_err("cannot read", src))?;
-        let t = Timespec {
-            tv_sec: m.mtime(),
-            tv_nsec: m.mtime_nsec() as _,
-        };
-        rustix::fs::utimensat(
-            pfd,
-            name,
-            &Timestamps {
-                last_access: t,
-                last_modification: t,
-            },
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(self.err("cannot set times of", path))
+        confined::set_mtime_at(pfd, name, m.mtime(), m.mtime_nsec())
+            .map_err(self.err("cannot set times of", path))
     }
 
     fn write(&self, item: &Manifest, dst: &str) -> Result<(), CopyError> {
         let src = self.src_dir.join(item.path());
-        let (parent, name) = split(dst);
         match item {
             Manifest::Dir { entries, .. } => {
                 self.dir(dst)?;
@@ -588,17 +538,15 @@ impl Writer<'_> {
                         &format!("{}/{}", dst.trim_end_matches('/'), basename(e.path())),
                     )?;
                 }
-                if let Some(name) = name {
-                    let pfd = self.open_dir(&parent)?;
+                if let Some((pfd, name)) = self.parent(dst)? {
                     self.set_mtime(&pfd, &name, &src, dst)?;
                 }
                 Ok(())
             }
             Manifest::File { .. } | Manifest::Executable { .. } => {
-                let name = name.ok_or_else(|| {
+                let (pfd, name) = self.parent(dst)?.ok_or_else(|| {
                     CopyError::Unsupported(format!("{dst} (a file cannot replace /)"))
                 })?;
-                let pfd = self.open_dir(&parent)?;
                 self.clear(&pfd, &name, dst)?;
                 let mut input = File::open(&src).map_err(io_err("cannot open", &src))?;
                 let exec = input
@@ -609,51 +557,30 @@ impl Writer<'_> {
                     & 0o111
                     != 0;
                 let mode = if exec { 0o755 } else { 0o644 };
-                let fd = rustix::fs::openat(
-                    &pfd,
-                    name.as_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(mode),
-                )
-                .map_err(self.err("cannot create", dst))?;
-                let mut out = File::from(fd);
-                io::copy(&mut input, &mut out).map_err(|e| CopyError::Io {
-                    what: "cannot write",
-                    path: self.host(dst),
-                    source: e,
-                })?;
+                let mut out = confined::create_file_at(&pfd, &name, mode)
+                    .map_err(self.err("cannot create", dst))?;
+                io::copy(&mut input, &mut out).map_err(self.err("cannot write", dst))?;
                 rustix::fs::fchown(
                     &out,
-                    Some(rustix::fs::Uid::from_raw(self.uid)),
-                    Some(rustix::fs::Gid::from_raw(self.gid)),
+                    Some(rustix::fs::Uid::from_raw(self.owner.uid)),
+                    Some(rustix::fs::Gid::from_raw(self.owner.gid)),
                 )
-                .map_err(self.err("cannot chown", dst))?;
+                .map_err(|e| self.err("cannot chown", dst)(e.into()))?;
                 // chown clears set-id bits; set the mode after it (and past the umask).
                 rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))
-                    .map_err(self.err("cannot chmod", dst))?;
+                    .map_err(|e| self.err("cannot chmod", dst)(e.into()))?;
                 drop(out);
                 self.set_mtime(&pfd, &name, &src, dst)
             }
             Manifest::Symlink { target, .. } => {
-                let name = name.ok_or_else(|| {
+                let (pfd, name) = self.parent(dst)?.ok_or_else(|| {
                     CopyError::Unsupported(format!("{dst} (a symlink cannot replace /)"))
                 })?;
-                let pfd = self.open_dir(&parent)?;
                 self.clear(&pfd, &name, dst)?;
-                rustix::fs::symlinkat(OsStr::new(target), &pfd, name.as_str())
+                confined::symlink_at(&pfd, &name, target.as_bytes())
                     .map_err(self.err("cannot create symlink", dst))?;
-                rustix::fs::chownat(
-                    &pfd,
-                    name.as_str(),
-                    Some(rustix::fs::Uid::from_raw(self.uid)),
-                    Some(rustix::fs::Gid::from_raw(self.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(self.err("cannot chown", dst))?;
+                confined::chown_at(&pfd, &name, self.owner)
+                    .map_err(self.err("cannot chown", dst))?;
                 self.set_mtime(&pfd, &name, &src, dst)
             }
         }
@@ -911,7 +838,10 @@ mod tests {
         .unwrap();
         // Inside the root the link dangles: a clear error, and nothing written anywhere.
         let e = write_into(&root, &src, &op, uid, gid).unwrap_err();
-        assert!(e.to_string().contains("cannot open directory"), "{e}");
+        assert!(
+            e.to_string().contains("cannot create directory") && e.to_string().contains("/app"),
+            "{e}"
+        );
         assert_eq!(
             std::fs::read_dir(&outside).unwrap().count(),
             0,

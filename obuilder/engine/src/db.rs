@@ -2,8 +2,8 @@
 //!
 //! Table `builds` as OBuilder's (id, created, used, rc = children count, parent), so LRU
 //! pruning only ever sees leaves; foreign keys are enforced (OBuilder declares but never
-//! enables them). Table `images` maps local image names to content digests and base ids.
-//! Times are UTC `YYYY-MM-DD HH:MM:SS.mmm` text, which sorts by time.
+//! enables them). Table `stats` keeps the cache hit and miss counters, `file_hashes` the
+//! hashes of build-context files by what `stat` says of them. Times are UTC `YYYY-MM-DD HH:MM:SS.mmm` text, which sorts by time.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -27,19 +27,6 @@ pub struct BuildRow {
     pub used: String,
     pub children: i64,
     pub parent: Option<String>,
-}
-
-/// A local image name and what it resolves to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRow {
-    pub name: String,
-    /// `sha256:…` of the image content (an archive's bytes, a manifest, …).
-    pub digest: String,
-    /// The base id builds use for this image.
-    pub base_id: String,
-    /// Where the content lives (a blob path) and how to read it, as JSON.
-    pub source: String,
-    pub updated: String,
 }
 
 pub struct Db {
@@ -97,18 +84,41 @@ impl Db {
                path TEXT PRIMARY KEY,
                stat TEXT NOT NULL,
                sha256 TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS images (
-               name TEXT PRIMARY KEY,
-               digest TEXT NOT NULL,
-               base_id TEXT NOT NULL,
-               source TEXT NOT NULL,
-               updated TEXT NOT NULL);",
+             DROP TABLE IF EXISTS images;",
         )
         .map_err(err)?;
         Ok(Db {
             conn: Mutex::new(conn),
             path: path.display().to_string(),
         })
+    }
+
+    /// Opens the database of an existing store without creating or changing anything (for
+    /// read-only commands); `None` if there is none at `path`.
+    pub fn open_existing(path: &Path) -> Result<Option<Db>, DbError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let err = |source| DbError {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(err)?;
+        Ok(Some(Db {
+            conn: Mutex::new(conn),
+            path: path.display().to_string(),
+        }))
     }
 
     fn with<T>(
@@ -278,8 +288,15 @@ impl Db {
         })
     }
 
-    /// Leaves (no children) last used before `before`, least recently used first.
-    pub fn lru(&self, before: &str, limit: usize) -> Result<Vec<String>, DbError> {
+    /// Leaves (no children) last used before `before` (any time with `None`), least
+    /// recently used first.
+    pub fn lru(
+        &self,
+        before: Option<OffsetDateTime>,
+        limit: usize,
+    ) -> Result<Vec<String>, DbError> {
+        // Past every time the database holds.
+        let before = before.map_or_else(|| "9999-12-31 23:59:59.999".to_string(), format_time);
         self.with(|c| {
             let mut s = c.prepare(
                 "SELECT id FROM builds WHERE rc = 0 AND used < ?1 ORDER BY used ASC, rowid ASC LIMIT ?2",
@@ -301,44 +318,6 @@ impl Db {
             rows.collect()
         })
     }
-
-    pub fn put_image(&self, img: &ImageRow) -> Result<(), DbError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT OR REPLACE INTO images (name, digest, base_id, source, updated) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![img.name, img.digest, img.base_id, img.source, img.updated],
-            )
-            .map(|_| ())
-        })
-    }
-
-    pub fn image(&self, name: &str) -> Result<Option<ImageRow>, DbError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT name, digest, base_id, source, updated FROM images WHERE name = ?1",
-                params![name],
-                image_row,
-            )
-            .optional()
-        })
-    }
-
-    pub fn images(&self) -> Result<Vec<ImageRow>, DbError> {
-        self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT name, digest, base_id, source, updated FROM images ORDER BY name",
-            )?;
-            let rows = s.query_map([], image_row)?;
-            rows.collect()
-        })
-    }
-
-    pub fn delete_image(&self, name: &str) -> Result<bool, DbError> {
-        self.with(|c| {
-            c.execute("DELETE FROM images WHERE name = ?1", params![name])
-                .map(|n| n > 0)
-        })
-    }
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRow> {
@@ -348,16 +327,6 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRow> {
         used: r.get(2)?,
         children: r.get(3)?,
         parent: r.get(4)?,
-    })
-}
-
-fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
-    Ok(ImageRow {
-        name: r.get(0)?,
-        digest: r.get(1)?,
-        base_id: r.get(2)?,
-        source: r.get(3)?,
-        updated: r.get(4)?,
     })
 }
 
@@ -397,16 +366,25 @@ mod tests {
         db.add("b", Some("a"), "2026-01-01 00:00:02.000").unwrap();
         db.add("b", Some("a"), "2026-01-01 00:00:03.000").unwrap(); // re-add keeps counts
         assert_eq!(db.get("a").unwrap().unwrap().children, 1);
-        assert_eq!(db.lru("2027-01-01 00:00:00.000", 10).unwrap(), ["b"]);
+        assert_eq!(
+            db.lru(Some(time::macros::datetime!(2027-01-01 00:00 UTC)), 10)
+                .unwrap(),
+            ["b"]
+        );
         assert!(
             db.delete("a").is_err(),
             "foreign keys forbid removing a parent"
         );
         db.delete("b").unwrap();
         assert_eq!(db.get("a").unwrap().unwrap().children, 0);
-        assert_eq!(db.lru("2027-01-01 00:00:00.000", 10).unwrap(), ["a"]);
         assert_eq!(
-            db.lru("2026-01-01 00:00:00.500", 10).unwrap(),
+            db.lru(Some(time::macros::datetime!(2027-01-01 00:00 UTC)), 10)
+                .unwrap(),
+            ["a"]
+        );
+        assert_eq!(
+            db.lru(Some(time::macros::datetime!(2026-01-01 00:00:00.5 UTC)), 10)
+                .unwrap(),
             Vec::<String>::new()
         );
         db.touch(&["a".into()], "2026-06-01 00:00:00.000", 1, 2)
@@ -417,5 +395,6 @@ mod tests {
             "2026-06-01 00:00:00.000"
         );
         assert_eq!(db.count().unwrap(), 2);
+        assert_eq!(db.lru(None, 10).unwrap(), ["a"]);
     }
 }

@@ -22,6 +22,53 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// What a secret's value contributes to a `run` key: `hmac-sha256:HEX` of the value under
+/// the store's secret key (see [`store_secret_key`]).
+pub fn secret_digest(key: &[u8; 32], value: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).expect("any key length works");
+    mac.update(value);
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The store's secret key for [`secret_digest`], at `STATE/secret-key` (mode 0600): 32
+/// random bytes made with the store. Created atomically (written aside, then linked into
+/// place), so processes opening a new store at once all read the same key.
+pub fn store_secret_key(state_dir: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("secret-key");
+    let read = |p: &std::path::Path| -> std::io::Result<[u8; 32]> {
+        let mut k = [0u8; 32];
+        std::fs::File::open(p)?.read_exact(&mut k)?;
+        Ok(k)
+    };
+    match read(&path) {
+        Ok(k) => return Ok(k),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let tmp = state_dir.join(format!("secret-key.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(key),
+        // Another process made it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
+        Err(e) => Err(e),
+    }
+}
+
 /// The id of a base image `(from NAME)` as OBuilder computes it: the SHA-256 of the name.
 /// Our fetchers key bases by content instead (see `Fetcher::resolve`); this is kept for
 /// compatibility tests and for callers that want OBuilder's ids.
@@ -29,8 +76,10 @@ pub fn obuilder_base_id(name: &str) -> Id {
     sha256_hex(name.as_bytes())
 }
 
-/// A secret as it enters a `run` key: OBuilder hashes the value itself; we keep the same
-/// shape for compatibility but callers pass a digest of the value (see issue on secrets).
+/// A secret as it enters a `run` key. OBuilder puts the value in; we keep the same shape,
+/// but `value` is [`secret_digest`] of it: an HMAC under the store's own random key, so a
+/// changed secret still changes the id while the id (printed in every log) reveals
+/// nothing about the value, not even to a dictionary of short secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretInput {
     pub value: String,
@@ -216,6 +265,31 @@ mod tests {
             id,
             "de09a993c758fa86ba823e378ebf4d709ab7cc70a3ba8a59a337bb4063617006"
         );
+    }
+
+    #[test]
+    fn secret_digests_depend_on_the_store_key_and_the_value() {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(secret_digest(&k1, b"1234"), secret_digest(&k1, b"1234"));
+        assert_ne!(secret_digest(&k1, b"1234"), secret_digest(&k1, b"1235"));
+        assert_ne!(secret_digest(&k1, b"1234"), secret_digest(&k2, b"1234"));
+        // RFC 4231 test case 2, to pin the construction.
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let a = store_secret_key(dir.path()).unwrap();
+        assert_eq!(store_secret_key(dir.path()).unwrap(), a);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("secret-key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

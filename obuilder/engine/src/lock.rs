@@ -87,28 +87,57 @@ pub struct StepLock {
     _file: File,
 }
 
+/// Who holds a step's bucket lock, as it wrote in the lock file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// The step it builds (the bucket is shared by ids with the same prefix).
+    pub id: String,
+}
+
+fn read_holder(file: &File) -> Option<Holder> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 128];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let (pid, id) = text.trim().split_once(' ')?;
+    Some(Holder {
+        pid: pid.parse().ok()?,
+        id: id.to_string(),
+    })
+}
+
 impl StepLock {
-    /// Waits for the lock of `id`'s bucket; `None` if `cancelled` fired first.
+    /// Waits for the lock of `id`'s bucket; `None` if `cancelled` fired first. While it
+    /// waits, `waiting` hears who holds it (once per holder). The holder's pid and step
+    /// are written into the lock file for the next waiter to read.
     pub async fn acquire(
         state_dir: &Path,
         id: &str,
         cancelled: impl Fn() -> bool,
-        mut waiting: impl FnMut(),
+        mut waiting: impl FnMut(&Option<Holder>),
     ) -> std::io::Result<Option<StepLock>> {
+        use std::os::unix::fs::FileExt;
         let bucket: String = id.chars().take(3).collect();
         let file = open(&state_dir.join("locks").join(format!("{bucket}.lock")))?;
-        let mut told = false;
+        let mut told = None;
         let mut backoff = Backoff::default();
         loop {
             match flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(StepLock { _file: file })),
+                Ok(()) => {
+                    let me = format!("{} {id}\n", std::process::id());
+                    file.set_len(0)?;
+                    file.write_at(me.as_bytes(), 0)?;
+                    return Ok(Some(StepLock { _file: file }));
+                }
                 Err(rustix::io::Errno::WOULDBLOCK) => {
                     if cancelled() {
                         return Ok(None);
                     }
-                    if !told {
-                        waiting();
-                        told = true;
+                    let h = read_holder(&file);
+                    if told.as_ref() != Some(&h) {
+                        waiting(&h);
+                        told = Some(h);
                     }
                     backoff.wait().await;
                 }

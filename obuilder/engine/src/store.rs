@@ -19,8 +19,29 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    /// A command that only reads a store found none.
+    #[error("there is no obuilder store at {} (check --store; a build creates one)", path.display())]
+    NoStore { path: PathBuf },
+    /// The filesystem cannot hold this kind of store.
+    #[error("{store}: {} is on {found}, but this store needs {need}; choose another --store kind or path", path.display())]
+    WrongFilesystem {
+        store: String,
+        path: PathBuf,
+        need: &'static str,
+        found: String,
+    },
+    /// The store was made with settings other than those given.
+    #[error("{store}: {what}")]
+    Mismatch { store: String, what: String },
+    #[error("no cache named {name:?}")]
+    NoCache { name: String },
+    #[error("cache {name:?} is in use by {users} running step(s); try again when they finish")]
+    CacheInUse { name: String, users: usize },
+    /// A result's chain of layers is deeper than the store can stack.
+    #[error("{id}: more than {max} layers, the kernel's overlayfs limit; build a shorter chain or use another store")]
+    TooDeep { id: String, max: usize },
+    #[error("cannot unmount {}: still in use after {secs} s", path.display())]
+    Busy { path: PathBuf, secs: u64 },
 }
 
 impl StoreError {
@@ -79,9 +100,11 @@ impl DiskUsage {
 
 /// Snapshot storage.
 ///
-/// Caller's promises (kept by the builder): [`Store::recover`] is called once, before
-/// anything else; `prepare` is never called for an id that is already a result, nor twice
-/// concurrently for one id; every `prepare` is followed by exactly one `commit` or
+/// Caller's promises (kept by the builder): [`Store::recover`] is called before anything
+/// else when the process has the store to itself (a process sharing the store with others
+/// never calls it); `prepare` is never called for an id that is already a result, nor
+/// twice concurrently for one id (across processes too: under the step's lock), and a
+/// stale build dir of that id is first discarded; every `prepare` is followed by exactly one `commit` or
 /// `discard` of the returned dir; results are never modified once committed.
 ///
 /// Implementor's guarantees: `commit` publishes atomically (a crash leaves either no result
@@ -112,6 +135,11 @@ pub trait Store: Send + Sync {
     /// A writable build dir for `id`: an empty `rootfs` when `base` is `None`, otherwise a
     /// copy-on-write clone of `base`'s rootfs (`base` must be a result).
     async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError>;
+
+    /// The build dir of `id` that a builder left when it died mid-step, if any (the
+    /// caller then discards it). Only called under the step's lock, where any such dir is
+    /// stale by definition.
+    async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError>;
 
     /// Publishes a prepared build atomically as result `dir.id`; returns the result dir.
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError>;

@@ -1,19 +1,18 @@
 //! Extracting image layers (tar, optionally gzip or zstd) into a root filesystem.
 //!
-//! Every path is resolved inside the root with `openat2(RESOLVE_IN_ROOT)`: an absolute
+//! Every path is resolved inside the root (`obuilder_engine::confined`): an absolute
 //! symlink in the image (Debian's `/var/run -> /run`) resolves inside the rootfs as it would
 //! in the container, and a malicious layer with `../` paths or symlinks pointing out can never
 //! write to the host. OCI whiteouts are applied (`.wh.NAME` deletes NAME, `.wh..wh..opq`
 //! empties its directory); hard links, symlinks, devices, fifos, ownership, modes (incl.
 //! set-id bits), mtimes and xattrs (where the filesystem allows) are kept.
 
-use std::ffi::OsStr;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path};
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use obuilder_engine::confined::{self, ConfinedRoot, Follow, Owner};
+use rustix::fs::{AtFlags, Mode};
 
 /// A layer that cannot be extracted.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +79,7 @@ fn clean(path: &Path) -> Result<Vec<String>, ExtractError> {
 }
 
 struct Root {
-    fd: OwnedFd,
+    tree: ConfinedRoot,
     /// The last parent directory opened, by path: layers list a directory's entries
     /// together, so most entries reuse it. Creating a new name never changes what an
     /// existing path resolves to; anything that removes one calls `invalidate`.
@@ -106,19 +105,11 @@ impl Root {
     }
 
     fn open_dir(&self, parts: &[String]) -> Result<OwnedFd, ExtractError> {
-        let rel = if parts.is_empty() {
-            ".".to_string()
-        } else {
-            parts.join("/")
-        };
-        rustix::fs::openat2(
-            self.fd.as_fd(),
-            rel.as_str(),
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )
-        .map_err(errno("cannot open directory", &format!("/{rel}")))
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.tree.dir_parts(&refs, Follow::InRoot).map_err(io_err(
+            "cannot open directory",
+            &format!("/{}", parts.join("/")),
+        ))
     }
 
     /// Opens the parent of `parts`, creating missing directories (0755, root) on the way.
@@ -127,20 +118,10 @@ impl Root {
         match self.open_dir(parent) {
             Ok(fd) => Ok(fd),
             Err(_) => {
-                for i in 0..parent.len() {
-                    let dir = self.open_dir(&parent[..i])?;
-                    match rustix::fs::mkdirat(&dir, parent[i].as_str(), Mode::from_raw_mode(0o755))
-                    {
-                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(errno(
-                                "cannot create directory",
-                                &format!("/{}", parent[..=i].join("/")),
-                            )(e))
-                        }
-                    }
-                }
-                self.open_dir(parent)
+                let shown = format!("/{}", parent.join("/"));
+                self.tree
+                    .create_dirs(&shown, 0o755, None)
+                    .map_err(io_err("cannot create directory", &shown))
             }
         }
     }
@@ -148,39 +129,12 @@ impl Root {
 
 /// Removes `name` in `dir`, recursively if it is a directory.
 fn remove_at(dir: &OwnedFd, name: &str, shown: &str) -> Result<(), ExtractError> {
-    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(rustix::io::Errno::ISDIR) => {
-            let sub = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(errno("cannot open", shown))?;
-            clear_dir(&sub, shown)?;
-            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-                .map_err(errno("cannot remove", shown))
-        }
-        Err(e) => Err(errno("cannot remove", shown)(e)),
-    }
+    confined::remove_at(dir, name).map_err(io_err("cannot remove", shown))
 }
 
 /// Removes everything inside a directory.
 fn clear_dir(dir: &OwnedFd, shown: &str) -> Result<(), ExtractError> {
-    let mut names = Vec::new();
-    let d = rustix::fs::Dir::read_from(dir).map_err(errno("cannot list", shown))?;
-    for e in d {
-        let e = e.map_err(errno("cannot list", shown))?;
-        let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            names.push(String::from_utf8_lossy(n).into_owned());
-        }
-    }
-    for n in names {
-        remove_at(dir, &n, &format!("{shown}/{n}"))?;
-    }
-    Ok(())
+    confined::clear_dir(dir).map_err(io_err("cannot clear", shown))
 }
 
 /// Extracts one layer into `rootfs`. Blocking.
@@ -266,14 +220,10 @@ impl<F: FnMut() -> io::Result<Option<Vec<u8>>>> Read for ChunkReader<F> {
 }
 
 fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
-    let fd = rustix::fs::open(
-        rootfs,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(errno("cannot open", &rootfs.display().to_string()))?;
+    let tree =
+        ConfinedRoot::open(rootfs).map_err(io_err("cannot open", &rootfs.display().to_string()))?;
     let root = Root {
-        fd,
+        tree,
         last: Default::default(),
     };
     let mut archive = tar::Archive::new(reader);
@@ -314,15 +264,9 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
         let parent = root.parent_cached(&parts)?;
         let parent = &*parent;
         let kind = h.entry_type();
-        let owner = |fd_name: &str, flags: AtFlags| {
-            rustix::fs::chownat(
-                parent,
-                fd_name,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-                flags,
-            )
-            .map_err(errno("cannot chown", &shown))
+        let owner = |fd_name: &str| {
+            confined::chown_at(parent, fd_name, Owner { uid, gid })
+                .map_err(io_err("cannot chown", &shown))
         };
         if kind.is_dir() {
             match rustix::fs::mkdirat(parent, name.as_str(), Mode::from_raw_mode(0o700)) {
@@ -342,7 +286,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
                 }
                 Err(e) => return Err(errno("cannot create directory", &shown)(e)),
             }
-            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+            owner(&name)?;
             rustix::fs::chmodat(
                 parent,
                 name.as_str(),
@@ -350,7 +294,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
                 AtFlags::empty(),
             )
             .map_err(errno("cannot chmod", &shown))?;
-            set_xattrs(&mut entry, &root, &parts)?;
+            set_xattrs(&mut entry, parent, &name, &shown);
             dir_times.push((parts, mtime));
             continue;
         }
@@ -366,22 +310,14 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
         if kind.is_file() || kind == tar::EntryType::Continuous {
             let mut fd = None;
             replacing("cannot create", &mut || {
-                fd = Some(rustix::fs::openat(
-                    parent,
-                    name.as_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )?);
+                fd = Some(confined::create_file_at(parent, &name, 0o600).map_err(|e| {
+                    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+                })?);
                 Ok(())
             })?;
-            let Some(fd) = fd else {
+            let Some(mut f) = fd else {
                 continue;
             };
-            let mut f = std::fs::File::from(fd);
             io::copy(&mut entry, &mut f).map_err(|e| {
                 ExtractError::Bad(format!("truncated layer while writing {shown}: {e}"))
             })?;
@@ -398,9 +334,11 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
                 .link_name_bytes()
                 .ok_or_else(|| ExtractError::Bad(format!("symlink {shown} has no target")))?;
             replacing("cannot create symlink", &mut || {
-                rustix::fs::symlinkat(OsStr::from_bytes(&target), parent, name.as_str())
+                confined::symlink_at(parent, &name, &target).map_err(|e| {
+                    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+                })
             })?;
-            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+            owner(&name)?;
         } else if kind.is_hard_link() {
             let target = entry
                 .link_name()
@@ -428,21 +366,14 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             )?;
             continue; // the link shares the target's metadata
         } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            let ft = if kind.is_fifo() {
-                rustix::fs::FileType::Fifo
-            } else if kind.is_character_special() {
-                rustix::fs::FileType::CharacterDevice
-            } else {
-                rustix::fs::FileType::BlockDevice
-            };
-            let dev = rustix::fs::makedev(
+            let (major, minor) = (
                 h.device_major().ok().flatten().unwrap_or(0),
                 h.device_minor().ok().flatten().unwrap_or(0),
             );
             replacing("cannot create device", &mut || {
-                rustix::fs::mknodat(parent, name.as_str(), ft, Mode::from_raw_mode(mode), dev)
+                crate::special::make_node(parent, &name, kind, mode, major, minor)
             })?;
-            owner(&name, AtFlags::SYMLINK_NOFOLLOW)?;
+            owner(&name)?;
             rustix::fs::chmodat(
                 parent,
                 name.as_str(),
@@ -455,52 +386,25 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             continue;
         }
         if !kind.is_symlink() {
-            set_xattrs(&mut entry, &root, &parts)?;
+            set_xattrs(&mut entry, parent, &name, &shown);
         }
-        let t = Timespec {
-            tv_sec: mtime,
-            tv_nsec: 0,
-        };
-        let _ = rustix::fs::utimensat(
-            parent,
-            name.as_str(),
-            &Timestamps {
-                last_access: t,
-                last_modification: t,
-            },
-            AtFlags::SYMLINK_NOFOLLOW,
-        );
+        let _ = confined::set_mtime_at(parent, &name, mtime, 0);
     }
     for (parts, mtime) in dir_times.into_iter().rev() {
         if let Some((name, dir)) = parts.split_last() {
             if let Ok(p) = root.open_dir(dir) {
-                let t = Timespec {
-                    tv_sec: mtime,
-                    tv_nsec: 0,
-                };
-                let _ = rustix::fs::utimensat(
-                    &p,
-                    name.as_str(),
-                    &Timestamps {
-                        last_access: t,
-                        last_modification: t,
-                    },
-                    AtFlags::SYMLINK_NOFOLLOW,
-                );
+                let _ = confined::set_mtime_at(&p, name, mtime, 0);
             }
         }
     }
     Ok(())
 }
 
-/// Applies `SCHILY.xattr.*` PAX records; a filesystem that refuses them is not an error.
-fn set_xattrs<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    root: &Root,
-    parts: &[String],
-) -> Result<(), ExtractError> {
+/// Applies `SCHILY.xattr.*` PAX records to `name` in `dir`; a filesystem that refuses them
+/// is not an error.
+fn set_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, dir: &OwnedFd, name: &str, shown: &str) {
     let Ok(Some(exts)) = entry.pax_extensions() else {
-        return Ok(());
+        return;
     };
     let mut attrs = Vec::new();
     for e in exts.flatten() {
@@ -510,29 +414,9 @@ fn set_xattrs<R: Read>(
             }
         }
     }
-    if attrs.is_empty() {
-        return Ok(());
-    }
-    let rel = parts.join("/");
-    if let Ok(fd) = rustix::fs::openat2(
-        root.fd.as_fd(),
-        rel.as_str(),
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT,
-    ) {
-        // Through the fd's /proc link: the very inode just made, never a path lookup.
-        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        for (k, v) in attrs {
-            if let Err(e) = rustix::fs::setxattr(
-                proc.as_str(),
-                k.as_str(),
-                &v,
-                rustix::fs::XattrFlags::empty(),
-            ) {
-                tracing::debug!("xattr {k} on /{rel}: {e}");
-            }
+    for (k, v) in attrs {
+        if let Err(e) = crate::special::set_xattr_at(dir, name, &k, &v) {
+            tracing::debug!("xattr {k} on {shown}: {e}");
         }
     }
-    Ok(())
 }

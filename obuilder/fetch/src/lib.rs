@@ -12,6 +12,9 @@ pub mod images;
 pub mod import;
 pub mod reference;
 pub mod registry;
+mod special;
+#[cfg(target_os = "linux")]
+mod special_linux;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use obuilder_engine::log::{LogEvent, LogSink};
 
 use images::{ImageRecord, ImageStore};
 use reference::Reference;
-use registry::{Progress, ProgressSink, Registry};
+use registry::{Progress, ProgressSink, Registry, RegistryOptions};
 
 /// When to ask a registry about a reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,16 +41,79 @@ pub enum PullPolicy {
     Never,
 }
 
+impl PullPolicy {
+    pub const ALL: [PullPolicy; 3] = [PullPolicy::Missing, PullPolicy::Always, PullPolicy::Never];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Missing => "missing",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
+}
+
+impl std::fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pull policy that is not one of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown pull policy {0:?}: expected missing, always or never")]
+pub struct UnknownPullPolicy(pub String);
+
 impl std::str::FromStr for PullPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<PullPolicy, String> {
-        match s {
-            "missing" => Ok(PullPolicy::Missing),
-            "always" => Ok(PullPolicy::Always),
-            "never" => Ok(PullPolicy::Never),
-            _ => Err(format!(
-                "unknown pull policy {s:?}: expected missing, always or never"
-            )),
+    type Err = UnknownPullPolicy;
+    fn from_str(s: &str) -> Result<PullPolicy, UnknownPullPolicy> {
+        PullPolicy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownPullPolicy(s.to_string()))
+    }
+}
+
+/// How base images are found: the pull policy, the registry client's options, and where
+/// download progress goes. `registry: None` keeps to local images.
+#[derive(Clone)]
+pub struct FetchConfig {
+    pub pull: PullPolicy,
+    pub registry: Option<RegistryOptions>,
+    pub progress: Option<ProgressSink>,
+}
+
+impl Default for FetchConfig {
+    /// Local images, then registries for references never seen.
+    fn default() -> FetchConfig {
+        FetchConfig {
+            pull: PullPolicy::Missing,
+            registry: Some(RegistryOptions::default()),
+            progress: None,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// Local images only.
+    pub fn local() -> FetchConfig {
+        FetchConfig {
+            pull: PullPolicy::Never,
+            registry: None,
+            progress: None,
+        }
+    }
+
+    /// The fetcher over the image store `images`.
+    pub fn fetcher(&self, images: ImageStore) -> ImageFetcher {
+        match &self.registry {
+            Some(opts) => ImageFetcher::with_registry(
+                images,
+                Arc::new(Registry::new(opts.clone())),
+                self.pull,
+                self.progress.clone().unwrap_or_else(|| Arc::new(|_| {})),
+            ),
+            None => ImageFetcher::new(images),
         }
     }
 }
@@ -59,9 +125,6 @@ pub struct ImageFetcher {
     policy: PullPolicy,
     progress: ProgressSink,
 }
-
-/// The local-only fetcher (no registry), as tests and offline set-ups use.
-pub type LocalFetcher = ImageFetcher;
 
 fn bad(name: &str, e: impl std::fmt::Display) -> FetchError {
     FetchError::Bad {

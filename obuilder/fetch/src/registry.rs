@@ -176,13 +176,13 @@ fn sha256_hex(b: &[u8]) -> String {
 
 impl Registry {
     /// A client; nothing is read or connected until the first request.
-    pub fn new(opts: RegistryOptions) -> Result<Registry, String> {
-        Ok(Registry {
+    pub fn new(opts: RegistryOptions) -> Registry {
+        Registry {
             http: Default::default(),
             opts,
             creds: Default::default(),
             auth: Default::default(),
-        })
+        }
     }
 
     fn http(&self, r: &Reference) -> Result<&reqwest::Client, RegistryError> {

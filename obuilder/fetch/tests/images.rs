@@ -10,7 +10,7 @@ use obuilder_engine::log::null_sink;
 use obuilder_fetch::extract::extract_layer;
 use obuilder_fetch::images::ImageStore;
 use obuilder_fetch::import::{host_platform, import, ImportRequest};
-use obuilder_fetch::LocalFetcher;
+use obuilder_fetch::ImageFetcher;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use testkit::{require, Cap};
@@ -229,7 +229,7 @@ async fn oci_layout_and_archive_import_and_extract() {
     assert_eq!(rec.config.workdir.as_deref(), Some("/work"));
     assert_eq!(rec.config.entrypoint, Some(vec!["/bin/tool".to_string()]));
 
-    let fetcher = LocalFetcher::new(images.clone());
+    let fetcher = ImageFetcher::new(images.clone());
     let resolved = fetcher.resolve("app:1", &null_sink()).await.unwrap();
     let rootfs = t.path().join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();

@@ -47,13 +47,10 @@ fn push(
 }
 
 fn registry(insecure: &[&str]) -> Arc<Registry> {
-    Arc::new(
-        Registry::new(RegistryOptions {
-            insecure: insecure.iter().map(|s| s.to_string()).collect(),
-            ..RegistryOptions::default()
-        })
-        .unwrap(),
-    )
+    Arc::new(Registry::new(RegistryOptions {
+        insecure: insecure.iter().map(|s| s.to_string()).collect(),
+        ..RegistryOptions::default()
+    }))
 }
 
 struct Counter {
@@ -156,13 +153,10 @@ async fn pull_by_tag_picks_the_host_platform_and_extracts() {
     // Another platform on request.
     let other = ImageFetcher::with_registry(
         ImageStore::new(&t.path().join("state2")),
-        Arc::new(
-            Registry::new(RegistryOptions {
-                platform: "linux/s390x".into(),
-                ..RegistryOptions::default()
-            })
-            .unwrap(),
-        ),
+        Arc::new(Registry::new(RegistryOptions {
+            platform: "linux/s390x".into(),
+            ..RegistryOptions::default()
+        })),
         PullPolicy::Missing,
         Arc::new(|_| {}),
     );
@@ -174,8 +168,7 @@ async fn pull_by_tag_picks_the_host_platform_and_extracts() {
     let none = Registry::new(RegistryOptions {
         platform: "linux/riscv64".into(),
         ..RegistryOptions::default()
-    })
-    .unwrap();
+    });
     let e = none
         .resolve(&name.parse().unwrap())
         .await
@@ -463,8 +456,7 @@ async fn token_auth_with_docker_config_credentials() {
     let anon = Registry::new(RegistryOptions {
         docker_config: Some(t.path().join("none/config.json")),
         ..RegistryOptions::default()
-    })
-    .unwrap();
+    });
     let e = anon.resolve(&name).await.unwrap_err();
     assert!(
         matches!(e, RegistryError::Denied { .. }) && e.to_string().contains("config.json"),
@@ -475,8 +467,7 @@ async fn token_auth_with_docker_config_credentials() {
     let authed = Registry::new(RegistryOptions {
         docker_config: Some(cfg),
         ..RegistryOptions::default()
-    })
-    .unwrap();
+    });
     let res = authed.resolve(&name).await.unwrap();
     assert_eq!(res.digest, pushed[0].0);
     let images = ImageStore::new(&t.path().join("state"));

@@ -6,7 +6,9 @@
 
 use serde_json::{json, Value};
 
-use obuilder_engine::sandbox::RunConfig;
+use obuilder_engine::sandbox::{RunConfig, SandboxError};
+
+use crate::seccomp;
 
 /// Docker's default capability set minus NET_RAW and NET_BIND_SERVICE: enough for package
 /// managers (chown, setuid to drop privileges, mknod for /dev in images), nothing that
@@ -49,17 +51,6 @@ pub const READONLY_PATHS: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
-/// Sync calls that `--fast-sync` turns into no-ops (they are slow on btrfs, and a build's
-/// durability comes from the snapshot commit, not from each fsync).
-pub const SYNC_SYSCALLS: [&str; 6] = [
-    "fsync",
-    "fdatasync",
-    "msync",
-    "sync",
-    "syncfs",
-    "sync_file_range",
-];
-
 /// Where the per-run files live on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFiles {
@@ -75,13 +66,20 @@ fn mount(dst: &str, ty: &str, src: &str, options: &[&str]) -> Value {
     json!({ "destination": dst, "type": ty, "source": src, "options": options })
 }
 
-/// seccomp architectures for the host's `uname -m`.
-pub fn seccomp_arches(machine: &str) -> Vec<&'static str> {
-    match machine {
-        "x86_64" => vec!["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "aarch64" => vec!["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-        _ => vec![],
-    }
+/// The hostname every step sees (as OBuilder's).
+pub const HOSTNAME: &str = "builder";
+
+/// Limits and filters of a step, from the sandbox's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Make sync calls no-ops (`--fast-sync`).
+    pub fast_sync: bool,
+    /// The host's `uname -m`, for the seccomp filter.
+    pub machine: String,
+    /// Most processes and threads a step may have at once (`--max-pids`).
+    pub max_pids: Option<u64>,
+    /// Most memory a step may use, in bytes (`--max-memory`).
+    pub max_memory: Option<u64>,
 }
 
 /// The `config.json` for running `c` on `rootfs`.
@@ -92,16 +90,15 @@ pub fn config(
     c: &RunConfig,
     rootfs: &str,
     files: &HostFiles,
-    fast_sync: bool,
-    machine: &str,
-) -> Result<Value, String> {
+    limits: &Limits,
+) -> Result<Value, SandboxError> {
     let host_network = match c.network.as_slice() {
         [] => false,
         [h] if h == "host" => true,
         other => {
-            return Err(format!(
+            return Err(SandboxError::Unsupported(format!(
                 "unsupported network configuration {other:?}: this sandbox offers an isolated network (no `network` field) or `(network host)`"
-            ))
+            )))
         }
     };
     let mut mounts = vec![
@@ -175,13 +172,14 @@ pub fn config(
             &["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"],
         ));
     }
-    for m in &c.mounts {
+    for m in &c.caches {
         // Caches: writable, and without noexec (dune's _build caches run binaries, OBuilder #38).
-        let mut opts = vec!["rbind", "rprivate", "nosuid", "nodev"];
-        if m.readonly {
-            opts.push("ro");
-        }
-        mounts.push(mount(&m.dst, "bind", &m.src.to_string_lossy(), &opts));
+        mounts.push(mount(
+            &m.target,
+            "bind",
+            &m.host.to_string_lossy(),
+            &["rbind", "rprivate", "nosuid", "nodev"],
+        ));
     }
     let mut namespaces = vec![
         json!({"type": "pid"}),
@@ -197,19 +195,27 @@ pub fn config(
         "namespaces": namespaces,
         "maskedPaths": MASKED_PATHS,
         "readonlyPaths": READONLY_PATHS,
+        // The default filter (keyrings, mounts, kernel modules, …), see `seccomp`.
+        "seccomp": seccomp::profile(limits.fast_sync, &limits.machine),
     });
-    if fast_sync {
-        linux["seccomp"] = json!({
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": seccomp_arches(machine),
-            "syscalls": [{ "names": SYNC_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 0 }],
-        });
+    let mut resources = serde_json::Map::new();
+    if let Some(n) = limits.max_pids {
+        // A fork bomb stops at the limit instead of taking the host's process table.
+        resources.insert("pids".into(), json!({ "limit": n }));
+    }
+    if let Some(bytes) = limits.max_memory {
+        // Past it the kernel's OOM killer ends the step's processes, not the host's.
+        resources.insert("memory".into(), json!({ "limit": bytes }));
+    }
+    if !resources.is_empty() {
+        linux["resources"] = Value::Object(resources);
     }
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
-            "user": { "uid": c.uid, "gid": c.gid },
+            // Supplementary groups are cleared (none listed): only uid and gid.
+            "user": { "uid": c.user.uid, "gid": c.user.gid },
             "args": c.argv,
             "env": c.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "cwd": c.cwd,
@@ -223,7 +229,7 @@ pub fn config(
             "noNewPrivileges": false,
         },
         "root": { "path": rootfs, "readonly": false },
-        "hostname": c.hostname,
+        "hostname": HOSTNAME,
         "mounts": mounts,
         "linux": linux,
     }))
@@ -232,26 +238,35 @@ pub fn config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use obuilder_engine::sandbox::{BindMount, SecretMount};
+    use obuilder_engine::sandbox::{CacheMount, SecretMount, UserIds};
 
     fn cfg(network: &[&str]) -> RunConfig {
         RunConfig {
             argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
             env: vec![("PATH".into(), "/bin".into())],
             cwd: "/src".into(),
-            uid: 1000,
-            gid: 1001,
-            hostname: "builder".into(),
+            user: UserIds {
+                uid: 1000,
+                gid: 1001,
+            },
             network: network.iter().map(|s| s.to_string()).collect(),
-            mounts: vec![BindMount {
-                src: "/cache/c-x".into(),
-                dst: "/root/.cache".into(),
-                readonly: false,
+            caches: vec![CacheMount {
+                host: "/cache/c-x".into(),
+                target: "/root/.cache".into(),
             }],
             secrets: vec![SecretMount {
                 value: b"s3cret".to_vec(),
                 target: "/run/secrets/tok".into(),
             }],
+        }
+    }
+
+    fn limits(fast_sync: bool) -> Limits {
+        Limits {
+            fast_sync,
+            machine: "x86_64".into(),
+            max_pids: Some(100),
+            max_memory: None,
         }
     }
 
@@ -274,7 +289,7 @@ mod tests {
 
     #[test]
     fn isolated_network_by_default() {
-        let v = config(&cfg(&[]), "/r/rootfs", &files(), false, "x86_64").unwrap();
+        let v = config(&cfg(&[]), "/r/rootfs", &files(), &limits(false)).unwrap();
         assert_eq!(v["linux"]["namespaces"][0]["type"], "network");
         assert!(!mount_dsts(&v).contains(&"/etc/resolv.conf".to_string()));
         assert_eq!(v["process"]["user"], json!({"uid": 1000, "gid": 1001}));
@@ -289,12 +304,13 @@ mod tests {
                 .len(),
             12
         );
-        assert!(v["linux"].get("seccomp").is_none());
+        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert_eq!(v["linux"]["resources"], json!({"pids": {"limit": 100}}));
     }
 
     #[test]
     fn host_network_shares_the_namespace_and_resolv_conf_read_only() {
-        let v = config(&cfg(&["host"]), "/r/rootfs", &files(), false, "x86_64").unwrap();
+        let v = config(&cfg(&["host"]), "/r/rootfs", &files(), &limits(false)).unwrap();
         let ns: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -313,16 +329,17 @@ mod tests {
 
     #[test]
     fn other_networks_are_refused() {
-        let e = config(&cfg(&["nat"]), "/r", &files(), false, "x86_64").unwrap_err();
+        let e = config(&cfg(&["nat"]), "/r", &files(), &limits(false)).unwrap_err();
         assert!(
-            e.contains("unsupported network configuration [\"nat\"]"),
+            e.to_string()
+                .contains("unsupported network configuration [\"nat\"]"),
             "{e}"
         );
     }
 
     #[test]
     fn secrets_read_only_and_caches_exec() {
-        let v = config(&cfg(&[]), "/r", &files(), false, "x86_64").unwrap();
+        let v = config(&cfg(&[]), "/r", &files(), &limits(false)).unwrap();
         let ms = v["mounts"].as_array().unwrap();
         let secret = ms
             .iter()
@@ -346,21 +363,39 @@ mod tests {
     }
 
     #[test]
-    fn fast_sync_makes_sync_calls_no_ops() {
-        let v = config(&cfg(&[]), "/r", &files(), true, "x86_64").unwrap();
+    fn fast_sync_makes_sync_calls_no_ops_in_the_default_filter() {
+        let v = config(&cfg(&[]), "/r", &files(), &limits(true)).unwrap();
         let s = &v["linux"]["seccomp"];
         assert_eq!(s["defaultAction"], "SCMP_ACT_ALLOW");
         assert_eq!(
             s["architectures"],
             json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"])
         );
-        assert_eq!(s["syscalls"][0]["errnoRet"], 0);
-        assert_eq!(s["syscalls"][0]["names"].as_array().unwrap().len(), 6);
+        let rules = s["syscalls"].as_array().unwrap();
+        assert!(rules[0]["names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("keyctl")));
+        let sync = rules.last().unwrap();
+        assert_eq!(sync["errnoRet"], 0);
+        assert_eq!(sync["names"].as_array().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn memory_limit_when_asked() {
+        let mut l = limits(false);
+        l.max_memory = Some(64 << 20);
+        l.max_pids = None;
+        let v = config(&cfg(&[]), "/r", &files(), &l).unwrap();
+        assert_eq!(
+            v["linux"]["resources"],
+            json!({"memory": {"limit": 64 << 20}})
+        );
     }
 
     #[test]
     fn masked_and_read_only_paths() {
-        let v = config(&cfg(&[]), "/r", &files(), false, "x86_64").unwrap();
+        let v = config(&cfg(&[]), "/r", &files(), &limits(false)).unwrap();
         assert!(v["linux"]["maskedPaths"]
             .as_array()
             .unwrap()

@@ -1,11 +1,19 @@
+#![cfg(target_os = "linux")]
 //! The runc sandbox: each step is a `runc run` child of the builder.
 //!
 //! State: `<state dir>/runc` is runc's `--root` (only our containers live there) and
 //! `<state dir>/runc-tmp/ID` holds each run's bundle (`config.json`, `hosts`, secret files;
 //! mode 0700, removed after the run). Wiped at start-up: every container left in our runc
 //! root (`runc delete --force`, OBuilder #53/#97) and every bundle dir.
+//!
+//! Nothing outlives its builder: beside each container runs a tiny supervisor (`sh`, in
+//! its own process group, deaf to the terminal's signals) that holds the read end of a
+//! pipe whose write end only the builder has. When the run ends the builder tells it so;
+//! if the builder dies instead (`kill -9`, OOM), the pipe closes and the supervisor
+//! deletes the container and its bundle, secret files included, at once rather than at
+//! the next start on that store.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,28 +22,39 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use obuilder_engine::confined::{self, ConfinedRoot};
+use obuilder_engine::confined::{self, ConfinedRoot, Follow};
 use obuilder_engine::exec::{Cmd, SharedExec};
-use obuilder_engine::log::StepLog;
-use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError};
+use obuilder_engine::log::{human_bytes, StepLog};
+use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError, UserIds};
 use obuilder_engine::CancellationToken;
+use obuilder_spec::User;
 
-use crate::oci::{self, HostFiles};
+use crate::oci::{self, HostFiles, Limits};
 
 /// Flags of the runc sandbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuncOptions {
     /// Make sync syscalls no-ops inside the sandbox (`--fast-sync`).
     pub fast_sync: bool,
     /// The runc binary.
     pub runc: String,
+    /// Most processes (threads included) a step may have at once; `None`: no limit.
+    pub max_pids: Option<u64>,
+    /// Most memory a step may use, in bytes; `None`: no limit.
+    pub max_memory: Option<u64>,
 }
+
+/// The default process limit of a step: far above what `make -j` on a big machine
+/// starts, far below what a fork bomb would.
+pub const DEFAULT_MAX_PIDS: u64 = 4096;
 
 impl Default for RuncOptions {
     fn default() -> RuncOptions {
         RuncOptions {
             fast_sync: false,
             runc: "runc".into(),
+            max_pids: Some(DEFAULT_MAX_PIDS),
+            max_memory: None,
         }
     }
 }
@@ -45,6 +64,19 @@ impl Default for RuncOptions {
 /// with several stores) must never hand out the same one.
 static NEXT_CONTAINER: AtomicU64 = AtomicU64::new(0);
 
+/// The supervisor: waits for a line on stdin; `done` means the builder cleaned up itself;
+/// anything else (EOF: the builder died) deletes the container (retrying while runc may
+/// still be creating it) and the bundle. Arguments: RUNC ROOT ID BUNDLE.
+const SUPERVISOR: &str = r#"trap '' INT TERM HUP PIPE
+read -r line
+[ "$line" = done ] && exit 0
+for i in 1 2 3 4 5; do
+  "$1" --root "$2" delete --force "$3" >/dev/null 2>&1 && break
+  sleep 1
+done
+rm -rf -- "$4"
+"#;
+
 pub struct RuncSandbox {
     state_dir: PathBuf,
     opts: RuncOptions,
@@ -52,9 +84,8 @@ pub struct RuncSandbox {
     machine: String,
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
-    let what = what.into();
-    move |source| SandboxError::Io { what, source }
+fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    SandboxError::io(what, path)
 }
 
 impl RuncSandbox {
@@ -86,6 +117,15 @@ impl RuncSandbox {
         Cmd::new(argv)
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            fast_sync: self.opts.fast_sync,
+            machine: self.machine.clone(),
+            max_pids: self.opts.max_pids,
+            max_memory: self.opts.max_memory,
+        }
+    }
+
     /// Writes the bundle: config.json, hosts, secret files.
     fn write_bundle(
         &self,
@@ -93,13 +133,12 @@ impl RuncSandbox {
         c: &RunConfig,
         rootfs: &Path,
     ) -> Result<(), SandboxError> {
-        std::fs::create_dir_all(bundle)
-            .map_err(io(format!("cannot create {}", bundle.display())))?;
+        std::fs::create_dir_all(bundle).map_err(io("cannot create", bundle))?;
         std::fs::set_permissions(bundle, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("cannot chmod {}", bundle.display())))?;
+            .map_err(io("cannot chmod", bundle))?;
         let hosts = bundle.join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost builder\n")
-            .map_err(io("cannot write hosts"))?;
+            .map_err(io("cannot write", &hosts))?;
         let mut secrets = Vec::new();
         for (i, s) in c.secrets.iter().enumerate() {
             let p = bundle.join(format!("secret-{i}"));
@@ -109,11 +148,10 @@ impl RuncSandbox {
                 .create_new(true)
                 .mode(0o400)
                 .open(&p)
-                .map_err(io("cannot write a secret file"))?;
-            std::io::Write::write_all(&mut f, &s.value)
-                .map_err(io("cannot write a secret file"))?;
-            std::os::unix::fs::chown(&p, Some(c.uid), Some(c.gid))
-                .map_err(io("cannot chown a secret file"))?;
+                .map_err(io("cannot write", &p))?;
+            f.write_all(&s.value).map_err(io("cannot write", &p))?;
+            std::os::unix::fs::chown(&p, Some(c.user.uid), Some(c.user.gid))
+                .map_err(io("cannot chown", &p))?;
             secrets.push(p.to_string_lossy().into_owned());
         }
         let files = HostFiles {
@@ -121,22 +159,17 @@ impl RuncSandbox {
             resolv_conf: "/etc/resolv.conf".into(),
             secrets,
         };
-        let config = oci::config(
-            c,
-            &rootfs.to_string_lossy(),
-            &files,
-            self.opts.fast_sync,
-            &self.machine,
-        )
-        .map_err(SandboxError::Unsupported)?;
+        let config = oci::config(c, &rootfs.to_string_lossy(), &files, &self.limits())?;
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
-        std::fs::write(bundle.join("config.json"), text).map_err(io("cannot write config.json"))
+        let p = bundle.join("config.json");
+        std::fs::write(&p, text).map_err(io("cannot write", &p))
     }
 
     fn clear_bundles(&self) -> Result<(), SandboxError> {
-        for e in std::fs::read_dir(self.bundles()).map_err(io("cannot list bundles"))? {
-            let p = e.map_err(io("cannot list bundles"))?.path();
+        let dir = self.bundles();
+        for e in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
+            let p = e.map_err(io("cannot list", &dir))?.path();
             let _ = std::fs::remove_dir_all(&p);
         }
         Ok(())
@@ -152,9 +185,62 @@ impl RuncSandbox {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Starts the supervisor of container `id`; returns the builder's end of its pipe.
+    fn supervise(&self, id: &str, bundle: &Path) -> Result<std::fs::File, SandboxError> {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| io("cannot make a pipe for", bundle)(e.into()))?;
+        let root = self.runc_root().to_string_lossy().into_owned();
+        let cmd = Cmd::new([
+            "sh",
+            "-c",
+            SUPERVISOR,
+            "obuilder-supervisor",
+            &self.opts.runc,
+            &root,
+            id,
+            &bundle.to_string_lossy(),
+        ]);
+        // Dropped at once: tokio reaps the child when it exits.
+        self.exec
+            .spawn(&cmd, Stdio::from(read), Stdio::null(), Stdio::null())?;
+        Ok(std::fs::File::from(write))
+    }
 }
 
-/// Reads the merged stdout/stderr pipe into the step log on a blocking thread.
+/// Whether the command `argv0` names exists in the tree (resolving symlinks inside it);
+/// true for a bare name (found on the image's `PATH` at run time).
+fn command_exists(root: &ConfinedRoot, argv0: &str) -> bool {
+    if !argv0.starts_with('/') {
+        return true;
+    }
+    let mut path = argv0.to_string();
+    for _ in 0..40 {
+        let Ok(Some((dir, name))) = root.parent(&path, Follow::InRoot) else {
+            return false;
+        };
+        match confined::kind_at(&dir, &name) {
+            Ok(Some((rustix::fs::FileType::Symlink, _))) => {
+                let Ok(target) = rustix::fs::readlinkat(&dir, name.as_str(), Vec::new()) else {
+                    return false;
+                };
+                let target = target.to_string_lossy().into_owned();
+                path = if target.starts_with('/') {
+                    target
+                } else {
+                    let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
+                    format!("{parent}/{target}")
+                };
+            }
+            Ok(Some(_)) => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Reads the merged stdout/stderr pipe into the step log on a blocking thread. It reads to
+/// the end whatever happens to the log, so the command never blocks on a full pipe.
 fn pump(read: OwnedFd, log: StepLog) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::from(read);
@@ -163,9 +249,7 @@ fn pump(read: OwnedFd, log: StepLog) -> tokio::task::JoinHandle<()> {
             match f.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if log.write(&buf[..n]).is_err() {
-                        break;
-                    }
+                    let _ = log.write(&buf[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -174,16 +258,37 @@ fn pump(read: OwnedFd, log: StepLog) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Whether the end of a failed step's output says it could not start a process.
+fn hit_process_limit(tail: &[u8]) -> bool {
+    let t = String::from_utf8_lossy(tail);
+    (t.contains("fork") || t.contains("pthread_create") || t.contains("spawn"))
+        && (t.contains("Resource temporarily unavailable") || t.contains("retry: "))
+}
+
 #[async_trait]
 impl Sandbox for RuncSandbox {
+    /// runc runs numeric users only: it has no access to the image's user database.
+    fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
+        match user {
+            User::Unix { uid, gid } => Ok(UserIds {
+                uid: *uid,
+                gid: *gid,
+            }),
+            User::Name(n) => Err(SandboxError::Unsupported(format!(
+                "user {n:?}: the runc sandbox runs numeric users only; use (user (uid N) (gid N))"
+            ))),
+        }
+    }
+
     async fn recover(&self) -> Result<(), SandboxError> {
         for d in [self.runc_root(), self.bundles()] {
-            std::fs::create_dir_all(&d).map_err(io(format!("cannot create {}", d.display())))?;
+            std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
         }
         // runc keeps a directory per container in its root: with none, there is nothing to
         // ask runc about (and starting it costs more than the rest of a cached build).
-        let any = std::fs::read_dir(self.runc_root())
-            .map_err(io("cannot list the runc root"))?
+        let root = self.runc_root();
+        let any = std::fs::read_dir(&root)
+            .map_err(io("cannot list", &root))?
             .next()
             .is_some();
         if !any {
@@ -204,6 +309,31 @@ impl Sandbox for RuncSandbox {
         self.clear_bundles()
     }
 
+    async fn kill_stale(&self, rootfs: &Path) -> Result<(), SandboxError> {
+        let root = self.runc_root();
+        if std::fs::read_dir(&root).map_or(true, |mut d| d.next().is_none()) {
+            return Ok(());
+        }
+        let out = self
+            .exec
+            .output(&self.runc(&["list", "--format", "json"]))
+            .await?;
+        let list: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let want = rootfs.to_string_lossy();
+        for c in list.as_array().into_iter().flatten() {
+            if c["rootfs"].as_str() == Some(&want) {
+                if let Some(id) = c["id"].as_str() {
+                    tracing::warn!("deleting container {id}, left running on {want}");
+                    self.exec
+                        .output(&self.runc(&["delete", "--force", id]))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn run(
         &self,
         c: &RunConfig,
@@ -211,6 +341,20 @@ impl Sandbox for RuncSandbox {
         log: &StepLog,
         cancel: &CancellationToken,
     ) -> Result<(), SandboxError> {
+        let confined = ConfinedRoot::open(rootfs).map_err(io("cannot open", rootfs))?;
+        if let Some(argv0) = c.argv.first() {
+            if !command_exists(&confined, argv0) {
+                let hint = if argv0 == "/bin/bash" {
+                    "; /bin/bash is the default shell: images without bash (busybox, alpine) \
+                     need (shell /bin/sh -c) in the spec"
+                } else {
+                    ""
+                };
+                return Err(SandboxError::NoCommand(format!(
+                    "{argv0} does not exist in the image{hint}"
+                )));
+            }
+        }
         let id = format!(
             "obuilder-{}-{}",
             std::process::id(),
@@ -221,18 +365,18 @@ impl Sandbox for RuncSandbox {
         // remove afterwards, so the snapshot keeps no trace of the secret. Both the look
         // and the removal go through descriptors confined to the rootfs that never follow
         // a symlink: the step may have swapped a directory for a link to the host.
-        let confined =
-            ConfinedRoot::open(rootfs).map_err(io(format!("cannot open {}", rootfs.display())))?;
         let made: Vec<Vec<String>> = c
             .secrets
             .iter()
             .map(|s| confined::missing_components(&confined, &s.target))
             .collect();
+        let mut supervisor = None;
         let result = async {
             self.write_bundle(&bundle, c, rootfs)?;
+            supervisor = Some(self.supervise(&id, &bundle)?);
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| io("cannot make a pipe")(e.into()))?;
-            let write2 = write.try_clone().map_err(io("cannot make a pipe"))?;
+                .map_err(|e| io("cannot make a pipe for", &bundle)(e.into()))?;
+            let write2 = write.try_clone().map_err(io("cannot make a pipe for", &bundle))?;
             let bundle_s = bundle.to_string_lossy().into_owned();
             let mut child = self.exec.spawn(
                 &self.runc(&["run", "--bundle", &bundle_s, &id]).cwd(&bundle),
@@ -242,7 +386,7 @@ impl Sandbox for RuncSandbox {
             )?;
             let pumping = pump(read, log.clone());
             let status = tokio::select! {
-                s = child.wait() => Some(s.map_err(io("cannot wait for runc"))?),
+                s = child.wait() => Some(s.map_err(io("cannot wait for runc in", &bundle))?),
                 _ = cancel.cancelled() => None,
             };
             let status = match status {
@@ -265,8 +409,37 @@ impl Sandbox for RuncSandbox {
                 std::os::unix::process::ExitStatusExt::signal(&status),
             ) {
                 (Some(0), _) => Ok(()),
-                (Some(code), _) => Err(SandboxError::Failed { cmd, status: code }),
-                (None, Some(sig)) => Err(SandboxError::Signalled { cmd, signal: sig }),
+                (Some(code), _) => {
+                    if let Some(n) = self.opts.max_pids {
+                        if hit_process_limit(&log.last_bytes(4096)) {
+                            let _ = log.write(
+                                format!(
+                                    "\nobuilder: the step could not start more processes: it may have reached its limit of {n} (--max-pids)\n"
+                                )
+                                .as_bytes(),
+                            );
+                        }
+                    }
+                    // runc exits 128+N when the container's process was killed by signal N.
+                    if code > 128 && code < 128 + 65 {
+                        let signal = code - 128;
+                        let hint = match (signal, self.opts.max_memory) {
+                            (9, Some(m)) => Some(format!(
+                                "the step may use at most {} (--max-memory): it probably ran out",
+                                human_bytes(m)
+                            )),
+                            _ => None,
+                        };
+                        Err(SandboxError::Signalled { cmd, signal, hint })
+                    } else {
+                        Err(SandboxError::Failed { cmd, status: code })
+                    }
+                }
+                (None, Some(signal)) => Err(SandboxError::Signalled {
+                    cmd,
+                    signal,
+                    hint: None,
+                }),
                 (None, None) => Err(SandboxError::Failed { cmd, status: -1 }),
             }
         }
@@ -274,6 +447,10 @@ impl Sandbox for RuncSandbox {
         let _ = std::fs::remove_dir_all(&bundle);
         for paths in made {
             confined::remove_made(&confined, &paths);
+        }
+        if let Some(mut s) = supervisor {
+            // Everything is cleaned up: the supervisor can go.
+            let _ = s.write_all(b"done\n");
         }
         result
     }

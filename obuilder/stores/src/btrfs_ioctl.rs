@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The two btrfs operations on every step's path, as ioctls instead of `btrfs` processes
 //! (a process start costs more than the snapshot itself).
 

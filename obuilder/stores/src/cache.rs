@@ -19,21 +19,10 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_trait::async_trait;
 use obuilder_engine::store::{CacheCopy, CacheInfo, StoreError};
 
-use crate::common::{entries, remove_tree};
-
-/// How a store makes and removes cache trees.
-#[async_trait]
-pub trait CacheOps: Send + Sync {
-    /// Makes `dst` an empty tree.
-    async fn create_empty(&self, dst: &Path) -> Result<(), StoreError>;
-    /// Makes `dst` a writable copy of `src`.
-    async fn clone_tree(&self, src: &Path, dst: &Path) -> Result<(), StoreError>;
-    /// Removes a tree made by the two above.
-    async fn remove(&self, path: &Path) -> Result<(), StoreError>;
-}
+use crate::dirstore::TreeOps;
+use crate::layout::entries;
 
 /// Escapes a cache name injectively into a file name: `c-` followed by the name with every
 /// byte outside `[A-Za-z0-9._-]` (and a leading `.`) written as `%XX`.
@@ -143,7 +132,7 @@ impl Caches {
 
     /// Creates the dirs and removes copies left by a crash. Only call it when this process
     /// is the store's only user.
-    pub async fn recover(&self, ops: &dyn CacheOps) -> Result<(), StoreError> {
+    pub async fn recover(&self, ops: &dyn TreeOps) -> Result<(), StoreError> {
         for d in [&self.dir, &self.tmp] {
             std::fs::create_dir_all(d).map_err(io("cannot create", d))?;
         }
@@ -156,7 +145,7 @@ impl Caches {
 
     pub async fn checkout(
         &self,
-        ops: &dyn CacheOps,
+        ops: &dyn TreeOps,
         name: &str,
         uid: u32,
         gid: u32,
@@ -202,7 +191,7 @@ impl Caches {
 
     pub async fn release(
         &self,
-        ops: &dyn CacheOps,
+        ops: &dyn TreeOps,
         copy: CacheCopy,
         keep: bool,
     ) -> Result<(), StoreError> {
@@ -262,19 +251,22 @@ impl Caches {
         Ok(out)
     }
 
-    pub async fn delete(&self, ops: &dyn CacheOps, name: &str) -> Result<(), StoreError> {
+    pub async fn delete(&self, ops: &dyn TreeOps, name: &str) -> Result<(), StoreError> {
         let esc = escape(name);
         let gen_path = self.dir.join(format!("{esc}.gen"));
         let master = self.dir.join(&esc);
         if !master.exists() {
-            return Err(StoreError::Other(format!("no cache named {name:?}")));
+            return Err(StoreError::NoCache {
+                name: name.to_string(),
+            });
         }
         let _lock = GenLock::take(&gen_path).await?;
         let n = self.copies_of(&esc);
         if n > 0 {
-            return Err(StoreError::Other(format!(
-                "cache {name:?} is in use by {n} running step(s); try again when they finish"
-            )));
+            return Err(StoreError::CacheInUse {
+                name: name.to_string(),
+                users: n,
+            });
         }
         let old = self.tmp.join(format!(
             "old-{}-{}-{esc}",
@@ -284,42 +276,6 @@ impl Caches {
         std::fs::rename(&master, &old).map_err(io("cannot delete cache", &master))?;
         let _ = std::fs::remove_file(&gen_path);
         ops.remove(&old).await
-    }
-}
-
-/// Plain-directory cache trees: `mkdir`, a copy (`cp -a`, reflinked where the filesystem
-/// can), `rm -rf`.
-pub struct CopyOps {
-    pub exec: obuilder_engine::exec::SharedExec,
-    /// Extra `cp` flags (`--reflink=always` on XFS).
-    pub reflink: &'static str,
-}
-
-#[async_trait]
-impl CacheOps for CopyOps {
-    async fn create_empty(&self, dst: &Path) -> Result<(), StoreError> {
-        std::fs::create_dir(dst).map_err(io("cannot create", dst))
-    }
-
-    async fn clone_tree(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
-        let (s, d) = (
-            src.to_string_lossy().into_owned(),
-            dst.to_string_lossy().into_owned(),
-        );
-        let cmd = obuilder_engine::exec::Cmd::new([
-            "cp",
-            "--archive",
-            self.reflink,
-            "--no-target-directory",
-            &s,
-            &d,
-        ]);
-        self.exec.output(&cmd).await?;
-        Ok(())
-    }
-
-    async fn remove(&self, path: &Path) -> Result<(), StoreError> {
-        remove_tree(path)
     }
 }
 

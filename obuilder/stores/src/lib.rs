@@ -1,13 +1,26 @@
 //! Snapshot stores for obuilder, one module per backend, and [`StoreSpec`], the
 //! `--store` value that picks one at run time.
+//!
+//! * [`dirstore`]: the core of every store whose results are whole trees, over a small
+//!   primitive ([`dirstore::TreeOps`]): [`btrfs`] (subvolumes), [`xfs`] (reflinks),
+//!   [`rsync`] (plain copies, portable).
+//! * [`overlayfs`]: results as layers, stacked per step.
+//! * [`cache`]: shared caches, over the same primitive.
 
+#[cfg(target_os = "linux")]
 pub mod btrfs;
+#[cfg(target_os = "linux")]
 mod btrfs_ioctl;
 pub mod cache;
-pub mod common;
+pub mod dirstore;
+pub mod layout;
+#[cfg(target_os = "linux")]
+mod linux_fs;
+#[cfg(target_os = "linux")]
 pub mod overlayfs;
 pub mod rsync;
 pub mod spec;
+#[cfg(target_os = "linux")]
 pub mod xfs;
 
-pub use spec::{detect_default, StoreSpec};
+pub use spec::{detect_default, StoreSpec, StoreSpecError};

@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! `overlayfs:/path`: each result holds only its own layer (what its step changed) plus a
 //! `parent` file naming the result below it; a step runs on an overlay mount of its
 //! parent's chain with a fresh upper layer. Good on tmpfs; no copy at all per step.
@@ -23,8 +24,9 @@ use rustix::mount::{
     FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
 };
 
-use crate::cache::{Caches, CopyOps};
-use crate::common::{entries, remove_tree, Layout};
+use crate::cache::Caches;
+use crate::layout::{entries, remove_tree, Layout};
+use crate::xfs::Reflink;
 
 /// The kernel refuses deeper overlay stacks.
 pub const MAX_LAYERS: usize = 500;
@@ -47,8 +49,8 @@ impl OverlayStore {
 
     /// Caches are plain directories copied per checkout (reflinked where the filesystem
     /// can); the copy replaces the cache on release, so deletions survive.
-    fn cache_ops(&self) -> CopyOps {
-        CopyOps {
+    fn cache_ops(&self) -> Reflink {
+        Reflink {
             exec: self.exec.clone(),
             reflink: "--reflink=auto",
         }
@@ -66,10 +68,10 @@ impl OverlayStore {
             let dir = self.layout.result(&c);
             out.push(dir.join("rootfs"));
             if out.len() > MAX_LAYERS {
-                return Err(StoreError::Other(format!(
-                    "{id}: more than {MAX_LAYERS} layers, the kernel's overlayfs limit; \
-                     build a shorter chain or use another store"
-                )));
+                return Err(StoreError::TooDeep {
+                    id: id.to_string(),
+                    max: MAX_LAYERS,
+                });
             }
             cur = match std::fs::read_to_string(dir.join("parent")) {
                 Ok(p) => Some(p.trim().to_string()),
@@ -101,10 +103,10 @@ impl OverlayStore {
             return unmount(path, UnmountFlags::DETACH)
                 .map_err(|e| StoreError::io("cannot unmount", path)(e.into()));
         }
-        Err(StoreError::Other(format!(
-            "cannot unmount {}: still in use after 1 s",
-            path.display()
-        )))
+        Err(StoreError::Busy {
+            path: path.to_path_buf(),
+            secs: 1,
+        })
     }
 }
 
@@ -117,13 +119,10 @@ fn mount_overlay(
     let err = |what: &'static str| StoreError::io(what, target.to_path_buf());
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .map_err(|e| err("overlayfs not available for")(e.into()))?;
-    let set = |k: &str, v: &Path| {
-        fsconfig_set_string(fs.as_fd(), k, v).map_err(|e| {
-            StoreError::Other(format!(
-                "overlay option {k}={}: {e} (Linux 6.8 or later is needed)",
-                v.display()
-            ))
-        })
+    // (lowerdir+ needs Linux 6.8 or later)
+    let set = |k: &'static str, v: &Path| {
+        fsconfig_set_string(fs.as_fd(), k, v)
+            .map_err(|e| StoreError::io(k, v.to_path_buf())(e.into()))
     };
     for l in lowers {
         set("lowerdir+", l)?;
@@ -135,8 +134,7 @@ fn mount_overlay(
         ("metacopy", "off"),
         ("index", "off"),
     ] {
-        fsconfig_set_string(fs.as_fd(), k, v)
-            .map_err(|e| StoreError::Other(format!("overlay option {k}={v}: {e}")))?;
+        fsconfig_set_string(fs.as_fd(), k, v).map_err(|e| err(k)(e.into()))?;
     }
     fsconfig_create(fs.as_fd()).map_err(|e| err("cannot create overlay for")(e.into()))?;
     let mnt = fsmount(
@@ -161,13 +159,11 @@ fn mount_overlay_ro(lowers: &[PathBuf], target: &Path) -> Result<(), StoreError>
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .map_err(|e| err("overlayfs not available for")(e.into()))?;
     for l in lowers {
-        fsconfig_set_string(fs.as_fd(), "lowerdir+", l).map_err(|e| {
-            StoreError::Other(format!("overlay option lowerdir+={}: {e}", l.display()))
-        })?;
+        fsconfig_set_string(fs.as_fd(), "lowerdir+", l)
+            .map_err(|e| StoreError::io("lowerdir+", l.clone())(e.into()))?;
     }
     for (k, v) in [("redirect_dir", "off"), ("metacopy", "off")] {
-        fsconfig_set_string(fs.as_fd(), k, v)
-            .map_err(|e| StoreError::Other(format!("overlay option {k}={v}: {e}")))?;
+        fsconfig_set_string(fs.as_fd(), k, v).map_err(|e| err(k)(e.into()))?;
     }
     fsconfig_create(fs.as_fd()).map_err(|e| err("cannot create overlay for")(e.into()))?;
     let mnt = fsmount(
@@ -252,6 +248,21 @@ impl Store for OverlayStore {
                 Err(e)
             }
         }
+    }
+
+    async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError> {
+        Ok(self.layout.stale_tmp(id).map(|dir| {
+            let merged = self.merged(id);
+            BuildDir {
+                id: id.to_string(),
+                rootfs: if merged.exists() {
+                    merged
+                } else {
+                    dir.join("rootfs")
+                },
+                dir,
+            }
+        }))
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {

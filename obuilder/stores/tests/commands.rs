@@ -89,6 +89,8 @@ async fn rsync_command_sequences() {
         let a = store.prepare("a", None).await.unwrap();
         store.commit(&a).await.unwrap();
         let b = store.prepare("b", Some("a")).await.unwrap();
+        // (what the recorded rsync would have made)
+        std::fs::create_dir_all(&b.rootfs).unwrap();
         store.commit(&b).await.unwrap();
         let r = dir.display();
         let mut want = vec![format!(
@@ -96,13 +98,20 @@ async fn rsync_command_sequences() {
         )];
         if let Some(c) = checksum {
             want.push(format!(
-                "rsync -aHq{} --link-dest={r}/result/a {r}/result-tmp/b/ {r}/result-tmp/b.link/",
+                "rsync -aHq{} --link-dest={r}/result/a/rootfs {r}/result-tmp/b/rootfs/ {r}/result-tmp/b/rootfs.link/",
                 if c { " --checksum" } else { "" }
             ));
         }
         assert_eq!(exec.argvs(), want, "{mode:?}");
         assert!(dir.join("result/b").is_dir(), "{mode:?}: published");
-        assert!(!dir.join("result-tmp/b").exists() && !dir.join("result-tmp/b.link").exists());
+        assert!(
+            dir.join("result/b/rootfs").is_dir(),
+            "{mode:?}: the tree swapped in"
+        );
+        assert!(!dir.join("result-tmp/b").exists());
+        assert!(
+            !dir.join("result/b/rootfs.link").exists() && !dir.join("result/b/rootfs.old").exists()
+        );
     }
 }
 

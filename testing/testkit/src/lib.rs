@@ -8,6 +8,9 @@
 //! * [`RecordingExec`]: an `Exec` that records argv and answers from a script, for tests of
 //!   command sequences (including the ZFS/macOS ones that cannot run here).
 //! * [`conformance`]: the store conformance suite, one body run against every backend.
+//! * [`fakes`]: an in-memory store, a sandbox and a fetcher for tests of the policy layer
+//!   that need no root, each with state a test can wait on (never a sleep).
+//! * [`e2e`]: helpers for tests of the real binary on loopback filesystems.
 
 pub mod conformance;
 pub mod e2e;
@@ -265,101 +268,4 @@ impl Exec for RecordingExec {
     }
 }
 
-/// A fake sandbox (the real one needs root and runc): each run writes `ran: CMD` to the
-/// step log, counts itself, and if its command contains `block` waits until released or
-/// cancelled. For tests of the policy layer (sharing, cancellation) only.
-pub mod fake_sandbox {
-    use std::path::Path;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    use async_trait::async_trait;
-    use obuilder_engine::log::StepLog;
-    use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError};
-    use obuilder_engine::CancellationToken;
-    use tokio::sync::Notify;
-
-    #[derive(Default)]
-    pub struct FakeSandbox {
-        pub runs: AtomicUsize,
-        pub cancelled: AtomicUsize,
-        pub started: Notify,
-        pub release: Notify,
-    }
-
-    impl FakeSandbox {
-        pub fn new() -> Arc<FakeSandbox> {
-            Arc::new(FakeSandbox::default())
-        }
-    }
-
-    #[async_trait]
-    impl Sandbox for FakeSandbox {
-        async fn run(
-            &self,
-            c: &RunConfig,
-            rootfs: &Path,
-            log: &StepLog,
-            cancel: &CancellationToken,
-        ) -> Result<(), SandboxError> {
-            self.runs.fetch_add(1, Ordering::SeqCst);
-            let cmd = c.argv.last().cloned().unwrap_or_default();
-            log.write(format!("ran: {cmd}\n").as_bytes())
-                .map_err(|e| SandboxError::Io {
-                    what: "log".into(),
-                    source: e,
-                })?;
-            std::fs::write(rootfs.join("last-cmd"), &cmd).map_err(|e| SandboxError::Io {
-                what: "write".into(),
-                source: e,
-            })?;
-            if cmd.contains("fail") {
-                return Err(SandboxError::Failed { cmd, status: 1 });
-            }
-            if cmd.contains("block") {
-                self.started.notify_waiters();
-                tokio::select! {
-                    _ = self.release.notified() => {}
-                    _ = cancel.cancelled() => {
-                        self.cancelled.fetch_add(1, Ordering::SeqCst);
-                        return Err(SandboxError::Cancelled);
-                    }
-                }
-            }
-            Ok(())
-        }
-    }
-}
-
-/// A fake fetcher giving every image an empty rootfs with a fixed env (for policy tests).
-pub mod fake_fetcher {
-    use std::path::Path;
-
-    use async_trait::async_trait;
-    use obuilder_engine::fetch::{FetchError, Fetcher, ImageConfig, ResolvedImage};
-    use obuilder_engine::log::LogSink;
-
-    pub struct FakeFetcher;
-
-    #[async_trait]
-    impl Fetcher for FakeFetcher {
-        async fn resolve(&self, name: &str, _log: &LogSink) -> Result<ResolvedImage, FetchError> {
-            Ok(ResolvedImage {
-                name: name.into(),
-                digest: format!("sha256:{}", "0".repeat(64)),
-                source: serde_json::Value::Null,
-            })
-        }
-        async fn fetch(
-            &self,
-            _image: &ResolvedImage,
-            _rootfs: &Path,
-            _log: &LogSink,
-        ) -> Result<ImageConfig, FetchError> {
-            Ok(ImageConfig {
-                env: vec![("PATH".into(), "/bin".into())],
-                ..ImageConfig::default()
-            })
-        }
-    }
-}
+pub mod fakes;

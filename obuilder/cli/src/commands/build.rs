@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use obuilder_engine::{BuildError, BuildOptions};
+use obuilder_engine::{BuildError, BuildOptions, FailureKind};
 use obuilder_spec::Spec;
 
-use super::setup::{builder_with, console_sink, Color, RegistryArgs, SandboxArgs, StoreArgs};
+use super::process::{exit, interrupt, interrupted_code, usage};
+use super::setup::{
+    builder_config, console_sink, open, parse_duration, Color, LogArgs, RegistryArgs, SandboxArgs,
+    StoreArgs,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,17 +21,32 @@ pub struct Args {
     #[arg(value_name = "CONTEXT_DIR")]
     context: PathBuf,
     /// A secret for `(run (secrets (ID …)))`: the whole of FILE is its value. Repeatable.
+    /// Secret values are masked as *** in the build log.
     #[arg(long = "secret", value_name = "ID:FILE")]
     secrets: Vec<String>,
+    /// Stop a `run` step that takes longer than this (e.g. 30m, 2h); no limit by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    step_timeout: Option<std::time::Duration>,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
     sandbox: SandboxArgs,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Colour headings and notes.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     color: Color,
+}
+
+/// The exit code for a failed build (see `process`).
+pub fn failure_code(e: &BuildError) -> u8 {
+    match e.kind() {
+        FailureKind::Spec => exit::USAGE,
+        _ if e.is_step_failure() => exit::STEP_FAILED,
+        _ => exit::FAILED,
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -37,49 +55,62 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
-            return Ok(ExitCode::FAILURE);
+            return Ok(ExitCode::from(exit::USAGE));
         }
     };
     let mut secrets = Vec::new();
     for s in &args.secrets {
         let (id, file) = s
             .split_once(':')
-            .with_context(|| format!("--secret {s:?}: expected ID:FILE"))?;
-        let value =
-            std::fs::read(file).with_context(|| format!("--secret {id}: cannot read {file}"))?;
+            .ok_or_else(|| usage(format!("--secret {s:?}: expected ID:FILE")))?;
+        let value = std::fs::read(file)
+            .map_err(|e| usage(format!("--secret {id}: cannot read {file}: {e}")))?;
         secrets.push((id.to_string(), value));
     }
     if !args.context.is_dir() {
-        anyhow::bail!(
+        return Err(usage(format!(
             "context directory {} does not exist or is not a directory",
             args.context.display()
-        );
+        )));
     }
-    let builder = builder_with(&args.store, &args.sandbox, Some(&args.registry)).await?;
+    let config = builder_config(
+        &args.store,
+        &args.sandbox,
+        Some(&args.registry),
+        Some(&args.log),
+    )?;
+    let builder = open(&config).await?;
     let mut opts = BuildOptions::new(&args.context, console_sink(args.color.enabled()));
     opts.secrets = secrets;
-    let cancel = opts.cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("obuilder: interrupted; stopping the build");
-            cancel.cancel();
-        }
-    });
+    opts.step_timeout = args.step_timeout;
+    // A signal or a closed stdout cancels the build.
+    opts.cancel = interrupt().child_token();
     let result = builder.build(&spec, &opts).await;
     // Let cancelled steps kill their containers and discard their snapshots.
     builder.wait_idle().await;
     match result {
         Ok(id) => {
-            println!("Got: {id:?}");
+            crate::outln!("Got: {id:?}")?;
             Ok(ExitCode::SUCCESS)
         }
         Err(BuildError::Cancelled) => {
             eprintln!("Cancelled at user's request");
-            Ok(ExitCode::from(130))
+            Ok(interrupted_code().unwrap_or(ExitCode::from(exit::signal(2))))
         }
-        Err(BuildError::Failed(msg)) => {
-            eprintln!("Build step failed: {msg}");
-            Ok(ExitCode::FAILURE)
+        Err(e) => {
+            match e.step() {
+                Some(step) => eprintln!(
+                    "Build step failed: {e}\n  in step {}/{}: {}",
+                    step.index, step.total, step.heading
+                ),
+                None => eprintln!("Build failed: {e}"),
+            }
+            let mut cause = std::error::Error::source(&e).and_then(std::error::Error::source);
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
+            Ok(ExitCode::from(failure_code(&e)))
         }
     }
 }

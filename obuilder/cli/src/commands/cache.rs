@@ -1,8 +1,10 @@
 //! `obuilder cache ls|rm`: the shared caches of `(run (cache (NAME (target PATH))) …)`.
+//! Neither opens a sandbox; `ls` changes nothing and refuses a path with no store.
 
 use std::process::ExitCode;
 
-use super::setup::{builder, SandboxArgs, StoreArgs};
+use super::process::exit;
+use super::setup::StoreArgs;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -10,47 +12,43 @@ pub enum Command {
     Ls {
         #[command(flatten)]
         store: StoreArgs,
-        #[command(flatten)]
-        sandbox: SandboxArgs,
     },
     /// Delete a shared cache (refused while a step uses it).
     Rm {
         name: String,
         #[command(flatten)]
         store: StoreArgs,
-        #[command(flatten)]
-        sandbox: SandboxArgs,
     },
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Ls { store, sandbox } => {
-            let b = builder(&store, &sandbox).await?;
-            println!("{:<40} IN USE", "NAME");
-            for c in b.store().cache_list().await? {
-                println!(
+        Command::Ls { store } => {
+            let s = store.config()?.open_existing_store()?;
+            crate::outln!("{:<40} IN USE", "NAME")?;
+            for c in s.cache_list().await? {
+                crate::outln!(
                     "{:<40} {}",
                     obuilder_spec::sexp::quote_if_needed(&c.name),
                     c.in_use
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rm {
-            name,
-            store,
-            sandbox,
-        } => {
-            let b = builder(&store, &sandbox).await?;
-            match b.store().cache_delete(&name).await {
+        Command::Rm { name, store } => {
+            let s = store.config()?.open_existing_store()?;
+            match s.cache_delete(&name).await {
                 Ok(()) => {
-                    println!("Removed cache {name:?}");
+                    crate::outln!("Removed cache {name:?}")?;
                     Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ obuilder_engine::store::StoreError::NoCache { .. }) => {
+                    eprintln!("obuilder: {e}");
+                    Ok(ExitCode::from(exit::USAGE))
                 }
                 Err(e) => {
                     eprintln!("obuilder: {e}");
-                    Ok(ExitCode::FAILURE)
+                    Ok(ExitCode::from(exit::FAILED))
                 }
             }
         }

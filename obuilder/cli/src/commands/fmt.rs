@@ -31,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             continue;
         }
         if args.check {
-            println!("{}: not formatted", path.display());
+            crate::outln!("{}: not formatted", path.display())?;
             bad += 1;
         } else {
             // Write beside and rename, so a crash never leaves a half-written spec.
@@ -48,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             std::fs::rename(&tmp, path)
                 .with_context(|| format!("cannot replace {}", path.display()))?;
-            println!("{}: formatted", path.display());
+            crate::outln!("{}: formatted", path.display())?;
         }
     }
     Ok(if bad == 0 {

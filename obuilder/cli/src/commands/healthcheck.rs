@@ -1,19 +1,14 @@
 //! `obuilder healthcheck`: build a tiny image from the host's static busybox and run
-//! `echo` in it, with a timeout. Needs no registry and no Docker.
+//! `echo` in it, with a timeout. Needs no registry and no Docker; leaves nothing behind.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use obuilder_engine::exec::RealExec;
-use obuilder_engine::log::buffer_sink;
-use obuilder_engine::{BuildError, BuildOptions};
-use obuilder_fetch::import::{import, ImportRequest};
-use obuilder_spec::Spec;
+use obuilder_config::{healthcheck, HealthcheckOptions};
 
-use super::setup::{builder, images, SandboxArgs, StoreArgs};
-
-pub const IMAGE: &str = "obuilder-healthcheck";
+use super::process::{exit, interrupt, interrupted_code};
+use super::setup::{builder_config, open, SandboxArgs, StoreArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,74 +25,24 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
-    match check(&a).await {
+    let config = builder_config(&a.store, &a.sandbox, None, None)?;
+    let b = open(&config).await?;
+    let opts = HealthcheckOptions {
+        busybox: a.busybox.clone(),
+        timeout: Duration::from_secs(a.timeout),
+        cancel: interrupt().child_token(),
+    };
+    match healthcheck(&b, &config.images(), &config.exec, &opts).await {
         Ok(()) => {
-            println!("Healthcheck passed");
+            crate::outln!("Healthcheck passed")?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("Healthcheck failed: {e:#}");
-            Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
-async fn check(a: &Args) -> anyhow::Result<()> {
-    let b = builder(&a.store, &a.sandbox).await?;
-    let images = images(&a.store)?;
-    let scratch = images.scratch()?;
-    let bin = scratch.path().join("rootfs/bin");
-    std::fs::create_dir_all(&bin)?;
-    std::fs::copy(&a.busybox, bin.join("busybox")).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot copy {}: {e} (install busybox-static or pass --busybox)",
-            a.busybox.display()
-        )
-    })?;
-    for applet in ["sh", "echo"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
-    }
-    let root = scratch.path().join("rootfs");
-    let env = Some(vec![("PATH".to_string(), "/bin".to_string())]);
-    import(
-        &images,
-        &RealExec::shared(),
-        ImportRequest {
-            name: IMAGE,
-            path: &root,
-            env,
-            platform: None,
-        },
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-    let spec = Spec::parse(&format!(
-        "((from {IMAGE}) (shell /bin/sh -c) (run (shell \"echo healthcheck\")))"
-    ))?;
-    let (sink, text) = buffer_sink();
-    let opts = BuildOptions::new(scratch.path(), sink);
-    let cancel = opts.cancel.clone();
-    let r = tokio::select! {
-        r = b.build(&spec, &opts) => r,
-        _ = tokio::time::sleep(Duration::from_secs(a.timeout)) => {
-            cancel.cancel();
-            Err(BuildError::Failed(format!("timed out after {} s", a.timeout)))
-        }
-    };
-    b.wait_idle().await;
-    match r {
-        Ok(id) => {
-            b.delete(&id, &obuilder_engine::log::null_sink()).await?;
-            let out = text.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            anyhow::ensure!(
-                out.contains("healthcheck\n"),
-                "the command ran but printed no `healthcheck`:\n{out}"
-            );
-            Ok(())
-        }
-        Err(e) => {
-            let out = text.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            anyhow::bail!("{e}\n{}", out.trim())
+            if let Some(code) = interrupted_code() {
+                return Ok(code);
+            }
+            eprintln!("Healthcheck failed: {e}");
+            Ok(ExitCode::from(exit::FAILED))
         }
     }
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use obuilder_engine::exec::RealExec;
 use obuilder_fetch::import::{import, ImportRequest};
 
-use super::setup::{images, StoreArgs};
+use super::process::{exit, usage};
+use super::setup::StoreArgs;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -58,12 +59,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                         .map(|kv| {
                             kv.split_once('=')
                                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                                .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected K=V"))
+                                .ok_or_else(|| usage(format!("--env {kv:?}: expected K=V")))
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?,
                 )
             };
-            let images = images(&store)?;
+            let images = store.config()?.images();
             let rec = import(
                 &images,
                 &RealExec::shared(),
@@ -75,41 +76,44 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 },
             )
             .await
-            .map_err(|e| anyhow::anyhow!("cannot import {} as {name:?}: {e}", path.display()))?;
-            println!(
+            .map_err(|e| {
+                anyhow::Error::new(e)
+                    .context(format!("cannot import {} as {name:?}", path.display()))
+            })?;
+            crate::outln!(
                 "Imported {name:?}: {} ({} layer{})",
                 rec.digest,
                 rec.layers.len(),
                 if rec.layers.len() == 1 { "" } else { "s" }
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls { store } => {
-            let list = images(&store)?.list().map_err(anyhow::Error::msg)?;
-            println!("{:<32} {:<19} {:>6}  SOURCE", "NAME", "DIGEST", "LAYERS");
+            let list = store.config()?.images().list()?;
+            crate::outln!("{:<32} {:<19} {:>6}  SOURCE", "NAME", "DIGEST", "LAYERS")?;
             for r in list {
                 let origin = if r.registry.is_some() {
                     "pulled from"
                 } else {
                     "imported from"
                 };
-                println!(
+                crate::outln!(
                     "{:<32} {:<19} {:>6}  {origin} {}",
                     r.name,
                     &r.digest[..r.digest.len().min(19)],
                     r.layers.len(),
                     r.source
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Rm { name, store } => {
-            if images(&store)?.remove(&name).map_err(anyhow::Error::msg)? {
-                println!("Removed image {name:?}");
+            if store.config()?.images().remove(&name)? {
+                crate::outln!("Removed image {name:?}")?;
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!("obuilder: no local image named {name:?} (see `obuilder image ls`)");
-                Ok(ExitCode::FAILURE)
+                Ok(ExitCode::from(exit::USAGE))
             }
         }
     }

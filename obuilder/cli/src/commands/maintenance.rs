@@ -2,13 +2,14 @@
 
 use std::process::ExitCode;
 
-use obuilder_engine::db;
 use obuilder_engine::log::{LogEvent, LogSink};
+use obuilder_engine::Builder;
 
-use super::setup::{builder, SandboxArgs, StoreArgs};
+use super::process::{exit, usage};
+use super::setup::{builder_config, open, SandboxArgs, StoreArgs};
 
 /// Deleting results is safe only when no other process builds on them.
-fn need_alone(b: &obuilder_engine::Builder) -> anyhow::Result<()> {
+fn need_alone(b: &Builder) -> anyhow::Result<()> {
     anyhow::ensure!(
         b.try_exclusive(),
         "another obuilder process is using {}; deleting results needs the store to itself \
@@ -18,12 +19,21 @@ fn need_alone(b: &obuilder_engine::Builder) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints each removal; a closed stdout is noted and the rest goes unprinted (the
+/// deletions themselves go on, so the store is never left half-pruned by a `| head`).
 fn print_sink() -> LogSink {
     std::sync::Arc::new(|e: &LogEvent| {
         if let LogEvent::Note(n) | LogEvent::Heading(n) = e {
-            println!("{n}");
+            let _ = crate::outln!("{n}");
         }
     })
+}
+
+async fn builder(
+    store: &StoreArgs,
+    sandbox: &SandboxArgs,
+) -> anyhow::Result<std::sync::Arc<Builder>> {
+    open(&builder_config(store, sandbox, None, None)?).await
 }
 
 #[derive(clap::Args)]
@@ -39,12 +49,12 @@ pub struct DeleteArgs {
 pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
-    if b.db().get(&a.id)?.is_none() && b.store().result(&a.id).await?.is_none() {
+    if b.info(&a.id)?.is_none() && b.store().result(&a.id).await?.is_none() {
         eprintln!("obuilder: no result {:?} in this store", a.id);
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(exit::USAGE));
     }
     let n = b.delete(&a.id, &print_sink()).await?;
-    println!("Removed {n} item{}", if n == 1 { "" } else { "s" });
+    crate::outln!("Removed {n} item{}", if n == 1 { "" } else { "s" })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -57,7 +67,7 @@ pub struct WaitArgs {
     wait_for_space: bool,
 }
 
-async fn maybe_wait(b: &obuilder_engine::Builder, w: &WaitArgs) -> anyhow::Result<()> {
+async fn maybe_wait(b: &Builder, w: &WaitArgs) -> anyhow::Result<()> {
     if w.wait_for_space {
         b.store().complete_deletes().await?;
     }
@@ -77,10 +87,9 @@ pub struct CleanArgs {
 pub async fn clean(a: CleanArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
-    let n = b
-        .prune("9999-12-31 23:59:59.999", usize::MAX, &print_sink())
-        .await?;
-    println!("Removed {n} items");
+    let n = b.prune(None, usize::MAX, &print_sink()).await?;
+    maybe_wait(&b, &a.wait).await?;
+    crate::outln!("Removed {n} items")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -92,8 +101,8 @@ pub struct PruneArgs {
     #[arg(long, value_name = "DATE|AGE")]
     before: Option<String>,
     /// Remove least-recently-used results until the store's filesystem has this much free
-    /// (in percent).
-    #[arg(long, value_name = "PERCENT", conflicts_with = "before")]
+    /// (in percent, e.g. 20 or 20%).
+    #[arg(long, value_name = "PERCENT", conflicts_with = "before", value_parser = parse_percent)]
     keep_free: Option<f64>,
     /// Remove at most this many results (least recently used leaves first).
     #[arg(long, value_name = "N", default_value_t = usize::MAX, hide_default_value = true)]
@@ -106,34 +115,52 @@ pub struct PruneArgs {
     sandbox: SandboxArgs,
 }
 
-/// Parses `--before` into database time text.
-pub fn parse_before(s: &str, now: time::OffsetDateTime) -> anyhow::Result<String> {
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let n: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a percentage such as 20 or 20%"))?;
+    if (0.0..=100.0).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{s:?}: expected a percentage from 0 to 100"))
+    }
+}
+
+/// Parses `--before`: a date or an age.
+pub fn parse_before(s: &str, now: time::OffsetDateTime) -> anyhow::Result<time::OffsetDateTime> {
     let s = s.trim();
     if let Some(unit) = s.chars().last().filter(|c| c.is_ascii_alphabetic()) {
         let n: i64 = s[..s.len() - 1]
             .parse()
-            .map_err(|_| anyhow::anyhow!("--before {s:?}: expected a number before `{unit}`"))?;
+            .map_err(|_| usage(format!("--before {s:?}: expected a number before `{unit}`")))?;
         let d = match unit {
             's' => time::Duration::seconds(n),
             'm' => time::Duration::minutes(n),
             'h' => time::Duration::hours(n),
             'd' => time::Duration::days(n),
-            _ => anyhow::bail!("--before {s:?}: an age ends in s, m, h or d"),
+            _ => {
+                return Err(usage(format!(
+                    "--before {s:?}: an age ends in s, m, h or d"
+                )))
+            }
         };
-        return Ok(db::format_time(now - d));
+        return Ok(now - d);
     }
-    let ok_date = s.len() >= 10
-        && s.as_bytes()[4] == b'-'
-        && s.as_bytes()[7] == b'-'
-        && s[..4]
-            .bytes()
-            .chain(s[5..7].bytes())
-            .chain(s[8..10].bytes())
-            .all(|b| b.is_ascii_digit());
-    if !ok_date {
-        anyhow::bail!("--before {s:?}: expected YYYY-MM-DD[ HH:MM:SS] or an age such as 7d");
+    let date = time::macros::format_description!("[year]-[month]-[day]");
+    let datetime =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let t = s.replace('T', " ");
+    if let Ok(dt) = time::PrimitiveDateTime::parse(&t, &datetime) {
+        return Ok(dt.assume_utc());
     }
-    Ok(s.replace('T', " "))
+    if let Ok(d) = time::Date::parse(&t, &date) {
+        return Ok(d.midnight().assume_utc());
+    }
+    Err(usage(format!(
+        "--before {s:?}: expected YYYY-MM-DD[ HH:MM:SS] or an age such as 7d"
+    )))
 }
 
 pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
@@ -142,21 +169,15 @@ pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(|b| parse_before(b, time::OffsetDateTime::now_utc()))
         .transpose()?;
-    if let Some(p) = a.keep_free {
-        anyhow::ensure!(
-            (0.0..=100.0).contains(&p),
-            "--keep-free {p}: expected a percentage from 0 to 100"
-        );
-    }
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
     let n = match (before, a.keep_free) {
-        (Some(before), _) => b.prune(&before, a.limit, &print_sink()).await?,
+        (Some(before), _) => b.prune(Some(before), a.limit, &print_sink()).await?,
         (None, Some(p)) => b.prune_until_free(p, &print_sink()).await?,
-        (None, None) => unreachable!("clap requires one"),
+        (None, None) => return Err(usage("prune needs --before or --keep-free")),
     };
     maybe_wait(&b, &a.wait).await?;
-    println!("Removed {n} items");
+    crate::outln!("Removed {n} items")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -164,29 +185,31 @@ pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
 pub struct DfArgs {
     #[command(flatten)]
     store: StoreArgs,
-    #[command(flatten)]
-    sandbox: SandboxArgs,
 }
 
+/// Reads the store without opening a sandbox, recovering anything, or creating a store
+/// where there is none.
 pub async fn df(a: DfArgs) -> anyhow::Result<ExitCode> {
-    let b = builder(&a.store, &a.sandbox).await?;
-    let u = b.store().df().await?;
+    let config = a.store.config()?;
+    let store = config.open_existing_store()?;
+    let stats = obuilder_config::store_stats(&*store)?;
+    let u = store.df().await?;
     let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
-    println!("store:   {}", b.store().describe());
-    println!("results: {}", b.db().count()?);
-    let (hits, misses) = b.db().hit_miss()?;
+    crate::outln!("store:   {}", store.describe())?;
+    crate::outln!("results: {}", stats.results)?;
+    let (hits, misses) = (stats.cache.hits, stats.cache.misses);
     let rate = if hits + misses > 0 {
         100.0 * hits as f64 / (hits + misses) as f64
     } else {
         0.0
     };
-    println!("cache:   {hits} hits, {misses} misses ({rate:.0}% of steps from cache)");
-    println!(
+    crate::outln!("cache:   {hits} hits, {misses} misses ({rate:.0}% of steps from cache)")?;
+    crate::outln!(
         "free:    {:.1}% ({:.1} GiB of {:.1} GiB)",
         u.free_percent(),
         gib(u.free_bytes),
         gib(u.total_bytes)
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -197,14 +220,25 @@ mod tests {
     #[test]
     fn before_accepts_dates_and_ages() {
         let now = time::macros::datetime!(2026-11-22 12:00:00 UTC);
-        assert_eq!(parse_before("7d", now).unwrap(), "2026-11-15 12:00:00.000");
-        assert_eq!(parse_before("90m", now).unwrap(), "2026-11-22 10:30:00.000");
-        assert_eq!(parse_before("2026-11-01", now).unwrap(), "2026-11-01");
+        assert_eq!(
+            parse_before("7d", now).unwrap(),
+            time::macros::datetime!(2026-11-15 12:00:00 UTC)
+        );
+        assert_eq!(
+            parse_before("90m", now).unwrap(),
+            time::macros::datetime!(2026-11-22 10:30:00 UTC)
+        );
+        assert_eq!(
+            parse_before("2026-11-01", now).unwrap(),
+            time::macros::datetime!(2026-11-01 00:00:00 UTC)
+        );
         assert_eq!(
             parse_before("2026-11-01T10:00:00", now).unwrap(),
-            "2026-11-01 10:00:00"
+            time::macros::datetime!(2026-11-01 10:00:00 UTC)
         );
         assert!(parse_before("yesterday", now).is_err());
         assert!(parse_before("7w", now).is_err());
+        assert_eq!(parse_percent("20%"), Ok(20.0));
+        assert!(parse_percent("120").is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod fmt;
 pub mod healthcheck;
 pub mod image;
 pub mod maintenance;
+pub mod process;
 pub mod pull;
 pub mod setup;
 

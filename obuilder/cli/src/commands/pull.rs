@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use obuilder_engine::log::{LogEvent, LogSink};
+use obuilder_fetch::PullPolicy;
 
-use super::setup::{images, RegistryArgs, StoreArgs};
+use super::setup::{RegistryArgs, StoreArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,29 +20,25 @@ pub struct Args {
 
 pub async fn run(mut a: Args) -> anyhow::Result<ExitCode> {
     // `pull` means: ask the registry now (unless told never).
-    if a.registry.pull == "missing" {
-        a.registry.pull = "always".into();
+    if a.registry.pull == PullPolicy::Missing {
+        a.registry.pull = PullPolicy::Always;
     }
-    let fetcher = a.registry.fetcher(images(&a.store)?)?;
+    let mut config = a.store.config()?;
+    config.fetch = a.registry.fetch()?;
+    let fetcher = config.fetcher();
     let log: LogSink = std::sync::Arc::new(|e: &LogEvent| {
         if let LogEvent::Note(n) = e {
-            println!("{n}");
+            let _ = crate::outln!("{n}");
         }
     });
-    let rec = fetcher
-        .resolve_record(&a.reference, &log)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    fetcher
-        .download(&rec, &log)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
+    let rec = fetcher.resolve_record(&a.reference, &log).await?;
+    fetcher.download(&rec, &log).await?;
+    crate::outln!(
         "Pulled {}: {} ({} layer{})",
         a.reference,
         rec.digest,
         rec.layers.len(),
         if rec.layers.len() == 1 { "" } else { "s" }
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,23 +1,69 @@
-//! What the store-using subcommands share: `--store` and sandbox flags, and opening a
-//! builder over them.
+//! The flags the store-using subcommands share, and their conversion into the library's
+//! [`BuilderConfig`]: clap stays here, the config is plain data.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
-use obuilder_engine::exec::RealExec;
+use obuilder_config::{BuilderConfig, SandboxSpec, StoreSpec};
 use obuilder_engine::log::{LogEvent, LogSink};
-use obuilder_engine::Builder;
-use obuilder_fetch::images::ImageStore;
-use obuilder_fetch::registry::{Progress, ProgressSink, Registry, RegistryOptions};
-use obuilder_fetch::{ImageFetcher, PullPolicy};
-use obuilder_sandbox::{RuncOptions, RuncSandbox};
+use obuilder_engine::BuilderOptions;
+use obuilder_fetch::registry::{Progress, ProgressSink, RegistryOptions};
+use obuilder_fetch::{FetchConfig, PullPolicy};
+use obuilder_sandbox::RuncOptions;
+use obuilder_stores::detect_default;
 use obuilder_stores::rsync::RsyncMode;
-use obuilder_stores::{detect_default, StoreSpec};
+
+use super::process::usage;
 
 /// Where results live.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/obuilder";
+
+fn parse_pull(s: &str) -> Result<PullPolicy, String> {
+    s.parse()
+        .map_err(|e: obuilder_fetch::UnknownPullPolicy| e.to_string())
+}
+
+fn parse_rsync_mode(s: &str) -> Result<RsyncMode, String> {
+    s.parse()
+        .map_err(|e: obuilder_stores::rsync::UnknownRsyncMode| e.to_string())
+}
+
+/// Sizes with binary units: `512M`, `2G`, `1.5GiB`, plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512M or 2G"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// Durations: `90s`, `30m`, `2h`, plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 90s, 30m or 2h"))?;
+    Ok(std::time::Duration::from_secs(n * mult))
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StoreArgs {
@@ -25,20 +71,76 @@ pub struct StoreArgs {
     /// Default: /var/lib/obuilder with the best backend its filesystem supports.
     #[arg(long, value_name = "STORE", env = "OBUILDER_STORE")]
     pub store: Option<String>,
-    /// With an rsync store: copy, hardlink or hardlink_unsafe.
-    #[arg(long, value_name = "MODE", value_parser = ["copy", "hardlink", "hardlink_unsafe"])]
-    pub rsync_mode: Option<String>,
+    /// For a new rsync store: copy, hardlink or hardlink_unsafe (an existing one
+    /// remembers its mode).
+    #[arg(long, value_name = "MODE", value_parser = parse_rsync_mode, env = "OBUILDER_RSYNC_MODE")]
+    pub rsync_mode: Option<RsyncMode>,
+}
+
+impl StoreArgs {
+    pub fn spec(&self) -> anyhow::Result<StoreSpec> {
+        match &self.store {
+            Some(s) => StoreSpec::parse(s, self.rsync_mode).map_err(|e| usage(e.to_string())),
+            None if self.rsync_mode.is_some() => {
+                Err(usage("--rsync-mode needs --store rsync:/PATH"))
+            }
+            None => Ok(detect_default(&PathBuf::from(DEFAULT_STORE_DIR))),
+        }
+    }
+
+    /// A config with only the store set (for commands that open no sandbox).
+    pub fn config(&self) -> anyhow::Result<BuilderConfig> {
+        Ok(BuilderConfig::new(self.spec()?))
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SandboxArgs {
+    /// What runs the steps: runc (Linux containers), or runc:/PATH/TO/RUNC.
+    #[arg(
+        long,
+        value_name = "SANDBOX",
+        default_value = "runc",
+        env = "OBUILDER_SANDBOX"
+    )]
+    pub sandbox: String,
     /// Make sync syscalls (fsync, sync, …) no-ops inside the sandbox: much faster on btrfs;
     /// the snapshot commit is what makes results durable.
     #[arg(long)]
     pub fast_sync: bool,
-    /// The runc binary to use.
-    #[arg(long, value_name = "PATH", default_value = "runc")]
-    pub runc: String,
+    /// The runc binary to use (as --sandbox runc:PATH).
+    #[arg(long, value_name = "PATH")]
+    pub runc: Option<String>,
+    /// Most processes and threads a step may have at once; 0 for no limit.
+    #[arg(long, value_name = "N", default_value_t = obuilder_sandbox::DEFAULT_MAX_PIDS)]
+    pub max_pids: u64,
+    /// Most memory a step may use (e.g. 2G); no limit by default.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+}
+
+impl SandboxArgs {
+    pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
+        let spec: SandboxSpec = self
+            .sandbox
+            .parse()
+            .map_err(|e: obuilder_sandbox::SandboxSpecError| usage(e.to_string()))?;
+        Ok(match spec {
+            SandboxSpec::Runc(o) => SandboxSpec::Runc(RuncOptions {
+                runc: self.runc.clone().unwrap_or(o.runc),
+                fast_sync: self.fast_sync,
+                max_pids: (self.max_pids > 0).then_some(self.max_pids),
+                max_memory: self.max_memory,
+            }),
+        })
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct LogArgs {
+    /// The most each step's stored log keeps (its start and its end; the middle is cut).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "10M")]
+    pub max_log_size: u64,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -46,8 +148,8 @@ pub struct RegistryArgs {
     /// When to ask registries about `(from REF)`: `missing` (only for references never seen;
     /// a tag seen before reuses its recorded digest and works offline), `always` (re-resolve
     /// tags), `never` (local images only).
-    #[arg(long, value_name = "POLICY", default_value = "missing", value_parser = ["missing", "always", "never"])]
-    pub pull: String,
+    #[arg(long, value_name = "POLICY", default_value = "missing", value_parser = parse_pull)]
+    pub pull: PullPolicy,
     /// A registry (`HOST` or `HOST:PORT`) to reach over plain HTTP. Repeatable. Registries on
     /// loopback always may.
     #[arg(
@@ -63,30 +165,51 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn registry(&self) -> anyhow::Result<Arc<Registry>> {
+    pub fn fetch(&self) -> anyhow::Result<FetchConfig> {
         let mut opts = RegistryOptions {
             insecure: self.insecure.clone(),
             ..RegistryOptions::default()
         };
         if let Some(p) = &self.platform {
-            anyhow::ensure!(
-                p.contains('/'),
-                "--platform {p:?}: expected OS/ARCH, e.g. linux/amd64"
-            );
+            if !p.contains('/') {
+                return Err(usage(format!(
+                    "--platform {p:?}: expected OS/ARCH, e.g. linux/amd64"
+                )));
+            }
             opts.platform = p.clone();
         }
-        Ok(Arc::new(Registry::new(opts).map_err(anyhow::Error::msg)?))
+        Ok(FetchConfig {
+            pull: self.pull,
+            registry: Some(opts),
+            progress: Some(progress_bars()),
+        })
     }
+}
 
-    pub fn fetcher(&self, images: ImageStore) -> anyhow::Result<ImageFetcher> {
-        let policy: PullPolicy = self.pull.parse().map_err(anyhow::Error::msg)?;
-        Ok(ImageFetcher::with_registry(
-            images,
-            self.registry()?,
-            policy,
-            progress_bars(),
-        ))
+/// The full config of a command that builds.
+pub fn builder_config(
+    store: &StoreArgs,
+    sandbox: &SandboxArgs,
+    registry: Option<&RegistryArgs>,
+    log: Option<&LogArgs>,
+) -> anyhow::Result<BuilderConfig> {
+    let mut c = store.config()?;
+    c.sandbox = Some(sandbox.spec()?);
+    c.fetch = match registry {
+        Some(r) => r.fetch()?,
+        None => FetchConfig::local(),
+    };
+    if let Some(l) = log {
+        c.options = BuilderOptions {
+            max_log_bytes: l.max_log_size.max(2),
+        };
     }
+    Ok(c)
+}
+
+/// Opens a builder from the config, with the store named in the error.
+pub async fn open(config: &BuilderConfig) -> anyhow::Result<Arc<obuilder_engine::Builder>> {
+    Ok(Arc::new(config.open().await?))
 }
 
 /// Download progress: a bar per layer (bytes, rate) on a terminal; nothing extra otherwise
@@ -127,79 +250,36 @@ pub fn progress_bars() -> ProgressSink {
     })
 }
 
-impl StoreArgs {
-    pub fn spec(&self) -> anyhow::Result<StoreSpec> {
-        let mode = self
-            .rsync_mode
-            .as_deref()
-            .map(str::parse::<RsyncMode>)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        match &self.store {
-            Some(s) => StoreSpec::parse(s, mode).map_err(anyhow::Error::msg),
-            None if mode.is_some() => anyhow::bail!("--rsync-mode needs --store rsync:/PATH"),
-            None => Ok(detect_default(&PathBuf::from(DEFAULT_STORE_DIR))),
-        }
-    }
-
-    /// The state dir of the store, without opening it (for image commands).
-    pub fn state_dir(&self) -> anyhow::Result<PathBuf> {
-        Ok(self.spec()?.path().join("state"))
-    }
-}
-
-pub fn images(store: &StoreArgs) -> anyhow::Result<ImageStore> {
-    Ok(ImageStore::new(&store.state_dir()?))
-}
-
-/// Opens the store (recovering it), the runc sandbox and the image fetcher (local images
-/// only unless registry flags are given).
-pub async fn builder(store: &StoreArgs, sandbox: &SandboxArgs) -> anyhow::Result<Arc<Builder>> {
-    builder_with(store, sandbox, None).await
-}
-
-pub async fn builder_with(
-    store: &StoreArgs,
-    sandbox: &SandboxArgs,
-    registry: Option<&RegistryArgs>,
-) -> anyhow::Result<Arc<Builder>> {
-    let spec = store.spec()?;
-    let exec = RealExec::shared();
-    let st = spec.open(exec.clone());
-    std::fs::create_dir_all(spec.path())
-        .with_context(|| format!("cannot create store directory {}", spec.path().display()))?;
-    let state = st.state_dir();
-    let sb = RuncSandbox::new(
-        &state,
-        RuncOptions {
-            fast_sync: sandbox.fast_sync,
-            runc: sandbox.runc.clone(),
-        },
-        exec,
-    );
-    let fetcher = match registry {
-        Some(r) => r.fetcher(ImageStore::new(&state))?,
-        None => ImageFetcher::new(ImageStore::new(&state)),
-    };
-    let b = Builder::new(st, Arc::new(sb), Arc::new(fetcher))
-        .await
-        .with_context(|| format!("cannot open store {spec}"))?;
-    Ok(Arc::new(b))
-}
-
 /// Prints the build log like OBuilder: headings in bold blue, notes in yellow (on a
-/// terminal), command output as it comes.
+/// terminal), command output as it comes. A note that follows output without a final
+/// newline starts on a line of its own. A closed stdout cancels the build (see
+/// `process`).
 pub fn console_sink(color: bool) -> LogSink {
+    let mid_line = std::sync::atomic::AtomicBool::new(false);
     Arc::new(move |e: &LogEvent| {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = match e {
-            LogEvent::Heading(h) if color => writeln!(out, "\x1b[1;34m{h}\x1b[0m"),
-            LogEvent::Note(n) if color => writeln!(out, "\x1b[33m{n}\x1b[0m"),
-            LogEvent::Heading(s) | LogEvent::Note(s) => writeln!(out, "{s}"),
-            LogEvent::Output(b) => out.write_all(b),
+        use std::sync::atomic::Ordering;
+        let nl = if mid_line.swap(false, Ordering::Relaxed) {
+            "\n"
+        } else {
+            ""
         };
-        let _ = out.flush();
+        let _ = match e {
+            LogEvent::Heading(h) if color => {
+                super::process::out(format_args!("{nl}\x1b[1;34m{h}\x1b[0m\n"))
+            }
+            LogEvent::Note(n) if color => {
+                super::process::out(format_args!("{nl}\x1b[33m{n}\x1b[0m\n"))
+            }
+            LogEvent::Heading(s) | LogEvent::Note(s) => {
+                super::process::out(format_args!("{nl}{s}\n"))
+            }
+            LogEvent::Output(b) => {
+                if !b.is_empty() {
+                    mid_line.store(!b.ends_with(b"\n"), Ordering::Relaxed);
+                }
+                super::process::out(format_args!("{nl}{}", String::from_utf8_lossy(b)))
+            }
+        };
     })
 }
 
@@ -220,5 +300,28 @@ impl Color {
                 std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("2X").is_err());
+        assert_eq!(
+            parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_duration("2h"),
+            Ok(std::time::Duration::from_secs(7200))
+        );
+        assert!(parse_duration("soon").is_err());
     }
 }

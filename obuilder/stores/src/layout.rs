@@ -1,5 +1,5 @@
-//! What the directory-based stores share: the on-disk layout and the moves that make
-//! commit and delete atomic.
+//! The on-disk layout every store shares, and the moves that make commit and delete
+//! atomic.
 //!
 //! ```text
 //! ROOT/result/ID/        committed results: rootfs/, log, env, image.json (+ parent for overlayfs)
@@ -75,17 +75,23 @@ impl Layout {
         Ok(out)
     }
 
-    /// Makes `result-tmp/ID` (with the parent recorded for the stores that need it).
+    /// Makes `result-tmp/ID`. The builder discards a stale one first (under the step's
+    /// lock), so one that exists here is an error.
     pub fn make_tmp(&self, id: &str) -> Result<PathBuf, StoreError> {
         let t = self.tmp(id);
-        if t.symlink_metadata().is_ok() {
-            return Err(StoreError::Other(format!(
-                "{} already exists: is another obuilder building {id} on this store?",
-                t.display()
-            )));
-        }
         std::fs::create_dir(&t).map_err(StoreError::io("cannot create", &t))?;
         Ok(t)
+    }
+
+    /// `result-tmp/ID` if a builder left it behind.
+    pub fn stale_tmp(&self, id: &str) -> Option<PathBuf> {
+        let t = self.tmp(id);
+        t.symlink_metadata().is_ok().then_some(t)
+    }
+
+    /// Whether a store was ever made here (its database or its results exist).
+    pub fn exists_store(&self) -> bool {
+        self.root.join("state/db/db.sqlite").exists() || self.result_dir().is_dir()
     }
 
     /// Publishes `result-tmp/ID` as `result/ID` in one rename.

@@ -1,0 +1,141 @@
+//! Putting a builder together: which store, which sandbox, where base images come from,
+//! and how every build is treated, as one value ([`BuilderConfig`]) that opens a
+//! [`Builder`]. The `obuilder` CLI converts its flags into it; a cluster worker or any
+//! other program that drives the engine as a library builds one directly.
+//!
+//! Also here, because both need it: [`healthcheck`] (is this machine able to build?) and
+//! [`store_stats`], which reads a store without opening a sandbox or changing anything.
+
+pub mod healthcheck;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use obuilder_engine::exec::{RealExec, SharedExec};
+use obuilder_engine::store::{Store, StoreError};
+use obuilder_engine::{BuildError, Builder, BuilderOptions, CacheStats};
+use obuilder_fetch::images::ImageStore;
+use obuilder_fetch::{FetchConfig, ImageFetcher};
+pub use obuilder_sandbox::SandboxSpec;
+pub use obuilder_stores::StoreSpec;
+
+pub use healthcheck::{healthcheck, HealthcheckError, HealthcheckOptions};
+
+/// Why a builder could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The store cannot be used as asked (wrong filesystem, missing, another mode).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// This platform has no sandbox to run steps in.
+    #[error(
+        "this platform has no default sandbox; choose one with --sandbox ({})",
+        obuilder_sandbox::FORMS
+    )]
+    NoSandbox,
+    /// Opening the store's database or recovering it failed.
+    #[error("cannot open store {store}")]
+    Open {
+        store: String,
+        #[source]
+        source: BuildError,
+    },
+}
+
+/// Everything that makes a builder.
+#[derive(Clone)]
+pub struct BuilderConfig {
+    pub store: StoreSpec,
+    /// `None`: the platform's default ([`SandboxSpec::platform_default`]).
+    pub sandbox: Option<SandboxSpec>,
+    pub fetch: FetchConfig,
+    pub options: BuilderOptions,
+    /// The seam every external command goes through.
+    pub exec: SharedExec,
+}
+
+impl BuilderConfig {
+    /// A store with the platform's sandbox, local images then registries, and default
+    /// options.
+    pub fn new(store: StoreSpec) -> BuilderConfig {
+        BuilderConfig {
+            store,
+            sandbox: None,
+            fetch: FetchConfig::default(),
+            options: BuilderOptions::default(),
+            exec: RealExec::shared(),
+        }
+    }
+
+    /// The sandbox to use.
+    pub fn sandbox(&self) -> Result<SandboxSpec, ConfigError> {
+        self.sandbox
+            .clone()
+            .or_else(SandboxSpec::platform_default)
+            .ok_or(ConfigError::NoSandbox)
+    }
+
+    /// Where the store keeps its database, images and sandbox state.
+    pub fn state_dir(&self) -> PathBuf {
+        self.store.state_dir()
+    }
+
+    /// The store's local images (nothing is created until one is added).
+    pub fn images(&self) -> ImageStore {
+        ImageStore::new(&self.state_dir())
+    }
+
+    /// The image fetcher over the store's images.
+    pub fn fetcher(&self) -> ImageFetcher {
+        self.fetch.fetcher(self.images())
+    }
+
+    /// Opens the store (checking its filesystem first), the sandbox and the fetcher; the
+    /// builder recovers the store from any crash if it has it to itself.
+    pub async fn open(&self) -> Result<Builder, ConfigError> {
+        let sandbox = self.sandbox()?;
+        let store = self.store.open(self.exec.clone())?;
+        let state = store.state_dir();
+        let sb = sandbox.open(&state, self.exec.clone());
+        Builder::with_options(store, sb, Arc::new(self.fetcher()), self.options.clone())
+            .await
+            .map_err(|source| ConfigError::Open {
+                store: self.store.to_string(),
+                source,
+            })
+    }
+
+    /// Opens a store that must exist already, for commands that only look at it or
+    /// change one thing (caches): no sandbox, no recovery, nothing created.
+    pub fn open_existing_store(&self) -> Result<Arc<dyn Store>, ConfigError> {
+        Ok(self.store.open_existing(self.exec.clone())?)
+    }
+}
+
+/// What `df` shows of a store besides its free space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub results: u64,
+    pub cache: CacheStats,
+}
+
+/// Reads a store's counts from its database without changing anything.
+pub fn store_stats(store: &dyn Store) -> Result<StoreStats, ConfigError> {
+    let path = store.state_dir().join("db/db.sqlite");
+    let open_err = |e| ConfigError::Open {
+        store: store.describe(),
+        source: BuildError::from(obuilder_engine::StepError::Db(e)),
+    };
+    let Some(db) = obuilder_engine::db::Db::open_existing(&path).map_err(open_err)? else {
+        return Ok(StoreStats::default());
+    };
+    let results = db.count().map_err(open_err)? as u64;
+    let (hits, misses) = db.hit_miss().map_err(open_err)?;
+    Ok(StoreStats {
+        results,
+        cache: CacheStats {
+            hits: hits as u64,
+            misses: misses as u64,
+        },
+    })
+}

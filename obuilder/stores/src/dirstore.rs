@@ -1,0 +1,184 @@
+//! The directory-store core: one [`Store`] for every backend whose results are whole
+//! trees (btrfs, xfs reflinks, rsync, and ZFS next), over a small primitive, [`TreeOps`]:
+//! make an empty tree, clone one, remove one, seal one. Layout, atomic commit and delete,
+//! crash recovery and shared caches are the same for all of them and live here once.
+//!
+//! Layout: see [`crate::layout`]; `result/ID/rootfs` is the tree. Wiped at start-up (when
+//! the process has the store to itself): everything under `result-tmp/` and the cache
+//! copies left by a crash.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use obuilder_engine::store::{BuildDir, CacheCopy, CacheInfo, DiskUsage, Store, StoreError};
+
+use crate::cache::Caches;
+use crate::layout::{entries, remove_tree, Layout};
+
+/// How a backend makes and removes trees: the only thing backends differ in.
+#[async_trait]
+pub trait TreeOps: Send + Sync + 'static {
+    /// The `--store` kind, for messages: `btrfs`, `xfs`, `rsync`.
+    fn kind(&self) -> &'static str;
+
+    /// Makes `dst` (which does not exist) an empty tree.
+    async fn create_empty(&self, dst: &Path) -> Result<(), StoreError>;
+
+    /// Makes `dst` (which does not exist) a writable copy of tree `src`.
+    async fn clone_tree(&self, src: &Path, dst: &Path) -> Result<(), StoreError>;
+
+    /// Removes a tree made by the two above (or a plain directory); a missing one is fine.
+    async fn remove(&self, path: &Path) -> Result<(), StoreError>;
+
+    /// Readies a finished build's tree for publishing: made read-only, or deduplicated
+    /// against its parent's tree. Trees are never changed after this.
+    async fn seal(&self, _tree: &Path, _parent: Option<&Path>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Waits for removals to free their space, where the filesystem defers it.
+    async fn complete_deletes(&self, _root: &Path) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Space on the filesystem holding `root`.
+    async fn df(&self, root: &Path) -> Result<DiskUsage, StoreError> {
+        obuilder_engine::store::statvfs_usage(root)
+    }
+}
+
+/// A store of whole trees over [`TreeOps`].
+pub struct DirStore<T> {
+    pub(crate) layout: Layout,
+    caches: Caches,
+    pub(crate) ops: T,
+}
+
+impl<T: TreeOps> DirStore<T> {
+    pub fn with_ops(root: impl Into<PathBuf>, ops: T) -> DirStore<T> {
+        let root = root.into();
+        DirStore {
+            caches: Caches::new(&root),
+            layout: Layout::new(root),
+            ops,
+        }
+    }
+
+    /// Removes a build dir and the tree in it.
+    async fn remove_build_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        self.ops.remove(&dir.join("rootfs")).await?;
+        remove_tree(dir)
+    }
+}
+
+#[async_trait]
+impl<T: TreeOps> Store for DirStore<T> {
+    fn root(&self) -> &Path {
+        &self.layout.root
+    }
+
+    fn describe(&self) -> String {
+        format!("{}:{}", self.ops.kind(), self.layout.root.display())
+    }
+
+    async fn recover(&self) -> Result<(), StoreError> {
+        self.layout.create()?;
+        self.caches.recover(&self.ops).await?;
+        for leftover in entries(&self.layout.tmp_dir())? {
+            tracing::info!("removing leftover {}", leftover.display());
+            self.remove_build_dir(&leftover).await?;
+        }
+        Ok(())
+    }
+
+    async fn result(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        Ok(self.layout.exists(id))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, StoreError> {
+        self.layout.list()
+    }
+
+    async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError> {
+        let dir = self.layout.make_tmp(id)?;
+        let rootfs = dir.join("rootfs");
+        let r = match base {
+            None => self.ops.create_empty(&rootfs).await,
+            Some(b) => {
+                let parent = dir.join("parent");
+                match std::fs::write(&parent, b) {
+                    Ok(()) => {
+                        self.ops
+                            .clone_tree(&self.layout.result(b).join("rootfs"), &rootfs)
+                            .await
+                    }
+                    Err(e) => Err(StoreError::io("cannot write", &parent)(e)),
+                }
+            }
+        };
+        if let Err(e) = r {
+            let _ = self.remove_build_dir(&dir).await;
+            return Err(e);
+        }
+        Ok(BuildDir {
+            id: id.to_string(),
+            dir,
+            rootfs,
+        })
+    }
+
+    async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError> {
+        Ok(self.layout.stale_tmp(id).map(|dir| BuildDir {
+            id: id.to_string(),
+            rootfs: dir.join("rootfs"),
+            dir,
+        }))
+    }
+
+    async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
+        let parent = std::fs::read_to_string(dir.dir.join("parent")).ok();
+        let parent_tree = parent.map(|p| self.layout.result(p.trim()).join("rootfs"));
+        self.ops.seal(&dir.rootfs, parent_tree.as_deref()).await?;
+        self.layout.publish(&dir.id)
+    }
+
+    async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
+        self.remove_build_dir(&dir.dir).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(moved) = self.layout.unpublish(id)? {
+            self.remove_build_dir(&moved).await?;
+        }
+        Ok(())
+    }
+
+    async fn cache_checkout(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<CacheCopy, StoreError> {
+        self.caches.checkout(&self.ops, name, uid, gid).await
+    }
+
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError> {
+        self.caches.release(&self.ops, copy, keep).await
+    }
+
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        self.caches.list()
+    }
+
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.caches.delete(&self.ops, name).await
+    }
+
+    async fn complete_deletes(&self) -> Result<(), StoreError> {
+        self.ops.complete_deletes(&self.layout.root).await
+    }
+
+    async fn df(&self) -> Result<DiskUsage, StoreError> {
+        self.ops.df(&self.layout.root).await
+    }
+}

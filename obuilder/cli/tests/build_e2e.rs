@@ -331,7 +331,8 @@ fn crash_mid_step_then_restart_leaves_nothing_and_builds() {
     let env = Env::new(bin(), "btrfs");
     let spec = env.spec(
         "s.spec",
-        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
+        // (a sleep no other test uses: the check below looks at every process)
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 297\")))",
     );
     let mut child = Command::new(bin())
         .args(env.args(&[
@@ -364,7 +365,7 @@ fn crash_mid_step_then_restart_leaves_nothing_and_builds() {
     env.assert_clean();
     // The killed container's `sleep` is gone too.
     let ps = Command::new("pgrep")
-        .args(["-f", "sleep 300"])
+        .args(["-f", "sleep 297"])
         .output()
         .unwrap();
     assert_eq!(

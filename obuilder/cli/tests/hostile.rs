@@ -2,9 +2,15 @@
 //! real runc, every store on its own loopback filesystem.
 
 use testkit::e2e::{caps, text, Env, STORES};
+use testkit::Cap;
 
+/// The binary under test; `OBUILDER_TEST_BIN` points these probes at another build (an
+/// older release, to see them fail there).
 fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_obuilder")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("OBUILDER_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_obuilder").into())
+    })
 }
 
 /// A step that swaps a parent of its secret's mount point for a symlink to the host must
@@ -46,4 +52,506 @@ fn secret_mount_point_clean_up_never_follows_a_step_made_symlink() {
         assert!(victim.join("b/c").is_dir(), "{kind}: host dir removed");
         env.assert_clean();
     }
+}
+
+/// A static probe that tries what a step must not do and prints `NAME ok` or
+/// `NAME errno N` for each.
+const PROBE: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/syscall.h>
+static void report(const char *name, long r) {
+  if (r < 0) printf("%s errno %d\n", name, errno); else printf("%s ok\n", name);
+}
+int main(void) {
+  report("keyctl", syscall(SYS_keyctl, 0 /* GET_KEYRING_ID */, -4 /* USER */, 0));
+  report("add_key", syscall(SYS_add_key, "user", "obuilder-probe", "x", 1, -4));
+  report("request_key", syscall(SYS_request_key, "user", "obuilder-probe", NULL, 0));
+  report("unshare_user", unshare(CLONE_NEWUSER));
+  report("perf_event_open", syscall(SYS_perf_event_open, NULL, 0, -1, -1, 0));
+  report("bpf", syscall(SYS_bpf, 0, NULL, 0));
+  report("mount", mount("none", "/mnt", "tmpfs", 0, NULL));
+  int fd = open("/probe-fsync", O_CREAT | O_WRONLY, 0600);
+  report("fsync", fsync(fd));
+  report("fork", fork() < 0 ? -1 : 0);
+  return 0;
+}
+"#;
+
+fn build_probe(dir: &std::path::Path) {
+    std::fs::write(dir.join("probe.c"), PROBE).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(dir.join("probe"))
+        .arg(dir.join("probe.c"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Steps share the kernel keyring with host root unless a filter stops them: the default
+/// seccomp filter denies the keyring calls, new user namespaces, perf, bpf and mounts, and
+/// composes with --fast-sync (whose fsync becomes a no-op).
+#[test]
+fn the_default_seccomp_filter_denies_keyrings_user_namespaces_and_kernel_hooks() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(module_path!(), &[Cap::Tool("cc")])
+    {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    build_probe(&env.ctx);
+    let spec = env.spec(
+        "p.spec",
+        "((from busybox) (shell /bin/sh -c) (copy (src probe) (dst /probe)) (run (shell /probe)))",
+    );
+    for extra in [&[][..], &["--fast-sync"][..]] {
+        let out = env.build_with(&spec, extra);
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{o}{}", text(&out.stderr));
+        for denied in [
+            "keyctl errno 1",
+            "add_key errno 1",
+            "request_key errno 1",
+            "unshare_user errno 1",
+            "perf_event_open errno 1",
+            "bpf errno 1",
+            "mount errno 1",
+        ] {
+            assert!(o.contains(denied), "{extra:?}: want `{denied}` in\n{o}");
+        }
+        assert!(o.contains("fsync ok") && o.contains("fork ok"), "{o}");
+        // The next run is a cache hit with the other flag (the filter is not in the key).
+        env.run(&["clean"]);
+    }
+}
+
+/// The step id must not let anyone check a guess of a secret offline: the same secret
+/// gives different ids in different stores, and a changed secret a changed id.
+#[test]
+fn secret_ids_are_keyed_per_store() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let spec = env.spec(
+        "s.spec",
+        "((from busybox) (shell /bin/sh -c) (run (secrets (pin (target /run/pin))) (shell \"test -s /run/pin\")))",
+    );
+    let id = |store: &str, value: &str| {
+        let f = env.tmp.path().join("pin");
+        std::fs::write(&f, value).unwrap();
+        let out = std::process::Command::new(bin())
+            .args([
+                "build",
+                "-f",
+                spec.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ])
+            .arg(format!("--store={store}"))
+            .arg(format!("--secret=pin:{}", f.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).lines().last().unwrap().to_string()
+    };
+    let other = format!("btrfs:{}", env.fs.mnt.join("other").display());
+    let out = env.run(&[
+        "image",
+        "import",
+        "busybox",
+        env.tmp.path().join("busybox").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    std::process::Command::new(bin())
+        .args([
+            "image",
+            "import",
+            "busybox",
+            env.tmp.path().join("busybox").to_str().unwrap(),
+        ])
+        .arg(format!("--store={other}"))
+        .output()
+        .unwrap();
+    let a = id(&env.store, "1234");
+    assert_eq!(id(&env.store, "1234"), a, "stable in one store");
+    assert_ne!(id(&env.store, "1235"), a, "a changed secret changes the id");
+    assert_ne!(
+        id(&other, "1234"),
+        a,
+        "another store's key gives another id"
+    );
+    let key = std::fs::metadata(env.root().join("state/secret-key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}
+
+/// Starts a build of `spec` and returns once its step printed `marker` (and the child).
+fn start_until(
+    env: &Env,
+    spec: &std::path::Path,
+    extra: &[&str],
+    marker: &str,
+) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut args = vec![
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut child = env
+        .command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "{marker} never came");
+        match lines.next() {
+            Some(Ok(l)) if l == marker => break,
+            Some(_) => {}
+            None => panic!("the build ended before printing {marker}"),
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+fn runc_list(env: &Env) -> String {
+    let out = std::process::Command::new("runc")
+        .args([
+            "--root",
+            env.root().join("state/runc").to_str().unwrap(),
+            "list",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+/// Waits (bounded) until `cond` holds.
+fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `kill -9` of obuilder: its step's container dies with it and the step's secret file
+/// is wiped at once, not at the next start on that store.
+#[test]
+fn killing_the_builder_kills_its_step_and_wipes_its_secret() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let secret = env.tmp.path().join("tok");
+    std::fs::write(&secret, "killed-builder-secret").unwrap();
+    let spec = env.spec(
+        "k.spec",
+        "((from busybox) (shell /bin/sh -c) (run (secrets (t (target /run/t))) (shell \"echo started; sleep 300\")))",
+    );
+    let mut child = start_until(
+        &env,
+        &spec,
+        &["--secret", &format!("t:{}", secret.display())],
+        "started",
+    );
+    assert_ne!(runc_list(&env), "", "the container runs");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually("the container to die with its builder", 20, || {
+        runc_list(&env).is_empty()
+    });
+    let bundles = env.root().join("state/runc-tmp");
+    eventually("the bundle (and secret file) to go", 20, || {
+        std::fs::read_dir(&bundles).unwrap().count() == 0
+    });
+    let grep = std::process::Command::new("grep")
+        .args(["-r", "-l", "-a", "killed-builder-secret"])
+        .arg(env.root())
+        .output()
+        .unwrap();
+    assert_eq!(text(&grep.stdout), "", "the secret is left on disk");
+}
+
+/// A builder killed mid-step while another process keeps the store open (so nobody
+/// recovers it at start-up) used to block that step for everyone: its build dir was
+/// "already there". Under the step's lock a build dir is stale by definition.
+#[test]
+fn a_builder_killed_mid_step_does_not_block_the_step_on_a_shared_store() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    for kind in STORES {
+        let env = Env::new(bin(), kind);
+        // Keeps the store shared for the whole test.
+        let holder_spec = env.spec(
+            "h.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"echo holding; sleep 120\")))",
+        );
+        let mut holder = start_until(&env, &holder_spec, &[], "holding");
+        let spec = env.spec(
+            "s.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 5; echo done\")))",
+        );
+        let mut victim = start_until(&env, &spec, &[], "started");
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        let out = env.build(&spec);
+        assert!(
+            out.status.success(),
+            "{kind}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert!(text(&out.stdout).contains("done"), "{kind}: built afresh");
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        // The next process to have the store alone recovers what the holder left.
+        assert!(env.run(&["df"]).status.success());
+        let clean = env.run(&["clean"]);
+        assert!(clean.status.success(), "{kind}: {}", text(&clean.stderr));
+        env.assert_clean();
+    }
+}
+
+/// A full disk: the step that filled it is not saved (whatever it wrote may be cut short)
+/// and the error names the store and its free space; obuilder never dies of it (SQLite's
+/// memory-mapped WAL index used to SIGBUS on btrfs), and `df`, `prune`, `delete` and
+/// `clean` all work on the full store, after which it builds again.
+#[test]
+fn a_full_disk_is_a_clear_error_and_the_store_stays_usable() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    for kind in STORES {
+        let env = Env::with_size(bin(), kind, if kind == "xfs" { 320 } else { 200 });
+        let spec = env.spec(
+            "fill.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"dd if=/dev/zero of=/fill bs=1M 2>/dev/null; echo filled\")))",
+        );
+        let out = env.build(&spec);
+        let err = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{kind}: {}{err}",
+            text(&out.stdout)
+        );
+        assert!(
+            err.contains(&format!(
+                "the store {} ran out of space during the step",
+                env.store
+            )) && err.contains(" left)"),
+            "{kind}: {err}"
+        );
+        let df = env.run(&["df"]);
+        assert!(df.status.success(), "{kind}: {}", text(&df.stderr));
+        assert!(
+            text(&df.stdout).contains("results: 1"),
+            "{kind}: only the base"
+        );
+        let prune = env.run(&["prune", "--keep-free", "90", "--wait-for-space"]);
+        assert!(prune.status.success(), "{kind}: {}", text(&prune.stderr));
+        let small = env.spec(
+            "ok.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"echo fine\")))",
+        );
+        let out = env.build(&small);
+        assert!(
+            out.status.success(),
+            "{kind}: builds again: {}",
+            text(&out.stderr)
+        );
+        let id = text(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim_start_matches("Got: ")
+            .trim_matches('"')
+            .to_string();
+        let del = env.run(&["delete", &id]);
+        assert!(del.status.success(), "{kind}: {}", text(&del.stderr));
+        let clean = env.run(&["clean"]);
+        assert!(clean.status.success(), "{kind}: {}", text(&clean.stderr));
+        env.assert_clean();
+    }
+}
+
+/// Ten seconds of `yes` used to make a multi-GB log that every cache hit replayed. The
+/// stored log keeps its start and its end, says what was cut, and the step's last words.
+#[test]
+fn step_logs_are_capped_and_keep_their_end() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let spec = env.spec(
+        "y.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"yes | head -c 20000000; echo THE-END\")))",
+    );
+    let out = env.build_with(&spec, &["--max-log-size", "1M"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("Got: ")
+        .trim_matches('"')
+        .to_string();
+    let log = std::fs::read(env.root().join("result").join(&id).join("log")).unwrap();
+    assert!(log.len() < 1_100_000, "stored log is {} bytes", log.len());
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.starts_with("y\ny\n"));
+    assert!(
+        log.contains("of output cut here; the last 512.0 KiB follow"),
+        "cut marked"
+    );
+    assert!(log.ends_with("THE-END\n"), "the last words are kept");
+    // The cache hit replays the capped log.
+    let again = env.build_with(&spec, &["--max-log-size", "1M"]);
+    assert!(again.stdout.len() < 1_200_000, "{}", again.stdout.len());
+}
+
+/// A pids limit (default on), a memory limit and a step time limit, each with a clear
+/// message, on this machine's v1/v2 hybrid cgroups.
+#[test]
+fn limits_stop_fork_bombs_memory_hogs_and_slow_steps() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let bomb = env.spec(
+        "bomb.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"i=0; while [ $i -lt 300 ]; do sleep 30 & i=$((i+1)); done; wait\")))",
+    );
+    let out = env.build_with(&bomb, &["--max-pids", "64"]);
+    let o = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{o}{}", text(&out.stderr));
+    assert!(
+        o.contains("it may have reached its limit of 64 (--max-pids)"),
+        "{o}"
+    );
+    env.assert_clean();
+    let hog = env.spec(
+        "hog.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"dd if=/dev/zero of=/dev/null bs=200M count=1\")))",
+    );
+    let out = env.build_with(&hog, &["--max-memory", "32M"]);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("killed by signal 9") && e.contains("32.0 MiB (--max-memory)"),
+        "{e}"
+    );
+    env.assert_clean();
+    let slow = env.spec(
+        "slow.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"sleep 300\")))",
+    );
+    let start = std::time::Instant::now();
+    let out = env.build_with(&slow, &["--step-timeout", "2s"]);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("stopped after the step time limit of 2 s (--step-timeout)"),
+        "{e}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(60));
+    env.assert_clean();
+}
+
+/// Errors quote specs and commands: a 2 MB spec line and a 1 MB command are clipped.
+#[test]
+fn errors_clip_huge_inputs() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let big = "A".repeat(2 << 20);
+    let spec = env.spec(
+        "big.spec",
+        &format!("((from busybox) (run (shell \"{big}\")) (rn x))"),
+    );
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.len() < 4096,
+        "{} bytes of error",
+        out.stderr.len()
+    );
+    assert!(text(&out.stderr).contains("unknown operation `rn`"));
+    let cmd = format!("false {}", "B".repeat(1 << 20));
+    let spec = env.spec(
+        "cmd.spec",
+        &format!("((from busybox) (shell /bin/sh -c) (run (shell \"{cmd}\")))"),
+    );
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.len() < 8192,
+        "{} bytes of error",
+        out.stderr.len()
+    );
+    assert!(
+        out.stdout.len() < 16384,
+        "{} bytes of log",
+        out.stdout.len()
+    );
+    assert!(
+        text(&out.stderr).contains("more bytes)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A process that waits for another process's step says whose, then replays that step's
+/// log, instead of a bare `saved as`.
+#[test]
+fn a_process_waiting_on_another_replays_its_log() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    // The base first, so that the shared step is the second one.
+    let base = env.spec("b.spec", "((from busybox) (shell /bin/sh -c))");
+    assert!(env.build(&base).status.success());
+    let spec = env.spec(
+        "w.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 3; echo from-the-first\")))",
+    );
+    let mut first = start_until(&env, &spec, &[], "started");
+    let second = env.build(&spec);
+    let o = text(&second.stdout);
+    assert!(second.status.success(), "{o}{}", text(&second.stderr));
+    let pid = first.id();
+    assert!(
+        o.contains(&format!(
+            "Waiting for process {pid}, which is building this step"
+        )),
+        "{o}"
+    );
+    assert!(
+        o.contains("started\nfrom-the-first\n"),
+        "its log is replayed: {o}"
+    );
+    assert!(o.contains(&format!("(built by process {pid})")), "{o}");
+    first.wait().unwrap();
 }

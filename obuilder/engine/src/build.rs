@@ -70,6 +70,9 @@ impl Default for BuilderOptions {
 
 type Env = Vec<(String, String)>;
 
+/// The most characters of a step's heading the log shows.
+const MAX_HEADING: usize = 2000;
+
 /// Runs specs. Cheap to share (`Arc`) between many concurrent builds.
 pub struct Builder {
     policy: Policy,
@@ -103,7 +106,7 @@ impl Session<'_> {
         StepRef {
             index: self.next_step.fetch_add(1, Ordering::Relaxed) + 1,
             total: self.total,
-            heading,
+            heading: obuilder_spec::clip(&heading, crate::exec::MAX_SHOWN).into_owned(),
             id: None,
         }
     }
@@ -368,7 +371,9 @@ impl Builder {
             };
             for op in &spec.ops {
                 let heading = format!("{}: {}", ctx.workdir, op.to_sexp().to_hum());
-                log(&LogEvent::Heading(heading.clone()));
+                log(&LogEvent::Heading(
+                    obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
+                ));
                 match op {
                     Op::Comment(_) => {}
                     Op::Workdir(dir) => ctx.workdir = join_workdir(&ctx.workdir, dir),

@@ -32,6 +32,43 @@ pub struct BuildRow {
 pub struct Db {
     conn: Mutex<Connection>,
     path: String,
+    /// Space set aside for writes on a full disk (see the module's doc).
+    reserve: Option<std::path::PathBuf>,
+}
+
+/// The size of `db/reserve`.
+pub const RESERVE_BYTES: u64 = 4 << 20;
+
+/// Keeps `path` as a file of [`RESERVE_BYTES`] if there is room for it (a quarter of the
+/// free space at most).
+fn keep_reserve(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+        return;
+    }
+    let Some(dir) = path.parent() else { return };
+    let room = rustix::fs::statvfs(dir).map_or(0, |s| s.f_bavail * s.f_frsize);
+    if room < RESERVE_BYTES * 4 {
+        return;
+    }
+    let r = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&vec![0u8; RESERVE_BYTES as usize])?;
+        f.sync_all()
+    })();
+    if let Err(e) = r {
+        tracing::debug!("cannot keep {}: {e}", path.display());
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Whether an error means the disk is full.
+fn is_full(e: &rusqlite::Error) -> bool {
+    match e {
+        // SQLite reports ENOSPC on a write as SQLITE_FULL.
+        rusqlite::Error::SqliteFailure(f, _) => f.code == rusqlite::ErrorCode::DiskFull,
+        _ => false,
+    }
 }
 
 /// Now as the database's time text.
@@ -58,39 +95,45 @@ impl Db {
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
-        // Closing would checkpoint the WAL into the database (two fsyncs) and delete it, on
-        // every CLI run; SQLite checkpoints on its own once the WAL reaches 1000 pages.
+        // (No checkpoint on close: for a database left in WAL mode by an older version.)
         conn.set_db_config(
             rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
             true,
         )
         .map_err(err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=NORMAL;
-             PRAGMA foreign_keys=ON;
-             CREATE TABLE IF NOT EXISTS builds (
-               id TEXT PRIMARY KEY,
-               created TEXT NOT NULL,
-               used TEXT NOT NULL,
-               rc INTEGER NOT NULL,
-               parent TEXT,
-               FOREIGN KEY (parent) REFERENCES builds (id) ON DELETE RESTRICT);
-             CREATE INDEX IF NOT EXISTS lru ON builds (rc, used);
-             CREATE TABLE IF NOT EXISTS stats (
-               key TEXT PRIMARY KEY,
-               value INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS file_hashes (
-               path TEXT PRIMARY KEY,
-               stat TEXT NOT NULL,
-               sha256 TEXT NOT NULL);
-             DROP TABLE IF EXISTS images;",
-        )
-        .map_err(err)?;
-        Ok(Db {
+        let reserve = path.with_file_name("reserve");
+        let db = Db {
             conn: Mutex::new(conn),
             path: path.display().to_string(),
-        })
+            reserve: Some(reserve.clone()),
+        };
+        // A rollback journal (see the module's doc). A database made by an older version
+        // in WAL mode switches when no other process has it open.
+        db.with(|c| {
+            c.execute_batch(
+                "PRAGMA journal_mode=TRUNCATE;
+                 PRAGMA synchronous=NORMAL;
+                 PRAGMA foreign_keys=ON;
+                 CREATE TABLE IF NOT EXISTS builds (
+                   id TEXT PRIMARY KEY,
+                   created TEXT NOT NULL,
+                   used TEXT NOT NULL,
+                   rc INTEGER NOT NULL,
+                   parent TEXT,
+                   FOREIGN KEY (parent) REFERENCES builds (id) ON DELETE RESTRICT);
+                 CREATE INDEX IF NOT EXISTS lru ON builds (rc, used);
+                 CREATE TABLE IF NOT EXISTS stats (
+                   key TEXT PRIMARY KEY,
+                   value INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS file_hashes (
+                   path TEXT PRIMARY KEY,
+                   stat TEXT NOT NULL,
+                   sha256 TEXT NOT NULL);
+                 DROP TABLE IF EXISTS images;",
+            )
+        })?;
+        keep_reserve(&reserve);
+        Ok(db)
     }
 
     /// Opens the database of an existing store without creating or changing anything (for
@@ -115,18 +158,43 @@ impl Db {
             true,
         )
         .map_err(err)?;
+        // No reserve is made here, but one left may be used: rolling back a journal that a
+        // write on a full disk left behind needs room.
         Ok(Some(Db {
             conn: Mutex::new(conn),
             path: path.display().to_string(),
+            reserve: Some(path.with_file_name("reserve")),
         }))
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, DbError> {
+    /// Whether there is room for a write that may be skipped (statistics, hashes): on a
+    /// nearly full disk such a write is not even tried, so that it can neither fail
+    /// half-way (leaving a journal to roll back) nor use up the reserve.
+    fn room_for_extras(&self) -> bool {
+        let dir = Path::new(&self.path).parent().unwrap_or(Path::new("/"));
+        rustix::fs::statvfs(dir).map_or(true, |s| s.f_bavail * s.f_frsize >= 4 * RESERVE_BYTES)
+    }
+
+    /// Runs `f`; if the disk is full (a write, or rolling back a journal a failed write
+    /// left), gives up the reserve and runs it once more.
+    fn with<T>(&self, f: impl Fn(&mut Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut c).map_err(|source| DbError {
+        let r = match f(&mut c) {
+            Err(e) if is_full(&e) => match &self.reserve {
+                Some(reserve) if std::fs::remove_file(reserve).is_ok() => {
+                    tracing::warn!(
+                        "the disk of {} is full: using the space kept in reserve",
+                        self.path
+                    );
+                    // Let the filesystem count the freed blocks (btrfs frees at commit).
+                    rustix::fs::sync();
+                    f(&mut c)
+                }
+                _ => Err(e),
+            },
+            r => r,
+        };
+        r.map_err(|source| DbError {
             path: self.path.clone(),
             source,
         })
@@ -163,6 +231,13 @@ impl Db {
     /// Marks several results used and adds to the hit/miss counters, in one transaction
     /// (a build's cache hits).
     pub fn touch(&self, ids: &[String], now: &str, hits: i64, misses: i64) -> Result<(), DbError> {
+        if !self.room_for_extras() {
+            tracing::info!(
+                "{}: the disk is nearly full; not recording cache hits",
+                self.path
+            );
+            return Ok(());
+        }
         self.with(|c| {
             let tx = c.transaction()?;
             {
@@ -205,7 +280,7 @@ impl Db {
     /// Records context files' hashes (path, stat key, sha256) in one transaction, keeping
     /// the table to the most recent `FILE_HASHES_KEPT` rows.
     pub fn put_file_hashes(&self, rows: &[(String, String, String)]) -> Result<(), DbError> {
-        if rows.is_empty() {
+        if rows.is_empty() || !self.room_for_extras() {
             return Ok(());
         }
         self.with(|c| {

@@ -399,15 +399,16 @@ impl Policy {
             async move {
                 let mut rx = inf.waiting_for.subscribe();
                 loop {
-                    if rx.changed().await.is_err() {
-                        // Never: `inf` keeps the sender alive while this runs.
-                        std::future::pending::<()>().await;
-                    }
+                    // (the task may have set it before this waiter subscribed)
                     let pid = *rx.borrow_and_update();
                     if let Some(pid) = pid {
                         log(&LogEvent::Note(format!(
                             "Waiting for process {pid}, which is building this step on the same store"
                         )));
+                    }
+                    if rx.changed().await.is_err() {
+                        // Never: `inf` keeps the sender alive while this runs.
+                        std::future::pending::<()>().await;
                     }
                 }
             }

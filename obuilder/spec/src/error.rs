@@ -56,7 +56,13 @@ impl SpecError {
     /// A short one-line summary of the first problem: `file:line:col: message`.
     pub fn first_line(&self) -> String {
         match self.diagnostics.first() {
-            Some(d) => format!("{}:{}:{}: {}", self.file, d.pos.line, d.pos.col, d.message),
+            Some(d) => format!(
+                "{}:{}:{}: {}",
+                self.file,
+                d.pos.line,
+                d.pos.col,
+                crate::clip(&d.message, 300)
+            ),
             None => format!("{}: invalid spec", self.file),
         }
     }
@@ -76,6 +82,9 @@ impl fmt::Display for SpecError {
     }
 }
 
+/// The most characters of a source line an error shows.
+const WINDOW: usize = 120;
+
 fn write_diagnostic(
     f: &mut fmt::Formatter<'_>,
     file: &str,
@@ -85,7 +94,10 @@ fn write_diagnostic(
     writeln!(
         f,
         "{}:{}:{}: error: {}",
-        file, d.pos.line, d.pos.col, d.message
+        file,
+        d.pos.line,
+        d.pos.col,
+        crate::clip(&d.message, 300)
     )?;
     let line_start = source[..d.pos.offset.min(source.len())]
         .rfind('\n')
@@ -96,19 +108,32 @@ fn write_diagnostic(
     let line = source[line_start..line_end].trim_end_matches('\r');
     let num = d.pos.line.to_string();
     let pad = " ".repeat(num.len());
+    // A long line (a generated spec can hold megabytes on one) is shown as a window
+    // around the error.
+    let col = d.pos.col.saturating_sub(1) as usize;
+    let chars: Vec<char> = line.chars().collect();
+    let start = col.saturating_sub(WINDOW / 2).min(chars.len());
+    let end = (start + WINDOW).min(chars.len());
     // Tabs would misalign the underline; show them as single spaces.
-    let shown: String = line
-        .chars()
-        .map(|c| if c == '\t' { ' ' } else { c })
+    let mut shown: String = chars[start..end]
+        .iter()
+        .map(|c| if *c == '\t' { ' ' } else { *c })
         .collect();
+    let mut before = col - start;
+    if start > 0 {
+        shown.insert_str(0, "… ");
+        before += 2;
+    }
+    if end < chars.len() {
+        shown.push_str(" …");
+    }
     writeln!(f, "{pad} |")?;
     writeln!(f, "{num} | {shown}")?;
-    let before = d.pos.col.saturating_sub(1) as usize;
     let avail = line.len().saturating_sub(d.pos.offset - line_start);
     let width = source
         .get(d.pos.offset..d.pos.offset + d.len.min(avail.max(1)))
         .map_or(1, |s| s.chars().count())
-        .max(1);
+        .clamp(1, end.saturating_sub(col).max(1));
     write!(f, "{pad} | {}{}", " ".repeat(before), "^".repeat(width))?;
     if let Some(help) = &d.help {
         write!(f, "\n{pad} = help: {help}")?;

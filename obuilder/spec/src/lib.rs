@@ -20,6 +20,19 @@ pub use error::{Diagnostic, SpecError};
 pub use sexp::Sexp;
 pub use spec::{Base, Copy, DataSource, Mount, Op, Run, Spec, User, OPS};
 
+/// `text` cut to at most `max` characters for a message, with what was left out counted:
+/// errors quote specs and commands, which can be megabytes long.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => std::borrow::Cow::Owned(format!(
+            "{}… ({} more bytes)",
+            &text[..end],
+            text.len() - end
+        )),
+    }
+}
+
 /// Formats a spec file's text for people, keeping its comments and atoms as written.
 ///
 /// The spec must be valid (its errors are returned otherwise). The result is checked to read

@@ -91,7 +91,7 @@ impl Layout {
 
     /// Whether a store was ever made here (its database or its results exist).
     pub fn exists_store(&self) -> bool {
-        self.root.join("state/db/db.sqlite").exists() || self.result_dir().is_dir()
+        self.root.join("state").is_dir() || self.result_dir().is_dir()
     }
 
     /// Publishes `result-tmp/ID` as `result/ID` in one rename.

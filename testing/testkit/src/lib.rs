@@ -115,7 +115,8 @@ pub struct LoopFs {
 }
 
 impl LoopFs {
-    /// `kind`: `btrfs`, `xfs` (with reflinks) or `ext4`. Sizes in MiB.
+    /// `kind`: `btrfs`, `xfs` (with reflinks), `xfs-noreflink` or `ext4`. Sizes in MiB
+    /// (XFS needs 300 at least).
     pub fn new(kind: &str, size_mib: u64) -> LoopFs {
         let dir = tempfile::Builder::new()
             .prefix("obuilder-loopfs-")
@@ -131,6 +132,7 @@ impl LoopFs {
         match kind {
             "btrfs" => run(&["mkfs.btrfs", "-q", img]),
             "xfs" => run(&["mkfs.xfs", "-q", "-m", "reflink=1", img]),
+            "xfs-noreflink" => run(&["mkfs.xfs", "-q", "-m", "reflink=0", img]),
             "ext4" => run(&["mkfs.ext4", "-q", "-F", img]),
             other => panic!("unknown loop fs kind {other}"),
         }

@@ -197,13 +197,12 @@ impl Masker {
     fn new(masked: &[Vec<u8>]) -> Masker {
         let mut values: Vec<Vec<u8>> = Vec::new();
         for v in masked {
-            // A secret file usually ends in a newline that `echo $(cat f)` drops: mask
-            // the value both with and without its trailing whitespace.
+            // A secret file usually ends in a newline that `echo $(cat f)` drops: mask the
+            // value without its trailing whitespace, which covers both (and keeps the
+            // output's lines as they were). A value of whitespace alone cannot be masked.
             let trimmed = v.trim_ascii_end();
-            for candidate in [v.as_slice(), trimmed] {
-                if !candidate.is_empty() && !values.iter().any(|x| x == candidate) {
-                    values.push(candidate.to_vec());
-                }
+            if !trimmed.is_empty() && !values.iter().any(|x| x == trimmed) {
+                values.push(trimmed.to_vec());
             }
         }
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));

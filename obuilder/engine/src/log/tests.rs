@@ -50,7 +50,7 @@ async fn secrets_are_masked_even_when_split_across_writes() {
         got.lines().next().unwrap(),
         "the password is ***, ***! and hunter again; ***"
     );
-    assert_eq!(got.lines().count(), 6);
+    assert_eq!(got.lines().count(), 6, "lines are kept: {got:?}");
     assert!(
         got.ends_with("\nhunt"),
         "held-back bytes come out at the end: {got:?}"

@@ -37,9 +37,11 @@ impl Cmd {
         self
     }
 
-    /// The command as a shell-like string, for messages.
+    /// The command as a shell-like string, for messages (clipped: a step's command can be
+    /// megabytes long).
     pub fn display(&self) -> String {
-        self.argv
+        let full = self
+            .argv
             .iter()
             .map(|a| {
                 if a.is_empty()
@@ -52,9 +54,13 @@ impl Cmd {
                 }
             })
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" ");
+        obuilder_spec::clip(&full, MAX_SHOWN).into_owned()
     }
 }
+
+/// The most characters of a command a message shows.
+pub const MAX_SHOWN: usize = 300;
 
 /// What a finished command printed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -127,6 +133,8 @@ impl RealExec {
 }
 
 fn command(cmd: &Cmd) -> tokio::process::Command {
+    // The one place that starts processes (see the crate's clippy.toml).
+    #[allow(clippy::disallowed_methods)]
     let mut c = tokio::process::Command::new(&cmd.argv[0]);
     c.args(&cmd.argv[1..]);
     if let Some(dir) = &cmd.cwd {
@@ -135,30 +143,68 @@ fn command(cmd: &Cmd) -> tokio::process::Command {
     c
 }
 
+/// Runs `cmd` to completion on a thread of its own that forks it and waits for it, so
+/// that the child can be told to die with that thread: if the builder is killed
+/// (`kill -9`) mid-command, its helpers (a `cp` or `rsync` filling a build dir) die too
+/// instead of writing on into a directory the next builder cleans up. (Linux delivers
+/// `PR_SET_PDEATHSIG` when the forking *thread* exits: a pool thread could exit while
+/// the child runs, this one cannot.)
+fn run_to_end(cmd: &Cmd) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    #[allow(clippy::disallowed_methods)]
+    let mut c = std::process::Command::new(&cmd.argv[0]);
+    c.args(&cmd.argv[1..]);
+    if let Some(dir) = &cmd.cwd {
+        c.current_dir(dir);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if cmd.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    #[cfg(target_os = "linux")]
+    linux::die_with_parent(&mut c);
+    let mut child = c.spawn()?;
+    let feeder = match (&cmd.stdin, child.stdin.take()) {
+        (Some(data), Some(mut stdin)) => {
+            let data = data.clone();
+            Some(std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            }))
+        }
+        _ => None,
+    };
+    let out = child.wait_with_output();
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+mod linux;
+
 #[async_trait]
 impl Exec for RealExec {
     async fn output(&self, cmd: &Cmd) -> Result<Output, ExecError> {
-        use tokio::io::AsyncWriteExt;
         tracing::debug!(cmd = %cmd.display(), "exec");
         let spawn_err = |source| ExecError::Spawn {
             cmd: cmd.display(),
             source,
         };
-        let mut c = command(cmd);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        c.stdin(if cmd.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-        let mut child = c.spawn().map_err(spawn_err)?;
-        if let (Some(data), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&data).await;
-            });
-        }
-        let out = child.wait_with_output().await.map_err(spawn_err)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let owned = cmd.clone();
+        std::thread::Builder::new()
+            .name("obuilder-exec".into())
+            .spawn(move || {
+                let _ = tx.send(run_to_end(&owned));
+            })
+            .map_err(spawn_err)?;
+        let out = rx
+            .await
+            .map_err(|_| spawn_err(std::io::Error::other("the command's thread died")))?
+            .map_err(spawn_err)?;
         if out.status.success() {
             Ok(Output {
                 stdout: out.stdout,

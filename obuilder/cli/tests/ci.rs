@@ -1,6 +1,10 @@
+#![cfg(target_os = "linux")]
 //! The CLI as a CI system drives it: signals, a closed stdout, exit codes, the
 //! healthcheck, stores checked when opened, secrets kept out of logs. Real binary, real
 //! runc, stores on loopback filesystems.
+
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -1,5 +1,9 @@
+#![cfg(target_os = "linux")]
 //! What a hostile step must not be able to do to the host, tried for real: the real binary,
 //! real runc, every store on its own loopback filesystem.
+
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
 
 use testkit::e2e::{caps, text, Env, STORES};
 use testkit::Cap;

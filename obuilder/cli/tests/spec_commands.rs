@@ -1,5 +1,8 @@
 //! The spec subcommands as a user runs them: exit codes, messages, files rewritten.
 
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -159,4 +162,66 @@ fn tempdir() -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Strings read as Sexplib reads them (found by a differential run against OCaml
+/// OBuilder's `dockerfile`), and a spec that is not UTF-8 is located.
+#[test]
+fn strings_and_encodings_read_as_sexplib_does() {
+    let dir = tempdir();
+    let ok = dir.join("ok.spec");
+    std::fs::write(&ok, "((from busybox) (run (shell \"echo a\\ b \\o\")))").unwrap();
+    let out = obuilder(&["dockerfile", "-f", ok.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r"RUN echo a\ b \o"),
+        "backslash-space and unknown escapes stay as written: {}",
+        text(&out.stdout)
+    );
+    for (body, at, why) in [
+        (
+            "((from busybox)\n (run (shell \"a\\9\")))",
+            "2:16",
+            "unterminated decimal escape sequence",
+        ),
+        (
+            "((from busybox)\n (run (shell \"a\\12b\")))",
+            "2:16",
+            "unterminated decimal escape sequence",
+        ),
+        (
+            "((from busybox)\n (run (shell \"a\\xZ\")))",
+            "2:16",
+            "unterminated hexadecimal escape sequence",
+        ),
+    ] {
+        let f = dir.join("bad.spec");
+        std::fs::write(&f, body).unwrap();
+        let out = obuilder(&["check", f.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("{}:{at}: error: {why}", f.display())),
+            "{body}: {err}"
+        );
+    }
+    let latin1 = dir.join("latin1.spec");
+    std::fs::write(&latin1, b"((from busybox)\n (run (shell \"caf\xe9\")))").unwrap();
+    for cmd in ["check", "build"] {
+        let mut args = vec![cmd];
+        if cmd == "build" {
+            args.extend(["-f", latin1.to_str().unwrap(), "/tmp"]);
+        } else {
+            args.push(latin1.to_str().unwrap());
+        }
+        let out = obuilder(&args);
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "{}:2:18: error: the spec is not UTF-8 text: byte 0xe9",
+                latin1.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
 }

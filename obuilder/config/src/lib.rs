@@ -33,6 +33,9 @@ pub enum ConfigError {
         obuilder_sandbox::FORMS
     )]
     NoSandbox,
+    /// The sandbox cannot run here.
+    #[error(transparent)]
+    Sandbox(obuilder_engine::sandbox::SandboxError),
     /// Opening the store's database or recovering it failed.
     #[error("cannot open store {store}")]
     Open {
@@ -96,7 +99,9 @@ impl BuilderConfig {
         let sandbox = self.sandbox()?;
         let store = self.store.open(self.exec.clone())?;
         let state = store.state_dir();
-        let sb = sandbox.open(&state, self.exec.clone());
+        let sb = sandbox
+            .open(&state, self.exec.clone())
+            .map_err(|e| ConfigError::Sandbox(e))?;
         Builder::with_options(store, sb, Arc::new(self.fetcher()), self.options.clone())
             .await
             .map_err(|source| ConfigError::Open {

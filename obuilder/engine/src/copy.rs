@@ -567,7 +567,7 @@ impl Writer<'_> {
                 )
                 .map_err(|e| self.err("cannot chown", dst)(e.into()))?;
                 // chown clears set-id bits; set the mode after it (and past the umask).
-                rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))
+                rustix::fs::fchmod(&out, Mode::from_raw_mode(mode as rustix::fs::RawMode))
                     .map_err(|e| self.err("cannot chmod", dst)(e.into()))?;
                 drop(out);
                 self.set_mtime(&pfd, &name, &src, dst)
@@ -632,14 +632,9 @@ mod tests {
         ));
         // Special files are refused with a clear error, directly or inside a directory.
         let fifo = src.join("sub/fifo");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = manifest(&src, "sub/fifo", &[]).unwrap_err();
         assert!(
             e.to_string()

@@ -290,7 +290,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             rustix::fs::chmodat(
                 parent,
                 name.as_str(),
-                Mode::from_raw_mode(mode),
+                Mode::from_raw_mode(mode as rustix::fs::RawMode),
                 AtFlags::empty(),
             )
             .map_err(errno("cannot chmod", &shown))?;
@@ -327,7 +327,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
                 Some(rustix::fs::Gid::from_raw(gid)),
             )
             .map_err(errno("cannot chown", &shown))?;
-            rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(mode as rustix::fs::RawMode))
                 .map_err(errno("cannot chmod", &shown))?;
         } else if kind.is_symlink() {
             let target = entry
@@ -377,7 +377,7 @@ fn extract_from(rootfs: &Path, reader: impl Read) -> Result<(), ExtractError> {
             rustix::fs::chmodat(
                 parent,
                 name.as_str(),
-                Mode::from_raw_mode(mode),
+                Mode::from_raw_mode(mode as rustix::fs::RawMode),
                 AtFlags::empty(),
             )
             .map_err(errno("cannot chmod", &shown))?;

@@ -13,16 +13,43 @@ use std::path::Path;
 use std::sync::Arc;
 
 use obuilder_engine::exec::SharedExec;
-use obuilder_engine::sandbox::Sandbox;
+use obuilder_engine::sandbox::{Sandbox, SandboxError};
 
 #[cfg(target_os = "linux")]
-pub use runc::{RuncOptions, RuncSandbox, DEFAULT_MAX_PIDS};
+pub use runc::RuncSandbox;
+
+/// Flags of the runc sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuncOptions {
+    /// Make sync syscalls no-ops inside the sandbox (`--fast-sync`).
+    pub fast_sync: bool,
+    /// The runc binary.
+    pub runc: String,
+    /// Most processes (threads included) a step may have at once; `None`: no limit.
+    pub max_pids: Option<u64>,
+    /// Most memory a step may use, in bytes; `None`: no limit.
+    pub max_memory: Option<u64>,
+}
+
+/// The default process limit of a step: far above what `make -j` on a big machine
+/// starts, far below what a fork bomb would.
+pub const DEFAULT_MAX_PIDS: u64 = 4096;
+
+impl Default for RuncOptions {
+    fn default() -> RuncOptions {
+        RuncOptions {
+            fast_sync: false,
+            runc: "runc".into(),
+            max_pids: Some(DEFAULT_MAX_PIDS),
+            max_memory: None,
+        }
+    }
+}
 
 /// Which sandbox runs the steps, with its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxSpec {
-    /// OCI containers run by `runc` (Linux).
-    #[cfg(target_os = "linux")]
+    /// OCI containers run by `runc` (Linux only).
     Runc(RuncOptions),
 }
 
@@ -50,7 +77,6 @@ impl std::str::FromStr for SandboxSpec {
             None => (s, None),
         };
         match kind {
-            #[cfg(target_os = "linux")]
             "runc" => {
                 let mut o = RuncOptions::default();
                 if let Some(path) = arg {
@@ -61,8 +87,6 @@ impl std::str::FromStr for SandboxSpec {
                 }
                 Ok(SandboxSpec::Runc(o))
             }
-            #[cfg(not(target_os = "linux"))]
-            "runc" => Err(bad("runc runs on Linux only")),
             other => Err(bad(&format!("unknown sandbox {other:?}"))),
         }
     }
@@ -78,10 +102,21 @@ impl SandboxSpec {
     }
 
     /// Makes the sandbox; it keeps its state under the store's `state_dir`.
-    pub fn open(&self, state_dir: &Path, exec: SharedExec) -> Arc<dyn Sandbox> {
+    pub fn open(
+        &self,
+        state_dir: &Path,
+        exec: SharedExec,
+    ) -> Result<Arc<dyn Sandbox>, SandboxError> {
         match self {
             #[cfg(target_os = "linux")]
-            SandboxSpec::Runc(o) => Arc::new(RuncSandbox::new(state_dir, o.clone(), exec)),
+            SandboxSpec::Runc(o) => Ok(Arc::new(RuncSandbox::new(state_dir, o.clone(), exec))),
+            #[cfg(not(target_os = "linux"))]
+            SandboxSpec::Runc(_) => {
+                let _ = (state_dir, exec);
+                Err(SandboxError::Unsupported(
+                    "the runc sandbox runs on Linux only".into(),
+                ))
+            }
         }
     }
 }
@@ -89,15 +124,13 @@ impl SandboxSpec {
 impl std::fmt::Display for SandboxSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            #[cfg(target_os = "linux")]
             SandboxSpec::Runc(o) if o.runc == "runc" => write!(f, "runc"),
-            #[cfg(target_os = "linux")]
             SandboxSpec::Runc(o) => write!(f, "runc:{}", o.runc),
         }
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

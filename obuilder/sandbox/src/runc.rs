@@ -30,34 +30,7 @@ use obuilder_engine::CancellationToken;
 use obuilder_spec::User;
 
 use crate::oci::{self, HostFiles, Limits};
-
-/// Flags of the runc sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuncOptions {
-    /// Make sync syscalls no-ops inside the sandbox (`--fast-sync`).
-    pub fast_sync: bool,
-    /// The runc binary.
-    pub runc: String,
-    /// Most processes (threads included) a step may have at once; `None`: no limit.
-    pub max_pids: Option<u64>,
-    /// Most memory a step may use, in bytes; `None`: no limit.
-    pub max_memory: Option<u64>,
-}
-
-/// The default process limit of a step: far above what `make -j` on a big machine
-/// starts, far below what a fork bomb would.
-pub const DEFAULT_MAX_PIDS: u64 = 4096;
-
-impl Default for RuncOptions {
-    fn default() -> RuncOptions {
-        RuncOptions {
-            fast_sync: false,
-            runc: "runc".into(),
-            max_pids: Some(DEFAULT_MAX_PIDS),
-            max_memory: None,
-        }
-    }
-}
+use crate::RuncOptions;
 
 /// Container ids are `obuilder-PID-N` with N counted per process, not per sandbox: runc
 /// names the container's cgroup after its id, so two sandboxes in one process (a worker

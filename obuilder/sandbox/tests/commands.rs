@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The runc sandbox's exact commands, through the command seam (no root, no runc needed).
 
 use std::sync::Arc;

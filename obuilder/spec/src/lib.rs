@@ -20,6 +20,43 @@ pub use error::{Diagnostic, SpecError};
 pub use sexp::Sexp;
 pub use spec::{Base, Copy, DataSource, Mount, Op, Run, Spec, User, OPS};
 
+/// A spec file's bytes as text: a file that is not UTF-8 is an error at its first bad
+/// byte (`file:line:col`), as any other spec error.
+pub fn decode(file: &str, bytes: Vec<u8>) -> Result<String, SpecError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        // The valid prefix is text: count lines and characters in it.
+        let prefix = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+        let line = prefix.matches('\n').count() + 1;
+        let line_start = prefix.rfind('\n').map_or(0, |i| i + 1);
+        let col = prefix[line_start..].chars().count() + 1;
+        // The source shown is the valid text around it, the bad bytes replaced.
+        let shown = String::from_utf8_lossy(bytes).into_owned();
+        let offset = shown
+            .char_indices()
+            .nth(prefix.chars().count())
+            .map_or(shown.len(), |(i, _)| i);
+        SpecError {
+            file: file.to_string(),
+            source: shown,
+            diagnostics: vec![Diagnostic {
+                pos: sexp::Pos {
+                    line: line as u32,
+                    col: col as u32,
+                    offset,
+                },
+                len: 1,
+                message: format!(
+                    "the spec is not UTF-8 text: byte {:#04x} here cannot start a character",
+                    bytes[at]
+                ),
+                help: Some("save the spec as UTF-8".into()),
+            }],
+        }
+    })
+}
+
 /// `text` cut to at most `max` characters for a message, with what was left out counted:
 /// errors quote specs and commands, which can be megabytes long.
 pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {

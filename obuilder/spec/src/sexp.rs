@@ -502,7 +502,7 @@ impl<'a> Reader<'a> {
                             self.bump();
                             self.skip_spaces_tabs();
                         }
-                        Some(e @ (b'\\' | b'\'' | b'"' | b' ')) => {
+                        Some(e @ (b'\\' | b'\'' | b'"')) => {
                             out.push(e);
                             self.bump();
                         }
@@ -543,24 +543,42 @@ impl<'a> Reader<'a> {
                                     self.bump();
                                 }
                             } else {
-                                // Not a full `\ddd`: Sexplib keeps the backslash literally.
-                                out.push(b'\\');
+                                // As Sexplib: a decimal escape is exactly three digits.
+                                let n = digits
+                                    .iter()
+                                    .take(3)
+                                    .take_while(|c| c.is_ascii_digit())
+                                    .count();
+                                return Err(SyntaxError {
+                                    pos: esc_pos,
+                                    len: 1 + n,
+                                    message: "unterminated decimal escape sequence: `\\` and a digit start `\\ddd`, exactly three digits (write `\\\\` for a backslash)".into(),
+                                });
                             }
                         }
-                        Some(b'x')
-                            if self.bytes.len() >= self.i + 3
-                                && self.bytes[self.i + 1].is_ascii_hexdigit()
-                                && self.bytes[self.i + 2].is_ascii_hexdigit() =>
-                        {
-                            let h = &self.src[self.i + 1..self.i + 3];
-                            out.push(u8::from_str_radix(h, 16).unwrap_or(0));
-                            for _ in 0..3 {
-                                self.bump();
+                        Some(b'x') => {
+                            let hex = &self.bytes[self.i + 1..];
+                            if hex.len() >= 2
+                                && hex[0].is_ascii_hexdigit()
+                                && hex[1].is_ascii_hexdigit()
+                            {
+                                let h = &self.src[self.i + 1..self.i + 3];
+                                out.push(u8::from_str_radix(h, 16).unwrap_or(0));
+                                for _ in 0..3 {
+                                    self.bump();
+                                }
+                            } else {
+                                // As Sexplib: `\x` must be followed by two hex digits.
+                                return Err(SyntaxError {
+                                    pos: esc_pos,
+                                    len: 2,
+                                    message: "unterminated hexadecimal escape sequence: `\\x` must be followed by two hex digits (write `\\\\x` for a backslash and an x)".into(),
+                                });
                             }
                         }
                         Some(_) => {
-                            // Unknown escape: kept literally, as Sexplib does
-                            // (`"mkdir C:\obuilder"` reads as written).
+                            // Unknown escape (`\o`, and `\ ` too): kept literally, as
+                            // Sexplib does (`"mkdir C:\obuilder"` reads as written).
                             out.push(b'\\');
                         }
                     }
@@ -666,16 +684,27 @@ mod tests {
     #[test]
     fn string_escapes_follow_ocaml() {
         assert_eq!(
-            one(r#""a\"b\\c\n\t\r\b\ d\'""#),
-            Sexp::atom("a\"b\\c\n\t\r\u{8} d'")
+            one(r#""a\"b\\c\n\t\r\b\'""#),
+            Sexp::atom("a\"b\\c\n\t\r\u{8}'")
         );
+        // Backslash-space is no escape in Sexplib: both characters stay.
+        assert_eq!(one(r#""a\ b""#), Sexp::atom(r"a\ b"));
         assert_eq!(one(r#""\065\x42""#), Sexp::atom("AB"));
         assert_eq!(
             one(r#""mkdir C:\obuilder""#),
             Sexp::atom(r"mkdir C:\obuilder")
         );
-        assert_eq!(one(r#""\12x""#), Sexp::atom(r"\12x"));
-        assert_eq!(one(r#""\xZZ""#), Sexp::atom(r"\xZZ"));
+        assert_eq!(one(r#""\o""#), Sexp::atom(r"\o"));
+        for (bad, why) in [
+            (r#""\12x""#, "unterminated decimal escape sequence"),
+            (r#""\9""#, "unterminated decimal escape sequence"),
+            (r#""\xZZ""#, "unterminated hexadecimal escape sequence"),
+            (r#""\x4""#, "unterminated hexadecimal escape sequence"),
+        ] {
+            let e = parse_document(bad).unwrap_err();
+            assert!(e.message.starts_with(why), "{bad}: {}", e.message);
+            assert_eq!((e.pos.line, e.pos.col), (1, 2), "{bad}: at the backslash");
+        }
         assert_eq!(
             one("\"cd ~/x \\\n     && make\""),
             Sexp::atom("cd ~/x && make")

@@ -202,6 +202,7 @@ impl std::fmt::Display for StoreSpec {
 }
 
 /// `path` or its nearest existing ancestor.
+#[cfg(target_os = "linux")]
 fn nearest_existing(path: &Path) -> PathBuf {
     let mut probe = path;
     while !probe.exists() {

@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The exact commands the stores run, through the command seam (no root needed).
 
 use std::sync::Arc;

@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The store conformance suite on real filesystems made by the test (loopback files).
 
 use std::sync::Arc;

@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! The store conformance suite: one body, run against every backend on a real filesystem.
 //!
 //! It checks the [`Store`] contract: empty and cloned build dirs, copy-on-write isolation

@@ -1,3 +1,4 @@
+#![cfg(target_os = "linux")]
 //! End-to-end helpers for tests that run the real `obuilder` binary: a store on its own
 //! loopback filesystem with a busybox image imported, id redaction for transcripts, and a
 //! check that nothing half-done is left.

@@ -14,8 +14,11 @@ use std::path::Path;
 
 use anyhow::Context;
 
-/// Reads a spec file's text, naming the file in the error.
+/// Reads a spec file's text, naming the file in the error; a file that is not UTF-8 is a
+/// usage error at its first bad byte.
 pub fn read_spec_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read spec file {}", path.display()))
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read spec file {}", path.display()))?;
+    obuilder_spec::decode(&path.display().to_string(), bytes)
+        .map_err(|e| process::usage(e.to_string()))
 }

@@ -165,7 +165,11 @@ impl ConfinedRoot {
         )?;
         for (i, part) in parts.iter().enumerate() {
             if *part != ".." {
-                match rustix::fs::mkdirat(&cur, *part, Mode::from_raw_mode(mode)) {
+                match rustix::fs::mkdirat(
+                    &cur,
+                    *part,
+                    Mode::from_raw_mode(mode as rustix::fs::RawMode),
+                ) {
                     Ok(()) => {
                         if let Some(o) = owner {
                             chown_at(&cur, part, o)?;
@@ -174,7 +178,7 @@ impl ConfinedRoot {
                         rustix::fs::chmodat(
                             &cur,
                             *part,
-                            Mode::from_raw_mode(mode),
+                            Mode::from_raw_mode(mode as rustix::fs::RawMode),
                             AtFlags::empty(),
                         )?;
                     }
@@ -226,7 +230,7 @@ pub fn create_file_at(dir: &impl AsFd, name: &str, mode: u32) -> io::Result<std:
         dir,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(mode),
+        Mode::from_raw_mode(mode as rustix::fs::RawMode),
     )?;
     Ok(std::fs::File::from(fd))
 }

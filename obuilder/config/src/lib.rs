@@ -101,7 +101,7 @@ impl BuilderConfig {
         let state = store.state_dir();
         let sb = sandbox
             .open(&state, self.exec.clone())
-            .map_err(|e| ConfigError::Sandbox(e))?;
+            .map_err(ConfigError::Sandbox)?;
         Builder::with_options(store, sb, Arc::new(self.fetcher()), self.options.clone())
             .await
             .map_err(|source| ConfigError::Open {

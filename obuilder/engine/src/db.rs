@@ -32,8 +32,101 @@ pub struct BuildRow {
 pub struct Db {
     conn: Mutex<Connection>,
     path: String,
+    /// Cache hits not yet in the tables (see [`Db::touch`]).
+    touches: Touches,
     /// Space set aside for writes on a full disk (see the module's doc).
     reserve: Option<std::path::PathBuf>,
+}
+
+/// `db/touches` is folded into the tables once it is this big.
+const TOUCHES_FOLD_BYTES: u64 = 64 << 10;
+
+/// One line of `db/touches`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Touch {
+    now: String,
+    hits: i64,
+    misses: i64,
+    ids: Vec<String>,
+}
+
+/// The lines of `db/touches`; a torn or foreign line is skipped.
+fn parse_touches(text: &str) -> Vec<Touch> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let now = f.next()?.to_string();
+            let hits = f.next()?.parse().ok()?;
+            let misses = f.next()?.parse().ok()?;
+            let ids = f
+                .next()?
+                .split(' ')
+                .filter(|i| !i.is_empty())
+                .map(str::to_string)
+                .collect();
+            (now.len() == 23).then_some(Touch {
+                now,
+                hits,
+                misses,
+                ids,
+            })
+        })
+        .collect()
+}
+
+/// An append-only file of pending lines, under `flock` while read and emptied.
+#[derive(Debug)]
+struct Touches {
+    path: std::path::PathBuf,
+}
+
+impl Touches {
+    fn open_file(&self) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)
+    }
+
+    /// Appends `line` in one write; returns the file's length after it.
+    fn append(&self, line: &[u8]) -> std::io::Result<u64> {
+        use std::io::Write;
+        let mut f = self.open_file()?;
+        // (held until `f` closes)
+        flock(&f, rustix::fs::FlockOperation::LockShared)?;
+        f.write_all(line)?;
+        Ok(f.metadata()?.len())
+    }
+
+    /// What is pending, read without a lock (a torn last line is skipped by the parser).
+    fn peek(&self) -> std::io::Result<String> {
+        match std::fs::read_to_string(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            r => r,
+        }
+    }
+
+    /// Calls `f` with what is pending, and empties the file if `f` succeeds.
+    fn take<T, E>(&self, f: impl FnOnce(&str) -> Result<T, E>) -> std::io::Result<Result<T, E>> {
+        use std::io::Read;
+        let mut file = self.open_file()?;
+        // (held until `file` closes)
+        flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let r = f(&text);
+        if r.is_ok() && !text.is_empty() {
+            file.set_len(0)?;
+        }
+        Ok(r)
+    }
+}
+
+/// Takes `flock(op)` on `f`; closing the file releases it.
+fn flock(f: &std::fs::File, op: rustix::fs::FlockOperation) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    rustix::fs::flock(f.as_fd(), op).map_err(Into::into)
 }
 
 /// The size of `db/reserve`.
@@ -60,6 +153,35 @@ fn keep_reserve(path: &Path) {
         tracing::debug!("cannot keep {}: {e}", path.display());
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// Whether an error means the database file is damaged (a crash of the machine with
+/// `synchronous=OFF`): it is then set aside and rebuilt from the store.
+pub fn is_corrupt(e: &DbError) -> bool {
+    matches!(
+        &e.source,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Moves a damaged database (and its journal) aside as `db.sqlite.corrupt-N`, keeping it
+/// for a post-mortem; returns where it went.
+pub fn set_aside(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut n = 0;
+    let to = loop {
+        let to = path.with_extension(format!("sqlite.corrupt-{n}"));
+        if !to.exists() {
+            break to;
+        }
+        n += 1;
+    };
+    std::fs::rename(path, &to)?;
+    let journal = path.with_extension("sqlite-journal");
+    if journal.exists() {
+        std::fs::rename(&journal, to.with_extension(format!("corrupt-{n}-journal")))?;
+    }
+    Ok(to)
 }
 
 /// Whether an error means the disk is full.
@@ -105,6 +227,9 @@ impl Db {
         let db = Db {
             conn: Mutex::new(conn),
             path: path.display().to_string(),
+            touches: Touches {
+                path: path.with_file_name("touches"),
+            },
             reserve: Some(reserve.clone()),
         };
         // A rollback journal (see the module's doc). A database made by an older version
@@ -112,7 +237,7 @@ impl Db {
         db.with(|c| {
             c.execute_batch(
                 "PRAGMA journal_mode=TRUNCATE;
-                 PRAGMA synchronous=NORMAL;
+                 PRAGMA synchronous=OFF;
                  PRAGMA foreign_keys=ON;
                  CREATE TABLE IF NOT EXISTS builds (
                    id TEXT PRIMARY KEY,
@@ -163,6 +288,9 @@ impl Db {
         Ok(Some(Db {
             conn: Mutex::new(conn),
             path: path.display().to_string(),
+            touches: Touches {
+                path: path.with_file_name("touches"),
+            },
             reserve: Some(path.with_file_name("reserve")),
         }))
     }
@@ -200,11 +328,20 @@ impl Db {
         })
     }
 
+    /// Whether SQLite finds the database sound (`PRAGMA quick_check`).
+    pub fn check(&self) -> Result<bool, DbError> {
+        self.with(|c| {
+            c.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0))
+                .map(|v| v == "ok")
+        })
+    }
+
     /// Records a new result and counts it as a child of its parent, in one transaction.
     /// A parent missing from the table (a result from before the database) is added first.
     pub fn add(&self, id: &str, parent: Option<&str>, now: &str) -> Result<(), DbError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            self.fold_touches(&tx)?;
             if let Some(p) = parent {
                 tx.execute(
                     "INSERT OR IGNORE INTO builds (id, created, used, rc, parent) VALUES (?1, ?2, ?2, 0, NULL)",
@@ -228,9 +365,16 @@ impl Db {
         })
     }
 
-    /// Marks several results used and adds to the hit/miss counters, in one transaction
-    /// (a build's cache hits).
+    /// Marks several results used and adds to the hit/miss counters (a build's cache
+    /// hits). A fully cached build should cost no disk flush, so this appends one line to
+    /// `db/touches` (no fsync) instead of a transaction; the lines are folded into the
+    /// tables by the next write that flushes anyway (a result recorded or removed), before
+    /// pruning picks its victims, or when the file grows past 64 KiB. A line lost to a
+    /// power cut costs only statistics.
     pub fn touch(&self, ids: &[String], now: &str, hits: i64, misses: i64) -> Result<(), DbError> {
+        if ids.is_empty() && hits == 0 && misses == 0 {
+            return Ok(());
+        }
         if !self.room_for_extras() {
             tracing::info!(
                 "{}: the disk is nearly full; not recording cache hits",
@@ -238,24 +382,49 @@ impl Db {
             );
             return Ok(());
         }
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut s = tx.prepare_cached("UPDATE builds SET used = ?2 WHERE id = ?1")?;
-                for id in ids {
-                    s.execute(params![id, now])?;
-                }
+        let line = format!("{now}\t{hits}\t{misses}\t{}\n", ids.join(" "));
+        let big = match self.touches.append(line.as_bytes()) {
+            Ok(len) => len > TOUCHES_FOLD_BYTES,
+            Err(e) => {
+                tracing::debug!("cannot record cache hits: {e}");
+                false
+            }
+        };
+        if big {
+            self.with(|c| {
+                let tx = c.transaction()?;
+                self.fold_touches(&tx)?;
+                tx.commit()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Applies the pending lines of `db/touches` in `tx` and empties the file (under its
+    /// lock, so no line is lost to a concurrent append).
+    fn fold_touches(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let to_sql = |e: std::io::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+        self.touches
+            .take(|text| {
+                let mut used = tx.prepare_cached(
+                    "UPDATE builds SET used = ?2 WHERE id = ?1 AND used < ?2",
+                )?;
                 let mut add = tx.prepare_cached(
                     "INSERT INTO stats (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + ?2",
                 )?;
-                for (k, v) in [("cache_hits", hits), ("cache_misses", misses)] {
-                    if v != 0 {
-                        add.execute(params![k, v])?;
+                for t in parse_touches(text) {
+                    for id in &t.ids {
+                        used.execute(params![id, t.now])?;
+                    }
+                    for (k, v) in [("cache_hits", t.hits), ("cache_misses", t.misses)] {
+                        if v != 0 {
+                            add.execute(params![k, v])?;
+                        }
                     }
                 }
-            }
-            tx.commit()
-        })
+                Ok(())
+            })
+            .map_err(to_sql)?
     }
 
     /// Every recorded hash of a file under `dir` (an absolute path): path → (stat, sha256).
@@ -321,17 +490,43 @@ impl Db {
             };
             Ok((get("cache_hits")?, get("cache_misses")?))
         })
+        .map(|(h, m)| {
+            // Plus what is still pending in `db/touches`.
+            let pending = self
+                .touches
+                .peek()
+                .map(|t| parse_touches(&t))
+                .unwrap_or_default();
+            (
+                h + pending.iter().map(|t| t.hits).sum::<i64>(),
+                m + pending.iter().map(|t| t.misses).sum::<i64>(),
+            )
+        })
     }
 
+    /// A result's row, its `used` time counting hits still pending in `db/touches`.
     pub fn get(&self, id: &str) -> Result<Option<BuildRow>, DbError> {
-        self.with(|c| {
+        let r = self.with(|c| {
             c.query_row(
                 "SELECT id, created, used, rc, parent FROM builds WHERE id = ?1",
                 params![id],
                 row,
             )
             .optional()
-        })
+        })?;
+        Ok(r.map(|mut r| {
+            let pending = self
+                .touches
+                .peek()
+                .map(|t| parse_touches(&t))
+                .unwrap_or_default();
+            for t in pending {
+                if t.ids.contains(&r.id) && t.now > r.used {
+                    r.used = t.now;
+                }
+            }
+            r
+        }))
     }
 
     pub fn children(&self, id: &str) -> Result<Vec<String>, DbError> {
@@ -346,6 +541,7 @@ impl Db {
     pub fn delete(&self, id: &str) -> Result<(), DbError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            self.fold_touches(&tx)?;
             let parent: Option<Option<String>> = tx
                 .query_row(
                     "SELECT parent FROM builds WHERE id = ?1",
@@ -373,6 +569,10 @@ impl Db {
         // Past every time the database holds.
         let before = before.map_or_else(|| "9999-12-31 23:59:59.999".to_string(), format_time);
         self.with(|c| {
+            // Recent cache hits count: fold them in before choosing.
+            let tx = c.transaction()?;
+            self.fold_touches(&tx)?;
+            tx.commit()?;
             let mut s = c.prepare(
                 "SELECT id FROM builds WHERE rc = 0 AND used < ?1 ORDER BY used ASC, rowid ASC LIMIT ?2",
             )?;
@@ -462,8 +662,15 @@ mod tests {
                 .unwrap(),
             Vec::<String>::new()
         );
-        db.touch(&["a".into()], "2026-06-01 00:00:00.000", 1, 2)
-            .unwrap();
+        // Hits are pending in `db/touches` (no transaction), yet counted at once.
+        db.touch(
+            &["a".into(), "gone".into()],
+            "2026-06-01 00:00:00.000",
+            1,
+            2,
+        )
+        .unwrap();
+        db.touch(&[], "2026-06-01 00:00:00.000", 0, 0).unwrap();
         assert_eq!(db.hit_miss().unwrap(), (1, 2));
         assert_eq!(
             db.get("a").unwrap().unwrap().used,
@@ -471,5 +678,19 @@ mod tests {
         );
         assert_eq!(db.count().unwrap(), 2);
         assert_eq!(db.lru(None, 10).unwrap(), ["a"]);
+        // Pruning folded them into the tables.
+        assert_eq!(std::fs::read(dir.path().join("touches")).unwrap(), b"");
+        assert_eq!(db.hit_miss().unwrap(), (1, 2));
+        assert_eq!(
+            db.get("a").unwrap().unwrap().used,
+            "2026-06-01 00:00:00.000"
+        );
+    }
+
+    #[test]
+    fn torn_touch_lines_are_skipped() {
+        let t = parse_touches("2026-06-01 00:00:00.000\t1\t0\tx y\ngarbage\n2026-06\t1");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].ids, ["x", "y"]);
     }
 }

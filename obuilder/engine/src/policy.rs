@@ -193,7 +193,20 @@ impl Policy {
         }
         let db_dir = state.join("db");
         std::fs::create_dir_all(&db_dir).map_err(io("cannot create", &db_dir))?;
-        let db = Db::open(&db_dir.join("db.sqlite")).map_err(StepError::from)?;
+        let db_path = db_dir.join("db.sqlite");
+        // Markers left by processes that died: the database may need checking (it is
+        // written without waiting for the disk) and reconciling with the disk.
+        let dead = if alone {
+            lock::markers(&state)
+        } else {
+            Vec::new()
+        };
+        let db = match Db::open(&db_path) {
+            Ok(db) if dead.is_empty() || db.check().unwrap_or(false) => db,
+            Ok(_) => Self::rebuild(&db_path)?,
+            Err(e) if alone && db::is_corrupt(&e) => Self::rebuild(&db_path)?,
+            Err(e) => return Err(StepError::from(e).into()),
+        };
         let p = Policy {
             store,
             sandbox,
@@ -202,15 +215,13 @@ impl Policy {
             lock,
             max_log_bytes,
         };
-        // Markers left by processes that died: only then is the O(results) reconciliation
-        // of the database with the disk needed.
-        if alone {
-            let dead = lock::markers(&state);
-            if !dead.is_empty() {
-                p.reconcile().await?;
-                for m in dead {
-                    let _ = std::fs::remove_file(m);
-                }
+        // Only after a crash is the O(results) reconciliation of the database with the
+        // disk needed (a rebuilt database has just been filled from it).
+        let rebuilt = p.db.count().map(|n| n == 0).unwrap_or(false);
+        if !dead.is_empty() || rebuilt {
+            p.reconcile().await?;
+            for m in dead {
+                let _ = std::fs::remove_file(m);
             }
         }
         p.lock
@@ -244,9 +255,21 @@ impl Policy {
         }
     }
 
+    /// Sets a damaged database aside and starts a new one (filled by `reconcile`).
+    fn rebuild(path: &Path) -> Result<Db, BuildError> {
+        let aside = db::set_aside(path).map_err(io("cannot set aside", path))?;
+        tracing::warn!(
+            "the store's database was damaged (a crash of the machine?); kept it as {} and \
+             rebuilding it from the results on disk",
+            aside.display()
+        );
+        Ok(Db::open(path).map_err(StepError::from)?)
+    }
+
     /// Makes the database agree with the store: results on disk that the database lacks
-    /// (a crash between commit and insert) are added; rows whose result is gone are dropped,
-    /// dependants first.
+    /// (a crash between commit and insert, or a rebuilt database) are added with the
+    /// parent their `parent` file names, parents first; rows whose result is gone are
+    /// dropped, dependants first.
     async fn reconcile(&self) -> Result<(), BuildError> {
         let on_disk: std::collections::HashSet<Id> = self
             .store
@@ -258,10 +281,41 @@ impl Policy {
         let rows = self.db.all().map_err(StepError::from)?;
         let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let now = db::now();
-        for id in &on_disk {
-            if !known.contains(id.as_str()) {
+        let mut parents = HashMap::new();
+        for id in on_disk.iter().filter(|id| !known.contains(id.as_str())) {
+            let parent = match self.store.result(id).await.map_err(StepError::from)? {
+                Some(dir) => std::fs::read_to_string(dir.join("parent"))
+                    .ok()
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| on_disk.contains(p)),
+                None => None,
+            };
+            parents.insert(id.clone(), parent);
+        }
+        // Parents before children: add whatever has no parent left to add, repeatedly.
+        let mut added = std::collections::HashSet::new();
+        while !parents.is_empty() {
+            let ready: Vec<Id> = parents
+                .iter()
+                .filter(|(_, p)| {
+                    p.as_ref()
+                        .is_none_or(|p| !parents.contains_key(p) || added.contains(p))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let ready = if ready.is_empty() {
+                // A cycle cannot happen; if files say so, add them without parents.
+                parents.keys().cloned().collect()
+            } else {
+                ready
+            };
+            for id in ready {
+                let parent = parents.remove(&id).flatten();
                 tracing::info!("adding result {id} found on disk to the database");
-                self.db.add(id, None, &now).map_err(StepError::from)?;
+                self.db
+                    .add(&id, parent.as_deref(), &now)
+                    .map_err(StepError::from)?;
+                added.insert(id);
             }
         }
         let mut missing: Vec<&str> = rows

@@ -314,3 +314,46 @@ async fn a_full_store_runs_nothing_and_saves_nothing() {
         0
     );
 }
+
+/// The database is written without waiting for the disk, so a crash of the machine can
+/// damage it: the next process with the store to itself (it finds the dead marker) sets
+/// it aside and rebuilds it from the results on disk, parents included.
+#[tokio::test]
+async fn a_damaged_database_is_rebuilt_from_the_store_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FakeStore::new(&dir.path().join("store"));
+    let b = Builder::new(store.clone(), FakeSandbox::new(), Arc::new(FakeFetcher))
+        .await
+        .unwrap();
+    drop(b);
+    let (base, child) = ("b".repeat(64), "c".repeat(64));
+    store.add_result(&base);
+    store.add_result(&child);
+    std::fs::write(
+        store.root().join("result").join(&child).join("parent"),
+        &base,
+    )
+    .unwrap();
+    let db = store.root().join("state/db/db.sqlite");
+    std::fs::write(
+        &db,
+        b"this is no longer a database, a power cut saw to that",
+    )
+    .unwrap();
+    std::fs::write(store.root().join("state/open/999999999"), "").unwrap();
+    let b = Builder::new(store.clone(), FakeSandbox::new(), Arc::new(FakeFetcher))
+        .await
+        .unwrap();
+    assert_eq!(b.count().unwrap(), 2);
+    let info = b.info(&child).unwrap().unwrap();
+    assert_eq!(info.parent.as_deref(), Some(base.as_str()));
+    assert_eq!(b.info(&base).unwrap().unwrap().children, 1);
+    assert!(
+        store.root().join("state/db/db.sqlite.corrupt-0").exists(),
+        "kept aside"
+    );
+    // The parent is no leaf: pruning takes the child first.
+    let n = b.prune(None, 1, &null_sink()).await.unwrap();
+    assert_eq!(n, 1);
+    assert!(b.info(&child).unwrap().is_none());
+}

@@ -1,0 +1,1000 @@
+//! One pool's scheduling, as a pure state machine: no I/O, no clock of its own, no async.
+//! Behaviour follows OCluster's `scheduler/pool.ml` exactly (reference/ocluster.md §2), so
+//! that `show` transcripts match the original's, with two differences of form:
+//!
+//! * a worker blocked in `pop` is a [`PopId`]; its answer comes back as an [`Event`]
+//!   (immediately when work is at hand, otherwise after a later call);
+//! * waking a blocked `pop` is deferred to [`Pool::settle`], as Lwt defers a woken thread
+//!   to its next turn. The RPC adapter settles after every call; transcript tests settle
+//!   where the original's tests yield (`Lwt.pause`), and so see the same states.
+//!
+//! What the original keeps in SQLite (learned cache hints, client rates, known workers and
+//! their admin pause) lives here in memory, loaded at start ([`PoolState`]), and every
+//! change is queued as a [`DbWrite`] for the adapter to apply, so the hot path never waits
+//! for the disk.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use crate::text::{rough_duration, Wrapped};
+
+/// What a job is to the scheduler.
+pub trait Item {
+    /// Jobs with the same non-empty hint prefer workers that ran it before.
+    fn cache_hint(&self) -> &str;
+    /// How `show` names the job: its cache hint, or `(no cache hint)`.
+    fn label(&self) -> Cow<'_, str> {
+        match self.cache_hint() {
+            "" => Cow::Borrowed("(no cache hint)"),
+            h => Cow::Borrowed(h),
+        }
+    }
+}
+
+/// Estimated costs of a job, in "seconds" (the original's hard-coded model: 10 cached, 600
+/// not; its tests use 2 and 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Costs {
+    pub cached: i64,
+    pub non_cached: i64,
+}
+
+impl Costs {
+    /// OCluster's model.
+    pub const DEFAULT: Costs = Costs {
+        cached: 10,
+        non_cached: 600,
+    };
+}
+
+/// Why a worker takes no work; a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Inactive(u8);
+
+impl Inactive {
+    pub const NONE: Inactive = Inactive(0);
+    /// The worker paused itself, has not said it is ready yet, or has gone.
+    pub const WORKER: Inactive = Inactive(1);
+    /// An admin paused it (kept in the database across reconnections).
+    pub const ADMIN_PAUSE: Inactive = Inactive(2);
+    /// `update` is restarting it (never cleared on this connection).
+    pub const SHUTDOWN: Inactive = Inactive(4);
+
+    /// Every reason in `self` is in `other`.
+    fn subset_of(self, other: Inactive) -> bool {
+        self.0 & other.0 == self.0
+    }
+
+    fn union(self, other: Inactive) -> Inactive {
+        Inactive(self.0 | other.0)
+    }
+
+    fn minus(self, other: Inactive) -> Inactive {
+        Inactive(self.0 & !other.0)
+    }
+}
+
+impl std::fmt::Display for Inactive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == 0 {
+            return f.write_str("active");
+        }
+        let mut parts = Vec::new();
+        if Inactive::WORKER.subset_of(*self) {
+            parts.push("worker pause");
+        }
+        if Inactive::ADMIN_PAUSE.subset_of(*self) {
+            parts.push("admin pause");
+        }
+        if Inactive::SHUTDOWN.subset_of(*self) {
+            parts.push("shutting down");
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+pub type TicketId = u64;
+pub type PopId = u64;
+/// One registration of a worker: a worker that reconnects under the same name is another.
+pub type WorkerId = u64;
+
+/// What the scheduler learned and must remember, as loaded from its database.
+#[derive(Debug, Clone, Default)]
+pub struct PoolState {
+    /// Cache hint → workers that were given a job with it.
+    pub cached: HashMap<String, BTreeSet<String>>,
+    /// Client → rate in this pool.
+    pub rates: HashMap<String, f64>,
+    /// Every worker ever registered or created by an admin → admin-paused.
+    pub workers: BTreeMap<String, bool>,
+}
+
+/// A change to remember, for the adapter to write to the database.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DbWrite {
+    MarkCached { hint: String, worker: String },
+    SetRate { client: String, rate: f64 },
+    RemoveRate { client: String },
+    EnsureWorker { worker: String },
+    ForgetWorker { worker: String },
+    SetPaused { worker: String, paused: bool },
+}
+
+/// Something the adapter must act on.
+#[derive(Debug)]
+pub enum Event<I> {
+    /// `pop` answers with this job.
+    Assigned {
+        pop: PopId,
+        worker: WorkerId,
+        ticket: TicketId,
+        item: I,
+    },
+    /// The worker has gone: `pop` fails ("Worker disconnected").
+    PopFailed { pop: PopId },
+}
+
+/// Errors of the calls that can be refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("Worker already registered!")]
+    NameTaken,
+    #[error("Worker {0:?} is still connected!")]
+    StillConnected(String),
+    #[error("Worker {0:?} not known in this pool")]
+    UnknownWorker(String),
+    #[error("the ticket is not queued")]
+    NotQueued,
+    #[error("rate must be positive")]
+    BadRate,
+}
+
+/// Queue order: urgent first, then the earliest fair start time, then submission order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Key {
+    urgent: bool,
+    start: f64,
+    seq: u64,
+}
+
+impl Eq for Key {}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .urgent
+            .cmp(&self.urgent)
+            .then(self.start.total_cmp(&other.start))
+            .then(self.seq.cmp(&other.seq))
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// A priority queue of tickets (the pool's backlog or a worker's local queue).
+#[derive(Debug, Default)]
+struct Queue {
+    items: BTreeMap<Key, TicketId>,
+}
+
+impl Queue {
+    fn pop_first(&mut self) -> Option<TicketId> {
+        self.items.pop_first().map(|(_, id)| id)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Backlog,
+    Worker(WorkerId),
+}
+
+struct Ticket<I> {
+    item: I,
+    key: Key,
+    client: String,
+    /// The estimated cost it was queued at on a worker; -1 in the backlog.
+    cost: i64,
+    place: Place,
+}
+
+enum Main {
+    /// No worker is waiting.
+    Backlog(Queue),
+    /// No work is waiting: pops blocked, newest first (the original's list order).
+    Ready(VecDeque<(WorkerId, PopId)>),
+}
+
+enum State {
+    Running(Queue),
+    Inactive(Inactive),
+    Finished,
+}
+
+struct Worker {
+    name: String,
+    capacity: i64,
+    state: State,
+    workload: i64,
+    running: i64,
+    /// Pops of this worker that wait (in the ready list, or for reactivation).
+    waiting: Vec<PopId>,
+}
+
+struct Client {
+    next_fair_start: f64,
+}
+
+/// Counts for the Prometheus metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    pub submitted: u64,
+    pub cancelled: u64,
+    pub accepted: u64,
+}
+
+pub struct Pool<I> {
+    name: String,
+    costs: Costs,
+    main: Main,
+    tickets: HashMap<TicketId, Ticket<I>>,
+    workers: HashMap<WorkerId, Worker>,
+    /// Connected workers by name.
+    connected: BTreeMap<String, WorkerId>,
+    clients: BTreeMap<String, Client>,
+    cluster_capacity: i64,
+    pending_cached: HashMap<String, i64>,
+    state: PoolState,
+    writes: Vec<DbWrite>,
+    events: Vec<Event<I>>,
+    woken: VecDeque<WorkerId>,
+    next_id: u64,
+    counters: Counters,
+}
+
+impl<I: Item> Pool<I> {
+    pub fn new(name: &str, costs: Costs, state: PoolState) -> Pool<I> {
+        Pool {
+            name: name.to_string(),
+            costs,
+            main: Main::Backlog(Queue::default()),
+            tickets: HashMap::new(),
+            workers: HashMap::new(),
+            connected: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            cluster_capacity: 0,
+            pending_cached: HashMap::new(),
+            state,
+            writes: Vec::new(),
+            events: Vec::new(),
+            woken: VecDeque::new(),
+            next_id: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Takes the database writes queued so far.
+    pub fn take_writes(&mut self) -> Vec<DbWrite> {
+        std::mem::take(&mut self.writes)
+    }
+
+    /// Takes the events produced so far.
+    pub fn take_events(&mut self) -> Vec<Event<I>> {
+        std::mem::take(&mut self.events)
+    }
+
+    // ---- clients -------------------------------------------------------------------
+
+    fn client_entry(&mut self, client: &str, now: f64) -> &mut Client {
+        self.clients.entry(client.to_string()).or_insert(Client {
+            next_fair_start: now,
+        })
+    }
+
+    /// Makes `client` known to this pool (its fair-share clock starts now).
+    pub fn touch_client(&mut self, client: &str, now: f64) {
+        self.client_entry(client, now);
+    }
+
+    pub fn rate(&self, client: &str) -> f64 {
+        self.state.rates.get(client).copied().unwrap_or(1.0)
+    }
+
+    /// Sets `client`'s expected share of this pool (the number of jobs it expects to run
+    /// at once).
+    pub fn set_rate(&mut self, client: &str, rate: f64, now: f64) -> Result<(), PoolError> {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(PoolError::BadRate);
+        }
+        self.client_entry(client, now);
+        self.state.rates.insert(client.to_string(), rate);
+        self.writes.push(DbWrite::SetRate {
+            client: client.to_string(),
+            rate,
+        });
+        Ok(())
+    }
+
+    /// Forgets a revoked client's rate and clock. Its queued and running jobs go on.
+    pub fn remove_client(&mut self, client: &str) {
+        self.state.rates.remove(client);
+        self.writes.push(DbWrite::RemoveRate {
+            client: client.to_string(),
+        });
+        self.clients.remove(client);
+    }
+
+    /// Queues a job from `client`; returns its ticket.
+    pub fn submit(&mut self, client: &str, item: I, urgent: bool, now: f64) -> TicketId {
+        let hint = item.cache_hint();
+        let cost = if hint.is_empty() {
+            self.costs.non_cached
+        } else {
+            let pending = self.pending_cached.entry(hint.to_string()).or_insert(0);
+            *pending += 1;
+            if *pending > 1 || self.state.cached.get(hint).is_some_and(|w| !w.is_empty()) {
+                self.costs.cached
+            } else {
+                self.costs.non_cached
+            }
+        };
+        let rate = self.rate(client);
+        let c = self.client_entry(client, now);
+        let start = now.max(c.next_fair_start);
+        c.next_fair_start = start + cost as f64 / rate;
+        self.counters.submitted += 1;
+        let id = self.fresh_id();
+        let key = Key {
+            urgent,
+            start,
+            seq: id,
+        };
+        self.tickets.insert(
+            id,
+            Ticket {
+                item,
+                key,
+                client: client.to_string(),
+                cost: -1,
+                place: Place::Backlog,
+            },
+        );
+        self.add(id);
+        id
+    }
+
+    /// Takes a queued ticket out (the client cancelled it, or dropped it). A ticket
+    /// already given to a worker is not queued: cancel its job instead.
+    pub fn cancel(&mut self, ticket: TicketId) -> Result<I, PoolError> {
+        let t = self.tickets.remove(&ticket).ok_or(PoolError::NotQueued)?;
+        match t.place {
+            Place::Backlog => {
+                if let Main::Backlog(q) = &mut self.main {
+                    q.items.remove(&t.key);
+                }
+            }
+            Place::Worker(w) => {
+                if let Some(w) = self.workers.get_mut(&w) {
+                    if let State::Running(q) = &mut w.state {
+                        q.items.remove(&t.key);
+                    }
+                    w.workload -= t.cost;
+                }
+            }
+        }
+        self.dec_pending(t.item.cache_hint());
+        self.counters.cancelled += 1;
+        Ok(t.item)
+    }
+
+    fn dec_pending(&mut self, hint: &str) {
+        if hint.is_empty() {
+            return;
+        }
+        if let Some(n) = self.pending_cached.get_mut(hint) {
+            if *n > 1 {
+                *n -= 1;
+            } else {
+                self.pending_cached.remove(hint);
+            }
+        }
+    }
+
+    // ---- placement -----------------------------------------------------------------
+
+    /// The connected, active worker among those that ran `hint`, with the least queued
+    /// work (at most `max_workload`); on a tie the last in name order.
+    fn best_worker(&self, hint: &str, max_workload: i64) -> Option<WorkerId> {
+        let names = self.state.cached.get(hint)?;
+        let mut best: Option<(WorkerId, i64)> = None;
+        for name in names {
+            let Some(&id) = self.connected.get(name) else {
+                continue;
+            };
+            let w = &self.workers[&id];
+            if w.workload > max_workload || !matches!(w.state, State::Running(_)) {
+                continue;
+            }
+            match best {
+                Some((_, load)) if load < w.workload => {}
+                _ => best = Some((id, w.workload)),
+            }
+        }
+        best.map(|(id, _)| id)
+    }
+
+    fn enqueue_on_worker(&mut self, ticket: TicketId, worker: WorkerId, cost: i64) {
+        let t = self.tickets.get_mut(&ticket).expect("ticket exists");
+        t.cost = cost;
+        t.place = Place::Worker(worker);
+        let key = t.key;
+        let w = self.workers.get_mut(&worker).expect("worker exists");
+        w.workload += cost;
+        if let State::Running(q) = &mut w.state {
+            q.items.insert(key, ticket);
+        }
+        self.wake(worker);
+    }
+
+    /// Sends the ticket to a worker that has its hint cached, if one is free enough.
+    fn assign_preferred(&mut self, ticket: TicketId) -> bool {
+        let hint = self.tickets[&ticket].item.cache_hint();
+        if hint.is_empty() {
+            return false;
+        }
+        match self.best_worker(hint, self.costs.non_cached) {
+            None => false,
+            Some(w) => {
+                tracing::debug!(pool = %self.name, worker = %self.workers[&w].name, "assigning to the preferred worker");
+                self.enqueue_on_worker(ticket, w, self.costs.cached);
+                true
+            }
+        }
+    }
+
+    fn mark_cached(&mut self, hint: &str, worker: WorkerId) {
+        let name = &self.workers[&worker].name;
+        let set = self.state.cached.entry(hint.to_string()).or_default();
+        if !set.contains(name) {
+            set.insert(name.clone());
+            self.writes.push(DbWrite::MarkCached {
+                hint: hint.to_string(),
+                worker: name.clone(),
+            });
+        }
+    }
+
+    fn add(&mut self, ticket: TicketId) {
+        loop {
+            match &mut self.main {
+                Main::Backlog(q) => {
+                    let t = self.tickets.get_mut(&ticket).expect("ticket exists");
+                    t.place = Place::Backlog;
+                    t.cost = -1;
+                    q.items.insert(t.key, ticket);
+                    return;
+                }
+                Main::Ready(q) if q.is_empty() => {
+                    self.main = Main::Backlog(Queue::default());
+                }
+                Main::Ready(_) => {
+                    if self.assign_preferred(ticket) {
+                        return;
+                    }
+                    let Main::Ready(q) = &mut self.main else {
+                        unreachable!()
+                    };
+                    let (worker, _pop) = q.pop_back().expect("not empty");
+                    if !matches!(
+                        self.workers.get(&worker).map(|w| &w.state),
+                        Some(State::Running(_))
+                    ) {
+                        continue; // A stale entry: try the next.
+                    }
+                    self.enqueue_on_worker(ticket, worker, self.costs.non_cached);
+                    let hint = self.tickets[&ticket].item.cache_hint().to_string();
+                    self.mark_cached(&hint, worker);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn wake(&mut self, worker: WorkerId) {
+        if !self.woken.contains(&worker) {
+            self.woken.push_back(worker);
+        }
+    }
+
+    // ---- workers -------------------------------------------------------------------
+
+    /// A worker connects. It starts inactive (as paused by itself, and by an admin if the
+    /// database says so) until [`Pool::set_active`] with [`Inactive::WORKER`].
+    pub fn register(&mut self, name: &str, capacity: i64) -> Result<WorkerId, PoolError> {
+        if self.connected.contains_key(name) {
+            return Err(PoolError::NameTaken);
+        }
+        if !self.state.workers.contains_key(name) {
+            self.state.workers.insert(name.to_string(), false);
+            self.writes.push(DbWrite::EnsureWorker {
+                worker: name.to_string(),
+            });
+        }
+        let mut reasons = Inactive::WORKER;
+        if self.state.workers[name] {
+            reasons = reasons.union(Inactive::ADMIN_PAUSE);
+        }
+        let id = self.fresh_id();
+        self.workers.insert(
+            id,
+            Worker {
+                name: name.to_string(),
+                capacity,
+                state: State::Inactive(reasons),
+                workload: 0,
+                running: 0,
+                waiting: Vec::new(),
+            },
+        );
+        self.connected.insert(name.to_string(), id);
+        self.cluster_capacity += capacity;
+        Ok(id)
+    }
+
+    /// The worker asks for a job. The answer is an [`Event`], now if there is work
+    /// for it, else later.
+    pub fn pop(&mut self, worker: WorkerId) -> PopId {
+        let pop = self.fresh_id();
+        self.run_pop(worker, pop);
+        pop
+    }
+
+    fn run_pop(&mut self, worker: WorkerId, pop: PopId) {
+        loop {
+            let Some(w) = self.workers.get_mut(&worker) else {
+                self.events.push(Event::PopFailed { pop });
+                return;
+            };
+            match &mut w.state {
+                State::Finished => {
+                    self.events.push(Event::PopFailed { pop });
+                    return;
+                }
+                State::Inactive(_) => {
+                    w.waiting.push(pop);
+                    return;
+                }
+                State::Running(q) => {
+                    if let Some(ticket) = q.pop_first() {
+                        let t = self.tickets.remove(&ticket).expect("ticket exists");
+                        w.workload -= t.cost;
+                        self.start(worker, pop, ticket, t);
+                        return;
+                    }
+                }
+            }
+            match &mut self.main {
+                Main::Ready(q) => {
+                    q.push_front((worker, pop));
+                    self.workers.get_mut(&worker).unwrap().waiting.push(pop);
+                    return;
+                }
+                Main::Backlog(q) => match q.pop_first() {
+                    None => self.main = Main::Ready(VecDeque::new()),
+                    Some(ticket) => {
+                        if !self.assign_preferred(ticket) {
+                            let t = self.tickets.remove(&ticket).expect("ticket exists");
+                            self.start(worker, pop, ticket, t);
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn start(&mut self, worker: WorkerId, pop: PopId, ticket: TicketId, t: Ticket<I>) {
+        self.mark_cached(t.item.cache_hint(), worker);
+        self.workers.get_mut(&worker).unwrap().running += 1;
+        self.counters.accepted += 1;
+        self.dec_pending(t.item.cache_hint());
+        self.events.push(Event::Assigned {
+            pop,
+            worker,
+            ticket,
+            item: t.item,
+        });
+    }
+
+    /// Runs the pops woken since the last call (work arrived for them, or they were
+    /// reactivated, or they have gone).
+    pub fn settle(&mut self) {
+        while let Some(worker) = self.woken.pop_front() {
+            let Some(w) = self.workers.get_mut(&worker) else {
+                continue;
+            };
+            let pops = std::mem::take(&mut w.waiting);
+            if let Main::Ready(q) = &mut self.main {
+                q.retain(|(w, p)| *w != worker || !pops.contains(p));
+            }
+            for pop in pops {
+                self.run_pop(worker, pop);
+            }
+            // A worker that has gone is dropped once nothing runs on it.
+            if let Some(w) = self.workers.get(&worker) {
+                if matches!(w.state, State::Finished) && w.running <= 0 {
+                    self.workers.remove(&worker);
+                }
+            }
+        }
+    }
+
+    /// A job the worker took has ended.
+    pub fn job_finished(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.running -= 1;
+            if matches!(w.state, State::Finished) && w.running <= 0 {
+                self.workers.remove(&worker);
+            }
+        }
+    }
+
+    /// Jobs running on the worker.
+    pub fn running(&self, worker: WorkerId) -> i64 {
+        self.workers.get(&worker).map_or(0, |w| w.running)
+    }
+
+    fn set_inactive(&mut self, worker: WorkerId, reason: Inactive) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        match &mut w.state {
+            State::Finished => {}
+            State::Inactive(r) => *r = r.union(reason),
+            State::Running(_) => {
+                let State::Running(q) = std::mem::replace(&mut w.state, State::Inactive(reason))
+                else {
+                    unreachable!()
+                };
+                tracing::info!(pool = %self.name, worker = %w.name, items = q.items.len(), "worker marked inactive");
+                let tickets: Vec<TicketId> = q.items.into_values().collect();
+                w.workload = 0;
+                for t in tickets {
+                    // Push back in priority order; on a backlog they keep their order, and
+                    // otherwise they are placed afresh.
+                    let tk = self.tickets.get_mut(&t).expect("ticket exists");
+                    tk.cost = -1;
+                    self.add(t);
+                }
+                self.wake(worker);
+            }
+        }
+    }
+
+    /// Makes the worker active or inactive for `reason`. An admin pause is remembered.
+    pub fn set_active(&mut self, worker: WorkerId, reason: Inactive, active: bool) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if Inactive::ADMIN_PAUSE.subset_of(reason) {
+            let name = w.name.clone();
+            self.state.workers.insert(name.clone(), !active);
+            self.writes.push(DbWrite::SetPaused {
+                worker: name,
+                paused: !active,
+            });
+        }
+        if !active {
+            self.set_inactive(worker, reason);
+            return;
+        }
+        let w = self.workers.get_mut(&worker).unwrap();
+        if let State::Inactive(reasons) = w.state {
+            if reasons.subset_of(reason) {
+                tracing::info!(pool = %self.name, worker = %w.name, "worker active");
+                w.state = State::Running(Queue::default());
+                self.wake(worker);
+            } else if reason.subset_of(reasons) {
+                w.state = State::Inactive(reasons.minus(reason));
+            }
+        }
+    }
+
+    /// `update`: the worker takes no more work on this connection.
+    pub fn shutdown(&mut self, worker: WorkerId) {
+        self.set_active(worker, Inactive::SHUTDOWN, false);
+    }
+
+    /// The worker has disconnected: its queued jobs go back to the pool; its running jobs
+    /// end as their connections break.
+    pub fn release(&mut self, worker: WorkerId) {
+        self.set_inactive(worker, Inactive::WORKER);
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if matches!(w.state, State::Finished) {
+            return;
+        }
+        w.state = State::Finished;
+        let name = w.name.clone();
+        self.cluster_capacity -= w.capacity;
+        if self.connected.get(&name) == Some(&worker) {
+            self.connected.remove(&name);
+        }
+        self.wake(worker);
+    }
+
+    pub fn connected(&self, name: &str) -> Option<WorkerId> {
+        self.connected.get(name).copied()
+    }
+
+    pub fn is_known(&self, name: &str) -> bool {
+        self.state.workers.contains_key(name)
+    }
+
+    /// Admin pause or unpause of a worker by name, connected or not; `auto_create` makes
+    /// a worker never seen before known (so that a new machine starts paused).
+    pub fn admin_set_active(
+        &mut self,
+        name: &str,
+        active: bool,
+        auto_create: bool,
+    ) -> Result<(), PoolError> {
+        if let Some(id) = self.connected(name) {
+            self.set_active(id, Inactive::ADMIN_PAUSE, active);
+            return Ok(());
+        }
+        if !auto_create && !self.is_known(name) {
+            return Err(PoolError::UnknownWorker(name.to_string()));
+        }
+        if !self.state.workers.contains_key(name) {
+            self.writes.push(DbWrite::EnsureWorker {
+                worker: name.to_string(),
+            });
+        }
+        self.state.workers.insert(name.to_string(), !active);
+        self.writes.push(DbWrite::SetPaused {
+            worker: name.to_string(),
+            paused: !active,
+        });
+        Ok(())
+    }
+
+    /// Drops a disconnected worker from the known list.
+    pub fn forget(&mut self, name: &str) -> Result<(), PoolError> {
+        if !self.is_known(name) {
+            return Err(PoolError::UnknownWorker(name.to_string()));
+        }
+        if self.connected.contains_key(name) {
+            return Err(PoolError::StillConnected(name.to_string()));
+        }
+        self.state.workers.remove(name);
+        self.writes.push(DbWrite::ForgetWorker {
+            worker: name.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Every known worker: (name, active, connected), in name order.
+    pub fn known_workers(&self) -> Vec<(String, bool, bool)> {
+        self.state
+            .workers
+            .iter()
+            .map(|(name, &paused)| match self.connected.get(name) {
+                None => (name.clone(), !paused, false),
+                Some(id) => (
+                    name.clone(),
+                    matches!(self.workers[id].state, State::Running(_)),
+                    true,
+                ),
+            })
+            .collect()
+    }
+
+    // ---- metrics -------------------------------------------------------------------
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn cluster_capacity(&self) -> i64 {
+        self.cluster_capacity
+    }
+
+    pub fn workers_connected(&self) -> usize {
+        self.connected.len()
+    }
+
+    /// Connected workers that take no work.
+    pub fn workers_paused(&self) -> usize {
+        self.connected
+            .values()
+            .filter(|id| !matches!(self.workers[id].state, State::Running(_)))
+            .count()
+    }
+
+    /// Pops waiting for work.
+    pub fn workers_ready(&self) -> usize {
+        match &self.main {
+            Main::Ready(q) => q.len(),
+            Main::Backlog(_) => 0,
+        }
+    }
+
+    /// Queued tickets: (queue — `incoming` or a worker's name —, urgent) → count.
+    pub fn queue_lengths(&self) -> BTreeMap<(String, bool), usize> {
+        let mut out = BTreeMap::new();
+        for t in self.tickets.values() {
+            let queue = match t.place {
+                Place::Backlog => "incoming".to_string(),
+                Place::Worker(w) => self.workers[&w].name.clone(),
+            };
+            *out.entry((queue, t.key.urgent)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Queued tickets per (client, urgent).
+    pub fn client_queued(&self) -> BTreeMap<(String, bool), usize> {
+        let mut out = BTreeMap::new();
+        for t in self.tickets.values() {
+            *out.entry((t.client.clone(), t.key.urgent)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    pub fn queued(&self) -> usize {
+        self.tickets.len()
+    }
+
+    // ---- show ----------------------------------------------------------------------
+
+    fn fmt_ticket(&self, id: TicketId, now: f64) -> String {
+        let t = &self.tickets[&id];
+        let mut s = format!(
+            "{}:{}@{}",
+            t.client,
+            t.item.label(),
+            rough_duration(t.key.start - now)
+        );
+        let urgent = if t.key.urgent { "+urgent" } else { "" };
+        if t.cost >= 0 {
+            s.push_str(&format!("({}{urgent})", t.cost));
+        } else {
+            s.push_str(urgent);
+        }
+        s
+    }
+
+    /// A queue's tickets, last to run first (as the original prints them).
+    fn fmt_queue(&self, q: &Queue, out: &mut Wrapped, now: f64) {
+        out.push("[");
+        out.open();
+        for (i, id) in q.items.values().rev().enumerate() {
+            if i > 0 {
+                out.space();
+            }
+            out.push(&self.fmt_ticket(*id, now));
+        }
+        out.close();
+        out.push("]");
+    }
+
+    fn fmt_common(&self, now: f64) -> Wrapped {
+        let mut out = Wrapped::new();
+        out.push(&format!("capacity: {}", self.cluster_capacity));
+        out.newline(0);
+        out.push("queue: ");
+        out.open();
+        match &self.main {
+            Main::Backlog(q) => {
+                out.push("(backlog) ");
+                self.fmt_queue(q, &mut out, now);
+            }
+            Main::Ready(q) => {
+                out.push("(ready) [");
+                for (i, (w, _)) in q.iter().enumerate() {
+                    if i > 0 {
+                        out.space();
+                    }
+                    out.push(self.workers.get(w).map_or("?", |w| &w.name));
+                }
+                out.push("]");
+            }
+        }
+        out.close();
+        out.newline(0);
+        out.push("registered:");
+        for (name, id) in &self.connected {
+            let w = &self.workers[id];
+            out.newline(2);
+            out.push(&format!("{name} ({}): ", w.workload));
+            out.open();
+            match &w.state {
+                State::Finished => out.push("(finished)"),
+                State::Inactive(r) => out.push(&format!("(inactive: {r})")),
+                State::Running(q) => self.fmt_queue(q, &mut out, now),
+            }
+            out.close();
+            out.push(&format!(" ({} running)", w.running));
+        }
+        out.newline(0);
+        out.push("disconnected:");
+        for (name, paused) in &self.state.workers {
+            if self.connected.contains_key(name) {
+                continue;
+            }
+            out.newline(2);
+            out.push(name);
+            if *paused {
+                out.push(" (paused)");
+            }
+        }
+        out.newline(0);
+        out.push("clients: ");
+        out.open();
+        for (i, (id, c)) in self.clients.iter().enumerate() {
+            if i > 0 {
+                out.space();
+            }
+            let delay = c.next_fair_start - now;
+            let mut s = format!("{id}({:.0})", self.rate(id));
+            if delay > 0.0 {
+                s.push('+');
+                s.push_str(&rough_duration(delay));
+            }
+            out.push(&s);
+        }
+        out.close();
+        out
+    }
+
+    /// The pool's state as `ocluster-admin show POOL` prints it (ends with a newline).
+    pub fn show(&self, now: f64) -> String {
+        let mut s = self.fmt_common(now).finish();
+        s.push('\n');
+        s
+    }
+
+    /// [`Pool::show`] plus the learned cache hints, as the original's tests print it.
+    pub fn dump(&self, now: f64) -> String {
+        let mut out = self.fmt_common(now);
+        out.newline(0);
+        out.push("cached: ");
+        out.open();
+        let mut hints: Vec<&String> = self
+            .state
+            .cached
+            .iter()
+            .filter(|(_, w)| !w.is_empty())
+            .map(|(h, _)| h)
+            .collect();
+        hints.sort();
+        for (i, h) in hints.iter().enumerate() {
+            if i > 0 {
+                out.push(",");
+                out.space();
+            }
+            let names: Vec<&str> = self.state.cached[*h].iter().map(String::as_str).collect();
+            out.push(&format!("{h}: [{}]", names.join("; ")));
+        }
+        out.close();
+        let mut s = out.finish();
+        s.push('\n');
+        s
+    }
+}

@@ -1,0 +1,300 @@
+//! Real TCP and TLS on 127.0.0.1: bootstrap by service id, the pinned server key, the
+//! mandatory client certificate, and clean refusals (wrong fingerprint, unknown id, a
+//! second id on one connection, garbage, an oversized message), after each of which the
+//! server goes on serving.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use ocluster_api::progress;
+use ocluster_net::vat::{self, Listener, Peer, Server};
+use ocluster_net::{Auth, Location, SecretKey, SturdyRef};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Recorder {
+    seen: Rc<RefCell<Vec<String>>>,
+}
+
+impl progress::Server for Recorder {
+    async fn report(
+        self: Rc<Self>,
+        params: progress::ReportParams,
+        _: progress::ReportResults,
+    ) -> Result<(), capnp::Error> {
+        let s = params.get()?.get_status()?.to_string()?;
+        self.seen.borrow_mut().push(s);
+        Ok(())
+    }
+}
+
+struct Fixture {
+    key: SecretKey,
+    port: u16,
+    seen: Rc<RefCell<Vec<String>>>,
+    peers: Rc<RefCell<Vec<Peer>>>,
+}
+
+const ID: &[u8] = b"0123456789abcdefghij";
+
+async fn start(tls: bool) -> Fixture {
+    let key = SecretKey::generate_ephemeral().unwrap();
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let peers = Rc::new(RefCell::new(Vec::new()));
+    let (s2, p2) = (seen.clone(), peers.clone());
+    let server = Server {
+        tls: tls.then(|| ocluster_net::tls::server_config(&key).unwrap()),
+        restorer: Rc::new(move |id: &[u8], peer: &Peer| {
+            p2.borrow_mut().push(peer.clone());
+            if id == ID {
+                let c: progress::Client = capnp_rpc::new_client(Recorder { seen: s2.clone() });
+                Ok(c.client)
+            } else {
+                Err(capnp::Error::failed("Unknown persistent service ID".into()))
+            }
+        }),
+    };
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::task::spawn_local(server.serve(l));
+    Fixture {
+        key,
+        port,
+        seen,
+        peers,
+    }
+}
+
+impl Fixture {
+    fn sturdy(&self, id: &[u8], tls: bool) -> SturdyRef {
+        SturdyRef {
+            auth: if tls {
+                Auth::Sha256(self.key.fingerprint())
+            } else {
+                Auth::Insecure
+            },
+            location: Location::Tcp {
+                host: "127.0.0.1".into(),
+                port: self.port,
+            },
+            service_id: id.to_vec(),
+        }
+    }
+
+    async fn report(&self, sr: &SturdyRef, msg: &str) -> Result<(), String> {
+        let client_key = SecretKey::generate_ephemeral().unwrap();
+        let c = vat::connect(sr, &client_key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let p: progress::Client = capnp::capability::FromClientHook::new(c.cap.hook);
+        let mut req = p.report_request();
+        req.get().set_status(msg);
+        let r = tokio::time::timeout(Duration::from_secs(10), req.send().promise)
+            .await
+            .map_err(|_| "timed out".to_string())?;
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(tokio::task::LocalSet::new().run_until(f));
+}
+
+#[test]
+fn tls_bootstrap_by_id_and_client_identity() {
+    run(async {
+        let f = start(true).await;
+        f.report(&f.sturdy(ID, true), "hello").await.unwrap();
+        assert_eq!(*f.seen.borrow(), ["hello"]);
+        // The peer is known by its key.
+        assert!(matches!(f.peers.borrow()[0], Peer::Key(_)));
+    });
+}
+
+#[test]
+fn wrong_fingerprint_is_refused_and_says_why() {
+    run(async {
+        let f = start(true).await;
+        let mut sr = f.sturdy(ID, true);
+        sr.auth = Auth::Sha256([7; 32]);
+        let e = f.report(&sr, "x").await.unwrap_err();
+        assert!(e.contains("not the sha-256:"), "{e}");
+        assert!(e.contains("127.0.0.1"), "{e}");
+        f.report(&f.sturdy(ID, true), "after").await.unwrap();
+        assert_eq!(*f.seen.borrow(), ["after"]);
+    });
+}
+
+#[test]
+fn unknown_service_id_fails_the_call() {
+    run(async {
+        let f = start(true).await;
+        let e = f.report(&f.sturdy(b"nope", true), "x").await.unwrap_err();
+        assert!(e.contains("Unknown persistent service ID"), "{e}");
+        f.report(&f.sturdy(ID, true), "after").await.unwrap();
+    });
+}
+
+#[test]
+fn a_client_without_a_certificate_is_dropped() {
+    run(async {
+        let f = start(true).await;
+        // A TLS client that presents no certificate.
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        #[derive(Debug)]
+        struct AcceptAll(std::sync::Arc<rustls::crypto::CryptoProvider>);
+        impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+            fn verify_server_cert(
+                &self,
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &[rustls::pki_types::CertificateDer<'_>],
+                _: &rustls::pki_types::ServerName<'_>,
+                _: &[u8],
+                _: rustls::pki_types::UnixTime,
+            ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                self.0.signature_verification_algorithms.supported_schemes()
+            }
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAll(provider)))
+            .with_no_client_auth();
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("capnp").unwrap();
+        let r = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name, s)
+            .await;
+        // TLS 1.3 may finish the handshake from the client's side; either way nothing
+        // more is served on it.
+        if let Ok(mut t) = r {
+            let _ = t.write_all(&[0u8; 64]).await;
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(10), t.read(&mut buf))
+                .await
+                .expect("the server closes the connection");
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        }
+        assert!(f.peers.borrow().is_empty(), "nothing restored for it");
+        f.report(&f.sturdy(ID, true), "after").await.unwrap();
+    });
+}
+
+/// A Bootstrap frame for `id` with question `q`, built with the RPC schema.
+fn bootstrap_frame(q: u32, id: &[u8]) -> Vec<u8> {
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let msg = m.init_root::<capnp_rpc::rpc_capnp::message::Builder>();
+        let mut b = msg.init_bootstrap();
+        b.set_question_id(q);
+        b.init_deprecated_object_id()
+            .set_as(capnp::text::Reader::from(id))
+            .unwrap();
+    }
+    capnp::serialize::write_message_to_words(&m)
+}
+
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return all,
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server kept the connection open"),
+        }
+    }
+}
+
+#[test]
+fn a_second_service_id_on_one_connection_is_refused() {
+    run(async {
+        let f = start(false).await;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        s.write_all(&bootstrap_frame(0, ID)).await.unwrap();
+        s.write_all(&bootstrap_frame(1, b"another-service-id!!"))
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut s).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("another service id"), "{text:?}");
+        f.report(&f.sturdy(ID, false), "after").await.unwrap();
+    });
+}
+
+#[test]
+fn garbage_and_oversized_messages_end_only_their_connection() {
+    run(async {
+        let f = start(false).await;
+        // Garbage.
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let junk: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let _ = s.write_all(&junk).await;
+        read_until_closed(&mut s).await;
+        // A frame that claims 1 GiB.
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let mut frame = vec![0u8; 8];
+        frame[4..8].copy_from_slice(&(128u32 << 20).to_le_bytes());
+        s.write_all(&frame).await.unwrap();
+        read_until_closed(&mut s).await;
+        // The server still serves.
+        f.report(&f.sturdy(ID, false), "after").await.unwrap();
+        assert_eq!(*f.seen.borrow(), ["after"]);
+    });
+}
+
+#[test]
+fn many_clients_at_once() {
+    run(async {
+        let f = Rc::new(start(true).await);
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let f = f.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                f.report(&f.sturdy(ID, true), &format!("c{i}")).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(f.seen.borrow().len(), 20);
+    });
+}

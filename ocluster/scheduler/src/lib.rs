@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod pool;
+pub mod service;
 pub mod text;
 
 pub use pool::{Costs, DbWrite, Event, Inactive, Item, Pool, PoolError, PoolState};

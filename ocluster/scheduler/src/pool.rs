@@ -620,6 +620,21 @@ impl<I: Item> Pool<I> {
         });
     }
 
+    /// The worker no longer waits on this pop (its call was cancelled).
+    pub fn cancel_pop(&mut self, worker: WorkerId, pop: PopId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.waiting.retain(|p| *p != pop);
+        }
+        if let Main::Ready(q) = &mut self.main {
+            q.retain(|(_, p)| *p != pop);
+        }
+    }
+
+    /// The worker's name.
+    pub fn worker_name(&self, worker: WorkerId) -> Option<&str> {
+        self.workers.get(&worker).map(|w| w.name.as_str())
+    }
+
     /// Runs the pops woken since the last call (work arrived for them, or they were
     /// reactivated, or they have gone).
     pub fn settle(&mut self) {

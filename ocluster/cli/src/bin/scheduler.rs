@@ -1,0 +1,248 @@
+//! `ocluster-scheduler`: the original's flags and files (reference/ocluster.md §4.1).
+//! Started on an OCaml scheduler's key file and state directory, it serves the same
+//! `.cap` files and clients.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use clap::Parser;
+use ocluster::{init_logging, metrics_http, Verbosity};
+use ocluster_net::vat::{Listener, Peer, Server};
+use ocluster_net::{capfile, Auth, Location, SecretKey, SturdyRef};
+use ocluster_scheduler::db::Db;
+use ocluster_scheduler::service::{wall_clock, Scheduler};
+use ocluster_scheduler::Costs;
+use sha2::{Digest, Sha256};
+
+/// Manage build workers: accept jobs from clients and hand them to pools of workers.
+#[derive(Parser, Debug)]
+#[command(name = "ocluster-scheduler", version)]
+struct Args {
+    /// The scheduler's secret key (PKCS#8 PEM), made on first start; "" for a new key
+    /// each start (every .cap file then changes).
+    #[arg(long, value_name = "FILE")]
+    capnp_secret_key_file: String,
+
+    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:9000) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    capnp_listen_address: Location,
+
+    /// The address written into .cap files, as clients and workers reach this machine
+    /// (default: the listen address).
+    #[arg(long, value_name = "ADDR")]
+    capnp_public_address: Option<Location>,
+
+    /// Plain TCP, no TLS (cap files say `insecure`). Only on a trusted network.
+    #[arg(long)]
+    capnp_disable_tls: bool,
+
+    /// Where admin.cap, pool-NAME.cap and submit-CLIENT.cap are written. Must exist.
+    #[arg(long, value_name = "DIR", default_value = "./capnp-secrets")]
+    secrets_dir: PathBuf,
+
+    /// Pools to create, e.g. linux-x86_64,linux-arm64.
+    #[arg(long, value_name = "POOLS", value_delimiter = ',', required = true)]
+    pools: Vec<String>,
+
+    /// Where the scheduler keeps its database (created if missing).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+
+    /// Serve Prometheus metrics over HTTP on PORT (all interfaces, as the original), or
+    /// on HOST:PORT.
+    #[arg(long, value_name = "PORT")]
+    listen_prometheus: Option<String>,
+
+    /// Clients to provision: submit-NAME.cap is written for each that has none.
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    default_clients: Vec<String>,
+
+    #[command(flatten)]
+    verbosity: Verbosity,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("ocluster-scheduler: {msg}");
+    std::process::exit(1)
+}
+
+fn write_cap(dir: &Path, name: &str, uri: &SturdyRef) {
+    let path = dir.join(format!("{name}.cap"));
+    if let Err(e) = capfile::write(&path, uri) {
+        fail(e);
+    }
+    tracing::info!(
+        "Wrote capability reference to {:?}",
+        path.display().to_string()
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging(&args.verbosity);
+    if args.pools.iter().any(|p| p.is_empty()) {
+        fail("--pools: a pool name is empty");
+    }
+    if !args.secrets_dir.is_dir() {
+        fail(format!(
+            "--secrets-dir {}: no such directory (create it first: mkdir -p {})",
+            args.secrets_dir.display(),
+            args.secrets_dir.display()
+        ));
+    }
+    if let Err(e) = std::fs::create_dir_all(&args.state_dir) {
+        fail(format!("--state-dir {}: {e}", args.state_dir.display()));
+    }
+    let key = if args.capnp_secret_key_file.is_empty() {
+        SecretKey::generate_rsa()
+    } else {
+        let path = Path::new(&args.capnp_secret_key_file);
+        if !path.exists() {
+            tracing::info!("Generating new secret key to store in {path:?}");
+        }
+        SecretKey::load_or_create(path)
+    }
+    .unwrap_or_else(|e| fail(e));
+    tracing::info!(
+        "Key with hash sha-256@{}",
+        ocluster_net::uri::b64(&key.fingerprint())
+    );
+    let db = Db::open(&args.state_dir).unwrap_or_else(|e| fail(e));
+    let public = args
+        .capnp_public_address
+        .clone()
+        .unwrap_or_else(|| args.capnp_listen_address.clone());
+    let auth = if args.capnp_disable_tls {
+        Auth::Insecure
+    } else {
+        Auth::Sha256(key.fingerprint())
+    };
+    let sturdy = {
+        let (auth, public) = (auth.clone(), public.clone());
+        move |id: &[u8]| SturdyRef {
+            auth: auth.clone(),
+            location: public.clone(),
+            service_id: id.to_vec(),
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let make_uri = {
+            let sturdy = sturdy.clone();
+            Rc::new(move |id: &[u8]| sturdy(id).to_string())
+        };
+        let sched = Scheduler::new(
+            &args.pools,
+            db,
+            Costs::DEFAULT,
+            Rc::new(wall_clock),
+            make_uri,
+        )
+        .unwrap_or_else(|e| fail(e));
+
+        // Default clients.
+        for name in &args.default_clients {
+            let path = args.secrets_dir.join(format!("submit-{name}.cap"));
+            if path.exists() {
+                continue;
+            }
+            match sched.add_client(name) {
+                Ok(id) => write_cap(&args.secrets_dir, &format!("submit-{name}"), &sturdy(&id)),
+                Err(e) => tracing::warn!(
+                    "cannot provision client {name:?}: {e}; its cap file {} is missing and only \
+                     its hash is kept, so run `ocluster-admin remove-client {name}` and restart \
+                     to issue a new one",
+                    path.display()
+                ),
+            }
+        }
+
+        // Services by the SHA-256 of their ids.
+        let admin_id = key.derived_id("admin");
+        let mut fixed: std::collections::HashMap<Vec<u8>, capnp::capability::Client> =
+            std::collections::HashMap::new();
+        fixed.insert(Sha256::digest(admin_id).to_vec(), sched.admin().client);
+        let mut pool_caps = Vec::new();
+        for p in &args.pools {
+            let id = key.derived_id(&format!("pool-{p}"));
+            let reg = sched.registration(p).expect("pool exists");
+            fixed.insert(Sha256::digest(id).to_vec(), reg.client);
+            pool_caps.push((format!("pool-{p}"), id));
+        }
+        let restorer_sched = sched.clone();
+        let restorer: ocluster_net::vat::Restorer = Rc::new(move |id: &[u8], peer: &Peer| {
+            if let Some(c) = fixed.get(&Sha256::digest(id).to_vec()) {
+                return Ok(c.clone());
+            }
+            match restorer_sched.submission_for_id(id)? {
+                Some(s) => Ok(s.client),
+                None => {
+                    tracing::info!("{peer} asked for an unknown service id");
+                    Err(capnp::Error::failed("Unknown persistent service ID".into()))
+                }
+            }
+        });
+        let tls = if args.capnp_disable_tls {
+            None
+        } else {
+            Some(ocluster_net::tls::server_config(&key).unwrap_or_else(|e| fail(e)))
+        };
+        let listener = Listener::bind(&args.capnp_listen_address)
+            .await
+            .unwrap_or_else(|e| {
+                fail(format!(
+                    "cannot listen on {}: {e}",
+                    args.capnp_listen_address
+                ))
+            });
+        tracing::info!(
+            "Waiting for {} connections on {}",
+            if args.capnp_disable_tls {
+                "(unencrypted)"
+            } else {
+                "(encrypted)"
+            },
+            args.capnp_listen_address
+        );
+        write_cap(&args.secrets_dir, "admin", &sturdy(&admin_id));
+        for (name, id) in &pool_caps {
+            write_cap(&args.secrets_dir, name, &sturdy(id));
+        }
+        if let Some(spec) = &args.listen_prometheus {
+            let addr = if spec.contains(':') {
+                spec.clone()
+            } else {
+                format!("0.0.0.0:{spec}")
+            };
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    tracing::info!("Prometheus metrics on http://{addr}/metrics");
+                    tokio::task::spawn_local(metrics_http::serve(l, sched.clone()));
+                }
+                Err(e) => fail(format!("--listen-prometheus {spec}: {e}")),
+            }
+        }
+        let server = Server { tls, restorer };
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .unwrap_or_else(|e| fail(e));
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        tokio::select! {
+            r = server.serve(listener) => {
+                if let Err(e) = r {
+                    fail(e);
+                }
+            }
+            _ = stop => tracing::info!("stopping"),
+        }
+    });
+}

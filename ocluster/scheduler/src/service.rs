@@ -1,0 +1,1045 @@
+//! The scheduler's Cap'n Proto services over the pure [`Pool`]s: a thin, single-threaded
+//! adapter (run it on a tokio `LocalSet`). Behaviour and error texts follow OCluster's
+//! `cluster_scheduler.ml` (reference/ocluster.md §1.2, §2).
+//!
+//! * `Registration` (one per pool, `pool-NAME.cap`): a worker registers and gets a
+//!   `Queue`; dropping the queue (the connection broke) releases the worker.
+//! * `Queue.pop` waits for a job; the client's ticket then resolves to the worker's `Job`.
+//! * `Submission` (one per client, also `Persistent`): the client's right is checked
+//!   again at every submit, so `remove-client` revokes at once.
+//! * `Ticket`: `job` is a promise until a worker takes the job; `cancel` (or dropping the
+//!   ticket) takes a queued job out, or forwards to the job once it runs.
+//! * `Admin` and `PoolAdmin` (`admin.cap`).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use capnp::capability::{FromClientHook, Promise};
+use capnp::Error;
+use futures::channel::oneshot;
+use ocluster_api::{
+    admin, ids, job, job_descr, persistent, pool_admin, progress, queue, registration, submission,
+    ticket, worker,
+};
+use sha2::{Digest, Sha256};
+
+use crate::db::{ClientError, Db};
+use crate::pool::{Costs, Event, Inactive, Item, Pool, PoolError, PopId, TicketId, WorkerId};
+
+/// How long `update` waits for a worker to come back.
+pub const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A queued job: its description, kept as a compact serialized message, and where to
+/// send the worker's `Job` when one takes it.
+pub struct QueuedJob {
+    descr: Vec<u8>,
+    hint: String,
+    client: String,
+    urgent: bool,
+    set_job: Option<oneshot::Sender<Result<job::Client, Error>>>,
+}
+
+impl Item for QueuedJob {
+    fn cache_hint(&self) -> &str {
+        &self.hint
+    }
+}
+
+impl QueuedJob {
+    fn fail(mut self, msg: &str) {
+        if let Some(tx) = self.set_job.take() {
+            let _ = tx.send(Err(Error::failed(msg.to_string())));
+        }
+    }
+}
+
+fn serialize_descr(d: job_descr::Reader) -> Result<Vec<u8>, Error> {
+    let mut m = capnp::message::Builder::new(
+        capnp::message::HeapAllocator::new()
+            .first_segment_words(d.total_size()?.word_count as u32 + 1),
+    );
+    m.set_root(d)?;
+    Ok(capnp::serialize::write_message_to_words(&m))
+}
+
+type Clock = Rc<dyn Fn() -> f64>;
+/// Makes the URI of a service id (the scheduler's address and key).
+pub type MakeUri = Rc<dyn Fn(&[u8]) -> String>;
+/// A worker's pending `pop`: where to send the job, and the job's capability.
+type PendingPop = (oneshot::Sender<Result<Vec<u8>, Error>>, job::Client);
+
+/// The current time, as the pools count it (seconds since the epoch).
+pub fn wall_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One pool and its RPC-side state.
+pub struct PoolApi {
+    pool: Pool<QueuedJob>,
+    name: String,
+    pending_pops: HashMap<PopId, PendingPop>,
+    /// Connected workers' `Worker` capabilities.
+    worker_caps: HashMap<String, (WorkerId, worker::Client)>,
+    /// Fired when a job ends or a worker registers (drain, update).
+    changed: Rc<tokio::sync::Notify>,
+    this: std::rc::Weak<RefCell<PoolApi>>,
+    db: Rc<RefCell<Db>>,
+}
+
+pub struct Scheduler {
+    pools: BTreeMap<String, Rc<RefCell<PoolApi>>>,
+    db: Rc<RefCell<Db>>,
+    clock: Clock,
+    /// Makes the URI of a service id (this scheduler's address and key).
+    make_uri: MakeUri,
+}
+
+impl Scheduler {
+    /// Opens the pools with what the database remembers.
+    pub fn new(
+        pools: &[String],
+        db: Db,
+        costs: Costs,
+        clock: Clock,
+        make_uri: MakeUri,
+    ) -> Result<Rc<Scheduler>, crate::db::DbError> {
+        let mut map = BTreeMap::new();
+        let db = Rc::new(RefCell::new(db));
+        for name in pools {
+            let state = db.borrow().load_pool(name)?;
+            map.insert(
+                name.clone(),
+                Rc::new_cyclic(|this| {
+                    RefCell::new(PoolApi {
+                        pool: Pool::new(name, costs, state),
+                        name: name.clone(),
+                        pending_pops: HashMap::new(),
+                        worker_caps: HashMap::new(),
+                        changed: Rc::new(tokio::sync::Notify::new()),
+                        this: this.clone(),
+                        db: db.clone(),
+                    })
+                }),
+            );
+        }
+        Ok(Rc::new(Scheduler {
+            pools: map,
+            db,
+            clock,
+            make_uri,
+        }))
+    }
+
+    pub fn now(&self) -> f64 {
+        (self.clock)()
+    }
+
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    pub fn db(&self) -> &Rc<RefCell<Db>> {
+        &self.db
+    }
+
+    /// The `Registration` service of a pool.
+    pub fn registration(self: &Rc<Self>, pool: &str) -> Option<registration::Client> {
+        let p = self.pools.get(pool)?.clone();
+        Some(capnp_rpc::new_client(RegistrationImpl {
+            sched: self.clone(),
+            pool: p,
+        }))
+    }
+
+    /// The `Admin` service.
+    pub fn admin(self: &Rc<Self>) -> admin::Client {
+        capnp_rpc::new_client(AdminImpl {
+            sched: self.clone(),
+        })
+    }
+
+    /// The `Submission` service of the client whose secret id is `id`, if it is
+    /// registered.
+    pub fn submission_for_id(
+        self: &Rc<Self>,
+        id: &[u8],
+    ) -> Result<Option<submission::Client>, Error> {
+        let name = self.db.borrow().client_of_id(id).map_err(db_err)?;
+        Ok(name.map(|name| self.submission(&name, id)))
+    }
+
+    fn submission(self: &Rc<Self>, name: &str, id: &[u8]) -> submission::Client {
+        let s: SubmissionCap = capnp_rpc::new_client(SubmissionImpl {
+            sched: self.clone(),
+            client: name.to_string(),
+            id_hash: Sha256::digest(id).to_vec(),
+            uri: (self.make_uri)(id),
+        });
+        FromClientHook::new(s.0.hook)
+    }
+
+    /// Adds a client; returns its secret id.
+    pub fn add_client(&self, name: &str) -> Result<[u8; 20], ClientError> {
+        let id = ocluster_net_id();
+        self.db.borrow().add_client(name, &id)?;
+        tracing::info!("Created new submission endpoint for client {name:?}");
+        Ok(id)
+    }
+
+    /// Revokes a client: its cap stops working and its rates are forgotten; its queued
+    /// and running jobs go on.
+    pub fn remove_client(&self, name: &str) -> Result<(), ClientError> {
+        self.db.borrow().remove_client(name)?;
+        for p in self.pools.values() {
+            let mut p = p.borrow_mut();
+            p.pool.remove_client(name);
+            p.flush(&self.db);
+        }
+        tracing::info!("Removed endpoint for client {name:?}");
+        Ok(())
+    }
+
+    /// Prometheus text for the scheduler's metrics (the original's names).
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in rows {
+                out.push_str(&format!("{name}{{{labels}}} {v}\n"));
+            }
+        };
+        let pools: Vec<(String, std::cell::Ref<PoolApi>)> = self
+            .pools
+            .iter()
+            .map(|(n, p)| (n.clone(), p.borrow()))
+            .collect();
+        let per_pool = |f: &dyn Fn(&Pool<QueuedJob>) -> f64| -> Vec<(String, f64)> {
+            pools
+                .iter()
+                .map(|(n, p)| (format!("pool=\"{}\"", esc(n)), f(&p.pool)))
+                .collect()
+        };
+        family(
+            "ocluster_pool_jobs_submitted_total",
+            "counter",
+            "Number of jobs submitted to the pool",
+            per_pool(&|p| p.counters().submitted as f64),
+        );
+        family(
+            "ocluster_pool_jobs_cancelled_total",
+            "counter",
+            "Number of jobs cancelled while queued",
+            per_pool(&|p| p.counters().cancelled as f64),
+        );
+        family(
+            "ocluster_pool_jobs_accepted_total",
+            "counter",
+            "Number of jobs accepted by workers",
+            per_pool(&|p| p.counters().accepted as f64),
+        );
+        family(
+            "ocluster_pool_workers_connected",
+            "gauge",
+            "Number of connected workers",
+            per_pool(&|p| p.workers_connected() as f64),
+        );
+        family(
+            "ocluster_pool_workers_capacity",
+            "gauge",
+            "Aggregate capacity of connected workers",
+            per_pool(&|p| p.cluster_capacity() as f64),
+        );
+        family(
+            "ocluster_pool_workers_ready",
+            "gauge",
+            "Number of workers ready to accept a new job",
+            per_pool(&|p| p.workers_ready() as f64),
+        );
+        family(
+            "ocluster_pool_workers_paused",
+            "gauge",
+            "Number of workers set to inactive",
+            per_pool(&|p| p.workers_paused() as f64),
+        );
+        let mut rows = Vec::new();
+        for (n, p) in &pools {
+            for ((queue, urgent), count) in p.pool.queue_lengths() {
+                rows.push((
+                    format!(
+                        "queue=\"{}\",pool=\"{}\",priority=\"{}\"",
+                        esc(&queue),
+                        esc(n),
+                        if urgent { "high" } else { "low" }
+                    ),
+                    count as f64,
+                ));
+            }
+        }
+        family(
+            "ocluster_pool_queue_length",
+            "gauge",
+            "Items in the queue",
+            rows,
+        );
+        let mut rows = Vec::new();
+        for (n, p) in &pools {
+            for ((client, urgent), count) in p.pool.client_queued() {
+                rows.push((
+                    format!(
+                        "client=\"{}\",pool=\"{}\",priority=\"{}\"",
+                        esc(&client),
+                        esc(n),
+                        if urgent { "high" } else { "low" }
+                    ),
+                    count as f64,
+                ));
+            }
+        }
+        family(
+            "ocluster_scheduler_client_submitted_jobs",
+            "gauge",
+            "Items currently queued",
+            rows,
+        );
+        out
+    }
+
+    /// The `Worker` capability of a connected worker.
+    pub fn worker(&self, pool: &str, name: &str) -> Option<worker::Client> {
+        let p = self.pools.get(pool)?.borrow();
+        p.worker_caps.get(name).map(|(_, c)| c.clone())
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn ocluster_net_id() -> [u8; 20] {
+    let mut id = [0u8; 20];
+    getrandom::getrandom(&mut id).expect("the OS random source works");
+    id
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::failed(e.to_string())
+}
+
+impl PoolApi {
+    /// After every change: run woken pops, answer them, and store what changed.
+    fn flush(&mut self, db: &Rc<RefCell<Db>>) {
+        loop {
+            self.pool.settle();
+            let events = self.pool.take_events();
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                match e {
+                    Event::Assigned {
+                        pop, worker, item, ..
+                    } => self.assigned(pop, worker, item),
+                    Event::PopFailed { pop } => {
+                        if let Some((tx, _)) = self.pending_pops.remove(&pop) {
+                            let _ = tx.send(Err(Error::failed("Worker disconnected".into())));
+                        }
+                    }
+                }
+            }
+        }
+        let writes = self.pool.take_writes();
+        if !writes.is_empty() {
+            if let Err(e) = db.borrow_mut().apply(&self.name, &writes) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob) {
+        let Some((tx, job)) = self.pending_pops.remove(&pop) else {
+            // Cannot happen: a pop is withdrawn from the pool before its call goes.
+            tracing::error!("a job was assigned to a pop that has gone");
+            self.pool.job_finished(worker);
+            item.fail("the worker went away before the job started");
+            return;
+        };
+        if let Some(set_job) = item.set_job.take() {
+            let _ = set_job.send(Ok(job.clone()));
+        }
+        let descr = std::mem::take(&mut item.descr);
+        if tx.send(Ok(descr)).is_err() {
+            tracing::warn!("worker's pop went away as its job was assigned");
+        }
+        // The job ends when its result settles, whichever way.
+        let result = job.result_request().send().promise;
+        let changed = self.changed.clone();
+        let this = self.this.clone();
+        tokio::task::spawn_local(async move {
+            let _ = result.await;
+            if let Some(pool) = this.upgrade() {
+                let mut p = pool.borrow_mut();
+                p.pool.job_finished(worker);
+                let db = p.db.clone();
+                p.flush(&db);
+            }
+            changed.notify_waiters();
+        });
+    }
+
+    fn running_of(&self, name: &str) -> Option<(WorkerId, i64)> {
+        let id = self.pool.connected(name)?;
+        Some((id, self.pool.running(id)))
+    }
+}
+
+// ---- Registration and Queue ---------------------------------------------------------------
+
+struct RegistrationImpl {
+    sched: Rc<Scheduler>,
+    pool: Rc<RefCell<PoolApi>>,
+}
+
+impl registration::Server for RegistrationImpl {
+    async fn register(
+        self: Rc<Self>,
+        params: registration::RegisterParams,
+        mut results: registration::RegisterResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_str()?.to_string();
+        let capacity = p.get_capacity();
+        let worker_cap = p.get_worker()?;
+        let mut api = self.pool.borrow_mut();
+        let id = match api.pool.register(&name, i64::from(capacity)) {
+            Ok(id) => id,
+            Err(PoolError::NameTaken) => {
+                tracing::warn!("Worker {name:?} already registered!");
+                return Err(Error::failed("Worker already registered!".into()));
+            }
+            Err(e) => return Err(Error::failed(e.to_string())),
+        };
+        api.pool.set_active(id, Inactive::WORKER, true);
+        tracing::info!("Registered new worker {name:?} in pool {:?}", api.name);
+        api.worker_caps.insert(name.clone(), (id, worker_cap));
+        api.flush(&self.sched.db);
+        api.changed.notify_waiters();
+        drop(api);
+        let q: queue::Client = capnp_rpc::new_client(QueueImpl {
+            sched: self.sched.clone(),
+            pool: self.pool.clone(),
+            worker: id,
+            name,
+        });
+        results.get().set_queue(q);
+        Ok(())
+    }
+}
+
+struct QueueImpl {
+    sched: Rc<Scheduler>,
+    pool: Rc<RefCell<PoolApi>>,
+    worker: WorkerId,
+    name: String,
+}
+
+/// Withdraws a pop from the pool if its call goes away unanswered.
+struct PopGuard {
+    pool: Rc<RefCell<PoolApi>>,
+    worker: WorkerId,
+    pop: PopId,
+}
+
+impl Drop for PopGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.try_borrow_mut() {
+            if p.pending_pops.remove(&self.pop).is_some() {
+                p.pool.cancel_pop(self.worker, self.pop);
+            }
+        }
+    }
+}
+
+impl queue::Server for QueueImpl {
+    async fn pop(
+        self: Rc<Self>,
+        params: queue::PopParams,
+        mut results: queue::PopResults,
+    ) -> Result<(), Error> {
+        let job = params.get()?.get_job()?;
+        let (tx, rx) = oneshot::channel();
+        let pop = {
+            let mut p = self.pool.borrow_mut();
+            let pop = p.pool.pop(self.worker);
+            p.pending_pops.insert(pop, (tx, job));
+            p.flush(&self.sched.db);
+            pop
+        };
+        let _guard = PopGuard {
+            pool: self.pool.clone(),
+            worker: self.worker,
+            pop,
+        };
+        let descr = match rx.await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::failed("Worker disconnected".into())),
+        };
+        let msg = capnp::serialize::read_message_from_flat_slice(
+            &mut &descr[..],
+            capnp::message::ReaderOptions::new(),
+        )?;
+        results
+            .get()
+            .set_descr(msg.get_root::<job_descr::Reader>()?)?;
+        Ok(())
+    }
+
+    async fn set_active(
+        self: Rc<Self>,
+        params: queue::SetActiveParams,
+        _: queue::SetActiveResults,
+    ) -> Result<(), Error> {
+        let active = params.get()?.get_active();
+        let mut p = self.pool.borrow_mut();
+        p.pool.set_active(self.worker, Inactive::WORKER, active);
+        p.flush(&self.sched.db);
+        Ok(())
+    }
+}
+
+impl Drop for QueueImpl {
+    /// The worker has gone (or dropped its queue): release it.
+    fn drop(&mut self) {
+        let Ok(mut p) = self.pool.try_borrow_mut() else {
+            tracing::error!("cannot release worker {:?}: pool busy", self.name);
+            return;
+        };
+        tracing::info!("Release worker {:?}", self.name);
+        p.pool.release(self.worker);
+        if p.worker_caps.get(&self.name).map(|(id, _)| *id) == Some(self.worker) {
+            p.worker_caps.remove(&self.name);
+        }
+        p.flush(&self.sched.db);
+        p.changed.notify_waiters();
+    }
+}
+
+// ---- Submission and Ticket ----------------------------------------------------------------
+
+struct SubmissionImpl {
+    sched: Rc<Scheduler>,
+    client: String,
+    id_hash: Vec<u8>,
+    uri: String,
+}
+
+impl submission::Server for SubmissionImpl {
+    async fn submit(
+        self: Rc<Self>,
+        params: submission::SubmitParams,
+        mut results: submission::SubmitResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let pool_name = p.get_pool()?.to_str()?.to_string();
+        let descr = p.get_descr()?;
+        let urgent = p.get_urgent();
+        let ticket = self.enqueue(&pool_name, descr, urgent);
+        results.get().set_ticket(ticket);
+        Ok(())
+    }
+}
+
+impl SubmissionImpl {
+    fn enqueue(&self, pool_name: &str, descr: job_descr::Reader, urgent: bool) -> ticket::Client {
+        let broken = |msg: String| -> ticket::Client {
+            FromClientHook::new(capnp_rpc::new_broken_cap(Error::failed(msg)).hook)
+        };
+        match self.sched.db.borrow().lookup_hash(&self.id_hash) {
+            Ok(Some(_)) => {}
+            Ok(None) => return broken("Access has been revoked".into()),
+            Err(e) => return broken(e.to_string()),
+        }
+        let Some(pool) = self.sched.pools.get(pool_name) else {
+            let names: Vec<&str> = self.sched.pools.keys().map(String::as_str).collect();
+            return broken(format!(
+                "Pool ID {pool_name:?} not one of {{{}}}",
+                names.join(", ")
+            ));
+        };
+        let (hint, bytes) = match (|| -> Result<_, Error> {
+            Ok((
+                descr.get_cache_hint()?.to_str()?.to_string(),
+                serialize_descr(descr)?,
+            ))
+        })() {
+            Ok(x) => x,
+            Err(e) => return broken(format!("bad job description: {e}")),
+        };
+        tracing::info!(
+            "Received new job request from {:?} (urgent={urgent})",
+            self.client
+        );
+        let (tx, rx) = oneshot::channel();
+        let job: job::Client = capnp_rpc::new_future_client(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(Error::failed("Ticket cancelled".into())))
+        });
+        let now = self.sched.now();
+        let id = {
+            let mut p = pool.borrow_mut();
+            let id = p.pool.submit(
+                &self.client,
+                QueuedJob {
+                    descr: bytes,
+                    hint,
+                    client: self.client.clone(),
+                    urgent,
+                    set_job: Some(tx),
+                },
+                urgent,
+                now,
+            );
+            p.flush(&self.sched.db);
+            id
+        };
+        capnp_rpc::new_client(TicketImpl {
+            sched: self.sched.clone(),
+            pool: pool.clone(),
+            id,
+            job,
+        })
+    }
+}
+
+impl persistent::Server for SubmissionImpl {
+    async fn save(
+        self: Rc<Self>,
+        _: persistent::SaveParams,
+        mut results: persistent::SaveResults,
+    ) -> Result<(), Error> {
+        results.get().init_sturdy_ref().set_as(self.uri.as_str())?;
+        Ok(())
+    }
+}
+
+/// A `Submission` that is also `Persistent` (the admin tool saves it to get the URI).
+struct SubmissionDispatch(Rc<SubmissionImpl>);
+
+impl Clone for SubmissionDispatch {
+    fn clone(&self) -> Self {
+        SubmissionDispatch(self.0.clone())
+    }
+}
+
+impl std::ops::Deref for SubmissionDispatch {
+    type Target = SubmissionImpl;
+    fn deref(&self) -> &SubmissionImpl {
+        &self.0
+    }
+}
+
+impl capnp::capability::Server for SubmissionDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: capnp::capability::Params<capnp::any_pointer::Owned>,
+        results: capnp::capability::Results<capnp::any_pointer::Owned>,
+    ) -> capnp::capability::DispatchCallResult {
+        match interface_id {
+            ids::SUBMISSION => {
+                submission::ServerDispatch::<SubmissionImpl>::dispatch_call_internal(
+                    self.0, method_id, params, results,
+                )
+            }
+            ids::PERSISTENT => {
+                persistent::ServerDispatch::<SubmissionImpl>::dispatch_call_internal(
+                    self.0, method_id, params, results,
+                )
+            }
+            _ => capnp::capability::DispatchCallResult::new(
+                Promise::err(Error::unimplemented(format!(
+                    "interface {interface_id:#x} is not implemented by Submission"
+                ))),
+                false,
+            ),
+        }
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.0) as usize
+    }
+}
+
+struct SubmissionCap(capnp::capability::Client);
+
+impl FromClientHook for SubmissionCap {
+    fn new(hook: Box<dyn capnp::private::capability::ClientHook>) -> Self {
+        SubmissionCap(capnp::capability::Client::new(hook))
+    }
+    fn into_client_hook(self) -> Box<dyn capnp::private::capability::ClientHook> {
+        self.0.hook
+    }
+    fn as_client_hook(&self) -> &dyn capnp::private::capability::ClientHook {
+        &*self.0.hook
+    }
+}
+
+impl capnp::capability::FromServer<SubmissionImpl> for SubmissionCap {
+    type Dispatch = SubmissionDispatch;
+    fn from_server(s: Rc<SubmissionImpl>) -> SubmissionDispatch {
+        SubmissionDispatch(s)
+    }
+}
+
+struct TicketImpl {
+    sched: Rc<Scheduler>,
+    pool: Rc<RefCell<PoolApi>>,
+    id: TicketId,
+    job: job::Client,
+}
+
+impl TicketImpl {
+    /// Takes the ticket out of its queue, failing its job promise with `msg`.
+    fn withdraw(&self, msg: &str) -> bool {
+        let Ok(mut p) = self.pool.try_borrow_mut() else {
+            return false;
+        };
+        match p.pool.cancel(self.id) {
+            Ok(item) => {
+                tracing::info!("{msg}: {}", item.client);
+                let _ = (&item.client, item.urgent);
+                item.fail(msg);
+                p.flush(&self.sched.db);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl ticket::Server for TicketImpl {
+    async fn job(
+        self: Rc<Self>,
+        _: ticket::JobParams,
+        mut results: ticket::JobResults,
+    ) -> Result<(), Error> {
+        results.get().set_job(self.job.clone());
+        Ok(())
+    }
+
+    async fn cancel(
+        self: Rc<Self>,
+        _: ticket::CancelParams,
+        _: ticket::CancelResults,
+    ) -> Result<(), Error> {
+        if self.withdraw("Ticket cancelled") {
+            return Ok(());
+        }
+        self.job.cancel_request().send().promise.await?;
+        Ok(())
+    }
+}
+
+impl Drop for TicketImpl {
+    fn drop(&mut self) {
+        self.withdraw("Ticket released (cancelled)");
+    }
+}
+
+// ---- Admin --------------------------------------------------------------------------------
+
+struct AdminImpl {
+    sched: Rc<Scheduler>,
+}
+
+impl admin::Server for AdminImpl {
+    async fn pools(
+        self: Rc<Self>,
+        _: admin::PoolsParams,
+        mut results: admin::PoolsResults,
+    ) -> Result<(), Error> {
+        let names = self.sched.pool_names();
+        let mut l = results.get().init_names(names.len() as u32);
+        for (i, n) in names.iter().enumerate() {
+            l.set(i as u32, n.as_str());
+        }
+        Ok(())
+    }
+
+    async fn pool(
+        self: Rc<Self>,
+        params: admin::PoolParams,
+        mut results: admin::PoolResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_name()?.to_str()?.to_string();
+        let cap: pool_admin::Client = match self.sched.pools.get(&name) {
+            None => FromClientHook::new(
+                capnp_rpc::new_broken_cap(Error::failed("No such pool".into())).hook,
+            ),
+            Some(p) => capnp_rpc::new_client(PoolAdminImpl {
+                sched: self.sched.clone(),
+                pool: p.clone(),
+            }),
+        };
+        results.get().set_pool(cap);
+        Ok(())
+    }
+
+    async fn add_client(
+        self: Rc<Self>,
+        params: admin::AddClientParams,
+        mut results: admin::AddClientResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_id()?.to_str()?.to_string();
+        let id = self.sched.add_client(&name).map_err(db_err)?;
+        results.get().set_cap(self.sched.submission(&name, &id));
+        Ok(())
+    }
+
+    async fn remove_client(
+        self: Rc<Self>,
+        params: admin::RemoveClientParams,
+        _: admin::RemoveClientResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_id()?.to_str()?.to_string();
+        self.sched.remove_client(&name).map_err(db_err)
+    }
+
+    async fn list_clients(
+        self: Rc<Self>,
+        _: admin::ListClientsParams,
+        mut results: admin::ListClientsResults,
+    ) -> Result<(), Error> {
+        let names = self.sched.db.borrow().list_clients().map_err(db_err)?;
+        let mut l = results.get().init_clients(names.len() as u32);
+        for (i, n) in names.iter().enumerate() {
+            l.set(i as u32, n.as_str());
+        }
+        Ok(())
+    }
+}
+
+struct PoolAdminImpl {
+    sched: Rc<Scheduler>,
+    pool: Rc<RefCell<PoolApi>>,
+}
+
+async fn report(progress: &Option<progress::Client>, msg: String) {
+    if let Some(p) = progress {
+        let mut r = p.report_request();
+        r.get().set_status(msg.as_str());
+        if let Err(e) = r.send().promise.await {
+            tracing::info!("Failed to send progress report ({msg}): {e}");
+        }
+    }
+}
+
+impl PoolAdminImpl {
+    /// Waits until the running count of `worker` differs from `prev`, or it has gone.
+    async fn running_changed(&self, name: &str, worker: WorkerId, prev: i64) -> i64 {
+        loop {
+            let changed = self.pool.borrow().changed.clone();
+            let notified = changed.notified();
+            let now = self.pool.borrow().pool.running(worker);
+            if now != prev {
+                return now;
+            }
+            let _ = name;
+            notified.await;
+        }
+    }
+}
+
+impl pool_admin::Server for PoolAdminImpl {
+    async fn show(
+        self: Rc<Self>,
+        _: pool_admin::ShowParams,
+        mut results: pool_admin::ShowResults,
+    ) -> Result<(), Error> {
+        let s = self.pool.borrow().pool.show(self.sched.now());
+        results.get().set_state(s.as_str());
+        Ok(())
+    }
+
+    async fn workers(
+        self: Rc<Self>,
+        _: pool_admin::WorkersParams,
+        mut results: pool_admin::WorkersResults,
+    ) -> Result<(), Error> {
+        let ws = self.pool.borrow().pool.known_workers();
+        let mut l = results.get().init_workers(ws.len() as u32);
+        for (i, (name, active, connected)) in ws.iter().enumerate() {
+            let mut w = l.reborrow().get(i as u32);
+            w.set_name(name.as_str());
+            w.set_active(*active);
+            w.set_connected(*connected);
+        }
+        Ok(())
+    }
+
+    async fn worker(
+        self: Rc<Self>,
+        params: pool_admin::WorkerParams,
+        mut results: pool_admin::WorkerResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_worker()?.to_str()?.to_string();
+        let cap = self
+            .pool
+            .borrow()
+            .worker_caps
+            .get(&name)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| Error::failed("Unknown worker".into()))?;
+        results.get().set_worker(cap);
+        Ok(())
+    }
+
+    async fn set_active(
+        self: Rc<Self>,
+        params: pool_admin::SetActiveParams,
+        _: pool_admin::SetActiveResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_worker()?.to_str()?.to_string();
+        let (active, auto_create) = (p.get_active(), p.get_auto_create());
+        let mut api = self.pool.borrow_mut();
+        let r = api.pool.admin_set_active(&name, active, auto_create);
+        api.flush(&self.sched.db);
+        r.map_err(|_| Error::failed("Unknown worker".into()))
+    }
+
+    async fn drain(
+        self: Rc<Self>,
+        params: pool_admin::DrainParams,
+        _: pool_admin::DrainResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_worker()?.to_str()?.to_string();
+        let progress = p.get_progress().ok();
+        let connected = self.pool.borrow().running_of(&name);
+        let Some((id, mut running)) = connected else {
+            let known = {
+                let mut api = self.pool.borrow_mut();
+                let known = api.pool.is_known(&name);
+                if known {
+                    let _ = api.pool.admin_set_active(&name, false, false);
+                    api.flush(&self.sched.db);
+                }
+                known
+            };
+            if !known {
+                return Err(Error::failed("Unknown worker".into()));
+            }
+            report(&progress, "Disconnected (nothing to drain)".into()).await;
+            return Ok(());
+        };
+        {
+            let mut api = self.pool.borrow_mut();
+            api.pool.set_active(id, Inactive::ADMIN_PAUSE, false);
+            api.flush(&self.sched.db);
+        }
+        loop {
+            report(&progress, format!("Running jobs: {running}")).await;
+            if running <= 0 {
+                return Ok(());
+            }
+            running = self.running_changed(&name, id, running).await;
+        }
+    }
+
+    async fn update(
+        self: Rc<Self>,
+        params: pool_admin::UpdateParams,
+        _: pool_admin::UpdateResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_worker()?.to_str()?.to_string();
+        let progress = p.get_progress().ok();
+        let (id, cap) = {
+            let api = self.pool.borrow();
+            match api.worker_caps.get(&name) {
+                Some((id, cap)) => (*id, cap.clone()),
+                None => return Err(Error::failed("Unknown worker".into())),
+            }
+        };
+        {
+            let mut api = self.pool.borrow_mut();
+            tracing::info!("Worker {name:?} is shutting down");
+            api.pool.shutdown(id);
+            api.flush(&self.sched.db);
+        }
+        let mut running = self.pool.borrow().pool.running(id);
+        while running > 0 {
+            report(&progress, format!("Running jobs: {running}")).await;
+            running = self.running_changed(&name, id, running).await;
+        }
+        report(&progress, "Restarting".into()).await;
+        tracing::info!("Restarting {name:?}");
+        match cap.self_update_request().send().promise.await {
+            Ok(_) => {}
+            Err(e) if e.kind == capnp::ErrorKind::Disconnected => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!("Waiting for {name:?} to reconnect after update");
+        let wait = async {
+            loop {
+                let changed = self.pool.borrow().changed.clone();
+                let notified = changed.notified();
+                if let Some(new) = self.pool.borrow().pool.connected(&name) {
+                    if new != id {
+                        return;
+                    }
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(RESTART_TIMEOUT, wait)
+            .await
+            .map_err(|_| Error::failed("Timeout waiting for worker to reconnect!".into()))
+    }
+
+    async fn set_rate(
+        self: Rc<Self>,
+        params: pool_admin::SetRateParams,
+        _: pool_admin::SetRateResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let client = p.get_id()?.to_str()?.to_string();
+        let rate = p.get_rate();
+        if !self
+            .sched
+            .db
+            .borrow()
+            .client_exists(&client)
+            .map_err(db_err)?
+        {
+            return Err(Error::failed("No such user".into()));
+        }
+        let now = self.sched.now();
+        let mut api = self.pool.borrow_mut();
+        api.pool
+            .set_rate(&client, rate, now)
+            .map_err(|e| Error::failed(e.to_string()))?;
+        api.flush(&self.sched.db);
+        Ok(())
+    }
+
+    async fn forget(
+        self: Rc<Self>,
+        params: pool_admin::ForgetParams,
+        _: pool_admin::ForgetResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_worker()?.to_str()?.to_string();
+        let mut api = self.pool.borrow_mut();
+        let r = api.pool.forget(&name);
+        api.flush(&self.sched.db);
+        r.map_err(|e| Error::failed(e.to_string()))
+    }
+}

@@ -283,9 +283,16 @@ async fn open_stream(
         Auth::Insecure => None,
         Auth::Sha256(fp) => Some(crate::tls::client_config(key, *fp)?),
     };
-    let handshake = |source| ConnectError::Tls {
+    let handshake = |source: std::io::Error| ConnectError::Tls {
         location: location.clone(),
-        source,
+        // Our own verifier's message, without rustls's "unexpected error: " around it.
+        source: match source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::General(m)) => std::io::Error::other(m.clone()),
+            _ => source,
+        },
     };
     match location {
         Location::Tcp { host, port } => {

@@ -371,7 +371,7 @@ impl PoolApi {
             return;
         };
         if let Some(set_job) = item.set_job.take() {
-            let _ = set_job.send(Ok(job.clone()));
+            let _ = set_job.send(Ok(capnp_rpc::new_client(JobProxy { inner: job.clone() })));
         }
         let descr = std::mem::take(&mut item.descr);
         if tx.send(Ok(descr)).is_err() {
@@ -396,6 +396,79 @@ impl PoolApi {
     fn running_of(&self, name: &str) -> Option<(WorkerId, i64)> {
         let id = self.pool.connected(name)?;
         Some((id, self.pool.running(id)))
+    }
+}
+
+// ---- The client's view of a job ----------------------------------------------------------------
+
+/// What the client holds for a running job: the worker's `Job`, relayed. The RPC layer
+/// could relay it by itself, but it would prefix every error from the worker with
+/// "remote exception: " once more, so an OCaml client would print
+/// "Failed: remote exception: Build failed." where the original prints
+/// "Failed: Build failed.". Each method lets go of the proxy before it waits, so that
+/// when the client releases its last reference the worker's job is released at once,
+/// which cancels it (as in the original).
+struct JobProxy {
+    inner: job::Client,
+}
+
+impl Drop for JobProxy {
+    fn drop(&mut self) {
+        tracing::debug!("client released its job");
+    }
+}
+
+/// The worker's error as the worker said it.
+fn relayed(e: Error) -> Error {
+    let mut extra = e.extra.as_str();
+    while let Some(rest) = extra.strip_prefix("remote exception: ") {
+        extra = rest;
+    }
+    Error {
+        kind: e.kind,
+        extra: extra.to_string(),
+    }
+}
+
+impl job::Server for JobProxy {
+    async fn log(
+        self: Rc<Self>,
+        params: job::LogParams,
+        mut results: job::LogResults,
+    ) -> Result<(), Error> {
+        let mut req = self.inner.log_request();
+        req.get().set_start(params.get()?.get_start());
+        let promise = req.send().promise;
+        drop(self);
+        let r = promise.await.map_err(relayed)?;
+        let r = r.get()?;
+        let mut out = results.get();
+        out.set_log(r.get_log()?);
+        out.set_next(r.get_next());
+        Ok(())
+    }
+
+    async fn result(
+        self: Rc<Self>,
+        _: job::ResultParams,
+        mut results: job::ResultResults,
+    ) -> Result<(), Error> {
+        let promise = self.inner.result_request().send().promise;
+        drop(self);
+        let r = promise.await.map_err(relayed)?;
+        results.get().set_output(r.get()?.get_output()?);
+        Ok(())
+    }
+
+    async fn cancel(
+        self: Rc<Self>,
+        _: job::CancelParams,
+        _: job::CancelResults,
+    ) -> Result<(), Error> {
+        let promise = self.inner.cancel_request().send().promise;
+        drop(self);
+        promise.await.map_err(relayed)?;
+        Ok(())
     }
 }
 
@@ -749,6 +822,7 @@ impl ticket::Server for TicketImpl {
 
 impl Drop for TicketImpl {
     fn drop(&mut self) {
+        tracing::debug!("ticket released");
         self.withdraw("Ticket released (cancelled)");
     }
 }

@@ -23,7 +23,8 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     capnp_secret_key_file: String,
 
-    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:9000) or unix:PATH.
+    /// Where to listen: tcp:HOST:PORT (e.g. tcp:0.0.0.0:9000; port 0 picks a free one and
+    /// the cap files name it) or unix:PATH.
     #[arg(long, value_name = "ADDR")]
     capnp_listen_address: Location,
 
@@ -108,29 +109,42 @@ fn main() {
         ocluster_net::uri::b64(&key.fingerprint())
     );
     let db = Db::open(&args.state_dir).unwrap_or_else(|e| fail(e));
-    let public = args
-        .capnp_public_address
-        .clone()
-        .unwrap_or_else(|| args.capnp_listen_address.clone());
-    let auth = if args.capnp_disable_tls {
-        Auth::Insecure
-    } else {
-        Auth::Sha256(key.fingerprint())
-    };
-    let sturdy = {
-        let (auth, public) = (auth.clone(), public.clone());
-        move |id: &[u8]| SturdyRef {
-            auth: auth.clone(),
-            location: public.clone(),
-            service_id: id.to_vec(),
-        }
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(e));
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let listener = Listener::bind(&args.capnp_listen_address)
+            .await
+            .unwrap_or_else(|e| {
+                fail(format!(
+                    "cannot listen on {}: {e}",
+                    args.capnp_listen_address
+                ))
+            });
+        // Port 0 picks a free port; the cap files then name the one the system chose.
+        let public = match (&args.capnp_public_address, &args.capnp_listen_address) {
+            (Some(p), _) => p.clone(),
+            (None, Location::Tcp { host, port: 0 }) => Location::Tcp {
+                host: host.clone(),
+                port: listener.local_addr().map(|a| a.port()).unwrap_or(0),
+            },
+            (None, l) => l.clone(),
+        };
+        let auth = if args.capnp_disable_tls {
+            Auth::Insecure
+        } else {
+            Auth::Sha256(key.fingerprint())
+        };
+        let sturdy = {
+            let (auth, public) = (auth.clone(), public.clone());
+            move |id: &[u8]| SturdyRef {
+                auth: auth.clone(),
+                location: public.clone(),
+                service_id: id.to_vec(),
+            }
+        };
         let make_uri = {
             let sturdy = sturdy.clone();
             Rc::new(move |id: &[u8]| sturdy(id).to_string())
@@ -191,14 +205,6 @@ fn main() {
         } else {
             Some(ocluster_net::tls::server_config(&key).unwrap_or_else(|e| fail(e)))
         };
-        let listener = Listener::bind(&args.capnp_listen_address)
-            .await
-            .unwrap_or_else(|e| {
-                fail(format!(
-                    "cannot listen on {}: {e}",
-                    args.capnp_listen_address
-                ))
-            });
         tracing::info!(
             "Waiting for {} connections on {}",
             if args.capnp_disable_tls {
@@ -206,7 +212,10 @@ fn main() {
             } else {
                 "(encrypted)"
             },
-            args.capnp_listen_address
+            listener
+                .local_addr()
+                .map(|a| format!("tcp:{a}"))
+                .unwrap_or_else(|| args.capnp_listen_address.to_string())
         );
         write_cap(&args.secrets_dir, "admin", &sturdy(&admin_id));
         for (name, id) in &pool_caps {

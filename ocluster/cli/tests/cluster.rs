@@ -1,0 +1,509 @@
+//! The scheduler, the admin tool, and a worker and client written for the tests, each in
+//! its own process, talking Cap'n Proto over real TLS on 127.0.0.1.
+
+// Tests start the real programs as processes.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{admin_with, stderr, stdout, Peer, Scheduler};
+
+/// The entry point of the peer processes (does nothing in a normal test run).
+#[test]
+fn peer() {
+    common::peer::main();
+}
+
+const GOLDEN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/reference/ocluster-golden"
+);
+
+#[test]
+fn submit_pipelines_job_log_and_result() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "echo hello", "", "follow");
+    assert_eq!(c.expect("log"), "log hello");
+    assert_eq!(c.expect("result"), "result ok hello");
+    assert_eq!(c.wait(), 0);
+    assert_eq!(w.expect("job"), "job w1 echo hello hint=");
+    // A failing job's error reaches the client.
+    let mut c = Peer::client(&alice, "linux", "fail", "", "follow");
+    assert_eq!(c.expect("result"), "result error Build failed");
+    assert_eq!(c.wait(), 1);
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.contains("  w1 (0): [] (0 running)"), "{show}");
+    assert!(show.contains("clients: alice(1)"), "{show}");
+    assert_eq!(s.admin_ok(&["show", "linux", "w1"]), "w1: Running\n");
+}
+
+#[test]
+fn cancel_kills_a_running_job_and_the_worker_goes_on() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "wait", "", "cancel-on-start");
+    assert_eq!(c.expect("log"), "log waiting");
+    assert_eq!(w.expect("cancelled"), "cancelled wait");
+    let r = c.expect("result");
+    assert!(r.contains("Job cancelled"), "{r}");
+    assert_eq!(c.wait(), 1);
+    let mut c = Peer::client(&alice, "linux", "echo again", "", "follow");
+    assert_eq!(c.expect("result"), "result ok again");
+}
+
+#[test]
+fn releasing_the_last_reference_cancels() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 2);
+    // The client process goes away.
+    let mut c2 = Peer::client(&alice, "linux", "wait", "", "exit-on-start");
+    c2.expect("exiting");
+    assert_eq!(w.expect("released"), "released wait");
+    // References dropped, connection kept.
+    let mut c1 = Peer::client(&alice, "linux", "wait", "", "drop-on-start");
+    c1.expect("dropped");
+    assert_eq!(w.expect("released"), "released wait");
+    // Both slots are free again.
+    let mut a = Peer::client(&alice, "linux", "echo a", "", "follow");
+    let mut b = Peer::client(&alice, "linux", "echo b", "", "follow");
+    assert_eq!(a.expect("result"), "result ok a");
+    assert_eq!(b.expect("result"), "result ok b");
+}
+
+#[test]
+fn cancel_and_release_while_queued() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    // No worker yet: the tickets queue.
+    let mut c1 = Peer::client(&alice, "linux", "echo one", "", "cancel-queued");
+    c1.expect("queued");
+    let r = c1.expect("result");
+    assert!(r.contains("Ticket cancelled"), "{r}");
+    let mut c2 = Peer::client(&alice, "linux", "echo two", "", "exit-queued");
+    c2.expect("queued");
+    assert_eq!(c2.wait(), 0);
+    // Wait for the scheduler to see the disconnect.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        let show = s.admin_ok(&["show", "linux"]);
+        if show.contains("queue: (backlog) []") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{show}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c3 = Peer::client(&alice, "linux", "echo three", "", "follow");
+    assert_eq!(c3.expect("result"), "result ok three");
+    // The worker never saw the withdrawn jobs.
+    assert_eq!(w.expect("job"), "job w1 echo three hint=");
+}
+
+#[test]
+fn worker_killed_mid_job_then_reconnects() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "wait", "", "follow");
+    c.expect("log waiting");
+    w.kill();
+    let r = c.expect("result");
+    assert!(r.starts_with("result error"), "{r}");
+    assert_eq!(c.wait(), 1);
+    // A second worker with the same name is refused while the first is registered, and
+    // accepted once it has gone.
+    let mut w2 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "echo back", "", "follow");
+    assert_eq!(c.expect("result"), "result ok back");
+    let mut dup = Peer::spawn(&["worker", s.pool_cap("linux").to_str().unwrap(), "w1", "1"]);
+    let r = dup.expect("register-error");
+    assert!(r.contains("Worker already registered!"), "{r}");
+    w2.kill();
+    let show = s.admin_ok(&["show", "--terse", "linux"]);
+    assert_eq!(show, "w1\n");
+}
+
+#[test]
+fn revoked_client_and_unknown_pool_are_refused() {
+    let s = Scheduler::start(&["linux", "macos"], &[]);
+    let alice = s.add_client("alice");
+    let bob = s.add_client("bob");
+    assert_eq!(s.admin_ok(&["list-clients"]), "alice\nbob\n");
+    s.admin_ok(&["remove-client", "bob"]);
+    assert_eq!(s.admin_ok(&["list-clients"]), "alice\n");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    // carol is connected when she is removed: her next submit is refused.
+    let carol = s.add_client("carol");
+    let flag = s.dir.path().join("removed");
+    let again = format!("again-after:{}", flag.display());
+    let mut c = Peer::client(&carol, "linux", "echo x", "", &again);
+    assert_eq!(c.expect("first-done"), "first-done 0");
+    s.admin_ok(&["remove-client", "carol"]);
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(
+        c.expect("result error"),
+        "result error Access has been revoked"
+    );
+    // bob's cap file, used after his removal, names no service any more.
+    let mut c = Peer::client(&bob, "linux", "echo x", "", "follow");
+    let r = c.expect("result");
+    assert!(r.contains("Unknown persistent service ID"), "{r}");
+    let mut c = Peer::client(&alice, "nope", "echo x", "", "follow");
+    let r = c.expect("result");
+    assert!(
+        r.contains(r#"Pool ID "nope" not one of {linux, macos}"#),
+        "{r}"
+    );
+    let mut c = Peer::client(&alice, "linux", "echo fine", "", "follow");
+    assert_eq!(c.expect("result"), "result ok fine");
+    // Removing a client that does not exist, or adding one twice, says so.
+    let out = s.admin(&["remove-client", "carol"]);
+    assert!(!out.status.success());
+    let out = s.admin(&["add-client", "alice"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("alice"), "{}", stderr(&out));
+}
+
+#[test]
+fn same_cache_hint_goes_to_the_same_worker() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w1 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut w2 = Peer::worker(&s.pool_cap("linux"), "w2", 1);
+    let mut c = Peer::client(&alice, "linux", "echo first", "opam", "follow");
+    assert_eq!(c.expect("result"), "result ok first");
+    let first = if w1.expect_within("job", Duration::from_secs(1)).is_some() {
+        "w1"
+    } else {
+        w2.expect("job");
+        "w2"
+    };
+    for i in 0..3 {
+        let spec = format!("echo again{i}");
+        let mut c = Peer::client(&alice, "linux", &spec, "opam", "follow");
+        assert_eq!(c.expect("result"), format!("result ok again{i}"));
+        let w = if first == "w1" { &mut w1 } else { &mut w2 };
+        assert_eq!(w.expect("job"), format!("job {first} {spec} hint=opam"));
+    }
+}
+
+/// A wrong fingerprint, an unknown service id, garbage bytes and an oversized frame are
+/// each refused cleanly, and the scheduler serves the others all along.
+#[test]
+fn refusals_leave_the_scheduler_serving() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let admin = std::fs::read_to_string(s.admin_cap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Wrong fingerprint.
+    let fp_start = admin.find("sha-256:").unwrap() + 8;
+    let mut wrong = admin.clone();
+    let c = if &admin[fp_start..fp_start + 1] == "A" {
+        "B"
+    } else {
+        "A"
+    };
+    wrong.replace_range(fp_start..fp_start + 1, c);
+    let p = dir.path().join("wrong-fp.cap");
+    std::fs::write(&p, &wrong).unwrap();
+    let out = admin_with(&p, &["show"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("the cap file expects"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+
+    // Unknown service id.
+    let slash = admin.rfind('/').unwrap();
+    let unknown = format!("{}/{}\n", &admin[..slash], "A".repeat(43));
+    let p = dir.path().join("unknown.cap");
+    std::fs::write(&p, unknown).unwrap();
+    let out = admin_with(&p, &["show"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("Unknown persistent service ID"), "{e}");
+
+    // Garbage, then a frame header that claims 1 GiB, on raw TCP to the TLS port.
+    let port = {
+        let at = admin.rfind('@').unwrap();
+        admin[at + 1..slash].rsplit(':').next().unwrap().to_string()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    for bytes in [
+        b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        [0u32.to_le_bytes(), (1u32 << 27).to_le_bytes()].concat(),
+    ] {
+        let mut t = std::net::TcpStream::connect(&addr).unwrap();
+        t.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        let _ = t.write_all(&bytes);
+        let mut buf = Vec::new();
+        let _ = t.read_to_end(&mut buf); // the scheduler hangs up
+    }
+
+    assert_eq!(s.admin_ok(&["show"]), "linux\n");
+    assert!(s.child.as_ref().is_some());
+}
+
+#[test]
+fn admin_errors_are_clear() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let check = |out: std::process::Output, want: &str| {
+        assert!(!out.status.success());
+        let e = stderr(&out);
+        assert!(e.contains(want), "wanted {want:?} in {e:?}");
+        assert!(!e.contains("panicked"), "{e}");
+    };
+    // No such file.
+    check(
+        admin_with(&dir.path().join("missing.cap"), &["show"]),
+        "missing.cap",
+    );
+    // Not a cap file.
+    let bad = dir.path().join("bad.cap");
+    std::fs::write(&bad, "hello\n").unwrap();
+    check(admin_with(&bad, &["show"]), "bad.cap");
+    // Nobody listening there.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let admin = std::fs::read_to_string(s.admin_cap()).unwrap();
+    let at = admin.rfind('@').unwrap();
+    let slash = admin.rfind('/').unwrap();
+    let gone = format!(
+        "{}@127.0.0.1:{port}{}",
+        &admin[..at],
+        &admin[slash..].trim_end()
+    );
+    let p = dir.path().join("gone.cap");
+    std::fs::write(&p, gone).unwrap();
+    check(admin_with(&p, &["show"]), &format!("127.0.0.1:{port}"));
+    // Unknown pool and worker; no -c at all.
+    check(s.admin(&["show", "nope"]), "No such pool");
+    check(s.admin(&["forget", "linux", "nobody"]), "nobody");
+    check(
+        s.admin(&["set-rate", "linux", "nobody", "2"]),
+        "No such user",
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.arg("show");
+    check(common::run_bounded(cmd), "--connect");
+    // -c before the verb works as well as after it.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.arg("-c").arg(s.admin_cap()).arg("show");
+    let out = common::run_bounded(cmd);
+    assert_eq!(stdout(&out), "linux\n");
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "Connecting to tcp:127.0.0.1:{}... OK\n",
+            admin[at + 1..slash].rsplit(':').next().unwrap()
+        )
+    );
+}
+
+#[test]
+fn pause_drain_update_and_forget() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let cap = s.pool_cap("linux");
+    let mut w = Peer::worker(&cap, "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "wait", "", "follow");
+    c.expect("log waiting");
+
+    // pause --wait reports progress until the running job ends.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.args(["pause", "--wait", "linux", "w1", "-c"])
+        .arg(s.admin_cap());
+    let pause = std::thread::spawn(move || common::run_bounded(cmd));
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while s.admin_ok(&["show", "linux", "w1"]) != "w1: Paused\n" {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c); // kills the client: the job is released and ends
+    w.expect("released wait");
+    let out = pause.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Waiting for jobs to finish…\nw1: Running jobs: 1\nw1: Running jobs: 0\nSuccess.\n"
+    );
+    // Paused: a new job waits.
+    let mut c = Peer::client(&alice, "linux", "echo later", "", "follow");
+    assert!(w.expect_within("job", Duration::from_millis(500)).is_none());
+    assert_eq!(s.admin_ok(&["unpause", "linux", "w1"]), "Success.\n");
+    assert_eq!(c.expect("result"), "result ok later");
+
+    // update: drain, selfUpdate, wait for the worker to come back.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.args(["update", "linux", "-c"]).arg(s.admin_cap());
+    let update = std::thread::spawn(move || common::run_bounded(cmd));
+    w.expect("self-update");
+    assert_eq!(w.wait(), 0);
+    let _w = Peer::worker(&cap, "w1", 1);
+    let out = update.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Testing update on first worker in pool: \"w1\"\nw1: Restarting\n\
+         Canary updated OK. Updating the others: []\nAll pool workers restarted.\n"
+    );
+
+    // forget: refused while connected, done once gone.
+    let out = s.admin(&["forget", "linux", "w1"]);
+    assert!(!out.status.success());
+    drop(_w);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !s.admin(&["forget", "linux", "w1"]).status.success() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.admin_ok(&["show", "--terse", "linux"]), "");
+}
+
+#[test]
+fn admin_pause_survives_a_restart() {
+    let mut s = Scheduler::start(&["linux"], &[]);
+    assert_eq!(
+        s.admin_ok(&["pause", "--auto-create", "linux", "w9"]),
+        "Success.\n"
+    );
+    s.restart();
+    assert_eq!(s.admin_ok(&["show", "linux", "w9"]), "w9: Paused\n");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w9", 1);
+    assert_eq!(s.admin_ok(&["show", "linux", "w9"]), "w9: Paused\n");
+    s.add_client("alice");
+    s.admin_ok(&["set-rate", "linux", "alice", "3"]);
+    s.restart();
+    // Clients show once they submit, with the rate the database kept.
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.ends_with("\nclients:\n"), "{show}");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w9", 1);
+    let alice = s.dir.path().join("alice.cap");
+    let mut c = Peer::client(&alice, "linux", "echo x", "", "cancel-queued");
+    c.expect("queued");
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.contains("\nclients: alice(3)"), "{show}");
+}
+
+/// The original scheduler's key and database: the same cap files, and its clients work.
+#[test]
+fn golden_drop_in_for_the_original_state_dir() {
+    let golden = std::path::Path::new(GOLDEN).join("tls");
+    if !golden.join("key.pem").exists() {
+        if std::env::var_os("OBUILDER_TEST_STRICT").is_some() {
+            panic!("golden files missing at {}", golden.display());
+        }
+        eprintln!("skipped: no golden files at {}", golden.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::copy(golden.join("key.pem"), dir.path().join("key.pem")).unwrap();
+    let dump = std::fs::read_to_string(golden.join("scheduler.db.dump")).unwrap();
+    rusqlite::Connection::open(dir.path().join("state/scheduler.db"))
+        .unwrap()
+        .execute_batch(&dump)
+        .unwrap();
+    let s = Scheduler::start_in(dir, &["linux-x86_64"], &["--default-clients=alice"]);
+    // Same fingerprint and ids; only the address differs.
+    let strip = |uri: &str| {
+        let at = uri.rfind('@').unwrap();
+        let slash = uri.rfind('/').unwrap();
+        format!("{}{}", &uri[..at], &uri[slash..])
+    };
+    let ours_admin = std::fs::read_to_string(s.admin_cap()).unwrap();
+    for name in ["admin", "pool-linux-x86_64"] {
+        let theirs = std::fs::read_to_string(golden.join(format!("{name}.cap"))).unwrap();
+        let ours = std::fs::read_to_string(s.cap(name)).unwrap();
+        assert_eq!(strip(&ours), strip(&theirs), "{name}.cap");
+        assert!(ours.ends_with('\n') && !ours.ends_with("\n\n"));
+    }
+    // alice already has a cap (the db has her): not written again.
+    assert!(!s.cap("submit-alice").exists());
+    assert_eq!(s.admin_ok(&["list-clients"]), "alice\nbob\n");
+    assert_eq!(
+        s.admin_ok(&["show", "linux-x86_64"]),
+        // As the original: known workers come from the database, clients appear as they
+        // submit (or are given a rate).
+        "capacity: 0\nqueue: (backlog) []\nregistered:\ndisconnected:\n  worker-1\nclients:\n"
+    );
+    // The original's client caps, pointed at our address, work.
+    let at = ours_admin.rfind('@').unwrap();
+    let slash = ours_admin.rfind('/').unwrap();
+    let addr = &ours_admin[at..slash];
+    let _w = Peer::worker(&s.pool_cap("linux-x86_64"), "worker-1", 1);
+    for name in ["bob", "submit-alice"] {
+        let theirs = std::fs::read_to_string(golden.join(format!("{name}.cap"))).unwrap();
+        let (a, b) = (theirs.rfind('@').unwrap(), theirs.rfind('/').unwrap());
+        let moved = format!("{}{addr}{}", &theirs[..a], &theirs[b..]);
+        let p = s.dir.path().join(format!("{name}-here.cap"));
+        std::fs::write(&p, moved).unwrap();
+        let mut c = Peer::client(&p, "linux-x86_64", "echo golden", "golden", "follow");
+        assert_eq!(c.expect("result"), "result ok golden", "{name}");
+    }
+    assert_eq!(
+        s.admin_ok(&["show", "linux-x86_64", "worker-1"]),
+        "worker-1: Running\n"
+    );
+}
+
+#[test]
+fn prometheus_metrics_and_worker_relay() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("--listen-prometheus=127.0.0.1:{port}");
+    let s = Scheduler::start(&["linux"], &[&listen]);
+    let alice = s.add_client("alice");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w1", 3);
+    let mut c = Peer::client(&alice, "linux", "echo m", "", "follow");
+    c.expect("result ok");
+    let get = |path: &str| -> String {
+        let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        t.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        write!(t, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = String::new();
+        t.read_to_string(&mut s).unwrap();
+        s
+    };
+    let m = get("/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    for name in [
+        "ocluster_pool_jobs_accepted_total",
+        "ocluster_pool_workers_connected",
+        "ocluster_pool_workers_capacity",
+        "ocluster_pool_workers_ready",
+        "ocluster_pool_workers_paused",
+        "ocluster_pool_queue_length",
+        "ocluster_scheduler_client_submitted_jobs",
+    ] {
+        assert!(m.contains(name), "no {name} in {m}");
+    }
+    assert!(
+        m.contains(r#"ocluster_pool_workers_capacity{pool="linux"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"ocluster_pool_jobs_accepted_total{pool="linux"} 1"#),
+        "{m}"
+    );
+    let a = get("/pool/linux/worker/w1/metrics");
+    assert!(a.contains(r#"test_worker_agent{name="w1"} 1"#), "{a}");
+    let h = get("/pool/linux/worker/w1/host-metrics");
+    assert!(h.contains(r#"test_worker_host{name="w1"} 1"#), "{h}");
+    let missing = get("/pool/linux/worker/nobody/metrics");
+    assert!(missing.starts_with("HTTP/1.1 400"), "{missing}");
+    assert!(missing.ends_with("Worker not connected"), "{missing}");
+}

@@ -1,0 +1,290 @@
+//! A real `ocluster-scheduler` process on 127.0.0.1, the real `ocluster-admin`, and test
+//! peers in other processes (see `peer.rs`).
+
+#![allow(dead_code)]
+
+pub mod peer;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Scheduler {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub pools: Vec<String>,
+    pub extra: Vec<String>,
+    /// The port of the first start, kept across restarts so that cap files stay valid.
+    pub port: u16,
+}
+
+impl Scheduler {
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.path().join("secrets")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn cap(&self, name: &str) -> PathBuf {
+        self.secrets().join(format!("{name}.cap"))
+    }
+    pub fn admin_cap(&self) -> PathBuf {
+        self.cap("admin")
+    }
+    pub fn pool_cap(&self, pool: &str) -> PathBuf {
+        self.cap(&format!("pool-{pool}"))
+    }
+
+    /// Starts a scheduler on a free port with pools `pools`.
+    pub fn start(pools: &[&str], extra: &[&str]) -> Scheduler {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        Self::start_in(dir, pools, extra)
+    }
+
+    /// Starts a scheduler in `dir` (which has `secrets/` and maybe `state/` and `key.pem`).
+    pub fn start_in(dir: tempfile::TempDir, pools: &[&str], extra: &[&str]) -> Scheduler {
+        let mut s = Scheduler {
+            dir,
+            child: None,
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            extra: extra.iter().map(|p| p.to_string()).collect(),
+            port: 0,
+        };
+        s.restart();
+        s
+    }
+
+    /// (Re)starts the process, waiting until its cap files are written.
+    pub fn restart(&mut self) {
+        self.stop();
+        for p in std::iter::once("admin".to_string())
+            .chain(self.pools.iter().map(|p| format!("pool-{p}")))
+        {
+            let _ = std::fs::remove_file(self.cap(&p));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("scheduler.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ocluster-scheduler"))
+            .arg("--capnp-secret-key-file")
+            .arg(self.dir.path().join("key.pem"))
+            .arg(format!(
+                "--capnp-listen-address=tcp:127.0.0.1:{}",
+                self.port
+            ))
+            .arg("--secrets-dir")
+            .arg(self.secrets())
+            .arg("--state-dir")
+            .arg(self.state())
+            .arg(format!("--pools={}", self.pools.join(",")))
+            .args(&self.extra)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.pools.iter().all(|p| self.pool_cap(p).exists()) || !self.admin_cap().exists() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("scheduler exited with {st}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "scheduler did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = std::fs::read_to_string(self.admin_cap()).unwrap();
+        let slash = uri.rfind('/').unwrap();
+        self.port = uri[..slash].rsplit(':').next().unwrap().parse().unwrap();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + TIMEOUT;
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("scheduler.log")).unwrap_or_default()
+    }
+
+    /// Runs `ocluster-admin -c admin.cap ARGS`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        admin_with(&self.admin_cap(), args)
+    }
+
+    /// Runs the admin tool and returns its stdout, failing the test if it fails.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "ocluster-admin {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Adds a client and writes its cap file; returns the path.
+    pub fn add_client(&self, name: &str) -> PathBuf {
+        let uri = self.admin_ok(&["add-client", name]);
+        let path = self.dir.path().join(format!("{name}.cap"));
+        std::fs::write(&path, uri).unwrap();
+        path
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn admin_with(cap: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.args(args).arg("-c").arg(cap);
+    run_bounded(cmd)
+}
+
+/// Runs a command to its end, killing it after `TIMEOUT`.
+pub fn run_bounded(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A test peer in its own process, with its `PEER:` lines read as they come.
+pub struct Peer {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Peer {
+    pub fn spawn(role: &[&str]) -> Peer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "peer", "--nocapture", "--test-threads=1"])
+            .env(peer::ENV, role.join("|"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                // The harness's own "test peer ... " may come first on the line.
+                if let Some(at) = line.find("PEER: ") {
+                    if tx.send(line[at + 6..].to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Peer {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn worker(cap: &Path, name: &str, capacity: u32) -> Peer {
+        let mut w = Peer::spawn(&["worker", cap.to_str().unwrap(), name, &capacity.to_string()]);
+        w.expect("registered");
+        w
+    }
+
+    pub fn client(cap: &Path, pool: &str, spec: &str, hint: &str, action: &str) -> Peer {
+        Peer::spawn(&[
+            "client",
+            cap.to_str().unwrap(),
+            pool,
+            spec,
+            hint,
+            "",
+            action,
+        ])
+    }
+
+    /// Waits for a line that starts with `prefix` and returns it.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        self.expect_within(prefix, TIMEOUT)
+            .unwrap_or_else(|| panic!("no line {prefix:?} in time; saw {:?}", self.seen))
+    }
+
+    pub fn expect_within(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the process to end and returns its exit code.
+    pub fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "peer did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

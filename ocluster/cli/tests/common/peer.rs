@@ -1,0 +1,400 @@
+//! A worker and a client written for the tests. Each runs in its own process: the test
+//! binary re-executes itself (`--exact peer`) with `OCLUSTER_TEST_PEER` naming the role,
+//! and the role reports what happens as `PEER: ...` lines on stdout.
+//!
+//! The worker runs "jobs" whose OBuilder spec is a tiny script:
+//! - `echo TEXT`: logs TEXT and succeeds with it as the result;
+//! - `wait`: logs `waiting` and runs until it is cancelled or released;
+//! - `fail`: fails with "Build failed".
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::rc::Rc;
+
+use capnp::Error;
+use ocluster_api::schema_capnp::{job, job_descr, queue, registration, submission, worker};
+use ocluster_net::SecretKey;
+use tokio::sync::Notify;
+
+pub const ENV: &str = "OCLUSTER_TEST_PEER";
+
+/// Prints a line for the test (errors as the sender wrote them: without the prefix the
+/// receiving RPC layer adds).
+pub fn say(line: impl std::fmt::Display) {
+    let line = line.to_string().replace("remote exception: ", "");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "PEER: {line}");
+    let _ = out.flush();
+}
+
+/// Runs the role that `OCLUSTER_TEST_PEER` names (fields separated by `|`), then exits.
+pub fn main() {
+    let Ok(role) = std::env::var(ENV) else { return };
+    let args: Vec<String> = role.split('|').map(str::to_string).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&rt, async move {
+        match args[0].as_str() {
+            "worker" => run_worker(&args[1], &args[2], args[3].parse().unwrap()).await,
+            "client" => run_client(&args[1..]).await,
+            other => panic!("unknown peer role {other}"),
+        }
+    });
+    std::process::exit(code)
+}
+
+async fn connect(cap: &str) -> ocluster_net::vat::Connected {
+    let sr = ocluster_net::capfile::read(std::path::Path::new(cap)).unwrap();
+    let key = SecretKey::generate_ephemeral().unwrap();
+    match ocluster_net::vat::connect(&sr, &key).await {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("connect-error {e}"));
+            std::process::exit(2)
+        }
+    }
+}
+
+// ---- worker ---------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct JobState {
+    spec: String,
+    log: Vec<u8>,
+    result: Option<Result<String, String>>,
+    cancelled: bool,
+    notify: Rc<Notify>,
+}
+
+impl JobState {
+    fn append(&mut self, s: &str) {
+        self.log.extend_from_slice(s.as_bytes());
+        self.notify.notify_waiters();
+    }
+    fn finish(&mut self, r: Result<String, String>) {
+        if self.result.is_none() {
+            self.result = Some(r);
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+/// The worker-hosted `Job`. Its methods let go of `self` before they wait, so that the
+/// release of the last reference drops it at once (which cancels, as the original's
+/// `release` handler does).
+struct TestJob {
+    st: Rc<RefCell<JobState>>,
+}
+
+impl Drop for TestJob {
+    fn drop(&mut self) {
+        let mut st = self.st.borrow_mut();
+        if st.result.is_none() && !st.spec.is_empty() {
+            say(format!("released {}", st.spec));
+            st.cancelled = true;
+            st.finish(Err("Job released".into()));
+        }
+    }
+}
+
+impl job::Server for TestJob {
+    async fn log(
+        self: Rc<Self>,
+        params: job::LogParams,
+        mut results: job::LogResults,
+    ) -> Result<(), Error> {
+        let start = params.get()?.get_start();
+        let st = self.st.clone();
+        drop(self);
+        loop {
+            let notify = st.borrow().notify.clone();
+            let changed = notify.notified();
+            {
+                let st = st.borrow();
+                let len = st.log.len() as i64;
+                let start = if start < 0 {
+                    (len + start).max(0)
+                } else {
+                    start.min(len)
+                };
+                if start < len || st.result.is_some() {
+                    let end = len.min(start + 10240);
+                    let mut r = results.get();
+                    r.set_log(&st.log[start as usize..end as usize]);
+                    r.set_next(end);
+                    return Ok(());
+                }
+            }
+            changed.await;
+        }
+    }
+
+    async fn result(
+        self: Rc<Self>,
+        _: job::ResultParams,
+        mut results: job::ResultResults,
+    ) -> Result<(), Error> {
+        let st = self.st.clone();
+        drop(self);
+        loop {
+            let notify = st.borrow().notify.clone();
+            let changed = notify.notified();
+            if let Some(r) = st.borrow().result.clone() {
+                return match r {
+                    Ok(out) => {
+                        results.get().set_output(out.as_str());
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::failed(e)),
+                };
+            }
+            changed.await;
+        }
+    }
+
+    async fn cancel(
+        self: Rc<Self>,
+        _: job::CancelParams,
+        _: job::CancelResults,
+    ) -> Result<(), Error> {
+        let mut st = self.st.borrow_mut();
+        if st.result.is_none() {
+            say(format!("cancelled {}", st.spec));
+        }
+        st.cancelled = true;
+        st.finish(Err("Job cancelled".into()));
+        Ok(())
+    }
+}
+
+struct TestWorker {
+    name: String,
+}
+
+impl worker::Server for TestWorker {
+    async fn metrics(
+        self: Rc<Self>,
+        params: worker::MetricsParams,
+        mut results: worker::MetricsResults,
+    ) -> Result<(), Error> {
+        let source = match params.get()?.get_source()? {
+            worker::MetricsSource::Agent => "agent",
+            worker::MetricsSource::Host => "host",
+        };
+        let mut r = results.get();
+        r.set_content_type("text/plain; version=0.0.4");
+        r.set_data(format!("test_worker_{source}{{name=\"{}\"}} 1\n", self.name).as_str());
+        Ok(())
+    }
+
+    async fn self_update(
+        self: Rc<Self>,
+        _: worker::SelfUpdateParams,
+        _: worker::SelfUpdateResults,
+    ) -> Result<(), Error> {
+        say("self-update");
+        // Exit once the answer has gone, as a worker that restarts into a new binary.
+        tokio::task::spawn_local(async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            std::process::exit(0)
+        });
+        Ok(())
+    }
+}
+
+async fn run_job(st: Rc<RefCell<JobState>>) {
+    let spec = st.borrow().spec.clone();
+    if let Some(text) = spec.strip_prefix("echo ") {
+        st.borrow_mut().append(&format!("{text}\n"));
+        st.borrow_mut().finish(Ok(text.to_string()));
+    } else if spec == "wait" {
+        st.borrow_mut().append("waiting\n");
+        loop {
+            let notify = st.borrow().notify.clone();
+            let changed = notify.notified();
+            if st.borrow().cancelled {
+                break;
+            }
+            changed.await;
+        }
+    } else {
+        st.borrow_mut().finish(Err("Build failed".into()));
+    }
+}
+
+async fn run_worker(cap: &str, name: &str, capacity: i32) -> i32 {
+    let conn = connect(cap).await;
+    let reg: registration::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
+    let mut r = reg.register_request();
+    r.get().set_name(name);
+    r.get().set_capacity(capacity);
+    r.get().set_worker(capnp_rpc::new_client(TestWorker {
+        name: name.to_string(),
+    }));
+    let queue: queue::Client = match r.send().promise.await {
+        Ok(resp) => resp.get().unwrap().get_queue().unwrap(),
+        Err(e) => {
+            say(format!("register-error {}", e.extra));
+            return 3;
+        }
+    };
+    say("registered");
+    let slots = (0..capacity).map(|_| {
+        let queue = queue.clone();
+        let name = name.to_string();
+        async move {
+            loop {
+                let st = Rc::new(RefCell::new(JobState::default()));
+                let mut pop = queue.pop_request();
+                pop.get()
+                    .set_job(capnp_rpc::new_client(TestJob { st: st.clone() }));
+                let descr = match pop.send().promise.await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        say(format!("pop-error {}", e.extra));
+                        return;
+                    }
+                };
+                let descr = descr.get().unwrap().get_descr().unwrap();
+                let spec = match descr.get_action().which().unwrap() {
+                    job_descr::action::Obuilder(o) => {
+                        o.unwrap().get_spec().unwrap().to_string().unwrap()
+                    }
+                    _ => "unsupported".into(),
+                };
+                let hint = descr.get_cache_hint().unwrap().to_string().unwrap();
+                say(format!("job {name} {spec} hint={hint}"));
+                st.borrow_mut().spec = spec;
+                run_job(st).await;
+            }
+        }
+    });
+    tokio::select! {
+        _ = futures::future::join_all(slots) => {}
+        _ = conn.driver => say("disconnected"),
+    }
+    0
+}
+
+// ---- client ---------------------------------------------------------------------------------
+
+/// `client|CAP|POOL|SPEC|HINT|URGENT|ACTION`, where ACTION is one of `follow` (print the
+/// log and the result), `cancel-on-start`, `drop-on-start`, `exit-on-start`, and
+/// `cancel-queued` and `exit-queued` (once the ticket has come), and `again-after:PATH`
+/// (follow a job, then submit it again on the same connection once PATH exists).
+async fn run_client(args: &[String]) -> i32 {
+    let [cap, pool, spec, hint, urgent, action] = args else {
+        panic!("client: bad arguments {args:?}")
+    };
+    let conn = connect(cap).await;
+    let sub: submission::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
+    if let Some(path) = action.strip_prefix("again-after:") {
+        // Two jobs on one connection, the second once PATH exists.
+        let code = submit(&sub, pool, spec, hint, urgent, "follow").await;
+        say(format!("first-done {code}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !std::path::Path::new(path).exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        return submit(&sub, pool, spec, hint, urgent, "follow").await;
+    }
+    submit(&sub, pool, spec, hint, urgent, action).await
+}
+
+async fn submit(
+    sub: &submission::Client,
+    pool: &str,
+    spec: &str,
+    hint: &str,
+    urgent: &str,
+    action: &str,
+) -> i32 {
+    let mut r = sub.submit_request();
+    r.get().set_pool(pool);
+    r.get().set_urgent(urgent == "urgent");
+    {
+        let mut d = r.get().init_descr();
+        d.set_cache_hint(hint);
+        d.reborrow().init_action().init_obuilder().set_spec(spec);
+    }
+    let capnp::capability::RemotePromise {
+        promise: submitted,
+        pipeline,
+    } = r.send();
+    let ticket = pipeline.get_ticket();
+    let mut submitted = Some(submitted);
+    if let Some(what) = action.strip_suffix("-queued") {
+        // Wait for the ticket, so that the job is queued at the scheduler.
+        if let Err(e) = submitted.take().unwrap().await {
+            say(format!("result error {}", e.extra));
+            return 1;
+        }
+        say("queued");
+        if what == "exit" {
+            std::process::exit(0)
+        }
+        ticket.cancel_request().send().promise.await.unwrap();
+    }
+    let job = ticket.job_request().send().pipeline.get_job();
+    let result = job.result_request().send().promise;
+    let mut start = 0;
+    let mut started = false;
+    loop {
+        let mut l = job.log_request();
+        l.get().set_start(start);
+        let resp = match l.send().promise.await {
+            Ok(r) => r,
+            Err(e) => {
+                say(format!("log-error {}", e.extra));
+                break;
+            }
+        };
+        let (data, next) = {
+            let r = resp.get().unwrap();
+            (r.get_log().unwrap().to_vec(), r.get_next())
+        };
+        drop(resp);
+        if data.is_empty() {
+            break;
+        }
+        start = next;
+        for line in String::from_utf8_lossy(&data).lines() {
+            say(format!("log {line}"));
+        }
+        if !started {
+            started = true;
+            match action {
+                "cancel-on-start" => {
+                    ticket.cancel_request().send().promise.await.unwrap();
+                    say("cancel-sent");
+                }
+                "drop-on-start" => {
+                    drop((submitted, pipeline, ticket, job, result));
+                    say("dropped");
+                    // Keep the connection open: the release must be what cancels.
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return 0;
+                }
+                "exit-on-start" => {
+                    say("exiting");
+                    std::process::exit(0)
+                }
+                _ => {}
+            }
+        }
+    }
+    match result.await {
+        Ok(r) => {
+            let out = r.get().unwrap().get_output().unwrap().to_string().unwrap();
+            say(format!("result ok {out}"));
+            0
+        }
+        Err(e) => {
+            say(format!("result error {}", e.extra));
+            1
+        }
+    }
+}

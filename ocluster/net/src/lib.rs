@@ -3,6 +3,7 @@
 //! TLS that pins the server's key and identifies clients by theirs ([`tls`]), and Cap'n
 //! Proto connections that bootstrap by service id ([`vat`]).
 
+mod batch;
 pub mod capfile;
 pub mod der;
 pub mod key;

@@ -31,10 +31,13 @@ use capnp_rpc::rpc_capnp::message;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, Connection, IncomingMessage, OutgoingMessage, RpcSystem, VatNetwork};
 use futures::{AsyncRead, AsyncWrite, FutureExt};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::key::SecretKey;
 use crate::uri::{Auth, Location, SturdyRef};
+
+/// The largest first segment an outgoing message starts with.
+const MAX_FIRST_SEGMENT_WORDS: u32 = 32;
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,6 +115,11 @@ impl Connection<Side> for IdConnection {
     }
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
+        // capnp-rpc asks for 100 words for every Return and 1024 for every Call, and
+        // keeps a Return's message while its answer can be pipelined on: 800 bytes for
+        // each ticket a client holds. Most messages here are a few words; a bigger one
+        // just gets a second segment.
+        let first_segment_word_size = first_segment_word_size.min(MAX_FIRST_SEGMENT_WORDS);
         match &self.id {
             None => self.inner.new_outgoing_message(first_segment_word_size),
             Some(id) => {
@@ -271,7 +279,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let (r, w) = tokio::io::split(s);
-    (Box::pin(r.compat()), Box::pin(w.compat_write()))
+    (
+        Box::pin(futures::io::BufReader::with_capacity(16 * 1024, r.compat())),
+        Box::pin(crate::batch::BatchWriter::new(w)),
+    )
 }
 
 async fn open_stream(

@@ -370,15 +370,25 @@ impl PoolApi {
             item.fail("the worker went away before the job started");
             return;
         };
+        // One `result` call to the worker serves both the pool (to know when the job
+        // ends) and the client's own `result`.
+        let result = job.result_request().send().promise;
+        let result: SharedResult = futures::FutureExt::shared(Box::pin(async move {
+            let r = result.await?;
+            Ok(r.get()?.get_output()?.to_string()?)
+        })
+            as futures::future::LocalBoxFuture<'static, _>);
         if let Some(set_job) = item.set_job.take() {
-            let _ = set_job.send(Ok(capnp_rpc::new_client(JobProxy { inner: job.clone() })));
+            let _ = set_job.send(Ok(capnp_rpc::new_client(JobProxy {
+                inner: job.clone(),
+                result: result.clone(),
+            })));
         }
         let descr = std::mem::take(&mut item.descr);
         if tx.send(Ok(descr)).is_err() {
             tracing::warn!("worker's pop went away as its job was assigned");
         }
         // The job ends when its result settles, whichever way.
-        let result = job.result_request().send().promise;
         let changed = self.changed.clone();
         let this = self.this.clone();
         tokio::task::spawn_local(async move {
@@ -410,7 +420,12 @@ impl PoolApi {
 /// which cancels it (as in the original).
 struct JobProxy {
     inner: job::Client,
+    result: SharedResult,
 }
+
+/// The job's output or error, as the worker's one `result` answer gave it.
+type SharedResult =
+    futures::future::Shared<futures::future::LocalBoxFuture<'static, Result<String, Error>>>;
 
 impl Drop for JobProxy {
     fn drop(&mut self) {
@@ -453,10 +468,10 @@ impl job::Server for JobProxy {
         _: job::ResultParams,
         mut results: job::ResultResults,
     ) -> Result<(), Error> {
-        let promise = self.inner.result_request().send().promise;
+        let result = self.result.clone();
         drop(self);
-        let r = promise.await.map_err(relayed)?;
-        results.get().set_output(r.get()?.get_output()?);
+        let out = result.await.map_err(relayed)?;
+        results.get().set_output(out.as_str());
         Ok(())
     }
 

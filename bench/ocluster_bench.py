@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""OCluster scheduler benchmark (issue 12): rewrites the `ocluster` section of
+docs/benchmarks.md.
+
+- The pure state machine: jobs from 10 clients with mixed cache hints through 200 workers
+  of capacity 4; assignments per second and the scheduler's own bytes per queued job.
+- End to end over real TLS on 127.0.0.1: a release `ocluster-scheduler`, 10 clients
+  (`ocluster-load clients`, in 2 processes) queueing 100 000 jobs the way `ocluster-client`
+  submits (submit, then `job` and `result` pipelined on the ticket), then 200 simulated
+  workers of capacity 4 (`ocluster-load workers`, in 4 processes) that finish each job at
+  once. Dispatch throughput is jobs / (last result at a client - first start at a worker).
+- Submit-to-start latency: each client runs one job at a time with the workers idle, and
+  reads the start time from the job's log; the baseline in the same run is one RPC round
+  trip on the same kind of connection (a submit the scheduler refuses at once).
+- Scheduler memory: RSS before and with the 100 000 jobs queued (no workers yet), and the
+  peak (VmHWM) at the end.
+
+Usage: python3 bench/ocluster_bench.py [--jobs N] [--quick]
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+REL = os.path.join(report.REPO, "target", "release")
+TIMEOUT = 900
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "ocluster", "-p", "ocluster-load"],
+                   cwd=report.REPO, check=True)
+
+
+def kv(text):
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        out[k] = v
+    return out
+
+
+def rss_kb(pid, field="VmRSS"):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def state_machine(runs):
+    res = {}
+    for db in (False, True):
+        rows = []
+        for _ in range(runs):
+            out = subprocess.run([f"{REL}/ocluster-load", "state-machine"] + (["--db"] if db else []),
+                                 check=True, capture_output=True, text=True, timeout=TIMEOUT).stdout
+            rows.append(kv(out))
+        res[db] = rows
+    return res
+
+
+class Cluster:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ocluster-bench-")
+        os.mkdir(f"{self.dir}/secrets")
+        self.log = open(f"{self.dir}/scheduler.log", "w")
+        self.proc = subprocess.Popen(
+            [f"{REL}/ocluster-scheduler", "--capnp-secret-key-file", f"{self.dir}/key.pem",
+             "--capnp-listen-address", "tcp:127.0.0.1:0", "--secrets-dir", f"{self.dir}/secrets",
+             "--state-dir", f"{self.dir}/state", "--pools", "linux"],
+            stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 60
+        while not os.path.exists(f"{self.dir}/secrets/pool-linux.cap"):
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise SystemExit("the scheduler did not start: see " + self.log.name)
+            time.sleep(0.05)
+
+    def add_clients(self, n):
+        caps = []
+        for i in range(n):
+            out = subprocess.run([f"{REL}/ocluster-admin", "add-client", f"client{i}", "-c",
+                                  f"{self.dir}/secrets/admin.cap"],
+                                 check=True, capture_output=True, text=True, timeout=60).stdout
+            path = f"{self.dir}/client{i}.cap"
+            open(path, "w").write(out)
+            caps.append(path)
+        return caps
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def clients(caps, mode, jobs):
+    argv = [f"{REL}/ocluster-load", "clients", "--pool", "linux", "--jobs", str(jobs), "--mode", mode]
+    for c in caps:
+        argv += ["--cap", c]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_line(proc, prefix, deadline):
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(prefix):
+            return line
+    raise SystemExit(f"no {prefix!r} from a load process: {proc.stderr.read()[-2000:]}")
+
+
+def end_to_end(total_jobs, client_procs=2, n_clients=10, worker_procs=4, workers=200,
+               capacity=4, closed_jobs=300):
+    c = Cluster()
+    try:
+        caps = c.add_clients(n_clients)
+        per = n_clients // client_procs
+        groups = [caps[i * per:(i + 1) * per] for i in range(client_procs)]
+        rss0 = rss_kb(c.proc.pid)
+        t0 = time.time()
+        cps = [clients(g, "queue", total_jobs // n_clients) for g in groups]
+        deadline = time.time() + TIMEOUT
+        queued = sum(int(wait_line(p, "queued", deadline).split()[1]) for p in cps)
+        queue_s = time.time() - t0
+        rss_q = rss_kb(c.proc.pid)
+        wps = [subprocess.Popen([f"{REL}/ocluster-load", "workers", "--cap", f"{c.dir}/secrets/pool-linux.cap",
+                                 "--count", str(workers // worker_procs), "--capacity", str(capacity),
+                                 "--prefix", f"p{i}-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(worker_procs)]
+        outs = []
+        for p in cps:
+            out, err = p.communicate(timeout=TIMEOUT)
+            outs.append(kv(out))
+        ok = sum(int(o.get("ok", 0)) for o in outs)
+        errors = sum(int(o.get("errors", 0)) for o in outs)
+        last = max(int(o["last_result_ns"]) for o in outs)
+        for p in wps:
+            wait_line(p, "registered", time.time() + 120)
+        # Submit-to-start with the workers idle, then the round-trip baseline.
+        lat = []
+        for p in [clients(g, "closed", closed_jobs) for g in groups]:
+            out, _ = p.communicate(timeout=TIMEOUT)
+            lat += [int(x) for x in kv(out).get("latency_us", "").split(",") if x]
+        base = []
+        for p in [clients(g, "ping", closed_jobs) for g in groups]:
+            out, _ = p.communicate(timeout=TIMEOUT)
+            base += [int(x) for x in kv(out).get("latency_us", "").split(",") if x]
+        first = None
+        for p in wps:
+            p.send_signal(signal.SIGTERM)
+            out, _ = p.communicate(timeout=60)
+            f = int(kv(out).get("first_start_ns", 0))
+            if f and (first is None or f < first):
+                first = f
+        peak = rss_kb(c.proc.pid, "VmHWM")
+        return {
+            "queued": queued, "queue_s": queue_s, "ok": ok, "errors": errors,
+            "dispatch_s": (last - first) / 1e9, "rss0": rss0, "rss_q": rss_q, "peak": peak,
+            "lat": lat, "base": base,
+        }
+    finally:
+        c.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=100_000, help="jobs queued end to end (default 100000)")
+    ap.add_argument("--quick", action="store_true", help="10 000 jobs, one state-machine run")
+    args = ap.parse_args()
+    jobs = 10_000 if args.quick else args.jobs
+    build()
+    print("state machine…", file=sys.stderr)
+    sm = state_machine(1 if args.quick else 5)
+    print(f"end to end with {jobs} jobs…", file=sys.stderr)
+    e = end_to_end(jobs)
+
+    def med(rows, key):
+        return statistics.median(float(r[key]) for r in rows)
+
+    def rng(rows, key):
+        xs = [float(r[key]) for r in rows]
+        return f"{min(xs):,.0f}–{max(xs):,.0f}"
+
+    per_job_rpc = (e["rss_q"] - e["rss0"]) * 1024 / max(1, e["queued"])
+    lat, base = e["lat"], e["base"]
+    nproc = os.cpu_count()
+    text = f"""## OCluster scheduler (`bench/ocluster_bench.py`)
+
+Measured by `python3 bench/ocluster_bench.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')} ({nproc} cores). Everything runs on this one machine: the scheduler, the clients and the simulated workers share its {nproc} cores.
+
+### The state machine alone (`ocluster-load state-machine`)
+
+{int(sm[False][0]['jobs']):,} jobs from 10 clients (one in five without a cache hint, the rest over 100 hints, one in fifty urgent) through 200 workers of capacity 4; each assignment is answered by finishing the job and popping again. {len(sm[False])} run(s), median [min–max].
+
+| | assignments/s | submits/s | scheduler state per queued job |
+|---|---|---|---|
+| pool only | **{med(sm[False], 'assignments_per_s'):,.0f}** [{rng(sm[False], 'assignments_per_s')}] | {med(sm[False], 'submits_per_s'):,.0f} | {med(sm[False], 'bytes_per_queued_job'):.0f} bytes |
+| with the learned hints written to SQLite (in memory) | {med(sm[True], 'assignments_per_s'):,.0f} [{rng(sm[True], 'assignments_per_s')}] | {med(sm[True], 'submits_per_s'):,.0f} | {med(sm[True], 'bytes_per_queued_job'):.0f} bytes |
+
+"State per queued job" counts every byte the pool holds for a queued job (live heap, by a counting allocator), with the job description kept as the client sent it ({sm[False][0]['descr_bytes']} bytes for a one-step spec).
+
+### End to end over TLS on 127.0.0.1
+
+{e['queued']:,} jobs queued by 10 clients (2 processes) in {e['queue_s']:.1f} s, as `ocluster-client` submits: `submit`, then `job` and `result` pipelined on each ticket. Then 200 simulated workers of capacity 4 (4 processes, one TLS connection each) took them: {e['ok']:,} results, {e['errors']} errors.
+
+| | measured |
+|---|---|
+| dispatch throughput (first start at a worker → last result at a client) | **{e['ok'] / e['dispatch_s']:,.0f} jobs/s** ({e['dispatch_s']:.1f} s) |
+| submit → start, one job at a time per client, workers idle ({len(lat)} jobs) | median **{statistics.median(lat) / 1000:.2f} ms**, p99 {pct(lat, 0.99) / 1000:.2f} ms |
+| baseline: one RPC round trip on the same kind of connection ({len(base)} calls) | median {statistics.median(base) / 1000:.2f} ms, p99 {pct(base, 0.99) / 1000:.2f} ms |
+| scheduler RSS, idle → with {e['queued']:,} jobs queued | {e['rss0'] / 1024:.0f} MiB → {e['rss_q'] / 1024:.0f} MiB: **{per_job_rpc / 1024:.1f} KiB per queued job** |
+| scheduler peak RSS (VmHWM) over the whole run | {e['peak'] / 1024:.0f} MiB |
+
+Submit → start crosses the scheduler twice (client → scheduler → worker, then the start time comes back in the job's log), so about two round trips is the floor.
+
+### Targets (issue 12)
+
+| target | result |
+|---|---|
+| ≥ 100 000 assignments/s in the state machine | {'met' if med(sm[False], 'assignments_per_s') >= 100_000 else 'NOT met'}: {med(sm[False], 'assignments_per_s'):,.0f} |
+| ≥ 5 000 jobs/s end to end over RPC | {'met' if e['ok'] / e['dispatch_s'] >= 5000 else 'NOT met'}: {e['ok'] / e['dispatch_s']:,.0f} |
+| < 1 KiB of memory per queued job | scheduler state: {'met' if med(sm[False], 'bytes_per_queued_job') < 1024 else 'NOT met'} ({med(sm[False], 'bytes_per_queued_job'):.0f} bytes). Whole process over RPC: {'met' if per_job_rpc < 1024 else 'NOT met'} ({per_job_rpc / 1024:.1f} KiB); see docs/performance.md |
+"""
+    report.write_section("ocluster", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

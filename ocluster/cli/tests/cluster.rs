@@ -17,10 +17,15 @@ fn peer() {
     common::peer::main();
 }
 
-const GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/reference/ocluster-golden"
-);
+/// `$OCLUSTER_GOLDEN`, or `../shared/reference/ocluster-golden` beside the checkout.
+fn golden_dir() -> std::path::PathBuf {
+    std::env::var_os("OCLUSTER_GOLDEN")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/reference/ocluster-golden")
+        })
+}
 
 #[test]
 fn submit_pipelines_job_log_and_result() {
@@ -398,7 +403,7 @@ fn admin_pause_survives_a_restart() {
 /// The original scheduler's key and database: the same cap files, and its clients work.
 #[test]
 fn golden_drop_in_for_the_original_state_dir() {
-    let golden = std::path::Path::new(GOLDEN).join("tls");
+    let golden = golden_dir().join("tls");
     if !golden.join("key.pem").exists() {
         if std::env::var_os("OBUILDER_TEST_STRICT").is_some() {
             panic!("golden files missing at {}", golden.display());

@@ -8,11 +8,16 @@ use ocluster_net::key::{derived_id, SecretKey};
 use ocluster_net::{capfile, uri, Auth, SturdyRef};
 use sha2::{Digest, Sha256};
 
-/// The golden directory, or None (skip, with the reason) when it is absent; under
+/// The golden directory (`$OCLUSTER_GOLDEN`, or `../shared/reference/ocluster-golden`
+/// beside the checkout), or None (skip, with the reason) when it is absent; under
 /// `OBUILDER_TEST_STRICT=1` its absence fails the test.
 pub fn golden() -> Option<PathBuf> {
-    let d =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/ocluster-golden");
+    let d = std::env::var_os("OCLUSTER_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/reference/ocluster-golden")
+        });
     if d.join("tls/key.pem").is_file() {
         return Some(d);
     }

@@ -512,3 +512,113 @@ fn prometheus_metrics_and_worker_relay() {
     assert!(missing.starts_with("HTTP/1.1 400"), "{missing}");
     assert!(missing.ends_with("Worker not connected"), "{missing}");
 }
+
+/// Plain TCP (`--capnp-disable-tls`): cap files say `insecure`, and a second, different
+/// service id on one connection is refused while the scheduler serves the others.
+#[test]
+fn insecure_mode_and_a_second_service_id() {
+    let s = Scheduler::start(&["linux"], &["--capnp-disable-tls"]);
+    let admin = std::fs::read_to_string(s.admin_cap()).unwrap();
+    assert!(admin.starts_with("capnp://insecure@127.0.0.1:"), "{admin}");
+    assert_eq!(s.admin_ok(&["show"]), "linux\n");
+    let id = |cap: &std::path::Path| ocluster_net::capfile::read(cap).unwrap().service_id;
+    let frame = |q: u32, id: &[u8]| {
+        let mut m = capnp::message::Builder::new_default();
+        let mut b = m
+            .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+            .init_bootstrap();
+        b.set_question_id(q);
+        b.init_deprecated_object_id()
+            .set_as(capnp::text::Reader::from(id))
+            .unwrap();
+        capnp::serialize::write_message_to_words(&m)
+    };
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    t.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    t.write_all(&frame(0, &id(&s.admin_cap()))).unwrap();
+    t.write_all(&frame(1, &id(&s.pool_cap("linux")))).unwrap();
+    let mut answer = Vec::new();
+    let _ = t.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("another service id"), "{text:?}");
+    let alice = s.add_client("alice");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "echo plain", "", "follow");
+    assert_eq!(c.expect("result"), "result ok plain");
+}
+
+#[test]
+fn unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sched.sock");
+    let listen = format!("--capnp-listen-address=unix:{}", sock.display());
+    let s = Scheduler::start(&["linux"], &[&listen]);
+    let admin = std::fs::read_to_string(s.admin_cap()).unwrap();
+    assert!(admin.contains(&format!("@{}/", sock.display())), "{admin}");
+    assert_eq!(s.admin_ok(&["show"]), "linux\n");
+    let alice = s.add_client("alice");
+    let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "echo unix", "", "follow");
+    assert_eq!(c.expect("result"), "result ok unix");
+}
+
+#[test]
+fn exec_and_bulk_admin_verbs() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let _w1 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let _w2 = Peer::worker(&s.pool_cap("linux"), "w2", 1);
+    let out = s.dir.path().join("exec.out");
+    // Each whole `{}` argument is the worker's name.
+    let script = r#"echo "$1" >> "$2""#;
+    s.admin_ok(&[
+        "exec",
+        "linux",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        "{}",
+        out.to_str().unwrap(),
+    ]);
+    let mut names: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["w1", "w2"]);
+    let failed = s.admin(&["exec", "linux", "--", "false"]);
+    assert!(!failed.status.success());
+    assert!(
+        stderr(&failed).contains("Sub-process failed with exit code 1"),
+        "{}",
+        stderr(&failed)
+    );
+
+    // Without a worker and without --all: the candidates, and exit 1.
+    let out = s.admin(&["pause", "linux"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("w1 (active, connected)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        s.admin_ok(&["pause", "--all", "linux"]),
+        "Updating w1, w2…\nSuccess.\n"
+    );
+    assert_eq!(s.admin_ok(&["show", "linux", "w2"]), "w2: Paused\n");
+    assert_eq!(
+        s.admin_ok(&["unpause", "--all", "linux"]),
+        "Updating w1, w2…\nSuccess.\n"
+    );
+    assert_eq!(s.admin_ok(&["show", "--terse", "linux", "w1"]), "Running\n");
+    let out = s.admin(&["forget", "linux"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\nSpecify which worker you want to forget.\nCandidates are:\n"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -75,10 +75,13 @@ impl Scheduler {
         let child = Command::new(env!("CARGO_BIN_EXE_ocluster-scheduler"))
             .arg("--capnp-secret-key-file")
             .arg(self.dir.path().join("key.pem"))
-            .arg(format!(
-                "--capnp-listen-address=tcp:127.0.0.1:{}",
-                self.port
-            ))
+            .args(
+                (!self
+                    .extra
+                    .iter()
+                    .any(|a| a.starts_with("--capnp-listen-address")))
+                .then(|| format!("--capnp-listen-address=tcp:127.0.0.1:{}", self.port)),
+            )
             .arg("--secrets-dir")
             .arg(self.secrets())
             .arg("--state-dir")
@@ -101,7 +104,11 @@ impl Scheduler {
         }
         let uri = std::fs::read_to_string(self.admin_cap()).unwrap();
         let slash = uri.rfind('/').unwrap();
-        self.port = uri[..slash].rsplit(':').next().unwrap().parse().unwrap();
+        self.port = uri[..slash]
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
     }
 
     pub fn stop(&mut self) {
@@ -159,7 +166,7 @@ impl Drop for Scheduler {
 
 pub fn admin_with(cap: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
-    cmd.args(args).arg("-c").arg(cap);
+    cmd.arg("-c").arg(cap).args(args);
     run_bounded(cmd)
 }
 

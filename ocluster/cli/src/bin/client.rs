@@ -1,0 +1,262 @@
+//! `ocluster-client`: submits a job to a scheduler and follows it (reference/ocluster.md
+//! §4.3): prints `Tailing log:`, streams the log live, then `Result: "…"`. Exits 1 if the
+//! job fails; Ctrl-C cancels the job.
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use ocluster::{connect, error_text, init_logging, load_cap, Verbosity};
+use ocluster_api::schema_capnp::{job_descr, submission};
+
+/// Submit jobs to an OCluster scheduler.
+#[derive(Parser, Debug)]
+#[command(name = "ocluster-client", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    verbosity: Verbosity,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Submit an OBuilder spec.
+    SubmitObuilder {
+        #[command(flatten)]
+        common: Common,
+        /// The spec to build.
+        #[arg(long, value_name = "FILE")]
+        local_file: PathBuf,
+    },
+    /// Submit a Dockerfile build.
+    SubmitDocker {
+        #[command(flatten)]
+        common: Common,
+        /// A Dockerfile on this machine, sent with the job.
+        #[arg(long, value_name = "PATH", conflicts_with = "context_dockerfile")]
+        local_dockerfile: Option<PathBuf>,
+        /// A Dockerfile inside the build context (default: Dockerfile).
+        #[arg(long, value_name = "PATH")]
+        context_dockerfile: Option<String>,
+        /// Push the result to REPO:TAG.
+        #[arg(long, value_name = "REPO:TAG")]
+        push_to: Option<String>,
+        /// The registry user for the push.
+        #[arg(long, value_name = "USER")]
+        push_user: Option<String>,
+        /// A file whose first line is the registry password.
+        #[arg(long, value_name = "FILE")]
+        push_password: Option<PathBuf>,
+        /// A --build-arg for the build, repeatable.
+        #[arg(long, value_name = "ARG")]
+        build_arg: Vec<String>,
+        #[arg(long)]
+        squash: bool,
+        #[arg(long)]
+        buildkit: bool,
+        /// Keep .git in the build context.
+        #[arg(long)]
+        include_git: bool,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+struct Common {
+    /// The client's submission cap file.
+    #[arg(short = 'c', long = "connect", value_name = "FILE")]
+    connect: PathBuf,
+    /// The pool to build on.
+    #[arg(long, value_name = "ID")]
+    pool: String,
+    /// Jobs with the same hint go to the same workers when they can.
+    #[arg(long, value_name = "HINT", default_value = "")]
+    cache_hint: String,
+    /// Ahead of every non-urgent job.
+    #[arg(long)]
+    urgent: bool,
+    /// A secret for the build: ID:FILE (the whole file), repeatable.
+    #[arg(long, value_name = "ID:FILE")]
+    secret: Vec<String>,
+    /// The Git repository of the build context, then one or more full commit hashes
+    /// (merged in order).
+    #[arg(value_name = "URL")]
+    repository: Option<String>,
+    #[arg(value_name = "HASH")]
+    commits: Vec<String>,
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(1)
+}
+
+fn read(path: &std::path::Path, what: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| die(format!("{what} {}: {e}", path.display())))
+}
+
+/// How the original prints a Cap'n Proto error: `Failed: REASON.`
+fn show(e: &capnp::Error) -> String {
+    let kind = match e.kind {
+        capnp::ErrorKind::Disconnected => "Disconnected",
+        capnp::ErrorKind::Overloaded => "Overloaded",
+        capnp::ErrorKind::Unimplemented => "Unimplemented",
+        _ => "Failed",
+    };
+    format!("{kind}: {}.", error_text(e))
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging(&args.verbosity);
+    let common = match &args.command {
+        Command::SubmitObuilder { common, .. } | Command::SubmitDocker { common, .. } => common,
+    };
+    if let (Some(repo), true) = (&common.repository, common.commits.is_empty()) {
+        die(format!("No commits requested from repository {repo:?}!"))
+    }
+    let mut secrets = Vec::new();
+    for s in &common.secret {
+        let Some((id, file)) = s.split_once(':') else {
+            die(format!("--secret {s:?}: expected ID:FILE"))
+        };
+        secrets.push((id.to_string(), read(std::path::Path::new(file), "--secret")));
+    }
+    let sr = load_cap(&common.connect).unwrap_or_else(|e| die(e));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| die(e));
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&rt, async {
+        let conn = connect(&sr).await.unwrap_or_else(|e| die(e));
+        let sub: submission::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
+        let mut r = sub.submit_request();
+        {
+            let mut p = r.get();
+            p.set_pool(common.pool.as_str());
+            p.set_urgent(common.urgent);
+            let mut d = p.init_descr();
+            d.set_cache_hint(common.cache_hint.as_str());
+            if let Some(repo) = &common.repository {
+                d.set_repository(repo.as_str());
+            }
+            let mut c = d.reborrow().init_commits(common.commits.len() as u32);
+            for (i, h) in common.commits.iter().enumerate() {
+                c.set(i as u32, h.as_str());
+            }
+            let mut s = d.reborrow().init_secrets(secrets.len() as u32);
+            for (i, (id, value)) in secrets.iter().enumerate() {
+                let mut e = s.reborrow().get(i as u32);
+                e.set_id(id.as_str());
+                e.set_value(value.as_str());
+            }
+            fill_action(&args.command, d.init_action());
+        }
+        let ticket = r.send().pipeline.get_ticket();
+        let job = ticket.job_request().send().pipeline.get_job();
+        let result = job.result_request().send().promise;
+        println!("Tailing log:");
+        let follow = async {
+            let mut start = 0i64;
+            loop {
+                let mut l = job.log_request();
+                l.get().set_start(start);
+                let resp = match l.send().promise.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("Error tailing logs: {}", show(&e).trim_end_matches('.'));
+                        return;
+                    }
+                };
+                let Ok(r) = resp.get() else { return };
+                let data = r.get_log().unwrap_or_default();
+                if data.is_empty() {
+                    return;
+                }
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(data);
+                let _ = out.flush();
+                start = r.get_next();
+            }
+        };
+        tokio::select! {
+            _ = follow => {}
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("Cancelling job…");
+                if let Err(e) = ticket.cancel_request().send().promise.await {
+                    eprintln!("cannot cancel: {}", show(&e));
+                }
+            }
+        }
+        match result.await {
+            Ok(r) => {
+                let out = r
+                    .get()
+                    .and_then(|r| r.get_output())
+                    .ok()
+                    .and_then(|t| t.to_string().ok())
+                    .unwrap_or_default();
+                if !out.is_empty() {
+                    println!("Result: {out:?}");
+                }
+                0
+            }
+            Err(e) => {
+                println!("{}", show(&e));
+                1
+            }
+        }
+    });
+    std::process::exit(code)
+}
+
+fn fill_action(cmd: &Command, a: job_descr::action::Builder<'_>) {
+    match cmd {
+        Command::SubmitObuilder { local_file, .. } => {
+            a.init_obuilder()
+                .set_spec(read(local_file, "--local-file").as_str());
+        }
+        Command::SubmitDocker {
+            local_dockerfile,
+            context_dockerfile,
+            push_to,
+            push_user,
+            push_password,
+            build_arg,
+            squash,
+            buildkit,
+            include_git,
+            ..
+        } => {
+            let mut d = a.init_docker_build();
+            match local_dockerfile {
+                Some(p) => d
+                    .reborrow()
+                    .init_dockerfile()
+                    .set_contents(read(p, "--local-dockerfile").as_str()),
+                None => d
+                    .reborrow()
+                    .init_dockerfile()
+                    .set_path(context_dockerfile.as_deref().unwrap_or("Dockerfile")),
+            }
+            if let Some(t) = push_to {
+                d.set_push_target(t.as_str());
+            }
+            if let Some(u) = push_user {
+                d.set_push_user(u.as_str());
+            }
+            if let Some(p) = push_password {
+                let pw = read(p, "--push-password");
+                d.set_push_password(pw.lines().next().unwrap_or(""));
+            }
+            let mut l = d.reborrow().init_build_args(build_arg.len() as u32);
+            for (i, b) in build_arg.iter().enumerate() {
+                l.set(i as u32, b.as_str());
+            }
+            d.set_squash(*squash);
+            d.set_buildkit(*buildkit);
+            d.set_include_git(*include_git);
+        }
+    }
+}

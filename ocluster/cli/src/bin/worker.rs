@@ -1,0 +1,146 @@
+//! `ocluster-worker`: takes jobs from a scheduler's pool and runs them in this process
+//! with the obuilder engine (reference/ocluster.md §3).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use obuilder_config::{BuilderConfig, SandboxSpec, StoreSpec};
+use ocluster::{init_logging, load_cap, Verbosity};
+use ocluster_worker::{Exit, WorkerConfig, EXIT_UPDATE};
+
+/// Run builds for an OCluster scheduler.
+///
+/// Exit status: 0 after SIGTERM or SIGINT (running jobs are cancelled), 1 after
+/// `ocluster-admin update` has drained it (the service manager starts the new binary),
+/// 2 for bad flags or a store or sandbox that cannot be used.
+#[derive(Parser, Debug)]
+#[command(name = "ocluster-worker", version)]
+struct Args {
+    /// The pool's cap file (pool-NAME.cap, from the scheduler's --secrets-dir).
+    #[arg(short = 'c', long = "connect", value_name = "FILE")]
+    connect: PathBuf,
+    /// This worker's name, unique in its pool.
+    #[arg(long, value_name = "ID")]
+    name: String,
+    /// Jobs at once.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    capacity: u32,
+    /// Where Git mirrors and temporary build contexts are kept.
+    #[arg(long, value_name = "PATH")]
+    state_dir: PathBuf,
+    /// The obuilder store: btrfs:/PATH, xfs:/PATH, overlayfs:/PATH or rsync:/PATH.
+    #[arg(long, value_name = "STORE")]
+    obuilder_store: String,
+    /// For a new rsync store: copy, hardlink or hardlink_unsafe.
+    #[arg(long, value_name = "MODE")]
+    rsync_mode: Option<obuilder_stores::rsync::RsyncMode>,
+    /// The sandbox: runc or runc:/PATH/TO/RUNC.
+    #[arg(long, value_name = "SANDBOX", default_value = "runc")]
+    sandbox: String,
+    /// Make sync calls no-ops inside steps (faster on btrfs).
+    #[arg(long)]
+    fast_sync: bool,
+    /// Prune the store while its free space is below this percentage.
+    #[arg(long, value_name = "PCT", default_value_t = 30.0)]
+    obuilder_prune_threshold: f64,
+    /// Results deleted per prune round.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    obuilder_prune_limit: usize,
+    /// Seconds between healthchecks (0: none; the worker still checks at start-up unless 0).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    obuilder_healthcheck: u64,
+    /// Extra metrics to relay: NAME:URI (http://…), repeatable or comma-separated.
+    #[arg(long, value_name = "NAME:URI", value_delimiter = ',')]
+    additional_metrics: Vec<String>,
+    /// Repositories a Dockerfile job may push to (accepted for compatibility; this worker
+    /// runs OBuilder jobs).
+    #[arg(long, value_name = "REPO", value_delimiter = ',')]
+    allow_push: Vec<String>,
+    /// Docker pruning (accepted for compatibility; no effect on an OBuilder worker).
+    #[arg(long, value_name = "PCT")]
+    prune_threshold: Option<f64>,
+    /// Docker pruning (accepted for compatibility; no effect on an OBuilder worker).
+    #[arg(long, value_name = "GB")]
+    docker_max_df_size: Option<f64>,
+    #[command(flatten)]
+    verbosity: Verbosity,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("ocluster-worker: {msg}");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging(&args.verbosity);
+    let pool = load_cap(&args.connect).unwrap_or_else(|e| fail(e));
+    let store = StoreSpec::parse(&args.obuilder_store, args.rsync_mode)
+        .unwrap_or_else(|e| fail(format!("--obuilder-store: {e}")));
+    let sandbox = match args.sandbox.parse::<SandboxSpec>() {
+        Ok(SandboxSpec::Runc(mut o)) => {
+            o.fast_sync = args.fast_sync;
+            SandboxSpec::Runc(o)
+        }
+        Err(e) => fail(format!("--sandbox: {e}")),
+    };
+    let mut builder = BuilderConfig::new(store);
+    builder.sandbox = Some(sandbox);
+    let mut config = WorkerConfig::new(&args.name, args.state_dir.clone(), builder);
+    config.capacity = args.capacity.max(1);
+    config.prune_threshold = args.obuilder_prune_threshold;
+    config.prune_limit = args.obuilder_prune_limit;
+    config.healthcheck_period = Duration::from_secs(args.obuilder_healthcheck);
+    for m in &args.additional_metrics {
+        let Some((name, uri)) = m.split_once(':') else {
+            fail(format!("--additional-metrics {m:?}: expected NAME:URI"))
+        };
+        if config.additional_metrics.iter().any(|(n, _)| n == name) {
+            fail(format!("--additional-metrics: {name:?} is given twice"));
+        }
+        config
+            .additional_metrics
+            .push((name.to_string(), uri.to_string()));
+    }
+    if !args.allow_push.is_empty()
+        || args.prune_threshold.is_some()
+        || args.docker_max_df_size.is_some()
+    {
+        tracing::warn!("Docker flags are accepted for compatibility but have no effect: this worker runs OBuilder jobs");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&rt, async move {
+        let stop = obuilder_engine::CancellationToken::new();
+        {
+            let stop = stop.clone();
+            tokio::task::spawn_local(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("signal handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("stopping: cancelling running jobs");
+                stop.cancel();
+            });
+        }
+        match ocluster_worker::run(config, pool, stop).await {
+            Ok(Exit::Update) => EXIT_UPDATE,
+            Ok(Exit::Stopped) => 0,
+            Err(e) => {
+                eprintln!("ocluster-worker: {e}");
+                2
+            }
+        }
+    });
+    // Let cancelled builds kill their containers.
+    drop(local);
+    rt.shutdown_timeout(Duration::from_secs(10));
+    std::process::exit(code)
+}

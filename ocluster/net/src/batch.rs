@@ -150,3 +150,21 @@ impl Drop for BatchWriter {
         self.wake.notify_one();
     }
 }
+
+/// A reader that takes a peer that closes its TCP connection without TLS's close_notify
+/// (a killed process) as having closed it: capnp then reports a plain disconnection, not
+/// rustls's "Premature end of file" with a link to its manual.
+pub struct EofReader<R>(pub R);
+
+impl<R: futures::io::AsyncRead + Unpin> futures::io::AsyncRead for EofReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.0).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(0)),
+            other => other,
+        }
+    }
+}

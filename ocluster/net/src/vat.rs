@@ -280,7 +280,10 @@ where
 {
     let (r, w) = tokio::io::split(s);
     (
-        Box::pin(futures::io::BufReader::with_capacity(16 * 1024, r.compat())),
+        Box::pin(futures::io::BufReader::with_capacity(
+            16 * 1024,
+            crate::batch::EofReader(r.compat()),
+        )),
         Box::pin(crate::batch::BatchWriter::new(w)),
     )
 }

@@ -180,12 +180,18 @@ fn main() {
                 start = r.get_next();
             }
         };
+        let mut follow = std::pin::pin!(follow);
         tokio::select! {
-            _ = follow => {}
+            _ = &mut follow => {}
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("Cancelling job…");
+                eprintln!("Cancelling job… (Ctrl-C again to stop waiting)");
                 if let Err(e) = ticket.cancel_request().send().promise.await {
                     eprintln!("cannot cancel: {}", show(&e));
+                }
+                // Show the end of the log ("Job cancelled").
+                tokio::select! {
+                    _ = &mut follow => {}
+                    _ = tokio::signal::ctrl_c() => std::process::exit(130),
                 }
             }
         }

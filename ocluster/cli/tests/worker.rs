@@ -1,0 +1,493 @@
+//! The whole cluster for real: `ocluster-scheduler`, `ocluster-worker`s running OBuilder
+//! jobs in runc on btrfs stores on a loopback filesystem, and `ocluster-client`, each in
+//! its own process, over TLS on 127.0.0.1.
+
+// Tests start the real programs as processes.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{Scheduler, TIMEOUT};
+use testkit::{require, Cap};
+
+/// A process whose stdout lines are read as they come.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `text`.
+    fn expect(&mut self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(text) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no line with {text:?}; saw:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Reads to the end and returns the exit code.
+    fn finish(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "{}", self.seen.join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A worker process with its own btrfs store (busybox imported) and state dir.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(s: &Scheduler, fs: &Path, name: &str, capacity: u32) -> Worker {
+        let store = fs.join(format!("store-{name}"));
+        import_busybox(&store, &fs.join("busybox"));
+        let log = s.dir.path().join(format!("worker-{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_ocluster-worker"))
+            .arg("-c")
+            .arg(s.pool_cap("linux"))
+            .args(["--name", name, "--capacity", &capacity.to_string()])
+            .arg("--state-dir")
+            .arg(s.dir.path().join(format!("state-{name}")))
+            .arg(format!("--obuilder-store=btrfs:{}", store.display()))
+            .args(["--fast-sync", "--obuilder-healthcheck", "0", "-v"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let w = Worker { child, log };
+        w.wait_log("Registered as");
+        w
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the worker's log has `text` `n` times.
+    fn wait_log_n(&self, text: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.log().matches(text).count() < n {
+            assert!(Instant::now() < deadline, "no {text:?} in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_log(&self, text: &str) {
+        self.wait_log_n(text, 1)
+    }
+}
+
+impl Worker {
+    /// `kill -9`: no chance to clean up.
+    fn kill_hard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + TIMEOUT;
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn import_busybox(store: &Path, rootfs: &Path) {
+    if !rootfs.exists() {
+        testkit::e2e::make_busybox(rootfs);
+    }
+    let config = obuilder_config::BuilderConfig::new(
+        obuilder_config::StoreSpec::parse(&format!("btrfs:{}", store.display()), None).unwrap(),
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        obuilder_fetch::import::import(
+            &config.images(),
+            &config.exec,
+            obuilder_fetch::import::ImportRequest {
+                name: "busybox",
+                path: rootfs,
+                env: Some(vec![(
+                    "PATH".into(),
+                    "/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                )]),
+                platform: None,
+            },
+        )
+        .await
+        .unwrap();
+    });
+}
+
+fn client(cap: &Path, spec: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-client"));
+    cmd.arg("submit-obuilder")
+        .arg("-c")
+        .arg(cap)
+        .args(["--pool", "linux", "--local-file"])
+        .arg(spec)
+        .args(extra);
+    Proc::spawn(cmd)
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A repository with a base commit and two branches off it: `one` adds b.txt, `two` adds
+/// c.txt, and `clash` changes a.txt as `one` does, differently.
+fn repo(dir: &Path) -> (String, String, String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q"]);
+    std::fs::write(dir.join("a.txt"), "base\n").unwrap();
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "base"]);
+    git(dir, &["checkout", "-qb", "one"]);
+    std::fs::write(dir.join("b.txt"), "from one\n").unwrap();
+    std::fs::write(dir.join("a.txt"), "one\n").unwrap();
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "one"]);
+    let one = git(dir, &["rev-parse", "HEAD"]);
+    git(dir, &["checkout", "-q", "main"]);
+    git(dir, &["checkout", "-qb", "two"]);
+    std::fs::write(dir.join("c.txt"), "from two\n").unwrap();
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "two"]);
+    let two = git(dir, &["rev-parse", "HEAD"]);
+    git(dir, &["checkout", "-q", "main"]);
+    git(dir, &["checkout", "-qb", "clash"]);
+    std::fs::write(dir.join("a.txt"), "clash\n").unwrap();
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "clash"]);
+    let clash = git(dir, &["rev-parse", "HEAD"]);
+    (format!("file://{}", dir.display()), one, two, clash)
+}
+
+fn spec(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+/// Git contexts with two commits merged, the log streamed live, the same cache hint on
+/// the same worker, and bad input that fails its job while the worker goes on.
+#[test]
+fn git_jobs_logs_affinity_and_bad_input() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::Tool("git"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar")
+    );
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let w1 = Worker::start(&s, &fs.mnt, "w1", 2);
+    let w2 = Worker::start(&s, &fs.mnt, "w2", 2);
+    let (url, one, two, clash) = repo(&s.dir.path().join("repo"));
+
+    // Two commits merged: the context has the files of both.
+    let merged = spec(
+        s.dir.path(),
+        "merged",
+        "((from busybox)\n (shell /bin/sh -c)\n (copy (src a.txt b.txt c.txt) (dst /src/))\n \
+         (run (shell \"cat /src/a.txt /src/b.txt /src/c.txt\")))\n",
+    );
+    let mut c = client(&alice, &merged, &["--cache-hint", "opam", &url, &one, &two]);
+    c.expect("Tailing log:");
+    let building = c.expect("Building on");
+    c.expect("one");
+    c.expect("from one");
+    c.expect("from two");
+    c.expect("Job succeeded");
+    c.expect("Result: \"");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    let first = building.trim_start_matches("Building on ").to_string();
+
+    // The same hint goes to the same worker (several times, both workers idle).
+    for i in 0..3 {
+        let body =
+            format!("((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo again {i}\")))\n");
+        let p = spec(s.dir.path(), &format!("again{i}"), &body);
+        let mut c = client(&alice, &p, &["--cache-hint", "opam"]);
+        assert_eq!(c.expect("Building on"), format!("Building on {first}"));
+        c.expect(&format!("again {i}"));
+        assert_eq!(c.finish(), 0, "{}", c.output());
+    }
+
+    // The log arrives while the step runs.
+    let slow = spec(
+        s.dir.path(),
+        "slow",
+        "((from busybox)\n (shell /bin/sh -c)\n \
+         (run (shell \"echo tick-1; sleep 3; echo tick-2\")))\n",
+    );
+    let mut c = client(&alice, &slow, &[]);
+    c.expect("tick-1");
+    let t = Instant::now();
+    assert!(
+        c.child.try_wait().unwrap().is_none(),
+        "the job was over already"
+    );
+    c.expect("tick-2");
+    assert!(
+        t.elapsed() > Duration::from_millis(500),
+        "tick-1 came with the end"
+    );
+    assert_eq!(c.finish(), 0, "{}", c.output());
+
+    // Bad input: each job fails clearly.
+    let plain = spec(
+        s.dir.path(),
+        "plain",
+        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo fine\")))\n",
+    );
+    let unparsable = spec(s.dir.path(), "bad", "((from busybox) (run oops)\n");
+    let mut c = client(&alice, &unparsable, &[]);
+    c.expect("Invalid spec");
+    c.expect("Failed: Build failed.");
+    assert_eq!(c.finish(), 1);
+    let secret = spec(
+        s.dir.path(),
+        "secret",
+        "((from busybox)\n (shell /bin/sh -c)\n \
+         (run (secrets (token (target /run/secrets/token))) (shell \"true\")))\n",
+    );
+    let mut c = client(&alice, &secret, &[]);
+    c.expect("token");
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    let mut c = client(&alice, &plain, &[&url, &"0".repeat(40)]);
+    c.expect("is not in");
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    let mut c = client(&alice, &plain, &[&url, &one, &clash]);
+    c.expect("merge conflict");
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    let gone = format!("file://{}/nowhere", s.dir.path().display());
+    let mut c = client(&alice, &plain, &[&gone, &one]);
+    c.expect("cannot fetch");
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    // And the workers go on.
+    let mut c = client(&alice, &plain, &[]);
+    c.expect("fine");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    // No build context is left behind.
+    for w in ["w1", "w2"] {
+        let tmp = s.dir.path().join(format!("state-{w}/tmp"));
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{w}");
+    }
+    drop((w1, w2));
+}
+
+/// How many processes have `sleep 1000` in their command line (the step's shell, inside
+/// its container).
+fn sleepers() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            c.windows(10)
+                .any(|w| w == b"sleep 1000" || w == b"sleep\x001000")
+        })
+        .count()
+}
+
+/// Ctrl-C at the client cancels the job: its container is gone within a second or two.
+/// Then a worker killed mid-job gives its client a clear error, and a worker that loses
+/// the scheduler reconnects and takes jobs again.
+#[test]
+fn cancel_worker_death_and_reconnect() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar")
+    );
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
+    let before = sleepers();
+    let sleepy = spec(
+        s.dir.path(),
+        "sleepy",
+        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo sleeping; sleep 1000\")))\n",
+    );
+    let mut c = client(&alice, &sleepy, &[]);
+    c.expect("sleeping");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleepers() == before {
+        assert!(Instant::now() < deadline, "no step process seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(libc::SIGINT);
+    c.expect("Job cancelled");
+    c.expect("Failed: Build cancelled.");
+    assert_eq!(c.finish(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sleepers() > before {
+        assert!(
+            Instant::now() < deadline,
+            "the step's process is still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The worker is killed mid-job: the client says so and fails, and the worker's
+    // supervisor removes the container.
+    let mut c = client(&alice, &sleepy, &[]);
+    c.expect("sleeping");
+    w1.kill_hard();
+    let code = c.finish();
+    assert_eq!(code, 1, "{}", c.output());
+    let out = c.output();
+    eprintln!("client after its worker died:\n{out}");
+    assert!(out.contains("Disconnected"), "no clear error: {out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleepers() > before {
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's step still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A worker that loses the scheduler reconnects and takes jobs again.
+    let w2 = Worker::start(&s, &fs.mnt, "w2", 1);
+    s.restart();
+    w2.wait_log_n("Registered as", 2);
+    let alice2 = s.dir.path().join("alice.cap");
+    let plain = spec(
+        s.dir.path(),
+        "plain",
+        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo after restart\")))\n",
+    );
+    let mut c = client(&alice2, &plain, &[]);
+    c.expect("after restart");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    assert!(
+        w2.log().contains("Lost connection to scheduler"),
+        "{}",
+        w2.log()
+    );
+
+    // `ocluster-admin update`: the worker drains and exits with status 1 for its service
+    // manager to start the new binary; the update completes when it is back.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.arg("-c")
+        .arg(s.admin_cap())
+        .args(["update", "linux", "w2"]);
+    let update = std::thread::spawn(move || common::run_bounded(cmd));
+    let mut w2 = w2;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = w2.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit for the update"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "{}", w2.log());
+    let _w2 = Worker::start(&s, &fs.mnt, "w2", 1);
+    let out = update.join().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(common::stdout(&out), "w2: Restarting\nRestarted\n");
+}

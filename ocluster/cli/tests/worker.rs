@@ -108,6 +108,10 @@ struct Worker {
 
 impl Worker {
     fn start(s: &Scheduler, fs: &Path, name: &str, capacity: u32) -> Worker {
+        Worker::start_with(s, fs, name, capacity, &[])
+    }
+
+    fn start_with(s: &Scheduler, fs: &Path, name: &str, capacity: u32, extra: &[&str]) -> Worker {
         let store = fs.join(format!("store-{name}"));
         import_busybox(&store, &fs.join("busybox"));
         let log = s.dir.path().join(format!("worker-{name}.log"));
@@ -119,6 +123,7 @@ impl Worker {
             .arg(s.dir.path().join(format!("state-{name}")))
             .arg(format!("--obuilder-store=btrfs:{}", store.display()))
             .args(["--fast-sync", "--obuilder-healthcheck", "0", "-v"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -331,6 +336,23 @@ fn git_jobs_logs_affinity_and_bad_input() {
     );
     assert_eq!(c.finish(), 0, "{}", c.output());
 
+    // A secret reaches the step, and is masked in the log the client sees.
+    let token = s.dir.path().join("token");
+    std::fs::write(&token, "s3cr3t-value").unwrap();
+    let with_secret = spec(
+        s.dir.path(),
+        "with-secret",
+        "((from busybox)\n (shell /bin/sh -c)\n \
+         (run (secrets (token (target /run/secrets/token))) \
+              (shell \"echo token=$(cat /run/secrets/token)\")))\n",
+    );
+    let arg = format!("token:{}", token.display());
+    let mut c = client(&alice, &with_secret, &["--secret", &arg]);
+    c.expect("(run (secrets");
+    assert_eq!(c.expect("token="), "token=***");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    assert!(!c.output().contains("s3cr3t-value"));
+
     // Bad input: each job fails clearly.
     let plain = spec(
         s.dir.path(),
@@ -490,4 +512,106 @@ fn cancel_worker_death_and_reconnect() {
     let out = update.join().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert_eq!(common::stdout(&out), "w2: Restarting\nRestarted\n");
+}
+
+/// A Dockerfile job built with Debian's buildah from a base image in a local registry,
+/// pushed back to it: the result is the pushed digest. A push to a repository the worker
+/// does not allow fails the job.
+#[test]
+fn dockerfile_job_with_buildah_and_a_push() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::Tool("buildah"),
+        Cap::Tool("skopeo"),
+        Cap::Tool("docker-registry"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar")
+    );
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let registry = testkit::registry::TestRegistry::start();
+    let addr = registry.addr.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    testkit::e2e::make_busybox(&rootfs);
+    let layout = tmp.path().join("layout");
+    testkit::registry::oci::write_layout(
+        &layout,
+        &[testkit::registry::oci::Image {
+            os: "linux",
+            arch: "amd64",
+            layers: vec![testkit::registry::oci::layer_of_dir(&rootfs)],
+            env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        }],
+    );
+    registry.push(&layout, "busybox", "latest");
+
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let allowed = format!("{addr}/app");
+    let _w = Worker::start_with(
+        &s,
+        &fs.mnt,
+        "w1",
+        1,
+        &[
+            "--docker-cli",
+            "buildah",
+            "--insecure-registry",
+            &addr,
+            "--allow-push",
+            &allowed,
+        ],
+    );
+    let df = spec(
+        s.dir.path(),
+        "Dockerfile",
+        &format!(
+            "FROM {addr}/busybox:latest\nARG MSG\nRUN echo built-$MSG > /built && cat /built\n"
+        ),
+    );
+    let docker = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-client"));
+        cmd.arg("submit-docker")
+            .arg("-c")
+            .arg(&alice)
+            .args(["--pool", "linux", "--local-dockerfile"])
+            .arg(&df)
+            .args(["--build-arg", "MSG=hi"])
+            .args(extra);
+        Proc::spawn(cmd)
+    };
+    let target = format!("{addr}/app:v1");
+    let mut c = docker(&["--push-to", &target]);
+    c.expect("built-hi");
+    let result = c.expect("Result: ");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    let digest = result
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    assert!(
+        result.starts_with(&format!("Result: \"{addr}/app@sha256:")),
+        "{result}"
+    );
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{target}"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), digest);
+
+    // Not on --allow-push.
+    let elsewhere = format!("{addr}/other:v1");
+    let mut c = docker(&["--push-to", &elsewhere]);
+    c.expect("is not allowed by this worker");
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    // Without a push the result is the image id.
+    let mut c = docker(&[]);
+    let result = c.expect("Result: ");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    assert!(!result.contains('@'), "{result}");
 }

@@ -114,12 +114,13 @@ impl Mirrors {
     }
 
     /// Makes `dest` (which must not exist) hold `commits[0]` of `repo` with the others
-    /// merged into it in order, without `.git`.
+    /// merged into it in order, without `.git` unless `keep_git`.
     pub async fn checkout(
         &self,
         repo: &str,
         commits: &[String],
         dest: &Path,
+        keep_git: bool,
     ) -> Result<(), GitError> {
         check_url(repo)?;
         for c in commits {
@@ -221,6 +222,9 @@ impl Mirrors {
                     details,
                 });
             }
+        }
+        if keep_git {
+            return Ok(());
         }
         let dotgit = dest.join(".git");
         std::fs::remove_dir_all(&dotgit).map_err(|source| GitError::Io {

@@ -9,6 +9,7 @@
 //! Everything runs on a `LocalSet` (the RPC objects are not `Send`); the builds' own
 //! tasks run on the runtime's threads.
 
+pub mod docker;
 pub mod git;
 mod http;
 pub mod log;
@@ -75,6 +76,10 @@ pub struct WorkerConfig {
     pub busybox: PathBuf,
     /// `--additional-metrics NAME:URI`.
     pub additional_metrics: Vec<(String, String)>,
+    /// The Docker-compatible CLI for Dockerfile jobs (`None`: they are refused).
+    pub docker: Option<docker::DockerCli>,
+    /// Repositories a Dockerfile job may push to.
+    pub allow_push: Vec<String>,
     /// Handlers for `custom` jobs by kind; any other kind is refused.
     pub custom: HashMap<String, CustomHandler>,
     /// First and longest wait before reconnecting.
@@ -93,6 +98,8 @@ impl WorkerConfig {
             healthcheck_period: Duration::from_secs(600),
             busybox: PathBuf::from("/bin/busybox"),
             additional_metrics: Vec::new(),
+            docker: None,
+            allow_push: Vec::new(),
             custom: HashMap::new(),
             reconnect: (Duration::from_secs(1), Duration::from_secs(10)),
         }
@@ -433,10 +440,57 @@ async fn run_job(
             };
             obuilder_job(shared, &spec, &repo, &commits, secrets, log, cancel).await
         }
-        Ok(job_descr::action::DockerBuild(_)) => JobResult::Failed(
-            "Dockerfile jobs are not supported by this worker (it has no Docker-compatible CLI)"
-                .into(),
-        ),
+        Ok(job_descr::action::DockerBuild(d)) => {
+            let Some(cli) = &shared.config.docker else {
+                return JobResult::Failed(
+                    "Dockerfile jobs are not supported by this worker (start it with \
+                     --docker-cli docker|buildah|podman)"
+                        .into(),
+                );
+            };
+            let parsed = (|| -> Result<(docker::DockerJob, bool), String> {
+                let d = d.map_err(|e| e.to_string())?;
+                let mut job = docker::DockerJob {
+                    push_target: text(d.get_push_target())?,
+                    push_user: text(d.get_push_user())?,
+                    push_password: text(d.get_push_password())?,
+                    squash: d.get_squash(),
+                    buildkit: d.get_buildkit(),
+                    ..Default::default()
+                };
+                for a in d.get_build_args().map_err(|e| e.to_string())?.iter() {
+                    job.build_args.push(text(a)?);
+                }
+                match d.get_dockerfile().which().map_err(|e| e.to_string())? {
+                    ocluster_api::schema_capnp::docker_build::dockerfile::Contents(c) => {
+                        job.contents = Some(text(c)?)
+                    }
+                    ocluster_api::schema_capnp::docker_build::dockerfile::Path(p) => {
+                        job.path = Some(text(p)?)
+                    }
+                }
+                Ok((job, d.get_include_git()))
+            })();
+            let (mut job, include_git) = match parsed {
+                Ok(x) => x,
+                Err(e) => return JobResult::Failed(format!("bad job description: {e}")),
+            };
+            job.secrets = secrets;
+            let ctx = match context(shared, &repo, &commits, include_git, cancel).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            docker::run(
+                cli,
+                &shared.config.builder.exec,
+                job,
+                &ctx.path().join("src"),
+                &shared.config.allow_push,
+                log,
+                cancel,
+            )
+            .await
+        }
         Ok(job_descr::action::Custom(c)) => {
             let c = match c {
                 Ok(c) => c,
@@ -480,29 +534,11 @@ async fn obuilder_job(
         Ok(s) => s,
         Err(e) => return JobResult::Failed(format!("Invalid spec: {e}")),
     };
-    let tmp = match tempfile::Builder::new()
-        .prefix("build-context-")
-        .tempdir_in(shared.config.state_dir.join("tmp"))
-    {
+    let tmp = match context(shared, repo, commits, false, cancel).await {
         Ok(t) => t,
-        Err(e) => return JobResult::Failed(format!("cannot make a build context: {e}")),
+        Err(r) => return r,
     };
     let ctx = tmp.path().join("src");
-    if commits.is_empty() {
-        if let Err(e) = std::fs::create_dir(&ctx) {
-            return JobResult::Failed(format!("cannot make a build context: {e}"));
-        }
-    } else if repo.is_empty() {
-        return JobResult::Failed(git::GitError::NoRepository.to_string());
-    } else {
-        // As the original: preparing the context is not cancelled part-way.
-        if let Err(e) = shared.mirrors.checkout(repo, commits, &ctx).await {
-            return JobResult::Failed(e.to_string());
-        }
-        if cancel.is_cancelled() {
-            return JobResult::Cancelled;
-        }
-    }
     let mut opts = BuildOptions::new(&ctx, log.sink());
     opts.secrets = secrets;
     opts.cancel = cancel.child_token();
@@ -528,6 +564,39 @@ async fn obuilder_job(
             JobResult::Failed(msg)
         }
     }
+}
+
+/// A temporary directory whose `src` is the job's context: empty, or the commits of
+/// `repo` merged. Removed when dropped.
+async fn context(
+    shared: &Rc<Shared>,
+    repo: &str,
+    commits: &[String],
+    keep_git: bool,
+    cancel: &CancellationToken,
+) -> Result<tempfile::TempDir, JobResult> {
+    let tmp = tempfile::Builder::new()
+        .prefix("build-context-")
+        .tempdir_in(shared.config.state_dir.join("tmp"))
+        .map_err(|e| JobResult::Failed(format!("cannot make a build context: {e}")))?;
+    let ctx = tmp.path().join("src");
+    if commits.is_empty() {
+        std::fs::create_dir(&ctx)
+            .map_err(|e| JobResult::Failed(format!("cannot make a build context: {e}")))?;
+    } else if repo.is_empty() {
+        return Err(JobResult::Failed(git::GitError::NoRepository.to_string()));
+    } else {
+        // As the original: preparing the context is not cancelled part-way.
+        shared
+            .mirrors
+            .checkout(repo, commits, &ctx, keep_git)
+            .await
+            .map_err(|e| JobResult::Failed(e.to_string()))?;
+        if cancel.is_cancelled() {
+            return Err(JobResult::Cancelled);
+        }
+    }
+    Ok(tmp)
 }
 
 /// Prunes when space is low and runs the healthcheck when it is due, pausing the worker

@@ -53,8 +53,16 @@ struct Args {
     /// Extra metrics to relay: NAME:URI (http://…), repeatable or comma-separated.
     #[arg(long, value_name = "NAME:URI", value_delimiter = ',')]
     additional_metrics: Vec<String>,
-    /// Repositories a Dockerfile job may push to (accepted for compatibility; this worker
-    /// runs OBuilder jobs).
+    /// Run Dockerfile jobs with this Docker-compatible CLI: docker, buildah or podman
+    /// (default: Dockerfile jobs are refused).
+    #[arg(long, value_name = "PROGRAM")]
+    docker_cli: Option<String>,
+    /// A registry (HOST:PORT) that Dockerfile jobs reach over plain HTTP, repeatable
+    /// (buildah and podman; a docker daemon has its own setting).
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    insecure_registry: Vec<String>,
+    /// Repositories a Dockerfile job may push to (e.g. registry:5000/org/app); a push
+    /// anywhere else fails the job.
     #[arg(long, value_name = "REPO", value_delimiter = ',')]
     allow_push: Vec<String>,
     /// Docker pruning (accepted for compatibility; no effect on an OBuilder worker).
@@ -103,11 +111,19 @@ fn main() {
             .additional_metrics
             .push((name.to_string(), uri.to_string()));
     }
-    if !args.allow_push.is_empty()
-        || args.prune_threshold.is_some()
-        || args.docker_max_df_size.is_some()
-    {
-        tracing::warn!("Docker flags are accepted for compatibility but have no effect: this worker runs OBuilder jobs");
+    config.docker = args
+        .docker_cli
+        .clone()
+        .map(|program| ocluster_worker::docker::DockerCli {
+            program,
+            insecure: args.insecure_registry.clone(),
+        });
+    config.allow_push = args.allow_push.clone();
+    if args.prune_threshold.is_some() || args.docker_max_df_size.is_some() {
+        tracing::warn!(
+            "--prune-threshold and --docker-max-df-size are accepted for compatibility; \
+             Docker's own storage is not pruned by this worker"
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

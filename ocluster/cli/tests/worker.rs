@@ -261,6 +261,24 @@ fn repo(dir: &Path) -> (String, String, String, String) {
     (format!("file://{}", dir.display()), one, two, clash)
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(t, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut s = String::new();
+    t.read_to_string(&mut s).unwrap();
+    s
+}
+
 fn spec(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
@@ -280,9 +298,25 @@ fn git_jobs_logs_affinity_and_bad_input() {
         Cap::Tool("tar")
     );
     let fs = testkit::LoopFs::new("btrfs", 1024);
-    let s = Scheduler::start(&["linux"], &[]);
+    let prom = free_port();
+    let s = Scheduler::start(
+        &["linux"],
+        &[&format!("--listen-prometheus=127.0.0.1:{prom}")],
+    );
     let alice = s.add_client("alice");
-    let w1 = Worker::start(&s, &fs.mnt, "w1", 2);
+    // An additional metric the worker relays: a one-shot HTTP server.
+    let extra = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let extra_uri = format!("extra:http://{}/m", extra.local_addr().unwrap());
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = extra.accept() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nextra_metric 42\n");
+        }
+    });
+    let w1 = Worker::start_with(&s, &fs.mnt, "w1", 2, &["--additional-metrics", &extra_uri]);
     let w2 = Worker::start(&s, &fs.mnt, "w2", 2);
     let (url, one, two, clash) = repo(&s.dir.path().join("repo"));
 
@@ -387,6 +421,18 @@ fn git_jobs_logs_affinity_and_bad_input() {
     let mut c = client(&alice, &plain, &[]);
     c.expect("fine");
     assert_eq!(c.finish(), 0, "{}", c.output());
+    // The worker's metrics, through the scheduler's relay.
+    let agent = http_get(prom, "/pool/linux/worker/w1/metrics");
+    assert!(
+        agent.contains("ocluster_worker_jobs_accepted_total"),
+        "{agent}"
+    );
+    assert!(agent.contains("ocluster_worker_running_jobs 0"), "{agent}");
+    let extra = http_get(prom, "/pool/linux/worker/w1/extra");
+    assert!(extra.ends_with("extra_metric 42\n"), "{extra}");
+    let none = http_get(prom, "/pool/linux/worker/w2/extra");
+    assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+
     // No build context is left behind.
     for w in ["w1", "w2"] {
         let tmp = s.dir.path().join(format!("state-{w}/tmp"));

@@ -113,7 +113,8 @@ fn cancel_and_release_while_queued() {
 
 #[test]
 fn worker_killed_mid_job_then_reconnects() {
-    let s = Scheduler::start(&["linux"], &[]);
+    // As the original: no second attempt.
+    let s = Scheduler::start(&["linux"], &["--max-attempts=1"]);
     let alice = s.add_client("alice");
     let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
     let mut c = Peer::client(&alice, "linux", "wait", "", "follow");
@@ -621,4 +622,39 @@ fn exec_and_bulk_admin_verbs() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A worker lost mid-job: the job runs again on another worker, the client sees one job
+/// (its log says what happened) and one result.
+#[test]
+fn a_lost_worker_s_job_runs_again_elsewhere() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w1 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "slowecho twice", "", "follow");
+    assert_eq!(c.expect("log"), "log started");
+    w1.expect("job w1 slowecho twice");
+    let mut w2 = Peer::worker(&s.pool_cap("linux"), "w2", 1);
+    w1.kill();
+    let lost = c.expect("log Worker w1 was lost");
+    assert!(lost.ends_with("queued again (attempt 2 of 3)"), "{lost}");
+    assert_eq!(c.expect("log Running"), "log Running again on w2");
+    w2.expect("job w2 slowecho twice");
+    assert_eq!(c.expect("log"), "log started");
+    assert_eq!(c.expect("log"), "log twice");
+    assert_eq!(c.expect("result"), "result ok twice");
+    assert_eq!(c.wait(), 0);
+
+    // Out of attempts: the client gets the loss as its error.
+    let s = Scheduler::start(&["linux"], &["--max-attempts=2"]);
+    let alice = s.add_client("alice");
+    let mut c = Peer::client(&alice, "linux", "wait", "", "follow");
+    for n in ["a", "b"] {
+        let mut w = Peer::worker(&s.pool_cap("linux"), n, 1);
+        w.expect("job");
+        w.kill();
+    }
+    let r = c.expect("result");
+    assert!(r.starts_with("result error"), "{r}");
+    assert_eq!(c.wait(), 1);
 }

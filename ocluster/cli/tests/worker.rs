@@ -27,7 +27,7 @@ impl Proc {
     fn spawn(mut cmd: Command) -> Proc {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
@@ -467,7 +467,8 @@ fn cancel_worker_death_and_reconnect() {
         Cap::Tool("tar")
     );
     let fs = testkit::LoopFs::new("btrfs", 1024);
-    let mut s = Scheduler::start(&["linux"], &[]);
+    // As the original: a job whose worker dies fails (no second attempt).
+    let mut s = Scheduler::start(&["linux"], &["--max-attempts=1"]);
     let alice = s.add_client("alice");
     let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
     let before = sleepers();
@@ -660,4 +661,39 @@ fn dockerfile_job_with_buildah_and_a_push() {
     let result = c.expect("Result: ");
     assert_eq!(c.finish(), 0, "{}", c.output());
     assert!(!result.contains('@'), "{result}");
+}
+
+/// A worker killed (`kill -9`) mid-job: the job completes on another worker, and the
+/// client sees one job and one result.
+#[test]
+fn a_job_survives_its_worker() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar")
+    );
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
+    let job = spec(
+        s.dir.path(),
+        "job",
+        "((from busybox)\n (shell /bin/sh -c)\n \
+         (run (shell \"echo begin; sleep 2; echo end\")))\n",
+    );
+    let mut c = client(&alice, &job, &[]);
+    c.expect("Building on w1");
+    c.expect("begin");
+    let w2 = Worker::start(&s, &fs.mnt, "w2", 1);
+    w1.kill_hard();
+    c.expect("Worker w1 was lost");
+    c.expect("Running again on w2");
+    c.expect("Building on w2");
+    c.expect("end");
+    c.expect("Job succeeded");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    drop(w2);
 }

@@ -39,6 +39,8 @@ pub struct QueuedJob {
     client: String,
     urgent: bool,
     set_job: Option<oneshot::Sender<Result<job::Client, Error>>>,
+    /// A job queued again after its worker was lost: what its client holds.
+    retry: Option<Rc<JobShared>>,
 }
 
 impl Item for QueuedJob {
@@ -51,6 +53,9 @@ impl QueuedJob {
     fn fail(mut self, msg: &str) {
         if let Some(tx) = self.set_job.take() {
             let _ = tx.send(Err(Error::failed(msg.to_string())));
+        }
+        if let Some(shared) = self.retry.take() {
+            shared.finish(Err(Error::failed(msg.to_string())));
         }
     }
 }
@@ -89,6 +94,9 @@ pub struct PoolApi {
     changed: Rc<tokio::sync::Notify>,
     this: std::rc::Weak<RefCell<PoolApi>>,
     db: Rc<RefCell<Db>>,
+    /// Runs of a job before its worker's loss fails it (1: never run again, as the
+    /// original).
+    max_attempts: u32,
 }
 
 pub struct Scheduler {
@@ -99,7 +107,17 @@ pub struct Scheduler {
     make_uri: MakeUri,
 }
 
+/// Attempts by default: a job whose worker is lost runs again twice.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
 impl Scheduler {
+    /// How many times a job may run when its workers are lost (at least 1).
+    pub fn set_max_attempts(&self, n: u32) {
+        for p in self.pools.values() {
+            p.borrow_mut().max_attempts = n.max(1);
+        }
+    }
+
     /// Opens the pools with what the database remembers.
     pub fn new(
         pools: &[String],
@@ -123,6 +141,7 @@ impl Scheduler {
                         changed: Rc::new(tokio::sync::Notify::new()),
                         this: this.clone(),
                         db: db.clone(),
+                        max_attempts: DEFAULT_MAX_ATTEMPTS,
                     })
                 }),
             );
@@ -370,35 +389,70 @@ impl PoolApi {
             item.fail("the worker went away before the job started");
             return;
         };
-        // One `result` call to the worker serves both the pool (to know when the job
-        // ends) and the client's own `result`.
-        let result = job.result_request().send().promise;
-        let result: SharedResult = futures::FutureExt::shared(Box::pin(async move {
-            let r = result.await?;
-            Ok(r.get()?.get_output()?.to_string()?)
-        })
-            as futures::future::LocalBoxFuture<'static, _>);
+        let worker_name = self.pool.worker_name(worker).unwrap_or("?").to_string();
+        let shared = item.retry.take().unwrap_or_else(|| {
+            Rc::new(JobShared {
+                state: RefCell::new(JobState::default()),
+                changed: tokio::sync::Notify::new(),
+                pool: self.this.clone(),
+            })
+        });
+        let attempt = shared.start_attempt(job.clone(), &worker_name);
         if let Some(set_job) = item.set_job.take() {
             let _ = set_job.send(Ok(capnp_rpc::new_client(JobProxy {
-                inner: job.clone(),
-                result: result.clone(),
+                shared: shared.clone(),
             })));
         }
-        let descr = std::mem::take(&mut item.descr);
-        if tx.send(Ok(descr)).is_err() {
+        if tx.send(Ok(item.descr.clone())).is_err() {
             tracing::warn!("worker's pop went away as its job was assigned");
         }
-        // The job ends when its result settles, whichever way.
+        // One `result` call to the worker per attempt: the pool learns that the job
+        // ended, and the client gets its result, or the job runs again elsewhere if the
+        // worker was lost.
+        let result = job.result_request().send().promise;
         let changed = self.changed.clone();
         let this = self.this.clone();
+        let max_attempts = self.max_attempts;
         tokio::task::spawn_local(async move {
-            let _ = result.await;
-            if let Some(pool) = this.upgrade() {
-                let mut p = pool.borrow_mut();
-                p.pool.job_finished(worker);
-                let db = p.db.clone();
-                p.flush(&db);
+            let outcome: Result<String, Error> = async {
+                let r = result.await?;
+                Ok(r.get()?.get_output()?.to_string()?)
             }
+            .await;
+            let Some(pool) = this.upgrade() else { return };
+            let mut p = pool.borrow_mut();
+            p.pool.job_finished(worker);
+            let retry = matches!(&outcome, Err(e) if e.kind == capnp::ErrorKind::Disconnected)
+                && attempt < max_attempts
+                && shared.wanted();
+            if retry {
+                let e = outcome.err().map(|e| relayed(e).extra).unwrap_or_default();
+                tracing::warn!("worker {worker_name:?} lost during a job ({e}); queueing it again");
+                shared.lost(&format!(
+                    "\nWorker {worker_name} was lost ({e}): queued again (attempt {} of {max_attempts})\n",
+                    attempt + 1
+                ));
+                let now = wall_clock();
+                let ticket = p.pool.submit(
+                    &item.client,
+                    QueuedJob {
+                        descr: std::mem::take(&mut item.descr),
+                        hint: std::mem::take(&mut item.hint),
+                        client: item.client.clone(),
+                        urgent: item.urgent,
+                        set_job: None,
+                        retry: Some(shared.clone()),
+                    },
+                    item.urgent,
+                    now,
+                );
+                shared.state.borrow_mut().queued = Some(ticket);
+            } else {
+                shared.finish(outcome.map_err(relayed));
+            }
+            let db = p.db.clone();
+            p.flush(&db);
+            drop(p);
             changed.notify_waiters();
         });
     }
@@ -411,25 +465,113 @@ impl PoolApi {
 
 // ---- The client's view of a job ----------------------------------------------------------------
 
-/// What the client holds for a running job: the worker's `Job`, relayed. The RPC layer
-/// could relay it by itself, but it would prefix every error from the worker with
-/// "remote exception: " once more, so an OCaml client would print
-/// "Failed: remote exception: Build failed." where the original prints
-/// "Failed: Build failed.". Each method lets go of the proxy before it waits, so that
-/// when the client releases its last reference the worker's job is released at once,
-/// which cancels it (as in the original).
-struct JobProxy {
-    inner: job::Client,
-    result: SharedResult,
+/// What the scheduler knows of a job once a worker has taken it, across attempts.
+#[derive(Default)]
+struct JobState {
+    /// The current attempt's `Job` on its worker, and the attempt's number.
+    current: Option<(job::Client, u32)>,
+    attempts: u32,
+    /// Where the current attempt's log starts in the client's log: after the lines the
+    /// scheduler added (`note`, which ends there).
+    base: i64,
+    note: Vec<u8>,
+    /// The furthest the client has read.
+    high: i64,
+    outcome: Option<Result<String, Error>>,
+    /// Queued again: its ticket in the pool.
+    queued: Option<TicketId>,
+    cancelled: bool,
+    released: bool,
 }
 
-/// The job's output or error, as the worker's one `result` answer gave it.
-type SharedResult =
-    futures::future::Shared<futures::future::LocalBoxFuture<'static, Result<String, Error>>>;
+struct JobShared {
+    state: RefCell<JobState>,
+    changed: tokio::sync::Notify,
+    pool: std::rc::Weak<RefCell<PoolApi>>,
+}
+
+impl JobShared {
+    fn start_attempt(&self, job: job::Client, worker: &str) -> u32 {
+        let mut st = self.state.borrow_mut();
+        st.attempts += 1;
+        let n = st.attempts;
+        st.current = Some((job, n));
+        st.queued = None;
+        if n > 1 {
+            // The client reads the note and waits at its end; it can grow until then.
+            let line = format!("Running again on {worker}\n");
+            st.note.extend_from_slice(line.as_bytes());
+            st.base += line.len() as i64;
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        n
+    }
+
+    /// The worker of the current attempt is gone; `note` goes into the log.
+    fn lost(&self, note: &str) {
+        let mut st = self.state.borrow_mut();
+        st.current = None;
+        let at = st.high.max(st.base);
+        st.note = note.as_bytes().to_vec();
+        st.base = at + st.note.len() as i64;
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    fn finish(&self, outcome: Result<String, Error>) {
+        let mut st = self.state.borrow_mut();
+        if st.outcome.is_none() {
+            st.outcome = Some(outcome);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Someone still wants the result.
+    fn wanted(&self) -> bool {
+        let st = self.state.borrow();
+        !st.cancelled && !st.released
+    }
+
+    /// Takes the job out of the queue if it waits there again; true if it did.
+    fn withdraw(&self, msg: &str) -> bool {
+        let Some(ticket) = self.state.borrow_mut().queued.take() else {
+            return false;
+        };
+        if let Some(pool) = self.pool.upgrade() {
+            if let Ok(mut p) = pool.try_borrow_mut() {
+                if let Ok(mut item) = p.pool.cancel(ticket) {
+                    item.retry = None;
+                    let db = p.db.clone();
+                    p.flush(&db);
+                }
+            }
+        }
+        self.finish(Err(Error::failed(msg.to_string())));
+        true
+    }
+}
+
+/// What the client holds for a job that a worker has taken. It relays `log`, `result`
+/// and `cancel` to the current attempt's `Job`, so that the job can run again on another
+/// worker when its worker is lost, unseen by the client (an OCaml client too) except for
+/// a line in the log. The RPC layer could relay by itself, but it would prefix the
+/// worker's errors with "remote exception: " at each hop. Each method lets go of the
+/// proxy before it waits, so that when the client releases its last reference the
+/// worker's job is released at once, which cancels it (as in the original).
+struct JobProxy {
+    shared: Rc<JobShared>,
+}
 
 impl Drop for JobProxy {
     fn drop(&mut self) {
         tracing::debug!("client released its job");
+        let mut st = self.shared.state.borrow_mut();
+        st.released = true;
+        st.current = None;
+        drop(st);
+        self.shared.withdraw("Job released");
     }
 }
 
@@ -451,16 +593,67 @@ impl job::Server for JobProxy {
         params: job::LogParams,
         mut results: job::LogResults,
     ) -> Result<(), Error> {
-        let mut req = self.inner.log_request();
-        req.get().set_start(params.get()?.get_start());
-        let promise = req.send().promise;
+        let start = params.get()?.get_start();
+        let shared = self.shared.clone();
         drop(self);
-        let r = promise.await.map_err(relayed)?;
-        let r = r.get()?;
-        let mut out = results.get();
-        out.set_log(r.get_log()?);
-        out.set_next(r.get_next());
-        Ok(())
+        // An attempt whose worker failed a call: wait for the next one or the end.
+        let mut dead_attempt = 0;
+        loop {
+            let changed = shared.changed.notified();
+            let target = {
+                let mut st = shared.state.borrow_mut();
+                let note_start = st.base - st.note.len() as i64;
+                if start >= 0 && start < st.base && !st.note.is_empty() {
+                    let from = (start.max(note_start) - note_start) as usize;
+                    let data = st.note[from..].to_vec();
+                    let next = st.base;
+                    st.high = st.high.max(next);
+                    let mut out = results.get();
+                    out.set_log(&data);
+                    out.set_next(next);
+                    return Ok(());
+                }
+                match &st.current {
+                    Some((job, n)) if *n != dead_attempt => Some((job.clone(), *n, st.base)),
+                    _ if st.outcome.is_some() => {
+                        let mut out = results.get();
+                        out.set_log(&[]);
+                        out.set_next(start.max(st.high));
+                        return Ok(());
+                    }
+                    // Between attempts: wait for the next worker.
+                    _ => None,
+                }
+            };
+            let Some((job, attempt, base)) = target else {
+                changed.await;
+                continue;
+            };
+            // Offsets in the worker's log are offsets in ours less `base`; a negative
+            // start counts from the end of the worker's log.
+            let worker_start = if start < 0 { start } else { start - base };
+            let mut req = job.log_request();
+            req.get().set_start(worker_start);
+            match req.send().promise.await {
+                Ok(r) => {
+                    let r = r.get()?;
+                    let next = base + r.get_next();
+                    {
+                        let mut st = shared.state.borrow_mut();
+                        st.high = st.high.max(next);
+                    }
+                    let mut out = results.get();
+                    out.set_log(r.get_log()?);
+                    out.set_next(next);
+                    return Ok(());
+                }
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                    dead_attempt = attempt;
+                    changed.await;
+                }
+                Err(e) => return Err(relayed(e)),
+            }
+        }
     }
 
     async fn result(
@@ -468,11 +661,20 @@ impl job::Server for JobProxy {
         _: job::ResultParams,
         mut results: job::ResultResults,
     ) -> Result<(), Error> {
-        let result = self.result.clone();
+        let shared = self.shared.clone();
         drop(self);
-        let out = result.await.map_err(relayed)?;
-        results.get().set_output(out.as_str());
-        Ok(())
+        loop {
+            let changed = shared.changed.notified();
+            let outcome = shared.state.borrow().outcome.clone();
+            match outcome {
+                Some(Ok(out)) => {
+                    results.get().set_output(out.as_str());
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(e),
+                None => changed.await,
+            }
+        }
     }
 
     async fn cancel(
@@ -480,9 +682,19 @@ impl job::Server for JobProxy {
         _: job::CancelParams,
         _: job::CancelResults,
     ) -> Result<(), Error> {
-        let promise = self.inner.cancel_request().send().promise;
+        let shared = self.shared.clone();
         drop(self);
-        promise.await.map_err(relayed)?;
+        let current = {
+            let mut st = shared.state.borrow_mut();
+            st.cancelled = true;
+            st.current.as_ref().map(|(j, _)| j.clone())
+        };
+        if shared.withdraw("Ticket cancelled") {
+            return Ok(());
+        }
+        if let Some(job) = current {
+            job.cancel_request().send().promise.await.map_err(relayed)?;
+        }
         Ok(())
     }
 }
@@ -689,6 +901,7 @@ impl SubmissionImpl {
                     client: self.client.clone(),
                     urgent,
                     set_job: Some(tx),
+                    retry: None,
                 },
                 urgent,
                 now,

@@ -54,6 +54,12 @@ struct Args {
     #[arg(long, value_name = "PORT")]
     listen_prometheus: Option<String>,
 
+    /// Runs of a job when its workers are lost: a job whose worker disconnects mid-job
+    /// is queued again until it has run this many times (1: fail it at once, as the
+    /// original).
+    #[arg(long, value_name = "N", default_value_t = ocluster_scheduler::service::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+
     /// Clients to provision: submit-NAME.cap is written for each that has none.
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     default_clients: Vec<String>,
@@ -157,6 +163,7 @@ fn main() {
             make_uri,
         )
         .unwrap_or_else(|e| fail(e));
+        sched.set_max_attempts(args.max_attempts);
 
         // Default clients.
         for name in &args.default_clients {

@@ -4,6 +4,7 @@
 //!
 //! The worker runs "jobs" whose OBuilder spec is a tiny script:
 //! - `echo TEXT`: logs TEXT and succeeds with it as the result;
+//! - `slowecho TEXT`: logs `started`, and a second later TEXT, and succeeds with it;
 //! - `wait`: logs `waiting` and runs until it is cancelled or released;
 //! - `fail`: fails with "Build failed".
 
@@ -208,6 +209,11 @@ impl worker::Server for TestWorker {
 async fn run_job(st: Rc<RefCell<JobState>>) {
     let spec = st.borrow().spec.clone();
     if let Some(text) = spec.strip_prefix("echo ") {
+        st.borrow_mut().append(&format!("{text}\n"));
+        st.borrow_mut().finish(Ok(text.to_string()));
+    } else if let Some(text) = spec.strip_prefix("slowecho ") {
+        st.borrow_mut().append("started\n");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         st.borrow_mut().append(&format!("{text}\n"));
         st.borrow_mut().finish(Ok(text.to_string()));
     } else if spec == "wait" {

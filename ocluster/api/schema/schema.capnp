@@ -119,4 +119,15 @@ interface Admin {
   addClient @2 (id :Text) -> (cap :Submission);
   removeClient @3 (id :Text) -> (cap :Submission);
   listClients @4 () -> (clients :List(Text));
+
+  # Extensions of this implementation (new ordinals: OCaml peers never call them, and
+  # they answer Unimplemented if called).
+
+  addWorker @5 (pool :Text, name :Text) -> (uri :Text);
+  # A registration capability for one worker name in a pool; its URI (a cap file's
+  # contents). Revoked by removeWorker.
+
+  removeWorker @6 (pool :Text, name :Text) -> ();
+  # Revokes the worker's registration capability and disconnects the worker if it
+  # registered with it.
 }

@@ -654,7 +654,62 @@ fn a_lost_worker_s_job_runs_again_elsewhere() {
         w.expect("job");
         w.kill();
     }
-    let r = c.expect("result");
+    let r = c
+        .expect_within("result", common::TIMEOUT)
+        .unwrap_or_else(|| panic!("no result; saw {:?}\n{}", c.seen, s.log()));
     assert!(r.starts_with("result error"), "{r}");
     assert_eq!(c.wait(), 1);
+}
+
+/// `add-worker` gives a worker a registration capability of its own, pinned to its
+/// name; `remove-worker` revokes it at once; `--no-shared-pool-cap` turns the shared one
+/// off.
+#[test]
+fn workers_with_capabilities_of_their_own() {
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let cap = s.dir.path().join("w1.cap");
+    std::fs::write(&cap, s.admin_ok(&["add-worker", "linux", "w1"])).unwrap();
+    let mut w1 = Peer::worker(&cap, "w1", 1);
+    let mut other = Peer::spawn(&["worker", cap.to_str().unwrap(), "w2", "1"]);
+    let r = other.expect("register-error");
+    assert!(
+        r.contains(r#"This capability registers worker "w1", not "w2""#),
+        "{r}"
+    );
+    let mut c = Peer::client(&alice, "linux", "echo pinned", "", "follow");
+    assert_eq!(c.expect("result"), "result ok pinned");
+    // The shared pool cap still works for (OCaml) workers.
+    let shared = s.dir.path().join("shared.cap");
+    std::fs::copy(s.pool_cap("linux"), &shared).unwrap();
+    let w2 = Peer::worker(&shared, "w2", 1);
+    drop(w2);
+
+    // Revoked: the worker is disconnected at once and its cap restores nothing.
+    s.admin_ok(&["remove-worker", "linux", "w1"]);
+    w1.expect("pop-error");
+    let mut again = Peer::spawn(&["worker", cap.to_str().unwrap(), "w1", "1"]);
+    let r = again.expect("register-error");
+    assert!(r.contains("Unknown persistent service ID"), "{r}");
+    let out = s.admin(&["remove-worker", "linux", "w1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no registration capability"),
+        "{}",
+        stderr(&out)
+    );
+    let out = s.admin(&["add-worker", "nope", "w1"]);
+    assert!(stderr(&out).contains("No such pool"), "{}", stderr(&out));
+
+    // Only workers' own caps.
+    std::fs::write(&cap, s.admin_ok(&["add-worker", "linux", "w1"])).unwrap();
+    s.extra.push("--no-shared-pool-cap".into());
+    s.restart();
+    assert!(!s.pool_cap("linux").exists());
+    let mut old = Peer::spawn(&["worker", shared.to_str().unwrap(), "w2", "1"]);
+    let r = old.expect("register-error");
+    assert!(r.contains("Unknown persistent service ID"), "{r}");
+    let _w1 = Peer::worker(&cap, "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "echo only-pinned", "", "follow");
+    assert_eq!(c.expect("result"), "result ok only-pinned");
 }

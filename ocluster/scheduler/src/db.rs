@@ -18,6 +18,9 @@ use crate::pool::{DbWrite, PoolState};
 
 /// The `type` of a client's sturdy ref.
 pub const CLIENT_TYPE: &str = "ocluster-client";
+/// A worker's own registration capability (this implementation's; `args` is
+/// `POOL\nNAME`).
+pub const WORKER_TYPE: &str = "ocluster-worker";
 
 #[derive(Debug, thiserror::Error)]
 #[error("scheduler database {path}: {source}")]
@@ -230,6 +233,63 @@ impl Db {
                 .and_then(|mut st| st.execute([h]))
                 .map_err(|e| self.err(e))?;
         }
+        Ok(())
+    }
+
+    /// The (pool, worker name) a registration secret is for, if it is (still) valid.
+    pub fn worker_of_id(&self, id: &[u8]) -> Result<Option<(String, String)>, DbError> {
+        let hash = Sha256::digest(id);
+        Ok(match self.lookup_hash(&hash)? {
+            Some((ty, args)) if ty == WORKER_TYPE => String::from_utf8_lossy(&args)
+                .split_once('\n')
+                .map(|(p, n)| (p.to_string(), n.to_string())),
+            _ => None,
+        })
+    }
+
+    fn worker_hashes(&self, pool: &str, name: &str) -> Result<Vec<Vec<u8>>, DbError> {
+        let args = format!("{pool}\n{name}");
+        let r: rusqlite::Result<Vec<Vec<u8>>> = (|| {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT hash FROM sturdy_refs WHERE type = ? AND args = ?")?;
+            let rows = st.query_map(params![WORKER_TYPE, args.as_bytes()], |r| r.get(0))?;
+            rows.collect()
+        })();
+        r.map_err(|e| self.err(e))
+    }
+
+    /// Gives worker `name` of `pool` its own registration secret (replacing any earlier
+    /// one); only its SHA-256 is stored.
+    pub fn add_worker_cap(&self, pool: &str, name: &str, secret: &[u8]) -> Result<(), DbError> {
+        for h in self.worker_hashes(pool, name)? {
+            self.delete_hash(&h)?;
+        }
+        let hash = Sha256::digest(secret);
+        let args = format!("{pool}\n{name}");
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sturdy_refs (hash, type, args, created) VALUES (?, ?, ?, date('now'))",
+            )
+            .and_then(|mut st| st.execute(params![&hash[..], WORKER_TYPE, args.as_bytes()]))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Revokes worker `name`'s registration secrets; the hashes that were revoked.
+    pub fn remove_worker_cap(&self, pool: &str, name: &str) -> Result<Vec<Vec<u8>>, DbError> {
+        let hashes = self.worker_hashes(pool, name)?;
+        for h in &hashes {
+            self.delete_hash(h)?;
+        }
+        Ok(hashes)
+    }
+
+    fn delete_hash(&self, hash: &[u8]) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("DELETE FROM sturdy_refs WHERE hash = ?")
+            .and_then(|mut st| st.execute([hash]))
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 

@@ -90,6 +90,12 @@ pub struct PoolApi {
     pending_pops: HashMap<PopId, PendingPop>,
     /// Connected workers' `Worker` capabilities.
     worker_caps: HashMap<String, (WorkerId, worker::Client)>,
+    /// Connected workers that registered with a capability of their own: its hash.
+    pinned: HashMap<String, Vec<u8>>,
+    /// Each running attempt's alarm, by worker: dropped when the worker is released, so
+    /// that its jobs are known lost even if their `result` calls never settle.
+    attempts: HashMap<WorkerId, HashMap<u64, oneshot::Sender<()>>>,
+    next_attempt: u64,
     /// Fired when a job ends or a worker registers (drain, update).
     changed: Rc<tokio::sync::Notify>,
     this: std::rc::Weak<RefCell<PoolApi>>,
@@ -138,6 +144,9 @@ impl Scheduler {
                         name: name.clone(),
                         pending_pops: HashMap::new(),
                         worker_caps: HashMap::new(),
+                        pinned: HashMap::new(),
+                        attempts: HashMap::new(),
+                        next_attempt: 0,
                         changed: Rc::new(tokio::sync::Notify::new()),
                         this: this.clone(),
                         db: db.clone(),
@@ -172,7 +181,76 @@ impl Scheduler {
         Some(capnp_rpc::new_client(RegistrationImpl {
             sched: self.clone(),
             pool: p,
+            pinned: None,
         }))
+    }
+
+    /// The registration of the worker whose own secret id is `id`, if it is valid.
+    pub fn registration_for_id(
+        self: &Rc<Self>,
+        id: &[u8],
+    ) -> Result<Option<registration::Client>, Error> {
+        let Some((pool, name)) = self.db.borrow().worker_of_id(id).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let Some(p) = self.pools.get(&pool) else {
+            return Ok(None);
+        };
+        Ok(Some(capnp_rpc::new_client(RegistrationImpl {
+            sched: self.clone(),
+            pool: p.clone(),
+            pinned: Some((name, Sha256::digest(id).to_vec())),
+        })))
+    }
+
+    /// Gives worker `name` of `pool` a registration capability of its own; returns its
+    /// URI.
+    pub fn add_worker(&self, pool: &str, name: &str) -> Result<String, Error> {
+        if !self.pools.contains_key(pool) {
+            return Err(Error::failed(format!("No such pool {pool:?}")));
+        }
+        if name.is_empty() || name.contains('\n') {
+            return Err(Error::failed(format!("Bad worker name {name:?}")));
+        }
+        let id = ocluster_net_id();
+        self.db
+            .borrow()
+            .add_worker_cap(pool, name, &id)
+            .map_err(db_err)?;
+        tracing::info!("Created a registration capability for worker {name:?} of pool {pool:?}");
+        Ok((self.make_uri)(&id))
+    }
+
+    /// Revokes worker `name`'s own registration capability, and disconnects the worker
+    /// if it registered with it.
+    pub fn remove_worker(&self, pool: &str, name: &str) -> Result<(), Error> {
+        let Some(p) = self.pools.get(pool) else {
+            return Err(Error::failed(format!("No such pool {pool:?}")));
+        };
+        let revoked = self
+            .db
+            .borrow()
+            .remove_worker_cap(pool, name)
+            .map_err(db_err)?;
+        if revoked.is_empty() {
+            return Err(Error::failed(format!(
+                "Worker {name:?} has no registration capability of its own in {pool:?}"
+            )));
+        }
+        let mut p = p.borrow_mut();
+        if let Some(hash) = p.pinned.get(name) {
+            if revoked.contains(hash) {
+                if let Some((id, _)) = p.worker_caps.remove(name) {
+                    tracing::info!("Disconnecting worker {name:?}: its capability was revoked");
+                    p.pool.release(id);
+                    p.attempts.remove(&id);
+                }
+                p.pinned.remove(name);
+            }
+        }
+        p.flush(&self.db);
+        p.changed.notify_waiters();
+        Ok(())
     }
 
     /// The `Admin` service.
@@ -413,14 +491,23 @@ impl PoolApi {
         let changed = self.changed.clone();
         let this = self.this.clone();
         let max_attempts = self.max_attempts;
+        self.next_attempt += 1;
+        let key = self.next_attempt;
+        let (alarm, lost) = oneshot::channel::<()>();
+        self.attempts.entry(worker).or_default().insert(key, alarm);
         tokio::task::spawn_local(async move {
-            let outcome: Result<String, Error> = async {
-                let r = result.await?;
-                Ok(r.get()?.get_output()?.to_string()?)
-            }
-            .await;
+            let outcome: Result<String, Error> = tokio::select! {
+                r = async {
+                    let r = result.await?;
+                    Ok(r.get()?.get_output()?.to_string()?)
+                } => r,
+                _ = lost => Err(Error::disconnected("Worker disconnected".into())),
+            };
             let Some(pool) = this.upgrade() else { return };
             let mut p = pool.borrow_mut();
+            if let Some(m) = p.attempts.get_mut(&worker) {
+                m.remove(&key);
+            }
             p.pool.job_finished(worker);
             let retry = matches!(&outcome, Err(e) if e.kind == capnp::ErrorKind::Disconnected)
                 && attempt < max_attempts
@@ -648,8 +735,9 @@ impl job::Server for JobProxy {
                     return Ok(());
                 }
                 Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                    // Look again: the attempt may have ended while the call was out.
                     dead_attempt = attempt;
-                    changed.await;
+                    drop(changed);
                 }
                 Err(e) => return Err(relayed(e)),
             }
@@ -704,6 +792,9 @@ impl job::Server for JobProxy {
 struct RegistrationImpl {
     sched: Rc<Scheduler>,
     pool: Rc<RefCell<PoolApi>>,
+    /// A worker's own registration: its name, and the SHA-256 of its secret (checked at
+    /// every registration, so that `remove-worker` revokes at once).
+    pinned: Option<(String, Vec<u8>)>,
 }
 
 impl registration::Server for RegistrationImpl {
@@ -716,6 +807,23 @@ impl registration::Server for RegistrationImpl {
         let name = p.get_name()?.to_str()?.to_string();
         let capacity = p.get_capacity();
         let worker_cap = p.get_worker()?;
+        if let Some((pinned, hash)) = &self.pinned {
+            if self
+                .sched
+                .db
+                .borrow()
+                .lookup_hash(hash)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Err(Error::failed("Access has been revoked".into()));
+            }
+            if *pinned != name {
+                return Err(Error::failed(format!(
+                    "This capability registers worker {pinned:?}, not {name:?}"
+                )));
+            }
+        }
         let mut api = self.pool.borrow_mut();
         let id = match api.pool.register(&name, i64::from(capacity)) {
             Ok(id) => id,
@@ -728,6 +836,10 @@ impl registration::Server for RegistrationImpl {
         api.pool.set_active(id, Inactive::WORKER, true);
         tracing::info!("Registered new worker {name:?} in pool {:?}", api.name);
         api.worker_caps.insert(name.clone(), (id, worker_cap));
+        match &self.pinned {
+            Some((_, hash)) => api.pinned.insert(name.clone(), hash.clone()),
+            None => api.pinned.remove(&name),
+        };
         api.flush(&self.sched.db);
         api.changed.notify_waiters();
         drop(api);
@@ -822,8 +934,11 @@ impl Drop for QueueImpl {
         };
         tracing::info!("Release worker {:?}", self.name);
         p.pool.release(self.worker);
+        // Its running jobs are lost.
+        p.attempts.remove(&self.worker);
         if p.worker_caps.get(&self.name).map(|(id, _)| *id) == Some(self.worker) {
             p.worker_caps.remove(&self.name);
+            p.pinned.remove(&self.name);
         }
         p.flush(&self.sched.db);
         p.changed.notify_waiters();
@@ -1112,6 +1227,29 @@ impl admin::Server for AdminImpl {
     ) -> Result<(), Error> {
         let name = params.get()?.get_id()?.to_str()?.to_string();
         self.sched.remove_client(&name).map_err(db_err)
+    }
+
+    async fn add_worker(
+        self: Rc<Self>,
+        params: admin::AddWorkerParams,
+        mut results: admin::AddWorkerResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let uri = self
+            .sched
+            .add_worker(p.get_pool()?.to_str()?, p.get_name()?.to_str()?)?;
+        results.get().set_uri(uri.as_str());
+        Ok(())
+    }
+
+    async fn remove_worker(
+        self: Rc<Self>,
+        params: admin::RemoveWorkerParams,
+        _: admin::RemoveWorkerResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        self.sched
+            .remove_worker(p.get_pool()?.to_str()?, p.get_name()?.to_str()?)
     }
 
     async fn list_clients(

@@ -33,6 +33,22 @@ enum Command {
         #[arg(value_name = "ID")]
         id: String,
     },
+    /// Give a worker a registration capability of its own, pinned to its name (prints
+    /// it: redirect it into the worker's cap file). An extension: OCaml schedulers do not
+    /// have it.
+    AddWorker {
+        #[arg(value_name = "POOL")]
+        pool: String,
+        #[arg(value_name = "WORKER")]
+        name: String,
+    },
+    /// Revoke a worker's own registration capability, disconnecting the worker.
+    RemoveWorker {
+        #[arg(value_name = "POOL")]
+        pool: String,
+        #[arg(value_name = "WORKER")]
+        name: String,
+    },
     /// Unregister a client: its cap stops working at once.
     RemoveClient {
         #[arg(value_name = "ID")]
@@ -114,6 +130,17 @@ enum Command {
         #[arg(value_name = "WORKER")]
         worker: Option<String>,
     },
+}
+
+/// An extension's call refused by a scheduler that does not have it (an OCaml one).
+fn extension(e: capnp::Error) -> capnp::Error {
+    if e.kind == capnp::ErrorKind::Unimplemented {
+        capnp::Error::failed(
+            "this scheduler does not support per-worker capabilities (an OCaml scheduler?)".into(),
+        )
+    } else {
+        e
+    }
 }
 
 fn die(msg: impl std::fmt::Display) -> ! {
@@ -237,6 +264,26 @@ async fn run(cmd: Command, admin: admin::Client) {
             let resp = save.save_request().send().promise.await.or_die();
             let uri: capnp::text::Reader = resp.get().or_die().get_sturdy_ref().get_as().or_die();
             println!("{}", uri.to_string().or_die());
+        }
+        Command::AddWorker { pool, name } => {
+            let mut r = admin.add_worker_request();
+            r.get().set_pool(pool.as_str());
+            r.get().set_name(name.as_str());
+            let resp = r.send().promise.await.map_err(extension).or_die();
+            println!(
+                "{}",
+                resp.get()
+                    .and_then(|r| r.get_uri())
+                    .or_die()
+                    .to_string()
+                    .or_die()
+            );
+        }
+        Command::RemoveWorker { pool, name } => {
+            let mut r = admin.remove_worker_request();
+            r.get().set_pool(pool.as_str());
+            r.get().set_name(name.as_str());
+            r.send().promise.await.map_err(extension).or_die();
         }
         Command::RemoveClient { id } => {
             let mut r = admin.remove_client_request();

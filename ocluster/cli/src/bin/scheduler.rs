@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = ocluster_scheduler::service::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
 
+    /// Serve no shared pool-NAME.cap: workers register only with a capability of their
+    /// own (`ocluster-admin add-worker POOL NAME`), each pinned to its name. OCaml
+    /// workers can use those too.
+    #[arg(long)]
+    no_shared_pool_cap: bool,
+
     /// Clients to provision: submit-NAME.cap is written for each that has none.
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     default_clients: Vec<String>,
@@ -190,6 +196,11 @@ fn main() {
         let mut pool_caps = Vec::new();
         for p in &args.pools {
             let id = key.derived_id(&format!("pool-{p}"));
+            if args.no_shared_pool_cap {
+                // A stale file would only mislead.
+                let _ = std::fs::remove_file(args.secrets_dir.join(format!("pool-{p}.cap")));
+                continue;
+            }
             let reg = sched.registration(p).expect("pool exists");
             fixed.insert(Sha256::digest(id).to_vec(), reg.client);
             pool_caps.push((format!("pool-{p}"), id));
@@ -198,6 +209,9 @@ fn main() {
         let restorer: ocluster_net::vat::Restorer = Rc::new(move |id: &[u8], peer: &Peer| {
             if let Some(c) = fixed.get(&Sha256::digest(id).to_vec()) {
                 return Ok(c.clone());
+            }
+            if let Some(r) = restorer_sched.registration_for_id(id)? {
+                return Ok(r.client);
             }
             match restorer_sched.submission_for_id(id)? {
                 Some(s) => Ok(s.client),

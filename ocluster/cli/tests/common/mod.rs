@@ -95,7 +95,10 @@ impl Scheduler {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
-        while !self.pools.iter().all(|p| self.pool_cap(p).exists()) || !self.admin_cap().exists() {
+        let shared = !self.extra.iter().any(|a| a == "--no-shared-pool-cap");
+        while (shared && !self.pools.iter().all(|p| self.pool_cap(p).exists()))
+            || !self.admin_cap().exists()
+        {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("scheduler exited with {st}:\n{}", self.log());
             }

@@ -55,6 +55,11 @@ interface Job {
 interface Queue {
   pop @0 (job :Job) -> (descr :JobDescr);
   setActive @1 (active :Bool) -> ();
+
+  heartbeat @2 () -> ();
+  # An extension of this implementation: a worker that sends heartbeats and then stops
+  # for the scheduler's heartbeat timeout is taken as lost (its jobs run again
+  # elsewhere). OCaml workers never send them; OCaml schedulers answer Unimplemented.
 }
 
 struct Metric {

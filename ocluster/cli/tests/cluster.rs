@@ -713,3 +713,28 @@ fn workers_with_capabilities_of_their_own() {
     let mut c = Peer::client(&alice, "linux", "echo only-pinned", "", "follow");
     assert_eq!(c.expect("result"), "result ok only-pinned");
 }
+
+/// A worker that sends heartbeats and stops (wedged, its connection still open) is taken
+/// as lost: its job runs on another worker, and it may register again under its name.
+#[test]
+fn a_wedged_worker_is_taken_as_lost() {
+    let s = Scheduler::start(&["linux"], &["--heartbeat-timeout=1"]);
+    let alice = s.add_client("alice");
+    let cap = s.pool_cap("linux");
+    let mut w1 = Peer::spawn(&["worker", cap.to_str().unwrap(), "w1", "1", "hb=100,wedge"]);
+    w1.expect("registered");
+    let mut c = Peer::client(&alice, "linux", "slowecho saved", "", "follow");
+    w1.expect("job w1 slowecho saved");
+    let _w2 = Peer::spawn(&["worker", cap.to_str().unwrap(), "w2", "1", "hb=100"]);
+    let lost = c
+        .expect_within("log Worker w1 was lost", common::TIMEOUT)
+        .unwrap_or_else(|| panic!("saw {:?}\n{}", c.seen, s.log()));
+    assert!(lost.contains("queued again (attempt 2 of 3)"), "{lost}");
+    assert_eq!(c.expect("log Running"), "log Running again on w2");
+    assert_eq!(c.expect("result"), "result ok saved");
+    assert!(s.log().contains("sent no heartbeat"), "{}", s.log());
+    // Its name is free again: a new w1 registers while the old connection is open.
+    let mut again = Peer::spawn(&["worker", cap.to_str().unwrap(), "w1", "1", "hb=100"]);
+    again.expect("registered");
+    drop(w1);
+}

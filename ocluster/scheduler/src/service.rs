@@ -96,6 +96,8 @@ pub struct PoolApi {
     /// that its jobs are known lost even if their `result` calls never settle.
     attempts: HashMap<WorkerId, HashMap<u64, oneshot::Sender<()>>>,
     next_attempt: u64,
+    /// When each worker that sends heartbeats last sent one.
+    heartbeats: HashMap<WorkerId, f64>,
     /// Fired when a job ends or a worker registers (drain, update).
     changed: Rc<tokio::sync::Notify>,
     this: std::rc::Weak<RefCell<PoolApi>>,
@@ -106,6 +108,8 @@ pub struct PoolApi {
 }
 
 pub struct Scheduler {
+    /// Seconds without a heartbeat after which a worker that sends them is lost.
+    heartbeat_timeout: std::cell::Cell<f64>,
     pools: BTreeMap<String, Rc<RefCell<PoolApi>>>,
     db: Rc<RefCell<Db>>,
     clock: Clock,
@@ -113,10 +117,49 @@ pub struct Scheduler {
     make_uri: MakeUri,
 }
 
+/// A worker that sends heartbeats is lost after this long without one.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Attempts by default: a job whose worker is lost runs again twice.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 impl Scheduler {
+    /// Takes workers that stop sending heartbeats for `timeout` as lost, checking a few
+    /// times per timeout. Must run on a `LocalSet`.
+    pub fn watch_heartbeats(self: &Rc<Self>, timeout: Duration) {
+        self.heartbeat_timeout.set(timeout.as_secs_f64());
+        let sched = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(timeout / 4).await;
+                let Some(sched) = sched.upgrade() else { return };
+                let now = sched.now();
+                for (pool_name, p) in &sched.pools {
+                    let Ok(mut p) = p.try_borrow_mut() else {
+                        continue;
+                    };
+                    let stale: Vec<(WorkerId, String)> = p
+                        .heartbeats
+                        .iter()
+                        .filter(|(_, t)| now - **t > timeout.as_secs_f64())
+                        .filter_map(|(id, _)| Some((*id, p.pool.worker_name(*id)?.to_string())))
+                        .collect();
+                    for (id, name) in stale {
+                        tracing::warn!(
+                            "Worker {name:?} of {pool_name:?} sent no heartbeat for {} s: \
+                             taking it as lost",
+                            timeout.as_secs()
+                        );
+                        p.release_worker(id, &name);
+                    }
+                    let db = p.db.clone();
+                    p.flush(&db);
+                    p.changed.notify_waiters();
+                }
+            }
+        });
+    }
+
     /// How many times a job may run when its workers are lost (at least 1).
     pub fn set_max_attempts(&self, n: u32) {
         for p in self.pools.values() {
@@ -147,6 +190,7 @@ impl Scheduler {
                         pinned: HashMap::new(),
                         attempts: HashMap::new(),
                         next_attempt: 0,
+                        heartbeats: HashMap::new(),
                         changed: Rc::new(tokio::sync::Notify::new()),
                         this: this.clone(),
                         db: db.clone(),
@@ -156,6 +200,7 @@ impl Scheduler {
             );
         }
         Ok(Rc::new(Scheduler {
+            heartbeat_timeout: std::cell::Cell::new(DEFAULT_HEARTBEAT_TIMEOUT.as_secs_f64()),
             pools: map,
             db,
             clock,
@@ -544,6 +589,25 @@ impl PoolApi {
         });
     }
 
+    /// Lets go of a worker: its queued items go back, its running jobs are lost (and run
+    /// again elsewhere if they may).
+    fn release_worker(&mut self, worker: WorkerId, name: &str) {
+        self.pool.release(worker);
+        self.attempts.remove(&worker);
+        self.heartbeats.remove(&worker);
+        if self.worker_caps.get(name).map(|(id, _)| *id) == Some(worker) {
+            self.worker_caps.remove(name);
+            self.pinned.remove(name);
+        }
+    }
+
+    /// A worker that sends heartbeats and has not for `timeout` seconds.
+    fn stale(&self, worker: WorkerId, now: f64, timeout: f64) -> bool {
+        self.heartbeats
+            .get(&worker)
+            .is_some_and(|t| now - t > timeout)
+    }
+
     fn running_of(&self, name: &str) -> Option<(WorkerId, i64)> {
         let id = self.pool.connected(name)?;
         Some((id, self.pool.running(id)))
@@ -721,7 +785,26 @@ impl job::Server for JobProxy {
             let worker_start = if start < 0 { start } else { start - base };
             let mut req = job.log_request();
             req.get().set_start(worker_start);
-            match req.send().promise.await {
+            // A wedged worker may never answer: stop waiting once its attempt is over.
+            let over = async {
+                loop {
+                    let changed = shared.changed.notified();
+                    let current = shared.state.borrow().current.as_ref().map(|(_, n)| *n);
+                    if current != Some(attempt) {
+                        return;
+                    }
+                    changed.await;
+                }
+            };
+            let answer = tokio::select! {
+                r = req.send().promise => r,
+                _ = over => {
+                    dead_attempt = attempt;
+                    drop(changed);
+                    continue;
+                }
+            };
+            match answer {
                 Ok(r) => {
                     let r = r.get()?;
                     let next = base + r.get_next();
@@ -825,6 +908,26 @@ impl registration::Server for RegistrationImpl {
             }
         }
         let mut api = self.pool.borrow_mut();
+        if let Some(old) = api.pool.connected(&name) {
+            let now = self.sched.now();
+            let timeout = self.sched.heartbeat_timeout.get();
+            let same_credential = matches!(
+                (&self.pinned, api.pinned.get(&name)),
+                (Some((_, mine)), Some(theirs)) if mine == theirs
+            );
+            if same_credential || api.stale(old, now, timeout) {
+                tracing::warn!(
+                    "Worker {name:?} registers again{}: replacing its old connection",
+                    if same_credential {
+                        " with its own capability"
+                    } else {
+                        " after missing heartbeats"
+                    }
+                );
+                api.release_worker(old, &name);
+                api.flush(&self.sched.db);
+            }
+        }
         let id = match api.pool.register(&name, i64::from(capacity)) {
             Ok(id) => id,
             Err(PoolError::NameTaken) => {
@@ -923,6 +1026,23 @@ impl queue::Server for QueueImpl {
         p.flush(&self.sched.db);
         Ok(())
     }
+
+    async fn heartbeat(
+        self: Rc<Self>,
+        _: queue::HeartbeatParams,
+        _: queue::HeartbeatResults,
+    ) -> Result<(), Error> {
+        let now = self.sched.now();
+        let mut p = self.pool.borrow_mut();
+        if p.pool.connected(&self.name) != Some(self.worker) {
+            return Err(Error::disconnected(
+                "this registration was released (missed heartbeats or revoked); register again"
+                    .into(),
+            ));
+        }
+        p.heartbeats.insert(self.worker, now);
+        Ok(())
+    }
 }
 
 impl Drop for QueueImpl {
@@ -933,13 +1053,7 @@ impl Drop for QueueImpl {
             return;
         };
         tracing::info!("Release worker {:?}", self.name);
-        p.pool.release(self.worker);
-        // Its running jobs are lost.
-        p.attempts.remove(&self.worker);
-        if p.worker_caps.get(&self.name).map(|(id, _)| *id) == Some(self.worker) {
-            p.worker_caps.remove(&self.name);
-            p.pinned.remove(&self.name);
-        }
+        p.release_worker(self.worker, &self.name);
         p.flush(&self.sched.db);
         p.changed.notify_waiters();
     }

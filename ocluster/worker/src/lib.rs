@@ -84,6 +84,9 @@ pub struct WorkerConfig {
     pub custom: HashMap<String, CustomHandler>,
     /// First and longest wait before reconnecting.
     pub reconnect: (Duration, Duration),
+    /// How often to send the scheduler a heartbeat (an extension; an OCaml scheduler
+    /// answers Unimplemented and gets none after that).
+    pub heartbeat: Duration,
 }
 
 impl WorkerConfig {
@@ -102,6 +105,7 @@ impl WorkerConfig {
             allow_push: Vec::new(),
             custom: HashMap::new(),
             reconnect: (Duration::from_secs(1), Duration::from_secs(10)),
+            heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -332,7 +336,22 @@ async fn session(
     }
     let slots = (0..shared.config.capacity).map(|_| slot(shared.clone(), queue.clone()));
     let slots = futures::future::join_all(slots);
+    let heartbeats = async {
+        loop {
+            match queue.heartbeat_request().send().promise.await {
+                Ok(_) => {}
+                Err(e) if e.kind == capnp::ErrorKind::Unimplemented => {
+                    tracing::info!("the scheduler takes no heartbeats (an OCaml scheduler?)");
+                    return std::future::pending::<String>().await;
+                }
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected => return e.extra,
+                Err(e) => tracing::warn!("heartbeat: {e}"),
+            }
+            tokio::time::sleep(shared.config.heartbeat).await;
+        }
+    };
     let result = tokio::select! {
+        e = heartbeats => Err(e),
         _ = slots => Err("the scheduler stopped answering pops".to_string()),
         r = conn.driver => Err(match r {
             Ok(Ok(())) => "connection closed".to_string(),

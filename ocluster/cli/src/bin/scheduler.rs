@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = ocluster_scheduler::service::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
 
+    /// Seconds without a heartbeat after which a worker that sends them (ours; OCaml
+    /// workers do not) is taken as lost: its jobs run again elsewhere, and it may
+    /// register again under its name.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    heartbeat_timeout: f64,
+
     /// Serve no shared pool-NAME.cap: workers register only with a capability of their
     /// own (`ocluster-admin add-worker POOL NAME`), each pinned to its name. OCaml
     /// workers can use those too.
@@ -170,6 +176,10 @@ fn main() {
         )
         .unwrap_or_else(|e| fail(e));
         sched.set_max_attempts(args.max_attempts);
+        if args.heartbeat_timeout.is_nan() || args.heartbeat_timeout <= 0.0 {
+            fail("--heartbeat-timeout must be more than 0");
+        }
+        sched.watch_heartbeats(std::time::Duration::from_secs_f64(args.heartbeat_timeout));
 
         // Default clients.
         for name in &args.default_clients {

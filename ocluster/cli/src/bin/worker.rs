@@ -50,6 +50,10 @@ struct Args {
     /// Seconds between healthchecks (0: none; the worker still checks at start-up unless 0).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     obuilder_healthcheck: u64,
+    /// Seconds between heartbeats to the scheduler (ours takes a worker that stops
+    /// sending them as lost; an OCaml scheduler takes none, and gets none).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    heartbeat_interval: f64,
     /// Extra metrics to relay: NAME:URI (http://…), repeatable or comma-separated.
     #[arg(long, value_name = "NAME:URI", value_delimiter = ',')]
     additional_metrics: Vec<String>,
@@ -100,6 +104,10 @@ fn main() {
     config.prune_threshold = args.obuilder_prune_threshold;
     config.prune_limit = args.obuilder_prune_limit;
     config.healthcheck_period = Duration::from_secs(args.obuilder_healthcheck);
+    if args.heartbeat_interval.is_nan() || args.heartbeat_interval <= 0.0 {
+        fail("--heartbeat-interval must be more than 0");
+    }
+    config.heartbeat = Duration::from_secs_f64(args.heartbeat_interval);
     for m in &args.additional_metrics {
         let Some((name, uri)) = m.split_once(':') else {
             fail(format!("--additional-metrics {m:?}: expected NAME:URI"))

@@ -39,7 +39,15 @@ pub fn main() {
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&rt, async move {
         match args[0].as_str() {
-            "worker" => run_worker(&args[1], &args[2], args[3].parse().unwrap()).await,
+            "worker" => {
+                run_worker(
+                    &args[1],
+                    &args[2],
+                    args[3].parse().unwrap(),
+                    args.get(4).map(String::as_str).unwrap_or(""),
+                )
+                .await
+            }
             "client" => run_client(&args[1..]).await,
             other => panic!("unknown peer role {other}"),
         }
@@ -231,7 +239,15 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
     }
 }
 
-async fn run_worker(cap: &str, name: &str, capacity: i32) -> i32 {
+/// `options`: `hb=MS` sends a heartbeat every MS ms; `wedge` stops them (but keeps the
+/// connection) once a job starts, as a wedged worker would.
+async fn run_worker(cap: &str, name: &str, capacity: i32, options: &str) -> i32 {
+    let heartbeat = options
+        .split(',')
+        .find_map(|o| o.strip_prefix("hb="))
+        .map(|ms| std::time::Duration::from_millis(ms.parse().unwrap()));
+    let wedge = options.split(',').any(|o| o == "wedge");
+    let wedged = Rc::new(std::cell::Cell::new(false));
     let conn = connect(cap).await;
     let reg: registration::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
     let mut r = reg.register_request();
@@ -247,10 +263,29 @@ async fn run_worker(cap: &str, name: &str, capacity: i32) -> i32 {
             return 3;
         }
     };
+    if heartbeat.is_some() {
+        // The first heartbeat goes before "registered".
+        queue.heartbeat_request().send().promise.await.unwrap();
+    }
     say("registered");
+    if let Some(every) = heartbeat {
+        let (queue, wedged) = (queue.clone(), wedged.clone());
+        tokio::task::spawn_local(async move {
+            loop {
+                if !wedged.get() {
+                    if let Err(e) = queue.heartbeat_request().send().promise.await {
+                        say(format!("heartbeat-error {}", e.extra));
+                        return;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     let slots = (0..capacity).map(|_| {
         let queue = queue.clone();
         let name = name.to_string();
+        let wedged = wedged.clone();
         async move {
             loop {
                 let st = Rc::new(RefCell::new(JobState::default()));
@@ -273,6 +308,11 @@ async fn run_worker(cap: &str, name: &str, capacity: i32) -> i32 {
                 };
                 let hint = descr.get_cache_hint().unwrap().to_string().unwrap();
                 say(format!("job {name} {spec} hint={hint}"));
+                if wedge {
+                    // Wedged: no more heartbeats, and the job never ends.
+                    wedged.set(true);
+                    std::future::pending::<()>().await;
+                }
                 st.borrow_mut().spec = spec;
                 run_job(st).await;
             }

@@ -122,7 +122,13 @@ impl Worker {
             .arg("--state-dir")
             .arg(s.dir.path().join(format!("state-{name}")))
             .arg(format!("--obuilder-store=btrfs:{}", store.display()))
-            .args(["--fast-sync", "--obuilder-healthcheck", "0", "-v"])
+            .args(["--fast-sync", "-v"])
+            .args(
+                (!extra.contains(&"--obuilder-healthcheck"))
+                    .then_some(["--obuilder-healthcheck", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -696,4 +702,76 @@ fn a_job_survives_its_worker() {
     c.expect("Job succeeded");
     assert_eq!(c.finish(), 0, "{}", c.output());
     drop(w2);
+}
+
+/// The worker pauses itself at the scheduler while it prunes and while its healthcheck
+/// fails, and takes jobs again afterwards.
+#[test]
+fn prune_and_healthcheck_pause_the_worker() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar")
+    );
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let busybox = s.dir.path().join("busybox");
+    std::fs::copy("/bin/busybox", &busybox).unwrap();
+    let marks = |what: &str| {
+        s.log()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains("worker=w1"))
+            .count()
+    };
+    let wait_marks = |what: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while marks(what) < n {
+            assert!(Instant::now() < deadline, "no {what:?} x{n}:\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Healthchecks every second; a store always "below" the threshold: it prunes each round.
+    let w = Worker::start_with(
+        &s,
+        &fs.mnt,
+        "w1",
+        1,
+        &[
+            "--obuilder-healthcheck",
+            "1",
+            "--obuilder-healthcheck-busybox",
+            busybox.to_str().unwrap(),
+            "--obuilder-prune-threshold",
+            "100",
+        ],
+    );
+    // Paused while pruning, active again after.
+    let active = marks("worker active");
+    wait_marks("worker marked inactive", 1);
+    wait_marks("worker active", active + 1);
+    w.wait_log("pruning");
+    // A failing healthcheck pauses it until it passes again.
+    std::fs::remove_file(&busybox).unwrap();
+    w.wait_log("healthcheck failed");
+    let paused = marks("worker marked inactive");
+    let plain = spec(
+        s.dir.path(),
+        "plain",
+        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo healthy again\")))\n",
+    );
+    let mut c = client(&alice, &plain, &[]);
+    c.expect("Tailing log:");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !c.output().contains("Building on"),
+        "an unhealthy worker took a job:\n{}",
+        c.output()
+    );
+    assert!(marks("worker marked inactive") >= paused);
+    std::fs::copy("/bin/busybox", &busybox).unwrap();
+    c.expect("healthy again");
+    assert_eq!(c.finish(), 0, "{}", c.output());
 }

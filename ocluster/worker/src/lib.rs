@@ -659,10 +659,14 @@ async fn maintain(shared: Rc<Shared>) {
                     next_check = tokio::time::Instant::now() + period;
                 }
                 Err(e) => {
-                    tracing::warn!("healthcheck failed: {e}; pausing, retrying in 60 s");
+                    let retry = Duration::from_secs(60).min(period);
+                    tracing::warn!(
+                        "healthcheck failed: {e}; pausing, retrying in {} s",
+                        retry.as_secs_f64()
+                    );
                     shared.unhealthy.set(true);
                     shared.set_paused(PAUSE_UNHEALTHY, true);
-                    next_check = tokio::time::Instant::now() + Duration::from_secs(60);
+                    next_check = tokio::time::Instant::now() + retry;
                 }
             }
         }

@@ -50,6 +50,9 @@ struct Args {
     /// Seconds between healthchecks (0: none; the worker still checks at start-up unless 0).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     obuilder_healthcheck: u64,
+    /// The static busybox the healthcheck builds its image from.
+    #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
+    obuilder_healthcheck_busybox: PathBuf,
     /// Seconds between heartbeats to the scheduler (ours takes a worker that stops
     /// sending them as lost; an OCaml scheduler takes none, and gets none).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -104,6 +107,7 @@ fn main() {
     config.prune_threshold = args.obuilder_prune_threshold;
     config.prune_limit = args.obuilder_prune_limit;
     config.healthcheck_period = Duration::from_secs(args.obuilder_healthcheck);
+    config.busybox = args.obuilder_healthcheck_busybox.clone();
     if args.heartbeat_interval.is_nan() || args.heartbeat_interval <= 0.0 {
         fail("--heartbeat-interval must be more than 0");
     }

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{Scheduler, TIMEOUT};
-use testkit::{require, Cap};
+use testkit::Cap;
 
 /// A process whose stdout lines are read as they come.
 struct Proc {
@@ -285,6 +285,38 @@ fn http_get(port: u16, path: &str) -> String {
     s
 }
 
+/// What every test here needs from the machine, beyond `more`; false (skip, or fail
+/// under OBUILDER_TEST_STRICT=1) if something is missing.
+fn machine_has(test: &str, more: &[Cap]) -> bool {
+    let mut caps = vec![
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("tar"),
+    ];
+    caps.extend_from_slice(more);
+    testkit::require(test, &caps)
+}
+
+/// A btrfs filesystem for the workers' stores, a scheduler with `args`, and client
+/// alice's cap file.
+fn cluster(args: &[&str]) -> (testkit::LoopFs, Scheduler, PathBuf) {
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let s = Scheduler::start(&["linux"], args);
+    let alice = s.add_client("alice");
+    (fs, s, alice)
+}
+
+/// A one-step spec running `cmd` under `/bin/sh -c`.
+fn sh_spec(dir: &Path, name: &str, cmd: &str) -> PathBuf {
+    spec(
+        dir,
+        name,
+        &format!("((from busybox)\n (shell /bin/sh -c)\n (run (shell {cmd:?})))\n"),
+    )
+}
+
 fn spec(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
@@ -295,21 +327,11 @@ fn spec(dir: &Path, name: &str, body: &str) -> PathBuf {
 /// the same worker, and bad input that fails its job while the worker goes on.
 #[test]
 fn git_jobs_logs_affinity_and_bad_input() {
-    require!(
-        Cap::Root,
-        Cap::Tool("runc"),
-        Cap::Tool("git"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar")
-    );
-    let fs = testkit::LoopFs::new("btrfs", 1024);
+    if !machine_has("git_jobs", &[Cap::Tool("git")]) {
+        return;
+    }
     let prom = free_port();
-    let s = Scheduler::start(
-        &["linux"],
-        &[&format!("--listen-prometheus=127.0.0.1:{prom}")],
-    );
-    let alice = s.add_client("alice");
+    let (fs, s, alice) = cluster(&[&format!("--listen-prometheus=127.0.0.1:{prom}")]);
     // An additional metric the worker relays: a one-shot HTTP server.
     let extra = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let extra_uri = format!("extra:http://{}/m", extra.local_addr().unwrap());
@@ -394,11 +416,7 @@ fn git_jobs_logs_affinity_and_bad_input() {
     assert!(!c.output().contains("s3cr3t-value"));
 
     // Bad input: each job fails clearly.
-    let plain = spec(
-        s.dir.path(),
-        "plain",
-        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo fine\")))\n",
-    );
+    let plain = sh_spec(s.dir.path(), "plain", "echo fine");
     let unparsable = spec(s.dir.path(), "bad", "((from busybox) (run oops)\n");
     let mut c = client(&alice, &unparsable, &[]);
     c.expect("Invalid spec");
@@ -465,24 +483,14 @@ fn sleepers() -> usize {
 /// the scheduler reconnects and takes jobs again.
 #[test]
 fn cancel_worker_death_and_reconnect() {
-    require!(
-        Cap::Root,
-        Cap::Tool("runc"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar")
-    );
-    let fs = testkit::LoopFs::new("btrfs", 1024);
+    if !machine_has("cluster", &[]) {
+        return;
+    }
     // As the original: a job whose worker dies fails (no second attempt).
-    let mut s = Scheduler::start(&["linux"], &["--max-attempts=1"]);
-    let alice = s.add_client("alice");
+    let (fs, mut s, alice) = cluster(&["--max-attempts=1"]);
     let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
     let before = sleepers();
-    let sleepy = spec(
-        s.dir.path(),
-        "sleepy",
-        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo sleeping; sleep 1000\")))\n",
-    );
+    let sleepy = sh_spec(s.dir.path(), "sleepy", "echo sleeping; sleep 1000");
     let mut c = client(&alice, &sleepy, &[]);
     c.expect("sleeping");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -527,11 +535,7 @@ fn cancel_worker_death_and_reconnect() {
     s.restart();
     w2.wait_log_n("Registered as", 2);
     let alice2 = s.dir.path().join("alice.cap");
-    let plain = spec(
-        s.dir.path(),
-        "plain",
-        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo after restart\")))\n",
-    );
+    let plain = sh_spec(s.dir.path(), "plain", "echo after restart");
     let mut c = client(&alice2, &plain, &[]);
     c.expect("after restart");
     assert_eq!(c.finish(), 0, "{}", c.output());
@@ -572,16 +576,14 @@ fn cancel_worker_death_and_reconnect() {
 /// does not allow fails the job.
 #[test]
 fn dockerfile_job_with_buildah_and_a_push() {
-    require!(
-        Cap::Root,
-        Cap::Tool("runc"),
+    let tools = [
         Cap::Tool("buildah"),
         Cap::Tool("skopeo"),
         Cap::Tool("docker-registry"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar")
-    );
+    ];
+    if !machine_has("dockerfile_job", &tools) {
+        return;
+    }
     let fs = testkit::LoopFs::new("btrfs", 1024);
     let registry = testkit::registry::TestRegistry::start();
     let addr = registry.addr.clone();
@@ -673,23 +675,12 @@ fn dockerfile_job_with_buildah_and_a_push() {
 /// client sees one job and one result.
 #[test]
 fn a_job_survives_its_worker() {
-    require!(
-        Cap::Root,
-        Cap::Tool("runc"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar")
-    );
-    let fs = testkit::LoopFs::new("btrfs", 1024);
-    let s = Scheduler::start(&["linux"], &[]);
-    let alice = s.add_client("alice");
+    if !machine_has("cluster", &[]) {
+        return;
+    }
+    let (fs, s, alice) = cluster(&[]);
     let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
-    let job = spec(
-        s.dir.path(),
-        "job",
-        "((from busybox)\n (shell /bin/sh -c)\n \
-         (run (shell \"echo begin; sleep 2; echo end\")))\n",
-    );
+    let job = sh_spec(s.dir.path(), "job", "echo begin; sleep 2; echo end");
     let mut c = client(&alice, &job, &[]);
     c.expect("Building on w1");
     c.expect("begin");
@@ -708,16 +699,10 @@ fn a_job_survives_its_worker() {
 /// fails, and takes jobs again afterwards.
 #[test]
 fn prune_and_healthcheck_pause_the_worker() {
-    require!(
-        Cap::Root,
-        Cap::Tool("runc"),
-        Cap::File("/bin/busybox"),
-        Cap::Tool("mkfs.btrfs"),
-        Cap::Tool("tar")
-    );
-    let fs = testkit::LoopFs::new("btrfs", 1024);
-    let s = Scheduler::start(&["linux"], &[]);
-    let alice = s.add_client("alice");
+    if !machine_has("cluster", &[]) {
+        return;
+    }
+    let (fs, s, alice) = cluster(&[]);
     let busybox = s.dir.path().join("busybox");
     std::fs::copy("/bin/busybox", &busybox).unwrap();
     let marks = |what: &str| {
@@ -757,11 +742,7 @@ fn prune_and_healthcheck_pause_the_worker() {
     std::fs::remove_file(&busybox).unwrap();
     w.wait_log("healthcheck failed");
     let paused = marks("worker marked inactive");
-    let plain = spec(
-        s.dir.path(),
-        "plain",
-        "((from busybox)\n (shell /bin/sh -c)\n (run (shell \"echo healthy again\")))\n",
-    );
+    let plain = sh_spec(s.dir.path(), "plain", "echo healthy again");
     let mut c = client(&alice, &plain, &[]);
     c.expect("Tailing log:");
     std::thread::sleep(Duration::from_secs(2));

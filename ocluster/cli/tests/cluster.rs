@@ -738,3 +738,39 @@ fn a_wedged_worker_is_taken_as_lost() {
     again.expect("registered");
     drop(w1);
 }
+
+/// A pool's job limits: a job that runs too long, or writes too much log, is cancelled
+/// on its worker and fails saying why.
+#[test]
+fn job_time_and_log_limits() {
+    let s = Scheduler::start(
+        &["linux", "big"],
+        &[
+            "--job-time-limit=1s",
+            "--job-time-limit=big=1h",
+            "--job-log-limit=big=10K",
+        ],
+    );
+    let alice = s.add_client("alice");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let mut c = Peer::client(&alice, "linux", "wait", "", "follow");
+    c.expect("log waiting");
+    assert_eq!(w.expect("cancelled"), "cancelled wait");
+    let note = c.expect("log Job stopped");
+    assert_eq!(
+        note,
+        "log Job stopped: it ran longer than the limit of 1 s of pool linux"
+    );
+    let r = c.expect("result");
+    assert!(r.contains("it ran longer than the limit"), "{r}");
+    assert_eq!(c.wait(), 1);
+
+    let mut w = Peer::worker(&s.pool_cap("big"), "w2", 1);
+    let mut c = Peer::client(&alice, "big", "spam 50000", "", "follow");
+    assert_eq!(w.expect("cancelled"), "cancelled spam 50000");
+    let r = c.expect("result");
+    assert!(
+        r.contains("its log passed the limit of 10240 bytes of pool big"),
+        "{r}"
+    );
+}

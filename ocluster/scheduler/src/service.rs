@@ -98,6 +98,7 @@ pub struct PoolApi {
     next_attempt: u64,
     /// When each worker that sends heartbeats last sent one.
     heartbeats: HashMap<WorkerId, f64>,
+    limits: JobLimits,
     /// Fired when a job ends or a worker registers (drain, update).
     changed: Rc<tokio::sync::Notify>,
     this: std::rc::Weak<RefCell<PoolApi>>,
@@ -116,6 +117,26 @@ pub struct Scheduler {
     /// Makes the URI of a service id (this scheduler's address and key).
     make_uri: MakeUri,
 }
+
+/// How long a job may run and how much log it may write, per pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    pub time: Duration,
+    pub log_bytes: u64,
+}
+
+impl Default for JobLimits {
+    /// A day, and 1 GiB of log.
+    fn default() -> JobLimits {
+        JobLimits {
+            time: Duration::from_secs(24 * 3600),
+            log_bytes: 1 << 30,
+        }
+    }
+}
+
+/// How often a running job's log size is looked at.
+const LOG_PROBE: Duration = Duration::from_secs(1);
 
 /// A worker that sends heartbeats is lost after this long without one.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -160,6 +181,17 @@ impl Scheduler {
         });
     }
 
+    /// Sets a pool's job limits; false if there is no such pool.
+    pub fn set_limits(&self, pool: &str, limits: JobLimits) -> bool {
+        match self.pools.get(pool) {
+            Some(p) => {
+                p.borrow_mut().limits = limits;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// How many times a job may run when its workers are lost (at least 1).
     pub fn set_max_attempts(&self, n: u32) {
         for p in self.pools.values() {
@@ -191,6 +223,7 @@ impl Scheduler {
                         attempts: HashMap::new(),
                         next_attempt: 0,
                         heartbeats: HashMap::new(),
+                        limits: JobLimits::default(),
                         changed: Rc::new(tokio::sync::Notify::new()),
                         this: this.clone(),
                         db: db.clone(),
@@ -540,13 +573,58 @@ impl PoolApi {
         let key = self.next_attempt;
         let (alarm, lost) = oneshot::channel::<()>();
         self.attempts.entry(worker).or_default().insert(key, alarm);
+        let limits = self.limits;
+        let pool_name = self.name.clone();
         tokio::task::spawn_local(async move {
+            // The pool's limits: the time since this attempt started, and the size of its
+            // log (looked at every second).
+            let over_limit = async {
+                let probe = async {
+                    loop {
+                        tokio::time::sleep(LOG_PROBE).await;
+                        // Through the job's state, never holding the worker's `Job`: its
+                        // release by the client must reach the worker.
+                        let Some(job) = shared.job_of(attempt) else {
+                            continue;
+                        };
+                        let mut req = job.log_request();
+                        drop(job);
+                        req.get().set_start(-1);
+                        if let Ok(r) = req.send().promise.await {
+                            let next = r.get().map(|r| r.get_next()).unwrap_or(0);
+                            if next as u64 > limits.log_bytes {
+                                return format!(
+                                    "its log passed the limit of {} bytes of pool {pool_name}",
+                                    limits.log_bytes
+                                );
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(limits.time) => format!(
+                        "it ran longer than the limit of {} s of pool {pool_name}",
+                        limits.time.as_secs_f64()
+                    ),
+                    m = probe => m,
+                }
+            };
             let outcome: Result<String, Error> = tokio::select! {
                 r = async {
                     let r = result.await?;
                     Ok(r.get()?.get_output()?.to_string()?)
                 } => r,
                 _ = lost => Err(Error::disconnected("Worker disconnected".into())),
+                why = over_limit => {
+                    let msg = format!("Job stopped: {why}");
+                    // The note first, so that the client reads it before the log ends.
+                    let job = shared.job_of(attempt);
+                    shared.stopped(&format!("\n{msg}\n"));
+                    if let Some(job) = job {
+                        let _ = job.cancel_request().send().promise.await;
+                    }
+                    Err(Error::failed(msg))
+                }
             };
             let Some(pool) = this.upgrade() else { return };
             let mut p = pool.borrow_mut();
@@ -668,6 +746,19 @@ impl JobShared {
         st.base = at + st.note.len() as i64;
         drop(st);
         self.changed.notify_waiters();
+    }
+
+    /// The worker's `Job` of `attempt`, if it is still the current one.
+    fn job_of(&self, attempt: u32) -> Option<job::Client> {
+        match &self.state.borrow().current {
+            Some((job, n)) if *n == attempt => Some(job.clone()),
+            _ => None,
+        }
+    }
+
+    /// The scheduler stopped the job (a limit): `note` ends its log.
+    fn stopped(&self, note: &str) {
+        self.lost(note);
     }
 
     fn finish(&self, outcome: Result<String, Error>) {

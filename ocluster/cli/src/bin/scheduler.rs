@@ -66,6 +66,16 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     heartbeat_timeout: f64,
 
+    /// How long a job may run, for every pool (e.g. 6h) or one (POOL=DURATION);
+    /// repeatable. A job that runs longer is cancelled and fails saying so. Default 24h.
+    #[arg(long, value_name = "[POOL=]DURATION")]
+    job_time_limit: Vec<String>,
+
+    /// How much log a job may write, for every pool (e.g. 100M) or one (POOL=SIZE);
+    /// repeatable. A job that writes more is cancelled and fails saying so. Default 1G.
+    #[arg(long, value_name = "[POOL=]SIZE")]
+    job_log_limit: Vec<String>,
+
     /// Serve no shared pool-NAME.cap: workers register only with a capability of their
     /// own (`ocluster-admin add-worker POOL NAME`), each pinned to its name. OCaml
     /// workers can use those too.
@@ -83,6 +93,72 @@ struct Args {
 fn fail(msg: impl std::fmt::Display) -> ! {
     eprintln!("ocluster-scheduler: {msg}");
     std::process::exit(1)
+}
+
+/// `90`, `90s`, `30m`, `6h`, `1d`.
+fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last()? {
+        (i, 's') => (&t[..i], 1.0),
+        (i, 'm') => (&t[..i], 60.0),
+        (i, 'h') => (&t[..i], 3600.0),
+        (i, 'd') => (&t[..i], 86400.0),
+        _ => (t, 1.0),
+    };
+    let n: f64 = num.parse().ok()?;
+    (n > 0.0 && n.is_finite()).then(|| std::time::Duration::from_secs_f64(n * mult))
+}
+
+/// `512`, `100K`, `100M`, `1G`.
+fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last()? {
+        (i, 'K' | 'k') => (&t[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&t[..i], 1 << 20),
+        (i, 'G' | 'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().ok()?;
+    (n > 0.0 && n.is_finite()).then_some((n * mult as f64) as u64)
+}
+
+/// Applies `--job-time-limit` and `--job-log-limit` to the pools.
+fn job_limits(
+    args: &Args,
+) -> std::collections::BTreeMap<String, ocluster_scheduler::service::JobLimits> {
+    let mut limits: std::collections::BTreeMap<_, _> = args
+        .pools
+        .iter()
+        .map(|p| (p.clone(), ocluster_scheduler::service::JobLimits::default()))
+        .collect();
+    let mut apply =
+        |flag: &str,
+         values: &[String],
+         set: &dyn Fn(&mut ocluster_scheduler::service::JobLimits, &str) -> bool| {
+            for v in values {
+                let (pool, value) = match v.split_once('=') {
+                    Some((p, x)) => (Some(p), x),
+                    None => (None, v.as_str()),
+                };
+                for (name, l) in limits.iter_mut() {
+                    if pool.is_none_or(|p| p == name) && !set(l, value) {
+                        fail(format!("{flag} {v:?}: not a valid limit"));
+                    }
+                }
+                if let Some(p) = pool {
+                    if !args.pools.iter().any(|x| x == p) {
+                        fail(format!("{flag} {v:?}: no pool {p:?} (--pools)"));
+                    }
+                }
+            }
+        };
+    apply("--job-time-limit", &args.job_time_limit, &|l, v| {
+        parse_duration(v).map(|d| l.time = d).is_some()
+    });
+    apply("--job-log-limit", &args.job_log_limit, &|l, v| {
+        parse_size(v).map(|n| l.log_bytes = n).is_some()
+    });
+    limits
 }
 
 fn write_cap(dir: &Path, name: &str, uri: &SturdyRef) {
@@ -176,6 +252,9 @@ fn main() {
         )
         .unwrap_or_else(|e| fail(e));
         sched.set_max_attempts(args.max_attempts);
+        for (pool, limits) in job_limits(&args) {
+            sched.set_limits(&pool, limits);
+        }
         if args.heartbeat_timeout.is_nan() || args.heartbeat_timeout <= 0.0 {
             fail("--heartbeat-timeout must be more than 0");
         }

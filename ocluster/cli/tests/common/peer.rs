@@ -6,6 +6,7 @@
 //! - `echo TEXT`: logs TEXT and succeeds with it as the result;
 //! - `slowecho TEXT`: logs `started`, and a second later TEXT, and succeeds with it;
 //! - `wait`: logs `waiting` and runs until it is cancelled or released;
+//! - `spam N`: logs N bytes, then runs until it is cancelled or released;
 //! - `fail`: fails with "Build failed".
 
 use std::cell::RefCell;
@@ -224,6 +225,22 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         st.borrow_mut().append(&format!("{text}\n"));
         st.borrow_mut().finish(Ok(text.to_string()));
+    } else if let Some(n) = spec.strip_prefix("spam ") {
+        // N bytes of log, then wait to be stopped.
+        let n: usize = n.parse().unwrap();
+        let line = "x".repeat(99) + "\n";
+        for _ in 0..n / 100 {
+            st.borrow_mut().append(&line);
+        }
+        loop {
+            let notify = st.borrow().notify.clone();
+            let changed = notify.notified();
+            if st.borrow().cancelled {
+                say(format!("cancelled {spec}"));
+                break;
+            }
+            changed.await;
+        }
     } else if spec == "wait" {
         st.borrow_mut().append("waiting\n");
         loop {

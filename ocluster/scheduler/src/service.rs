@@ -316,15 +316,10 @@ impl Scheduler {
             )));
         }
         let mut p = p.borrow_mut();
-        if let Some(hash) = p.pinned.get(name) {
-            if revoked.contains(hash) {
-                if let Some((id, _)) = p.worker_caps.remove(name) {
-                    tracing::info!("Disconnecting worker {name:?}: its capability was revoked");
-                    p.pool.release(id);
-                    p.attempts.remove(&id);
-                }
-                p.pinned.remove(name);
-            }
+        let with_revoked = p.pinned.get(name).is_some_and(|h| revoked.contains(h));
+        if let (true, Some(&(id, _))) = (with_revoked, p.worker_caps.get(name)) {
+            tracing::info!("Disconnecting worker {name:?}: its capability was revoked");
+            p.release_worker(id, name);
         }
         p.flush(&self.db);
         p.changed.notify_waiters();

@@ -191,6 +191,32 @@ pub fn run_bounded(mut cmd: Command) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A process's stdout lines as they come, on a thread of their own. With `marker`, only
+/// the lines holding it, from after it (the harness's own "test peer ... " may come first
+/// on the line).
+pub fn read_lines(
+    out: std::process::ChildStdout,
+    marker: Option<&'static str>,
+) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let line = match marker {
+                None => line,
+                Some(m) => match line.find(m) {
+                    Some(at) => line[at + m.len()..].to_string(),
+                    None => continue,
+                },
+            };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// A test peer in its own process, with its `PEER:` lines read as they come.
 pub struct Peer {
     pub child: Child,
@@ -207,19 +233,7 @@ impl Peer {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                // The harness's own "test peer ... " may come first on the line.
-                if let Some(at) = line.find("PEER: ") {
-                    if tx.send(line[at + 6..].to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
+        let lines = read_lines(child.stdout.take().unwrap(), Some("PEER: "));
         Peer {
             child,
             lines,

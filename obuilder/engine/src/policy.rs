@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::db::{self, Db};
 use crate::error::{BuildError, StepError};
@@ -653,9 +654,11 @@ struct BuildTask {
 
 impl BuildTask {
     async fn run(self, work: Work) {
+        // `instrument`, never `span.enter()` across an await: a guard held over an await
+        // leaks the span into whatever the thread polls next, and the registry then panics
+        // on cloning a closed span (seen in CI, from a worker running two builds).
         let span = tracing::info_span!("step", id = %self.id);
-        let _e = span.enter();
-        let done = self.build(work).await;
+        let done = self.build(work).instrument(span).await;
         // Publish the log (if the build died before making one) so followers end.
         self.inf.log.send_if_modified(|l| {
             if l.is_none() {

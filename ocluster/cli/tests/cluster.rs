@@ -774,3 +774,166 @@ fn job_time_and_log_limits() {
         "{r}"
     );
 }
+
+/// The jobs queued in `show`'s backlog, as `client:hint`.
+fn backlog(show: &str) -> Vec<String> {
+    let line = show
+        .lines()
+        .find(|l| l.starts_with("queue: (backlog)"))
+        .unwrap_or_else(|| panic!("no backlog in {show}"));
+    line.trim_start_matches("queue: (backlog) [")
+        .trim_end_matches(']')
+        .split_whitespace()
+        .map(|t| t.split('@').next().unwrap().to_string())
+        .collect()
+}
+
+/// `kill -9` of the scheduler: what was queued is queued again after the restart, in the
+/// same order, with the clients' fair-share clocks; a client that submits the same job
+/// again (as the OCurrent plugin does) gets that job, not a second one.
+#[test]
+fn queued_jobs_and_fair_clocks_survive_kill_9() {
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let bob = s.add_client("bob");
+    let jobs = [
+        (&alice, "echo a1", "ha", ""),
+        (&alice, "echo a2", "hb", ""),
+        (&bob, "echo b1", "hc", ""),
+        (&alice, "echo a3", "hd", "urgent"),
+    ];
+    let mut clients = Vec::new();
+    for (n, (cap, spec, hint, urgent)) in jobs.iter().enumerate() {
+        clients.push(Peer::spawn(&[
+            "client",
+            cap.to_str().unwrap(),
+            "linux",
+            spec,
+            hint,
+            urgent,
+            "follow",
+        ]));
+        let deadline = std::time::Instant::now() + common::TIMEOUT;
+        while backlog(&s.admin_ok(&["show", "linux"])).len() <= n {
+            assert!(std::time::Instant::now() < deadline, "job {n} not queued");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let before = s.admin_ok(&["show", "linux"]);
+    assert_eq!(
+        backlog(&before),
+        // `show` lists the backlog last-to-run first.
+        ["alice:hb", "bob:hc", "alice:ha", "alice:hd"],
+        "{before}"
+    );
+    s.crash();
+    for c in &mut clients {
+        c.wait();
+    }
+    s.restart();
+    let after = s.admin_ok(&["show", "linux"]);
+    assert_eq!(backlog(&after), backlog(&before), "{after}\n{}", s.log());
+    // alice's clock is still 3 jobs (1 800 s) ahead, bob's one.
+    let clients_line = after.lines().find(|l| l.starts_with("clients:")).unwrap();
+    assert_eq!(clients_line, "clients: alice(1)+30m bob(1)+10m", "{after}");
+
+    // alice submits a2 again: it is the kept job.
+    let mut again = Peer::client(&alice, "linux", "echo a2", "hb", "follow");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(backlog(&s.admin_ok(&["show", "linux"])).len(), 4);
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    assert_eq!(again.expect("result"), "result ok a2");
+    assert_eq!(again.wait(), 0);
+    // Every kept job runs, once.
+    for (spec, hint) in [("a3", "hd"), ("a1", "ha"), ("b1", "hc"), ("a2", "hb")] {
+        assert_eq!(w.expect("job"), format!("job w1 echo {spec} hint={hint}"));
+    }
+    assert_eq!(w.expect_within("job", Duration::from_millis(500)), None);
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.contains("queue: (ready) [w1]"), "{show}");
+    // Nothing is left to restore.
+    s.crash();
+    s.restart();
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.contains("queue: (backlog) []"), "{show}");
+}
+
+/// `kill -9` of the scheduler three times, at random points, while 500 jobs go through two
+/// workers, with a client that submits again after each restart as the OCurrent plugin
+/// does: every job's result comes, once. A job runs again only if a kill cut it: per slot
+/// and kill, the job that ends before the worker sees the connection go (its result
+/// lost with it) and the one whose result was on its way. Without de-duplication every
+/// job that was queued at a kill (hundreds) would run twice.
+#[test]
+fn kill_9_under_load_loses_and_duplicates_nothing() {
+    const JOBS: usize = 500;
+    const KILLS: usize = 3;
+    const SLOTS: usize = 8;
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let workers = |s: &Scheduler| -> Vec<Peer> {
+        ["w1", "w2"]
+            .iter()
+            .map(|n| Peer::worker(&s.pool_cap("linux"), n, (SLOTS / 2) as u32))
+            .collect()
+    };
+    let mut ws = workers(&s);
+    let mut old = Vec::new();
+    let mut c = Peer::spawn(&[
+        "resubmitter",
+        alice.to_str().unwrap(),
+        "linux",
+        &JOBS.to_string(),
+        "50",
+    ]);
+    // A seed printed for a rerun; the kills come 150-650 ms apart.
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("KILL_SEED={seed}");
+    let mut rng = seed;
+    for _ in 0..KILLS {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(150 + (rng >> 33) % 500));
+        s.crash();
+        s.restart();
+        old.append(&mut ws);
+        ws = workers(&s);
+    }
+    assert!(
+        c.expect_within("all-done", Duration::from_secs(120))
+            .is_some(),
+        "not all results came: {} of {JOBS}\n{}",
+        c.seen.iter().filter(|l| l.starts_with("result ")).count(),
+        s.log()
+    );
+    let mut results = std::collections::BTreeMap::<String, usize>::new();
+    for l in &c.seen {
+        if let Some(job) = l.strip_prefix("result ") {
+            *results.entry(job.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(results.len(), JOBS, "{:?}", c.seen);
+    assert!(results.values().all(|n| *n == 1), "{results:?}");
+    let mut runs = std::collections::BTreeMap::<String, usize>::new();
+    for w in old.iter_mut().chain(ws.iter_mut()) {
+        w.drain();
+        for l in &w.seen {
+            if let Some(job) = l.strip_prefix("done sleep 50 ") {
+                *runs.entry(job.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let again: usize = runs.values().map(|n| n - 1).sum();
+    eprintln!("{JOBS} jobs, {KILLS} kills: {again} ran again to the end");
+    assert_eq!(runs.len(), JOBS);
+    assert!(again <= 2 * KILLS * SLOTS, "{again} runs again: {runs:?}");
+}

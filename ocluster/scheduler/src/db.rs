@@ -8,6 +8,14 @@
 //! * `workers(pool, id, paused)`: every known worker and its admin pause;
 //! * `sturdy_refs(hash, type, args, created)`: clients' submission caps, by the SHA-256 of
 //!   their secret id (type `ocluster-client`, args the client's name).
+//!
+//! Two tables are this implementation's own (an OCaml scheduler ignores them), so that a
+//! restart loses no job and resets no share:
+//!
+//! * `job_queue(pool, seq, client, urgent, fair_start, cache_hint, descr)`: every job
+//!   submitted and not yet finished (queued or running), `descr` its `JobDescr` as a
+//!   serialized message;
+//! * `client_clock(pool, user, next_fair_start)`: each client's fair-share clock.
 
 use std::path::Path;
 
@@ -52,7 +60,22 @@ CREATE TABLE IF NOT EXISTS pool_user_rate ( pool       TEXT NOT NULL, user      
 CREATE TABLE IF NOT EXISTS workers ( pool       TEXT NOT NULL, id         TEXT NOT NULL, paused     BOOLEAN DEFAULT 0, PRIMARY KEY (pool, id));
 CREATE TABLE IF NOT EXISTS sturdy_refs ( hash       BLOB NOT NULL, type       TEXT NOT NULL, args       BLOB NOT NULL, created    DATETIME NOT NULL, PRIMARY KEY (hash));
 CREATE INDEX IF NOT EXISTS sturdy_refs_rev ON sturdy_refs (type, args);
+CREATE TABLE IF NOT EXISTS job_queue ( pool TEXT NOT NULL, seq INTEGER NOT NULL, client TEXT NOT NULL, urgent BOOLEAN NOT NULL, fair_start REAL NOT NULL, cache_hint TEXT NOT NULL, descr BLOB NOT NULL, PRIMARY KEY (pool, seq));
+CREATE TABLE IF NOT EXISTS client_clock ( pool TEXT NOT NULL, user TEXT NOT NULL, next_fair_start REAL NOT NULL, PRIMARY KEY (pool, user));
 ";
+
+/// A job kept in `job_queue`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    /// Unique among the pool's jobs, in submission order.
+    pub seq: u64,
+    pub client: String,
+    pub urgent: bool,
+    pub fair_start: f64,
+    pub cache_hint: String,
+    /// The `JobDescr`, as a serialized message.
+    pub descr: Vec<u8>,
+}
 
 impl Db {
     /// Opens (creating if needed) `dir/scheduler.db`.
@@ -128,19 +151,105 @@ impl Db {
                 let (id, paused) = row?;
                 state.workers.insert(id, paused.unwrap_or(0) != 0);
             }
+            let mut st = self
+                .conn
+                .prepare("SELECT user, next_fair_start FROM client_clock WHERE pool = ?")?;
+            let rows = st.query_map([pool], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            for row in rows {
+                let (user, next) = row?;
+                state.clocks.insert(user, next);
+            }
             Ok(())
         })();
         r.map_err(|e| self.err(e))?;
         Ok(state)
     }
 
-    /// Applies a pool's changes in one transaction.
-    pub fn apply(&mut self, pool: &str, writes: &[DbWrite]) -> Result<(), DbError> {
-        if writes.is_empty() {
+    /// The pool's unfinished jobs, in submission order.
+    pub fn load_jobs(&self, pool: &str) -> Result<Vec<StoredJob>, DbError> {
+        let r: rusqlite::Result<Vec<StoredJob>> = (|| {
+            let mut st = self.conn.prepare(
+                "SELECT seq, client, urgent, fair_start, cache_hint, descr FROM job_queue WHERE pool = ? ORDER BY seq",
+            )?;
+            let rows = st.query_map([pool], |r| {
+                Ok(StoredJob {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    client: r.get(1)?,
+                    urgent: r.get(2)?,
+                    fair_start: r.get(3)?,
+                    cache_hint: r.get(4)?,
+                    descr: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })();
+        r.map_err(|e| self.err(e))
+    }
+
+    /// Applies a pool's changes, and its jobs' (`added` are new, `removed` the `seq`s of
+    /// jobs that finished), in one transaction.
+    pub fn apply_jobs(
+        &mut self,
+        pool: &str,
+        writes: &[DbWrite],
+        added: &[StoredJob],
+        removed: &[u64],
+    ) -> Result<(), DbError> {
+        if writes.is_empty() && added.is_empty() && removed.is_empty() {
             return Ok(());
         }
         let r: rusqlite::Result<()> = (|| {
             let tx = self.conn.transaction()?;
+            {
+                let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO job_queue (pool, seq, client, urgent, fair_start, cache_hint, descr) VALUES (?, ?, ?, ?, ?, ?, ?)")?;
+                for j in added {
+                    ins.execute(params![
+                        pool,
+                        j.seq as i64,
+                        j.client,
+                        j.urgent,
+                        j.fair_start,
+                        j.cache_hint,
+                        j.descr
+                    ])?;
+                }
+                let mut del =
+                    tx.prepare_cached("DELETE FROM job_queue WHERE pool = ? AND seq = ?")?;
+                for seq in removed {
+                    del.execute(params![pool, *seq as i64])?;
+                }
+            }
+            Self::write(&tx, pool, writes)?;
+            tx.commit()
+        })();
+        r.map_err(|e| self.err(e))
+    }
+
+    /// Applies a pool's changes in one transaction.
+    pub fn apply(&mut self, pool: &str, writes: &[DbWrite]) -> Result<(), DbError> {
+        self.apply_jobs(pool, writes, &[], &[])
+    }
+
+    fn write(tx: &rusqlite::Transaction, pool: &str, writes: &[DbWrite]) -> rusqlite::Result<()> {
+        // A client's clock moves at each of its submissions: only its last value counts.
+        let mut clocks: Vec<(&str, f64)> = Vec::new();
+        for w in writes {
+            if let DbWrite::SetClock {
+                client,
+                next_fair_start,
+            } = w
+            {
+                match clocks.iter_mut().find(|(c, _)| c == client) {
+                    Some(e) => e.1 = *next_fair_start,
+                    None => clocks.push((client, *next_fair_start)),
+                }
+            }
+        }
+        for (client, next) in clocks {
+            tx.prepare_cached("INSERT OR REPLACE INTO client_clock (pool, user, next_fair_start) VALUES (?, ?, ?)")?
+                .execute(params![pool, client, next])?;
+        }
+        {
             for w in writes {
                 match w {
                     DbWrite::MarkCached { hint, worker } => tx
@@ -149,9 +258,13 @@ impl Db {
                     DbWrite::SetRate { client, rate } => tx
                         .prepare_cached("INSERT OR REPLACE INTO pool_user_rate (pool, user, rate) VALUES (?, ?, ?)")?
                         .execute(params![pool, client, rate])?,
-                    DbWrite::RemoveRate { client } => tx
-                        .prepare_cached("DELETE FROM pool_user_rate WHERE pool = ? AND user = ?")?
-                        .execute(params![pool, client])?,
+                    DbWrite::RemoveRate { client } => {
+                        tx.prepare_cached("DELETE FROM client_clock WHERE pool = ? AND user = ?")?
+                            .execute(params![pool, client])?;
+                        tx.prepare_cached("DELETE FROM pool_user_rate WHERE pool = ? AND user = ?")?
+                            .execute(params![pool, client])?
+                    }
+                    DbWrite::SetClock { .. } => 0,
                     DbWrite::EnsureWorker { worker } => tx
                         .prepare_cached("INSERT OR IGNORE INTO workers (pool, id) VALUES (?, ?)")?
                         .execute(params![pool, worker])?,
@@ -163,9 +276,8 @@ impl Db {
                         .execute(params![i64::from(*paused), pool, worker])?,
                 };
             }
-            tx.commit()
-        })();
-        r.map_err(|e| self.err(e))
+        }
+        Ok(())
     }
 
     // ---- sturdy refs -----------------------------------------------------------------
@@ -304,5 +416,61 @@ impl Db {
                 .collect()
         })();
         r.map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(seq: u64, client: &str) -> StoredJob {
+        StoredJob {
+            seq,
+            client: client.into(),
+            urgent: seq == 2,
+            fair_start: seq as f64 * 10.0,
+            cache_hint: format!("h{seq}"),
+            descr: vec![seq as u8; 3],
+        }
+    }
+
+    /// Jobs and clocks come back as they were stored, per pool, in submission order; a
+    /// revoked client's clock goes with its rate.
+    #[test]
+    fn jobs_and_clocks_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path()).unwrap();
+        let clock = |c: &str, t| DbWrite::SetClock {
+            client: c.into(),
+            next_fair_start: t,
+        };
+        db.apply_jobs(
+            "linux",
+            &[clock("alice", 5.0), clock("alice", 7.0), clock("bob", 3.0)],
+            &[job(3, "alice"), job(1, "alice"), job(2, "bob")],
+            &[],
+        )
+        .unwrap();
+        db.apply_jobs("mac", &[], &[job(1, "carol")], &[]).unwrap();
+        db.apply_jobs("linux", &[], &[], &[3]).unwrap();
+        drop(db);
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(
+            db.load_jobs("linux").unwrap(),
+            [job(1, "alice"), job(2, "bob")]
+        );
+        assert_eq!(db.load_jobs("mac").unwrap(), [job(1, "carol")]);
+        let state = db.load_pool("linux").unwrap();
+        assert_eq!(state.clocks.get("alice"), Some(&7.0));
+        assert_eq!(state.clocks.get("bob"), Some(&3.0));
+        let mut db = db;
+        db.apply(
+            "linux",
+            &[DbWrite::RemoveRate {
+                client: "bob".into(),
+            }],
+        )
+        .unwrap();
+        assert_eq!(db.load_pool("linux").unwrap().clocks.get("bob"), None);
     }
 }

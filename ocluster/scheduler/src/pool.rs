@@ -107,17 +107,40 @@ pub struct PoolState {
     pub rates: HashMap<String, f64>,
     /// Every worker ever registered or created by an admin → admin-paused.
     pub workers: BTreeMap<String, bool>,
+    /// Client → its fair-share clock (the next fair start time), so that a restart does
+    /// not hand a client that had dumped a thousand jobs a fresh share.
+    pub clocks: HashMap<String, f64>,
 }
 
 /// A change to remember, for the adapter to write to the database.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DbWrite {
-    MarkCached { hint: String, worker: String },
-    SetRate { client: String, rate: f64 },
-    RemoveRate { client: String },
-    EnsureWorker { worker: String },
-    ForgetWorker { worker: String },
-    SetPaused { worker: String, paused: bool },
+    MarkCached {
+        hint: String,
+        worker: String,
+    },
+    SetRate {
+        client: String,
+        rate: f64,
+    },
+    /// The client was revoked: its rate and its clock go.
+    RemoveRate {
+        client: String,
+    },
+    EnsureWorker {
+        worker: String,
+    },
+    ForgetWorker {
+        worker: String,
+    },
+    SetPaused {
+        worker: String,
+        paused: bool,
+    },
+    SetClock {
+        client: String,
+        next_fair_start: f64,
+    },
 }
 
 /// Something the adapter must act on.
@@ -257,7 +280,11 @@ pub struct Pool<I> {
 }
 
 impl<I: Item> Pool<I> {
-    pub fn new(name: &str, costs: Costs, state: PoolState) -> Pool<I> {
+    pub fn new(name: &str, costs: Costs, mut state: PoolState) -> Pool<I> {
+        let clients = std::mem::take(&mut state.clocks)
+            .into_iter()
+            .map(|(c, next_fair_start)| (c, Client { next_fair_start }))
+            .collect();
         Pool {
             name: name.to_string(),
             costs,
@@ -265,7 +292,7 @@ impl<I: Item> Pool<I> {
             tickets: HashMap::new(),
             workers: HashMap::new(),
             connected: BTreeMap::new(),
-            clients: BTreeMap::new(),
+            clients,
             cluster_capacity: 0,
             pending_cached: HashMap::new(),
             state,
@@ -338,10 +365,33 @@ impl<I: Item> Pool<I> {
         self.clients.remove(client);
     }
 
-    /// Queues a job from `client`; returns its ticket.
-    pub fn submit(&mut self, client: &str, item: I, urgent: bool, now: f64) -> TicketId {
-        let hint = item.cache_hint();
-        let cost = if hint.is_empty() {
+    /// Queues a job from `client`; returns its ticket and its fair start time (to keep
+    /// with the job, for [`Pool::restore`]).
+    pub fn submit(&mut self, client: &str, item: I, urgent: bool, now: f64) -> (TicketId, f64) {
+        let cost = self.price(item.cache_hint());
+        let rate = self.rate(client);
+        let c = self.client_entry(client, now);
+        let start = now.max(c.next_fair_start);
+        c.next_fair_start = start + cost as f64 / rate;
+        let next_fair_start = c.next_fair_start;
+        self.writes.push(DbWrite::SetClock {
+            client: client.to_string(),
+            next_fair_start,
+        });
+        self.counters.submitted += 1;
+        (self.enqueue(client, item, urgent, start), start)
+    }
+
+    /// Queues again a job that was queued before a restart, at the fair start time it had
+    /// (its client's clock was kept, so it does not advance).
+    pub fn restore(&mut self, client: &str, item: I, urgent: bool, start: f64) -> TicketId {
+        self.price(item.cache_hint());
+        self.enqueue(client, item, urgent, start)
+    }
+
+    /// What a new job with `hint` is expected to cost (and counts it as pending).
+    fn price(&mut self, hint: &str) -> i64 {
+        if hint.is_empty() {
             self.costs.non_cached
         } else {
             let pending = self.pending_cached.entry(hint.to_string()).or_insert(0);
@@ -351,12 +401,10 @@ impl<I: Item> Pool<I> {
             } else {
                 self.costs.non_cached
             }
-        };
-        let rate = self.rate(client);
-        let c = self.client_entry(client, now);
-        let start = now.max(c.next_fair_start);
-        c.next_fair_start = start + cost as f64 / rate;
-        self.counters.submitted += 1;
+        }
+    }
+
+    fn enqueue(&mut self, client: &str, item: I, urgent: bool, start: f64) -> TicketId {
         let id = self.fresh_id();
         let key = Key {
             urgent,

@@ -12,7 +12,7 @@
 //! * `Admin` and `PoolAdmin` (`admin.cap`).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use ocluster_api::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::db::{ClientError, Db};
+use crate::db::{ClientError, Db, StoredJob};
 use crate::pool::{Costs, Event, Inactive, Item, Pool, PoolError, PopId, TicketId, WorkerId};
 
 /// How long `update` waits for a worker to come back.
@@ -39,8 +39,11 @@ pub struct QueuedJob {
     client: String,
     urgent: bool,
     set_job: Option<oneshot::Sender<Result<job::Client, Error>>>,
-    /// A job queued again after its worker was lost: what its client holds.
+    /// A job queued again after its worker was lost, or restored after a restart: what
+    /// its client holds (or will, once it submits it again).
     retry: Option<Rc<JobShared>>,
+    /// Its row in the database's `job_queue`.
+    seq: u64,
 }
 
 impl Item for QueuedJob {
@@ -106,6 +109,29 @@ pub struct PoolApi {
     /// Runs of a job before its worker's loss fails it (1: never run again, as the
     /// original).
     max_attempts: u32,
+    /// The next job's row number in `job_queue`.
+    next_seq: u64,
+    /// Jobs to add to and remove from `job_queue` at the next flush.
+    added: Vec<StoredJob>,
+    removed: Vec<u64>,
+    /// Jobs restored after a restart, by client and description, for their clients to
+    /// claim by submitting them again (as the OCurrent plugin does after a restart):
+    /// a job must not run twice because its client could not tell that it was kept.
+    orphans: HashMap<[u8; 32], VecDeque<Rc<JobShared>>>,
+    /// Restored jobs can be claimed until then.
+    orphans_until: f64,
+}
+
+/// How long after a restart its restored jobs can be claimed by their clients.
+const CLAIM_WINDOW: f64 = 3600.0;
+
+/// What identifies a job for de-duplication: its client and its description.
+fn dedup_key(client: &str, descr: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(client.as_bytes());
+    h.update([0]);
+    h.update(descr);
+    h.finalize().into()
 }
 
 pub struct Scheduler {
@@ -211,26 +237,34 @@ impl Scheduler {
         let db = Rc::new(RefCell::new(db));
         for name in pools {
             let state = db.borrow().load_pool(name)?;
-            map.insert(
-                name.clone(),
-                Rc::new_cyclic(|this| {
-                    RefCell::new(PoolApi {
-                        pool: Pool::new(name, costs, state),
-                        name: name.clone(),
-                        pending_pops: HashMap::new(),
-                        worker_caps: HashMap::new(),
-                        pinned: HashMap::new(),
-                        attempts: HashMap::new(),
-                        next_attempt: 0,
-                        heartbeats: HashMap::new(),
-                        limits: JobLimits::default(),
-                        changed: Rc::new(tokio::sync::Notify::new()),
-                        this: this.clone(),
-                        db: db.clone(),
-                        max_attempts: DEFAULT_MAX_ATTEMPTS,
-                    })
-                }),
-            );
+            let jobs = db.borrow().load_jobs(name)?;
+            let pool = Rc::new_cyclic(|this| {
+                RefCell::new(PoolApi {
+                    pool: Pool::new(name, costs, state),
+                    name: name.clone(),
+                    pending_pops: HashMap::new(),
+                    worker_caps: HashMap::new(),
+                    pinned: HashMap::new(),
+                    attempts: HashMap::new(),
+                    next_attempt: 0,
+                    heartbeats: HashMap::new(),
+                    limits: JobLimits::default(),
+                    changed: Rc::new(tokio::sync::Notify::new()),
+                    this: this.clone(),
+                    db: db.clone(),
+                    max_attempts: DEFAULT_MAX_ATTEMPTS,
+                    next_seq: 1,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    orphans: HashMap::new(),
+                    orphans_until: clock() + CLAIM_WINDOW,
+                })
+            });
+            if !jobs.is_empty() {
+                tracing::info!("{name}: {} jobs kept from before the restart", jobs.len());
+            }
+            pool.borrow_mut().restore(jobs);
+            map.insert(name.clone(), pool);
         }
         Ok(Rc::new(Scheduler {
             heartbeat_timeout: std::cell::Cell::new(DEFAULT_HEARTBEAT_TIMEOUT.as_secs_f64()),
@@ -503,6 +537,60 @@ fn db_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl PoolApi {
+    /// Queues again the jobs that were queued or running before a restart, in their
+    /// order, each waiting for its client to claim it.
+    fn restore(&mut self, jobs: Vec<StoredJob>) {
+        for j in jobs {
+            self.next_seq = self.next_seq.max(j.seq + 1);
+            let shared = Rc::new(JobShared {
+                state: RefCell::new(JobState::default()),
+                changed: tokio::sync::Notify::new(),
+                pool: self.this.clone(),
+                seq: j.seq,
+            });
+            let key = dedup_key(&j.client, &j.descr);
+            let ticket = self.pool.restore(
+                &j.client,
+                QueuedJob {
+                    descr: j.descr,
+                    hint: j.cache_hint,
+                    client: j.client.clone(),
+                    urgent: j.urgent,
+                    set_job: None,
+                    retry: Some(shared.clone()),
+                    seq: j.seq,
+                },
+                j.urgent,
+                j.fair_start,
+            );
+            shared.state.borrow_mut().queued = Some(ticket);
+            self.orphans.entry(key).or_default().push_back(shared);
+        }
+    }
+
+    /// A restored job that `client` submits again, if there is one.
+    fn claim(&mut self, client: &str, descr: &[u8], now: f64) -> Option<Rc<JobShared>> {
+        if self.orphans.is_empty() {
+            return None;
+        }
+        if now > self.orphans_until {
+            self.orphans.clear();
+            return None;
+        }
+        let key = dedup_key(client, descr);
+        let q = self.orphans.get_mut(&key)?;
+        let shared = q.pop_front();
+        if q.is_empty() {
+            self.orphans.remove(&key);
+        }
+        shared
+    }
+
+    /// The job is over (finished, failed or cancelled): its row goes.
+    fn forget_job(&mut self, seq: u64) {
+        self.removed.push(seq);
+    }
+
     /// After every change: run woken pops, answer them, and store what changed.
     fn flush(&mut self, db: &Rc<RefCell<Db>>) {
         loop {
@@ -525,8 +613,13 @@ impl PoolApi {
             }
         }
         let writes = self.pool.take_writes();
-        if !writes.is_empty() {
-            if let Err(e) = db.borrow_mut().apply(&self.name, &writes) {
+        if !writes.is_empty() || !self.added.is_empty() || !self.removed.is_empty() {
+            let added = std::mem::take(&mut self.added);
+            let removed = std::mem::take(&mut self.removed);
+            if let Err(e) = db
+                .borrow_mut()
+                .apply_jobs(&self.name, &writes, &added, &removed)
+            {
                 tracing::error!("{e}");
             }
         }
@@ -537,6 +630,7 @@ impl PoolApi {
             // Cannot happen: a pop is withdrawn from the pool before its call goes.
             tracing::error!("a job was assigned to a pop that has gone");
             self.pool.job_finished(worker);
+            self.forget_job(item.seq);
             item.fail("the worker went away before the job started");
             return;
         };
@@ -546,6 +640,7 @@ impl PoolApi {
                 state: RefCell::new(JobState::default()),
                 changed: tokio::sync::Notify::new(),
                 pool: self.this.clone(),
+                seq: item.seq,
             })
         });
         let attempt = shared.start_attempt(job.clone(), &worker_name);
@@ -638,7 +733,7 @@ impl PoolApi {
                     attempt + 1
                 ));
                 let now = wall_clock();
-                let ticket = p.pool.submit(
+                let (ticket, _) = p.pool.submit(
                     &item.client,
                     QueuedJob {
                         descr: std::mem::take(&mut item.descr),
@@ -647,12 +742,14 @@ impl PoolApi {
                         urgent: item.urgent,
                         set_job: None,
                         retry: Some(shared.clone()),
+                        seq: item.seq,
                     },
                     item.urgent,
                     now,
                 );
                 shared.state.borrow_mut().queued = Some(ticket);
             } else {
+                p.forget_job(item.seq);
                 shared.finish(outcome.map_err(relayed));
             }
             let db = p.db.clone();
@@ -712,6 +809,8 @@ struct JobShared {
     state: RefCell<JobState>,
     changed: tokio::sync::Notify,
     pool: std::rc::Weak<RefCell<PoolApi>>,
+    /// Its row in `job_queue`.
+    seq: u64,
 }
 
 impl JobShared {
@@ -780,6 +879,7 @@ impl JobShared {
             if let Ok(mut p) = pool.try_borrow_mut() {
                 if let Ok(mut item) = p.pool.cancel(ticket) {
                     item.retry = None;
+                    p.forget_job(self.seq);
                     let db = p.db.clone();
                     p.flush(&db);
                 }
@@ -1200,15 +1300,41 @@ impl SubmissionImpl {
             "Received new job request from {:?} (urgent={urgent})",
             self.client
         );
+        let now = self.sched.now();
+        let claimed = pool.borrow_mut().claim(&self.client, &bytes, now);
+        if let Some(shared) = claimed {
+            tracing::info!(
+                "{:?} submitted again a job kept from before the restart: it is that job",
+                self.client
+            );
+            let job = capnp_rpc::new_client(JobProxy {
+                shared: shared.clone(),
+            });
+            return capnp_rpc::new_client(TicketImpl {
+                sched: self.sched.clone(),
+                pool: pool.clone(),
+                id: TicketRef::Restored(shared),
+                job,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         let job: job::Client = capnp_rpc::new_future_client(async move {
             rx.await
                 .unwrap_or_else(|_| Err(Error::failed("Ticket cancelled".into())))
         });
-        let now = self.sched.now();
         let id = {
             let mut p = pool.borrow_mut();
-            let id = p.pool.submit(
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            let stored = StoredJob {
+                seq,
+                client: self.client.clone(),
+                urgent,
+                fair_start: 0.0,
+                cache_hint: hint.clone(),
+                descr: bytes.clone(),
+            };
+            let (id, start) = p.pool.submit(
                 &self.client,
                 QueuedJob {
                     descr: bytes,
@@ -1217,17 +1343,23 @@ impl SubmissionImpl {
                     urgent,
                     set_job: Some(tx),
                     retry: None,
+                    seq,
                 },
                 urgent,
                 now,
             );
+            p.added.push(StoredJob {
+                fair_start: start,
+                ..stored
+            });
+            // Stored before the client hears of its ticket.
             p.flush(&self.sched.db);
             id
         };
         capnp_rpc::new_client(TicketImpl {
             sched: self.sched.clone(),
             pool: pool.clone(),
-            id,
+            id: TicketRef::Queued(id),
             job,
         })
     }
@@ -1317,20 +1449,32 @@ impl capnp::capability::FromServer<SubmissionImpl> for SubmissionCap {
 struct TicketImpl {
     sched: Rc<Scheduler>,
     pool: Rc<RefCell<PoolApi>>,
-    id: TicketId,
+    id: TicketRef,
     job: job::Client,
+}
+
+/// What a ticket stands for.
+enum TicketRef {
+    /// A job submitted on this run: its ticket in the pool while it is queued.
+    Queued(TicketId),
+    /// A job kept from before a restart, which its client submitted again.
+    Restored(Rc<JobShared>),
 }
 
 impl TicketImpl {
     /// Takes the ticket out of its queue, failing its job promise with `msg`.
     fn withdraw(&self, msg: &str) -> bool {
+        let id = match &self.id {
+            TicketRef::Queued(id) => *id,
+            TicketRef::Restored(shared) => return shared.withdraw(msg),
+        };
         let Ok(mut p) = self.pool.try_borrow_mut() else {
             return false;
         };
-        match p.pool.cancel(self.id) {
+        match p.pool.cancel(id) {
             Ok(item) => {
                 tracing::info!("{msg}: {}", item.client);
-                let _ = (&item.client, item.urgent);
+                p.forget_job(item.seq);
                 item.fail(msg);
                 p.flush(&self.sched.db);
                 true

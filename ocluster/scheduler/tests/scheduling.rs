@@ -101,7 +101,7 @@ impl T {
     }
 
     fn submit(&mut self, client: &str, name: &str, hint: &str, urgent: bool) -> TicketId {
-        let t = self.pool.submit(client, job(name, hint), urgent, self.now);
+        let (t, _) = self.pool.submit(client, job(name, hint), urgent, self.now);
         self.collect();
         t
     }

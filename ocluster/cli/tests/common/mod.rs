@@ -114,6 +114,14 @@ impl Scheduler {
             .unwrap_or(0);
     }
 
+    /// Kills the process with SIGKILL, as a crash would: nothing is flushed or closed.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -278,6 +286,13 @@ impl Peer {
                 }
                 Err(_) => return None,
             }
+        }
+    }
+
+    /// Takes in the lines that have come so far (into `seen`).
+    pub fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
         }
     }
 

@@ -7,6 +7,8 @@
 //! - `slowecho TEXT`: logs `started`, and a second later TEXT, and succeeds with it;
 //! - `wait`: logs `waiting` and runs until it is cancelled or released;
 //! - `spam N`: logs N bytes, then runs until it is cancelled or released;
+//! - `sleep MS TEXT`: logs `started`, and MS ms later succeeds with TEXT, saying
+//!   `done sleep MS TEXT`;
 //! - `fail`: fails with "Build failed".
 
 use std::cell::RefCell;
@@ -50,6 +52,7 @@ pub fn main() {
                 .await
             }
             "client" => run_client(&args[1..]).await,
+            "resubmitter" => run_resubmitter(&args[1..]).await,
             other => panic!("unknown peer role {other}"),
         }
     });
@@ -225,6 +228,13 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         st.borrow_mut().append(&format!("{text}\n"));
         st.borrow_mut().finish(Ok(text.to_string()));
+    } else if let Some((ms, text)) = spec.strip_prefix("sleep ").and_then(|r| r.split_once(' ')) {
+        st.borrow_mut().append("started\n");
+        tokio::time::sleep(std::time::Duration::from_millis(ms.parse().unwrap())).await;
+        if !st.borrow().cancelled {
+            st.borrow_mut().finish(Ok(text.to_string()));
+            say(format!("done {spec}"));
+        }
     } else if let Some(n) = spec.strip_prefix("spam ") {
         // N bytes of log, then wait to be stopped.
         let n: usize = n.parse().unwrap();
@@ -460,4 +470,99 @@ async fn submit(
             1
         }
     }
+}
+
+// ---- a client that submits again, as the OCurrent plugin does --------------------------------
+
+/// `resubmitter|CAP|POOL|N|MS`: submits N jobs `sleep MS job-I` (hints `hI%5`) at once
+/// and follows each to its result. When the scheduler goes away it reconnects (every
+/// 100 ms, for up to 2 minutes) and submits again each job that has no result yet, as
+/// the OCurrent plugin does. Says `result job-I` once per result, then `all-done`.
+async fn run_resubmitter(args: &[String]) -> i32 {
+    let [cap, pool, n, ms] = args else {
+        panic!("resubmitter: bad arguments {args:?}")
+    };
+    let n: usize = n.parse().unwrap();
+    let sr = ocluster_net::capfile::read(std::path::Path::new(cap)).unwrap();
+    let key = Rc::new(SecretKey::generate_ephemeral().unwrap());
+    // The current connection, and its generation (a job that saw generation g fail asks
+    // for g + 1; only the first asker reconnects).
+    let conn: Rc<RefCell<(u64, Option<submission::Client>)>> = Rc::new(RefCell::new((0, None)));
+    let connecting = Rc::new(tokio::sync::Mutex::new(()));
+    let get = {
+        let conn = conn.clone();
+        move |seen: u64| {
+            let conn = conn.clone();
+            let connecting = connecting.clone();
+            let sr = sr.clone();
+            let key = key.clone();
+            async move {
+                let _g = connecting.lock().await;
+                {
+                    let c = conn.borrow();
+                    if c.0 > seen {
+                        if let Some(s) = &c.1 {
+                            return (c.0, s.clone());
+                        }
+                    }
+                }
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+                loop {
+                    match ocluster_net::vat::connect(&sr, &key).await {
+                        Ok(c) => {
+                            let sub: submission::Client =
+                                capnp::capability::FromClientHook::new(c.cap.hook);
+                            drop(c.driver);
+                            let mut cc = conn.borrow_mut();
+                            cc.0 += 1;
+                            cc.1 = Some(sub.clone());
+                            return (cc.0, sub);
+                        }
+                        Err(e) if std::time::Instant::now() > deadline => {
+                            say(format!("connect-error {e}"));
+                            std::process::exit(2)
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }
+    };
+    let jobs = (0..n).map(|i| {
+        let get = get.clone();
+        async move {
+            let spec = format!("sleep {ms} job-{i}");
+            let mut seen = 0;
+            loop {
+                let (generation, sub) = get(seen).await;
+                seen = generation;
+                let mut r = sub.submit_request();
+                r.get().set_pool(pool);
+                {
+                    let mut d = r.get().init_descr();
+                    d.set_cache_hint(&format!("h{}", i % 5));
+                    d.reborrow().init_action().init_obuilder().set_spec(&spec);
+                }
+                let ticket = r.send().pipeline.get_ticket();
+                let job = ticket.job_request().send().pipeline.get_job();
+                match job.result_request().send().promise.await {
+                    Ok(r) => {
+                        let out = r.get().unwrap().get_output().unwrap().to_string().unwrap();
+                        say(format!("result {out}"));
+                        return;
+                    }
+                    Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        say(format!("result-error job-{i} {}", e.extra));
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    });
+    futures::future::join_all(jobs).await;
+    say("all-done");
+    0
 }

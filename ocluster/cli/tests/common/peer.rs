@@ -540,7 +540,7 @@ async fn run_resubmitter(args: &[String]) -> i32 {
                 r.get().set_pool(pool);
                 {
                     let mut d = r.get().init_descr();
-                    d.set_cache_hint(&format!("h{}", i % 5));
+                    d.set_cache_hint(format!("h{}", i % 5));
                     d.reborrow().init_action().init_obuilder().set_spec(&spec);
                 }
                 let ticket = r.send().pipeline.get_ticket();

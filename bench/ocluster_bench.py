@@ -14,6 +14,11 @@ docs/benchmarks.md.
   trip on the same kind of connection (a submit the scheduler refuses at once).
 - Scheduler memory: RSS before and with the 100 000 jobs queued (no workers yet), and the
   peak (VmHWM) at the end.
+- Durability (issue 14): the same dispatch run with the queue kept in memory only
+  (`--no-persist-queue`, the original's behaviour) as the baseline for the default, which
+  writes every job to SQLite before its client hears of its ticket; and a restart with
+  the 100 000 jobs persisted: `kill -9`, start again, time until the cap files are
+  written and until a worker that connects then has its first job.
 
 Usage: python3 bench/ocluster_bench.py [--jobs N] [--quick]
 """
@@ -73,20 +78,35 @@ def state_machine(runs):
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, extra=()):
         self.dir = tempfile.mkdtemp(prefix="ocluster-bench-")
         os.mkdir(f"{self.dir}/secrets")
         self.log = open(f"{self.dir}/scheduler.log", "w")
+        self.extra = list(extra)
+        self.start()
+
+    def start(self):
+        """Starts the scheduler; returns the seconds until its cap files are written."""
+        for f in ("pool-linux.cap", "admin.cap"):
+            if os.path.exists(f"{self.dir}/secrets/{f}"):
+                os.unlink(f"{self.dir}/secrets/{f}")
+        t0 = time.time()
         self.proc = subprocess.Popen(
             [f"{REL}/ocluster-scheduler", "--capnp-secret-key-file", f"{self.dir}/key.pem",
              "--capnp-listen-address", "tcp:127.0.0.1:0", "--secrets-dir", f"{self.dir}/secrets",
-             "--state-dir", f"{self.dir}/state", "--pools", "linux"],
+             "--state-dir", f"{self.dir}/state", "--pools", "linux"] + self.extra,
             stdout=subprocess.DEVNULL, stderr=self.log)
-        deadline = time.time() + 60
-        while not os.path.exists(f"{self.dir}/secrets/pool-linux.cap"):
+        deadline = time.time() + 120
+        while not (os.path.exists(f"{self.dir}/secrets/pool-linux.cap")
+                   and os.path.exists(f"{self.dir}/secrets/admin.cap")):
             if time.time() > deadline or self.proc.poll() is not None:
                 raise SystemExit("the scheduler did not start: see " + self.log.name)
-            time.sleep(0.05)
+            time.sleep(0.002)
+        return time.time() - t0
+
+    def crash(self):
+        self.proc.kill()
+        self.proc.wait()
 
     def add_clients(self, n):
         caps = []
@@ -126,8 +146,8 @@ def wait_line(proc, prefix, deadline):
 
 
 def end_to_end(total_jobs, client_procs=2, n_clients=10, worker_procs=4, workers=200,
-               capacity=4, closed_jobs=300):
-    c = Cluster()
+               capacity=4, closed_jobs=300, extra=()):
+    c = Cluster(extra)
     try:
         caps = c.add_clients(n_clients)
         per = n_clients // client_procs
@@ -178,6 +198,53 @@ def end_to_end(total_jobs, client_procs=2, n_clients=10, worker_procs=4, workers
         c.close()
 
 
+def restart(total_jobs, client_procs=2, n_clients=10):
+    """Queues the jobs, kills the scheduler with SIGKILL, starts it again: seconds until
+    its cap files are written, and until a worker connecting then starts its first job."""
+    c = Cluster()
+    try:
+        caps = c.add_clients(n_clients)
+        per = n_clients // client_procs
+        groups = [caps[i * per:(i + 1) * per] for i in range(client_procs)]
+        cps = [clients(g, "queue", total_jobs // n_clients) for g in groups]
+        deadline = time.time() + TIMEOUT
+        queued = sum(int(wait_line(p, "queued", deadline).split()[1]) for p in cps)
+        c.crash()
+        for p in cps:
+            p.kill()
+            p.wait()
+        db = os.path.getsize(f"{c.dir}/state/scheduler.db")
+        t0 = time.time()
+        up = c.start()
+        w = subprocess.Popen([f"{REL}/ocluster-load", "workers", "--cap", f"{c.dir}/secrets/pool-linux.cap",
+                              "--count", "1", "--capacity", "1", "--prefix", "r-"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_line(w, "registered", time.time() + 120)
+        first = None
+        while first is None and time.time() < t0 + 120:
+            time.sleep(0.05)
+            w.send_signal(signal.SIGTERM)
+            out, _ = w.communicate(timeout=60)
+            f = int(kv(out).get("first_start_ns", 0))
+            if f:
+                first = f
+            else:
+                w = subprocess.Popen([f"{REL}/ocluster-load", "workers", "--cap",
+                                      f"{c.dir}/secrets/pool-linux.cap", "--count", "1",
+                                      "--capacity", "1", "--prefix", "r-"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                wait_line(w, "registered", time.time() + 120)
+        c.log.flush()
+        kept = 0
+        for line in open(c.log.name):
+            if "jobs kept from before the restart" in line:
+                kept = int(line.split("linux: ")[1].split()[0])
+        return {"queued": queued, "up_s": up, "first_s": (first / 1e9 - t0) if first else None,
+                "db_mb": db / 1e6, "kept": kept}
+    finally:
+        c.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100_000, help="jobs queued end to end (default 100000)")
@@ -189,6 +256,10 @@ def main():
     sm = state_machine(1 if args.quick else 5)
     print(f"end to end with {jobs} jobs…", file=sys.stderr)
     e = end_to_end(jobs)
+    print(f"end to end with {jobs} jobs, the queue in memory only…", file=sys.stderr)
+    mem = end_to_end(jobs, extra=["--no-persist-queue"])
+    print(f"restart with {jobs} jobs persisted…", file=sys.stderr)
+    r = restart(jobs)
 
     def med(rows, key):
         return statistics.median(float(r[key]) for r in rows)
@@ -199,6 +270,9 @@ def main():
 
     per_job_rpc = (e["rss_q"] - e["rss0"]) * 1024 / max(1, e["queued"])
     lat, base = e["lat"], e["base"]
+    rate = e["ok"] / e["dispatch_s"]
+    mem_rate = mem["ok"] / mem["dispatch_s"]
+    first = f"{r['first_s']:.2f} s" if r["first_s"] is not None else "no job started"
     nproc = os.cpu_count()
     text = f"""## OCluster scheduler (`bench/ocluster_bench.py`)
 
@@ -227,6 +301,19 @@ Measured by `python3 bench/ocluster_bench.py{' --quick' if args.quick else ''}` 
 | scheduler RSS, idle → with {e['queued']:,} jobs queued | {e['rss0'] / 1024:.0f} MiB → {e['rss_q'] / 1024:.0f} MiB: **{per_job_rpc / 1024:.1f} KiB per queued job** |
 | scheduler peak RSS (VmHWM) over the whole run | {e['peak'] / 1024:.0f} MiB |
 
+### Durability (issue 14)
+
+By default every job is written to the scheduler's SQLite database (WAL, `synchronous=NORMAL`) before its client hears of its ticket, and deleted when its result is in; the baseline, measured in this same run, keeps the queue in memory only (`--no-persist-queue`, the original's behaviour).
+
+| | measured |
+|---|---|
+| dispatch throughput, queue persisted (the default; the run above) | **{rate:,.0f} jobs/s** |
+| dispatch throughput, queue in memory only (`--no-persist-queue`) | {mem_rate:,.0f} jobs/s ({mem['ok']:,} results, {mem['errors']} errors) |
+| ratio | **{rate / mem_rate:.2f}×** |
+| restart with {r['queued']:,} jobs persisted ({r['db_mb']:.0f} MB database) after `kill -9`: start → cap files written | **{r['up_s']:.2f} s** |
+| start → a worker connecting then has its first job | {first} |
+| jobs the restarted scheduler restored (its log) | {r['kept']:,} |
+
 Submit → start crosses the scheduler twice (client → scheduler → worker, then the start time comes back in the job's log), so about two round trips is the floor.
 
 ### Targets (issue 12)
@@ -235,6 +322,8 @@ Submit → start crosses the scheduler twice (client → scheduler → worker, t
 |---|---|
 | ≥ 100 000 assignments/s in the state machine | {'met' if med(sm[False], 'assignments_per_s') >= 100_000 else 'NOT met'}: {med(sm[False], 'assignments_per_s'):,.0f} |
 | ≥ 5 000 jobs/s end to end over RPC | {'met' if e['ok'] / e['dispatch_s'] >= 5000 else 'NOT met'}: {e['ok'] / e['dispatch_s']:,.0f} |
+| restart to dispatching with 100 000 persisted jobs < 2 s (issue 14) | {'met' if r['first_s'] is not None and r['first_s'] < 2 and r['queued'] >= 100_000 else 'NOT met'}: {first} with {r['queued']:,} |
+| dispatch with persistence ≥ 0.5× in memory (issue 14) | {'met' if rate >= 0.5 * mem_rate else 'NOT met'}: {rate / mem_rate:.2f}× |
 | < 1 KiB of memory per queued job | scheduler state: {'met' if med(sm[False], 'bytes_per_queued_job') < 1024 else 'NOT met'} ({med(sm[False], 'bytes_per_queued_job'):.0f} bytes). Whole process over RPC: {'met' if per_job_rpc < 1024 else 'NOT met'} ({per_job_rpc / 1024:.1f} KiB); see docs/performance.md |
 """
     report.write_section("ocluster", text)

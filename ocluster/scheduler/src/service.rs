@@ -120,6 +120,9 @@ pub struct PoolApi {
     orphans: HashMap<[u8; 32], VecDeque<Rc<JobShared>>>,
     /// Restored jobs can be claimed until then.
     orphans_until: f64,
+    /// New jobs and clocks are written to the database (else kept in memory only, as the
+    /// original does).
+    persist: bool,
 }
 
 /// How long after a restart its restored jobs can be claimed by their clients.
@@ -218,6 +221,14 @@ impl Scheduler {
         }
     }
 
+    /// Whether jobs and clients' clocks are kept in the database, so that a restart loses
+    /// no queued job (the default), or only in memory, as the original.
+    pub fn set_persist_jobs(&self, on: bool) {
+        for p in self.pools.values() {
+            p.borrow_mut().persist = on;
+        }
+    }
+
     /// How many times a job may run when its workers are lost (at least 1).
     pub fn set_max_attempts(&self, n: u32) {
         for p in self.pools.values() {
@@ -258,10 +269,11 @@ impl Scheduler {
                     removed: Vec::new(),
                     orphans: HashMap::new(),
                     orphans_until: clock() + CLAIM_WINDOW,
+                    persist: true,
                 })
             });
             if !jobs.is_empty() {
-                tracing::info!("{name}: {} jobs kept from before the restart", jobs.len());
+                tracing::warn!("{name}: {} jobs kept from before the restart", jobs.len());
             }
             pool.borrow_mut().restore(jobs);
             map.insert(name.clone(), pool);
@@ -586,9 +598,11 @@ impl PoolApi {
         shared
     }
 
-    /// The job is over (finished, failed or cancelled): its row goes.
+    /// The job is over (finished, failed or cancelled): its row goes (0: it has none).
     fn forget_job(&mut self, seq: u64) {
-        self.removed.push(seq);
+        if seq != 0 {
+            self.removed.push(seq);
+        }
     }
 
     /// After every change: run woken pops, answer them, and store what changed.
@@ -612,7 +626,10 @@ impl PoolApi {
                 }
             }
         }
-        let writes = self.pool.take_writes();
+        let mut writes = self.pool.take_writes();
+        if !self.persist {
+            writes.retain(|w| !matches!(w, crate::pool::DbWrite::SetClock { .. }));
+        }
         if !writes.is_empty() || !self.added.is_empty() || !self.removed.is_empty() {
             let added = std::mem::take(&mut self.added);
             let removed = std::mem::take(&mut self.removed);
@@ -1324,7 +1341,7 @@ impl SubmissionImpl {
         });
         let id = {
             let mut p = pool.borrow_mut();
-            let seq = p.next_seq;
+            let seq = if p.persist { p.next_seq } else { 0 };
             p.next_seq += 1;
             let stored = StoredJob {
                 seq,
@@ -1348,10 +1365,12 @@ impl SubmissionImpl {
                 urgent,
                 now,
             );
-            p.added.push(StoredJob {
-                fair_start: start,
-                ..stored
-            });
+            if p.persist {
+                p.added.push(StoredJob {
+                    fair_start: start,
+                    ..stored
+                });
+            }
             // Stored before the client hears of its ticket.
             p.flush(&self.sched.db);
             id

@@ -82,6 +82,13 @@ struct Args {
     #[arg(long)]
     no_shared_pool_cap: bool,
 
+    /// Keep queued jobs and clients' fair-share clocks in memory only, as the original:
+    /// a restart then loses every queued job. By default they are kept in the state
+    /// directory's database, and a client that submits a kept job again after a restart
+    /// (as the OCurrent plugin does) gets that job rather than a second run.
+    #[arg(long)]
+    no_persist_queue: bool,
+
     /// Clients to provision: submit-NAME.cap is written for each that has none.
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     default_clients: Vec<String>,
@@ -252,6 +259,7 @@ fn main() {
         )
         .unwrap_or_else(|e| fail(e));
         sched.set_max_attempts(args.max_attempts);
+        sched.set_persist_jobs(!args.no_persist_queue);
         for (pool, limits) in job_limits(&args) {
             sched.set_limits(&pool, limits);
         }

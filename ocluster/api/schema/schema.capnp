@@ -95,6 +95,12 @@ interface Ticket {
 
 interface Submission {
   submit @0 (pool :Text, descr :JobDescr, urgent :Bool) -> (ticket :Ticket);
+
+  submitWithPriority @1 (pool :Text, descr :JobDescr, priority :UInt8) -> (ticket :Ticket);
+  # An extension of this implementation: `submit` with one of five priority levels, 0
+  # (background) to 4 (urgent); a higher level runs first. `submit`'s urgent is 4, and
+  # its absence 2 (normal). An OCaml scheduler answers `unimplemented`: submit then
+  # with urgent set for levels above 2.
 }
 
 struct WorkerInfo {

@@ -937,3 +937,96 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     assert_eq!(runs.len(), JOBS);
     assert!(again <= 2 * KILLS * SLOTS, "{again} runs again: {runs:?}");
 }
+
+/// The real `ocluster-client`: `--priority` reaches the queue; when the scheduler is
+/// killed and started again mid-job, the client connects again, submits the job again
+/// and follows the job the scheduler kept, which runs once.
+#[test]
+fn client_priority_and_reconnection() {
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let spec = s.dir.path().join("spec");
+    std::fs::write(&spec, "echo kept").unwrap();
+    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-client"))
+        .args(["submit-obuilder", "-c"])
+        .arg(&alice)
+        .args(["--pool", "linux", "--priority", "high", "--local-file"])
+        .arg(&spec)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |s: &Scheduler, what: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + common::TIMEOUT;
+        loop {
+            let show = s.admin_ok(&["show", "linux"]);
+            if what(&show) {
+                return show;
+            }
+            assert!(std::time::Instant::now() < deadline, "{show}\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&s, &|show| show.contains("+high]"));
+    s.crash();
+    s.restart();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !s
+        .log()
+        .contains("submitted again a job kept from before the restart")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let show = wait_for(&s, &|_| true);
+    assert_eq!(show.matches("alice:").count(), 1, "{show}");
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    assert_eq!(w.expect("job"), "job w1 echo kept hint=");
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while client.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = client.wait_with_output().unwrap();
+    let (stdout, stderr) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("Lost the scheduler"), "{stderr}");
+    assert!(stdout.ends_with("kept\nResult: \"kept\"\n"), "{stdout}");
+    assert_eq!(w.expect_within("job", Duration::from_millis(500)), None);
+}
+
+/// Costs are learned from run times, and an idle worker takes a job that has waited in
+/// a busy worker's queue for longer than its learned cost (the original would leave it
+/// there until the busy worker was free).
+#[test]
+fn learned_costs_and_work_stealing() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut w1 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    // Two short runs teach the scheduler that "h" takes well under a second, cached or
+    // not.
+    for n in ["a1", "a2"] {
+        let mut c = Peer::client(&alice, "linux", &format!("sleep 300 {n}"), "h", "follow");
+        assert_eq!(c.expect("result"), format!("result ok {n}"));
+        assert_eq!(w1.expect("job"), format!("job w1 sleep 300 {n} hint=h"));
+    }
+    // w1 is busy for good; w2 is idle; the next "h" job goes to w1's queue (it has the
+    // cache), and after about a second moves to w2.
+    let _busy = Peer::client(&alice, "linux", "wait", "h", "follow");
+    w1.expect("job w1 wait");
+    let mut w2 = Peer::worker(&s.pool_cap("linux"), "w2", 1);
+    let mut c = Peer::client(&alice, "linux", "echo stolen", "h", "follow");
+    assert_eq!(c.expect("result"), "result ok stolen");
+    assert_eq!(w2.expect("job"), "job w2 echo stolen hint=h");
+    let metrics = s.admin_ok(&["show", "linux"]);
+    assert!(metrics.contains("w1 (0): []"), "{metrics}");
+    assert!(
+        s.log()
+            .contains("an idle worker takes a job that waited longer than expected"),
+        "{}",
+        s.log()
+    );
+}

@@ -12,10 +12,12 @@
 //! Two tables are this implementation's own (an OCaml scheduler ignores them), so that a
 //! restart loses no job and resets no share:
 //!
-//! * `job_queue(pool, seq, client, urgent, fair_start, cache_hint, descr)`: every job
+//! * `job_queue(pool, seq, client, priority, fair_start, cache_hint, descr)`: every job
 //!   submitted and not yet finished (queued or running), `descr` its `JobDescr` as a
 //!   serialized message;
-//! * `client_clock(pool, user, next_fair_start)`: each client's fair-share clock.
+//! * `client_clock(pool, user, next_fair_start)`: each client's fair-share clock;
+//! * `hint_cost(pool, cache_hint, cached, seconds)`: what a hint's jobs took, on workers
+//!   with the hint cached or not (a moving average).
 
 use std::path::Path;
 
@@ -60,8 +62,9 @@ CREATE TABLE IF NOT EXISTS pool_user_rate ( pool       TEXT NOT NULL, user      
 CREATE TABLE IF NOT EXISTS workers ( pool       TEXT NOT NULL, id         TEXT NOT NULL, paused     BOOLEAN DEFAULT 0, PRIMARY KEY (pool, id));
 CREATE TABLE IF NOT EXISTS sturdy_refs ( hash       BLOB NOT NULL, type       TEXT NOT NULL, args       BLOB NOT NULL, created    DATETIME NOT NULL, PRIMARY KEY (hash));
 CREATE INDEX IF NOT EXISTS sturdy_refs_rev ON sturdy_refs (type, args);
-CREATE TABLE IF NOT EXISTS job_queue ( pool TEXT NOT NULL, seq INTEGER NOT NULL, client TEXT NOT NULL, urgent BOOLEAN NOT NULL, fair_start REAL NOT NULL, cache_hint TEXT NOT NULL, descr BLOB NOT NULL, PRIMARY KEY (pool, seq));
+CREATE TABLE IF NOT EXISTS job_queue ( pool TEXT NOT NULL, seq INTEGER NOT NULL, client TEXT NOT NULL, priority INTEGER NOT NULL, fair_start REAL NOT NULL, cache_hint TEXT NOT NULL, descr BLOB NOT NULL, PRIMARY KEY (pool, seq));
 CREATE TABLE IF NOT EXISTS client_clock ( pool TEXT NOT NULL, user TEXT NOT NULL, next_fair_start REAL NOT NULL, PRIMARY KEY (pool, user));
+CREATE TABLE IF NOT EXISTS hint_cost ( pool TEXT NOT NULL, cache_hint TEXT NOT NULL, cached BOOLEAN NOT NULL, seconds REAL NOT NULL, PRIMARY KEY (pool, cache_hint, cached));
 ";
 
 /// A job kept in `job_queue`.
@@ -70,7 +73,8 @@ pub struct StoredJob {
     /// Unique among the pool's jobs, in submission order.
     pub seq: u64,
     pub client: String,
-    pub urgent: bool,
+    /// A [`crate::pool::Priority`] level.
+    pub priority: u8,
     pub fair_start: f64,
     pub cache_hint: String,
     /// The `JobDescr`, as a serialized message.
@@ -159,6 +163,16 @@ impl Db {
                 let (user, next) = row?;
                 state.clocks.insert(user, next);
             }
+            let mut st = self
+                .conn
+                .prepare("SELECT cache_hint, cached, seconds FROM hint_cost WHERE pool = ?")?;
+            let rows = st.query_map([pool], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get(2)?))
+            })?;
+            for row in rows {
+                let (hint, cached, secs) = row?;
+                state.costs.entry(hint).or_default()[usize::from(cached)] = Some(secs);
+            }
             Ok(())
         })();
         r.map_err(|e| self.err(e))?;
@@ -169,13 +183,13 @@ impl Db {
     pub fn load_jobs(&self, pool: &str) -> Result<Vec<StoredJob>, DbError> {
         let r: rusqlite::Result<Vec<StoredJob>> = (|| {
             let mut st = self.conn.prepare(
-                "SELECT seq, client, urgent, fair_start, cache_hint, descr FROM job_queue WHERE pool = ? ORDER BY seq",
+                "SELECT seq, client, priority, fair_start, cache_hint, descr FROM job_queue WHERE pool = ? ORDER BY seq",
             )?;
             let rows = st.query_map([pool], |r| {
                 Ok(StoredJob {
                     seq: r.get::<_, i64>(0)? as u64,
                     client: r.get(1)?,
-                    urgent: r.get(2)?,
+                    priority: r.get(2)?,
                     fair_start: r.get(3)?,
                     cache_hint: r.get(4)?,
                     descr: r.get(5)?,
@@ -201,13 +215,13 @@ impl Db {
         let r: rusqlite::Result<()> = (|| {
             let tx = self.conn.transaction()?;
             {
-                let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO job_queue (pool, seq, client, urgent, fair_start, cache_hint, descr) VALUES (?, ?, ?, ?, ?, ?, ?)")?;
+                let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO job_queue (pool, seq, client, priority, fair_start, cache_hint, descr) VALUES (?, ?, ?, ?, ?, ?, ?)")?;
                 for j in added {
                     ins.execute(params![
                         pool,
                         j.seq as i64,
                         j.client,
-                        j.urgent,
+                        j.priority,
                         j.fair_start,
                         j.cache_hint,
                         j.descr
@@ -265,6 +279,9 @@ impl Db {
                             .execute(params![pool, client])?
                     }
                     DbWrite::SetClock { .. } => 0,
+                    DbWrite::SetCost { hint, cached, seconds } => tx
+                        .prepare_cached("INSERT OR REPLACE INTO hint_cost (pool, cache_hint, cached, seconds) VALUES (?, ?, ?, ?)")?
+                        .execute(params![pool, hint, cached, seconds])?,
                     DbWrite::EnsureWorker { worker } => tx
                         .prepare_cached("INSERT OR IGNORE INTO workers (pool, id) VALUES (?, ?)")?
                         .execute(params![pool, worker])?,
@@ -427,7 +444,7 @@ mod tests {
         StoredJob {
             seq,
             client: client.into(),
-            urgent: seq == 2,
+            priority: seq as u8,
             fair_start: seq as f64 * 10.0,
             cache_hint: format!("h{seq}"),
             descr: vec![seq as u8; 3],

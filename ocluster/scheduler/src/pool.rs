@@ -107,6 +107,9 @@ pub struct PoolState {
     pub rates: HashMap<String, f64>,
     /// Every worker ever registered or created by an admin → admin-paused.
     pub workers: BTreeMap<String, bool>,
+    /// Cache hint → what its jobs took, in seconds (a moving average), on workers without
+    /// and with the hint cached.
+    pub costs: HashMap<String, [Option<f64>; 2]>,
     /// Client → its fair-share clock (the next fair start time), so that a restart does
     /// not hand a client that had dumped a thousand jobs a fresh share.
     pub clocks: HashMap<String, f64>,
@@ -141,7 +144,15 @@ pub enum DbWrite {
         client: String,
         next_fair_start: f64,
     },
+    SetCost {
+        hint: String,
+        cached: bool,
+        seconds: f64,
+    },
 }
+
+/// How far a learned cost moves towards each new run time.
+const COST_WEIGHT: f64 = 0.3;
 
 /// Something the adapter must act on.
 #[derive(Debug)]
@@ -152,6 +163,8 @@ pub enum Event<I> {
         worker: WorkerId,
         ticket: TicketId,
         item: I,
+        /// The worker had run a job with this cache hint before.
+        cached: bool,
     },
     /// The worker has gone: `pop` fails ("Worker disconnected").
     PopFailed { pop: PopId },
@@ -172,10 +185,64 @@ pub enum PoolError {
     BadRate,
 }
 
-/// Queue order: urgent first, then the earliest fair start time, then submission order.
+/// How soon a job should run: a higher level runs first. The original has one flag,
+/// `urgent`; it maps onto [`Priority::URGENT`], and its absence onto
+/// [`Priority::NORMAL`], so that with OCaml clients the order is the original's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(pub u8);
+
+impl Priority {
+    pub const BACKGROUND: Priority = Priority(0);
+    pub const LOW: Priority = Priority(1);
+    pub const NORMAL: Priority = Priority(2);
+    pub const HIGH: Priority = Priority(3);
+    pub const URGENT: Priority = Priority(4);
+    /// Every level, lowest first, with its name.
+    pub const LEVELS: [(Priority, &'static str); 5] = [
+        (Priority::BACKGROUND, "background"),
+        (Priority::LOW, "low"),
+        (Priority::NORMAL, "normal"),
+        (Priority::HIGH, "high"),
+        (Priority::URGENT, "urgent"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Priority::LEVELS
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map_or("urgent", |(_, n)| n)
+    }
+
+    /// A level by name or number (0-4).
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::LEVELS
+            .iter()
+            .find(|(p, n)| *n == s || p.0.to_string() == s)
+            .map(|(p, _)| *p)
+    }
+
+    /// Above normal: what the original's `urgent` flag (and its metrics' `high`) means.
+    pub fn is_high(self) -> bool {
+        self > Priority::NORMAL
+    }
+}
+
+impl From<bool> for Priority {
+    /// OCaml's `urgent` flag.
+    fn from(urgent: bool) -> Priority {
+        if urgent {
+            Priority::URGENT
+        } else {
+            Priority::NORMAL
+        }
+    }
+}
+
+/// Queue order: the highest priority first, then the earliest fair start time, then
+/// submission order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Key {
-    urgent: bool,
+    priority: Priority,
     start: f64,
     seq: u64,
 }
@@ -185,8 +252,8 @@ impl Eq for Key {}
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         other
-            .urgent
-            .cmp(&self.urgent)
+            .priority
+            .cmp(&self.priority)
             .then(self.start.total_cmp(&other.start))
             .then(self.seq.cmp(&other.seq))
     }
@@ -223,6 +290,8 @@ struct Ticket<I> {
     /// The estimated cost it was queued at on a worker; -1 in the backlog.
     cost: i64,
     place: Place,
+    /// When it was put in its worker's queue.
+    queued_at: f64,
 }
 
 enum Main {
@@ -258,6 +327,8 @@ pub struct Counters {
     pub submitted: u64,
     pub cancelled: u64,
     pub accepted: u64,
+    /// Jobs an idle worker took from a busy one's queue.
+    pub stolen: u64,
 }
 
 pub struct Pool<I> {
@@ -277,6 +348,8 @@ pub struct Pool<I> {
     woken: VecDeque<WorkerId>,
     next_id: u64,
     counters: Counters,
+    /// The latest time the adapter gave (at a submit or a [`Pool::steal`]).
+    now: f64,
 }
 
 impl<I: Item> Pool<I> {
@@ -301,6 +374,7 @@ impl<I: Item> Pool<I> {
             woken: VecDeque::new(),
             next_id: 1,
             counters: Counters::default(),
+            now: 0.0,
         }
     }
 
@@ -367,7 +441,14 @@ impl<I: Item> Pool<I> {
 
     /// Queues a job from `client`; returns its ticket and its fair start time (to keep
     /// with the job, for [`Pool::restore`]).
-    pub fn submit(&mut self, client: &str, item: I, urgent: bool, now: f64) -> (TicketId, f64) {
+    pub fn submit(
+        &mut self,
+        client: &str,
+        item: I,
+        priority: impl Into<Priority>,
+        now: f64,
+    ) -> (TicketId, f64) {
+        self.now = self.now.max(now);
         let cost = self.price(item.cache_hint());
         let rate = self.rate(client);
         let c = self.client_entry(client, now);
@@ -379,14 +460,14 @@ impl<I: Item> Pool<I> {
             next_fair_start,
         });
         self.counters.submitted += 1;
-        (self.enqueue(client, item, urgent, start), start)
+        (self.enqueue(client, item, priority.into(), start), start)
     }
 
     /// Queues again a job that was queued before a restart, at the fair start time it had
     /// (its client's clock was kept, so it does not advance).
-    pub fn restore(&mut self, client: &str, item: I, urgent: bool, start: f64) -> TicketId {
+    pub fn restore(&mut self, client: &str, item: I, priority: Priority, start: f64) -> TicketId {
         self.price(item.cache_hint());
-        self.enqueue(client, item, urgent, start)
+        self.enqueue(client, item, priority, start)
     }
 
     /// What a new job with `hint` is expected to cost (and counts it as pending).
@@ -396,18 +477,49 @@ impl<I: Item> Pool<I> {
         } else {
             let pending = self.pending_cached.entry(hint.to_string()).or_insert(0);
             *pending += 1;
-            if *pending > 1 || self.state.cached.get(hint).is_some_and(|w| !w.is_empty()) {
-                self.costs.cached
-            } else {
-                self.costs.non_cached
-            }
+            let cached = *pending > 1 || self.state.cached.get(hint).is_some_and(|w| !w.is_empty());
+            self.cost_of(hint, cached)
         }
     }
 
-    fn enqueue(&mut self, client: &str, item: I, urgent: bool, start: f64) -> TicketId {
+    /// A job's expected cost with `hint` on a worker that has it cached or not: what its
+    /// runs took (a moving average), or the model's guess before any run.
+    pub fn cost_of(&self, hint: &str, cached: bool) -> i64 {
+        let learned = self
+            .state
+            .costs
+            .get(hint)
+            .and_then(|c| c[usize::from(cached)]);
+        match learned {
+            Some(secs) => (secs.ceil() as i64).max(1),
+            None if cached => self.costs.cached,
+            None => self.costs.non_cached,
+        }
+    }
+
+    /// A job with `hint` ran for `secs` on a worker that had the hint cached or not: the
+    /// hint's cost moves towards it.
+    pub fn observe(&mut self, hint: &str, cached: bool, secs: f64) {
+        if hint.is_empty() || !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        let slot = &mut self.state.costs.entry(hint.to_string()).or_default()[usize::from(cached)];
+        let avg = match *slot {
+            Some(old) => old + COST_WEIGHT * (secs - old),
+            None => secs,
+        };
+        *slot = Some(avg);
+        self.writes.push(DbWrite::SetCost {
+            hint: hint.to_string(),
+            cached,
+            seconds: avg,
+        });
+    }
+
+    fn enqueue(&mut self, client: &str, item: I, priority: Priority, start: f64) -> TicketId {
         let id = self.fresh_id();
         let key = Key {
-            urgent,
+            priority,
             start,
             seq: id,
         };
@@ -419,6 +531,7 @@ impl<I: Item> Pool<I> {
                 client: client.to_string(),
                 cost: -1,
                 place: Place::Backlog,
+                queued_at: start,
             },
         );
         self.add(id);
@@ -464,22 +577,25 @@ impl<I: Item> Pool<I> {
 
     // ---- placement -----------------------------------------------------------------
 
-    /// The connected, active worker among those that ran `hint`, with the least queued
-    /// work (at most `max_workload`); on a tie the last in name order.
-    fn best_worker(&self, hint: &str, max_workload: i64) -> Option<WorkerId> {
+    /// The connected, active worker among those that ran `hint` that would start it
+    /// soonest: the least queued work per slot of its capacity (at most `max_wait`); on
+    /// a tie the last in name order. (The original compares queued work alone, so a
+    /// machine of 32 slots and one of 1 looked alike.)
+    fn best_worker(&self, hint: &str, max_wait: i64) -> Option<WorkerId> {
         let names = self.state.cached.get(hint)?;
-        let mut best: Option<(WorkerId, i64)> = None;
+        let mut best: Option<(WorkerId, f64)> = None;
         for name in names {
             let Some(&id) = self.connected.get(name) else {
                 continue;
             };
             let w = &self.workers[&id];
-            if w.workload > max_workload || !matches!(w.state, State::Running(_)) {
+            let wait = w.workload as f64 / w.capacity.max(1) as f64;
+            if wait > max_wait as f64 || !matches!(w.state, State::Running(_)) {
                 continue;
             }
             match best {
-                Some((_, load)) if load < w.workload => {}
-                _ => best = Some((id, w.workload)),
+                Some((_, load)) if load < wait => {}
+                _ => best = Some((id, wait)),
             }
         }
         best.map(|(id, _)| id)
@@ -489,6 +605,7 @@ impl<I: Item> Pool<I> {
         let t = self.tickets.get_mut(&ticket).expect("ticket exists");
         t.cost = cost;
         t.place = Place::Worker(worker);
+        t.queued_at = self.now;
         let key = t.key;
         let w = self.workers.get_mut(&worker).expect("worker exists");
         w.workload += cost;
@@ -504,11 +621,12 @@ impl<I: Item> Pool<I> {
         if hint.is_empty() {
             return false;
         }
-        match self.best_worker(hint, self.costs.non_cached) {
+        let (cached, non_cached) = (self.cost_of(hint, true), self.cost_of(hint, false));
+        match self.best_worker(hint, non_cached) {
             None => false,
             Some(w) => {
                 tracing::debug!(pool = %self.name, worker = %self.workers[&w].name, "assigning to the preferred worker");
-                self.enqueue_on_worker(ticket, w, self.costs.cached);
+                self.enqueue_on_worker(ticket, w, cached);
                 true
             }
         }
@@ -553,8 +671,8 @@ impl<I: Item> Pool<I> {
                     ) {
                         continue; // A stale entry: try the next.
                     }
-                    self.enqueue_on_worker(ticket, worker, self.costs.non_cached);
                     let hint = self.tickets[&ticket].item.cache_hint().to_string();
+                    self.enqueue_on_worker(ticket, worker, self.cost_of(&hint, false));
                     self.mark_cached(&hint, worker);
                     return;
                 }
@@ -656,6 +774,13 @@ impl<I: Item> Pool<I> {
     }
 
     fn start(&mut self, worker: WorkerId, pop: PopId, ticket: TicketId, t: Ticket<I>) {
+        let hint = t.item.cache_hint();
+        let cached = !hint.is_empty()
+            && self
+                .state
+                .cached
+                .get(hint)
+                .is_some_and(|w| w.contains(&self.workers[&worker].name));
         self.mark_cached(t.item.cache_hint(), worker);
         self.workers.get_mut(&worker).unwrap().running += 1;
         self.counters.accepted += 1;
@@ -665,7 +790,66 @@ impl<I: Item> Pool<I> {
             worker,
             ticket,
             item: t.item,
+            cached,
         });
+    }
+
+    /// Idle workers take work that has waited in a busy worker's queue longer than it was
+    /// expected to take there (the original never moves it, so one worker could hoard a
+    /// cache hint's jobs while others sat idle). The job is moved as the oldest idle
+    /// worker's, at the cost of a run without the cache. Call it every few seconds.
+    pub fn steal(&mut self, now: f64) {
+        self.now = self.now.max(now);
+        if !matches!(&self.main, Main::Ready(q) if !q.is_empty()) {
+            return;
+        }
+        let mut overdue: Vec<(Key, TicketId, WorkerId)> = Vec::new();
+        for (id, w) in &self.workers {
+            if let State::Running(q) = &w.state {
+                for (key, t) in &q.items {
+                    let tk = &self.tickets[t];
+                    if now - tk.queued_at > tk.cost as f64 {
+                        overdue.push((*key, *t, *id));
+                    }
+                }
+            }
+        }
+        overdue.sort_by_key(|a| a.0);
+        for (key, ticket, victim) in overdue {
+            let Some(thief) = self.take_idle() else { break };
+            let cost = self.tickets[&ticket].cost;
+            let v = self.workers.get_mut(&victim).expect("worker exists");
+            if let State::Running(q) = &mut v.state {
+                q.items.remove(&key);
+            }
+            v.workload -= cost;
+            let hint = self.tickets[&ticket].item.cache_hint().to_string();
+            tracing::info!(
+                pool = %self.name,
+                from = %self.workers[&victim].name,
+                to = %self.workers[&thief].name,
+                "an idle worker takes a job that waited longer than expected"
+            );
+            self.enqueue_on_worker(ticket, thief, self.cost_of(&hint, false));
+            self.mark_cached(&hint, thief);
+            self.counters.stolen += 1;
+        }
+    }
+
+    /// The idle worker that has waited longest, out of the ready list.
+    fn take_idle(&mut self) -> Option<WorkerId> {
+        loop {
+            let Main::Ready(q) = &mut self.main else {
+                return None;
+            };
+            let (worker, _pop) = q.pop_back()?;
+            if matches!(
+                self.workers.get(&worker).map(|w| &w.state),
+                Some(State::Running(_))
+            ) {
+                return Some(worker);
+            }
+        }
     }
 
     /// The worker no longer waits on this pop (its call was cancelled).
@@ -906,7 +1090,7 @@ impl<I: Item> Pool<I> {
                 Place::Backlog => "incoming".to_string(),
                 Place::Worker(w) => self.workers[&w].name.clone(),
             };
-            *out.entry((queue, t.key.urgent)).or_insert(0) += 1;
+            *out.entry((queue, t.key.priority.is_high())).or_insert(0) += 1;
         }
         out
     }
@@ -915,7 +1099,8 @@ impl<I: Item> Pool<I> {
     pub fn client_queued(&self) -> BTreeMap<(String, bool), usize> {
         let mut out = BTreeMap::new();
         for t in self.tickets.values() {
-            *out.entry((t.client.clone(), t.key.urgent)).or_insert(0) += 1;
+            *out.entry((t.client.clone(), t.key.priority.is_high()))
+                .or_insert(0) += 1;
         }
         out
     }
@@ -934,11 +1119,14 @@ impl<I: Item> Pool<I> {
             t.item.label(),
             rough_duration(t.key.start - now)
         );
-        let urgent = if t.key.urgent { "+urgent" } else { "" };
+        let level = match t.key.priority {
+            Priority::NORMAL => String::new(),
+            p => format!("+{}", p.name()),
+        };
         if t.cost >= 0 {
-            s.push_str(&format!("({}{urgent})", t.cost));
+            s.push_str(&format!("({}{level})", t.cost));
         } else {
-            s.push_str(urgent);
+            s.push_str(&level);
         }
         s
     }

@@ -26,7 +26,9 @@ use ocluster_api::{
 use sha2::{Digest, Sha256};
 
 use crate::db::{ClientError, Db, StoredJob};
-use crate::pool::{Costs, Event, Inactive, Item, Pool, PoolError, PopId, TicketId, WorkerId};
+use crate::pool::{
+    Costs, Event, Inactive, Item, Pool, PoolError, PopId, Priority, TicketId, WorkerId,
+};
 
 /// How long `update` waits for a worker to come back.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
@@ -37,7 +39,7 @@ pub struct QueuedJob {
     descr: Vec<u8>,
     hint: String,
     client: String,
-    urgent: bool,
+    priority: Priority,
     set_job: Option<oneshot::Sender<Result<job::Client, Error>>>,
     /// A job queued again after its worker was lost, or restored after a restart: what
     /// its client holds (or will, once it submits it again).
@@ -205,6 +207,27 @@ impl Scheduler {
                     let db = p.db.clone();
                     p.flush(&db);
                     p.changed.notify_waiters();
+                }
+            }
+        });
+    }
+
+    /// Lets idle workers take jobs that wait too long in busy workers' queues, looking
+    /// every `every`. Must run on a `LocalSet`.
+    pub fn balance(self: &Rc<Self>, every: Duration) {
+        let sched = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(sched) = sched.upgrade() else { return };
+                let now = sched.now();
+                for p in sched.pools.values() {
+                    let Ok(mut p) = p.try_borrow_mut() else {
+                        continue;
+                    };
+                    p.pool.steal(now);
+                    let db = p.db.clone();
+                    p.flush(&db);
                 }
             }
         });
@@ -459,6 +482,12 @@ impl Scheduler {
             per_pool(&|p| p.counters().accepted as f64),
         );
         family(
+            "ocluster_pool_jobs_stolen_total",
+            "counter",
+            "Number of jobs an idle worker took from a busy worker's queue",
+            per_pool(&|p| p.counters().stolen as f64),
+        );
+        family(
             "ocluster_pool_workers_connected",
             "gauge",
             "Number of connected workers",
@@ -567,12 +596,12 @@ impl PoolApi {
                     descr: j.descr,
                     hint: j.cache_hint,
                     client: j.client.clone(),
-                    urgent: j.urgent,
+                    priority: Priority(j.priority),
                     set_job: None,
                     retry: Some(shared.clone()),
                     seq: j.seq,
                 },
-                j.urgent,
+                Priority(j.priority),
                 j.fair_start,
             );
             shared.state.borrow_mut().queued = Some(ticket);
@@ -616,8 +645,12 @@ impl PoolApi {
             for e in events {
                 match e {
                     Event::Assigned {
-                        pop, worker, item, ..
-                    } => self.assigned(pop, worker, item),
+                        pop,
+                        worker,
+                        item,
+                        cached,
+                        ..
+                    } => self.assigned(pop, worker, item, cached),
                     Event::PopFailed { pop } => {
                         if let Some((tx, _)) = self.pending_pops.remove(&pop) {
                             let _ = tx.send(Err(Error::failed("Worker disconnected".into())));
@@ -642,7 +675,8 @@ impl PoolApi {
         }
     }
 
-    fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob) {
+    fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob, cached: bool) {
+        let started = std::time::Instant::now();
         let Some((tx, job)) = self.pending_pops.remove(&pop) else {
             // Cannot happen: a pop is withdrawn from the pool before its call goes.
             tracing::error!("a job was assigned to a pop that has gone");
@@ -739,6 +773,11 @@ impl PoolApi {
                 m.remove(&key);
             }
             p.pool.job_finished(worker);
+            if outcome.is_ok() {
+                // What this hint's jobs take, for placing the next ones.
+                p.pool
+                    .observe(&item.hint, cached, started.elapsed().as_secs_f64());
+            }
             let retry = matches!(&outcome, Err(e) if e.kind == capnp::ErrorKind::Disconnected)
                 && attempt < max_attempts
                 && shared.wanted();
@@ -756,12 +795,12 @@ impl PoolApi {
                         descr: std::mem::take(&mut item.descr),
                         hint: std::mem::take(&mut item.hint),
                         client: item.client.clone(),
-                        urgent: item.urgent,
+                        priority: item.priority,
                         set_job: None,
                         retry: Some(shared.clone()),
                         seq: item.seq,
                     },
-                    item.urgent,
+                    item.priority,
                     now,
                 );
                 shared.state.borrow_mut().queued = Some(ticket);
@@ -1281,14 +1320,38 @@ impl submission::Server for SubmissionImpl {
         let pool_name = p.get_pool()?.to_str()?.to_string();
         let descr = p.get_descr()?;
         let urgent = p.get_urgent();
-        let ticket = self.enqueue(&pool_name, descr, urgent);
+        let ticket = self.enqueue(&pool_name, descr, urgent.into());
+        results.get().set_ticket(ticket);
+        Ok(())
+    }
+
+    async fn submit_with_priority(
+        self: Rc<Self>,
+        params: submission::SubmitWithPriorityParams,
+        mut results: submission::SubmitWithPriorityResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let pool_name = p.get_pool()?.to_str()?.to_string();
+        let descr = p.get_descr()?;
+        let priority = p.get_priority();
+        if priority > Priority::URGENT.0 {
+            return Err(Error::failed(format!(
+                "priority {priority} is not a level: 0 (background) to 4 (urgent)"
+            )));
+        }
+        let ticket = self.enqueue(&pool_name, descr, Priority(priority));
         results.get().set_ticket(ticket);
         Ok(())
     }
 }
 
 impl SubmissionImpl {
-    fn enqueue(&self, pool_name: &str, descr: job_descr::Reader, urgent: bool) -> ticket::Client {
+    fn enqueue(
+        &self,
+        pool_name: &str,
+        descr: job_descr::Reader,
+        priority: Priority,
+    ) -> ticket::Client {
         let broken = |msg: String| -> ticket::Client {
             FromClientHook::new(capnp_rpc::new_broken_cap(Error::failed(msg)).hook)
         };
@@ -1314,8 +1377,9 @@ impl SubmissionImpl {
             Err(e) => return broken(format!("bad job description: {e}")),
         };
         tracing::info!(
-            "Received new job request from {:?} (urgent={urgent})",
-            self.client
+            "Received new job request from {:?} (priority {})",
+            self.client,
+            priority.name()
         );
         let now = self.sched.now();
         let claimed = pool.borrow_mut().claim(&self.client, &bytes, now);
@@ -1346,7 +1410,7 @@ impl SubmissionImpl {
             let stored = StoredJob {
                 seq,
                 client: self.client.clone(),
-                urgent,
+                priority: priority.0,
                 fair_start: 0.0,
                 cache_hint: hint.clone(),
                 descr: bytes.clone(),
@@ -1357,12 +1421,12 @@ impl SubmissionImpl {
                     descr: bytes,
                     hint,
                     client: self.client.clone(),
-                    urgent,
+                    priority,
                     set_job: Some(tx),
                     retry: None,
                     seq,
                 },
-                urgent,
+                priority,
                 now,
             );
             if p.persist {

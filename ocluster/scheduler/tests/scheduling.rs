@@ -925,3 +925,154 @@ fn rates_and_revocation() {
     assert_eq!(t.pool.rate("c"), 1.0);
     assert!(t.db.load_pool("p").unwrap().rates.is_empty());
 }
+
+// ---- issue 14: priorities, learned costs, capacity, stealing --------------------------------
+
+use ocluster_scheduler::pool::Priority;
+
+/// Five levels, the highest first; OCaml's urgent is the top one and its absence the
+/// middle one, so that the original's transcripts hold.
+#[test]
+fn priority_levels() {
+    let mut t = T::new("priority");
+    let w = t.register("worker-1");
+    t.activate(w);
+    for (name, level) in [
+        ("bg", Priority::BACKGROUND),
+        ("normal", Priority::NORMAL),
+        ("low", Priority::LOW),
+        ("urgent", Priority::URGENT),
+        ("high", Priority::HIGH),
+    ] {
+        t.pool.submit("u1", job(name, ""), level, t.now);
+        t.collect();
+    }
+    let show = t.dump();
+    for item in [
+        "u1:bg@0s+background ",
+        "u1:normal@10s\n",
+        "u1:low@20s+low ",
+        "u1:urgent@30s+urgent]",
+        "u1:high@40s+high ",
+    ] {
+        assert!(show.contains(item), "{item} in {show}");
+    }
+    assert_eq!(
+        t.flush(w),
+        [
+            "Flush urgent",
+            "Flush high",
+            "Flush normal",
+            "Flush low",
+            "Flush bg"
+        ]
+    );
+    assert_eq!(Priority::from(true), Priority::URGENT);
+    assert_eq!(Priority::from(false), Priority::NORMAL);
+    assert_eq!(Priority::parse("high"), Some(Priority::HIGH));
+    assert_eq!(Priority::parse("0"), Some(Priority::BACKGROUND));
+    assert_eq!(Priority::parse("5"), None);
+}
+
+/// A hint's cost is what its runs took (a moving average, per cached or not), used to
+/// price and place its next jobs, and kept in the database.
+#[test]
+fn costs_are_learned_and_kept() {
+    let mut t = T::new("learn");
+    assert_eq!(t.pool.cost_of("a", true), 2);
+    assert_eq!(t.pool.cost_of("a", false), 10);
+    t.pool.observe("a", true, 100.0);
+    t.pool.observe("a", false, 400.0);
+    t.pool.observe("a", true, 200.0);
+    t.pool.observe("", true, 1000.0); // no hint: nothing to learn
+    t.collect();
+    assert_eq!(t.pool.cost_of("a", true), 130);
+    assert_eq!(t.pool.cost_of("a", false), 400);
+    assert_eq!(t.pool.cost_of("", true), 2);
+    // The learned cost is what a worker's queue and the client's clock are charged.
+    let w = t.register("worker-1");
+    t.activate(w);
+    let p = t.pop(w);
+    t.submit("u1", "job1", "a", false);
+    t.pause();
+    assert_eq!(t.state(p), "job1");
+    t.submit("u1", "job2", "a", false);
+    // job1 was charged 400 s (not cached yet), job2 130 s (cached now).
+    let show = t.dump();
+    assert!(show.contains("[u1:job2@7m]"), "{show}");
+    assert!(show.contains("clients: u1(1)+9m"), "{show}");
+    // Kept across a restart.
+    let T { db, .. } = t;
+    let t = T::with_db("learn", db);
+    assert_eq!(t.pool.cost_of("a", true), 130);
+    assert_eq!(t.pool.cost_of("a", false), 400);
+}
+
+/// Of two workers with the hint, the one that would start it sooner per slot gets it:
+/// capacity counts (the original compared queued work alone).
+#[test]
+fn capacity_counts_in_placement() {
+    // Both have run "a" jobs before; both are busy; a third worker waits for work.
+    let mut db = Db::in_memory().unwrap();
+    let cached = |w: &str| ocluster_scheduler::pool::DbWrite::MarkCached {
+        hint: "a".into(),
+        worker: w.into(),
+    };
+    db.apply("capacity", &[cached("small"), cached("big")])
+        .unwrap();
+    let mut t = T::with_db("capacity", db);
+    t.pool.register("small", 1).unwrap();
+    t.pool.register("big", 4).unwrap();
+    let other = t.pool.register("other", 1).unwrap();
+    for w in t.pool.known_workers() {
+        let id = t.pool.connected(&w.0).unwrap();
+        t.pool.set_active(id, Inactive::WORKER, true);
+    }
+    t.collect();
+    t.pop(other);
+    // Per slot, big's queue stays the shorter until it holds 4 jobs to small's 1, where
+    // the original (queued work alone) shares them 3 and 3.
+    for i in 0..6 {
+        t.submit("u1", &format!("j{i}"), "a", false);
+    }
+    let show = t.dump();
+    let queued = |name: &str| {
+        let line = show
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} (")))
+            .unwrap();
+        line.matches("u1:").count()
+    };
+    assert_eq!((queued("small"), queued("big")), (2, 4), "{show}");
+}
+
+/// Work that waited in a busy worker's queue longer than it was expected to take there
+/// goes to an idle worker.
+#[test]
+fn idle_workers_steal_overdue_work() {
+    let mut t = T::new("steal");
+    let w1 = t.register("worker-1");
+    t.activate(w1);
+    let p = t.pop(w1);
+    t.submit("u1", "job1", "a", false);
+    t.pause();
+    assert_eq!(t.state(p), "job1");
+    // worker-1 is busy; more "a" jobs queue on it, at the cached cost (2).
+    t.submit("u1", "job2", "a", false);
+    t.submit("u1", "job3", "a", false);
+    let w2 = t.register("worker-2");
+    t.activate(w2);
+    let idle = t.pop(w2);
+    t.pause();
+    assert_eq!(t.state(idle), "pending");
+    t.pool.steal(t.now + 1.0);
+    t.pause();
+    assert_eq!(t.state(idle), "pending", "not overdue yet");
+    t.pool.steal(t.now + 2.5);
+    t.pause();
+    assert_eq!(t.state(idle), "job2");
+    assert_eq!(t.pool.counters().stolen, 1);
+    let show = t.dump();
+    assert!(show.contains("worker-1 (2): [u1:job3@"), "{show}");
+    assert!(show.contains("a: [worker-1; worker-2]"), "{show}");
+}

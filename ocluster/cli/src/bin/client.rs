@@ -1,12 +1,16 @@
 //! `ocluster-client`: submits a job to a scheduler and follows it (reference/ocluster.md
 //! §4.3): prints `Tailing log:`, streams the log live, then `Result: "…"`. Exits 1 if the
 //! job fails; Ctrl-C cancels the job.
+//!
+//! If the scheduler goes away mid-job, the client connects again and submits the same
+//! job: a scheduler of ours kept it (queued or running jobs survive its restart) and
+//! hands that same job back rather than running it twice.
 
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use ocluster::{connect, error_text, init_logging, load_cap, Verbosity};
-use ocluster_api::schema_capnp::{job_descr, submission};
+use ocluster_api::schema_capnp::{job_descr, submission, ticket};
 
 /// Submit jobs to an OCluster scheduler.
 #[derive(Parser, Debug)]
@@ -71,9 +75,18 @@ struct Common {
     /// Jobs with the same hint go to the same workers when they can.
     #[arg(long, value_name = "HINT", default_value = "")]
     cache_hint: String,
-    /// Ahead of every non-urgent job.
-    #[arg(long)]
+    /// Ahead of every non-urgent job (the same as --priority urgent).
+    #[arg(long, conflicts_with = "priority")]
     urgent: bool,
+    /// How soon the job runs: background, low, normal, high or urgent (or 0-4); higher
+    /// first. An OCaml scheduler knows only urgent or not: above normal is sent as urgent.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_priority)]
+    priority: Option<u8>,
+    /// When the scheduler goes away mid-job, keep trying to reach it again for this many
+    /// seconds (then submit the job again, which gives back the same job); 0 to give
+    /// up at once, as the original does.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    reconnect_for: u64,
     /// A secret for the build: ID:FILE (the whole file), repeatable.
     #[arg(long, value_name = "ID:FILE")]
     secret: Vec<String>,
@@ -84,6 +97,19 @@ struct Common {
     #[arg(value_name = "HASH")]
     commits: Vec<String>,
 }
+
+fn parse_priority(s: &str) -> Result<u8, String> {
+    const NAMES: [&str; 5] = ["background", "low", "normal", "high", "urgent"];
+    NAMES
+        .iter()
+        .position(|n| *n == s)
+        .or_else(|| s.parse::<usize>().ok().filter(|n| *n < NAMES.len()))
+        .map(|n| n as u8)
+        .ok_or_else(|| format!("expected one of {} or 0-4", NAMES.join(", ")))
+}
+
+/// `normal`, the level of a job that is not urgent.
+const NORMAL: u8 = 2;
 
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("{msg}");
@@ -127,90 +153,44 @@ fn main() {
         .build()
         .unwrap_or_else(|e| die(e));
     let local = tokio::task::LocalSet::new();
+    let fill = |mut d: job_descr::Builder<'_>| {
+        d.set_cache_hint(common.cache_hint.as_str());
+        if let Some(repo) = &common.repository {
+            d.set_repository(repo.as_str());
+        }
+        let mut c = d.reborrow().init_commits(common.commits.len() as u32);
+        for (i, h) in common.commits.iter().enumerate() {
+            c.set(i as u32, h.as_str());
+        }
+        let mut s = d.reborrow().init_secrets(secrets.len() as u32);
+        for (i, (id, value)) in secrets.iter().enumerate() {
+            let mut e = s.reborrow().get(i as u32);
+            e.set_id(id.as_str());
+            e.set_value(value.as_str());
+        }
+        fill_action(&args.command, d.init_action());
+    };
     let code = local.block_on(&rt, async {
-        let conn = connect(&sr).await.unwrap_or_else(|e| die(e));
-        let sub: submission::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
-        let mut r = sub.submit_request();
-        {
-            let mut p = r.get();
-            p.set_pool(common.pool.as_str());
-            p.set_urgent(common.urgent);
-            let mut d = p.init_descr();
-            d.set_cache_hint(common.cache_hint.as_str());
-            if let Some(repo) = &common.repository {
-                d.set_repository(repo.as_str());
-            }
-            let mut c = d.reborrow().init_commits(common.commits.len() as u32);
-            for (i, h) in common.commits.iter().enumerate() {
-                c.set(i as u32, h.as_str());
-            }
-            let mut s = d.reborrow().init_secrets(secrets.len() as u32);
-            for (i, (id, value)) in secrets.iter().enumerate() {
-                let mut e = s.reborrow().get(i as u32);
-                e.set_id(id.as_str());
-                e.set_value(value.as_str());
-            }
-            fill_action(&args.command, d.init_action());
-        }
-        let ticket = r.send().pipeline.get_ticket();
-        let job = ticket.job_request().send().pipeline.get_job();
-        let result = job.result_request().send().promise;
-        println!("Tailing log:");
-        let follow = async {
-            let mut start = 0i64;
-            loop {
-                let mut l = job.log_request();
-                l.get().set_start(start);
-                let resp = match l.send().promise.await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        println!("Error tailing logs: {}", show(&e).trim_end_matches('.'));
-                        return;
-                    }
-                };
-                let Ok(r) = resp.get() else { return };
-                let data = r.get_log().unwrap_or_default();
-                if data.is_empty() {
-                    return;
+        let mut conn = connect(&sr).await.unwrap_or_else(|e| die(e));
+        loop {
+            let sub: submission::Client =
+                capnp::capability::FromClientHook::new(conn.cap.hook.add_ref());
+            let ticket = submit(&sub, common, &fill).await;
+            match follow(&ticket).await {
+                Ok(code) => return code,
+                Err(e) if common.reconnect_for > 0 => {
+                    eprintln!(
+                        "Lost the scheduler ({}); connecting again to submit the job again \
+                         (the scheduler kept it, so it is the same job)…",
+                        show(&e).trim_end_matches('.')
+                    );
+                    conn = reconnect(&sr, common.reconnect_for).await;
+                    println!("--- the job's log, from its start as the scheduler has it ---");
                 }
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(data);
-                let _ = out.flush();
-                start = r.get_next();
-            }
-        };
-        let mut follow = std::pin::pin!(follow);
-        tokio::select! {
-            _ = &mut follow => {}
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("Cancelling job… (Ctrl-C again to stop waiting)");
-                if let Err(e) = ticket.cancel_request().send().promise.await {
-                    eprintln!("cannot cancel: {}", show(&e));
+                Err(e) => {
+                    println!("{}", show(&e));
+                    return 1;
                 }
-                // Show the end of the log ("Job cancelled").
-                tokio::select! {
-                    _ = &mut follow => {}
-                    _ = tokio::signal::ctrl_c() => std::process::exit(130),
-                }
-            }
-        }
-        match result.await {
-            Ok(r) => {
-                let out = r
-                    .get()
-                    .and_then(|r| r.get_output())
-                    .ok()
-                    .and_then(|t| t.to_string().ok())
-                    .unwrap_or_default();
-                if !out.is_empty() {
-                    println!("Result: {out:?}");
-                }
-                0
-            }
-            Err(e) => {
-                println!("{}", show(&e));
-                1
             }
         }
     });
@@ -263,6 +243,124 @@ fn fill_action(cmd: &Command, a: job_descr::action::Builder<'_>) {
             d.set_squash(*squash);
             d.set_buildkit(*buildkit);
             d.set_include_git(*include_git);
+        }
+    }
+}
+
+/// Submits the job; with a priority, through this implementation's `submitWithPriority`,
+/// falling back to `submit` for a scheduler that does not have it.
+async fn submit(
+    sub: &submission::Client,
+    common: &Common,
+    fill: &dyn Fn(job_descr::Builder<'_>),
+) -> ticket::Client {
+    let plain = |urgent: bool| {
+        let mut r = sub.submit_request();
+        let mut p = r.get();
+        p.set_pool(common.pool.as_str());
+        p.set_urgent(urgent);
+        fill(p.init_descr());
+        r.send().pipeline.get_ticket()
+    };
+    let Some(level) = common.priority else {
+        return plain(common.urgent);
+    };
+    let mut r = sub.submit_with_priority_request();
+    let mut p = r.get();
+    p.set_pool(common.pool.as_str());
+    p.set_priority(level);
+    fill(p.init_descr());
+    match r.send().promise.await {
+        Ok(resp) => match resp.get().and_then(|r| r.get_ticket()) {
+            Ok(t) => t,
+            Err(e) => capnp::capability::FromClientHook::new(capnp_rpc::new_broken_cap(e).hook),
+        },
+        Err(e) if e.kind == capnp::ErrorKind::Unimplemented => {
+            tracing::info!("the scheduler has no priority levels: submitting with urgent");
+            plain(level > NORMAL)
+        }
+        Err(e) => capnp::capability::FromClientHook::new(capnp_rpc::new_broken_cap(e).hook),
+    }
+}
+
+/// Follows the job's log to its end and prints its result: the exit code, or the error
+/// that lost the scheduler (to connect again).
+async fn follow(ticket: &ticket::Client) -> Result<i32, capnp::Error> {
+    let job = ticket.job_request().send().pipeline.get_job();
+    let result = job.result_request().send().promise;
+    println!("Tailing log:");
+    let log = async {
+        let mut start = 0i64;
+        loop {
+            let mut l = job.log_request();
+            l.get().set_start(start);
+            let resp = match l.send().promise.await {
+                Ok(r) => r,
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected => return Err(e),
+                Err(e) => {
+                    println!("Error tailing logs: {}", show(&e).trim_end_matches('.'));
+                    return Ok(());
+                }
+            };
+            let Ok(r) = resp.get() else { return Ok(()) };
+            let data = r.get_log().unwrap_or_default();
+            if data.is_empty() {
+                return Ok(());
+            }
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data);
+            let _ = out.flush();
+            start = r.get_next();
+        }
+    };
+    let mut log = std::pin::pin!(log);
+    tokio::select! {
+        r = &mut log => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("Cancelling job… (Ctrl-C again to stop waiting)");
+            if let Err(e) = ticket.cancel_request().send().promise.await {
+                eprintln!("cannot cancel: {}", show(&e));
+            }
+            // Show the end of the log ("Job cancelled").
+            tokio::select! {
+                _ = &mut log => {}
+                _ = tokio::signal::ctrl_c() => std::process::exit(130),
+            }
+        }
+    }
+    match result.await {
+        Ok(r) => {
+            let out = r
+                .get()
+                .and_then(|r| r.get_output())
+                .ok()
+                .and_then(|t| t.to_string().ok())
+                .unwrap_or_default();
+            if !out.is_empty() {
+                println!("Result: {out:?}");
+            }
+            Ok(0)
+        }
+        Err(e) if e.kind == capnp::ErrorKind::Disconnected => Err(e),
+        Err(e) => {
+            println!("{}", show(&e));
+            Ok(1)
+        }
+    }
+}
+
+/// Connects again, trying every second for `secs` seconds.
+async fn reconnect(sr: &ocluster_net::SturdyRef, secs: u64) -> ocluster_net::vat::Connected {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        match connect(sr).await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() > deadline => die(format!(
+                "gave up reaching the scheduler after {secs} s: {e}"
+            )),
+            Err(_) => {}
         }
     }
 }

@@ -267,6 +267,7 @@ fn main() {
             fail("--heartbeat-timeout must be more than 0");
         }
         sched.watch_heartbeats(std::time::Duration::from_secs_f64(args.heartbeat_timeout));
+        sched.balance(std::time::Duration::from_secs(1));
 
         // Default clients.
         for name in &args.default_clients {

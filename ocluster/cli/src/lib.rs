@@ -2,6 +2,7 @@
 //! the scheduler's metrics endpoint.
 
 pub mod metrics_http;
+pub mod status;
 
 use std::path::Path;
 

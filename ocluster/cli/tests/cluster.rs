@@ -1030,3 +1030,140 @@ fn learned_costs_and_work_stealing() {
         s.log()
     );
 }
+
+/// `GET path` on 127.0.0.1:port; the status and the body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// Runs headless Chromium on `url` with `args` (`--dump-dom`, `--screenshot=…`); its
+/// stdout.
+fn chromium(url: &str, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--window-size=1280,1000",
+    ])
+    .arg(format!(
+        "--user-data-dir={}",
+        tempfile::tempdir().unwrap().keep().display()
+    ))
+    .args(args)
+    .arg(url);
+    let out = common::run_bounded(cmd);
+    assert!(out.status.success(), "chromium: {}", stderr(&out));
+    stdout(&out)
+}
+
+/// The live status page, in headless Chromium: pools, workers (with a paused one and a
+/// disconnected one), the queue per client, and a running job whose log on its page
+/// grows from one load to the next; a screenshot is taken and checked.
+#[test]
+fn live_status_page_in_chromium() {
+    if !testkit::require(
+        "live_status_page_in_chromium",
+        &[testkit::Cap::Tool("chromium")],
+    ) {
+        return;
+    }
+    let s = Scheduler::start(&["linux"], &["--listen-http=127.0.0.1:0"]);
+    let log = s.log();
+    let port: u16 = log
+        .split("Status page on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no status page address in {log}"));
+    let alice = s.add_client("alice");
+    let bob = s.add_client("bob");
+    s.admin_ok(&["pause", "--auto-create", "linux", "w-old"]);
+    let mut w1 = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    let _w2 = Peer::worker(&s.pool_cap("linux"), "w2", 1);
+    s.admin_ok(&["pause", "linux", "w2"]);
+    let _ticking = Peer::client(&alice, "linux", "tick 200", "opam", "follow");
+    w1.expect("job w1 tick 200");
+    let _queued = Peer::client(&bob, "linux", "echo later", "<b>dune</b>", "follow");
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !http_get(port, "/").1.contains("&lt;b&gt;dune&lt;/b&gt;") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            http_get(port, "/").1
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let url = format!("http://127.0.0.1:{port}/");
+    let dom = chromium(&url, &["--dump-dom"]);
+    for want in [
+        "<h2>Pool linux</h2>",
+        "<td>w1</td><td class=\"active\">active</td><td>1</td>",
+        "<td>w2</td><td class=\"paused\">paused (admin pause)</td>",
+        "<td>w-old</td><td class=\"gone\">disconnected, paused</td>",
+        ">opam</a></td><td>alice</td><td>w1</td><td>normal</td>",
+        "<li>&lt;b&gt;dune&lt;/b&gt; <span class=\"muted\">(bob, normal",
+        "<tr><td>bob</td><td>1</td>",
+        "<meta http-equiv=\"refresh\" content=\"2\">",
+    ] {
+        assert!(dom.contains(want), "{want:?} not in the page:\n{dom}");
+    }
+    // Nothing but the page itself is loaded: no script, nothing from elsewhere.
+    assert!(!dom.contains("<script"), "{dom}");
+    assert!(!dom.contains("http://") || !dom.contains("src="), "{dom}");
+
+    // The running job's page: its log tail grows between loads.
+    let job = dom
+        .split("<a href=\"/pool/linux/job/")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let job_url = format!("{url}pool/linux/job/{job}");
+    let ticks = |dom: &str| dom.matches("tick ").count();
+    let first = chromium(&job_url, &["--dump-dom"]);
+    assert!(first.contains("<pre id=\"log\">tick 0\n"), "{first}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let second = chromium(&job_url, &["--dump-dom"]);
+    assert!(
+        ticks(&second) > ticks(&first),
+        "the log did not grow:\n{first}\n---\n{second}"
+    );
+    assert!(second.contains("<meta http-equiv=\"refresh\" content=\"1\">"));
+
+    // A screenshot of the overview: a PNG of the window's size, not a blank page.
+    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let (w, h) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((w, h), (1280, 1000));
+    // Blank, it compresses to a few hundred bytes; with the tables, to tens of KB.
+    assert!(png.len() > 10_000, "{} bytes: a blank page?", png.len());
+    eprintln!("screenshot: {}", shot.display());
+
+    // JSON for tools, and the job's log as text.
+    let (status, json) = http_get(port, "/status.json");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["pools"][0]["name"], "linux");
+    assert_eq!(v["pools"][0]["running"][0]["client"], "alice");
+    let (status, text) = http_get(port, &format!("/pool/linux/job/{job}/log"));
+    assert_eq!(status, 200);
+    assert!(text.starts_with("tick 0\n"), "{text}");
+    assert_eq!(http_get(port, "/pool/linux/job/999999").0, 404);
+}

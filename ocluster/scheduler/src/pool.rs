@@ -321,8 +321,60 @@ struct Client {
     next_fair_start: f64,
 }
 
+/// A pool as the status page shows it ([`Pool::view`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolView {
+    pub name: String,
+    /// The connected workers' capacity.
+    pub capacity: i64,
+    /// The pool's queue (no worker is free), first to run first.
+    pub backlog: Vec<QueuedView>,
+    pub backlog_len: usize,
+    /// Free slots waiting for work (no work is waiting).
+    pub idle: usize,
+    pub workers: Vec<WorkerView>,
+    /// Known workers not connected, and whether an admin paused them.
+    pub disconnected: Vec<(String, bool)>,
+    pub clients: Vec<ClientView>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueuedView {
+    pub client: String,
+    pub label: String,
+    pub priority: &'static str,
+    /// Seconds until its fair start time (negative: it is due).
+    pub start_in: f64,
+    /// The cost it was queued at on its worker (-1 in the pool's queue).
+    pub cost: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    pub name: String,
+    /// `active`, or `paused (REASONS)`.
+    pub state: String,
+    pub capacity: i64,
+    pub running: i64,
+    /// The expected cost of its queue.
+    pub workload: i64,
+    /// Jobs placed on it, not started, first to run first.
+    pub queue: Vec<QueuedView>,
+    pub queue_len: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientView {
+    pub name: String,
+    pub rate: f64,
+    /// How far its fair-share clock is ahead of now, in seconds.
+    pub ahead: f64,
+    pub queued: usize,
+}
+
 /// Counts for the Prometheus metrics.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Counters {
     pub submitted: u64,
     pub cancelled: u64,
@@ -1107,6 +1159,87 @@ impl<I: Item> Pool<I> {
 
     pub fn queued(&self) -> usize {
         self.tickets.len()
+    }
+
+    // ---- the status page -----------------------------------------------------------
+
+    /// What the pool holds now, for the status page: at most `limit` queued jobs per
+    /// queue (in the order they will run), and the counts of all.
+    pub fn view(&self, now: f64, limit: usize) -> PoolView {
+        let queued = |q: &Queue| -> Vec<QueuedView> {
+            q.items
+                .values()
+                .take(limit)
+                .map(|id| {
+                    let t = &self.tickets[id];
+                    QueuedView {
+                        client: t.client.clone(),
+                        label: t.item.label().into_owned(),
+                        priority: t.key.priority.name(),
+                        start_in: t.key.start - now,
+                        cost: t.cost,
+                    }
+                })
+                .collect()
+        };
+        let (backlog, backlog_len, idle) = match &self.main {
+            Main::Backlog(q) => (queued(q), q.items.len(), 0),
+            Main::Ready(r) => (Vec::new(), 0, r.len()),
+        };
+        let workers = self
+            .connected
+            .values()
+            .map(|id| {
+                let w = &self.workers[id];
+                let (state, queue, queue_len) = match &w.state {
+                    State::Running(q) => ("active".to_string(), queued(q), q.items.len()),
+                    State::Inactive(r) => (format!("paused ({r})"), Vec::new(), 0),
+                    State::Finished => ("gone".to_string(), Vec::new(), 0),
+                };
+                WorkerView {
+                    name: w.name.clone(),
+                    state,
+                    capacity: w.capacity,
+                    running: w.running,
+                    workload: w.workload,
+                    queue,
+                    queue_len,
+                }
+            })
+            .collect();
+        let disconnected = self
+            .state
+            .workers
+            .iter()
+            .filter(|(n, _)| !self.connected.contains_key(*n))
+            .map(|(n, paused)| (n.clone(), *paused))
+            .collect();
+        let per_client = self.client_queued();
+        let clients = self
+            .clients
+            .iter()
+            .map(|(name, c)| ClientView {
+                name: name.clone(),
+                rate: self.rate(name),
+                ahead: (c.next_fair_start - now).max(0.0),
+                queued: per_client
+                    .iter()
+                    .filter(|((n, _), _)| n == name)
+                    .map(|(_, k)| *k)
+                    .sum(),
+            })
+            .collect();
+        PoolView {
+            name: self.name.clone(),
+            capacity: self.cluster_capacity,
+            backlog,
+            backlog_len,
+            idle,
+            workers,
+            disconnected,
+            clients,
+            counters: self.counters.clone(),
+        }
     }
 
     // ---- show ----------------------------------------------------------------------

@@ -125,6 +125,42 @@ pub struct PoolApi {
     /// New jobs and clocks are written to the database (else kept in memory only, as the
     /// original does).
     persist: bool,
+    /// Running attempts, by their key in `attempts`, for the status page.
+    running: BTreeMap<u64, RunningJob>,
+}
+
+/// A job running on a worker, as the status page shows it.
+struct RunningJob {
+    worker: String,
+    client: String,
+    label: String,
+    priority: Priority,
+    started: f64,
+    attempt: u32,
+    shared: Rc<JobShared>,
+}
+
+/// A running job, for the status page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunningView {
+    /// Its id on the status page (unique in its pool while the scheduler runs).
+    pub id: u64,
+    pub worker: String,
+    pub client: String,
+    pub label: String,
+    pub priority: &'static str,
+    /// Seconds since this attempt started.
+    pub running_for: f64,
+    /// 1, or more if earlier workers were lost.
+    pub attempt: u32,
+}
+
+/// A pool on the status page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolStatus {
+    #[serde(flatten)]
+    pub pool: crate::pool::PoolView,
+    pub running: Vec<RunningView>,
 }
 
 /// How long after a restart its restored jobs can be claimed by their clients.
@@ -233,6 +269,51 @@ impl Scheduler {
         });
     }
 
+    /// Every pool as the status page shows it, with at most `limit` jobs per queue.
+    pub fn status(&self, limit: usize) -> Vec<PoolStatus> {
+        let now = self.now();
+        self.pools
+            .values()
+            .map(|p| {
+                let p = p.borrow();
+                PoolStatus {
+                    pool: p.pool.view(now, limit),
+                    running: p
+                        .running
+                        .iter()
+                        .map(|(id, r)| RunningView {
+                            id: *id,
+                            worker: r.worker.clone(),
+                            client: r.client.clone(),
+                            label: r.label.clone(),
+                            priority: r.priority.name(),
+                            running_for: now - r.started,
+                            attempt: r.attempt,
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The end of a running job's log (at most `bytes`), as its worker has it; `None` if
+    /// no such job runs. Waits up to a second for a worker that does not answer.
+    pub async fn log_tail(&self, pool: &str, id: u64, bytes: u32) -> Option<Vec<u8>> {
+        let job = {
+            let p = self.pools.get(pool)?.borrow();
+            let r = p.running.get(&id)?;
+            r.shared.job_of(r.attempt)?
+        };
+        let mut req = job.log_request();
+        req.get().set_start(-i64::from(bytes.max(1)));
+        drop(job);
+        let answer = tokio::time::timeout(Duration::from_secs(1), req.send().promise).await;
+        match answer {
+            Ok(Ok(r)) => Some(r.get().ok()?.get_log().ok()?.to_vec()),
+            _ => Some(Vec::new()),
+        }
+    }
+
     /// Sets a pool's job limits; false if there is no such pool.
     pub fn set_limits(&self, pool: &str, limits: JobLimits) -> bool {
         match self.pools.get(pool) {
@@ -293,6 +374,7 @@ impl Scheduler {
                     orphans: HashMap::new(),
                     orphans_until: clock() + CLAIM_WINDOW,
                     persist: true,
+                    running: BTreeMap::new(),
                 })
             });
             if !jobs.is_empty() {
@@ -716,6 +798,18 @@ impl PoolApi {
         self.attempts.entry(worker).or_default().insert(key, alarm);
         let limits = self.limits;
         let pool_name = self.name.clone();
+        self.running.insert(
+            key,
+            RunningJob {
+                worker: worker_name.clone(),
+                client: item.client.clone(),
+                label: item.label().into_owned(),
+                priority: item.priority,
+                started: wall_clock(),
+                attempt,
+                shared: shared.clone(),
+            },
+        );
         tokio::task::spawn_local(async move {
             // The pool's limits: the time since this attempt started, and the size of its
             // log (looked at every second).
@@ -772,6 +866,7 @@ impl PoolApi {
             if let Some(m) = p.attempts.get_mut(&worker) {
                 m.remove(&key);
             }
+            p.running.remove(&key);
             p.pool.job_finished(worker);
             if outcome.is_ok() {
                 // What this hint's jobs take, for placing the next ones.

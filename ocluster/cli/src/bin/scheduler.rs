@@ -54,6 +54,17 @@ struct Args {
     #[arg(long, value_name = "PORT")]
     listen_prometheus: Option<String>,
 
+    /// Serve the live status page (and the metrics) over HTTP on PORT (loopback) or
+    /// HOST:PORT: pools, workers, queues, clients and running jobs with their logs.
+    /// Loopback readers need no login; others need the token of --http-token-file.
+    #[arg(long, value_name = "[HOST:]PORT")]
+    listen_http: Option<String>,
+
+    /// A file holding the token that lets non-loopback browsers read the status page
+    /// (`Authorization: Bearer TOKEN` or `?token=TOKEN`).
+    #[arg(long, value_name = "FILE", requires = "listen_http")]
+    http_token_file: Option<PathBuf>,
+
     /// Runs of a job when its workers are lost: a job whose worker disconnects mid-job
     /// is queued again until it has run this many times (1: fail it at once, as the
     /// original).
@@ -339,6 +350,44 @@ fn main() {
         write_cap(&args.secrets_dir, "admin", &sturdy(&admin_id));
         for (name, id) in &pool_caps {
             write_cap(&args.secrets_dir, name, &sturdy(id));
+        }
+        if let Some(spec) = &args.listen_http {
+            let addr = if spec.contains(':') {
+                spec.clone()
+            } else {
+                format!("127.0.0.1:{spec}")
+            };
+            let token = args.http_token_file.as_ref().map(|f| {
+                let t = std::fs::read_to_string(f)
+                    .unwrap_or_else(|e| fail(format!("--http-token-file {}: {e}", f.display())));
+                let t = t.trim().to_string();
+                if t.len() < 16 {
+                    fail(format!(
+                        "--http-token-file {}: the token must be at least 16 characters",
+                        f.display()
+                    ));
+                }
+                t
+            });
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    let bound = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+                    tracing::info!("Status page on http://{bound}/");
+                    if token.is_none() && !bound.starts_with("127.") && !bound.starts_with("[::1]")
+                    {
+                        tracing::warn!(
+                            "--listen-http {bound}: without --http-token-file only loopback \
+                             browsers may read the status page"
+                        );
+                    }
+                    let site = metrics_http::Site {
+                        status: true,
+                        token,
+                    };
+                    tokio::task::spawn_local(metrics_http::serve_site(l, sched.clone(), site));
+                }
+                Err(e) => fail(format!("--listen-http {spec}: {e}")),
+            }
         }
         if let Some(spec) = &args.listen_prometheus {
             let addr = if spec.contains(':') {

@@ -9,6 +9,7 @@
 //! - `spam N`: logs N bytes, then runs until it is cancelled or released;
 //! - `sleep MS TEXT`: logs `started`, and MS ms later succeeds with TEXT, saying
 //!   `done sleep MS TEXT`;
+//! - `tick N`: logs `tick I` every 200 ms, N times, then succeeds with `ticked`;
 //! - `fail`: fails with "Build failed".
 
 use std::cell::RefCell;
@@ -235,6 +236,15 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
             st.borrow_mut().finish(Ok(text.to_string()));
             say(format!("done {spec}"));
         }
+    } else if let Some(n) = spec.strip_prefix("tick ") {
+        for i in 0..n.parse::<u32>().unwrap() {
+            if st.borrow().cancelled {
+                return;
+            }
+            st.borrow_mut().append(&format!("tick {i}\n"));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        st.borrow_mut().finish(Ok("ticked".into()));
     } else if let Some(n) = spec.strip_prefix("spam ") {
         // N bytes of log, then wait to be stopped.
         let n: usize = n.parse().unwrap();

@@ -1033,9 +1033,14 @@ fn learned_costs_and_work_stealing() {
 
 /// `GET path` on 127.0.0.1:port; the status and the body.
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_get_from("127.0.0.1", port, path, "")
+}
+
+/// `GET path` on host:port with extra header lines; the status and the body.
+fn http_get_from(host: &str, port: u16, path: &str, headers: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect((host, port)).unwrap();
     s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out[9..12].parse().unwrap();
@@ -1078,13 +1083,7 @@ fn live_status_page_in_chromium() {
         return;
     }
     let s = Scheduler::start(&["linux"], &["--listen-http=127.0.0.1:0"]);
-    let log = s.log();
-    let port: u16 = log
-        .split("Status page on http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no status page address in {log}"));
+    let port = status_port(&s, "127.0.0.1");
     let alice = s.add_client("alice");
     let bob = s.add_client("bob");
     s.admin_ok(&["pause", "--auto-create", "linux", "w-old"]);
@@ -1166,4 +1165,142 @@ fn live_status_page_in_chromium() {
     assert_eq!(status, 200);
     assert!(text.starts_with("tick 0\n"), "{text}");
     assert_eq!(http_get(port, "/pool/linux/job/999999").0, 404);
+}
+
+/// The port of the status page, from the scheduler's log.
+fn status_port(s: &Scheduler, host: &str) -> u16 {
+    let log = s.log();
+    log.split(&format!("Status page on http://{host}:"))
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no status page address in {log}"))
+}
+
+/// A worker cut off by a network partition (its namespace's link taken down, so its
+/// connection is not reset, only silent) is taken as lost once its heartbeats stop; its
+/// job runs again on another worker; when the link comes back the old run is stopped and
+/// the client still has one result.
+#[test]
+fn a_partitioned_worker_is_detected_and_its_job_runs_elsewhere() {
+    let Some(net) = common::NetPair::new("part") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    let listen = format!("--capnp-listen-address=tcp:{}:0", net.a_ip);
+    let s = Scheduler::start_in_netns(
+        dir,
+        Some(&net.a),
+        &["linux"],
+        &[&listen, "--heartbeat-timeout=2"],
+    );
+    let alice = s.add_client("alice");
+    let pool = s.pool_cap("linux");
+    let worker = |ns: &str, name: &str| {
+        let mut w = Peer::spawn_in(
+            Some(ns),
+            &["worker", pool.to_str().unwrap(), name, "1", "hb=300"],
+        );
+        w.expect("registered");
+        w
+    };
+    let mut w1 = worker(&net.b, "w1");
+    let mut c = Peer::spawn_in(
+        Some(&net.a),
+        &[
+            "client",
+            alice.to_str().unwrap(),
+            "linux",
+            "tick 15",
+            "",
+            "",
+            "follow",
+        ],
+    );
+    w1.expect("job w1 tick 15");
+    c.expect("log tick 0");
+    let mut w2 = worker(&net.a, "w2");
+    net.cut();
+    let lost = c.expect("log Worker w1 was lost");
+    assert!(lost.ends_with("queued again (attempt 2 of 3)"), "{lost}");
+    assert_eq!(c.expect("log Running"), "log Running again on w2");
+    w2.expect("job w2 tick 15");
+    net.heal();
+    assert_eq!(c.expect("result"), "result ok ticked");
+    assert_eq!(c.wait(), 0);
+    assert_eq!(c.seen.iter().filter(|l| l.starts_with("result")).count(), 1);
+    // Back on the network, w1 hears that it was let go of (its old run's result, if it
+    // sends one, goes nowhere), and that it must register again.
+    let told = w1
+        .expect_within("heartbeat-error", common::TIMEOUT)
+        .unwrap_or_else(|| panic!("{:?}\n{}", w1.seen, s.log()));
+    assert!(told.ends_with("register again"), "{told}");
+}
+
+/// Off loopback, the status page needs the token of --http-token-file (and without one
+/// it is refused, saying how to allow it); the scheduler runs in a namespace of the
+/// test's, and the browser is on the other side of a veth link.
+#[test]
+fn the_status_page_off_loopback_needs_the_token() {
+    let Some(net) = common::NetPair::new("http") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "a-long-enough-token-0123\n").unwrap();
+    let listen = format!("--capnp-listen-address=tcp:{}:0", net.a_ip);
+    let http = format!("--listen-http={}:0", net.a_ip);
+    let token = format!("--http-token-file={}", token_file.display());
+    let s = Scheduler::start_in_netns(dir, Some(&net.a), &["linux"], &[&listen, &http, &token]);
+    let port = status_port(&s, &net.a_ip);
+    let host = net.a_ip.clone();
+    let (none, bad, header, query) = common::NetPair::run_in(&net.b, move || {
+        (
+            http_get_from(&host, port, "/", ""),
+            http_get_from(
+                &host,
+                port,
+                "/",
+                "Authorization: Bearer wrong-token-wrong-token\r\n",
+            ),
+            http_get_from(
+                &host,
+                port,
+                "/",
+                "Authorization: Bearer a-long-enough-token-0123\r\n",
+            ),
+            http_get_from(
+                &host,
+                port,
+                "/status.json?token=a-long-enough-token-0123",
+                "",
+            ),
+        )
+    });
+    assert_eq!(none.0, 401, "{none:?}");
+    assert_eq!(bad.0, 401, "{bad:?}");
+    assert_eq!(header.0, 200, "{header:?}");
+    assert!(header.1.contains("<h2>Pool linux</h2>"));
+    assert_eq!(query.0, 200, "{query:?}");
+    // The metrics are not the status page: no token, as the original.
+    let host = net.a_ip.clone();
+    let metrics =
+        common::NetPair::run_in(&net.b, move || http_get_from(&host, port, "/metrics", ""));
+    assert_eq!(metrics.0, 200);
+    drop(s);
+
+    // No token file: only loopback may read it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    let s = Scheduler::start_in_netns(dir, Some(&net.a), &["linux"], &[&listen, &http]);
+    let port = status_port(&s, &net.a_ip);
+    let host = net.a_ip.clone();
+    let refused = common::NetPair::run_in(&net.b, move || http_get_from(&host, port, "/", ""));
+    assert_eq!(refused.0, 403);
+    assert!(refused.1.contains("--http-token-file"), "{refused:?}");
+    assert!(s
+        .log()
+        .contains("only loopback browsers may read the status page"));
 }

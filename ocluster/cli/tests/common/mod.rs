@@ -20,6 +20,8 @@ pub struct Scheduler {
     pub extra: Vec<String>,
     /// The port of the first start, kept across restarts so that cap files stay valid.
     pub port: u16,
+    /// The network namespace it runs in (and its admin tool), if not this one's.
+    pub netns: Option<String>,
 }
 
 impl Scheduler {
@@ -48,12 +50,24 @@ impl Scheduler {
 
     /// Starts a scheduler in `dir` (which has `secrets/` and maybe `state/` and `key.pem`).
     pub fn start_in(dir: tempfile::TempDir, pools: &[&str], extra: &[&str]) -> Scheduler {
+        Self::start_in_netns(dir, None, pools, extra)
+    }
+
+    /// Starts a scheduler in network namespace `netns` (`extra` names its listen
+    /// address).
+    pub fn start_in_netns(
+        dir: tempfile::TempDir,
+        netns: Option<&str>,
+        pools: &[&str],
+        extra: &[&str],
+    ) -> Scheduler {
         let mut s = Scheduler {
             dir,
             child: None,
             pools: pools.iter().map(|p| p.to_string()).collect(),
             extra: extra.iter().map(|p| p.to_string()).collect(),
             port: 0,
+            netns: netns.map(str::to_string),
         };
         s.restart();
         s
@@ -72,27 +86,30 @@ impl Scheduler {
             .append(true)
             .open(self.dir.path().join("scheduler.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ocluster-scheduler"))
-            .arg("--capnp-secret-key-file")
-            .arg(self.dir.path().join("key.pem"))
-            .args(
-                (!self
-                    .extra
-                    .iter()
-                    .any(|a| a.starts_with("--capnp-listen-address")))
-                .then(|| format!("--capnp-listen-address=tcp:127.0.0.1:{}", self.port)),
-            )
-            .arg("--secrets-dir")
-            .arg(self.secrets())
-            .arg("--state-dir")
-            .arg(self.state())
-            .arg(format!("--pools={}", self.pools.join(",")))
-            .args(&self.extra)
-            .arg("-v")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = in_netns(
+            self.netns.as_deref(),
+            env!("CARGO_BIN_EXE_ocluster-scheduler"),
+        )
+        .arg("--capnp-secret-key-file")
+        .arg(self.dir.path().join("key.pem"))
+        .args(
+            (!self
+                .extra
+                .iter()
+                .any(|a| a.starts_with("--capnp-listen-address")))
+            .then(|| format!("--capnp-listen-address=tcp:127.0.0.1:{}", self.port)),
+        )
+        .arg("--secrets-dir")
+        .arg(self.secrets())
+        .arg("--state-dir")
+        .arg(self.state())
+        .arg(format!("--pools={}", self.pools.join(",")))
+        .args(&self.extra)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
         let shared = !self.extra.iter().any(|a| a == "--no-shared-pool-cap");
@@ -142,7 +159,9 @@ impl Scheduler {
 
     /// Runs `ocluster-admin -c admin.cap ARGS`.
     pub fn admin(&self, args: &[&str]) -> Output {
-        admin_with(&self.admin_cap(), args)
+        let mut cmd = in_netns(self.netns.as_deref(), env!("CARGO_BIN_EXE_ocluster-admin"));
+        cmd.arg("-c").arg(self.admin_cap()).args(args);
+        run_bounded(cmd)
     }
 
     /// Runs the admin tool and returns its stdout, failing the test if it fails.
@@ -173,6 +192,123 @@ impl Drop for Scheduler {
             let _ = c.wait();
         }
     }
+}
+
+/// `program`, run in network namespace `netns` if there is one.
+pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+    }
+}
+
+/// Two network namespaces made for a test, joined by a veth pair: `a` (10.X.Y.1) and
+/// `b` (10.X.Y.2). Servers listen inside them; `cut` takes `b`'s end of the link down.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub a_ip: String,
+    pub b_ip: String,
+}
+
+impl NetPair {
+    /// `None` when this machine cannot make them (not root, or no `ip`).
+    pub fn new(tag: &str) -> Option<NetPair> {
+        if !testkit::require(
+            &format!("netns {tag}"),
+            &[testkit::Cap::Root, testkit::Cap::Tool("ip")],
+        ) {
+            return None;
+        }
+        let id = std::process::id() % 10_000;
+        let sub = (std::process::id() / 7 + tag.bytes().map(u32::from).sum::<u32>() * 31) % 250;
+        let pair = NetPair {
+            a: format!("ocl{id}{tag}a"),
+            b: format!("ocl{id}{tag}b"),
+            a_ip: format!("10.213.{sub}.1"),
+            b_ip: format!("10.213.{sub}.2"),
+        };
+        let (va, vb) = (format!("v{id}{tag}a"), format!("v{id}{tag}b"));
+        for ns in [&pair.a, &pair.b] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ]);
+        ip(&[
+            "-n",
+            &pair.a,
+            "addr",
+            "add",
+            &format!("{}/30", pair.a_ip),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            &format!("{}/30", pair.b_ip),
+            "dev",
+            &vb,
+        ]);
+        ip(&["-n", &pair.a, "link", "set", &va, "up"]);
+        ip(&["-n", &pair.b, "link", "set", &vb, "up"]);
+        Some(pair)
+    }
+
+    fn veth_b(&self) -> String {
+        format!("v{}b", &self.b[3..self.b.len() - 1])
+    }
+
+    /// Partitions `b`: its end of the link goes down (packets are dropped, connections
+    /// are not reset).
+    pub fn cut(&self) {
+        ip(&["-n", &self.b, "link", "set", &self.veth_b(), "down"]);
+    }
+
+    pub fn heal(&self) {
+        ip(&["-n", &self.b, "link", "set", &self.veth_b(), "up"]);
+    }
+
+    /// Runs `f` on a thread inside namespace `ns` (its sockets are that namespace's).
+    pub fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on this thread only, with a namespace file we opened.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn admin_with(cap: &Path, args: &[&str]) -> Output {
@@ -234,7 +370,13 @@ pub struct Peer {
 
 impl Peer {
     pub fn spawn(role: &[&str]) -> Peer {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        Peer::spawn_in(None, role)
+    }
+
+    /// A peer in network namespace `netns`.
+    pub fn spawn_in(netns: Option<&str>, role: &[&str]) -> Peer {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = in_netns(netns, exe.to_str().unwrap())
             .args(["--exact", "peer", "--nocapture", "--test-threads=1"])
             .env(peer::ENV, role.join("|"))
             .stdout(Stdio::piped())

@@ -56,10 +56,13 @@ interface Queue {
   pop @0 (job :Job) -> (descr :JobDescr);
   setActive @1 (active :Bool) -> ();
 
-  heartbeat @2 () -> ();
+  heartbeat @2 (time :Float64) -> ();
   # An extension of this implementation: a worker that sends heartbeats and then stops
   # for the scheduler's heartbeat timeout is taken as lost (its jobs run again
   # elsewhere). OCaml workers never send them; OCaml schedulers answer Unimplemented.
+  # `time` is the worker's clock (seconds since the epoch; 0 if it does not say): a
+  # worker whose clock is off by more than the scheduler allows is paused until it
+  # is right again.
 }
 
 struct Metric {

@@ -1304,3 +1304,41 @@ fn the_status_page_off_loopback_needs_the_token() {
         .log()
         .contains("only loopback browsers may read the status page"));
 }
+
+/// A worker whose clock is off (by its heartbeats) is paused and given no work; the
+/// others are fed.
+#[test]
+fn a_worker_with_a_wrong_clock_is_paused_not_fed() {
+    let s = Scheduler::start(&["linux"], &["--max-clock-skew=60"]);
+    let alice = s.add_client("alice");
+    let mut off = Peer::spawn(&[
+        "worker",
+        s.pool_cap("linux").to_str().unwrap(),
+        "w-off",
+        "2",
+        "hb=200,skew=3600",
+    ]);
+    off.expect("registered");
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while s.admin_ok(&["show", "linux", "w-off"]) != "w-off: Paused\n" {
+        assert!(std::time::Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let show = s.admin_ok(&["show", "linux"]);
+    assert!(show.contains("w-off (0): (inactive: clock skew)"), "{show}");
+    assert!(s.log().contains("clock is +3600 s off ours"), "{}", s.log());
+    let mut ok = Peer::spawn(&[
+        "worker",
+        s.pool_cap("linux").to_str().unwrap(),
+        "w-ok",
+        "1",
+        "hb=200",
+    ]);
+    ok.expect("registered");
+    for n in ["a", "b"] {
+        let mut c = Peer::client(&alice, "linux", &format!("echo {n}"), "", "follow");
+        assert_eq!(c.expect("result"), format!("result ok {n}"));
+        assert_eq!(ok.expect("job"), format!("job w-ok echo {n} hint="));
+    }
+    assert_eq!(off.expect_within("job", Duration::from_millis(300)), None);
+}

@@ -59,6 +59,8 @@ impl Inactive {
     pub const ADMIN_PAUSE: Inactive = Inactive(2);
     /// `update` is restarting it (never cleared on this connection).
     pub const SHUTDOWN: Inactive = Inactive(4);
+    /// Its clock is off (by its heartbeats); cleared when it is right again.
+    pub const CLOCK: Inactive = Inactive(8);
 
     /// Every reason in `self` is in `other`.
     fn subset_of(self, other: Inactive) -> bool {
@@ -88,6 +90,9 @@ impl std::fmt::Display for Inactive {
         }
         if Inactive::SHUTDOWN.subset_of(*self) {
             parts.push("shutting down");
+        }
+        if Inactive::CLOCK.subset_of(*self) {
+            parts.push("clock skew");
         }
         f.write_str(&parts.join(", "))
     }

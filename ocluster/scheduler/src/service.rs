@@ -127,6 +127,8 @@ pub struct PoolApi {
     persist: bool,
     /// Running attempts, by their key in `attempts`, for the status page.
     running: BTreeMap<u64, RunningJob>,
+    /// Workers paused because their clocks are off.
+    clock_paused: std::collections::HashSet<WorkerId>,
 }
 
 /// A job running on a worker, as the status page shows it.
@@ -178,6 +180,8 @@ fn dedup_key(client: &str, descr: &[u8]) -> [u8; 32] {
 pub struct Scheduler {
     /// Seconds without a heartbeat after which a worker that sends them is lost.
     heartbeat_timeout: std::cell::Cell<f64>,
+    /// Seconds a worker's clock may be off ours before it is paused.
+    max_clock_skew: std::cell::Cell<f64>,
     pools: BTreeMap<String, Rc<RefCell<PoolApi>>>,
     db: Rc<RefCell<Db>>,
     clock: Clock,
@@ -207,6 +211,9 @@ const LOG_PROBE: Duration = Duration::from_secs(1);
 
 /// A worker that sends heartbeats is lost after this long without one.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How far a worker's clock may be off the scheduler's before the worker is paused.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(120);
 
 /// Attempts by default: a job whose worker is lost runs again twice.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -333,6 +340,12 @@ impl Scheduler {
         }
     }
 
+    /// How far a worker's clock may be off ours before it is paused (its builds' times
+    /// would be wrong, and TLS and caches can break).
+    pub fn set_max_clock_skew(&self, limit: Duration) {
+        self.max_clock_skew.set(limit.as_secs_f64());
+    }
+
     /// How many times a job may run when its workers are lost (at least 1).
     pub fn set_max_attempts(&self, n: u32) {
         for p in self.pools.values() {
@@ -375,6 +388,7 @@ impl Scheduler {
                     orphans_until: clock() + CLAIM_WINDOW,
                     persist: true,
                     running: BTreeMap::new(),
+                    clock_paused: Default::default(),
                 })
             });
             if !jobs.is_empty() {
@@ -385,6 +399,7 @@ impl Scheduler {
         }
         Ok(Rc::new(Scheduler {
             heartbeat_timeout: std::cell::Cell::new(DEFAULT_HEARTBEAT_TIMEOUT.as_secs_f64()),
+            max_clock_skew: std::cell::Cell::new(DEFAULT_MAX_CLOCK_SKEW.as_secs_f64()),
             pools: map,
             db,
             clock,
@@ -916,6 +931,7 @@ impl PoolApi {
         self.pool.release(worker);
         self.attempts.remove(&worker);
         self.heartbeats.remove(&worker);
+        self.clock_paused.remove(&worker);
         if self.worker_caps.get(name).map(|(id, _)| *id) == Some(worker) {
             self.worker_caps.remove(name);
             self.pinned.remove(name);
@@ -1366,10 +1382,11 @@ impl queue::Server for QueueImpl {
 
     async fn heartbeat(
         self: Rc<Self>,
-        _: queue::HeartbeatParams,
+        params: queue::HeartbeatParams,
         _: queue::HeartbeatResults,
     ) -> Result<(), Error> {
         let now = self.sched.now();
+        let their_time = params.get()?.get_time();
         let mut p = self.pool.borrow_mut();
         if p.pool.connected(&self.name) != Some(self.worker) {
             return Err(Error::disconnected(
@@ -1378,6 +1395,27 @@ impl queue::Server for QueueImpl {
             ));
         }
         p.heartbeats.insert(self.worker, now);
+        if their_time > 0.0 {
+            let skew = their_time - now;
+            let limit = self.sched.max_clock_skew.get();
+            let off = skew.abs() > limit;
+            let paused = p.clock_paused.contains(&self.worker);
+            if off && !paused {
+                tracing::warn!(
+                    "Worker {:?}'s clock is {skew:+.0} s off ours (more than {limit} s): \
+                     pausing it until it is right",
+                    self.name
+                );
+                p.clock_paused.insert(self.worker);
+                p.pool.set_active(self.worker, Inactive::CLOCK, false);
+            } else if !off && paused {
+                tracing::info!("Worker {:?}'s clock is right again: resuming it", self.name);
+                p.clock_paused.remove(&self.worker);
+                p.pool.set_active(self.worker, Inactive::CLOCK, true);
+            }
+            let db = p.db.clone();
+            p.flush(&db);
+        }
         Ok(())
     }
 }

@@ -338,7 +338,14 @@ async fn session(
     let slots = futures::future::join_all(slots);
     let heartbeats = async {
         loop {
-            match queue.heartbeat_request().send().promise.await {
+            let mut req = queue.heartbeat_request();
+            // Our clock: the scheduler pauses a worker whose clock is off.
+            req.get().set_time(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            );
+            match req.send().promise.await {
                 Ok(_) => {}
                 Err(e) if e.kind == capnp::ErrorKind::Unimplemented => {
                     tracing::info!("the scheduler takes no heartbeats (an OCaml scheduler?)");

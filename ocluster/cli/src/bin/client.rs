@@ -178,7 +178,7 @@ fn main() {
             let ticket = submit(&sub, common, &fill).await;
             match follow(&ticket).await {
                 Ok(code) => return code,
-                Err(e) if common.reconnect_for > 0 => {
+                Err(e) if common.reconnect_for > 0 && !alive(&sub).await => {
                     eprintln!(
                         "Lost the scheduler ({}); connecting again to submit the job again \
                          (the scheduler kept it, so it is the same job)…",
@@ -347,6 +347,19 @@ async fn follow(ticket: &ticket::Client) -> Result<i32, capnp::Error> {
             println!("{}", show(&e));
             Ok(1)
         }
+    }
+}
+
+/// Whether the scheduler still answers on this connection. A job's error of the kind
+/// "disconnected" may be its worker's (the scheduler relays it), not the scheduler's.
+async fn alive(sub: &submission::Client) -> bool {
+    let p: ocluster_api::persistent::Client =
+        capnp::capability::FromClientHook::new(sub.client.hook.add_ref());
+    let probe = p.save_request().send().promise;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), probe).await {
+        Ok(Err(e)) => e.kind != capnp::ErrorKind::Disconnected,
+        Ok(Ok(_)) => true,
+        Err(_) => false,
     }
 }
 

@@ -77,6 +77,11 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     heartbeat_timeout: f64,
 
+    /// Seconds a worker's clock may be off the scheduler's (by its heartbeats) before the
+    /// worker is paused; it resumes once its clock is right.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    max_clock_skew: f64,
+
     /// How long a job may run, for every pool (e.g. 6h) or one (POOL=DURATION);
     /// repeatable. A job that runs longer is cancelled and fails saying so. Default 24h.
     #[arg(long, value_name = "[POOL=]DURATION")]
@@ -270,6 +275,10 @@ fn main() {
         )
         .unwrap_or_else(|e| fail(e));
         sched.set_max_attempts(args.max_attempts);
+        if args.max_clock_skew.is_nan() || args.max_clock_skew <= 0.0 {
+            fail("--max-clock-skew must be more than 0");
+        }
+        sched.set_max_clock_skew(std::time::Duration::from_secs_f64(args.max_clock_skew));
         sched.set_persist_jobs(!args.no_persist_queue);
         for (pool, limits) in job_limits(&args) {
             sched.set_limits(&pool, limits);

@@ -277,13 +277,26 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
 }
 
 /// `options`: `hb=MS` sends a heartbeat every MS ms; `wedge` stops them (but keeps the
-/// connection) once a job starts, as a wedged worker would.
+/// connection) once a job starts, as a wedged worker would; `skew=SECS` puts the clock
+/// its heartbeats give off by SECS.
 async fn run_worker(cap: &str, name: &str, capacity: i32, options: &str) -> i32 {
     let heartbeat = options
         .split(',')
         .find_map(|o| o.strip_prefix("hb="))
         .map(|ms| std::time::Duration::from_millis(ms.parse().unwrap()));
     let wedge = options.split(',').any(|o| o == "wedge");
+    // skew=SECS: the heartbeats say the time is off by SECS.
+    let skew: f64 = options
+        .split(',')
+        .find_map(|o| o.strip_prefix("skew="))
+        .map_or(0.0, |s| s.parse().unwrap());
+    let now = move || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            + skew
+    };
     let wedged = Rc::new(std::cell::Cell::new(false));
     let conn = connect(cap).await;
     let reg: registration::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
@@ -302,7 +315,9 @@ async fn run_worker(cap: &str, name: &str, capacity: i32, options: &str) -> i32 
     };
     if heartbeat.is_some() {
         // The first heartbeat goes before "registered".
-        queue.heartbeat_request().send().promise.await.unwrap();
+        let mut hb = queue.heartbeat_request();
+        hb.get().set_time(now());
+        hb.send().promise.await.unwrap();
     }
     say("registered");
     if let Some(every) = heartbeat {
@@ -310,7 +325,9 @@ async fn run_worker(cap: &str, name: &str, capacity: i32, options: &str) -> i32 
         tokio::task::spawn_local(async move {
             loop {
                 if !wedged.get() {
-                    if let Err(e) = queue.heartbeat_request().send().promise.await {
+                    let mut hb = queue.heartbeat_request();
+                    hb.get().set_time(now());
+                    if let Err(e) = hb.send().promise.await {
                         say(format!("heartbeat-error {}", e.extra));
                         return;
                     }

@@ -94,6 +94,12 @@ impl Db {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
+        // Queued jobs' descriptions are in it: for the scheduler's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(std::time::Duration::from_secs(1))
             .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")

@@ -1509,6 +1509,9 @@ impl SubmissionImpl {
             Ok(x) => x,
             Err(e) => return broken(format!("bad job description: {e}")),
         };
+        // A job that carries secrets is never written to disk: a restart loses it, as
+        // the original does, and its client submits it again.
+        let has_secrets = descr.has_secrets() && descr.get_secrets().is_ok_and(|s| !s.is_empty());
         tracing::info!(
             "Received new job request from {:?} (priority {})",
             self.client,
@@ -1538,7 +1541,8 @@ impl SubmissionImpl {
         });
         let id = {
             let mut p = pool.borrow_mut();
-            let seq = if p.persist { p.next_seq } else { 0 };
+            let persist = p.persist && !has_secrets;
+            let seq = if persist { p.next_seq } else { 0 };
             p.next_seq += 1;
             let stored = StoredJob {
                 seq,
@@ -1562,7 +1566,7 @@ impl SubmissionImpl {
                 priority,
                 now,
             );
-            if p.persist {
+            if persist {
                 p.added.push(StoredJob {
                     fair_start: start,
                     ..stored

@@ -542,15 +542,23 @@ impl<I: Item> Pool<I> {
     /// A job's expected cost with `hint` on a worker that has it cached or not: what its
     /// runs took (a moving average), or the model's guess before any run.
     pub fn cost_of(&self, hint: &str, cached: bool) -> i64 {
-        let learned = self
-            .state
-            .costs
-            .get(hint)
-            .and_then(|c| c[usize::from(cached)]);
-        match learned {
-            Some(secs) => (secs.ceil() as i64).max(1),
-            None if cached => self.costs.cached,
-            None => self.costs.non_cached,
+        let (non_cached, cached_cost) = self.costs_of(hint);
+        if cached {
+            cached_cost
+        } else {
+            non_cached
+        }
+    }
+
+    /// A job's expected costs with `hint`: (not cached, cached).
+    fn costs_of(&self, hint: &str) -> (i64, i64) {
+        let secs = |s: f64| (s.ceil() as i64).max(1);
+        match self.state.costs.get(hint) {
+            None => (self.costs.non_cached, self.costs.cached),
+            Some([n, c]) => (
+                n.map_or(self.costs.non_cached, secs),
+                c.map_or(self.costs.cached, secs),
+            ),
         }
     }
 
@@ -678,7 +686,7 @@ impl<I: Item> Pool<I> {
         if hint.is_empty() {
             return false;
         }
-        let (cached, non_cached) = (self.cost_of(hint, true), self.cost_of(hint, false));
+        let (non_cached, cached) = self.costs_of(hint);
         match self.best_worker(hint, non_cached) {
             None => false,
             Some(w) => {
@@ -689,16 +697,25 @@ impl<I: Item> Pool<I> {
         }
     }
 
-    fn mark_cached(&mut self, hint: &str, worker: WorkerId) {
+    /// Records that `worker` was given a job with `hint`; whether it had been before.
+    fn mark_cached(&mut self, hint: &str, worker: WorkerId) -> bool {
         let name = &self.workers[&worker].name;
-        let set = self.state.cached.entry(hint.to_string()).or_default();
-        if !set.contains(name) {
-            set.insert(name.clone());
-            self.writes.push(DbWrite::MarkCached {
-                hint: hint.to_string(),
-                worker: name.clone(),
-            });
+        match self.state.cached.get_mut(hint) {
+            Some(set) if set.contains(name) => return true,
+            Some(set) => {
+                set.insert(name.clone());
+            }
+            None => {
+                self.state
+                    .cached
+                    .insert(hint.to_string(), BTreeSet::from([name.clone()]));
+            }
         }
+        self.writes.push(DbWrite::MarkCached {
+            hint: hint.to_string(),
+            worker: name.clone(),
+        });
+        false
     }
 
     fn add(&mut self, ticket: TicketId) {
@@ -831,14 +848,8 @@ impl<I: Item> Pool<I> {
     }
 
     fn start(&mut self, worker: WorkerId, pop: PopId, ticket: TicketId, t: Ticket<I>) {
-        let hint = t.item.cache_hint();
-        let cached = !hint.is_empty()
-            && self
-                .state
-                .cached
-                .get(hint)
-                .is_some_and(|w| w.contains(&self.workers[&worker].name));
-        self.mark_cached(t.item.cache_hint(), worker);
+        let had = self.mark_cached(t.item.cache_hint(), worker);
+        let cached = had && !t.item.cache_hint().is_empty();
         self.workers.get_mut(&worker).unwrap().running += 1;
         self.counters.accepted += 1;
         self.dec_pending(t.item.cache_hint());

@@ -1544,14 +1544,14 @@ impl SubmissionImpl {
             let persist = p.persist && !has_secrets;
             let seq = if persist { p.next_seq } else { 0 };
             p.next_seq += 1;
-            let stored = StoredJob {
+            let stored = persist.then(|| StoredJob {
                 seq,
                 client: self.client.clone(),
                 priority: priority.0,
                 fair_start: 0.0,
                 cache_hint: hint.clone(),
                 descr: bytes.clone(),
-            };
+            });
             let (id, start) = p.pool.submit(
                 &self.client,
                 QueuedJob {
@@ -1566,7 +1566,7 @@ impl SubmissionImpl {
                 priority,
                 now,
             );
-            if persist {
+            if let Some(stored) = stored {
                 p.added.push(StoredJob {
                     fair_start: start,
                     ..stored

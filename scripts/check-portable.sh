@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Linux-only: openat2 and its flags, the new mount API, /proc/self, GNU cp flags,
 # pipe2-with-flags, prctl death signals, statfs magic numbers, FICLONE, O_PATH,
-# mknodat (absent on macOS), syncfs, path-based xattrs.
-pattern='openat2\(|ResolveFlags|rustix::mount|"/proc/self|--reflink|--no-target-directory|pipe_with\(|PR_SET_PDEATHSIG|statfs\(|ioctl_ficlone|fsopen\(|fsmount\(|move_mount\(|OFlags::PATH|mknodat\(|syncfs\(|setxattr\('
+# mknodat (absent on macOS), syncfs, path-based xattrs (fd-based ones are portable).
+pattern='openat2\(|ResolveFlags|rustix::mount|"/proc/self|--reflink|--no-target-directory|pipe_with\(|PR_SET_PDEATHSIG|::statfs\(|ioctl_ficlone|fsopen\(|fsmount\(|move_mount\(|OFlags::PATH|mknodat\(|syncfs\(|(::|[^a-z_ ])l?setxattr\('
 bad=0
 while IFS= read -r -d '' f; do
   hits=$(grep -nE "$pattern" "$f" | grep -vE '^[0-9]+:[[:space:]]*//' || true)
@@ -20,7 +20,7 @@ while IFS= read -r -d '' f; do
     echo "$hits" | sed 's/^/    /'
     bad=1
   fi
-done < <(find obuilder testing ocluster -name '*.rs' -not -path '*/target/*' -print0 2>/dev/null)
+done < <(find obuilder obuilderfs testing ocluster -name '*.rs' -not -path '*/target/*' -print0 2>/dev/null)
 if [ "$bad" -ne 0 ]; then
   exit 1
 fi

@@ -1,0 +1,20 @@
+//! obuilderfs: a FUSE filesystem, mounted over a fixed path such as `/usr/local` or a
+//! build user's home, that shows each caller the directory its uid's scoreboard entry
+//! names (see `resolve`), so that many build users can each have their own Homebrew
+//! prefix and home at the same paths at once.
+
+pub mod fs;
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(not(target_os = "linux"))]
+mod portable;
+
+/// Unmounts `path` if it is still mounted (the session's own unmount can lose a race
+/// with a busy mount; this one detaches).
+pub fn detach(path: &std::path::Path) {
+    #[cfg(target_os = "linux")]
+    linux::detach(path);
+    #[cfg(not(target_os = "linux"))]
+    portable::detach(path);
+}
+pub mod resolve;

@@ -1,0 +1,68 @@
+#![cfg(target_os = "linux")]
+//! What only Linux has: `openat2` to open a directory beneath a root without following
+//! any symlink (one system call for the whole path), device-free `mknodat`, `renameat2`'s
+//! flags and `fallocate`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{FileType, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// Opens directory `rel` beneath `root`, refusing symlinks and `..` out of it.
+pub fn open_dir_beneath(root: impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// A regular file, FIFO or socket (never a device: the daemon is root, its callers are
+/// not).
+pub fn mknod(
+    dir: impl AsFd,
+    name: &std::ffi::OsStr,
+    kind: FileType,
+    mode: Mode,
+) -> Result<(), Errno> {
+    rustix::fs::mknodat(dir, name, kind, mode, 0)
+}
+
+pub fn rename(
+    from: impl AsFd,
+    from_name: &std::ffi::OsStr,
+    to: impl AsFd,
+    to_name: &std::ffi::OsStr,
+    flags: u32,
+) -> Result<(), Errno> {
+    rustix::fs::renameat_with(
+        from,
+        from_name,
+        to,
+        to_name,
+        RenameFlags::from_bits_retain(flags),
+    )
+}
+
+pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> Result<(), Errno> {
+    rustix::fs::fallocate(
+        fd,
+        rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+        offset,
+        len,
+    )
+}
+
+/// Detaches the mount at `path` (lazily: open files keep working until closed); no error
+/// if it is not mounted any more.
+pub fn detach(path: &Path) {
+    let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
+}

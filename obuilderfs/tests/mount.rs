@@ -1,0 +1,384 @@
+#![cfg(target_os = "linux")]
+//! obuilderfs on real FUSE, mounted inside a private mount namespace (held by a `sleep`
+//! process, entered with `nsenter`) so that the host's paths stay untouched; callers are
+//! real uids (`setpriv`).
+
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::Cap;
+
+const PY: &str = "/usr/bin/python3";
+
+fn machine_ok(test: &str) -> bool {
+    testkit::require(
+        test,
+        &[
+            Cap::Root,
+            Cap::Tool("unshare"),
+            Cap::Tool("nsenter"),
+            Cap::Tool("setpriv"),
+            Cap::Tool("fusermount3"),
+            Cap::File("/dev/fuse"),
+            Cap::File(PY),
+        ],
+    )
+}
+
+/// A private mount namespace with obuilderfs mounted on `mnt`, over views in `dir`.
+struct Mounted {
+    dir: tempfile::TempDir,
+    holder: Child,
+    daemon: Option<Child>,
+    /// What the daemons said on stderr.
+    said: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Mounted {
+    fn sb(&self) -> PathBuf {
+        self.dir.path().join("sb")
+    }
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+    fn view(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Views `a` (uid 1000) and `b` (uid 1001), each owned by its user and holding a file
+    /// `who` saying whose it is; an empty fallback.
+    fn start() -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        // Build users must reach the views' parent.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        for d in ["sb", "fallback", "mnt", "a", "b"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        for (v, uid) in [("a", 1000), ("b", 1001)] {
+            let p = dir.path().join(v);
+            std::fs::write(p.join("who"), format!("{v}\n")).unwrap();
+            for f in [p.clone(), p.join("who")] {
+                std::os::unix::fs::chown(&f, Some(uid), Some(uid)).unwrap();
+            }
+            std::os::unix::fs::symlink(&p, dir.path().join("sb").join(uid.to_string())).unwrap();
+        }
+        let holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "600"])
+            .spawn()
+            .unwrap();
+        // The namespace exists once `sleep` runs in it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        while std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id()))
+            .ok()
+            .as_ref()
+            == Some(&own)
+            || std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
+                .unwrap_or_default()
+                .trim()
+                != "sleep"
+        {
+            assert!(Instant::now() < deadline, "no namespace");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut m = Mounted {
+            dir,
+            holder,
+            daemon: None,
+            said: Default::default(),
+        };
+        m.mount();
+        m
+    }
+
+    fn mount(&mut self) {
+        let mut daemon = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.id().to_string())
+            .arg("-m")
+            .arg(env!("CARGO_BIN_EXE_obuilderfs"))
+            .arg("--scoreboard")
+            .arg(self.sb())
+            .arg("--fallback")
+            .arg(self.view("fallback"))
+            .arg(self.mnt())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(daemon.stderr.take().unwrap());
+        let mut line = String::new();
+        lines.read_line(&mut line).unwrap();
+        assert!(line.contains("mounted on"), "{line}");
+        let said = self.said.clone();
+        std::thread::spawn(move || {
+            for l in lines.lines() {
+                let Ok(l) = l else { break };
+                said.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
+        self.daemon = Some(daemon);
+    }
+
+    fn mounted(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/mounts", self.holder.id()))
+            .unwrap()
+            .contains("obuilderfs")
+    }
+
+    /// Runs `script` with `sh` as `uid` in the namespace; (status, stdout, stderr).
+    fn sh(&self, uid: u32, script: &str) -> (i32, String, String) {
+        let out = self.sh_cmd(uid, script).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn sh_cmd(&self, uid: u32, script: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.holder.id().to_string())
+            .arg("-m")
+            .args([
+                "setpriv",
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+            ])
+            .args(["--clear-groups", "--", "sh", "-c", script])
+            .env("M", self.mnt())
+            .env("PY", PY)
+            .current_dir("/");
+        c
+    }
+
+    fn ok(&self, uid: u32, script: &str) -> String {
+        let (st, out, err) = self.sh(uid, script);
+        assert_eq!(
+            st,
+            0,
+            "as {uid}: {script}\n{out}\n{err}\ndaemon: {}",
+            self.said.lock().unwrap()
+        );
+        out
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            let _ = d.wait();
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two users see different trees at the same path; a user without an entry, and root,
+/// see the fallback; what a user creates is theirs, in their own view, and the host's
+/// path under the mount point is untouched.
+#[test]
+fn each_user_sees_its_own_tree() {
+    if !machine_ok("each_user_sees_its_own_tree") {
+        return;
+    }
+    let m = Mounted::start();
+    assert_eq!(m.ok(1000, "cat $M/who"), "a\n");
+    assert_eq!(m.ok(1001, "cat $M/who"), "b\n");
+    assert_eq!(m.ok(1002, "ls -A $M"), "");
+    assert_eq!(m.ok(0, "ls -A $M"), "");
+    m.ok(
+        1000,
+        "echo mine > $M/new && mkdir -p $M/lib/x && ls -ln $M/new",
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.view("a").join("new")).unwrap(),
+        "mine\n"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(m.view("a").join("lib/x")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    assert!(!m.view("b").join("new").exists());
+    assert_eq!(m.ok(1001, "ls $M"), "who\n");
+    // Outside the namespace, the mount point is the empty directory it was.
+    assert_eq!(std::fs::read_dir(m.mnt()).unwrap().count(), 0);
+    // The scoreboard is read at each access: a new entry takes effect at once.
+    std::os::unix::fs::symlink(m.view("b"), m.sb().join("1002")).unwrap();
+    assert_eq!(m.ok(1002, "cat $M/who"), "b\n");
+}
+
+/// `..` and symlinks do not leave a view: a link the caller makes is followed by the
+/// kernel with the caller's rights, and a directory swapped for a symlink under a
+/// process's feet is refused by the daemon, which never follows links itself.
+#[test]
+fn escapes_fail() {
+    if !machine_ok("escapes_fail") {
+        return;
+    }
+    let m = Mounted::start();
+    let outside = m.view("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::set_permissions(
+        &outside,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    // A link to a root-only file: the caller's own rights apply.
+    let (st, _, err) = m.sh(1000, "ln -s /etc/shadow $M/sh && cat $M/sh");
+    assert_ne!(st, 0);
+    assert!(err.contains("Permission denied"), "{err}");
+    // A directory replaced, in the view itself, by a link to a directory anyone may
+    // write: a process inside it cannot create through the link.
+    let a = m.view("a");
+    let script = format!(
+        "mkdir $M/d && cd $M/d && rmdir {a}/d && ln -s {o} {a}/d && touch x; echo $?",
+        a = a.display(),
+        o = outside.display()
+    );
+    let out = m.ok(1000, &script);
+    assert_ne!(out.trim(), "0", "created through a swapped link");
+    assert!(
+        !outside.join("x").exists(),
+        "the daemon wrote outside the view"
+    );
+    // `..` at the top stays at the top (the kernel's walk; the view's parent is not
+    // reachable through the mount).
+    assert_eq!(
+        m.ok(1000, "cd $M && cd .. && pwd"),
+        format!("{}\n", m.dir.path().display())
+    );
+    // Devices cannot be made.
+    let (st, _, _) = m.sh(0, "mknod $M/null c 1 3");
+    assert_ne!(st, 0);
+}
+
+/// What Homebrew and a compiler do: rename, hard and symbolic links, xattrs, mmap,
+/// chmod and times, a large file, a directory of 10 000 entries.
+#[test]
+fn file_operations() {
+    if !machine_ok("file_operations") {
+        return;
+    }
+    let m = Mounted::start();
+    m.ok(
+        1000,
+        "set -e; cd $M
+         echo one > f && mv f g && test ! -e f && test \"$(cat g)\" = one
+         ln g h && test \"$(stat -c %h g)\" = 2
+         ln -s g s && test \"$(readlink s)\" = g && test \"$(cat s)\" = one
+         chmod 600 g && test \"$(stat -c %a g)\" = 600
+         touch -d '2001-02-03 04:05:06' g && test \"$(stat -c %Y g)\" = 981173106
+         mkdir -p dir/sub && mv dir dir2 && test -d dir2/sub
+         : > empty && test ! -s empty",
+    );
+    m.ok(
+        1000,
+        "cd $M && $PY -c '
+import mmap, os
+with open(\"mm\", \"wb\") as f: f.write(b\"x\" * 8192)
+with open(\"mm\", \"r+b\") as f:
+    m = mmap.mmap(f.fileno(), 0); m[0:5] = b\"hello\"; m.flush(); m.close()
+assert open(\"mm\", \"rb\").read(5) == b\"hello\"
+os.setxattr(\"g\", \"user.test\", b\"value\")
+assert os.getxattr(\"g\", \"user.test\") == b\"value\"
+assert \"user.test\" in os.listxattr(\"g\")
+os.removexattr(\"g\", \"user.test\")
+'",
+    );
+    // A large file, written and read back through the mount.
+    let out = m.ok(
+        1000,
+        "cd $M && dd if=/dev/urandom of=big bs=1M count=64 status=none && sha256sum big",
+    );
+    let host = Command::new("sha256sum")
+        .arg(m.view("a").join("big"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.split_whitespace().next(),
+        String::from_utf8_lossy(&host.stdout)
+            .split_whitespace()
+            .next()
+    );
+    // 10 000 entries.
+    m.ok(
+        1000,
+        "cd $M && mkdir many && $PY -c '
+for i in range(10000): open(\"many/f%05d\" % i, \"w\").close()
+'",
+    );
+    assert_eq!(m.ok(1000, "ls $M/many | wc -l").trim(), "10000");
+    assert_eq!(m.ok(1000, "ls $M/many | tail -1").trim(), "f09999");
+}
+
+/// A writer killed mid-write leaves a consistent file (what reached the view, the same
+/// seen through the mount and directly), and the daemon goes on serving. SIGTERM
+/// unmounts; so does a `kill -9` of the daemon (the FUSE helper's auto-unmount).
+#[test]
+fn interrupted_writer_and_unmounting() {
+    if !machine_ok("interrupted_writer_and_unmounting") {
+        return;
+    }
+    let mut m = Mounted::start();
+    let mut writer = m
+        .sh_cmd(
+            1000,
+            "exec dd if=/dev/zero of=$M/partial bs=64k count=100000 status=none",
+        )
+        .spawn()
+        .unwrap();
+    let a = m.view("a");
+    wait_until("the writer started", || {
+        std::fs::metadata(a.join("partial")).is_ok_and(|md| md.len() > 1 << 20)
+    });
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let host = std::fs::metadata(a.join("partial")).unwrap().len();
+    let seen: u64 = m.ok(1000, "stat -c %s $M/partial").trim().parse().unwrap();
+    assert_eq!(seen, host);
+    assert_eq!(m.ok(1000, "cat $M/who"), "a\n");
+
+    let daemon = m.daemon.take().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let mut daemon = daemon;
+    assert!(daemon.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.mounted() {
+        assert!(
+            Instant::now() < deadline,
+            "still mounted after SIGTERM: {}\n{}",
+            std::fs::read_to_string(format!("/proc/{}/mounts", m.holder.id())).unwrap(),
+            m.said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    m.mount();
+    assert!(m.mounted());
+    let mut daemon = m.daemon.take().unwrap();
+    daemon.kill().unwrap();
+    let _ = daemon.wait();
+    wait_until("unmounted after kill -9", || !m.mounted());
+    let _ = Path::new("");
+}

@@ -3,6 +3,7 @@
 //! names (see `resolve`), so that many build users can each have their own Homebrew
 //! prefix and home at the same paths at once.
 
+#[cfg(any(target_os = "linux", target_os = "macos"))]
 pub mod fs;
 #[cfg(target_os = "linux")]
 mod linux;

@@ -4,9 +4,6 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use fuser::MountOption;
-use obuilderfs::fs::ObuilderFs;
-use obuilderfs::resolve::Scoreboard;
 
 /// Gives each build user its own view of a fixed path. Every access to MOUNTPOINT by uid U
 /// goes to the directory that the symlink SCOREBOARD/U names (an absolute path to a
@@ -42,7 +39,18 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(1)
 }
 
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn main() {
+    let _ = Args::parse();
+    fail("FUSE is supported on Linux and on macOS (macFUSE) only")
+}
+
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn main() {
+    use fuser::MountOption;
+    use obuilderfs::fs::ObuilderFs;
+    use obuilderfs::resolve::Scoreboard;
+
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

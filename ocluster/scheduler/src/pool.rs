@@ -569,11 +569,16 @@ impl<I: Item> Pool<I> {
             return;
         }
         let slot = &mut self.state.costs.entry(hint.to_string()).or_default()[usize::from(cached)];
-        let avg = match *slot {
+        let old = *slot;
+        let avg = match old {
             Some(old) => old + COST_WEIGHT * (secs - old),
             None => secs,
         };
         *slot = Some(avg);
+        // Written when the cost as used (whole seconds) changes, not at every job.
+        if old.is_some_and(|o| o.ceil() == avg.ceil()) {
+            return;
+        }
         self.writes.push(DbWrite::SetCost {
             hint: hint.to_string(),
             cached,

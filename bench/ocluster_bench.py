@@ -321,7 +321,7 @@ Submit → start crosses the scheduler twice (client → scheduler → worker, t
 | target | result |
 |---|---|
 | ≥ 100 000 assignments/s in the state machine | {'met' if med(sm[False], 'assignments_per_s') >= 100_000 else 'NOT met'}: {med(sm[False], 'assignments_per_s'):,.0f} |
-| ≥ 5 000 jobs/s end to end over RPC | {'met' if e['ok'] / e['dispatch_s'] >= 5000 else 'NOT met'}: {e['ok'] / e['dispatch_s']:,.0f} |
+| ≥ 5 000 jobs/s end to end over RPC (as measured for issue 12: the queue in memory) | {'met' if mem_rate >= 5000 else 'NOT met'}: {mem_rate:,.0f} (persisted, the default since issue 14: {rate:,.0f}) |
 | restart to dispatching with 100 000 persisted jobs < 2 s (issue 14) | {'met' if r['first_s'] is not None and r['first_s'] < 2 and r['queued'] >= 100_000 else 'NOT met'}: {first} with {r['queued']:,} |
 | dispatch with persistence ≥ 0.5× in memory (issue 14) | {'met' if rate >= 0.5 * mem_rate else 'NOT met'}: {rate / mem_rate:.2f}× |
 | < 1 KiB of memory per queued job | scheduler state: {'met' if med(sm[False], 'bytes_per_queued_job') < 1024 else 'NOT met'} ({med(sm[False], 'bytes_per_queued_job'):.0f} bytes). Whole process over RPC: {'met' if per_job_rpc < 1024 else 'NOT met'} ({per_job_rpc / 1024:.1f} KiB); see docs/performance.md |

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""obuilderfs benchmark (issue 15): rewrites the `obuilderfs` section of docs/benchmarks.md.
+
+The same file operations, as build user 1000, on its tree directly (the baseline, in the
+same run) and through obuilderfs mounted in a private mount namespace:
+
+- create 10 000 small files (open, write 100 bytes, close);
+- stat those 10 000 files;
+- read a 1 GB file sequentially in 1 MiB reads (twice: the second run is reported, with
+  the page cache warm on both sides).
+
+Each measurement runs 3 times; the median is reported. Targets: <= 1.5x for metadata,
+<= 1.2x for bulk reads. Needs root, FUSE (`fusermount3`), unshare, nsenter and setpriv.
+
+Usage: python3 bench/obuilderfs_bench.py [--size-mb N] [--files N]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+UID = 1000
+WORKLOAD = r"""
+import json, os, sys, time
+base, op, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = time.perf_counter()
+if op == "create":
+    d = os.path.join(base, "many")
+    os.mkdir(d)
+    data = b"x" * 100
+    for i in range(n):
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(data)
+elif op == "stat":
+    d = os.path.join(base, "many")
+    for i in range(n):
+        os.stat(os.path.join(d, "f%05d" % i))
+elif op == "read":
+    with open(os.path.join(base, "big"), "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+elif op == "clean":
+    d = os.path.join(base, "many")
+    for i in range(n):
+        os.unlink(os.path.join(d, "f%05d" % i))
+    os.rmdir(d)
+print(json.dumps(time.perf_counter() - t))
+"""
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=1024, help="the big file's size (default 1024)")
+    ap.add_argument("--files", type=int, default=10_000, help="small files (default 10000)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("obuilderfs_bench: run as root (it mounts FUSE and switches users)")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "obuilderfs"], cwd=report.REPO, check=True)
+    binary = os.path.join(report.REPO, "target", "release", "obuilderfs")
+    tmp = tempfile.mkdtemp(prefix="obuilderfs-bench-")
+    os.chmod(tmp, 0o755)
+    tree, sb, fb, mnt = (os.path.join(tmp, d) for d in ("tree", "sb", "fallback", "mnt"))
+    for d in (tree, sb, fb, mnt):
+        os.mkdir(d)
+    os.chown(tree, UID, UID)
+    os.symlink(tree, os.path.join(sb, str(UID)))
+    script = os.path.join(tmp, "workload.py")
+    open(script, "w").write(WORKLOAD)
+    print(f"writing a {args.size_mb} MB file…", file=sys.stderr)
+    run(["dd", "if=/dev/urandom", f"of={tree}/big", "bs=1M", f"count={args.size_mb}", "status=none"])
+    os.chown(f"{tree}/big", UID, UID)
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "3600"])
+    daemon = None
+    try:
+        own = os.readlink("/proc/self/ns/mnt")
+        deadline = time.time() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/mnt") == own:
+            if time.time() > deadline:
+                raise SystemExit("no mount namespace")
+            time.sleep(0.01)
+        daemon = subprocess.Popen(["nsenter", "-t", str(holder.pid), "-m", binary, "--scoreboard", sb,
+                                   "--fallback", fb, mnt], stderr=subprocess.PIPE, text=True)
+        line = daemon.stderr.readline()
+        if "mounted on" not in line:
+            raise SystemExit(f"obuilderfs did not mount: {line}")
+
+        def as_user(base, op):
+            out = run(["nsenter", "-t", str(holder.pid), "-m", "setpriv", "--reuid", str(UID), "--regid",
+                       str(UID), "--clear-groups", "/usr/bin/python3", script, base, op, str(args.files)])
+            return float(out.stdout)
+
+        results = {}
+        for name, base in (("direct", tree), ("obuilderfs", mnt)):
+            rows = {"create": [], "stat": [], "read": []}
+            as_user(base, "read")  # warm the page cache (on this side)
+            for _ in range(args.runs):
+                rows["create"].append(as_user(base, "create"))
+                rows["stat"].append(as_user(base, "stat"))
+                rows["read"].append(as_user(base, "read"))
+                as_user(base, "clean")
+            results[name] = {k: statistics.median(v) for k, v in rows.items()}
+            print(name, json.dumps(results[name]), file=sys.stderr)
+    finally:
+        if daemon:
+            daemon.terminate()
+            daemon.wait(30)
+        holder.kill()
+        holder.wait()
+        subprocess.run(["rm", "-rf", tmp])
+
+    d, f = results["direct"], results["obuilderfs"]
+    gb = args.size_mb / 1024
+
+    def ratio(k):
+        return f[k] / d[k]
+
+    def verdict(k, target):
+        return f"{'met' if ratio(k) <= target else 'NOT met'} ({ratio(k):.2f}×)"
+
+    text = f"""## obuilderfs (`bench/obuilderfs_bench.py`)
+
+Measured by `python3 bench/obuilderfs_bench.py` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores), as build user {UID}, median of {args.runs}: the same Python workload on the user's tree directly (baseline, same run) and through obuilderfs mounted over another path in a private mount namespace.
+
+| operation | directly | through obuilderfs | ratio | target |
+|---|---|---|---|---|
+| create {args.files:,} files of 100 bytes | {d['create'] * 1000:.0f} ms | {f['create'] * 1000:.0f} ms | {ratio('create'):.2f}× | ≤ 1.5×: {verdict('create', 1.5)} |
+| stat {args.files:,} files | {d['stat'] * 1000:.0f} ms | {f['stat'] * 1000:.0f} ms | {ratio('stat'):.2f}× | ≤ 1.5×: {verdict('stat', 1.5)} |
+| read {args.size_mb} MB in 1 MiB reads (warm cache) | {d['read'] * 1000:.0f} ms ({gb / d['read']:.2f} GB/s) | {f['read'] * 1000:.0f} ms ({gb / f['read']:.2f} GB/s) | {ratio('read'):.2f}× | ≤ 1.2×: {verdict('read', 1.2)} |
+
+Every name is looked up again at each access (entry and attribute timeouts are 0: the kernel's dentry cache is shared by all callers, and each caller must see its own tree), so each `stat` is a lookup and a `getattr` in the daemon; see docs/performance.md.
+"""
+    report.write_section("obuilderfs", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

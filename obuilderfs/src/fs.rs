@@ -134,6 +134,21 @@ fn timestamp(t: Option<TimeOrNow>) -> Timespec {
     }
 }
 
+/// Answers `getxattr`/`listxattr`: the size wanted (`size` 0) or the bytes.
+fn xattr_reply(
+    fd: Result<OwnedFd, i32>,
+    size: u32,
+    reply: ReplyXattr,
+    get: impl FnOnce(&OwnedFd, &mut [u8]) -> Result<usize, Errno>,
+) {
+    let mut buf = vec![0u8; size as usize];
+    match fd.and_then(|fd| get(&fd, &mut buf[..]).map_err(err)) {
+        Ok(n) if size == 0 => reply.size(n as u32),
+        Ok(n) => reply.data(&buf[..n]),
+        Err(e) => reply.error(e),
+    }
+}
+
 /// (parent, name) of a path in a view; the root has no parent.
 fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
     Some((rel.parent()?, rel.file_name()?))
@@ -199,6 +214,12 @@ impl<V: Views> ObuilderFs<V> {
         let (parent, name) = split(rel).ok_or(libc::EPERM)?;
         let name = name.to_os_string();
         Ok((self.open_dir(root, parent)?, name))
+    }
+
+    fn fresh_fh(&mut self) -> u64 {
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        fh
     }
 
     fn intern(&mut self, root: &Path, rel: PathBuf) -> u64 {
@@ -597,8 +618,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY);
         match self.open_file(req, ino, flags) {
             Ok(f) => {
-                let fh = self.next_fh;
-                self.next_fh += 1;
+                let fh = self.fresh_fh();
                 self.files.insert(fh, f);
                 reply.opened(fh, 0)
             }
@@ -714,8 +734,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         })();
         match r {
             Ok(d) => {
-                let fh = self.next_fh;
-                self.next_fh += 1;
+                let fh = self.fresh_fh();
                 self.dirs.insert(fh, d);
                 reply.opened(fh, 0)
             }
@@ -808,41 +827,15 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         size: u32,
         reply: ReplyXattr,
     ) {
-        let r = self.xattr_fd(req, ino).and_then(|fd| {
-            if size == 0 {
-                return rustix::fs::fgetxattr(&fd, name, &mut [0u8; 0][..])
-                    .map(|n| (n, Vec::new()))
-                    .map_err(err);
-            }
-            let mut buf = vec![0u8; size as usize];
-            let n = rustix::fs::fgetxattr(&fd, name, &mut buf[..]).map_err(err)?;
-            buf.truncate(n);
-            Ok((n, buf))
-        });
-        match r {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, b)) => reply.data(&b),
-            Err(e) => reply.error(e),
-        }
+        let r = self.xattr_fd(req, ino);
+        xattr_reply(r, size, reply, |fd, buf| {
+            rustix::fs::fgetxattr(fd, name, buf)
+        })
     }
 
     fn listxattr(&mut self, req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_fd(req, ino).and_then(|fd| {
-            if size == 0 {
-                return rustix::fs::flistxattr(&fd, &mut [0u8; 0][..])
-                    .map(|n| (n, Vec::new()))
-                    .map_err(err);
-            }
-            let mut buf = vec![0u8; size as usize];
-            let n = rustix::fs::flistxattr(&fd, &mut buf[..]).map_err(err)?;
-            buf.truncate(n);
-            Ok((n, buf))
-        });
-        match r {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, b)) => reply.data(&b),
-            Err(e) => reply.error(e),
-        }
+        let r = self.xattr_fd(req, ino);
+        xattr_reply(r, size, reply, |fd, buf| rustix::fs::flistxattr(fd, buf))
     }
 
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -895,8 +888,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             .map_err(err)?;
             let st = rustix::fs::fstat(&fd).map_err(err)?;
             let ino = self.intern(&root, rel.join(name));
-            let fh = self.next_fh;
-            self.next_fh += 1;
+            let fh = self.fresh_fh();
             self.files.insert(fh, (root, std::fs::File::from(fd)));
             Ok((attr(ino, &st), fh))
         })();

@@ -6,7 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -380,5 +380,4 @@ fn interrupted_writer_and_unmounting() {
     daemon.kill().unwrap();
     let _ = daemon.wait();
     wait_until("unmounted after kill -9", || !m.mounted());
-    let _ = Path::new("");
 }

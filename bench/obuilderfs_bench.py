@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,8 @@ def main():
         line = daemon.stderr.readline()
         if "mounted on" not in line:
             raise SystemExit(f"obuilderfs did not mount: {line}")
+        # Keep reading what it says, or a full pipe would stop it.
+        threading.Thread(target=lambda: daemon.stderr.read(), daemon=True).start()
 
         def as_user(base, op):
             out = run(["nsenter", "-t", str(holder.pid), "-m", "setpriv", "--reuid", str(UID), "--regid",

@@ -848,6 +848,22 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         }
     }
 
+    fn ioctl(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _flags: u32,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl is passed through (a build asking whether a file is a terminal, for
+        // one, is told it is not).
+        reply.error(libc::ENOTTY)
+    }
+
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
         // `default_permissions`: the kernel has checked already.
         reply.ok()

@@ -34,8 +34,9 @@ struct Mounted {
     dir: tempfile::TempDir,
     holder: Child,
     daemon: Option<Child>,
-    /// What the daemons said on stderr.
-    said: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The daemon's stderr, kept open and never read after its first line: the daemon
+    /// must not block on logging (python's `open` alone asks an ioctl per file).
+    stderr: Option<BufReader<std::process::ChildStderr>>,
 }
 
 impl Mounted {
@@ -93,7 +94,7 @@ impl Mounted {
             dir,
             holder,
             daemon: None,
-            said: Default::default(),
+            stderr: None,
         };
         m.mount();
         m
@@ -117,13 +118,7 @@ impl Mounted {
         let mut line = String::new();
         lines.read_line(&mut line).unwrap();
         assert!(line.contains("mounted on"), "{line}");
-        let said = self.said.clone();
-        std::thread::spawn(move || {
-            for l in lines.lines() {
-                let Ok(l) = l else { break };
-                said.lock().unwrap().push_str(&(l + "\n"));
-            }
-        });
+        self.stderr = Some(lines);
         self.daemon = Some(daemon);
     }
 
@@ -144,8 +139,9 @@ impl Mounted {
     }
 
     fn sh_cmd(&self, uid: u32, script: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg("-t")
+        // Bounded: a daemon that hangs fails the test instead of stalling it.
+        let mut c = Command::new("timeout");
+        c.args(["120", "nsenter", "-t"])
             .arg(self.holder.id().to_string())
             .arg("-m")
             .args([
@@ -164,12 +160,7 @@ impl Mounted {
 
     fn ok(&self, uid: u32, script: &str) -> String {
         let (st, out, err) = self.sh(uid, script);
-        assert_eq!(
-            st,
-            0,
-            "as {uid}: {script}\n{out}\n{err}\ndaemon: {}",
-            self.said.lock().unwrap()
-        );
+        assert_eq!(st, 0, "as {uid}: {script}\n{out}\n{err}");
         out
     }
 }
@@ -179,6 +170,11 @@ impl Drop for Mounted {
         if let Some(mut d) = self.daemon.take() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = d.kill();
             let _ = d.wait();
         }
         let _ = self.holder.kill();
@@ -351,7 +347,9 @@ fn interrupted_writer_and_unmounting() {
     wait_until("the writer started", || {
         std::fs::metadata(a.join("partial")).is_ok_and(|md| md.len() > 1 << 20)
     });
-    let _ = writer.kill();
+    // `timeout` passes the signal on to the writer.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(writer.id() as i32, libc::SIGTERM) };
     let _ = writer.wait();
     let host = std::fs::metadata(a.join("partial")).unwrap().len();
     let seen: u64 = m.ok(1000, "stat -c %s $M/partial").trim().parse().unwrap();
@@ -367,9 +365,8 @@ fn interrupted_writer_and_unmounting() {
     while m.mounted() {
         assert!(
             Instant::now() < deadline,
-            "still mounted after SIGTERM: {}\n{}",
+            "still mounted after SIGTERM: {}",
             std::fs::read_to_string(format!("/proc/{}/mounts", m.holder.id())).unwrap(),
-            m.said.lock().unwrap()
         );
         std::thread::sleep(Duration::from_millis(20));
     }

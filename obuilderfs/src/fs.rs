@@ -63,7 +63,15 @@ pub struct ObuilderFs<V: Views> {
     next_fh: u64,
     /// Open view roots, by path.
     roots: HashMap<PathBuf, OwnedFd>,
+    /// The kernel drops a file's cached pages when its mtime or size changes, so they
+    /// may be kept across opens.
+    keep_cache: bool,
 }
+
+/// `FUSE_AUTO_INVAL_DATA` (protocol 7.20): cached pages go when mtime or size change.
+const AUTO_INVAL_DATA: u64 = 1 << 12;
+/// `FOPEN_KEEP_CACHE`: an open does not drop the file's cached pages.
+const KEEP_CACHE: u32 = 1 << 1;
 
 fn err(e: Errno) -> i32 {
     e.raw_os_error()
@@ -166,6 +174,7 @@ impl<V: Views> ObuilderFs<V> {
             dirs: HashMap::new(),
             next_fh: 1,
             roots: HashMap::new(),
+            keep_cache: false,
         }
     }
 
@@ -356,6 +365,18 @@ impl<V: Views> ObuilderFs<V> {
 }
 
 impl<V: Views> Filesystem for ObuilderFs<V> {
+    fn init(
+        &mut self,
+        _req: &Request<'_>,
+        config: &mut fuser::KernelConfig,
+    ) -> Result<(), libc::c_int> {
+        // Inodes are per view, so a page cache kept across opens is never another
+        // user's; files may also change outside the mount (the builder), which the
+        // kernel sees by their mtime and size at each getattr (timeouts are 0).
+        self.keep_cache = config.add_capabilities(AUTO_INVAL_DATA).is_ok();
+        Ok(())
+    }
+
     fn lookup(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let r = (|| {
             if !resolve::valid_name(name) {
@@ -620,7 +641,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             Ok(f) => {
                 let fh = self.fresh_fh();
                 self.files.insert(fh, f);
-                reply.opened(fh, 0)
+                reply.opened(fh, if self.keep_cache { KEEP_CACHE } else { 0 })
             }
             Err(e) => reply.error(e),
         }
@@ -909,7 +930,10 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             Ok((attr(ino, &st), fh))
         })();
         match r {
-            Ok((a, fh)) => reply.created(&TTL, &a, 0, fh, 0),
+            Ok((a, fh)) => {
+                let flags = if self.keep_cache { KEEP_CACHE } else { 0 };
+                reply.created(&TTL, &a, 0, fh, flags)
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -201,6 +201,14 @@ fn each_user_sees_its_own_tree() {
     let m = Mounted::start();
     assert_eq!(m.ok(1000, "cat $M/who"), "a\n");
     assert_eq!(m.ok(1001, "cat $M/who"), "b\n");
+    // Pages are cached across opens, but a change made outside the mount (the builder's)
+    // is seen at once, whether the size changes or only the mtime.
+    std::fs::write(m.view("a").join("who"), "A\n").unwrap();
+    assert_eq!(m.ok(1000, "cat $M/who"), "A\n");
+    std::fs::write(m.view("a").join("who"), "a, again\n").unwrap();
+    assert_eq!(m.ok(1000, "cat $M/who"), "a, again\n");
+    std::fs::write(m.view("a").join("who"), "a\n").unwrap();
+    assert_eq!(m.ok(1000, "cat $M/who"), "a\n");
     assert_eq!(m.ok(1002, "ls -A $M"), "");
     assert_eq!(m.ok(0, "ls -A $M"), "");
     m.ok(

@@ -142,6 +142,22 @@ fn timestamp(t: Option<TimeOrNow>) -> Timespec {
     }
 }
 
+/// Answers a call whose reply is empty.
+fn answer_empty(r: Result<(), i32>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Answers a call that makes or finds an entry (never cached: timeout 0).
+fn answer_entry(r: Result<FileAttr, i32>, reply: ReplyEntry) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, 0),
+        Err(e) => reply.error(e),
+    }
+}
+
 /// Answers `getxattr`/`listxattr`: the size wanted (`size` 0) or the bytes.
 fn xattr_reply(
     fd: Result<OwnedFd, i32>,
@@ -273,7 +289,7 @@ impl<V: Views> ObuilderFs<V> {
         parent: u64,
         name: &OsStr,
         make: impl FnOnce(&OwnedFd, &OsStr) -> Result<(), Errno>,
-    ) -> Result<(u64, FileAttr), i32> {
+    ) -> Result<FileAttr, i32> {
         if !resolve::valid_name(name) {
             return Err(libc::EINVAL);
         }
@@ -288,7 +304,7 @@ impl<V: Views> ObuilderFs<V> {
             .map_err(err)?;
         let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
         let ino = self.intern(&root, rel.join(name));
-        Ok((ino, attr(ino, &st)))
+        Ok(attr(ino, &st))
     }
 
     /// Opens an inode's file with `flags`, never through a symlink.
@@ -388,10 +404,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let ino = self.intern(&root, rel.join(name));
             Ok(attr(ino, &st))
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(r, reply)
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
@@ -523,12 +536,12 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             _ => return reply.error(libc::EPERM),
         };
         let perm = Mode::from_raw_mode(mode & 0o7777 & !umask);
-        match self.make_entry(req, parent, name, |dir, name| {
-            sys::mknod(dir, name, kind, perm)
-        }) {
-            Ok((_, a)) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(
+            self.make_entry(req, parent, name, |dir, name| {
+                sys::mknod(dir, name, kind, perm)
+            }),
+            reply,
+        )
     }
 
     fn mkdir(
@@ -541,12 +554,12 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         reply: ReplyEntry,
     ) {
         let perm = Mode::from_raw_mode(mode & 0o7777 & !umask);
-        match self.make_entry(req, parent, name, |dir, name| {
-            rustix::fs::mkdirat(dir, name, perm)
-        }) {
-            Ok((_, a)) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(
+            self.make_entry(req, parent, name, |dir, name| {
+                rustix::fs::mkdirat(dir, name, perm)
+            }),
+            reply,
+        )
     }
 
     fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -565,12 +578,12 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.make_entry(req, parent, link_name, |dir, name| {
-            rustix::fs::symlinkat(target, dir, name)
-        }) {
-            Ok((_, a)) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(
+            self.make_entry(req, parent, link_name, |dir, name| {
+                rustix::fs::symlinkat(target, dir, name)
+            }),
+            reply,
+        )
     }
 
     fn rename(
@@ -598,10 +611,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             self.moved(&root, &rel.join(name), &rel2.join(newname));
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(r, reply)
     }
 
     fn link(
@@ -628,10 +638,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let ino = self.intern(&root, rel2.join(newname));
             Ok(attr(ino, &st))
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(r, reply)
     }
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
@@ -725,10 +732,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
                 f.sync_all().map_err(io_err)
             }
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(r, reply)
     }
 
     fn opendir(&mut self, req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -834,10 +838,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             )
             .map_err(err)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(r, reply)
     }
 
     fn getxattr(
@@ -860,13 +861,11 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
     }
 
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .xattr_fd(req, ino)
-            .and_then(|fd| rustix::fs::fremovexattr(&fd, name).map_err(err))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(
+            self.xattr_fd(req, ino)
+                .and_then(|fd| rustix::fs::fremovexattr(&fd, name).map_err(err)),
+            reply,
+        )
     }
 
     fn ioctl(
@@ -948,12 +947,12 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.file(req, fh).and_then(|f| {
-            sys::fallocate(f.as_fd(), mode, offset as u64, length as u64).map_err(err)
-        }) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(
+            self.file(req, fh).and_then(|f| {
+                sys::fallocate(f.as_fd(), mode, offset as u64, length as u64).map_err(err)
+            }),
+            reply,
+        )
     }
 }
 
@@ -974,9 +973,6 @@ impl<V: Views> ObuilderFs<V> {
             let dir = self.open_dir(&root, &rel)?;
             rustix::fs::unlinkat(&dir, name, flags).map_err(err)
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(r, reply)
     }
 }

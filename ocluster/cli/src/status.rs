@@ -57,14 +57,7 @@ pub async fn route(path: &str, sched: &Rc<Scheduler>) -> (u16, String, String) {
             let Ok(id) = id.parse::<u64>() else {
                 return (404, "text/plain".into(), "No such job\n".into());
             };
-            let pools = sched.status(0);
-            let job = pools
-                .iter()
-                .filter(|p| p.pool.name == *pool)
-                .flat_map(|p| &p.running)
-                .find(|r| r.id == id)
-                .cloned();
-            let Some(job) = job else {
+            let Some(job) = sched.running_job(pool, id) else {
                 return (
                     404,
                     "text/html; charset=utf-8".into(),

@@ -973,6 +973,14 @@ impl<I: Item> Pool<I> {
         }
     }
 
+    /// Whether the worker is inactive for (at least) `reason`.
+    pub fn inactive_for(&self, worker: WorkerId, reason: Inactive) -> bool {
+        matches!(
+            self.workers.get(&worker).map(|w| &w.state),
+            Some(State::Inactive(r)) if reason.subset_of(*r)
+        )
+    }
+
     /// Jobs running on the worker.
     pub fn running(&self, worker: WorkerId) -> i64 {
         self.workers.get(&worker).map_or(0, |w| w.running)
@@ -1243,10 +1251,9 @@ impl<I: Item> Pool<I> {
                 name: name.clone(),
                 rate: self.rate(name),
                 ahead: (c.next_fair_start - now).max(0.0),
-                queued: per_client
+                queued: [false, true]
                     .iter()
-                    .filter(|((n, _), _)| n == name)
-                    .map(|(_, k)| *k)
+                    .filter_map(|high| per_client.get(&(name.clone(), *high)))
                     .sum(),
             })
             .collect();

@@ -127,8 +127,6 @@ pub struct PoolApi {
     persist: bool,
     /// Running attempts, by their key in `attempts`, for the status page.
     running: BTreeMap<u64, RunningJob>,
-    /// Workers paused because their clocks are off.
-    clock_paused: std::collections::HashSet<WorkerId>,
 }
 
 /// A job running on a worker, as the status page shows it.
@@ -137,9 +135,23 @@ struct RunningJob {
     client: String,
     label: String,
     priority: Priority,
-    started: f64,
+    started: std::time::Instant,
     attempt: u32,
     shared: Rc<JobShared>,
+}
+
+impl RunningJob {
+    fn view(&self, id: u64) -> RunningView {
+        RunningView {
+            id,
+            worker: self.worker.clone(),
+            client: self.client.clone(),
+            label: self.label.clone(),
+            priority: self.priority.name(),
+            running_for: self.started.elapsed().as_secs_f64(),
+            attempt: self.attempt,
+        }
+    }
 }
 
 /// A running job, for the status page.
@@ -285,22 +297,16 @@ impl Scheduler {
                 let p = p.borrow();
                 PoolStatus {
                     pool: p.pool.view(now, limit),
-                    running: p
-                        .running
-                        .iter()
-                        .map(|(id, r)| RunningView {
-                            id: *id,
-                            worker: r.worker.clone(),
-                            client: r.client.clone(),
-                            label: r.label.clone(),
-                            priority: r.priority.name(),
-                            running_for: now - r.started,
-                            attempt: r.attempt,
-                        })
-                        .collect(),
+                    running: p.running.iter().map(|(id, r)| r.view(*id)).collect(),
                 }
             })
             .collect()
+    }
+
+    /// One running job, for its page.
+    pub fn running_job(&self, pool: &str, id: u64) -> Option<RunningView> {
+        let p = self.pools.get(pool)?.borrow();
+        p.running.get(&id).map(|r| r.view(id))
     }
 
     /// The end of a running job's log (at most `bytes`), as its worker has it; `None` if
@@ -388,7 +394,6 @@ impl Scheduler {
                     orphans_until: clock() + CLAIM_WINDOW,
                     persist: true,
                     running: BTreeMap::new(),
-                    clock_paused: Default::default(),
                 })
             });
             if !jobs.is_empty() {
@@ -820,7 +825,7 @@ impl PoolApi {
                 client: item.client.clone(),
                 label: item.label().into_owned(),
                 priority: item.priority,
-                started: wall_clock(),
+                started,
                 attempt,
                 shared: shared.clone(),
             },
@@ -931,7 +936,6 @@ impl PoolApi {
         self.pool.release(worker);
         self.attempts.remove(&worker);
         self.heartbeats.remove(&worker);
-        self.clock_paused.remove(&worker);
         if self.worker_caps.get(name).map(|(id, _)| *id) == Some(worker) {
             self.worker_caps.remove(name);
             self.pinned.remove(name);
@@ -1399,20 +1403,20 @@ impl queue::Server for QueueImpl {
             let skew = their_time - now;
             let limit = self.sched.max_clock_skew.get();
             let off = skew.abs() > limit;
-            let paused = p.clock_paused.contains(&self.worker);
-            if off && !paused {
+            let paused = p.pool.inactive_for(self.worker, Inactive::CLOCK);
+            if off == paused {
+                return Ok(());
+            }
+            if off {
                 tracing::warn!(
                     "Worker {:?}'s clock is {skew:+.0} s off ours (more than {limit} s): \
                      pausing it until it is right",
                     self.name
                 );
-                p.clock_paused.insert(self.worker);
-                p.pool.set_active(self.worker, Inactive::CLOCK, false);
-            } else if !off && paused {
+            } else {
                 tracing::info!("Worker {:?}'s clock is right again: resuming it", self.name);
-                p.clock_paused.remove(&self.worker);
-                p.pool.set_active(self.worker, Inactive::CLOCK, true);
             }
+            p.pool.set_active(self.worker, Inactive::CLOCK, !off);
             let db = p.db.clone();
             p.flush(&db);
         }
@@ -1544,14 +1548,7 @@ impl SubmissionImpl {
             let persist = p.persist && !has_secrets;
             let seq = if persist { p.next_seq } else { 0 };
             p.next_seq += 1;
-            let stored = persist.then(|| StoredJob {
-                seq,
-                client: self.client.clone(),
-                priority: priority.0,
-                fair_start: 0.0,
-                cache_hint: hint.clone(),
-                descr: bytes.clone(),
-            });
+            let kept = persist.then(|| (hint.clone(), bytes.clone()));
             let (id, start) = p.pool.submit(
                 &self.client,
                 QueuedJob {
@@ -1566,10 +1563,14 @@ impl SubmissionImpl {
                 priority,
                 now,
             );
-            if let Some(stored) = stored {
+            if let Some((cache_hint, descr)) = kept {
                 p.added.push(StoredJob {
+                    seq,
+                    client: self.client.clone(),
+                    priority: priority.0,
                     fair_start: start,
-                    ..stored
+                    cache_hint,
+                    descr,
                 });
             }
             // Stored before the client hears of its ticket.

@@ -329,11 +329,10 @@ fn pause_drain_update_and_forget() {
     cmd.args(["pause", "--wait", "linux", "w1", "-c"])
         .arg(s.admin_cap());
     let pause = std::thread::spawn(move || common::run_bounded(cmd));
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while s.admin_ok(&["show", "linux", "w1"]) != "w1: Paused\n" {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        || s.admin_ok(&["show", "linux", "w1"]) == "w1: Paused\n",
+        String::new,
+    );
     std::thread::sleep(Duration::from_millis(300));
     drop(c); // kills the client: the job is released and ends
     w.expect("released wait");
@@ -368,11 +367,10 @@ fn pause_drain_update_and_forget() {
     let out = s.admin(&["forget", "linux", "w1"]);
     assert!(!out.status.success());
     drop(_w);
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while !s.admin(&["forget", "linux", "w1"]).status.success() {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        || s.admin(&["forget", "linux", "w1"]).status.success(),
+        String::new,
+    );
     assert_eq!(s.admin_ok(&["show", "--terse", "linux"]), "");
 }
 
@@ -826,11 +824,10 @@ fn queued_jobs_and_fair_clocks_survive_kill_9() {
             urgent,
             "follow",
         ]));
-        let deadline = std::time::Instant::now() + common::TIMEOUT;
-        while backlog(&s.admin_ok(&["show", "linux"])).len() <= n {
-            assert!(std::time::Instant::now() < deadline, "job {n} not queued");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_until(
+            || backlog(&s.admin_ok(&["show", "linux"])).len() > n,
+            || format!("job {n} not queued"),
+        );
     }
     let before = s.admin_ok(&["show", "linux"]);
     assert_eq!(
@@ -969,40 +966,28 @@ fn client_priority_and_reconnection() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let wait_for = |s: &Scheduler, what: &dyn Fn(&str) -> bool| {
-        let deadline = std::time::Instant::now() + common::TIMEOUT;
-        loop {
-            let show = s.admin_ok(&["show", "linux"]);
-            if what(&show) {
-                return show;
-            }
-            assert!(std::time::Instant::now() < deadline, "{show}\n{}", s.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for(&s, &|show| show.contains("+high]"));
+    let show = || s.admin_ok(&["show", "linux"]);
+    common::wait_until(
+        || show().contains("+high]"),
+        || format!("{}\n{}", show(), s.log()),
+    );
     s.crash();
     s.restart();
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while !s
-        .log()
-        .contains("submitted again a job kept from before the restart")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let show = wait_for(&s, &|_| true);
+    common::wait_until(
+        || {
+            s.log()
+                .contains("submitted again a job kept from before the restart")
+        },
+        || s.log(),
+    );
+    let show = s.admin_ok(&["show", "linux"]);
     assert_eq!(backlog(&show), ["alice:(no cache hint)"], "{show}");
     let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
     assert_eq!(w.expect("job"), "job w1 echo kept hint=");
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while client.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the client did not end"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        || client.try_wait().unwrap().is_some(),
+        || "the client did not end".into(),
+    );
     let out = client.wait_with_output().unwrap();
     let (stdout, stderr) = (stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -1106,15 +1091,10 @@ fn live_status_page_in_chromium() {
     let _ticking = Peer::client(&alice, "linux", "tick 200", "opam", "follow");
     w1.expect("job w1 tick 200");
     let _queued = Peer::client(&bob, "linux", "echo later", "<b>dune</b>", "follow");
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while !http_get(port, "/").1.contains("&lt;b&gt;dune&lt;/b&gt;") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            http_get(port, "/").1
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        || http_get(port, "/").1.contains("&lt;b&gt;dune&lt;/b&gt;"),
+        || http_get(port, "/").1,
+    );
 
     let url = format!("http://127.0.0.1:{port}/");
     let dom = chromium(&url, &["--dump-dom"]);
@@ -1332,11 +1312,10 @@ fn a_worker_with_a_wrong_clock_is_paused_not_fed() {
         "hb=200,skew=3600",
     ]);
     off.expect("registered");
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while s.admin_ok(&["show", "linux", "w-off"]) != "w-off: Paused\n" {
-        assert!(std::time::Instant::now() < deadline, "{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        || s.admin_ok(&["show", "linux", "w-off"]) == "w-off: Paused\n",
+        || s.log(),
+    );
     let show = s.admin_ok(&["show", "linux"]);
     assert!(show.contains("w-off (0): (inactive: clock skew)"), "{show}");
     assert!(s.log().contains("clock is +3600 s off ours"), "{}", s.log());
@@ -1378,11 +1357,10 @@ fn jobs_with_secrets_are_not_written_to_disk() {
         .spawn()
         .unwrap();
     let _plain = Peer::client(&alice, "linux", "echo plain", "", "follow");
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while backlog(&s.admin_ok(&["show", "linux"])).len() < 2 {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        || backlog(&s.admin_ok(&["show", "linux"])).len() >= 2,
+        String::new,
+    );
     let state = s.state();
     let on_disk = || {
         let mut all = Vec::new();

@@ -311,6 +311,15 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Polls `done` until it holds, failing the test with `why()` after `TIMEOUT`.
+pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn admin_with(cap: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
     cmd.arg("-c").arg(cap).args(args);

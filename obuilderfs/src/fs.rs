@@ -7,8 +7,11 @@
 //!   so the kernel's caches (dentries, attributes, page cache) never give one caller
 //!   another's data. Entries and attributes are not cached (timeout 0): each path walk
 //!   asks again, and so follows the scoreboard as it changes.
-//! * The kernel checks permissions (`default_permissions`) against the real owners and
-//!   modes, which are passed through; what a caller creates is owned by the caller.
+//! * The kernel checks permissions (`default_permissions`) against the owners and modes
+//!   shown; what a caller creates is owned by the caller. With an `owner` (the uid the
+//!   stored trees belong to), files of that uid are shown as the caller's, and what a
+//!   caller creates or takes is stored as that uid's: a tree made by one build user is
+//!   then every build user's own, and a result can go on as another user.
 //! * An inode may only be used by a caller whose view it belongs to (else `EACCES`): a
 //!   build user cannot reach another's files through a handle kept from before.
 //! * Devices cannot be created (the daemon is root; its callers are not).
@@ -66,6 +69,8 @@ pub struct ObuilderFs<V: Views> {
     /// The kernel drops a file's cached pages when its mtime or size changes, so they
     /// may be kept across opens.
     keep_cache: bool,
+    /// The uid stored trees belong to, shown to each caller as its own.
+    owner: Option<u32>,
 }
 
 /// `FUSE_AUTO_INVAL_DATA` (protocol 7.20): cached pages go when mtime or size change.
@@ -191,6 +196,30 @@ impl<V: Views> ObuilderFs<V> {
             next_fh: 1,
             roots: HashMap::new(),
             keep_cache: false,
+            owner: None,
+        }
+    }
+
+    /// Files of uid `owner` are shown to every caller as its own, and what a caller
+    /// creates (or `chown`s to itself) is stored as `owner`'s.
+    pub fn with_owner(mut self, owner: Option<u32>) -> ObuilderFs<V> {
+        self.owner = owner;
+        self
+    }
+
+    /// Attributes as `req`'s caller sees them.
+    fn shown(&self, req: &Request<'_>, mut a: FileAttr) -> FileAttr {
+        if self.owner == Some(a.uid) && req.uid() != 0 {
+            a.uid = req.uid();
+        }
+        a
+    }
+
+    /// The uid stored for a file the caller gives to `uid`.
+    fn stored_uid(&self, req: &Request<'_>, uid: u32) -> u32 {
+        match self.owner {
+            Some(o) if uid == req.uid() && uid != 0 => o,
+            _ => uid,
         }
     }
 
@@ -297,14 +326,14 @@ impl<V: Views> ObuilderFs<V> {
         let dir = self.open_dir(&root, &rel)?;
         make(&dir, name).map_err(err)?;
         let owner = (
-            Some(rustix::fs::Uid::from_raw(req.uid())),
+            Some(rustix::fs::Uid::from_raw(self.stored_uid(req, req.uid()))),
             Some(rustix::fs::Gid::from_raw(req.gid())),
         );
         rustix::fs::chownat(&dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(err)?;
         let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
         let ino = self.intern(&root, rel.join(name));
-        Ok(attr(ino, &st))
+        Ok(self.shown(req, attr(ino, &st)))
     }
 
     /// Opens an inode's file with `flags`, never through a symlink.
@@ -402,7 +431,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let dir = self.open_dir(&root, &rel)?;
             let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
             let ino = self.intern(&root, rel.join(name));
-            Ok(attr(ino, &st))
+            Ok(self.shown(req, attr(ino, &st)))
         })();
         answer_entry(r, reply)
     }
@@ -429,7 +458,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             .locate(req, ino)
             .and_then(|(root, rel)| self.stat_ino(&root, &rel, ino))
         {
-            Ok(a) => reply.attr(&TTL, &a),
+            Ok(a) => reply.attr(&TTL, &self.shown(req, a)),
             Err(e) => reply.error(e),
         }
     }
@@ -483,7 +512,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
                         rustix::fs::chownat(
                             &dir,
                             &name,
-                            uid.map(rustix::fs::Uid::from_raw),
+                            uid.map(|u| rustix::fs::Uid::from_raw(self.stored_uid(req, u))),
                             gid.map(rustix::fs::Gid::from_raw),
                             AtFlags::SYMLINK_NOFOLLOW,
                         )
@@ -502,7 +531,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             self.stat_ino(&root, &rel, ino)
         })();
         match r {
-            Ok(a) => reply.attr(&TTL, &a),
+            Ok(a) => reply.attr(&TTL, &self.shown(req, a)),
             Err(e) => reply.error(e),
         }
     }
@@ -636,7 +665,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             rustix::fs::linkat(&from, &name, &to, newname, AtFlags::empty()).map_err(err)?;
             let st = rustix::fs::statat(&to, newname, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
             let ino = self.intern(&root, rel2.join(newname));
-            Ok(attr(ino, &st))
+            Ok(self.shown(req, attr(ino, &st)))
         })();
         answer_entry(r, reply)
     }
@@ -918,7 +947,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             .map_err(err)?;
             rustix::fs::fchown(
                 &fd,
-                Some(rustix::fs::Uid::from_raw(req.uid())),
+                Some(rustix::fs::Uid::from_raw(self.stored_uid(req, req.uid()))),
                 Some(rustix::fs::Gid::from_raw(req.gid())),
             )
             .map_err(err)?;
@@ -926,7 +955,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let ino = self.intern(&root, rel.join(name));
             let fh = self.fresh_fh();
             self.files.insert(fh, (root, std::fs::File::from(fd)));
-            Ok((attr(ino, &st), fh))
+            Ok((self.shown(req, attr(ino, &st)), fh))
         })();
         match r {
             Ok((a, fh)) => {

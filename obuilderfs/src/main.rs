@@ -20,6 +20,12 @@ struct Args {
     /// What callers without a scoreboard entry see (an empty directory will do).
     #[arg(long, value_name = "DIR")]
     fallback: PathBuf,
+    /// The uid the stored trees belong to (the obuilder user sandbox's first build uid):
+    /// its files are shown to every caller as the caller's own, and what a caller creates
+    /// is stored as this uid's, so that a tree made by one build user is every build
+    /// user's. Without it, owners are shown as they are.
+    #[arg(long, value_name = "UID")]
+    owner: Option<u32>,
     /// Leave the mount behind if the daemon dies (by default the FUSE helper unmounts).
     #[arg(long)]
     no_auto_unmount: bool,
@@ -87,7 +93,8 @@ fn main() {
             dir: args.scoreboard.clone(),
         },
         args.fallback.clone(),
-    );
+    )
+    .with_owner(args.owner);
     let mut options = vec![
         MountOption::FSName("obuilderfs".into()),
         MountOption::Subtype("obuilderfs".into()),

@@ -3,11 +3,14 @@
 //!
 //! * `runc` (Linux): OCI containers, with a config made by the pure function
 //!   [`oci::config`] and the default seccomp filter of [`seccomp`].
+//! * `user` (macOS, and Linux): a build user per step, with the step's snapshot as its
+//!   home and Homebrew prefix through obuilderfs (see [`user`]).
 
 pub mod oci;
 #[cfg(target_os = "linux")]
 pub mod runc;
 pub mod seccomp;
+pub mod user;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +20,50 @@ use obuilder_engine::sandbox::{Sandbox, SandboxError};
 
 #[cfg(target_os = "linux")]
 pub use runc::RuncSandbox;
+pub use user::{UserOptions, UserSandbox};
+
+/// Copies what a step prints into its log until every writer has closed the pipe.
+pub(crate) fn pump(
+    read: std::os::fd::OwnedFd,
+    log: obuilder_engine::log::StepLog,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::from(read);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = log.write(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// A command's exit status as a step's result.
+pub(crate) fn exit_result(
+    argv: &[String],
+    status: std::process::ExitStatus,
+) -> Result<(), SandboxError> {
+    let cmd = obuilder_engine::exec::Cmd::new(argv.to_vec()).display();
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(0), _) => Ok(()),
+        (Some(code), _) => Err(SandboxError::Failed { cmd, status: code }),
+        (None, Some(signal)) => Err(SandboxError::Signalled {
+            cmd,
+            signal,
+            hint: None,
+        }),
+        (None, None) => Err(SandboxError::Failed { cmd, status: -1 }),
+    }
+}
 
 /// Flags of the runc sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,10 +98,13 @@ impl Default for RuncOptions {
 pub enum SandboxSpec {
     /// OCI containers run by `runc` (Linux only).
     Runc(RuncOptions),
+    /// A build user per step (the macOS design; also on Linux).
+    User(UserOptions),
 }
 
 /// Every accepted `--sandbox` form, for error messages and help.
-pub const FORMS: &str = "runc (Linux containers; the default), runc:/PATH/TO/RUNC";
+pub const FORMS: &str = "runc (Linux containers; the default on Linux), runc:/PATH/TO/RUNC, \
+                         user (a build user per step: the macOS design, also on Linux)";
 
 /// A `--sandbox` value that is not one of [`FORMS`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,6 +137,10 @@ impl std::str::FromStr for SandboxSpec {
                 }
                 Ok(SandboxSpec::Runc(o))
             }
+            "user" if arg.is_none() => Ok(SandboxSpec::User(UserOptions::default())),
+            "user" => Err(bad(
+                "user takes no argument; see --user-pool and --home-path",
+            )),
             other => Err(bad(&format!("unknown sandbox {other:?}"))),
         }
     }
@@ -97,7 +151,9 @@ impl SandboxSpec {
     pub fn platform_default() -> Option<SandboxSpec> {
         #[cfg(target_os = "linux")]
         return Some(SandboxSpec::Runc(RuncOptions::default()));
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(target_os = "macos")]
+        return Some(SandboxSpec::User(UserOptions::default()));
+        #[cfg(not(any(target_os = "linux", target_os = "macos")))]
         return None;
     }
 
@@ -117,6 +173,7 @@ impl SandboxSpec {
                     "the runc sandbox runs on Linux only".into(),
                 ))
             }
+            SandboxSpec::User(o) => Ok(Arc::new(UserSandbox::new(state_dir, o.clone(), exec)?)),
         }
     }
 }
@@ -126,6 +183,7 @@ impl std::fmt::Display for SandboxSpec {
         match self {
             SandboxSpec::Runc(o) if o.runc == "runc" => write!(f, "runc"),
             SandboxSpec::Runc(o) => write!(f, "runc:{}", o.runc),
+            SandboxSpec::User(_) => write!(f, "user"),
         }
     }
 }
@@ -140,10 +198,20 @@ mod tests {
             "runc".parse::<SandboxSpec>(),
             Ok(SandboxSpec::Runc(RuncOptions::default()))
         );
-        let SandboxSpec::Runc(o) = "runc:/opt/runc".parse::<SandboxSpec>().unwrap();
+        let Ok(SandboxSpec::Runc(o)) = "runc:/opt/runc".parse::<SandboxSpec>() else {
+            panic!("runc:PATH")
+        };
         assert_eq!(o.runc, "/opt/runc");
+        assert_eq!(
+            "user".parse::<SandboxSpec>(),
+            Ok(SandboxSpec::User(UserOptions::default()))
+        );
         assert_eq!(o.max_pids, Some(DEFAULT_MAX_PIDS));
-        for (bad, why) in [("crun", "unknown sandbox"), ("runc:", "needs the path")] {
+        for (bad, why) in [
+            ("crun", "unknown sandbox"),
+            ("runc:", "needs the path"),
+            ("user:x", "takes no argument"),
+        ] {
             let e = bad.parse::<SandboxSpec>().unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(FORMS), "{bad}: {e}");
         }

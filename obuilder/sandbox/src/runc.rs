@@ -13,8 +13,7 @@
 //! deletes the container and its bundle, secret files included, at once rather than at
 //! the next start on that store.
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -214,24 +213,6 @@ fn command_exists(root: &ConfinedRoot, argv0: &str) -> bool {
 
 /// Reads the merged stdout/stderr pipe into the step log on a blocking thread. It reads to
 /// the end whatever happens to the log, so the command never blocks on a full pipe.
-fn pump(read: OwnedFd, log: StepLog) -> tokio::task::JoinHandle<()> {
-    tokio::task::spawn_blocking(move || {
-        let mut f = std::fs::File::from(read);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let _ = log.write(&buf[..n]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    })
-}
-
-/// Whether the end of a failed step's output says it could not start a process.
 fn hit_process_limit(tail: &[u8]) -> bool {
     let t = String::from_utf8_lossy(tail);
     (t.contains("fork") || t.contains("pthread_create") || t.contains("spawn"))
@@ -357,7 +338,7 @@ impl Sandbox for RuncSandbox {
                 Stdio::from(write),
                 Stdio::from(write2),
             )?;
-            let pumping = pump(read, log.clone());
+            let pumping = crate::pump(read, log.clone());
             let status = tokio::select! {
                 s = child.wait() => Some(s.map_err(io("cannot wait for runc in", &bundle))?),
                 _ = cancel.cancelled() => None,

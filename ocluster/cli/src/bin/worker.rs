@@ -98,6 +98,8 @@ fn main() {
             o.fast_sync = args.fast_sync;
             SandboxSpec::Runc(o)
         }
+        // A worker's build users: the defaults (see `obuilder build --help`).
+        Ok(other) => other,
         Err(e) => fail(format!("--sandbox: {e}")),
     };
     let mut builder = BuilderConfig::new(store);

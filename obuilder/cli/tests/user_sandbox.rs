@@ -1,0 +1,497 @@
+#![cfg(target_os = "linux")]
+//! The user sandbox (the macOS design) end to end on this Linux machine, for real: real
+//! build users (useradd), real obuilderfs on real FUSE, a btrfs and an rsync store on
+//! loopback files. Every build runs inside a private mount namespace held by a `sleep`
+//! process (entered with `nsenter`), so that the FUSE mounts on the home path and prefix
+//! never show on the host. Each test has build users of its own (tests run in parallel,
+//! and the sandbox kills every process of a build user after each step).
+
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::e2e::{caps, text, Env};
+use testkit::Cap;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_obuilder")
+}
+
+fn obuilderfs() -> PathBuf {
+    Path::new(bin()).with_file_name("obuilderfs")
+}
+
+fn machine_ok(test: &str) -> bool {
+    let mut need = caps().to_vec();
+    need.extend([
+        Cap::Tool("unshare"),
+        Cap::Tool("nsenter"),
+        Cap::Tool("setpriv"),
+        Cap::Tool("useradd"),
+        Cap::Tool("pkill"),
+        Cap::Tool("rsync"),
+        Cap::File("/dev/fuse"),
+    ]);
+    if !testkit::require(test, &need) {
+        return false;
+    }
+    if !obuilderfs().is_file() {
+        // `cargo test --workspace` builds it; a lone `-p obuilder` run may not have.
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "obuilderfs"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    true
+}
+
+/// A private mount namespace, and the build setup of one test.
+struct Farm {
+    holder: Child,
+    /// The test's build users.
+    pool: (u32, u32),
+    home: String,
+    brew: String,
+    base: PathBuf,
+}
+
+impl Farm {
+    /// `dir` must be 0755 (build users reach the home path through it).
+    fn new(dir: &Path, pool: (u32, u32)) -> Farm {
+        let holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "900"])
+            .spawn()
+            .unwrap();
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id()))
+            .ok()
+            .as_ref()
+            == Some(&own)
+            || std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
+                .unwrap_or_default()
+                .trim()
+                != "sleep"
+        {
+            assert!(Instant::now() < deadline, "no namespace");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A base image as the original's: a home with the profile, and an empty prefix.
+        let base = dir.join("base");
+        std::fs::create_dir_all(base.join("home")).unwrap();
+        std::fs::create_dir_all(base.join("brew")).unwrap();
+        std::fs::write(
+            base.join("home/.obuilder_profile.sh"),
+            format!(
+                "export FROM_PROFILE=yes\nexport PATH={}/bin:$PATH\n",
+                dir.join("brew").display()
+            ),
+        )
+        .unwrap();
+        Farm {
+            holder,
+            pool,
+            home: dir.join("Users/mac").to_string_lossy().into_owned(),
+            brew: dir.join("brew").to_string_lossy().into_owned(),
+            base,
+        }
+    }
+
+    /// `obuilder ARGS --store … --sandbox user …` inside the namespace (bounded in time).
+    fn command(&self, env: &Env, args: &[&str], extra: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.args(["300", "nsenter", "-t"])
+            .arg(self.holder.id().to_string())
+            .args(["-m", "--", bin()])
+            .args(env.args(args))
+            .args([
+                "--sandbox",
+                "user",
+                "--user-pool",
+                &format!("{}-{}", self.pool.0, self.pool.1),
+                "--home-path",
+                &self.home,
+                "--brew-path",
+                &self.brew,
+                "--obuilderfs",
+                obuilderfs().to_str().unwrap(),
+            ])
+            .args(extra);
+        c
+    }
+
+    fn build(&self, env: &Env, spec: &Path, extra: &[&str]) -> Output {
+        self.command(
+            env,
+            &[
+                "build",
+                "-f",
+                spec.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            extra,
+        )
+        .output()
+        .unwrap()
+    }
+
+    fn import(&self, env: &Env) {
+        // No PATH in the image: the profile sets it (an image's env overrides it).
+        let out = env.run(&[
+            "image",
+            "import",
+            "macbase",
+            self.base.to_str().unwrap(),
+            "--env",
+            "HOMEBREW_NO_AUTO_UPDATE=1",
+        ]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+    }
+
+    /// Processes of the pool's users, as "uid pid cmd" lines.
+    fn leftovers(&self) -> String {
+        let uids: Vec<String> = (self.pool.0..=self.pool.1).map(|u| u.to_string()).collect();
+        let out = Command::new("pgrep")
+            .args(["-a", "-U", &uids.join(",")])
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        let ns = std::fs::read_link(format!("/proc/{}/ns/mnt", self.holder.id())).ok();
+        // The obuilderfs daemons the builds started in the namespace: unmount cleanly.
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if pid.parse::<i32>().is_err() {
+                continue;
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "obuilderfs"
+                && std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() == ns
+            {
+                let _ = Command::new("kill").arg(&pid).status();
+            }
+        }
+        let uids: Vec<String> = (self.pool.0..=self.pool.1).map(|u| u.to_string()).collect();
+        let _ = Command::new("pkill")
+            .args(["-9", "-U", &uids.join(",")])
+            .status();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+fn tempdir_0755() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
+
+/// No half-done build and no scoreboard entry left.
+fn assert_clean(env: &Env) {
+    let root = env.root();
+    let tmp: Vec<_> = std::fs::read_dir(root.join("result-tmp"))
+        .unwrap()
+        .collect();
+    assert!(tmp.is_empty(), "result-tmp: {tmp:?}");
+    for tree in ["home", "brew"] {
+        let sb = root.join("state/user-sandbox/scoreboard").join(tree);
+        let left: Vec<_> = std::fs::read_dir(&sb).into_iter().flatten().collect();
+        assert!(left.is_empty(), "{}: {left:?}", sb.display());
+    }
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{what}:\n{all}");
+    all
+}
+
+/// Steps write into $HOME and into the redirected prefix, use a cache and a secret, run
+/// as a build user in a login shell that read the profile; built twice, everything is
+/// cached the second time. On btrfs and rsync with obuilderfs, and on rsync without FUSE.
+#[test]
+fn home_and_prefix_steps_cached_on_btrfs_and_rsync() {
+    if !machine_ok("home_and_prefix_steps_cached_on_btrfs_and_rsync") {
+        return;
+    }
+    for (i, (kind, extra)) in [
+        ("btrfs", &[][..]),
+        ("rsync-copy", &[][..]),
+        ("rsync-copy", &["--no-fuse"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let what = format!("{kind} {extra:?}");
+        let env = Env::new(bin(), kind);
+        let dir = tempdir_0755();
+        let pool = (61100 + 10 * i as u32, 61102 + 10 * i as u32);
+        let farm = Farm::new(dir.path(), pool);
+        farm.import(&env);
+        let secret = env.tmp.path().join("tok");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let spec = env.spec(
+            "s.spec",
+            &format!(
+                "((from macbase)\n \
+                 (workdir {home}/src)\n \
+                 (run (shell \"id -u > uid; echo HOME=$HOME PROFILE=$FROM_PROFILE; echo $HOME > where; test -d $TMPDIR && test -w $TMPDIR && echo private-tmp\"))\n \
+                 (run (shell \"mkdir -p {brew}/bin && printf '#!/bin/sh\\\\necho brewed\\\\n' > {brew}/bin/hello && chmod +x {brew}/bin/hello && hello\"))\n \
+                 (run (cache (dl (target {home}/.cache/dl))) (shell \"echo once >> ~/.cache/dl/n; wc -l < ~/.cache/dl/n\"))\n \
+                 (run (secrets (tok (target /run/secrets/tok))) (shell \"cat $OBUILDER_SECRETS_DIR/tok; echo; stat -c %a $OBUILDER_SECRETS_DIR/tok\"))\n \
+                 (run (shell \"cat where; ls {brew}/bin; hello; ls -A ~/.cache/dl 2>/dev/null | wc -l\")))",
+                home = farm.home,
+                brew = farm.brew
+            ),
+        );
+        let first = ok(
+            &farm.build(
+                &env,
+                &spec,
+                &["--secret", &format!("tok:{}", secret.display())],
+            ),
+            &what,
+        );
+        for want in [
+            &format!("HOME={} PROFILE=yes", farm.home)[..],
+            "private-tmp",
+            "brewed",
+            "\n1\n",
+            "***",
+            "\n400\n",
+            &format!("{}\nhello\nbrewed\n0\n", farm.home),
+        ] {
+            assert!(first.contains(want), "{what}: no {want:?} in\n{first}");
+        }
+        assert!(!first.contains("s3cret"), "{what}: the secret was shown");
+        // The cache kept what the step wrote, outside the snapshot.
+        let spec2 = env.spec(
+            "s2.spec",
+            &format!(
+                "((from macbase) (run (cache (dl (target {}/.cache/dl))) (shell \"echo again >> ~/.cache/dl/n; wc -l < ~/.cache/dl/n\")))",
+                farm.home
+            ),
+        );
+        let cached = ok(&farm.build(&env, &spec2, &[]), &what);
+        assert!(cached.contains("\n2\n"), "{what}: cache lost:\n{cached}");
+        let again = ok(
+            &farm.build(
+                &env,
+                &spec,
+                &["--secret", &format!("tok:{}", secret.display())],
+            ),
+            &what,
+        );
+        assert!(
+            !again.contains("saved as") && again.matches("from cache").count() >= 5,
+            "{what}: a step ran again:\n{again}"
+        );
+        // Refusals name the rule.
+        let bad = env.spec(
+            "bad.spec",
+            "((from macbase) (workdir /etc) (run (shell \"true\")))",
+        );
+        let out = farm.build(&env, &bad, &[]);
+        let msg = text(&out.stderr);
+        assert!(
+            !out.status.success() && msg.contains("outside the build user's home"),
+            "{what}: {msg}"
+        );
+        let bad = env.spec(
+            "bad2.spec",
+            "((from macbase) (user (uid 7) (gid 7)) (run (shell \"true\")))",
+        );
+        let out = farm.build(&env, &bad, &[]);
+        let msg = text(&out.stderr);
+        assert!(
+            !out.status.success() && msg.contains("runs every step as a build user"),
+            "{what}: {msg}"
+        );
+        assert_eq!(farm.leftovers(), "", "{what}: processes left");
+        drop(farm);
+        assert_clean(&env);
+    }
+}
+
+/// A result built by one build user goes on as another: the later step reads back the
+/// absolute $HOME path the first wrote, and finds (and may change) its files there.
+#[test]
+fn result_built_by_one_user_continues_as_another() {
+    if !machine_ok("result_built_by_one_user_continues_as_another") {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61200, 61202));
+    farm.import(&env);
+    let first =
+        "(run (shell \"id -u; echo $HOME > where; mkdir -p lib && echo built > lib/file\"))";
+    let spec = env.spec("a.spec", &format!("((from macbase) {first})"));
+    let out = ok(&farm.build(&env, &spec, &[]), "first");
+    assert!(
+        out.contains("61200"),
+        "the first step ran as the first user:\n{out}"
+    );
+    // Hold the first build user with a long step, so the next step gets another.
+    let hold = env.spec(
+        "hold.spec",
+        "((from macbase) (run (shell \"echo holding; sleep 60\")))",
+    );
+    let mut holding = farm
+        .command(
+            &env,
+            &[
+                "build",
+                "-f",
+                hold.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !farm.leftovers().contains("sleep 60") {
+        assert!(Instant::now() < deadline, "the holding step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spec2 = env.spec(
+        "b.spec",
+        &format!(
+            "((from macbase) {first}\n (run (shell \"id -u; cat $(cat where)/lib/file && echo more >> $(cat where)/lib/file && ls -ln lib\")))"
+        ),
+    );
+    let out = ok(&farm.build(&env, &spec2, &[]), "second");
+    assert!(
+        out.contains("61201\nbuilt\n"),
+        "not run as another user, or lost:\n{out}"
+    );
+    // The stored files belong to the first uid, shown to the second as its own.
+    assert!(
+        out.contains(" 61201 61200 "),
+        "owner as seen by 61201:\n{out}"
+    );
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(holding.id().to_string())
+        .status();
+    let _ = holding.wait();
+}
+
+/// Three specs at once as three users: none sees another's files; cancelling one kills
+/// all of its processes (a daemon it left behind included) and the others go on.
+#[test]
+fn three_builds_at_once_isolated_and_one_cancelled() {
+    if !machine_ok("three_builds_at_once_isolated_and_one_cancelled") {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61300, 61302));
+    farm.import(&env);
+    let mut builds = Vec::new();
+    for name in ["a", "b"] {
+        let spec = env.spec(
+            &format!("{name}.spec"),
+            &format!(
+                "((from macbase) (run (shell \"echo {name} > mine-{name}; touch {brew}/brew-{name}; sleep 4; ls ~ {brew}\")))",
+                brew = farm.brew
+            ),
+        );
+        let child = farm
+            .command(
+                &env,
+                &[
+                    "build",
+                    "-f",
+                    spec.to_str().unwrap(),
+                    env.ctx.to_str().unwrap(),
+                ],
+                &[],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        builds.push((name, child));
+    }
+    let doomed = env.spec(
+        "c.spec",
+        "((from macbase) (run (shell \"(setsid sleep 301 >/dev/null 2>&1 &); echo started; sleep 300\")))",
+    );
+    let mut cancelled = farm
+        .command(
+            &env,
+            &[
+                "build",
+                "-f",
+                doomed.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(farm.leftovers().contains("sleep 301") && farm.leftovers().contains("sleep 300")) {
+        assert!(Instant::now() < deadline, "the third step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uid_of = |pat: &str| {
+        let out = Command::new("pgrep")
+            .args(["-f", "-x", pat])
+            .output()
+            .unwrap();
+        let pid = text(&out.stdout).lines().next().unwrap_or("").to_string();
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+            .unwrap_or_default()
+    };
+    let doomed_uid = uid_of("sleep 301");
+    // Cancel (as Ctrl-C does) the third build.
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(cancelled.id().to_string())
+        .status();
+    let status = cancelled.wait().unwrap();
+    assert!(!status.success());
+    let left = Command::new("pgrep")
+        .args(["-a", "-U", &doomed_uid])
+        .output()
+        .unwrap();
+    assert_eq!(text(&left.stdout), "", "uid {doomed_uid} kept processes");
+    for (name, child) in builds {
+        let out = child.wait_with_output().unwrap();
+        let all = ok(&out, name);
+        let other = if name == "a" { "b" } else { "a" };
+        assert!(all.contains(&format!("mine-{name}")), "{name}:\n{all}");
+        assert!(all.contains(&format!("brew-{name}")), "{name}:\n{all}");
+        assert!(
+            !all.contains(&format!("mine-{other}")) && !all.contains(&format!("brew-{other}")),
+            "{name} saw {other}'s files:\n{all}"
+        );
+    }
+    assert_eq!(farm.leftovers(), "", "processes left");
+    drop(farm);
+    assert_clean(&env);
+}

@@ -980,6 +980,15 @@ impl UserSandbox {
         } else {
             for tree in self.trees() {
                 let real = PathBuf::from(self.logical(tree));
+                if mount_state(&real) != MountState::None {
+                    return Err(SandboxError::Unsupported(format!(
+                        "--no-fuse copies into {} itself, but a filesystem is mounted there \
+                         (obuilderfs, from builds without --no-fuse?): unmount it with \
+                         `umount {}` first, or drop --no-fuse",
+                        real.display(),
+                        real.display()
+                    )));
+                }
                 self.rsync(&rootfs.join(tree.child()), &real).await?;
                 give(&real, owner.uid, owner.gid)?;
             }

@@ -64,8 +64,6 @@ pub struct ObuilderFs<V: Views> {
     files: HashMap<u64, (PathBuf, std::fs::File)>,
     dirs: HashMap<u64, DirHandle>,
     next_fh: u64,
-    /// Open view roots, by path.
-    roots: HashMap<PathBuf, OwnedFd>,
     /// The kernel drops a file's cached pages when its mtime or size changes, so they
     /// may be kept across opens.
     keep_cache: bool,
@@ -194,7 +192,6 @@ impl<V: Views> ObuilderFs<V> {
             files: HashMap::new(),
             dirs: HashMap::new(),
             next_fh: 1,
-            roots: HashMap::new(),
             keep_cache: false,
             owner: None,
         }
@@ -227,21 +224,16 @@ impl<V: Views> ObuilderFs<V> {
         resolve::view_root(&self.views, &self.fallback, req.uid())
     }
 
-    fn root_fd(&mut self, root: &Path) -> Result<&OwnedFd, i32> {
-        if !self.roots.contains_key(root) {
-            let fd = rustix::fs::open(
-                root,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(err)?;
-            // Views come and go with the builds: keep only a few roots open.
-            if self.roots.len() > 64 {
-                self.roots.clear();
-            }
-            self.roots.insert(root.to_path_buf(), fd);
-        }
-        Ok(&self.roots[root])
+    /// A view's root, opened afresh for each operation: a kept descriptor would pin a
+    /// finished step's tree (an overlay mount could not be unmounted) and would still name
+    /// the old directory once a new one is made at the same path.
+    fn root_fd(&mut self, root: &Path) -> Result<OwnedFd, i32> {
+        rustix::fs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err)
     }
 
     /// The view and path of an inode, for this caller.
@@ -260,7 +252,7 @@ impl<V: Views> ObuilderFs<V> {
     /// A directory of a view, opened beneath its root.
     fn open_dir(&mut self, root: &Path, rel: &Path) -> Result<OwnedFd, i32> {
         let r = self.root_fd(root)?;
-        sys::open_dir_beneath(r, rel).map_err(err)
+        sys::open_dir_beneath(&r, rel).map_err(err)
     }
 
     /// The directory holding an inode, and its name in it.
@@ -301,7 +293,7 @@ impl<V: Views> ObuilderFs<V> {
 
     fn stat_ino(&mut self, root: &Path, rel: &Path, ino: u64) -> Result<FileAttr, i32> {
         let st = match split(rel) {
-            None => rustix::fs::fstat(self.root_fd(root)?).map_err(err)?,
+            None => rustix::fs::fstat(&self.root_fd(root)?).map_err(err)?,
             Some(_) => {
                 let (dir, name) = self.parent_of(root, rel)?;
                 rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?
@@ -832,7 +824,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         let view = self.view(req);
         match self
             .root_fd(&view)
-            .and_then(|fd| rustix::fs::fstatvfs(fd).map_err(err))
+            .and_then(|fd| rustix::fs::fstatvfs(&fd).map_err(err))
         {
             Ok(s) => reply.statfs(
                 s.f_blocks,

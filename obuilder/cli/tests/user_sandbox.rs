@@ -221,16 +221,19 @@ fn ok(out: &Output, what: &str) -> String {
 
 /// Steps write into $HOME and into the redirected prefix, use a cache and a secret, run
 /// as a build user in a login shell that read the profile; built twice, everything is
-/// cached the second time. On btrfs and rsync with obuilderfs, and on rsync without FUSE.
+/// cached the second time. On btrfs, rsync and overlayfs with obuilderfs, and on rsync
+/// without FUSE.
 #[test]
-fn home_and_prefix_steps_cached_on_btrfs_and_rsync() {
-    if !machine_ok("home_and_prefix_steps_cached_on_btrfs_and_rsync") {
+fn home_and_prefix_steps_cached_on_every_store_kind() {
+    if !machine_ok("home_and_prefix_steps_cached_on_every_store_kind") {
         return;
     }
     for (i, (kind, extra)) in [
         ("btrfs", &[][..]),
         ("rsync-copy", &[][..]),
         ("rsync-copy", &["--no-fuse"][..]),
+        // A cache cannot be renamed into an overlay mount: copied in and out.
+        ("overlayfs", &[][..]),
     ]
     .into_iter()
     .enumerate()

@@ -1021,6 +1021,15 @@ impl UserSandbox {
     }
 }
 
+/// A pipe whose ends are closed on exec (pipe then fcntl: macOS has no pipe2).
+fn cloexec_pipe() -> rustix::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe()?;
+    for fd in [&r, &w] {
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+    }
+    Ok((r, w))
+}
+
 /// Gives directory `path` to `uid:gid` without following a symlink.
 fn give(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     let f = rustix::fs::open(
@@ -1048,7 +1057,7 @@ fn fd_path(fd: &impl AsFd, shown: &Path) -> String {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum MountState {
+pub(crate) enum MountState {
     None,
     Ours,
     /// Mounted, but its daemon is gone (`ENOTCONN`).
@@ -1057,45 +1066,9 @@ enum MountState {
 }
 
 #[cfg(target_os = "linux")]
-fn mount_state(path: &Path) -> MountState {
-    if let Err(e) = std::fs::metadata(path) {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            return MountState::Stale;
-        }
-    }
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return MountState::None;
-    };
-    let want = path.to_string_lossy();
-    let mut found = MountState::None;
-    for line in info.lines() {
-        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPEROPTS
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
-            continue;
-        }
-        let fstype = line
-            .split(" - ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .unwrap_or("");
-        // The last mount on a path is the one seen.
-        found = if fstype == "fuse.obuilderfs" {
-            MountState::Ours
-        } else {
-            MountState::Other(fstype.to_string())
-        };
-    }
-    found
-}
-
+mod linux;
 #[cfg(target_os = "linux")]
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
+use linux::mount_state;
 
 #[cfg(not(target_os = "linux"))]
 fn mount_state(path: &Path) -> MountState {
@@ -1247,15 +1220,14 @@ impl Sandbox for UserSandbox {
                 argv: c.argv.clone(),
                 isolate_network,
             };
-            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+            let (read, write) =
+                cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
             let write2 = write
                 .try_clone()
                 .map_err(io("cannot make a pipe for", rootfs))?;
             let argv = command_argv(self.opts.platform, &inv);
             let (sup_read, sup_write) =
-                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                    .map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+                cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
             let mut sup = self.exec.spawn(
                 &Cmd::new([
                     "/bin/sh",

@@ -139,6 +139,24 @@ impl Farm {
         .unwrap()
     }
 
+    /// A build started in the background, its output to `out` (`Stdio::piped` or `null`).
+    fn spawn(&self, env: &Env, spec: &Path, out: fn() -> Stdio) -> Child {
+        self.command(
+            env,
+            &[
+                "build",
+                "-f",
+                spec.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap()
+    }
+
     fn import(&self, env: &Env) {
         // No PATH in the image: the profile sets it (an image's env overrides it).
         let out = env.run(&[
@@ -155,12 +173,22 @@ impl Farm {
     /// Processes of the pool's users, as "uid pid cmd" lines.
     fn leftovers(&self) -> String {
         let uids: Vec<String> = (self.pool.0..=self.pool.1).map(|u| u.to_string()).collect();
-        let out = Command::new("pgrep")
-            .args(["-a", "-U", &uids.join(",")])
-            .output()
-            .unwrap();
-        text(&out.stdout)
+        running(&uids.join(","))
     }
+}
+
+/// Live processes of the uids (comma-separated), as "pid cmd" lines; zombies, which run
+/// nothing and wait for a parent that is not the builder's to reap them, are not counted.
+fn running(uids: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-a", "-U", uids])
+        .output()
+        .unwrap();
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.ends_with("<defunct>"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 impl Drop for Farm {
@@ -353,21 +381,7 @@ fn result_built_by_one_user_continues_as_another() {
         "hold.spec",
         "((from macbase) (run (shell \"echo holding; sleep 60\")))",
     );
-    let mut holding = farm
-        .command(
-            &env,
-            &[
-                "build",
-                "-f",
-                hold.to_str().unwrap(),
-                env.ctx.to_str().unwrap(),
-            ],
-            &[],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holding = farm.spawn(&env, &hold, Stdio::null);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !farm.leftovers().contains("sleep 60") {
         assert!(Instant::now() < deadline, "the holding step never started");
@@ -416,42 +430,14 @@ fn three_builds_at_once_isolated_and_one_cancelled() {
                 brew = farm.brew
             ),
         );
-        let child = farm
-            .command(
-                &env,
-                &[
-                    "build",
-                    "-f",
-                    spec.to_str().unwrap(),
-                    env.ctx.to_str().unwrap(),
-                ],
-                &[],
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = farm.spawn(&env, &spec, Stdio::piped);
         builds.push((name, child));
     }
     let doomed = env.spec(
         "c.spec",
         "((from macbase) (run (shell \"(setsid sleep 301 >/dev/null 2>&1 &); echo started; sleep 300\")))",
     );
-    let mut cancelled = farm
-        .command(
-            &env,
-            &[
-                "build",
-                "-f",
-                doomed.to_str().unwrap(),
-                env.ctx.to_str().unwrap(),
-            ],
-            &[],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cancelled = farm.spawn(&env, &doomed, Stdio::piped);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(farm.leftovers().contains("sleep 301") && farm.leftovers().contains("sleep 300")) {
         assert!(Instant::now() < deadline, "the third step never started");
@@ -478,11 +464,20 @@ fn three_builds_at_once_isolated_and_one_cancelled() {
         .status();
     let status = cancelled.wait().unwrap();
     assert!(!status.success());
-    let left = Command::new("pgrep")
-        .args(["-a", "-U", &doomed_uid])
-        .output()
-        .unwrap();
-    assert_eq!(text(&left.stdout), "", "uid {doomed_uid} kept processes");
+    // The builder may have exited at once (a second signal: `timeout` passes SIGINT to its
+    // process group too), leaving the kill to its supervisor: wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = running(&doomed_uid);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "uid {doomed_uid} kept processes:\n{left}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for (name, child) in builds {
         let out = child.wait_with_output().unwrap();
         let all = ok(&out, name);

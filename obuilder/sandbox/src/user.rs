@@ -785,14 +785,7 @@ impl UserSandbox {
                     .map_err(|e| io("cannot move aside", tree_dir.join(&rel))(e.into()))?;
                 hidden = Some(aside);
             }
-            let cache_parent = cache.host.parent().unwrap_or(Path::new("/"));
-            let cache_name = cache.host.file_name().unwrap_or_default();
-            let cache_dir = rustix::fs::open(
-                cache_parent,
-                rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(|e| io("cannot open", cache_parent)(e.into()))?;
+            let (cache_dir, cache_name) = open_parent(&cache.host)?;
             let renamed = match rustix::fs::renameat(&cache_dir, cache_name, &parent, name.as_str())
             {
                 Ok(()) => true,
@@ -849,14 +842,7 @@ impl UserSandbox {
                 else {
                     return Ok(());
                 };
-                let cache_parent = p.host.parent().unwrap_or(Path::new("/"));
-                let cache_name = p.host.file_name().unwrap_or_default();
-                let cache_dir = rustix::fs::open(
-                    cache_parent,
-                    rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-                    rustix::fs::Mode::empty(),
-                )
-                .map_err(|e| io("cannot open", cache_parent)(e.into()))?;
+                let (cache_dir, cache_name) = open_parent(&p.host)?;
                 let is_dir = matches!(
                     confined::kind_at(&parent, &name),
                     Ok(Some((rustix::fs::FileType::Directory, _)))
@@ -1019,6 +1005,18 @@ impl UserSandbox {
             Ok(())
         }
     }
+}
+
+/// The directory holding `path` (opened) and `path`'s name in it.
+fn open_parent(path: &Path) -> Result<(std::os::fd::OwnedFd, &std::ffi::OsStr), SandboxError> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let dir = rustix::fs::open(
+        parent,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io("cannot open", parent)(e.into()))?;
+    Ok((dir, path.file_name().unwrap_or_default()))
 }
 
 /// A pipe whose ends are closed on exec (pipe then fcntl: macOS has no pipe2).

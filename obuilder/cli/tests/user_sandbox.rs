@@ -4,7 +4,9 @@
 //! loopback files. Every build runs inside a private mount namespace held by a `sleep`
 //! process (entered with `nsenter`), so that the FUSE mounts on the home path and prefix
 //! never show on the host. Each test has build users of its own (tests run in parallel,
-//! and the sandbox kills every process of a build user after each step).
+//! and the sandbox kills every process of a build user after each step). The build users
+//! (obuilder611xx–613xx) stay in /etc/passwd afterwards, as the sandbox leaves them: they
+//! are reused by the next run.
 
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]

@@ -98,7 +98,9 @@ impl StoreArgs {
 pub struct SandboxArgs {
     /// What runs the steps: runc (Linux containers), runc:/PATH/TO/RUNC, or user (a build
     /// user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
-    /// design, also on Linux; see --user-pool).
+    /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
+    /// on macOS (steps have the host's network); on Linux a step without (network host)
+    /// gets a network namespace of its own.
     #[arg(
         long,
         value_name = "SANDBOX",
@@ -137,8 +139,7 @@ pub struct SandboxArgs {
     pub brew_path: Option<String>,
     /// --sandbox user: no FUSE; copy the snapshot into the real home path and prefix with
     /// rsync before each step and back after it, one step at a time (the original's first
-    /// design). There is no network isolation on macOS in either mode; on Linux a step
-    /// without (network host) gets a network namespace of its own.
+    /// design).
     #[arg(long)]
     pub no_fuse: bool,
     /// --sandbox user: the obuilderfs binary, started when nothing is mounted on the paths.

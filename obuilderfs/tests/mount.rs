@@ -71,25 +71,7 @@ impl Mounted {
             }
             std::os::unix::fs::symlink(&p, dir.path().join("sb").join(uid.to_string())).unwrap();
         }
-        let holder = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sleep", "600"])
-            .spawn()
-            .unwrap();
-        // The namespace exists once `sleep` runs in it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-        while std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id()))
-            .ok()
-            .as_ref()
-            == Some(&own)
-            || std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
-                .unwrap_or_default()
-                .trim()
-                != "sleep"
-        {
-            assert!(Instant::now() < deadline, "no namespace");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let holder = testkit::e2e::mount_namespace(600);
         let mut m = Mounted {
             dir,
             holder,

@@ -64,24 +64,7 @@ struct Farm {
 impl Farm {
     /// `dir` must be 0755 (build users reach the home path through it).
     fn new(dir: &Path, pool: (u32, u32)) -> Farm {
-        let holder = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sleep", "900"])
-            .spawn()
-            .unwrap();
-        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id()))
-            .ok()
-            .as_ref()
-            == Some(&own)
-            || std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
-                .unwrap_or_default()
-                .trim()
-                != "sleep"
-        {
-            assert!(Instant::now() < deadline, "no namespace");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let holder = testkit::e2e::mount_namespace(900);
         // A base image as the original's: a home with the profile, and an empty prefix.
         let base = dir.join("base");
         std::fs::create_dir_all(base.join("home")).unwrap();
@@ -103,10 +86,12 @@ impl Farm {
         }
     }
 
-    /// `obuilder ARGS --store … --sandbox user …` inside the namespace (bounded in time).
+    /// `obuilder ARGS --store … --sandbox user …` inside the namespace (bounded in time;
+    /// `--foreground`: a signal to `timeout` reaches the builder once, not twice through
+    /// its process group, so that a test's Ctrl-C is a graceful cancel).
     fn command(&self, env: &Env, args: &[&str], extra: &[&str]) -> Command {
         let mut c = Command::new("timeout");
-        c.args(["300", "nsenter", "-t"])
+        c.args(["--foreground", "300", "nsenter", "-t"])
             .arg(self.holder.id().to_string())
             .args(["-m", "--", bin()])
             .args(env.args(args))
@@ -333,26 +318,22 @@ fn home_and_prefix_steps_cached_on_every_store_kind() {
             "{what}: a step ran again:\n{again}"
         );
         // Refusals name the rule.
-        let bad = env.spec(
-            "bad.spec",
-            "((from macbase) (workdir /etc) (run (shell \"true\")))",
-        );
-        let out = farm.build(&env, &bad, &[]);
-        let msg = text(&out.stderr);
-        assert!(
-            !out.status.success() && msg.contains("outside the build user's home"),
-            "{what}: {msg}"
-        );
-        let bad = env.spec(
-            "bad2.spec",
-            "((from macbase) (user (uid 7) (gid 7)) (run (shell \"true\")))",
-        );
-        let out = farm.build(&env, &bad, &[]);
-        let msg = text(&out.stderr);
-        assert!(
-            !out.status.success() && msg.contains("runs every step as a build user"),
-            "{what}: {msg}"
-        );
+        for (name, body, why) in [
+            (
+                "bad.spec",
+                "((from macbase) (workdir /etc) (run (shell \"true\")))",
+                "outside the build user's home",
+            ),
+            (
+                "bad2.spec",
+                "((from macbase) (user (uid 7) (gid 7)) (run (shell \"true\")))",
+                "runs every step as a build user",
+            ),
+        ] {
+            let out = farm.build(&env, &env.spec(name, body), &[]);
+            let msg = text(&out.stderr);
+            assert!(!out.status.success() && msg.contains(why), "{what}: {msg}");
+        }
         assert_eq!(farm.leftovers(), "", "{what}: processes left");
         drop(farm);
         assert_clean(&env);
@@ -466,8 +447,8 @@ fn three_builds_at_once_isolated_and_one_cancelled() {
         .status();
     let status = cancelled.wait().unwrap();
     assert!(!status.success());
-    // The builder may have exited at once (a second signal: `timeout` passes SIGINT to its
-    // process group too), leaving the kill to its supervisor: wait for it, bounded.
+    // One SIGINT (`timeout --foreground` passes it to the builder alone): the builder
+    // cancels the step, whose processes are killed; zombies may take a moment to be reaped.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = running(&doomed_uid);
@@ -494,4 +475,45 @@ fn three_builds_at_once_isolated_and_one_cancelled() {
     assert_eq!(farm.leftovers(), "", "processes left");
     drop(farm);
     assert_clean(&env);
+}
+
+/// A builder killed with SIGKILL mid-step cannot kill its step's processes itself: its
+/// supervisor does, as soon as the builder's end of the pipe closes.
+#[test]
+fn builder_killed_mid_step_leaves_no_process_of_the_user() {
+    if !machine_ok("builder_killed_mid_step_leaves_no_process_of_the_user") {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61400, 61400));
+    farm.import(&env);
+    let spec = env.spec(
+        "k.spec",
+        "((from macbase) (run (shell \"(setsid sleep 303 >/dev/null 2>&1 &); sleep 302\")))",
+    );
+    let mut build = farm.spawn(&env, &spec, Stdio::null);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(farm.leftovers().contains("sleep 303") && farm.leftovers().contains("sleep 302")) {
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `timeout`'s child is the builder (nsenter execs it).
+    let out = Command::new("pgrep")
+        .args(["-P", &build.id().to_string()])
+        .output()
+        .unwrap();
+    let builder = text(&out.stdout).trim().to_string();
+    assert!(!builder.is_empty(), "no builder process");
+    let _ = Command::new("kill").args(["-9", &builder]).status();
+    let _ = build.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = farm.leftovers();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left:\n{left}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -610,8 +610,12 @@ impl UserSandbox {
 
     /// Mounts obuilderfs on `tree`'s logical path unless it is there already.
     async fn ensure_mounted(&self, tree: Tree) -> Result<(), SandboxError> {
-        let _g = self.mounting.lock().await;
         let path = self.logical(tree);
+        // The common case, every step: mounted already; no lock needed to see it.
+        if mount_state(Path::new(&path)) == MountState::Ours {
+            return Ok(());
+        }
+        let _g = self.mounting.lock().await;
         let sb = self.scoreboard(tree);
         let fb = self.fallback(tree);
         for d in [&sb, &fb] {
@@ -798,15 +802,8 @@ impl UserSandbox {
                     .map_err(|e| io("cannot create", tree_dir.join(&rel))(e.into()))?;
                     confined::chown_at(&parent, &name, owner)
                         .map_err(io("cannot chown", tree_dir.join(&rel)))?;
-                    let target = rustix::fs::openat(
-                        &parent,
-                        name.as_str(),
-                        rustix::fs::OFlags::DIRECTORY
-                            | rustix::fs::OFlags::NOFOLLOW
-                            | rustix::fs::OFlags::CLOEXEC,
-                        rustix::fs::Mode::empty(),
-                    )
-                    .map_err(|e| io("cannot open", tree_dir.join(&rel))(e.into()))?;
+                    let target = open_dir_at(&parent, &name)
+                        .map_err(io("cannot open", tree_dir.join(&rel)))?;
                     let from = format!("{}/.", cache.host.display());
                     let to = format!("{}/", fd_path(&target, &tree_dir.join(&rel)));
                     self.exec
@@ -860,15 +857,8 @@ impl UserSandbox {
                     let _ = std::fs::remove_dir_all(&p.host);
                     std::fs::create_dir_all(&p.host).map_err(io("cannot create", &p.host))?;
                     if is_dir {
-                        let target = rustix::fs::openat(
-                            &parent,
-                            name.as_str(),
-                            rustix::fs::OFlags::DIRECTORY
-                                | rustix::fs::OFlags::NOFOLLOW
-                                | rustix::fs::OFlags::CLOEXEC,
-                            rustix::fs::Mode::empty(),
-                        )
-                        .map_err(|e| io("cannot open", &shown)(e.into()))?;
+                        let target =
+                            open_dir_at(&parent, &name).map_err(io("cannot open", &shown))?;
                         let from = format!("{}/.", fd_path(&target, &shown));
                         let to = format!("{}/", p.host.display());
                         self.exec
@@ -1005,6 +995,16 @@ impl UserSandbox {
             Ok(())
         }
     }
+}
+
+/// Directory `name` of `dir`, never through a symlink.
+fn open_dir_at(dir: &impl AsFd, name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
 }
 
 /// The directory holding `path` (opened) and `path`'s name in it.

@@ -200,3 +200,34 @@ impl Env {
         assert!(bundles.is_empty(), "bundles: {bundles:?}");
     }
 }
+
+/// A private mount namespace, held by a `sleep SECS` child until it is killed: enter it
+/// with `nsenter -t PID -m`. Mounts made there (FUSE, loop filesystems) never show on the
+/// host. Returns once the child runs `sleep` in a namespace other than this process's.
+pub fn mount_namespace(secs: u32) -> std::process::Child {
+    let holder = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sleep",
+            &secs.to_string(),
+        ])
+        .spawn()
+        .unwrap();
+    let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id()))
+        .ok()
+        .as_ref()
+        == Some(&own)
+        || std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
+            .unwrap_or_default()
+            .trim()
+            != "sleep"
+    {
+        assert!(std::time::Instant::now() < deadline, "no mount namespace");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    holder
+}

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 use commands::{
-    build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, process, pull,
+    build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, process, pull, result,
 };
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
@@ -28,6 +28,17 @@ struct Cli {
 enum Command {
     /// Build a spec: `obuilder build -f SPEC CONTEXT_DIR`.
     Build(build::Args),
+    /// Run a command in a throw-away snapshot of a result: `obuilder run ID -- CMD…`.
+    Run(result::RunArgs),
+    /// Print a result's stored log.
+    Log(result::LogArgs),
+    /// Show a result: parents, times, size, tags, env/workdir/user.
+    Inspect(result::InspectArgs),
+    /// Write a result as an image (a layer per step) or a tar: oci:DIR, oci-archive:FILE,
+    /// docker-archive:FILE, tar:FILE.
+    Export(result::ExportArgs),
+    /// Upload a result to a registry as an image, skipping blobs it already has.
+    Push(result::PushArgs),
     /// Fetch an image from a registry without building.
     Pull(pull::Args),
     /// Local base images: import, list, remove.
@@ -88,12 +99,20 @@ fn main() -> ExitCode {
                 let cancel = process::interrupt().clone();
                 // Builds and the healthcheck stop themselves cleanly when cancelled; any
                 // other command stops at once (each store operation is crash-safe).
-                let graceful = matches!(async_cmd, Command::Build(_) | Command::Healthcheck(_));
+                let graceful = matches!(
+                    async_cmd,
+                    Command::Build(_) | Command::Healthcheck(_) | Command::Run(_)
+                );
                 let cmd = async move {
                     match async_cmd {
                         Command::Build(a) => build::run(a).await,
                         Command::Image(c) => image::run(c).await,
                         Command::Pull(a) => pull::run(a).await,
+                        Command::Run(a) => result::run(a).await,
+                        Command::Log(a) => result::log(a).await,
+                        Command::Inspect(a) => result::inspect(a).await,
+                        Command::Export(a) => result::export(a).await,
+                        Command::Push(a) => result::push(a).await,
                         Command::Cache(c) => cache::run(c).await,
                         Command::Delete(a) => maintenance::delete(a).await,
                         Command::Clean(a) => maintenance::clean(a).await,

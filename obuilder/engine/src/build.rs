@@ -92,6 +92,31 @@ struct Context {
     scope: HashMap<String, (Id, Vec<(String, String)>)>,
 }
 
+impl Context {
+    /// The context as an image config (what a result records in `config.json`).
+    fn config(&self) -> ImageConfig {
+        let user = match &self.user {
+            User::Unix { uid, gid } => format!("{uid}:{gid}"),
+            User::Name(n) => n.clone(),
+        };
+        ImageConfig {
+            env: self.env.clone(),
+            workdir: Some(self.workdir.clone()),
+            user: Some(user),
+            entrypoint: None,
+            shell: Some(self.shell.clone()),
+        }
+    }
+}
+
+/// Writes a step's context as `config.json` in its build dir.
+fn write_step_config(dir: &BuildDir, config: &ImageConfig) -> Result<(), BuildError> {
+    let json = serde_json::to_vec_pretty(config)
+        .map_err(|_| StepError::Internal("a step config that is not JSON"))?;
+    let p = dir.dir.join("config.json");
+    std::fs::write(&p, json).map_err(|e| StepError::io("cannot write", &p)(e).into())
+}
+
 /// One build's state: its pins, its step counter, what its logs mask.
 struct Session<'a> {
     opts: &'a BuildOptions,
@@ -258,6 +283,43 @@ impl Builder {
         }))
     }
 
+    /// The context result `id` was made in (its `config.json`; for a base image, the
+    /// image's config; for a result from before steps recorded it, the nearest
+    /// ancestor's), or `None` if there is no such result.
+    pub async fn result_config(&self, id: &str) -> Result<Option<ImageConfig>, BuildError> {
+        let mut at = id.to_string();
+        for _ in 0..10_000 {
+            let Some(dir) = self
+                .policy
+                .store
+                .result(&at)
+                .await
+                .map_err(StepError::from)?
+            else {
+                return Ok(None);
+            };
+            let step = dir.join("config.json");
+            if step.exists() {
+                let b = std::fs::read(&step).map_err(StepError::io("cannot read", &step))?;
+                return serde_json::from_slice(&b).map(Some).map_err(|e| {
+                    StepError::io("corrupt", &step)(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e,
+                    ))
+                    .into()
+                });
+            }
+            if dir.join("image.json").exists() {
+                return read_image_config(&dir).map(Some);
+            }
+            match self.info(&at)?.and_then(|i| i.parent) {
+                Some(p) => at = p,
+                None => return Ok(Some(ImageConfig::default())),
+            }
+        }
+        Ok(Some(ImageConfig::default()))
+    }
+
     /// The steps in flight in this process and how many builds wait for each.
     pub fn in_flight(&self) -> Vec<InFlightStep> {
         self.policy.in_flight()
@@ -292,6 +354,17 @@ impl Builder {
 
     /// Builds `spec`; returns the id of its last step.
     pub async fn build(&self, spec: &Spec, opts: &BuildOptions) -> Result<Id, BuildError> {
+        self.build_with_config(spec, opts).await.map(|(id, _)| id)
+    }
+
+    /// Builds `spec`; returns the id of its last step and the context the spec ends in
+    /// (env, workdir, user, shell: what an image made from the result should say, which
+    /// may differ from the last step's own `config.json` when `env` or `workdir` follow it).
+    pub async fn build_with_config(
+        &self,
+        spec: &Spec,
+        opts: &BuildOptions,
+    ) -> Result<(Id, ImageConfig), BuildError> {
         spec.validate().map_err(StepError::Invalid)?;
         // Every secret the spec asks for must be given, before anything runs.
         let mut missing: Vec<String> = Vec::new();
@@ -317,7 +390,10 @@ impl Builder {
             total: count_steps(spec),
             masked: opts.secrets.iter().map(|(_, v)| v.clone()).collect(),
         };
-        let r = self.stage(spec, ctx, &run).await.map(|(id, _)| id);
+        let r = self
+            .stage(spec, ctx, &run)
+            .await
+            .map(|(id, ctx)| (id, ctx.config()));
         self.policy.record(&run.pins);
         r
     }
@@ -327,7 +403,7 @@ impl Builder {
         spec: &'a Spec,
         initial: Context,
         run: &'a Session<'a>,
-    ) -> BoxFuture<'a, Result<(Id, Env), BuildError>> {
+    ) -> BoxFuture<'a, Result<(Id, Context), BuildError>> {
         Box::pin(async move {
             let log = &run.opts.log;
             let mut scope = initial.scope.clone();
@@ -337,9 +413,9 @@ impl Builder {
                     scope: scope.clone(),
                     ..initial.clone()
                 };
-                let (id, env) = self.stage(child, child_ctx, run).await?;
+                let (id, child_end) = self.stage(child, child_ctx, run).await?;
                 log(&LogEvent::Note(format!("--> finished {name:?}")));
-                scope.insert(name.clone(), (id, env));
+                scope.insert(name.clone(), (id, child_end.env));
             }
             let (mut base, env) = match &spec.from {
                 Base::Image(image) => {
@@ -402,7 +478,7 @@ impl Builder {
                     }
                 }
             }
-            Ok((base, ctx.env))
+            Ok((base, ctx))
         })
     }
 
@@ -428,6 +504,23 @@ impl Builder {
             .resolve(image, log)
             .await
             .map_err(StepError::from)?;
+        if let Some(tagged) = resolved.result {
+            // The tagged result is the base: taken from the store (and pinned) as a cached step.
+            let (id, name) = (tagged.id.clone(), image.to_string());
+            let work: Work = Box::new(move |_dir, _log, _cancel| {
+                Box::pin(async move {
+                    Err(StepError::Invalid(format!(
+                        "image {name:?} names result {}, which is no longer in the store (deleted or pruned); build it again with --tag {name}",
+                        tagged.id
+                    ))
+                    .into())
+                })
+            });
+            self.policy
+                .step(self.request(&id, None, run), &run.pins, work)
+                .await?;
+            return Ok((id, tagged.env));
+        }
         let id = resolved.base_id();
         let fetcher = self.fetcher.clone();
         let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, _cancel| {
@@ -530,8 +623,10 @@ impl Builder {
             .map(|c| (c.id.clone(), c.target.clone()))
             .collect();
         let timeout = run.opts.step_timeout;
+        let step_config = ctx.config();
         let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, cancel| {
             Box::pin(async move {
+                write_step_config(&dir, &step_config)?;
                 let mut config = config;
                 // Each cache: a private writable copy for this step, released afterwards.
                 let mut copies = Vec::new();
@@ -657,8 +752,10 @@ impl Builder {
         };
         let id = input.id();
         let sandbox = self.sandbox.clone();
+        let step_config = ctx.config();
         let work: Work = Box::new(move |dir: BuildDir, _log, _cancel| {
             Box::pin(async move {
+                write_step_config(&dir, &step_config)?;
                 let (root, op) = copy::map_dst(op, |dst| sandbox.copy_target(&dir.rootfs, dst))
                     .map_err(StepError::Sandbox)?;
                 tokio::task::spawn_blocking(move || {

@@ -16,6 +16,17 @@ pub struct ResolvedImage {
     pub digest: String,
     /// Fetcher-specific description of where the content is.
     pub source: serde_json::Value,
+    /// A name given to a result of this store (`build --tag`): the base is that result
+    /// itself, with this env, and nothing is fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaggedResult>,
+}
+
+/// A result known by a name, and the env its build ended with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedResult {
+    pub id: String,
+    pub env: Vec<(String, String)>,
 }
 
 impl ResolvedImage {
@@ -27,7 +38,9 @@ impl ResolvedImage {
 }
 
 /// What a build takes from an image's config. Only `env` is applied (as OBuilder does);
-/// the rest is kept for a later opt-in.
+/// the rest is kept for a later opt-in. A step's result records the context it ran in in
+/// the same form (`config.json`: env, workdir, user as `UID:GID` or a name, shell), which
+/// is what `obuilder run` and `export` give an image made from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     pub env: Vec<(String, String)>,
@@ -37,6 +50,9 @@ pub struct ImageConfig {
     pub user: Option<String>,
     #[serde(default)]
     pub entrypoint: Option<Vec<String>>,
+    /// The shell of the step (results only; images have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]

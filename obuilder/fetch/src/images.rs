@@ -33,6 +33,10 @@ pub struct ImageRecord {
     /// layers are downloaded when first needed).
     #[serde(default)]
     pub registry: Option<String>,
+    /// For a name given to a result of this store (`build --tag`): the result's id. Such
+    /// an image has no layers; `config` is the context its build ended in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +129,11 @@ impl ImageStore {
         ImageStore {
             dir: state_dir.join("images"),
         }
+    }
+
+    /// The image store's directory (`STATE/images`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn index_path(&self, name: &str) -> PathBuf {

@@ -109,6 +109,7 @@ fn plain_record(
         source: path.display().to_string(),
         imported: String::new(),
         registry: None,
+        result: None,
     }
 }
 
@@ -243,6 +244,7 @@ pub fn config_of(v: &Value) -> ImageConfig {
         env,
         workdir: s("WorkingDir"),
         user: s("User"),
+        shell: None,
         entrypoint: c["Entrypoint"].as_array().map(|a| {
             a.iter()
                 .filter_map(Value::as_str)
@@ -357,6 +359,7 @@ fn import_oci_layout(
         source: String::new(),
         imported: String::new(),
         registry: None,
+        result: None,
     })
 }
 
@@ -409,5 +412,6 @@ fn import_docker_save(
         source: String::new(),
         imported: String::new(),
         registry: None,
+        result: None,
     })
 }

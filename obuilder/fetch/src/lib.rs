@@ -7,6 +7,7 @@
 //! * [`ImageFetcher`]: the engine's `Fetcher`: local images by name, registry images by
 //!   reference under a pull policy.
 
+pub mod export;
 pub mod extract;
 pub mod images;
 pub mod import;
@@ -20,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use obuilder_engine::fetch::{FetchError, Fetcher, ImageConfig, ResolvedImage};
+use obuilder_engine::fetch::{FetchError, Fetcher, ImageConfig, ResolvedImage, TaggedResult};
 use obuilder_engine::log::{LogEvent, LogSink};
 
 use images::{ImageRecord, ImageStore};
@@ -213,6 +214,7 @@ impl ImageFetcher {
                 Some(_) => reference.to_string(),
                 None => format!("{reference}@{}", res.digest),
             }),
+            result: None,
         };
         if local.as_ref().is_some_and(|l| l.digest != rec.digest) {
             log(&LogEvent::Note(format!("{name} moved to {}", rec.digest)));
@@ -307,6 +309,10 @@ impl Fetcher for ImageFetcher {
             name: name.to_string(),
             digest: rec.digest.clone(),
             source: serde_json::to_value(&rec).map_err(|e| bad(name, e))?,
+            result: rec.result.as_ref().map(|id| TaggedResult {
+                id: id.clone(),
+                env: rec.config.env.clone(),
+            }),
         })
     }
 

@@ -68,6 +68,16 @@ pub enum Progress {
     Cached { digest: String },
 }
 
+/// What a push did.
+#[derive(Debug, Clone, Default)]
+pub struct PushStats {
+    /// The manifest's digest, `sha256:…`.
+    pub digest: String,
+    pub uploaded: usize,
+    pub skipped: usize,
+    pub bytes: u64,
+}
+
 pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 #[derive(Debug, Clone)]
@@ -252,13 +262,27 @@ impl Registry {
         url: &str,
         accept: &[&str],
     ) -> Result<reqwest::Response, RegistryError> {
+        self.send(r, &|c| {
+            let req = c.get(url);
+            if accept.is_empty() {
+                req
+            } else {
+                req.header(reqwest::header::ACCEPT, accept.join(", "))
+            }
+        })
+        .await
+    }
+
+    /// A request with auth, as [`Registry::get`]; `make` builds it afresh for the retry.
+    async fn send(
+        &self,
+        r: &Reference,
+        make: &(dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Sync),
+    ) -> Result<reqwest::Response, RegistryError> {
         let key = format!("{}/{}", r.registry, r.repository);
         let mut authz = self.auth.lock().await.get(&key).cloned();
         for attempt in 0..2 {
-            let mut req = self.http(r)?.get(url);
-            if !accept.is_empty() {
-                req = req.header(reqwest::header::ACCEPT, accept.join(", "));
-            }
+            let mut req = make(self.http(r)?);
             if let Some(a) = &authz {
                 req = req.header(reqwest::header::AUTHORIZATION, a);
             }
@@ -531,6 +555,134 @@ impl Registry {
         .buffer_unordered(self.opts.concurrency.max(1))
         .try_collect::<Vec<()>>()
         .await?;
+        Ok(())
+    }
+
+    /// Uploads `image` as `r` (its tag, else `latest`): each blob the registry does not
+    /// have yet (asked with `HEAD`), then the manifest. Returns the manifest's digest and
+    /// how many blobs and bytes were sent.
+    pub async fn push(
+        &self,
+        r: &Reference,
+        images: &ImageStore,
+        image: &crate::export::Image,
+        progress: &ProgressSink,
+    ) -> Result<PushStats, RegistryError> {
+        let mut stats = PushStats::default();
+        let mut blobs = vec![image.config.clone()];
+        blobs.extend(image.layers.iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        for b in blobs.into_iter().filter(|b| seen.insert(b.digest.clone())) {
+            let head = self
+                .send(r, &|c| c.head(self.url(r, &format!("blobs/{}", b.digest))))
+                .await?;
+            if head.status().is_success() {
+                progress(&Progress::Cached {
+                    digest: b.digest.clone(),
+                });
+                stats.skipped += 1;
+                continue;
+            }
+            self.upload(r, images, &b, progress).await?;
+            stats.uploaded += 1;
+            stats.bytes += b.size;
+        }
+        let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
+        let manifest = image.manifest.clone();
+        let resp = self
+            .send(r, &|c| {
+                c.put(self.url(r, &format!("manifests/{tag}")))
+                    .header(reqwest::header::CONTENT_TYPE, crate::export::MANIFEST_TYPE)
+                    .body(manifest.clone())
+            })
+            .await?;
+        self.check(r, resp, "manifest upload").await?;
+        stats.digest = image.manifest_digest();
+        Ok(stats)
+    }
+
+    /// One blob: `POST` an upload session, then `PUT` the bytes to it in one request.
+    async fn upload(
+        &self,
+        r: &Reference,
+        images: &ImageStore,
+        b: &crate::export::Blob,
+        progress: &ProgressSink,
+    ) -> Result<(), RegistryError> {
+        let bad = |detail: String| RegistryError::Bad {
+            image: r.to_string(),
+            what: format!("upload of {}", b.digest),
+            detail,
+        };
+        let resp = self
+            .send(r, &|c| {
+                c.post(self.url(r, "blobs/uploads/"))
+                    .header(reqwest::header::CONTENT_LENGTH, "0")
+            })
+            .await?;
+        let resp = self.check(r, resp, "upload session").await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| bad("the registry gave no Location for the upload".into()))?
+            .to_string();
+        // A relative Location is relative to the registry.
+        let mut url = if location.starts_with('/') {
+            format!("{}://{}{location}", self.scheme(r), r.api_host())
+        } else {
+            location
+        };
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("digest={}", b.digest));
+        let path = images
+            .blob_path(&b.digest)
+            .map_err(|e| bad(e.to_string()))?;
+        progress(&Progress::Start {
+            digest: b.digest.clone(),
+            size: b.size,
+        });
+        let (digest, size, sink) = (b.digest.clone(), b.size, progress.clone());
+        let resp = self
+            .send(r, &|c| {
+                let (path, digest, sink) = (path.clone(), digest.clone(), sink.clone());
+                let chunks = futures_util::stream::unfold(None, move |file| {
+                    let (path, digest, sink) = (path.clone(), digest.clone(), sink.clone());
+                    async move {
+                        use tokio::io::AsyncReadExt;
+                        let mut file = match file {
+                            Some(f) => f,
+                            None => match tokio::fs::File::open(&path).await {
+                                Ok(f) => f,
+                                Err(e) => return Some((Err(e), None)),
+                            },
+                        };
+                        let mut buf = vec![0u8; 1 << 20];
+                        match file.read(&mut buf).await {
+                            Ok(0) => None,
+                            Ok(n) => {
+                                buf.truncate(n);
+                                sink(&Progress::Advance {
+                                    digest,
+                                    bytes: n as u64,
+                                });
+                                Some((Ok(buf), Some(file)))
+                            }
+                            Err(e) => Some((Err(e), None)),
+                        }
+                    }
+                });
+                c.put(url.as_str())
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .header(reqwest::header::CONTENT_LENGTH, size.to_string())
+                    .body(reqwest::Body::wrap_stream(chunks))
+            })
+            .await?;
+        self.check(r, resp, &format!("upload of {}", b.digest))
+            .await?;
+        progress(&Progress::Done {
+            digest: b.digest.clone(),
+        });
         Ok(())
     }
 

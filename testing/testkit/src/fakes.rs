@@ -131,6 +131,7 @@ impl Fetcher for FakeFetcher {
             name: name.into(),
             digest: format!("sha256:{}", "0".repeat(64)),
             source: serde_json::Value::Null,
+            result: None,
         })
     }
 

@@ -35,6 +35,17 @@ pub struct Args {
     registry: RegistryArgs,
     #[command(flatten)]
     log: LogArgs,
+    /// Name the result, so that a spec can say `(from NAME)` and `run`, `export`, `push`
+    /// take it; the name keeps the env, workdir and user the spec ended with. Repeatable.
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    tags: Vec<String>,
+    /// Write the result's id to FILE.
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Print only the result's id on standard output (the log is not shown; errors still
+    /// go to standard error).
+    #[arg(short, long)]
+    quiet: bool,
     /// Colour headings and notes.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     color: Color,
@@ -67,6 +78,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map_err(|e| usage(format!("--secret {id}: cannot read {file}: {e}")))?;
         secrets.push((id.to_string(), value));
     }
+    for t in &args.tags {
+        super::result::check_tag(t)?;
+    }
     if !args.context.is_dir() {
         return Err(usage(format!(
             "context directory {} does not exist or is not a directory",
@@ -80,17 +94,36 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(&args.log),
     )?;
     let builder = open(&config).await?;
-    let mut opts = BuildOptions::new(&args.context, console_sink(args.color.enabled()));
+    let sink = if args.quiet {
+        obuilder_engine::log::null_sink()
+    } else {
+        console_sink(args.color.enabled())
+    };
+    let mut opts = BuildOptions::new(&args.context, sink);
     opts.secrets = secrets;
     opts.step_timeout = args.step_timeout;
     // A signal or a closed stdout cancels the build.
     opts.cancel = interrupt().child_token();
-    let result = builder.build(&spec, &opts).await;
+    let result = builder.build_with_config(&spec, &opts).await;
     // Let cancelled steps kill their containers and discard their snapshots.
     builder.wait_idle().await;
     match result {
-        Ok(id) => {
-            crate::outln!("Got: {id:?}")?;
+        Ok((id, end)) => {
+            let images = config.images();
+            for t in &args.tags {
+                super::result::tag(&images, t, &id, end.clone())?;
+            }
+            if let Some(f) = &args.iidfile {
+                super::result::write_iidfile(f, &id)?;
+            }
+            if args.quiet {
+                crate::outln!("{id}")?;
+            } else {
+                crate::outln!("Got: {id:?}")?;
+                for t in &args.tags {
+                    crate::outln!("Tagged {t}")?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(BuildError::Cancelled) => {

@@ -8,6 +8,7 @@ pub mod image;
 pub mod maintenance;
 pub mod process;
 pub mod pull;
+pub mod result;
 pub mod setup;
 
 use std::path::Path;

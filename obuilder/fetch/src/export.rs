@@ -1,0 +1,821 @@
+//! Results as OCI images: one layer per step, taken as the difference between the step's
+//! tree and its parent's, plus an image config from the context the result was made in.
+//!
+//! * [`write_diff`]: the tar of what changed from one tree to another. A path is changed
+//!   when its type, mode, owner, size, mtime, device numbers, symlink target or xattrs
+//!   differ (mtime and size as containers/storage's naive diff does: a step that rewrites
+//!   a file with the same bytes, size and mtime is not seen, which no real tool does).
+//!   Deleted paths become OCI whiteouts (`.wh.NAME`, one per deleted directory); hard
+//!   links between files of the same layer stay links. Entries are sorted by name and
+//!   carry no uname/gname, so the same trees always give the same bytes (and digest).
+//! * [`Image`]: the layers (uncompressed tar, `application/vnd.oci.image.layer.v1.tar`),
+//!   config and manifest of a result, with its blobs in the local blob store; a layer is
+//!   made once per step and reused (`STATE/images/layers/ID`).
+//! * Writers: an OCI layout directory (`oci:DIR[:TAG]`, merged with one already there),
+//!   an OCI archive, a `docker load` archive, and the flattened tree (`tar:FILE`).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use obuilder_engine::fetch::ImageConfig;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::images::{ioe, ImageStore, ImageStoreError};
+
+pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Where an export goes, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// An OCI layout directory, with an optional tag (`org.opencontainers.image.ref.name`).
+    Oci {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    /// `docker load` format, with an optional `NAME:TAG` in `RepoTags`.
+    DockerArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    /// The whole tree as one tar (no image metadata), as `docker export` writes.
+    Tar {
+        file: PathBuf,
+    },
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Destination, String> {
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!(
+                "{s:?}: say where to write, as oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] or tar:FILE"
+            )
+        })?;
+        if rest.is_empty() {
+            return Err(format!("{s:?}: no path after {kind}:"));
+        }
+        // A tag follows the path's first ':' (paths with ':' cannot take a tag).
+        let split = |rest: &str| match rest.split_once(':') {
+            Some((p, t)) if !t.is_empty() => (PathBuf::from(p), Some(t.to_string())),
+            _ => (PathBuf::from(rest.trim_end_matches(':')), None),
+        };
+        match kind {
+            "oci" => {
+                let (dir, tag) = split(rest);
+                Ok(Destination::Oci { dir, tag })
+            }
+            "oci-archive" => {
+                let (file, tag) = split(rest);
+                Ok(Destination::OciArchive { file, tag })
+            }
+            "docker-archive" => {
+                let (file, tag) = split(rest);
+                Ok(Destination::DockerArchive { file, tag })
+            }
+            "tar" => Ok(Destination::Tar {
+                file: PathBuf::from(rest),
+            }),
+            _ => Err(format!(
+                "{s:?}: unknown destination kind {kind:?}; use oci:, oci-archive:, docker-archive: or tar:"
+            )),
+        }
+    }
+}
+
+/// One file's metadata as the diff compares it.
+fn same(a: &Metadata, b: &Metadata) -> bool {
+    a.mode() == b.mode()
+        && a.uid() == b.uid()
+        && a.gid() == b.gid()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.rdev() == b.rdev()
+        && (a.is_dir() || a.size() == b.size())
+}
+
+/// Names in `dir`, sorted by bytes.
+fn names(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut v = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<Vec<_>>>()?;
+    v.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(v)
+}
+
+fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let n = match rustix::fs::llistxattr(path, &mut buf) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::RANGE) => {
+            buf = vec![0u8; 65536];
+            match rustix::fs::llistxattr(path, &mut buf) {
+                Ok(n) => n,
+                Err(_) => return out,
+            }
+        }
+        Err(_) => return out,
+    };
+    for name in buf[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        // Overlayfs' own, and what a sandbox may have set for itself, are not content.
+        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+            continue;
+        }
+        let mut val = vec![0u8; 65536];
+        if let Ok(len) = rustix::fs::lgetxattr(path, name, &mut val) {
+            val.truncate(len);
+            out.push((name.to_string(), val));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Writes the changes from `parent` (`None`: an empty tree) to `child` as a tar layer.
+pub fn write_diff(parent: Option<&Path>, child: &Path, w: impl Write) -> io::Result<()> {
+    let mut b = tar::Builder::new(w);
+    b.follow_symlinks(false);
+    let mut diff = Diff {
+        tar: &mut b,
+        links: HashMap::new(),
+    };
+    diff.dir(Path::new(""), parent, child)?;
+    b.finish()
+}
+
+struct Diff<'a, W: Write> {
+    tar: &'a mut tar::Builder<W>,
+    /// (dev, ino) of files with several links already in this layer → their path.
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl<W: Write> Diff<'_, W> {
+    fn dir(&mut self, rel: &Path, parent: Option<&Path>, child: &Path) -> io::Result<()> {
+        let theirs = match parent {
+            Some(p) => names(p)?,
+            None => Vec::new(),
+        };
+        let ours = names(child)?;
+        for gone in theirs.iter().filter(|n| ours.binary_search(n).is_err()) {
+            let mut wh = OsString::from(".wh.");
+            wh.push(gone);
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_mtime(0);
+            self.tar.append_data(&mut h, rel.join(wh), io::empty())?;
+        }
+        for name in &ours {
+            let c = child.join(name);
+            let cm = std::fs::symlink_metadata(&c)?;
+            let p = parent.map(|p| p.join(name));
+            let pm = p.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok());
+            let rel = rel.join(name);
+            let changed = match (&pm, &p) {
+                (Some(pm), Some(p)) => {
+                    !same(pm, &cm)
+                        || (cm.file_type().is_symlink()
+                            && std::fs::read_link(p)? != std::fs::read_link(&c)?)
+                        || xattrs(p) != xattrs(&c)
+                }
+                _ => true,
+            };
+            if changed {
+                self.entry(&rel, &c, &cm)?;
+            }
+            if cm.is_dir() {
+                let sub = p
+                    .as_deref()
+                    .filter(|_| pm.as_ref().is_some_and(|m| m.is_dir()));
+                self.dir(&rel, sub, &c)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, rel: &Path, path: &Path, m: &Metadata) -> io::Result<()> {
+        let ft = m.file_type();
+        if ft.is_socket() {
+            return Ok(()); // (tar has no sockets; a daemon's leftover is not content)
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(m.mode() & 0o7777);
+        h.set_uid(m.uid().into());
+        h.set_gid(m.gid().into());
+        h.set_mtime(m.mtime().max(0) as u64);
+        h.set_size(0);
+        let xattrs = xattrs(path);
+        if !xattrs.is_empty() {
+            let recs: Vec<(String, Vec<u8>)> = xattrs
+                .into_iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+                .collect();
+            self.tar
+                .append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        if ft.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            self.tar.append_data(&mut h, rel, io::empty())
+        } else if ft.is_symlink() {
+            h.set_entry_type(tar::EntryType::Symlink);
+            let target = std::fs::read_link(path)?;
+            self.tar.append_link(&mut h, rel, target)
+        } else if ft.is_file() {
+            if m.nlink() > 1 {
+                let key = (m.dev(), m.ino());
+                if let Some(first) = self.links.get(&key) {
+                    h.set_entry_type(tar::EntryType::Link);
+                    let first = first.clone();
+                    return self.tar.append_link(&mut h, rel, first);
+                }
+                self.links.insert(key, rel.to_path_buf());
+            }
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(m.size());
+            let f = File::open(path)?;
+            // Exactly the size stat gave: a tar header promised it.
+            self.tar.append_data(&mut h, rel, f.take(m.size()))
+        } else {
+            h.set_entry_type(if ft.is_char_device() {
+                tar::EntryType::Char
+            } else if ft.is_block_device() {
+                tar::EntryType::Block
+            } else {
+                tar::EntryType::Fifo
+            });
+            let rdev = m.rdev();
+            h.set_device_major(rustix::fs::major(rdev))?;
+            h.set_device_minor(rustix::fs::minor(rdev))?;
+            self.tar.append_data(&mut h, rel, io::empty())
+        }
+    }
+}
+
+/// A blob in the local blob store: digest and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// `io::Write` into a blob of the store, hashed on the way.
+struct BlobSink(crate::images::BlobWriter);
+
+impl Write for BlobSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The layer of step `id` (its tree `child` against its parent's tree `parent`): made
+/// once and remembered under the step's id (results never change).
+pub fn step_layer(
+    images: &ImageStore,
+    id: &str,
+    parent: Option<&Path>,
+    child: &Path,
+) -> Result<Blob, ImageStoreError> {
+    let memo = images.dir().join("layers").join(id);
+    if let Ok(text) = std::fs::read_to_string(&memo) {
+        if let Ok(p) = images.blob_path(text.trim()) {
+            if let Ok(m) = std::fs::metadata(&p) {
+                return Ok(Blob {
+                    digest: text.trim().to_string(),
+                    size: m.len(),
+                });
+            }
+        }
+    }
+    let mut sink = BlobSink(images.blob_writer()?);
+    write_diff(parent, child, &mut sink).map_err(|e| {
+        ImageStoreError::Bad(format!(
+            "cannot write the layer of {id} from {}: {e}",
+            child.display()
+        ))
+    })?;
+    let size = sink.0.len();
+    let digest = sink.0.finish(images, None)?;
+    let dir = memo.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(ioe("cannot create", dir))?;
+    std::fs::write(&memo, &digest).map_err(ioe("cannot write", &memo))?;
+    Ok(Blob { digest, size })
+}
+
+/// Result `id` as an image: its chain of steps from the base, a layer for each (made on
+/// first need), and `config` (or the result's own recorded context). `progress` hears of
+/// each layer made.
+pub async fn image_of(
+    builder: &obuilder_engine::Builder,
+    images: &ImageStore,
+    id: &str,
+    config: Option<ImageConfig>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<Image, String> {
+    let e = |e: obuilder_engine::error::BuildError| e.to_string();
+    let info = builder.info(id).map_err(e)?.ok_or_else(|| {
+        format!("no result {id} in the store (see `obuilder image ls`, or the id a build printed)")
+    })?;
+    let created = info.created.clone();
+    let mut chain = vec![id.to_string()];
+    let mut at = info.parent;
+    while let Some(p) = at {
+        at = builder.info(&p).map_err(e)?.and_then(|i| i.parent);
+        chain.push(p);
+        if chain.len() > 100_000 {
+            return Err(format!("{id}: its chain of parents does not end"));
+        }
+    }
+    chain.reverse();
+    let config = match config {
+        Some(c) => c,
+        None => builder
+            .result_config(id)
+            .await
+            .map_err(e)?
+            .unwrap_or_default(),
+    };
+    let store = builder.store().clone();
+    let mut layers = Vec::new();
+    let mut prev_view: Option<PathBuf> = None;
+    let total = chain.len();
+    let r: Result<(), String> = async {
+        for (n, step) in chain.iter().enumerate() {
+            let view = store.view(step).await.map_err(|e| e.to_string())?;
+            progress(n + 1, total, step);
+            let (imgs, step_id, parent, child) = (
+                images.clone(),
+                step.clone(),
+                prev_view.clone(),
+                view.clone(),
+            );
+            let blob = tokio::task::spawn_blocking(move || {
+                step_layer(&imgs, &step_id, parent.as_deref(), &child)
+            })
+            .await
+            .map_err(|_| "the layer-writing thread panicked".to_string())?
+            .map_err(|e| e.to_string());
+            if let Some(v) = prev_view.replace(view) {
+                let _ = store.release_view(&v).await;
+            }
+            layers.push((step.clone(), blob?));
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(v) = prev_view {
+        let _ = store.release_view(&v).await;
+    }
+    r?;
+    Image::assemble(images, layers, &config, &created).map_err(|e| e.to_string())
+}
+
+/// Writes result `id`'s whole tree as one tar (`tar:FILE`).
+pub async fn export_tree(
+    builder: &obuilder_engine::Builder,
+    id: &str,
+    file: &Path,
+) -> Result<(), String> {
+    let store = builder.store().clone();
+    if store.result(id).await.map_err(|e| e.to_string())?.is_none() {
+        return Err(format!("no result {id} in the store"));
+    }
+    let view = store.view(id).await.map_err(|e| e.to_string())?;
+    let (v, f) = (view.clone(), file.to_path_buf());
+    let r = tokio::task::spawn_blocking(move || {
+        write_tar_file(&f, |b| {
+            let mut d = Diff {
+                tar: b,
+                links: HashMap::new(),
+            };
+            d.dir(Path::new(""), None, &v)
+        })
+    })
+    .await
+    .map_err(|_| "the tar-writing thread panicked".to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    let _ = store.release_view(&view).await;
+    r
+}
+
+fn sha256_digest(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Go's names for this host's architecture, as image configs say them.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// A result as an image: every blob is in the local blob store.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub layers: Vec<Blob>,
+    pub config: Blob,
+    pub manifest: Vec<u8>,
+}
+
+impl Image {
+    /// Makes the config and manifest for `layers` (bottom first, with the ids of the steps
+    /// they come from) and stores them as blobs.
+    pub fn assemble(
+        images: &ImageStore,
+        layers: Vec<(String, Blob)>,
+        config: &ImageConfig,
+        created: &str,
+    ) -> Result<Image, ImageStoreError> {
+        let mut c = serde_json::Map::new();
+        c.insert(
+            "Env".into(),
+            json!(config
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()),
+        );
+        if let Some(w) = &config.workdir {
+            c.insert("WorkingDir".into(), json!(w));
+        }
+        if let Some(u) = config.user.as_ref().filter(|u| *u != "0:0") {
+            c.insert("User".into(), json!(u));
+        }
+        if let Some(e) = &config.entrypoint {
+            c.insert("Entrypoint".into(), json!(e));
+        }
+        let created = rfc3339(created);
+        let cfg = json!({
+            "created": created,
+            "architecture": host_arch(),
+            "os": "linux",
+            "config": Value::Object(c),
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": layers.iter().map(|(_, b)| b.digest.clone()).collect::<Vec<_>>(),
+            },
+            "history": layers.iter().map(|(id, _)| json!({
+                "created": created,
+                "created_by": format!("obuilder step {id}"),
+            })).collect::<Vec<_>>(),
+        });
+        let cfg_bytes =
+            serde_json::to_vec(&cfg).map_err(|e| ImageStoreError::Bad(e.to_string()))?;
+        let config_digest = images.put_blob(&cfg_bytes[..], None, "image config")?;
+        let config = Blob {
+            digest: config_digest,
+            size: cfg_bytes.len() as u64,
+        };
+        let layers: Vec<Blob> = layers.into_iter().map(|(_, b)| b).collect();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": CONFIG_TYPE, "digest": config.digest, "size": config.size},
+            "layers": layers.iter().map(|l| json!({
+                "mediaType": LAYER_TYPE, "digest": l.digest, "size": l.size,
+            })).collect::<Vec<_>>(),
+        }))
+        .map_err(|e| ImageStoreError::Bad(e.to_string()))?;
+        images.put_blob(&manifest[..], None, "image manifest")?;
+        Ok(Image {
+            layers,
+            config,
+            manifest,
+        })
+    }
+
+    pub fn manifest_digest(&self) -> String {
+        sha256_digest(&self.manifest)
+    }
+
+    /// Every blob: config, layers, manifest.
+    fn blobs(&self) -> Vec<Blob> {
+        let mut v = vec![self.config.clone()];
+        v.extend(self.layers.iter().cloned());
+        v.push(Blob {
+            digest: self.manifest_digest(),
+            size: self.manifest.len() as u64,
+        });
+        v
+    }
+
+    /// Writes the image as an OCI layout in `dir`, keeping what else is there (an entry of
+    /// the same tag is replaced).
+    pub fn write_oci_dir(
+        &self,
+        images: &ImageStore,
+        dir: &Path,
+        tag: Option<&str>,
+    ) -> Result<(), ImageStoreError> {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).map_err(ioe("cannot create", &blobs))?;
+        let layout = dir.join("oci-layout");
+        if !layout.exists() {
+            std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(ioe("cannot write", &layout))?;
+        }
+        for b in self.blobs() {
+            let to = blobs.join(&b.digest["sha256:".len()..]);
+            if to.exists() {
+                continue;
+            }
+            let from = images.blob_path(&b.digest)?;
+            let tmp = to.with_extension("tmp");
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(&from, &tmp).is_err() {
+                std::fs::copy(&from, &tmp).map_err(ioe("cannot copy a blob to", &tmp))?;
+            }
+            std::fs::rename(&tmp, &to).map_err(ioe("cannot write", &to))?;
+        }
+        let index_path = dir.join("index.json");
+        let mut manifests: Vec<Value> = match std::fs::read(&index_path) {
+            Ok(b) => serde_json::from_slice::<Value>(&b)
+                .ok()
+                .and_then(|v| v["manifests"].as_array().cloned())
+                .ok_or_else(|| {
+                    ImageStoreError::Bad(format!(
+                        "{} is not an OCI index; choose an empty or OCI layout directory",
+                        index_path.display()
+                    ))
+                })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(ioe("cannot read", &index_path)(e)),
+        };
+        let name_of = |m: &Value| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .map(str::to_string)
+        };
+        let digest = self.manifest_digest();
+        manifests.retain(|m| match tag {
+            Some(t) => name_of(m).as_deref() != Some(t),
+            None => name_of(m).is_some() || m["digest"].as_str() != Some(&digest),
+        });
+        let mut desc = json!({
+            "mediaType": MANIFEST_TYPE,
+            "digest": digest,
+            "size": self.manifest.len(),
+            "platform": {"architecture": host_arch(), "os": "linux"},
+        });
+        if let Some(t) = tag {
+            desc["annotations"] = json!({"org.opencontainers.image.ref.name": t});
+        }
+        manifests.push(desc);
+        let index = serde_json::to_vec_pretty(&json!({
+            "schemaVersion": 2,
+            "mediaType": INDEX_TYPE,
+            "manifests": manifests,
+        }))
+        .map_err(|e| ImageStoreError::Bad(e.to_string()))?;
+        let tmp = index_path.with_extension("json.tmp");
+        std::fs::write(&tmp, index).map_err(ioe("cannot write", &tmp))?;
+        std::fs::rename(&tmp, &index_path).map_err(ioe("cannot write", &index_path))
+    }
+
+    /// Writes the image as an OCI archive (a tar of an OCI layout).
+    pub fn write_oci_archive(
+        &self,
+        images: &ImageStore,
+        file: &Path,
+        tag: Option<&str>,
+    ) -> Result<(), ImageStoreError> {
+        let scratch = images.scratch()?;
+        let layout = scratch.path().join("layout");
+        self.write_oci_dir(images, &layout, tag)?;
+        write_tar_file(file, |b| {
+            for name in ["oci-layout", "index.json"] {
+                b.append_path_with_name(layout.join(name), name)?;
+            }
+            for blob in self.blobs() {
+                let hex = &blob.digest["sha256:".len()..];
+                append_blob(
+                    b,
+                    &layout.join("blobs/sha256").join(hex),
+                    &format!("blobs/sha256/{hex}"),
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes the image in `docker save` format (what `docker load` reads).
+    pub fn write_docker_archive(
+        &self,
+        images: &ImageStore,
+        file: &Path,
+        tag: Option<&str>,
+    ) -> Result<(), ImageStoreError> {
+        let hex = |d: &str| d["sha256:".len()..].to_string();
+        let layer_names: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| format!("{}/layer.tar", hex(&l.digest)))
+            .collect();
+        let config_name = format!("{}.json", hex(&self.config.digest));
+        let tags: Vec<String> = tag.map(|t| vec![t.to_string()]).unwrap_or_default();
+        let manifest = serde_json::to_vec(&json!([{
+            "Config": config_name,
+            "RepoTags": tags,
+            "Layers": layer_names,
+        }]))
+        .map_err(|e| ImageStoreError::Bad(e.to_string()))?;
+        write_tar_file(file, |b| {
+            append_blob(
+                b,
+                &images
+                    .blob_path(&self.config.digest)
+                    .map_err(io::Error::other)?,
+                &config_name,
+            )?;
+            let mut seen = std::collections::HashSet::new();
+            for (l, name) in self.layers.iter().zip(&layer_names) {
+                if seen.insert(name.clone()) {
+                    append_blob(
+                        b,
+                        &images.blob_path(&l.digest).map_err(io::Error::other)?,
+                        name,
+                    )?;
+                }
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(manifest.len() as u64);
+            h.set_mtime(0);
+            b.append_data(&mut h, "manifest.json", &manifest[..])
+        })
+    }
+}
+
+fn append_blob(b: &mut tar::Builder<File>, path: &Path, name: &str) -> io::Result<()> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(len);
+    h.set_mtime(0);
+    b.append_data(&mut h, name, f.take(len))
+}
+
+/// Writes a tar file through a temporary name, so that a failure leaves no half file.
+pub fn write_tar_file(
+    file: &Path,
+    fill: impl FnOnce(&mut tar::Builder<File>) -> io::Result<()>,
+) -> Result<(), ImageStoreError> {
+    let tmp = {
+        let mut n = file.as_os_str().to_owned();
+        n.push(".tmp");
+        PathBuf::from(n)
+    };
+    let f = File::create(&tmp).map_err(ioe("cannot create", &tmp))?;
+    let mut b = tar::Builder::new(f);
+    let r = fill(&mut b)
+        .and_then(|_| b.into_inner())
+        .and_then(|f| f.sync_all());
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ioe("cannot write", file)(e));
+    }
+    std::fs::rename(&tmp, file).map_err(ioe("cannot write", file))
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` (the database's times) as RFC 3339.
+fn rfc3339(t: &str) -> String {
+    match t.split_once(' ') {
+        Some((d, time)) => format!("{d}T{time}Z"),
+        None => "1970-01-01T00:00:00Z".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        let d = |s: &str| s.parse::<Destination>();
+        assert_eq!(
+            d("oci:/tmp/x:v1").unwrap(),
+            Destination::Oci {
+                dir: "/tmp/x".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            d("oci:out").unwrap(),
+            Destination::Oci {
+                dir: "out".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            d("docker-archive:a.tar:me/x:1").unwrap(),
+            Destination::DockerArchive {
+                file: "a.tar".into(),
+                tag: Some("me/x:1".into())
+            }
+        );
+        assert_eq!(
+            d("tar:/a:b").unwrap(),
+            Destination::Tar {
+                file: "/a:b".into()
+            }
+        );
+        assert!(d("out").unwrap_err().contains("oci:DIR"));
+        assert!(d("zip:x").unwrap_err().contains("unknown destination kind"));
+        assert!(d("oci:").unwrap_err().contains("no path"));
+    }
+
+    fn entries(tar: &[u8]) -> Vec<(String, tar::EntryType)> {
+        let mut a = tar::Archive::new(tar);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_diff_holds_what_changed_and_whiteouts_for_what_went() {
+        let t = tempfile::tempdir().unwrap();
+        let (p, c) = (t.path().join("p"), t.path().join("c"));
+        for d in [&p, &c] {
+            std::fs::create_dir_all(d.join("keep/sub")).unwrap();
+            std::fs::create_dir_all(d.join("gone-dir/x")).unwrap();
+            std::fs::write(d.join("keep/same"), "same").unwrap();
+            std::fs::write(d.join("gone"), "x").unwrap();
+        }
+        // The same mtimes on both sides, as a snapshot keeps them.
+        let copy_times = |rel: &str| {
+            let m = std::fs::metadata(p.join(rel)).unwrap();
+            let f = File::options().write(true).open(c.join(rel)).unwrap();
+            f.set_modified(m.modified().unwrap()).unwrap();
+        };
+        copy_times("keep/same");
+        std::fs::remove_file(c.join("gone")).unwrap();
+        std::fs::remove_dir_all(c.join("gone-dir")).unwrap();
+        std::fs::write(c.join("keep/new"), "new").unwrap();
+        std::fs::hard_link(c.join("keep/new"), c.join("keep/new2")).unwrap();
+        std::os::unix::fs::symlink("new", c.join("keep/ln")).unwrap();
+        for d in ["keep/sub", "keep", ""] {
+            let m = std::fs::metadata(p.join(d)).unwrap();
+            let f = File::open(c.join(d)).unwrap();
+            f.set_modified(m.modified().unwrap()).unwrap();
+        }
+        let mut out = Vec::new();
+        write_diff(Some(&p), &c, &mut out).unwrap();
+        let e = entries(&out);
+        let names: Vec<&str> = e.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                ".wh.gone",
+                ".wh.gone-dir",
+                "keep/ln",
+                "keep/new",
+                "keep/new2"
+            ],
+            "{e:?}"
+        );
+        assert_eq!(e[2].1, tar::EntryType::Symlink);
+        assert_eq!(e[4].1, tar::EntryType::Link);
+        // The same trees give the same bytes.
+        let mut again = Vec::new();
+        write_diff(Some(&p), &c, &mut again).unwrap();
+        assert_eq!(out, again);
+        // Against nothing: every path.
+        let mut all = Vec::new();
+        write_diff(None, &c, &mut all).unwrap();
+        assert_eq!(entries(&all).len(), 6, "keep/ and its five");
+    }
+}

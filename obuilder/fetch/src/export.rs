@@ -156,8 +156,63 @@ pub fn write_diff(parent: Option<&Path>, child: &Path, w: impl Write) -> io::Res
         tar: &mut b,
         links: HashMap::new(),
     };
-    diff.dir(Path::new(""), parent, child)?;
+    diff.tree(parent, child)?;
     b.finish()
+}
+
+/// One entry of a layer, in the order written.
+enum Action {
+    /// `.wh.NAME` for a path of the parent that the child lacks.
+    Whiteout(PathBuf),
+    /// The path as it is in the child (relative name, host path, metadata).
+    Entry(PathBuf, PathBuf, Metadata),
+}
+
+/// What changed under `child` against `parent`. A directory whose own metadata did not
+/// change is still written when something under it did: extracting the layer changes its
+/// mtime, which the directory's entry then restores (extractors set directory times last).
+fn plan(rel: &Path, parent: Option<&Path>, child: &Path, out: &mut Vec<Action>) -> io::Result<()> {
+    let theirs = match parent {
+        Some(p) => names(p)?,
+        None => Vec::new(),
+    };
+    let ours = names(child)?;
+    for gone in theirs.iter().filter(|n| ours.binary_search(n).is_err()) {
+        let mut wh = OsString::from(".wh.");
+        wh.push(gone);
+        out.push(Action::Whiteout(rel.join(wh)));
+    }
+    for name in &ours {
+        let c = child.join(name);
+        let cm = std::fs::symlink_metadata(&c)?;
+        let p = parent.map(|p| p.join(name));
+        let pm = p.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok());
+        let rel = rel.join(name);
+        let changed = match (&pm, &p) {
+            (Some(pm), Some(p)) => {
+                !same(pm, &cm)
+                    || (pm.file_type() != cm.file_type())
+                    || (cm.file_type().is_symlink()
+                        && std::fs::read_link(p)? != std::fs::read_link(&c)?)
+                    || xattrs(p) != xattrs(&c)
+            }
+            _ => true,
+        };
+        if cm.is_dir() {
+            let mark = out.len();
+            out.push(Action::Entry(rel.clone(), c.clone(), cm.clone()));
+            let sub = p
+                .as_deref()
+                .filter(|_| pm.as_ref().is_some_and(|m| m.is_dir()));
+            plan(&rel, sub, &c, out)?;
+            if !changed && out.len() == mark + 1 {
+                out.pop();
+            }
+        } else if changed {
+            out.push(Action::Entry(rel, c, cm));
+        }
+    }
+    Ok(())
 }
 
 struct Diff<'a, W: Write> {
@@ -167,45 +222,20 @@ struct Diff<'a, W: Write> {
 }
 
 impl<W: Write> Diff<'_, W> {
-    fn dir(&mut self, rel: &Path, parent: Option<&Path>, child: &Path) -> io::Result<()> {
-        let theirs = match parent {
-            Some(p) => names(p)?,
-            None => Vec::new(),
-        };
-        let ours = names(child)?;
-        for gone in theirs.iter().filter(|n| ours.binary_search(n).is_err()) {
-            let mut wh = OsString::from(".wh.");
-            wh.push(gone);
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o644);
-            h.set_size(0);
-            h.set_mtime(0);
-            self.tar.append_data(&mut h, rel.join(wh), io::empty())?;
-        }
-        for name in &ours {
-            let c = child.join(name);
-            let cm = std::fs::symlink_metadata(&c)?;
-            let p = parent.map(|p| p.join(name));
-            let pm = p.as_ref().and_then(|p| std::fs::symlink_metadata(p).ok());
-            let rel = rel.join(name);
-            let changed = match (&pm, &p) {
-                (Some(pm), Some(p)) => {
-                    !same(pm, &cm)
-                        || (cm.file_type().is_symlink()
-                            && std::fs::read_link(p)? != std::fs::read_link(&c)?)
-                        || xattrs(p) != xattrs(&c)
+    fn tree(&mut self, parent: Option<&Path>, child: &Path) -> io::Result<()> {
+        let mut actions = Vec::new();
+        plan(Path::new(""), parent, child, &mut actions)?;
+        for a in actions {
+            match a {
+                Action::Whiteout(rel) => {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(0);
+                    h.set_mtime(0);
+                    self.tar.append_data(&mut h, rel, io::empty())?;
                 }
-                _ => true,
-            };
-            if changed {
-                self.entry(&rel, &c, &cm)?;
-            }
-            if cm.is_dir() {
-                let sub = p
-                    .as_deref()
-                    .filter(|_| pm.as_ref().is_some_and(|m| m.is_dir()));
-                self.dir(&rel, sub, &c)?;
+                Action::Entry(rel, path, m) => self.entry(&rel, &path, &m)?,
             }
         }
         Ok(())
@@ -410,7 +440,7 @@ pub async fn export_tree(
                 tar: b,
                 links: HashMap::new(),
             };
-            d.dir(Path::new(""), None, &v)
+            d.tree(None, &v)
         })
     })
     .await
@@ -801,14 +831,15 @@ mod tests {
             [
                 ".wh.gone",
                 ".wh.gone-dir",
+                "keep",
                 "keep/ln",
                 "keep/new",
                 "keep/new2"
             ],
-            "{e:?}"
+            "{e:?}: keep/ is written for its mtime, which what is new in it changes"
         );
-        assert_eq!(e[2].1, tar::EntryType::Symlink);
-        assert_eq!(e[4].1, tar::EntryType::Link);
+        assert_eq!(e[3].1, tar::EntryType::Symlink);
+        assert_eq!(e[5].1, tar::EntryType::Link);
         // The same trees give the same bytes.
         let mut again = Vec::new();
         write_diff(Some(&p), &c, &mut again).unwrap();

@@ -110,6 +110,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match result {
         Ok((id, end)) => {
             let images = config.images();
+            if let Err(e) = super::result::record_end(&images, &id, &end) {
+                tracing::warn!("cannot record the context {id} ended in: {e}");
+            }
             for t in &args.tags {
                 super::result::tag(&images, t, &id, end.clone())?;
             }

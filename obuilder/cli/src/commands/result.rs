@@ -42,7 +42,7 @@ pub async fn find(builder: &Builder, images: &ImageStore, name: &str) -> anyhow:
     if hex && builder.store().result(name).await?.is_some() {
         return Ok(Named {
             id: name.to_string(),
-            config: None,
+            config: ended_with(images, name),
         });
     }
     if hex && name.len() >= 4 {
@@ -52,7 +52,7 @@ pub async fn find(builder: &Builder, images: &ImageStore, name: &str) -> anyhow:
             [one] => {
                 return Ok(Named {
                     id: (*one).clone(),
-                    config: None,
+                    config: ended_with(images, one),
                 })
             }
             [] => {}
@@ -68,6 +68,29 @@ pub async fn find(builder: &Builder, images: &ImageStore, name: &str) -> anyhow:
         "no result or tag {name:?} in {} (a build prints its result as `Got: \"ID\"`; `build --tag NAME` names one)",
         builder.store().describe()
     )))
+}
+
+fn ends_path(images: &ImageStore, id: &str) -> std::path::PathBuf {
+    images.dir().join("ends").join(format!("{id}.json"))
+}
+
+/// The context the last build that ended at `id` ended in (a spec's `env` or `workdir`
+/// after its last step is in no step's own `config.json`).
+fn ended_with(images: &ImageStore, id: &str) -> Option<ImageConfig> {
+    let b = std::fs::read(ends_path(images, id)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Records what a build of `id` ended with, for `run`, `export` and `push` by id.
+pub fn record_end(images: &ImageStore, id: &str, config: &ImageConfig) -> anyhow::Result<()> {
+    let p = ends_path(images, id);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(config)?)?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(())
 }
 
 /// Gives result `id` the name `name`, with the context its build ended in.

@@ -1,0 +1,310 @@
+#![cfg(target_os = "linux")]
+//! After `Got:`: `build --tag/--iidfile/--quiet`, `run`, `log`, `inspect`, `export` and
+//! `push` end to end, with the real binary, real runc, real stores on loopback
+//! filesystems, a real registry (Debian's docker-registry on 127.0.0.1), skopeo and buildah.
+
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use testkit::e2e::{text, Env};
+use testkit::registry::TestRegistry;
+use testkit::{require, Cap};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_obuilder")
+}
+
+/// Files with every kind of metadata a step can leave: modes (setuid, sticky), owners,
+/// symlinks, hard links, a fifo, a deleted file and directory of the base, a directory
+/// replaced by a file, and a second step that changes and deletes what the first made.
+const SPEC: &str = r#"((from busybox)
+ (shell /bin/sh -c)
+ (workdir /srv)
+ (copy (src a.txt) (dst ./))
+ (run (shell "mkdir -p d/e && echo one > d/e/f && echo two > g && chown 1000:2000 g && chmod 4751 g &&
+              echo h > h && ln h h-link && ln -s d/e/f sym && mkfifo fifo && chmod 1777 d &&
+              rm -f /bin/true && rm -rf /usr/sbin && mkdir -p /x && echo x > /x/y"))
+ (run (shell "echo three >> g && rm d/e/f && rm -rf /x && echo x > /x"))
+ (env BUILT yes)
+ (user (uid 1000) (gid 2000)))
+"#;
+
+/// A tar of a whole tree (as `export tar:` writes it) as path → (kind, mode, uid, gid,
+/// mtime in seconds, link target, contents).
+type Listing = BTreeMap<String, (String, u32, u64, u64, u64, String, Vec<u8>)>;
+
+fn listing(tar: &Path) -> Listing {
+    let mut a = tar::Archive::new(std::fs::File::open(tar).unwrap());
+    let mut out = Listing::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let link = e
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        out.insert(
+            path,
+            (
+                format!("{:?}", h.entry_type()),
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                h.mtime().unwrap(),
+                link,
+                data,
+            ),
+        );
+    }
+    out
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+fn round_trip(kind: &str, with_buildah: bool) {
+    let env = Env::new(bin(), kind);
+    let registry = TestRegistry::start();
+    let tmp = env.tmp.path();
+    let spec = env.spec("rt.spec", SPEC);
+    let iid = tmp.join("iid");
+
+    // --quiet prints the id alone; --iidfile holds it; --tag names it.
+    let out = env.build_with(
+        &spec,
+        &["-q", "-t", "rt", "--iidfile", iid.to_str().unwrap()],
+    );
+    let id = ok(&out, "build").trim().to_string();
+    assert_eq!(id.len(), 64, "{id}");
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), id);
+
+    // inspect: the context the spec ended in (env after the last step, the user).
+    let j = ok(&env.run(&["inspect", "rt", "--format", "json"]), "inspect");
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["config"]["workdir"], "/srv");
+    assert_eq!(v["config"]["user"], "1000:2000");
+    assert!(v["config"]["env"].to_string().contains("BUILT=yes"), "{j}");
+    assert_eq!(v["parents"].as_array().unwrap().len(), 3, "{j}");
+    assert_eq!(v["tags"][0], "rt");
+
+    // run: in a throw-away snapshot, as the result's user and workdir; its exit status.
+    let run = |name: &str, script: &str| {
+        env.command(&["run", name])
+            .args(["--", "/bin/sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let out = run(
+        &id[..12],
+        "id -u; pwd; echo $BUILT; cat g; touch /tmp/scratch; exit 3",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "1000\n/srv\nyes\ntwo\nthree\n");
+    let out = run("rt", "ls /tmp/scratch");
+    assert_eq!(out.status.code(), Some(1), "the snapshot was thrown away");
+
+    // (from TAG) builds on the result itself (no copy): its base step is a cache hit.
+    let on_tag = env.spec(
+        "on-tag.spec",
+        "((from rt) (shell /bin/sh -c) (run (shell \"echo $BUILT; cat /srv/g\")))",
+    );
+    let out = ok(&env.build(&on_tag), "build on the tag");
+    assert!(
+        out.starts_with(&format!("(from rt)\n---> using \"{id}\" from cache\n")),
+        "{out}"
+    );
+    assert!(out.contains("yes\ntwo\nthree\n"), "{out}");
+
+    // export: an OCI layout skopeo reads, a layer per step.
+    let oci = tmp.join("oci");
+    let dest = format!("oci:{}:v1", oci.display());
+    ok(&env.run(&["export", "rt", &dest]), "export");
+    let out = Command::new("skopeo")
+        .args(["inspect", &dest])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&out, "skopeo inspect")).unwrap();
+    assert_eq!(v["Layers"].as_array().unwrap().len(), 4, "{v}");
+    assert!(v["Env"].to_string().contains("BUILT=yes"), "{v}");
+    let digest = v["Digest"].as_str().unwrap().to_string();
+    // The same result exports to the same bytes.
+    let again = format!("oci:{}:v2", oci.display());
+    let out = ok(&env.run(&["export", "rt", &again]), "export again");
+    assert!(out.contains(&digest), "{out}");
+
+    // push, then a second push that sends nothing.
+    let target = format!("{}/rt/img:v1", registry.addr);
+    let out = ok(&env.run(&["push", "rt", &target]), "push");
+    assert!(out.contains(&digest), "{out}");
+    assert!(out.contains("(5 blobs uploaded"), "{out}");
+    let out = ok(&env.run(&["push", &id, &target]), "second push");
+    assert!(
+        out.contains("(0 blobs uploaded, 0 B; 5 already there)"),
+        "{out}"
+    );
+
+    // Pulled back by (from REF): the same tree.
+    let back = env.spec("back.spec", &format!("((from {target}))"));
+    let back_id = ok(&env.build_with(&back, &["-q"]), "pull back")
+        .trim()
+        .to_string();
+    let (a, b) = (tmp.join("a.tar"), tmp.join("b.tar"));
+    ok(
+        &env.run(&["export", &id, &format!("tar:{}", a.display())]),
+        "tar",
+    );
+    ok(
+        &env.run(&["export", &back_id, &format!("tar:{}", b.display())]),
+        "tar",
+    );
+    let (la, lb) = (listing(&a), listing(&b));
+    assert!(
+        la.contains_key("srv/g") && la.contains_key("x"),
+        "{:?}",
+        la.keys()
+    );
+    assert!(!la.contains_key("bin/true") && !la.contains_key("usr/sbin"));
+    assert_eq!(la["srv/g"].1, 0o4751);
+    assert_eq!((la["srv/g"].2, la["srv/g"].3), (1000, 2000));
+    assert_eq!(la["srv/h-link"].0, "Link");
+    assert_eq!(la["srv/fifo"].0, "Fifo");
+    assert_eq!(la["srv/d"].1, 0o1777);
+    for (path, meta) in &la {
+        assert_eq!(
+            lb.get(path),
+            Some(meta),
+            "{kind}: {path} differs after the round trip"
+        );
+    }
+    assert_eq!(
+        la.len(),
+        lb.len(),
+        "{kind}: the pulled tree has other paths"
+    );
+
+    // Another format each: docker load's and an OCI archive, both read by skopeo.
+    for d in ["docker-archive", "oci-archive"] {
+        let f = tmp.join(format!("{d}.tar"));
+        ok(
+            &env.run(&["export", "rt", &format!("{d}:{}", f.display())]),
+            d,
+        );
+        let out = Command::new("skopeo")
+            .args(["inspect", &format!("{d}:{}", f.display())])
+            .output()
+            .unwrap();
+        assert!(ok(&out, d).contains("BUILT=yes"));
+    }
+
+    if with_buildah {
+        // buildah takes the exported image and runs a command in it.
+        let vfs = tmp.join("buildah");
+        let b = |args: &[&str]| {
+            Command::new("buildah")
+                .arg("--root")
+                .arg(vfs.join("root"))
+                .arg("--runroot")
+                .arg(vfs.join("run"))
+                .args(["--storage-driver", "vfs"])
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        // (buildah names the image after the path, which must then be lowercase.)
+        let lower = std::env::temp_dir().join(format!("obuilder-rt-{}", std::process::id()));
+        let lower_dest = format!("oci:{}:v1", lower.display());
+        ok(&env.run(&["export", "rt", &lower_dest]), "export");
+        let from = b(&["from", "--name", "obuilder-rt", &lower_dest]);
+        let _ = std::fs::remove_dir_all(&lower);
+        let c = ok(&from, "buildah from");
+        let c = c.trim().lines().last().unwrap().to_string();
+        let out = b(&[
+            "run",
+            "--isolation",
+            "chroot",
+            &c,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /srv/g; id -u; echo $BUILT; ls /bin/true || echo gone",
+        ]);
+        assert_eq!(ok(&out, "buildah run"), "two\nthree\n1000\nyes\ngone\n");
+        let _ = b(&["rm", &c]);
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(vfs.join("root"))
+            .status();
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn export_push_pull_round_trip_btrfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs"),
+        Cap::Tool("docker-registry"),
+        Cap::Tool("skopeo"),
+        Cap::Tool("buildah")
+    );
+    round_trip("btrfs", true);
+}
+
+#[test]
+fn export_push_pull_round_trip_overlayfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.ext4"),
+        Cap::OverlayLowerdirPlus,
+        Cap::Tool("docker-registry"),
+        Cap::Tool("skopeo")
+    );
+    round_trip("overlayfs", false);
+}
+
+#[test]
+fn export_push_pull_round_trip_xfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.xfs"),
+        Cap::Tool("docker-registry"),
+        Cap::Tool("skopeo")
+    );
+    round_trip("xfs", false);
+}
+
+#[test]
+fn export_push_pull_round_trip_rsync() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync"),
+        Cap::Tool("docker-registry"),
+        Cap::Tool("skopeo")
+    );
+    round_trip("rsync-copy", false);
+}

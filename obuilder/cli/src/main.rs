@@ -30,6 +30,8 @@ enum Command {
     Build(build::Args),
     /// Run a command in a throw-away snapshot of a result: `obuilder run ID -- CMD…`.
     Run(result::RunArgs),
+    /// An interactive shell in a throw-away snapshot of a result.
+    Shell(result::ShellArgs),
     /// Print a result's stored log.
     Log(result::LogArgs),
     /// Show a result: parents, times, size, tags, env/workdir/user.
@@ -101,7 +103,10 @@ fn main() -> ExitCode {
                 // other command stops at once (each store operation is crash-safe).
                 let graceful = matches!(
                     async_cmd,
-                    Command::Build(_) | Command::Healthcheck(_) | Command::Run(_)
+                    Command::Build(_)
+                        | Command::Healthcheck(_)
+                        | Command::Run(_)
+                        | Command::Shell(_)
                 );
                 let cmd = async move {
                     match async_cmd {
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
                         Command::Image(c) => image::run(c).await,
                         Command::Pull(a) => pull::run(a).await,
                         Command::Run(a) => result::run(a).await,
+                        Command::Shell(a) => result::shell(a).await,
                         Command::Log(a) => result::log(a).await,
                         Command::Inspect(a) => result::inspect(a).await,
                         Command::Export(a) => result::export(a).await,

@@ -17,7 +17,7 @@ use crate::copy;
 use crate::error::{BuildError, StepError, StepRef};
 use crate::fetch::{Fetcher, ImageConfig};
 use crate::key::{secret_digest, CopyInput, Id, RunInput, SecretInput};
-use crate::log::{LogEvent, LogSink, StepLog};
+use crate::log::{LogEvent, LogSink, StepEvent, StepLog};
 use crate::policy::{
     BoxFuture, CacheStats, InFlightStep, Pins, Policy, ResultInfo, StepRequest, Work,
 };
@@ -69,6 +69,15 @@ impl Default for BuilderOptions {
 }
 
 type Env = Vec<(String, String)>;
+
+/// A base step's id and env, as [`Session::track`] takes it.
+struct Tagged(Id, Env);
+
+impl AsRef<str> for Tagged {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 /// The most characters of a step's heading the log shows.
 const MAX_HEADING: usize = 2000;
@@ -127,13 +136,55 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// The next step's reference; says that it starts (before its heading).
     fn step_ref(&self, heading: String) -> StepRef {
-        StepRef {
+        let step = StepRef {
             index: self.next_step.fetch_add(1, Ordering::Relaxed) + 1,
             total: self.total,
             heading: obuilder_spec::clip(&heading, crate::exec::MAX_SHOWN).into_owned(),
             id: None,
-        }
+        };
+        (self.opts.log)(&LogEvent::Step(StepEvent::Started {
+            index: step.index,
+            total: step.total,
+            heading: step.heading.clone(),
+        }));
+        step
+    }
+
+    /// Runs a step, saying how it ended (cached or made, how long, or why it failed).
+    async fn track<T: AsRef<str>>(
+        &self,
+        step: &StepRef,
+        f: impl std::future::Future<Output = Result<T, BuildError>>,
+    ) -> Result<T, BuildError> {
+        let t0 = std::time::Instant::now();
+        let hits = self.pins.hit_count();
+        let r = f.await.map_err(|e| e.in_step(step));
+        let secs = t0.elapsed().as_secs_f64();
+        let (index, total) = (step.index, step.total);
+        let event = match &r {
+            Ok(id) => StepEvent::Done {
+                index,
+                total,
+                id: id.as_ref().to_string(),
+                cached: self.pins.hit_count() > hits,
+                secs,
+            },
+            Err(BuildError::Cancelled) => return r,
+            Err(e) => StepEvent::Failed {
+                index,
+                total,
+                secs,
+                status: match e.kind() {
+                    crate::error::FailureKind::Exited { status } => Some(status),
+                    _ => None,
+                },
+                error: e.to_string(),
+            },
+        };
+        (self.opts.log)(&LogEvent::Step(event));
+        r
     }
 }
 
@@ -420,10 +471,14 @@ impl Builder {
             let (mut base, env) = match &spec.from {
                 Base::Image(image) => {
                     let heading = format!("(from {})", quote_if_needed(image));
-                    log(&LogEvent::Heading(heading.clone()));
-                    let step = run.step_ref(heading);
-                    let (id, image_env) =
-                        self.base(image, run).await.map_err(|e| e.in_step(&step))?;
+                    let step = run.step_ref(heading.clone());
+                    log(&LogEvent::Heading(heading));
+                    let (id, image_env) = run
+                        .track(&step, async {
+                            self.base(image, run).await.map(|(id, env)| Tagged(id, env))
+                        })
+                        .await
+                        .map(|Tagged(id, env)| (id, env))?;
                     let mut env = initial.env.clone();
                     env.extend(image_env);
                     (id, env)
@@ -447,6 +502,8 @@ impl Builder {
             };
             for op in &spec.ops {
                 let heading = format!("{}: {}", ctx.workdir, op.to_sexp().to_hum());
+                let step =
+                    matches!(op, Op::Run(_) | Op::Copy(_)).then(|| run.step_ref(heading.clone()));
                 log(&LogEvent::Heading(
                     obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
                 ));
@@ -463,18 +520,14 @@ impl Builder {
                         ctx.env.insert(0, (k.clone(), v.clone()));
                     }
                     Op::Run(r) => {
-                        let step = run.step_ref(heading);
-                        base = self
-                            .run(&base, r, &ctx, run)
-                            .await
-                            .map_err(|e| e.in_step(&step))?
+                        let step =
+                            step.ok_or(StepError::Internal("a run step without a number"))?;
+                        base = run.track(&step, self.run(&base, r, &ctx, run)).await?
                     }
                     Op::Copy(c) => {
-                        let step = run.step_ref(heading);
-                        base = self
-                            .copy(&base, c, &ctx, run)
-                            .await
-                            .map_err(|e| e.in_step(&step))?
+                        let step =
+                            step.ok_or(StepError::Internal("a copy step without a number"))?;
+                        base = run.track(&step, self.copy(&base, c, &ctx, run)).await?
                     }
                 }
             }
@@ -533,6 +586,7 @@ impl Builder {
                             steplog.write(format!("{t}\n").as_bytes())
                         }
                         LogEvent::Output(b) => steplog.write(b),
+                        LogEvent::Step(_) => Ok(()),
                     };
                 });
                 let _t = crate::timing::phase("fetch", &dir.id);
@@ -614,6 +668,7 @@ impl Builder {
             network: r.network.clone(),
             caches: Vec::new(),
             secrets,
+            stdin: false,
         };
         let sandbox = self.sandbox.clone();
         let store = self.policy.store.clone();

@@ -122,6 +122,11 @@ impl Pins {
     fn hit(&self, id: &str) {
         lock(&self.hits).push(id.to_string());
     }
+
+    /// How many cache hits this build has had.
+    pub(crate) fn hit_count(&self) -> usize {
+        lock(&self.hits).len()
+    }
 }
 
 impl Drop for Pins {

@@ -48,6 +48,9 @@ pub struct RunConfig {
     pub network: Vec<String>,
     pub caches: Vec<CacheMount>,
     pub secrets: Vec<SecretMount>,
+    /// The command reads this process's standard input (`obuilder run -i`, `shell`);
+    /// a step's never does (it gets /dev/null).
+    pub stdin: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -258,6 +258,7 @@ mod tests {
                 value: b"s3cret".to_vec(),
                 target: "/run/secrets/tok".into(),
             }],
+            stdin: false,
         }
     }
 

@@ -334,7 +334,11 @@ impl Sandbox for RuncSandbox {
             let bundle_s = bundle.to_string_lossy().into_owned();
             let mut child = self.exec.spawn(
                 &self.runc(&["run", "--bundle", &bundle_s, &id]).cwd(&bundle),
-                Stdio::null(),
+                if c.stdin {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                },
                 Stdio::from(write),
                 Stdio::from(write2),
             )?;

@@ -1246,7 +1246,11 @@ impl Sandbox for UserSandbox {
             started = true;
             let mut child = self.exec.spawn(
                 &Cmd::new(argv),
-                Stdio::null(),
+                if c.stdin {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                },
                 Stdio::from(write),
                 Stdio::from(write2),
             )?;

@@ -18,6 +18,7 @@ fn config() -> RunConfig {
         network: vec![],
         caches: vec![],
         secrets: vec![],
+        stdin: false,
     }
 }
 

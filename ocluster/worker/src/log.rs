@@ -121,6 +121,8 @@ impl JobLog {
                 log.line(&format!("\x1b[01;2m\x1b[01;35m{stamp} {n}\x1b[0m"));
             }
             LogEvent::Output(b) => log.write(b),
+            // (The original's log has no step events.)
+            LogEvent::Step(_) => {}
         })
     }
 }

@@ -8,8 +8,8 @@ use obuilder_spec::Spec;
 
 use super::process::{exit, interrupt, interrupted_code, usage};
 use super::setup::{
-    builder_config, console_sink, open, parse_duration, Color, LogArgs, RegistryArgs, SandboxArgs,
-    StoreArgs,
+    builder_config, console_sink, open, parse_duration, BuildStats, Color, LogArgs, ProgressMode,
+    RegistryArgs, SandboxArgs, StoreArgs,
 };
 
 #[derive(clap::Args)]
@@ -46,6 +46,10 @@ pub struct Args {
     /// go to standard error).
     #[arg(short, long)]
     quiet: bool,
+    /// How to show progress: auto (tty on a terminal, else plain), plain (OBuilder's log
+    /// as is), tty (plus step counters and times), json (one event per line).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     /// Colour headings and notes.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     color: Color,
@@ -94,10 +98,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(&args.log),
     )?;
     let builder = open(&config).await?;
-    let sink = if args.quiet {
-        obuilder_engine::log::null_sink()
+    let mode = args.progress.resolve();
+    let json = mode == ProgressMode::Json && !args.quiet;
+    let (sink, stats) = if args.quiet {
+        (obuilder_engine::log::null_sink(), Default::default())
     } else {
-        console_sink(args.color.enabled())
+        console_sink(args.color.enabled(), mode)
+    };
+    let started = std::time::Instant::now();
+    let summary = |stats: &std::sync::Mutex<BuildStats>| {
+        let s = *stats.lock().unwrap_or_else(|p| p.into_inner());
+        (s, started.elapsed().as_secs_f64())
     };
     let mut opts = BuildOptions::new(&args.context, sink);
     opts.secrets = secrets;
@@ -119,9 +130,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if let Some(f) = &args.iidfile {
                 super::result::write_iidfile(f, &id)?;
             }
+            let (s, secs) = summary(&stats);
             if args.quiet {
                 crate::outln!("{id}")?;
+            } else if json {
+                let v = serde_json::json!({
+                    "event": "result", "id": id, "tags": args.tags,
+                    "steps": s.steps, "cached": s.cached, "secs": secs,
+                });
+                crate::outln!("{v}")?;
             } else {
+                eprintln!(
+                    "Built in {secs:.1}s: {} step{}, {} from the cache",
+                    s.steps,
+                    if s.steps == 1 { "" } else { "s" },
+                    s.cached
+                );
                 crate::outln!("Got: {id:?}")?;
                 for t in &args.tags {
                     crate::outln!("Tagged {t}")?;
@@ -130,6 +154,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(BuildError::Cancelled) => {
+            if json {
+                let v = serde_json::json!({"event": "cancelled"});
+                let _ = crate::outln!("{v}");
+            }
             eprintln!("Cancelled at user's request");
             Ok(interrupted_code().unwrap_or(ExitCode::from(exit::signal(2))))
         }
@@ -145,6 +173,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             while let Some(c) = cause {
                 eprintln!("  caused by: {c}");
                 cause = c.source();
+            }
+            if json {
+                let v = serde_json::json!({
+                    "event": "error", "message": e.to_string(), "exit": failure_code(&e),
+                    "step": e.step().map(|s| s.index),
+                });
+                let _ = crate::outln!("{v}");
             }
             Ok(ExitCode::from(failure_code(&e)))
         }

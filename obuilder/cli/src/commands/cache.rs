@@ -4,12 +4,14 @@
 use std::process::ExitCode;
 
 use super::process::exit;
-use super::setup::StoreArgs;
+use super::setup::{FormatArgs, StoreArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// List shared caches and how many running steps use each.
     Ls {
+        #[command(flatten)]
+        format: FormatArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -23,8 +25,18 @@ pub enum Command {
 
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Ls { store } => {
+        Command::Ls { format, store } => {
             let s = store.config()?.open_existing_store()?;
+            if format.json() {
+                let v: Vec<serde_json::Value> = s
+                    .cache_list()
+                    .await?
+                    .into_iter()
+                    .map(|c| serde_json::json!({"name": c.name, "in_use": c.in_use}))
+                    .collect();
+                crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             crate::outln!("{:<40} IN USE", "NAME")?;
             for c in s.cache_list().await? {
                 crate::outln!(

@@ -7,7 +7,7 @@ use obuilder_engine::exec::RealExec;
 use obuilder_fetch::import::{import, ImportRequest};
 
 use super::process::{exit, usage};
-use super::setup::StoreArgs;
+use super::setup::{FormatArgs, StoreArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -29,14 +29,17 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// List local images.
+    /// List local images and tags (`build --tag`), with their sizes.
     Ls {
+        #[command(flatten)]
+        format: FormatArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Forget a local image (results built on it stay until pruned).
+    /// Forget local images or tags (results built on them stay until pruned).
     Rm {
-        name: String,
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -88,33 +91,79 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ls { store } => {
-            let list = store.config()?.images().list()?;
-            crate::outln!("{:<32} {:<19} {:>6}  SOURCE", "NAME", "DIGEST", "LAYERS")?;
-            for r in list {
-                let origin = if r.registry.is_some() {
+        Command::Ls { format, store } => {
+            let images = store.config()?.images();
+            let list = images.list()?;
+            // Bytes of the layers in the blob store (a registry image's, once downloaded).
+            let size = |r: &obuilder_fetch::images::ImageRecord| -> u64 {
+                r.layers
+                    .iter()
+                    .filter_map(|l| images.blob_path(l).ok())
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum()
+            };
+            let origin = |r: &obuilder_fetch::images::ImageRecord| {
+                if r.result.is_some() {
+                    "tag of"
+                } else if r.registry.is_some() {
                     "pulled from"
                 } else {
                     "imported from"
-                };
+                }
+            };
+            if format.json() {
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "name": r.name, "digest": r.digest, "layers": r.layers.len(),
+                            "size": size(r), "source": r.source, "imported": r.imported,
+                            "registry": r.registry, "result": r.result,
+                        })
+                    })
+                    .collect();
+                crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let width = list
+                .iter()
+                .map(|r| r.name.len())
+                .max()
+                .unwrap_or(0)
+                .clamp(4, 60);
+            crate::outln!(
+                "{:<width$} {:<19} {:>6} {:>10}  SOURCE",
+                "NAME",
+                "DIGEST",
+                "LAYERS",
+                "SIZE"
+            )?;
+            for r in &list {
                 crate::outln!(
-                    "{:<32} {:<19} {:>6}  {origin} {}",
+                    "{:<width$} {:<19} {:>6} {:>10}  {} {}",
                     r.name,
                     &r.digest[..r.digest.len().min(19)],
                     r.layers.len(),
+                    obuilder_engine::log::human_bytes(size(r)),
+                    origin(r),
                     r.source
                 )?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rm { name, store } => {
-            if store.config()?.images().remove(&name)? {
-                crate::outln!("Removed image {name:?}")?;
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!("obuilder: no local image named {name:?} (see `obuilder image ls`)");
-                Ok(ExitCode::from(exit::USAGE))
+        Command::Rm { names, store } => {
+            let images = store.config()?.images();
+            let mut code = ExitCode::SUCCESS;
+            for name in &names {
+                if images.remove(name)? {
+                    crate::outln!("Removed image {name:?}")?;
+                } else {
+                    eprintln!("obuilder: no local image named {name:?} (see `obuilder image ls`)");
+                    code = ExitCode::from(exit::USAGE);
+                }
             }
+            Ok(code)
         }
     }
 }

@@ -184,6 +184,8 @@ pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
 #[derive(clap::Args)]
 pub struct DfArgs {
     #[command(flatten)]
+    format: super::setup::FormatArgs,
+    #[command(flatten)]
     store: StoreArgs,
 }
 
@@ -194,6 +196,19 @@ pub async fn df(a: DfArgs) -> anyhow::Result<ExitCode> {
     let store = config.open_existing_store()?;
     let stats = obuilder_config::store_stats(&*store)?;
     let u = store.df().await?;
+    if a.format.json() {
+        let v = serde_json::json!({
+            "store": store.describe(),
+            "results": stats.results,
+            "cache_hits": stats.cache.hits,
+            "cache_misses": stats.cache.misses,
+            "total_bytes": u.total_bytes,
+            "free_bytes": u.free_bytes,
+            "free_percent": u.free_percent(),
+        });
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
     crate::outln!("store:   {}", store.describe())?;
     crate::outln!("results: {}", stats.results)?;

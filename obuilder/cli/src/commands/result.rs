@@ -299,6 +299,9 @@ pub struct RunArgs {
     /// standard input is empty.
     #[arg(value_name = "CMD", last = true, required = true)]
     cmd: Vec<String>,
+    /// Give the command this process's standard input (default: empty).
+    #[arg(short, long)]
+    interactive: bool,
     /// Give the command the host's network (default: loopback only, as steps).
     #[arg(long)]
     network_host: bool,
@@ -306,6 +309,35 @@ pub struct RunArgs {
     store: StoreArgs,
     #[command(flatten)]
     sandbox: SandboxArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ShellArgs {
+    /// The result: its id (or a unique prefix) or a --tag name.
+    #[arg(value_name = "ID|TAG")]
+    id: String,
+    /// Give the shell the host's network (default: loopback only, as steps).
+    #[arg(long)]
+    network_host: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// `obuilder shell ID`: the result's shell (`/bin/sh` if it has none recorded), reading
+/// this terminal, in a throw-away snapshot. Output goes through the log pipe, so there is
+/// no job control; what the shell changes is thrown away.
+pub async fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
+    run(RunArgs {
+        id: a.id,
+        cmd: Vec::new(),
+        interactive: true,
+        network_host: a.network_host,
+        store: a.store,
+        sandbox: a.sandbox,
+    })
+    .await
 }
 
 /// A fresh id for a throw-away snapshot (never a result's: results are hashes of inputs).
@@ -338,6 +370,17 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         None => obuilder_spec::User::Name(ctx.user.clone().unwrap_or_default()),
     };
     let user = b.sandbox().user(&user)?;
+    let argv = if a.cmd.is_empty() {
+        // `shell`: the shell steps ran with (its `-c` dropped), interactive.
+        let sh = ctx
+            .shell
+            .as_ref()
+            .and_then(|s| s.first().cloned())
+            .unwrap_or_else(|| "/bin/sh".into());
+        vec![sh, "-i".into()]
+    } else {
+        a.cmd.clone()
+    };
     let store = b.store().clone();
     let scratch = scratch_id();
     let dir = store.prepare(&scratch, Some(&named.id)).await?;
@@ -354,7 +397,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             })
         };
         let rc = RunConfig {
-            argv: a.cmd.clone(),
+            argv,
             env: ctx.env.clone(),
             cwd: ctx.workdir.clone().unwrap_or_else(|| "/".into()),
             user,
@@ -365,6 +408,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             },
             caches: Vec::new(),
             secrets: Vec::new(),
+            stdin: a.interactive,
         };
         let cancel = interrupt().child_token();
         let r = b.sandbox().run(&rc, &dir.rootfs, &steplog, &cancel).await;

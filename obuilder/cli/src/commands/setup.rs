@@ -313,37 +313,154 @@ pub fn progress_bars() -> ProgressSink {
     })
 }
 
+/// How `build` shows its progress (`--progress`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// `tty` when standard output is a terminal, else `plain`.
+    #[default]
+    Auto,
+    /// OBuilder's log, as is (what CI logs and scripts that parse them expect).
+    Plain,
+    /// The log with a step counter on each step's heading (`[3/7]`) and the time each
+    /// step took on its `saved as` line.
+    Tty,
+    /// One JSON object per line: heading, note, output, step (started, done with
+    /// `cached` and `secs`, failed with `status`), then result or error.
+    Json,
+}
+
+impl ProgressMode {
+    pub fn resolve(self) -> ProgressMode {
+        match self {
+            ProgressMode::Auto if std::io::stdout().is_terminal() => ProgressMode::Tty,
+            ProgressMode::Auto => ProgressMode::Plain,
+            m => m,
+        }
+    }
+}
+
+/// What a build did, for its closing summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BuildStats {
+    pub steps: usize,
+    pub cached: usize,
+}
+
 /// Prints the build log like OBuilder: headings in bold blue, notes in yellow (on a
 /// terminal), command output as it comes. A note that follows output without a final
-/// newline starts on a line of its own. A closed stdout cancels the build (see
-/// `process`).
-pub fn console_sink(color: bool) -> LogSink {
-    let mid_line = std::sync::atomic::AtomicBool::new(false);
-    Arc::new(move |e: &LogEvent| {
-        use std::sync::atomic::Ordering;
-        let nl = if mid_line.swap(false, Ordering::Relaxed) {
+/// newline starts on a line of its own. In `tty` mode, step headings get their number and
+/// `saved as` lines the step's time. In `json` mode, every event is a JSON line. A closed
+/// stdout cancels the build (see `process`).
+pub fn console_sink(
+    color: bool,
+    mode: ProgressMode,
+) -> (LogSink, Arc<std::sync::Mutex<BuildStats>>) {
+    use obuilder_engine::log::StepEvent;
+    let stats: Arc<std::sync::Mutex<BuildStats>> = Default::default();
+    let counted = stats.clone();
+    let count = move |e: &LogEvent| {
+        if let LogEvent::Step(StepEvent::Done { cached, .. }) = e {
+            let mut s = counted.lock().unwrap_or_else(|p| p.into_inner());
+            s.steps += 1;
+            s.cached += usize::from(*cached);
+        }
+    };
+    if mode == ProgressMode::Json {
+        let sink: LogSink = Arc::new(move |e: &LogEvent| {
+            count(e);
+            if let Ok(line) = serde_json::to_string(e) {
+                let _ = super::process::out(format_args!("{line}\n"));
+            }
+        });
+        return (sink, stats);
+    }
+    let counters = mode == ProgressMode::Tty;
+    struct State {
+        mid_line: bool,
+        /// `[3/7] ` for the next heading.
+        prefix: Option<String>,
+        /// A `saved as` note held until the step's time is known.
+        held: Option<String>,
+    }
+    let state = std::sync::Mutex::new(State {
+        mid_line: false,
+        prefix: None,
+        held: None,
+    });
+    let paint = move |s: &str, code: &str| {
+        if color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    };
+    let sink: LogSink = Arc::new(move |e: &LogEvent| {
+        count(e);
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut text = String::new();
+        if let Some(h) = st.held.take() {
+            if let LogEvent::Step(StepEvent::Done { secs, .. }) = e {
+                text.push_str(&paint(&format!("{h} ({secs:.1}s)"), "33"));
+                text.push('\n');
+                let _ = super::process::out(format_args!("{text}"));
+                return;
+            }
+            text.push_str(&paint(&h, "33"));
+            text.push('\n');
+        }
+        let nl = if std::mem::take(&mut st.mid_line) {
             "\n"
         } else {
             ""
         };
-        let _ = match e {
-            LogEvent::Heading(h) if color => {
-                super::process::out(format_args!("{nl}\x1b[1;34m{h}\x1b[0m\n"))
+        match e {
+            LogEvent::Step(StepEvent::Started { index, total, .. }) if counters => {
+                st.prefix = Some(format!("[{index}/{total}] "));
             }
-            LogEvent::Note(n) if color => {
-                super::process::out(format_args!("{nl}\x1b[33m{n}\x1b[0m\n"))
+            LogEvent::Step(_) => {}
+            LogEvent::Heading(h) => {
+                let prefix = st.prefix.take().unwrap_or_default();
+                text.push_str(&format!("{nl}{}\n", paint(&format!("{prefix}{h}"), "1;34")));
             }
-            LogEvent::Heading(s) | LogEvent::Note(s) => {
-                super::process::out(format_args!("{nl}{s}\n"))
+            LogEvent::Note(n) if counters && n.starts_with("---> saved as") => {
+                text.push_str(nl);
+                st.held = Some(n.clone());
             }
+            LogEvent::Note(n) => text.push_str(&format!("{nl}{}\n", paint(n, "33"))),
             LogEvent::Output(b) => {
                 if !b.is_empty() {
-                    mid_line.store(!b.ends_with(b"\n"), Ordering::Relaxed);
+                    st.mid_line = !b.ends_with(b"\n");
                 }
-                super::process::out(format_args!("{nl}{}", String::from_utf8_lossy(b)))
+                text.push_str(nl);
+                text.push_str(&String::from_utf8_lossy(b));
             }
-        };
-    })
+        }
+        if !text.is_empty() {
+            let _ = super::process::out(format_args!("{text}"));
+        }
+    });
+    (sink, stats)
+}
+
+/// `--format` for listing commands.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct FormatArgs {
+    /// `text` (a table) or `json` (for scripts).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FormatArgs {
+    pub fn json(&self) -> bool {
+        self.format == Format::Json
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]

@@ -38,7 +38,41 @@ pub enum LogEvent {
     Note(String),
     /// Bytes the step's command printed (stdout and stderr merged).
     Output(Vec<u8>),
+    /// Where a step (`from`, `run`, `copy`) is, for counters, timings and machine-readable
+    /// progress; text logs (OBuilder's format) do not show it.
+    Step(StepEvent),
 }
+
+/// A step's progress. `index` counts from 1 over the spec's `total` steps.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum StepEvent {
+    /// Emitted just before the step's heading.
+    Started {
+        index: usize,
+        total: usize,
+        heading: String,
+    },
+    /// The step's result: taken from the cache, or made (by this build or another).
+    Done {
+        index: usize,
+        total: usize,
+        id: String,
+        cached: bool,
+        secs: f64,
+    },
+    Failed {
+        index: usize,
+        total: usize,
+        secs: f64,
+        /// The command's exit status, when it exited non-zero.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<i32>,
+        error: String,
+    },
+}
+
+impl Eq for StepEvent {}
 
 /// The serialised form: `{"event":"output","text":"…"}`, with `"base64"` instead of
 /// `"text"` for output that is not UTF-8.
@@ -57,6 +91,7 @@ enum Wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         base64: Option<String>,
     },
+    Step(StepEvent),
 }
 
 impl serde::Serialize for LogEvent {
@@ -64,6 +99,7 @@ impl serde::Serialize for LogEvent {
         let w = match self {
             LogEvent::Heading(t) => Wire::Heading { text: t.clone() },
             LogEvent::Note(t) => Wire::Note { text: t.clone() },
+            LogEvent::Step(e) => Wire::Step(e.clone()),
             LogEvent::Output(b) => match std::str::from_utf8(b) {
                 Ok(t) => Wire::Output {
                     text: Some(t.to_string()),
@@ -84,6 +120,7 @@ impl<'de> serde::Deserialize<'de> for LogEvent {
         Ok(match Wire::deserialize(d)? {
             Wire::Heading { text } => LogEvent::Heading(text),
             Wire::Note { text } => LogEvent::Note(text),
+            Wire::Step(e) => LogEvent::Step(e),
             Wire::Output { text: Some(t), .. } => LogEvent::Output(t.into_bytes()),
             Wire::Output {
                 base64: Some(b), ..
@@ -155,6 +192,7 @@ pub fn buffer_sink() -> (LogSink, Arc<Mutex<String>>) {
                 b.push('\n');
             }
             LogEvent::Output(o) => b.push_str(&String::from_utf8_lossy(o)),
+            LogEvent::Step(_) => {}
         }
     });
     (sink, buf)

@@ -308,3 +308,121 @@ fn export_push_pull_round_trip_rsync() {
     );
     round_trip("rsync-copy", false);
 }
+
+/// The machine-readable and the human progress of one build, parsed.
+#[test]
+fn progress_json_tty_and_listings() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync")
+    );
+    let env = Env::new(bin(), "rsync-copy");
+    let spec = env.spec(
+        "p.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo one\")) (copy (src a.txt) (dst /a)) (run (shell \"exit 4\")))",
+    );
+    let out = env.build_with(&spec, &["--progress", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let steps: Vec<(String, u64)> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| {
+            (
+                e["phase"].as_str().unwrap().to_string(),
+                e["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("started", 1),
+        ("done", 1),
+        ("started", 2),
+        ("done", 2),
+        ("started", 3),
+        ("done", 3),
+        ("started", 4),
+        ("failed", 4),
+    ]
+    .iter()
+    .map(|(p, i)| (p.to_string(), *i))
+    .collect();
+    assert_eq!(steps, expected);
+    let failed = events.iter().find(|e| e["phase"] == "failed").unwrap();
+    assert_eq!(failed["status"], 4);
+    assert_eq!(failed["total"], 4);
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "output" && e["text"] == "one\n"));
+    let last = events.last().unwrap();
+    assert_eq!(
+        (&last["event"], &last["exit"], &last["step"]),
+        (&"error".into(), &1.into(), &4.into())
+    );
+
+    // Again, up to the copy: every step from the cache, said in the result event.
+    let ok_spec = env.spec(
+        "ok.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo one\")) (copy (src a.txt) (dst /a)))",
+    );
+    let out = env.build_with(&ok_spec, &["--progress", "json"]);
+    let last: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "result");
+    assert_eq!((&last["steps"], &last["cached"]), (&3.into(), &3.into()));
+    assert_eq!(last["id"].as_str().unwrap().len(), 64);
+
+    // tty: counters on step headings only, a time on what was built, a summary on stderr.
+    let new_spec = env.spec(
+        "new.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo one\")) (run (shell \"printf two\")))",
+    );
+    let out = env.build_with(&new_spec, &["--progress", "tty"]);
+    let shown = testkit::e2e::redact(&text(&out.stdout));
+    let shown: String = shown
+        .lines()
+        .map(|l| match l.rfind(" (") {
+            Some(i) if l.ends_with("s)") && l.starts_with("---> saved") => {
+                format!("{} (T)", &l[..i])
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        shown,
+        "[1/3] (from busybox)\nExtracting layer 1/1 sha256:[ID]\n---> using \"[ID]\" from cache\n\
+         /: (shell /bin/sh -c)\n\
+         [2/3] /: (run (shell \"echo one\"))\none\n---> using \"[ID]\" from cache\n\
+         [3/3] /: (run (shell \"printf two\"))\ntwo\n---> saved as \"[ID]\" (T)\nGot: \"[ID]\""
+    );
+    assert!(
+        text(&out.stderr).contains(": 3 steps, 2 from the cache"),
+        "{}",
+        text(&out.stderr)
+    );
+    // plain is OBuilder's log as is.
+    let out = env.build_with(&new_spec, &["--progress", "plain"]);
+    assert!(text(&out.stdout).starts_with("(from busybox)\n"));
+
+    // Listings as JSON.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&env.run(&["image", "ls", "--format", "json"]), "ls")).unwrap();
+    assert_eq!(v[0]["name"], "busybox");
+    assert!(v[0]["size"].as_u64().unwrap() > 1_000_000, "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&env.run(&["df", "--format", "json"]), "df")).unwrap();
+    assert!(v["results"].as_u64().unwrap() >= 4, "{v}");
+    let v: serde_json::Value = serde_json::from_str(&ok(
+        &env.run(&["cache", "ls", "--format", "json"]),
+        "cache ls",
+    ))
+    .unwrap();
+    assert_eq!(v, serde_json::json!([]));
+    env.assert_clean();
+}

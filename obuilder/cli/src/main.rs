@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 use commands::{
-    build, cache, check, dockerfile, fmt, healthcheck, image, maintenance, process, pull, result,
+    build, cache, check, dockerfile, fmt, healthcheck, image, login, maintenance, process, pull,
+    result,
 };
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
@@ -43,6 +44,10 @@ enum Command {
     Push(result::PushArgs),
     /// Fetch an image from a registry without building.
     Pull(pull::Args),
+    /// Check and keep credentials for a registry (in the Docker config).
+    Login(login::LoginArgs),
+    /// Forget the credentials for a registry.
+    Logout(login::LogoutArgs),
     /// Local base images: import, list, remove.
     #[command(subcommand)]
     Image(image::Command),
@@ -113,6 +118,8 @@ fn main() -> ExitCode {
                         Command::Build(a) => build::run(a).await,
                         Command::Image(c) => image::run(c).await,
                         Command::Pull(a) => pull::run(a).await,
+                        Command::Login(a) => login::login(a).await,
+                        Command::Logout(a) => login::logout(a).await,
                         Command::Run(a) => result::run(a).await,
                         Command::Shell(a) => result::shell(a).await,
                         Command::Log(a) => result::log(a).await,

@@ -426,3 +426,97 @@ fn progress_json_tty_and_listings() {
     assert_eq!(v, serde_json::json!([]));
     env.assert_clean();
 }
+
+/// `login` checks credentials against a registry with token auth and keeps them where
+/// `push` and `(from …)` find them; `logout` forgets them.
+#[test]
+fn login_push_pull_logout_with_token_auth() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync"),
+        Cap::Tool("docker-registry"),
+        Cap::Tool("openssl")
+    );
+    let env = Env::new(bin(), "rsync-copy");
+    let registry = TestRegistry::start_with_token_auth(&["private/img"]);
+    let (user, pass) = registry.creds.clone().unwrap();
+    let cfg = env.tmp.path().join("docker");
+    let with_creds = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut c = env.command(args);
+        if args[0] == "login" || args[0] == "logout" {
+            c = Command::new(bin());
+            c.args(args);
+        }
+        let mut child = c
+            .env("DOCKER_CONFIG", &cfg)
+            .env("REGISTRY_AUTH_FILE", env.tmp.path().join("no-auth.json"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let spec = env.spec(
+        "s.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo pushed > /p\")))",
+    );
+    let id = ok(&env.build_with(&spec, &["-q"]), "build")
+        .trim()
+        .to_string();
+    let target = format!("{}/private/img:v1", registry.addr);
+
+    // Before login: the push is refused, and the error says how to log in.
+    let out = with_creds(&["push", &id, &target], "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("obuilder login"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = with_creds(
+        &["login", &registry.addr, "-u", &user, "--password-stdin"],
+        "wrong\n",
+    );
+    assert!(!out.status.success(), "a wrong password is refused");
+    assert!(
+        text(&out.stderr).contains("access denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = with_creds(
+        &["login", &registry.addr, "-u", &user, "--password-stdin"],
+        &format!("{pass}\n"),
+    );
+    assert!(ok(&out, "login").contains("Login succeeded"));
+
+    ok(&with_creds(&["push", &id, &target], ""), "push after login");
+    let back = env.spec(
+        "b.spec",
+        &format!("((from {target}) (shell /bin/sh -c) (run (shell \"cat /p\")))"),
+    );
+    let out = with_creds(
+        &[
+            "build",
+            "-f",
+            back.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok(&out, "pull back").contains("pushed\n"));
+
+    ok(&with_creds(&["logout", &registry.addr], ""), "logout");
+    let out = with_creds(&["logout", &registry.addr], "");
+    assert_eq!(out.status.code(), Some(2), "not logged in any more");
+}

@@ -7,6 +7,7 @@
 //! * [`ImageFetcher`]: the engine's `Fetcher`: local images by name, registry images by
 //!   reference under a pull policy.
 
+pub mod credentials;
 pub mod export;
 pub mod extract;
 pub mod images;
@@ -196,13 +197,50 @@ impl ImageFetcher {
         };
         let reference: Reference = name.parse().map_err(|e: String| FetchError::Unknown {
             name: name.into(),
-            hint: format!("{e}; and no local image has that name"),
+            hint: format!("no local image has that name (see `obuilder image ls`), and {e}"),
         })?;
         log(&LogEvent::Note(format!("Resolving {reference}")));
-        let res = registry
-            .resolve(&reference)
-            .await
-            .map_err(|e| bad(name, e))?;
+        // A slow registry is said to be slow, every few seconds.
+        let resolving = registry.resolve(&reference);
+        tokio::pin!(resolving);
+        let mut waited = 0;
+        let res = loop {
+            tokio::select! {
+                r = &mut resolving => break r,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                    waited += 5;
+                    log(&LogEvent::Note(format!(
+                        "Still waiting for {} ({waited} s)...",
+                        reference.registry
+                    )));
+                }
+            }
+        };
+        // A bare name (`(from typo)`) is most likely a local image that is not there: say
+        // that first, then what the registry said.
+        let bare = !name.contains(['/', ':', '@', '.']);
+        let res = res.map_err(|e| {
+            if bare {
+                FetchError::Unknown {
+                    name: name.into(),
+                    hint: format!(
+                        "no local image has that name (see `obuilder image ls`; `obuilder image import {name} FILE|DIR` makes one), and as {reference}: {e}"
+                    ),
+                }
+            } else {
+                bad(name, e)
+            }
+        })?;
+        if let Some(p) = res
+            .platform
+            .as_deref()
+            .filter(|p| *p != registry.platform())
+        {
+            log(&LogEvent::Note(format!(
+                "Warning: {reference} is for {p}, not {} (it has no other platform); using it anyway",
+                registry.platform()
+            )));
+        }
         let rec = ImageRecord {
             name: name.to_string(),
             digest: res.digest.clone(),
@@ -269,6 +307,7 @@ impl ImageFetcher {
             digest: rec.digest.clone(),
             config: rec.config.clone(),
             layers: rec.layers.iter().map(|l| (l.clone(), 0)).collect(),
+            platform: None,
         };
         let sizes = registry
             .resolve(&res.reference)

@@ -39,7 +39,7 @@ pub const MANIFEST_TYPES: [&str; 4] = [
 pub enum RegistryError {
     #[error("{image}: not found in the registry ({detail})")]
     NotFound { image: String, detail: String },
-    #[error("{image}: access denied by the registry ({status}); check the credentials for {registry} in ~/.docker/config.json (or $DOCKER_CONFIG)")]
+    #[error("{image}: access denied by the registry ({status}); log in with `obuilder login {registry}` (credentials are read from containers' auth.json and ~/.docker/config.json, as podman does)")]
     Denied {
         image: String,
         registry: String,
@@ -110,6 +110,8 @@ pub struct Resolved {
     pub digest: String,
     pub config: ImageConfig,
     pub layers: Vec<(String, u64)>,
+    /// `os/arch` as the image's config says (None if it does not).
+    pub platform: Option<String>,
 }
 
 pub struct Registry {
@@ -117,44 +119,15 @@ pub struct Registry {
     /// build served from the cache should not pay.
     http: std::sync::OnceLock<reqwest::Client>,
     opts: RegistryOptions,
-    creds: std::sync::OnceLock<HashMap<String, String>>,
+    creds: std::sync::OnceLock<crate::credentials::Credentials>,
     /// `Authorization` header values by `registry/repository`.
     auth: tokio::sync::Mutex<HashMap<String, String>>,
 }
 
-/// Basic credentials by registry, from a Docker `config.json` (`auths.HOST.auth`).
+/// Basic credentials by registry from every source (see [`crate::credentials`]), with
+/// `path` as the Docker config.
 pub fn load_docker_credentials(path: Option<PathBuf>) -> HashMap<String, String> {
-    let path = path
-        .or_else(|| std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")));
-    let Some(path) = path else {
-        return HashMap::new();
-    };
-    let Ok(bytes) = std::fs::read(&path) else {
-        return HashMap::new();
-    };
-    let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
-        tracing::warn!("ignoring {}: not valid JSON", path.display());
-        return HashMap::new();
-    };
-    let mut out = HashMap::new();
-    if let Some(auths) = v["auths"].as_object() {
-        for (host, entry) in auths {
-            let host = host
-                .trim_start_matches("https://")
-                .trim_start_matches("http://");
-            let host = host.split('/').next().unwrap_or(host);
-            let host = if host == "index.docker.io" || host == "registry-1.docker.io" {
-                "docker.io"
-            } else {
-                host
-            };
-            if let Some(a) = entry["auth"].as_str().filter(|a| !a.is_empty()) {
-                out.insert(host.to_string(), a.to_string());
-            }
-        }
-    }
-    out
+    crate::credentials::Credentials::load(path).auths()
 }
 
 /// Parses `Bearer realm="…",service="…",scope="…"` (or `Basic realm="…"`).
@@ -195,6 +168,11 @@ impl Registry {
         }
     }
 
+    /// The `os/arch` taken from multi-platform images.
+    pub fn platform(&self) -> &str {
+        &self.opts.platform
+    }
+
     fn http(&self, r: &Reference) -> Result<&reqwest::Client, RegistryError> {
         if let Some(c) = self.http.get() {
             return Ok(c);
@@ -212,9 +190,9 @@ impl Registry {
         Ok(self.http.get_or_init(|| c))
     }
 
-    fn creds(&self) -> &HashMap<String, String> {
+    fn creds(&self) -> &crate::credentials::Credentials {
         self.creds
-            .get_or_init(|| load_docker_credentials(self.opts.docker_config.clone()))
+            .get_or_init(|| crate::credentials::Credentials::load(self.opts.docker_config.clone()))
     }
 
     fn scheme(&self, r: &Reference) -> &'static str {
@@ -242,7 +220,13 @@ impl Registry {
             detail = format!("{detail}: {s}");
             src = s.source();
         }
-        if self.scheme(r) == "https" {
+        let dns = detail.contains("dns error") || detail.contains("failed to lookup address");
+        let tls = detail.contains("InvalidContentType")
+            || detail.contains("invalid peer certificate")
+            || detail.contains("record overflow")
+            || detail.contains("corrupt message")
+            || detail.contains("HTTP/");
+        if self.scheme(r) == "https" && !dns && tls {
             detail.push_str(&format!(
                 " (a plain-HTTP registry needs --insecure-registry {})",
                 r.registry
@@ -311,7 +295,55 @@ impl Registry {
     }
 
     async fn authenticate(&self, r: &Reference, challenge: &str) -> Result<String, RegistryError> {
-        let basic = self.creds().get(&r.registry).cloned();
+        self.authenticate_with(r, challenge, self.creds().get(&r.registry))
+            .await
+    }
+
+    /// Checks `basic` (base64 `user:password`) against `registry` as a pull would use it:
+    /// `GET /v2/`, and on a challenge, the token server or Basic auth.
+    pub async fn check_login(&self, registry: &str, basic: &str) -> Result<(), RegistryError> {
+        let r = Reference {
+            registry: registry.to_string(),
+            repository: String::new(),
+            tag: None,
+            digest: None,
+        };
+        let url = format!("{}://{}/v2/", self.scheme(&r), r.api_host());
+        let resp = self
+            .http(&r)?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&r, &e))?;
+        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return self.check(&r, resp, "login").await.map(|_| ());
+        }
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        // (A token server that hands out tokens anonymously is asked with the credentials.)
+        let authz = self
+            .authenticate_with(&r, &challenge, Some(basic.to_string()))
+            .await?;
+        let resp = self
+            .http(&r)?
+            .get(&url)
+            .header(reqwest::header::AUTHORIZATION, authz)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&r, &e))?;
+        self.check(&r, resp, "login").await.map(|_| ())
+    }
+
+    async fn authenticate_with(
+        &self,
+        r: &Reference,
+        challenge: &str,
+        basic: Option<String>,
+    ) -> Result<String, RegistryError> {
         let denied = |status| RegistryError::Denied {
             image: r.to_string(),
             registry: r.registry.clone(),
@@ -503,11 +535,16 @@ impl Registry {
             }
             layers.push((d.to_string(), l["size"].as_u64().unwrap_or(0)));
         }
+        let platform = match (config["os"].as_str(), config["architecture"].as_str()) {
+            (Some(os), Some(arch)) => Some(format!("{os}/{arch}")),
+            _ => None,
+        };
         Ok(Resolved {
             reference: r.clone(),
             digest,
             config: config_of(&config),
             layers,
+            platform,
         })
     }
 

@@ -373,13 +373,17 @@ async fn bad_answers_name_the_image_and_layer_and_record_nothing() {
         matches!(e, RegistryError::Unreachable { .. }) && e.to_string().contains("127.0.0.1:1"),
         "{e}"
     );
-    // HTTPS by default off loopback: the error says how to allow plain HTTP.
+    // A name that does not resolve: said as such, with no hint about plain HTTP (which
+    // is given only when a TLS handshake meets something else).
     let e = r
         .resolve(&"registry.invalid/x:v".parse().unwrap())
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--insecure-registry registry.invalid"), "{e}");
+    assert!(
+        e.contains("registry.invalid") && !e.contains("--insecure-registry"),
+        "{e}"
+    );
 
     // A blob whose content does not match its digest, then a truncated one.
     let layer = pushed[0].1[0].clone();

@@ -5,6 +5,7 @@ pub mod dockerfile;
 pub mod fmt;
 pub mod healthcheck;
 pub mod image;
+pub mod login;
 pub mod maintenance;
 pub mod process;
 pub mod pull;

@@ -306,6 +306,25 @@ pub struct Blob {
     pub size: u64,
 }
 
+/// A layer of an image: its blob, how it is compressed, and the digest of its tar.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layer {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+    /// `sha256:…` of the uncompressed tar (the config's `diff_ids`).
+    pub diff_id: String,
+}
+
+impl Layer {
+    pub fn blob(&self) -> Blob {
+        Blob {
+            digest: self.digest.clone(),
+            size: self.size,
+        }
+    }
+}
+
 /// `io::Write` into a blob of the store, hashed on the way.
 struct BlobSink(crate::images::BlobWriter);
 
@@ -320,6 +339,28 @@ impl Write for BlobSink {
     }
 }
 
+fn read_memo(images: &ImageStore, memo: &Path) -> Option<Vec<Layer>> {
+    let text = std::fs::read_to_string(memo).ok()?;
+    let layers: Vec<Layer> = serde_json::from_str(&text).ok()?;
+    let mut out = Vec::new();
+    for mut l in layers {
+        l.size = std::fs::metadata(images.blob_path(&l.digest).ok()?)
+            .ok()?
+            .len();
+        out.push(l);
+    }
+    Some(out)
+}
+
+fn write_memo(memo: &Path, layers: &[Layer]) -> Result<(), ImageStoreError> {
+    let dir = memo.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(ioe("cannot create", dir))?;
+    let text = serde_json::to_vec(layers).map_err(|e| ImageStoreError::Bad(e.to_string()))?;
+    let tmp = memo.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(ioe("cannot write", &tmp))?;
+    std::fs::rename(&tmp, memo).map_err(ioe("cannot write", memo))
+}
+
 /// The layer of step `id` (its tree `child` against its parent's tree `parent`): made
 /// once and remembered under the step's id (results never change).
 pub fn step_layer(
@@ -327,16 +368,11 @@ pub fn step_layer(
     id: &str,
     parent: Option<&Path>,
     child: &Path,
-) -> Result<Blob, ImageStoreError> {
+) -> Result<Layer, ImageStoreError> {
     let memo = images.dir().join("layers").join(id);
-    if let Ok(text) = std::fs::read_to_string(&memo) {
-        if let Ok(p) = images.blob_path(text.trim()) {
-            if let Ok(m) = std::fs::metadata(&p) {
-                return Ok(Blob {
-                    digest: text.trim().to_string(),
-                    size: m.len(),
-                });
-            }
+    if let Some(mut l) = read_memo(images, &memo) {
+        if l.len() == 1 {
+            return Ok(l.remove(0));
         }
     }
     let mut sink = BlobSink(images.blob_writer()?);
@@ -348,10 +384,70 @@ pub fn step_layer(
     })?;
     let size = sink.0.len();
     let digest = sink.0.finish(images, None)?;
-    let dir = memo.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(ioe("cannot create", dir))?;
-    std::fs::write(&memo, &digest).map_err(ioe("cannot write", &memo))?;
-    Ok(Blob { digest, size })
+    let layer = Layer {
+        diff_id: digest.clone(),
+        digest,
+        size,
+        media_type: LAYER_TYPE.into(),
+    };
+    write_memo(&memo, std::slice::from_ref(&layer))?;
+    Ok(layer)
+}
+
+/// The layers of the image base step `id` was made from, as they are in the blob store
+/// (compressed as they came), when that image is known and all its layers are here: the
+/// base's tree is those layers applied, so they need not be made again (and a push sends
+/// the image's own compressed blobs).
+pub fn base_layers(images: &ImageStore, id: &str) -> Option<Vec<Layer>> {
+    let memo = images.dir().join("layers").join(id);
+    if let Some(l) = read_memo(images, &memo) {
+        return Some(l);
+    }
+    let rec = images.list().ok()?.into_iter().find(|r| {
+        r.result.is_none()
+            && !r.layers.is_empty()
+            && obuilder_engine::key::sha256_hex(
+                format!("obuilder-base-v1\0{}", r.digest).as_bytes(),
+            ) == id
+    })?;
+    let mut out = Vec::new();
+    for d in &rec.layers {
+        let path = images.blob_path(d).ok()?;
+        let mut f = File::open(&path).ok()?;
+        let size = f.metadata().ok()?.len();
+        let mut head = [0u8; 4];
+        let n = f.read(&mut head).ok()?;
+        let media_type = if head[..n].starts_with(&[0x1f, 0x8b]) {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        } else if head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        } else {
+            LAYER_TYPE
+        };
+        let diff_id = if media_type == LAYER_TYPE {
+            d.clone()
+        } else {
+            let mut r = crate::extract::decompress(File::open(&path).ok()?).ok()?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = r.read(&mut buf).ok()?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+            }
+            format!("sha256:{}", hex::encode(h.finalize()))
+        };
+        out.push(Layer {
+            digest: d.clone(),
+            size,
+            media_type: media_type.into(),
+            diff_id,
+        });
+    }
+    write_memo(&memo, &out).ok()?;
+    Some(out)
 }
 
 /// Result `id` as an image: its chain of steps from the base, a layer for each (made on
@@ -401,8 +497,13 @@ pub async fn image_of(
                 prev_view.clone(),
                 view.clone(),
             );
-            let blob = tokio::task::spawn_blocking(move || {
-                step_layer(&imgs, &step_id, parent.as_deref(), &child)
+            let made = tokio::task::spawn_blocking(move || {
+                if parent.is_none() {
+                    if let Some(l) = base_layers(&imgs, &step_id) {
+                        return Ok(l);
+                    }
+                }
+                step_layer(&imgs, &step_id, parent.as_deref(), &child).map(|l| vec![l])
             })
             .await
             .map_err(|_| "the layer-writing thread panicked".to_string())?
@@ -410,7 +511,9 @@ pub async fn image_of(
             if let Some(v) = prev_view.replace(view) {
                 let _ = store.release_view(&v).await;
             }
-            layers.push((step.clone(), blob?));
+            for l in made? {
+                layers.push((step.clone(), l));
+            }
         }
         Ok(())
     }
@@ -468,7 +571,7 @@ pub fn host_arch() -> &'static str {
 /// A result as an image: every blob is in the local blob store.
 #[derive(Debug, Clone)]
 pub struct Image {
-    pub layers: Vec<Blob>,
+    pub layers: Vec<Layer>,
     pub config: Blob,
     pub manifest: Vec<u8>,
 }
@@ -478,7 +581,7 @@ impl Image {
     /// they come from) and stores them as blobs.
     pub fn assemble(
         images: &ImageStore,
-        layers: Vec<(String, Blob)>,
+        layers: Vec<(String, Layer)>,
         config: &ImageConfig,
         created: &str,
     ) -> Result<Image, ImageStoreError> {
@@ -508,7 +611,7 @@ impl Image {
             "config": Value::Object(c),
             "rootfs": {
                 "type": "layers",
-                "diff_ids": layers.iter().map(|(_, b)| b.digest.clone()).collect::<Vec<_>>(),
+                "diff_ids": layers.iter().map(|(_, l)| l.diff_id.clone()).collect::<Vec<_>>(),
             },
             "history": layers.iter().map(|(id, _)| json!({
                 "created": created,
@@ -522,13 +625,13 @@ impl Image {
             digest: config_digest,
             size: cfg_bytes.len() as u64,
         };
-        let layers: Vec<Blob> = layers.into_iter().map(|(_, b)| b).collect();
+        let layers: Vec<Layer> = layers.into_iter().map(|(_, l)| l).collect();
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,
             "config": {"mediaType": CONFIG_TYPE, "digest": config.digest, "size": config.size},
             "layers": layers.iter().map(|l| json!({
-                "mediaType": LAYER_TYPE, "digest": l.digest, "size": l.size,
+                "mediaType": l.media_type, "digest": l.digest, "size": l.size,
             })).collect::<Vec<_>>(),
         }))
         .map_err(|e| ImageStoreError::Bad(e.to_string()))?;
@@ -547,7 +650,7 @@ impl Image {
     /// Every blob: config, layers, manifest.
     fn blobs(&self) -> Vec<Blob> {
         let mut v = vec![self.config.clone()];
-        v.extend(self.layers.iter().cloned());
+        v.extend(self.layers.iter().map(Layer::blob));
         v.push(Blob {
             digest: self.manifest_digest(),
             size: self.manifest.len() as u64,

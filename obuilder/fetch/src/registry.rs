@@ -607,7 +607,7 @@ impl Registry {
     ) -> Result<PushStats, RegistryError> {
         let mut stats = PushStats::default();
         let mut blobs = vec![image.config.clone()];
-        blobs.extend(image.layers.iter().cloned());
+        blobs.extend(image.layers.iter().map(crate::export::Layer::blob));
         let mut seen = std::collections::HashSet::new();
         for b in blobs.into_iter().filter(|b| seen.insert(b.digest.clone())) {
             let head = self

@@ -225,3 +225,59 @@ fn strings_and_encodings_read_as_sexplib_does() {
         );
     }
 }
+
+fn obuilder_stdin(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_obuilder"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run obuilder");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// What a copy would refuse at build time is refused by `check`, each at its place.
+#[test]
+fn check_catches_copy_mistakes_statically() {
+    let spec = "((from busybox)\n (copy (src a b) (dst /x))\n (copy (src ../etc) (dst /y))\n (copy (src) (dst /z)))\n";
+    let out = obuilder_stdin(&["check", "-"], spec);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for want in [
+        "<stdin>:2:18: error: 2 sources are copied into a directory: the destination must end with `/`",
+        "help: write (dst /x/)",
+        "<stdin>:3:8: error: source \"../etc\" uses `..`",
+        "<stdin>:4:8: error: `(src)` names no path",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_dockerfile_is_recognised() {
+    let out = obuilder_stdin(
+        &["check", "-"],
+        "# syntax=docker/dockerfile:1\nFROM alpine:3.20\nRUN apk add make\nCOPY . /src\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("<stdin>:2:1: error: this looks like a Dockerfile"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "one error, not one per line: {err}");
+}
+
+#[test]
+fn dash_is_standard_input_for_fmt_and_check() {
+    let out = obuilder_stdin(&["fmt", "-"], "((from busybox)(run (shell \"x\")))");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "((from busybox)\n (run (shell \"x\")))\n");
+    let out = obuilder_stdin(&["check", "-"], "((from busybox))");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -268,6 +268,25 @@ impl Op {
 }
 
 /// Parses a document and returns the spec with the lossless tree it came from.
+/// Where a Dockerfile given by mistake starts (its first instruction, `FROM` or `ARG`,
+/// before any `(`): its 1-based line and byte offset.
+fn dockerfile_start(src: &str) -> Option<(u32, usize)> {
+    let mut offset = 0;
+    for (i, line) in src.split('\n').enumerate() {
+        let t = line.trim();
+        let here = offset;
+        offset += line.len() + 1;
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let word = t.split_whitespace().next().unwrap_or("");
+        let is_instruction =
+            ["FROM", "ARG"].iter().any(|k| word.eq_ignore_ascii_case(k)) && t.len() > word.len();
+        return is_instruction.then_some((i as u32 + 1, here));
+    }
+    None
+}
+
 pub(crate) fn parse_with_doc(
     file: &str,
     src: &str,
@@ -277,6 +296,24 @@ pub(crate) fn parse_with_doc(
         source: src.to_string(),
         diagnostics,
     };
+    if let Some((line, offset)) = dockerfile_start(src) {
+        let at = Span {
+            start: crate::sexp::Pos {
+                line,
+                col: 1,
+                offset,
+            },
+            end: offset,
+            end_line: line,
+        };
+        return Err(err(vec![Diagnostic::new(
+            at,
+            "this looks like a Dockerfile: obuilder reads OBuilder specs, S-expressions such as `((from IMAGE) (run (shell \"make\")))`",
+        )
+        .with_help(Some(
+            "see docs/spec.md for the language; `obuilder dockerfile` goes the other way".into(),
+        ))]));
+    }
     let doc = parse_document(src).map_err(|e| err(vec![e.into()]))?;
     let data: Vec<&Node> = doc.nodes.iter().filter(|n| !n.is_comment()).collect();
     let mut r = Reader::default();
@@ -745,6 +782,7 @@ impl Reader {
         let fields = self.fields(item, "`copy`", &COPY_FIELDS)?;
         let mut from = DataSource::Context;
         let (mut src, mut dst, mut exclude) = (None, None, Vec::new());
+        let (mut src_span, mut dst_span) = (item.span(), item.span());
         let mut ok = true;
         for (name, field) in fields {
             match name {
@@ -769,10 +807,12 @@ impl Reader {
                     }
                 }
                 "src" => {
+                    src_span = field.span();
                     src = self.atom_args(field, "(src PATH…)");
                     ok &= src.is_some();
                 }
                 "dst" => {
+                    dst_span = field.span();
                     dst = self
                         .exactly_atoms(field, 1, "(dst PATH)")
                         .map(|mut v| v.remove(0));
@@ -785,6 +825,38 @@ impl Reader {
             }
         }
         let usage = "(copy (src PATH…) (dst PATH))";
+        // What the copy would refuse at build time, said now (OBuilder's rules).
+        if let (Some(src), Some(dst)) = (&src, &dst) {
+            if src.is_empty() {
+                self.error(
+                    src_span,
+                    "`(src)` names no path: a copy needs at least one source",
+                    None,
+                );
+                ok = false;
+            }
+            for p in src {
+                if p.split('/').any(|c| c == "..") {
+                    self.error(
+                        src_span,
+                        format!("source {p:?} uses `..`: a copy reads only inside its context"),
+                        None,
+                    );
+                    ok = false;
+                }
+            }
+            if src.len() > 1 && !dst.ends_with('/') {
+                self.error(
+                    dst_span,
+                    format!(
+                        "{} sources are copied into a directory: the destination must end with `/`",
+                        src.len()
+                    ),
+                    Some(format!("write (dst {dst}/)")),
+                );
+                ok = false;
+            }
+        }
         match (src, dst) {
             (Some(src), Some(dst)) if ok => Some(Op::Copy(Copy {
                 from,

@@ -58,16 +58,26 @@ fn op(builds: Vec<String>) -> impl Strategy<Value = Op> {
             })),
         (
             source,
-            prop::collection::vec(text(), 0..4),
+            // (What `check` refuses is not generated: no source, `..`, several sources
+            // into a destination without a trailing `/`.)
+            prop::collection::vec(
+                text().prop_filter("no ..", |t| !t.split('/').any(|c| c == "..")),
+                1..4
+            ),
             text(),
             prop::collection::vec(text(), 0..3)
         )
-            .prop_map(|(from, src, dst, exclude)| Op::Copy(Copy {
-                from,
-                src,
-                dst,
-                exclude
-            })),
+            .prop_map(|(from, src, mut dst, exclude)| {
+                if src.len() > 1 && !dst.ends_with('/') {
+                    dst.push('/');
+                }
+                Op::Copy(Copy {
+                    from,
+                    src,
+                    dst,
+                    exclude,
+                })
+            }),
         (any::<u32>(), any::<u32>()).prop_map(|(uid, gid)| Op::User(User::Unix { uid, gid })),
         text().prop_map(|n| Op::User(User::Name(n))),
         (text(), text()).prop_map(|(k, v)| Op::Env(k, v)),

@@ -14,7 +14,7 @@ use super::setup::{
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The spec file to build.
+    /// The spec file to build (`-`: standard input).
     #[arg(short = 'f', long = "file", value_name = "SPEC")]
     file: PathBuf,
     /// The context directory `copy` reads from.
@@ -66,7 +66,12 @@ pub fn failure_code(e: &BuildError) -> u8 {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let text = super::read_spec_text(&args.file)?;
-    let spec = match Spec::parse_named(&args.file.display().to_string(), &text) {
+    let name = if args.file.as_os_str() == "-" {
+        "<stdin>".to_string()
+    } else {
+        args.file.display().to_string()
+    };
+    let spec = match Spec::parse_named(&name, &text) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");

@@ -7,7 +7,7 @@ use obuilder_spec::Spec;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Spec files to check.
+    /// Spec files to check (`-`: standard input).
     #[arg(required = true, value_name = "SPEC")]
     specs: Vec<PathBuf>,
 }
@@ -15,7 +15,11 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     for path in &args.specs {
-        let name = path.display().to_string();
+        let name = if path.as_os_str() == "-" {
+            "<stdin>".to_string()
+        } else {
+            path.display().to_string()
+        };
         let text = match super::read_spec_text(path) {
             Ok(t) => t,
             Err(e) => {

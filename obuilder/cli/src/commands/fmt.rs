@@ -10,7 +10,7 @@ pub struct Args {
     /// Do not write; list the files that are not formatted and exit 1 if there are any.
     #[arg(long)]
     check: bool,
-    /// Spec files to format in place.
+    /// Spec files to format in place; `-` reads standard input and prints the result.
     #[arg(required = true, value_name = "SPEC")]
     specs: Vec<PathBuf>,
 }
@@ -19,7 +19,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut bad = 0;
     for path in &args.specs {
         let text = super::read_spec_text(path)?;
-        let formatted = match obuilder_spec::format_source(&path.display().to_string(), &text) {
+        let stdin = path.as_os_str() == "-";
+        let name = if stdin {
+            "<stdin>".to_string()
+        } else {
+            path.display().to_string()
+        };
+        let formatted = match obuilder_spec::format_source(&name, &text) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("{e}\n");
@@ -27,11 +33,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        if stdin && !args.check {
+            super::process::out(format_args!("{formatted}"))?;
+            continue;
+        }
         if formatted == text {
             continue;
         }
         if args.check {
-            crate::outln!("{}: not formatted", path.display())?;
+            crate::outln!("{name}: not formatted")?;
             bad += 1;
         } else {
             // Write beside and rename, so a crash never leaves a half-written spec.

@@ -140,7 +140,7 @@ def report(a, res, labels):
     lines = ["## Export and push of a result (`bench/export_bench.py`)", "",
              f"The shared workload's result (8 steps, Debian minbase base), {a.reps} repetitions, medians "
              "[min–max] in ms of whole processes. buildah: `buildah push` of its own `bud --layers` image of the "
-             "same workload (overlay storage), to an OCI directory and to the same local docker-registry. "
+             "same workload (overlay storage), to an OCI directory and to an empty local docker-registry. "
              "Target: ours ≤ 0.5× buildah.", "",
              "| scenario | " + " | ".join(f"obuilder ({l})" for l in labels) + " | buildah | ours / buildah |",
              "|---|" + "---|" * (len(labels) + 2)]

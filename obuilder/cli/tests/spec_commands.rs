@@ -269,15 +269,25 @@ fn a_dockerfile_is_recognised() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("<stdin>:2:1: error: this looks like a Dockerfile"), "{err}");
-    assert_eq!(err.matches("error:").count(), 1, "one error, not one per line: {err}");
+    assert!(
+        err.contains("<stdin>:2:1: error: this looks like a Dockerfile"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("error:").count(),
+        1,
+        "one error, not one per line: {err}"
+    );
 }
 
 #[test]
 fn dash_is_standard_input_for_fmt_and_check() {
     let out = obuilder_stdin(&["fmt", "-"], "((from busybox)(run (shell \"x\")))");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "((from busybox)\n (run (shell \"x\")))\n");
+    assert_eq!(
+        text(&out.stdout),
+        "((from busybox)\n (run (shell \"x\")))\n"
+    );
     let out = obuilder_stdin(&["check", "-"], "((from busybox))");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

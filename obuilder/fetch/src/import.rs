@@ -23,7 +23,24 @@ use crate::images::{ioe, record_digest, ImageRecord, ImageStore, ImageStoreError
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn bad(m: impl Into<String>) -> ImageStoreError {
-    ImageStoreError::Bad(m.into())
+    ImageStoreError::Bad(printable(&m.into()))
+}
+
+/// A message as it may be shown: control characters escaped (a binary file's bytes never
+/// reach the terminal raw), and clipped.
+pub fn printable(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars().take(400) {
+        if c.is_control() && c != '\n' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().count() > 400 {
+        out.push('…');
+    }
+    out
 }
 
 fn now() -> String {
@@ -59,21 +76,57 @@ pub async fn import(
     exec: &SharedExec,
     req: ImportRequest<'_>,
 ) -> Result<ImageRecord, ImageStoreError> {
+    // `DIR:TAG` / `FILE:TAG`: one image of an OCI layout or archive holding several.
+    let (path, tag) = match std::fs::metadata(req.path) {
+        Ok(_) => (req.path.to_path_buf(), None),
+        Err(_) => match req.path.to_str().and_then(|s| s.rsplit_once(':')) {
+            Some((p, t)) if !t.is_empty() && !t.contains('/') && Path::new(p).exists() => {
+                (std::path::PathBuf::from(p), Some(t.to_string()))
+            }
+            _ => (req.path.to_path_buf(), None),
+        },
+    };
+    let req = ImportRequest { path: &path, ..req };
     let meta = std::fs::metadata(req.path).map_err(ioe("cannot read", req.path))?;
+    let is_layout = |p: &Path| p.join("oci-layout").exists();
+    if tag.is_some() && !(meta.is_dir() && is_layout(req.path)) && meta.is_dir() {
+        return Err(bad(format!(
+            "{}: only an OCI layout or archive can take :TAG",
+            req.path.display()
+        )));
+    }
     let rec = if meta.is_dir() {
-        if req.path.join("oci-layout").exists() {
-            import_oci_layout(store, req.name, req.path, req.platform.as_deref())?
+        if is_layout(req.path) {
+            import_oci_layout(
+                store,
+                req.name,
+                req.path,
+                req.platform.as_deref(),
+                tag.as_deref(),
+            )?
         } else {
             import_rootfs_dir(store, exec, &req).await?
         }
     } else {
         let kind = archive_kind(req.path)?;
+        if tag.is_some() && kind != ArchiveKind::Oci {
+            return Err(bad(format!(
+                "{}: only an OCI layout or archive can take :TAG",
+                req.path.display()
+            )));
+        }
         match kind {
             ArchiveKind::Oci | ArchiveKind::Docker => {
                 let scratch = store.scratch()?;
                 unpack_plain(req.path, scratch.path())?;
                 if kind == ArchiveKind::Oci {
-                    import_oci_layout(store, req.name, scratch.path(), req.platform.as_deref())?
+                    import_oci_layout(
+                        store,
+                        req.name,
+                        scratch.path(),
+                        req.platform.as_deref(),
+                        tag.as_deref(),
+                    )?
                 } else {
                     import_docker_save(store, req.name, scratch.path())?
                 }
@@ -327,8 +380,50 @@ fn import_oci_layout(
     name: &str,
     layout: &Path,
     platform: Option<&str>,
+    tag: Option<&str>,
 ) -> Result<ImageRecord, ImageStoreError> {
-    let index = read_json(&layout.join("index.json"))?;
+    let mut index = read_json(&layout.join("index.json"))?;
+    // A layout may hold several images, told apart by their ref names: take the one asked
+    // for, and never guess between several.
+    let ref_name = |d: &Value| {
+        d["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let descriptors = index["manifests"].as_array().cloned().unwrap_or_default();
+    let mut names: Vec<String> = descriptors.iter().filter_map(ref_name).collect();
+    names.sort();
+    names.dedup();
+    match tag {
+        Some(t) => {
+            let chosen: Vec<Value> = descriptors
+                .iter()
+                .filter(|d| ref_name(d).as_deref() == Some(t))
+                .cloned()
+                .collect();
+            if chosen.is_empty() {
+                return Err(bad(format!(
+                    "{}: no image tagged {t:?} (it has: {})",
+                    layout.display(),
+                    if names.is_empty() {
+                        "no tags".into()
+                    } else {
+                        names.join(", ")
+                    }
+                )));
+            }
+            index["manifests"] = Value::Array(chosen);
+        }
+        None if names.len() > 1 => {
+            return Err(bad(format!(
+                "{} holds {} images ({}); say which with PATH:TAG",
+                layout.display(),
+                names.len(),
+                names.join(", ")
+            )))
+        }
+        None => {}
+    }
     let platform = platform.map(str::to_string).unwrap_or_else(host_platform);
     let (digest, manifest) = pick_manifest(layout, &index, &platform, name)?;
     let config_digest = manifest["config"]["digest"]

@@ -323,8 +323,8 @@ impl ImageFetcher {
             user(p);
             match p {
                 Progress::Start { digest, size } => sink(&LogEvent::Note(format!(
-                    "Downloading {digest} ({:.1} MB)",
-                    *size as f64 / 1e6
+                    "Downloading {digest} ({})",
+                    obuilder_engine::log::human_bytes(*size)
                 ))),
                 Progress::Done { digest } => sink(&LogEvent::Note(format!("Downloaded {digest}"))),
                 Progress::Cached { digest } => {

@@ -609,7 +609,13 @@ impl Registry {
         let mut blobs = vec![image.config.clone()];
         blobs.extend(image.layers.iter().map(crate::export::Layer::blob));
         let mut seen = std::collections::HashSet::new();
-        for b in blobs.into_iter().filter(|b| seen.insert(b.digest.clone())) {
+        let blobs: Vec<_> = blobs
+            .into_iter()
+            .filter(|b| seen.insert(b.digest.clone()))
+            .collect();
+        // Each blob: asked for, then sent if missing; a few at once (the first push
+        // after a `401` gets the token the others reuse).
+        let one = |b: crate::export::Blob| async move {
             let head = self
                 .send(r, &|c| c.head(self.url(r, &format!("blobs/{}", b.digest))))
                 .await?;
@@ -617,12 +623,21 @@ impl Registry {
                 progress(&Progress::Cached {
                     digest: b.digest.clone(),
                 });
-                stats.skipped += 1;
-                continue;
+                return Ok::<_, RegistryError>(None);
             }
             self.upload(r, images, &b, progress).await?;
-            stats.uploaded += 1;
-            stats.bytes += b.size;
+            Ok(Some(b.size))
+        };
+        let mut results = futures_util::stream::iter(blobs.into_iter().map(one))
+            .buffer_unordered(self.opts.concurrency.max(1));
+        while let Some(r) = results.next().await {
+            match r? {
+                None => stats.skipped += 1,
+                Some(size) => {
+                    stats.uploaded += 1;
+                    stats.bytes += size;
+                }
+            }
         }
         let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
         let manifest = image.manifest.clone();

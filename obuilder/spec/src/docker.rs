@@ -3,7 +3,10 @@
 //! Each nested build becomes `FROM IMAGE as NAME` followed by its ops and a blank line; the
 //! main stage is `FROM IMAGE`. Without `--buildkit`, caches and secrets are dropped; with
 //! it they become `--mount=type=cache|secret,…,uid=UID` options of `RUN`. `network` and
-//! `exclude` have no Dockerfile form and are dropped (use `.dockerignore`). With the Windows
+//! `exclude` have no Dockerfile form: they are dropped, each with a `# dropped:` comment.
+//! A copy into a directory (`dst` ending in `/`) becomes one `COPY SRC DST/NAME` per
+//! source, so that Docker, which copies a directory's contents, makes the tree OBuilder
+//! makes (OBuilder's own exporter writes `COPY src DST/`, which differs). With the Windows
 //! escape, the file starts with ``#escape=` `` and continuations use a backtick.
 
 use crate::spec::{Base, Copy, DataSource, Mount, Op, Run, Spec, User};
@@ -166,9 +169,16 @@ fn op_line(
             cache,
             secrets,
             shell,
-            ..
+            network,
         }) => {
-            let mut line = String::from("RUN ");
+            let mut line = String::new();
+            if !network.is_empty() {
+                line.push_str(&format!(
+                    "# dropped: (network {}) has no Dockerfile form (use `--network` when building)\n",
+                    network.join(" ")
+                ));
+            }
+            line.push_str("RUN ");
             if buildkit {
                 for s in secrets {
                     line.push_str(&mount(ctx, "secret", s, op)?);
@@ -182,24 +192,56 @@ fn op_line(
             line.push_str(&wrap(shell, escape));
             line
         }
-        Op::Copy(Copy { from, src, dst, .. }) => {
-            let mut line = String::from("COPY ");
+        Op::Copy(Copy {
+            from,
+            src,
+            dst,
+            exclude,
+        }) => {
+            let mut opts = String::new();
             if !is_root(&ctx.user) {
                 match &ctx.user {
-                    User::Unix { uid, gid } => line.push_str(&format!("--chown={uid}:{gid} ")),
+                    User::Unix { uid, gid } => opts.push_str(&format!("--chown={uid}:{gid} ")),
                     User::Name(name) if escape == Escape::Unix => {
-                        line.push_str(&format!("--chown={name} "))
+                        opts.push_str(&format!("--chown={name} "))
                     }
                     User::Name(_) => {}
                 }
             }
             if let DataSource::Build(name) = from {
-                line.push_str(&format!("--from={name} "));
+                opts.push_str(&format!("--from={name} "));
             }
-            line.push_str(&src.join(" "));
-            line.push(' ');
-            line.push_str(dst);
-            line
+            let mut out = String::new();
+            if !exclude.is_empty() {
+                out.push_str(&format!(
+                    "# dropped: (exclude {}) has no Dockerfile form (use .dockerignore)\n",
+                    exclude.join(" ")
+                ));
+            }
+            // OBuilder copies each source *into* a directory destination (a directory
+            // lands as DST/NAME); Docker copies a directory's contents. One COPY per
+            // source naming DST/NAME gives Docker the same tree, for files and directories.
+            let base = |p: &str| {
+                p.trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let named = dst.ends_with('/')
+                && src
+                    .iter()
+                    .all(|p| !matches!(base(p).as_str(), "" | "." | ".."));
+            if named {
+                let lines: Vec<String> = src
+                    .iter()
+                    .map(|p| format!("COPY {opts}{p} {dst}{}", base(p)))
+                    .collect();
+                out.push_str(&lines.join("\n"));
+            } else {
+                out.push_str(&format!("COPY {opts}{} {dst}", src.join(" ")));
+            }
+            out
         }
         Op::User(user) => {
             ctx.user = user.clone();

@@ -67,7 +67,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                         .collect::<anyhow::Result<Vec<_>>>()?,
                 )
             };
+            super::result::check_tag(&name)?;
             let images = store.config()?.images();
+            let before = images.get(&name)?;
             let rec = import(
                 &images,
                 &RealExec::shared(),
@@ -83,6 +85,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 anyhow::Error::new(e)
                     .context(format!("cannot import {} as {name:?}", path.display()))
             })?;
+            if let Some(old) = before.filter(|o| o.digest != rec.digest) {
+                eprintln!(
+                    "Replaced the image {name:?} (it was {}); results built on it stay valid for it",
+                    old.digest
+                );
+            }
             crate::outln!(
                 "Imported {name:?}: {} ({} layer{})",
                 rec.digest,

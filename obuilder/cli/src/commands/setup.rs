@@ -285,7 +285,7 @@ pub fn progress_bars() -> ProgressSink {
     let bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>> =
         Default::default();
     let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
     )
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -304,8 +304,10 @@ pub fn progress_bars() -> ProgressSink {
                 }
             }
             Progress::Done { digest } => {
+                // (A finished bar goes: the log says the layer is done, and bars left
+                // behind are redrawn as stale copies when the log scrolls.)
                 if let Some(b) = bars.remove(digest) {
-                    b.finish();
+                    b.finish_and_clear();
                 }
             }
             Progress::Cached { .. } => {}

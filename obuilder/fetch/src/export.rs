@@ -413,8 +413,9 @@ pub fn base_layers(images: &ImageStore, id: &str) -> Option<Vec<Layer>> {
                 format!("obuilder-base-v1\0{}", r.digest).as_bytes(),
             ) == id
     })?;
+    let known = (rec.diff_ids.len() == rec.layers.len()).then_some(&rec.diff_ids);
     let mut out = Vec::new();
-    for d in &rec.layers {
+    for (i, d) in rec.layers.iter().enumerate() {
         let path = images.blob_path(d).ok()?;
         let mut f = File::open(&path).ok()?;
         let size = f.metadata().ok()?.len();
@@ -429,6 +430,8 @@ pub fn base_layers(images: &ImageStore, id: &str) -> Option<Vec<Layer>> {
         };
         let diff_id = if media_type == LAYER_TYPE {
             d.clone()
+        } else if let Some(k) = known {
+            k[i].clone()
         } else {
             let mut r = crate::extract::decompress(File::open(&path).ok()?).ok()?;
             let mut h = Sha256::new();

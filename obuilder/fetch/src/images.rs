@@ -37,6 +37,22 @@ pub struct ImageRecord {
     /// an image has no layers; `config` is the context its build ended in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// The image config's `rootfs.diff_ids` (digests of the uncompressed layers), when it
+    /// has them: an export reuses the layers without decompressing them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diff_ids: Vec<String>,
+}
+
+/// `rootfs.diff_ids` of an image config.
+pub fn diff_ids_of(config: &serde_json::Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]

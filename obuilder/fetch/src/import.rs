@@ -163,6 +163,7 @@ fn plain_record(
         imported: String::new(),
         registry: None,
         result: None,
+        diff_ids: Vec::new(),
     }
 }
 
@@ -455,6 +456,7 @@ fn import_oci_layout(
         imported: String::new(),
         registry: None,
         result: None,
+        diff_ids: Vec::new(),
     })
 }
 
@@ -508,5 +510,6 @@ fn import_docker_save(
         imported: String::new(),
         registry: None,
         result: None,
+        diff_ids: Vec::new(),
     })
 }

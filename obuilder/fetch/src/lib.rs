@@ -253,6 +253,7 @@ impl ImageFetcher {
                 None => format!("{reference}@{}", res.digest),
             }),
             result: None,
+            diff_ids: res.diff_ids.clone(),
         };
         if local.as_ref().is_some_and(|l| l.digest != rec.digest) {
             log(&LogEvent::Note(format!("{name} moved to {}", rec.digest)));
@@ -308,6 +309,7 @@ impl ImageFetcher {
             config: rec.config.clone(),
             layers: rec.layers.iter().map(|l| (l.clone(), 0)).collect(),
             platform: None,
+            diff_ids: Vec::new(),
         };
         let sizes = registry
             .resolve(&res.reference)

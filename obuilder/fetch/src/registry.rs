@@ -112,6 +112,8 @@ pub struct Resolved {
     pub layers: Vec<(String, u64)>,
     /// `os/arch` as the image's config says (None if it does not).
     pub platform: Option<String>,
+    /// The config's `rootfs.diff_ids`.
+    pub diff_ids: Vec<String>,
 }
 
 pub struct Registry {
@@ -545,6 +547,7 @@ impl Registry {
             config: config_of(&config),
             layers,
             platform,
+            diff_ids: crate::images::diff_ids_of(&config),
         })
     }
 

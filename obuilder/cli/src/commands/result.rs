@@ -115,6 +115,7 @@ pub fn tag(images: &ImageStore, name: &str, id: &str, config: ImageConfig) -> an
         imported: obuilder_engine::db::now(),
         registry: None,
         result: Some(id.to_string()),
+        diff_ids: Vec::new(),
     })?;
     Ok(())
 }

@@ -520,3 +520,116 @@ fn login_push_pull_logout_with_token_auth() {
     let out = with_creds(&["logout", &registry.addr], "");
     assert_eq!(out.status.code(), Some(2), "not logged in any more");
 }
+
+/// The exported Dockerfile makes, with buildah, the tree the spec makes with obuilder:
+/// a directory copied into a directory lands as DST/NAME in both.
+#[test]
+fn dockerfile_export_builds_the_same_tree_with_buildah() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync"),
+        Cap::Tool("docker-registry"),
+        Cap::Tool("buildah")
+    );
+    let env = Env::new(bin(), "rsync-copy");
+    let registry = TestRegistry::start();
+    let base = env.spec("base.spec", "((from busybox))");
+    let base_id = ok(&env.build_with(&base, &["-q"]), "base")
+        .trim()
+        .to_string();
+    let bb = format!("{}/bb:1", registry.addr);
+    ok(&env.run(&["push", &base_id, &bb]), "push the base");
+    let spec = env.spec(
+        "d.spec",
+        &format!(
+            "((from {bb}) (shell /bin/sh -c) (copy (src sub a.txt) (dst /build/)) (copy (src sub) (dst /other)) (run (network host) (shell \"true\")))"
+        ),
+    );
+    let id = ok(&env.build_with(&spec, &["-q"]), "build")
+        .trim()
+        .to_string();
+    let list = "find /build /other | sort";
+    let ours = env
+        .command(&["run", &id])
+        .args(["--", "/bin/sh", "-c", list])
+        .output()
+        .unwrap();
+    let ours = ok(&ours, "run");
+    assert!(ours.contains("/build/sub/run.sh\n"), "{ours}");
+
+    let dockerfile = ok(
+        &Command::new(bin())
+            .args(["dockerfile", "-f", spec.to_str().unwrap()])
+            .output()
+            .unwrap(),
+        "dockerfile",
+    );
+    assert!(
+        dockerfile.contains("COPY sub /build/sub\nCOPY a.txt /build/a.txt\n"),
+        "{dockerfile}"
+    );
+    assert!(
+        dockerfile.contains("# dropped: (network host)"),
+        "{dockerfile}"
+    );
+    let df = env.tmp.path().join("Dockerfile");
+    std::fs::write(&df, &dockerfile).unwrap();
+    let vfs = env.tmp.path().join("buildah");
+    let b = |args: &[&str]| {
+        Command::new("buildah")
+            .arg("--root")
+            .arg(vfs.join("root"))
+            .arg("--runroot")
+            .arg(vfs.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    ok(
+        &b(&[
+            "bud",
+            "--quiet",
+            "--isolation",
+            "chroot",
+            "--tls-verify=false",
+            "-f",
+            df.to_str().unwrap(),
+            "-t",
+            "obuilder-dtest",
+            env.ctx.to_str().unwrap(),
+        ]),
+        "buildah bud",
+    );
+    let c = ok(
+        &b(&["from", "--name", "obuilder-dtest-c", "obuilder-dtest"]),
+        "buildah from",
+    );
+    let c = c.trim().lines().last().unwrap().to_string();
+    let theirs = ok(
+        &b(&[
+            "run",
+            "--isolation",
+            "chroot",
+            &c,
+            "--",
+            "/bin/sh",
+            "-c",
+            list,
+        ]),
+        "buildah run",
+    );
+    assert_eq!(
+        ours, theirs,
+        "obuilder's tree (left) and buildah's (right) differ"
+    );
+    let _ = b(&["rm", &c]);
+    let _ = b(&["rmi", "--all", "--force"]);
+    let _ = Command::new("umount")
+        .arg("-R")
+        .arg(vfs.join("root"))
+        .status();
+    env.assert_clean();
+}

@@ -633,3 +633,68 @@ fn dockerfile_export_builds_the_same_tree_with_buildah() {
         .status();
     env.assert_clean();
 }
+
+/// `--keep-failed`: the failed step's tree is kept under an id of its own, `run`/`shell`
+/// enter it, a second failure of the same step replaces it, `delete` removes it; without
+/// the flag nothing is kept.
+fn keep_failed(kind: &str) {
+    let env = Env::new(bin(), kind);
+    let spec = env.spec(
+        "f.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo one > /a\")) (run (shell \"echo partial > /half; exit 3\")))",
+    );
+    let out = env.build(&spec);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stdout).contains("kept"), "{}", text(&out.stdout));
+    let out = env.build_with(&spec, &["--keep-failed"]);
+    assert_eq!(out.status.code(), Some(1));
+    let log = text(&out.stdout);
+    let short = log
+        .split("`obuilder shell ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
+        .to_string();
+    let look = |id: &str| {
+        env.command(&["run", id])
+            .args(["--", "/bin/sh", "-c", "cat /a /half"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(ok(&look(&short), "run in the kept tree"), "one\npartial\n");
+    // Again: the same id, replaced (one kept tree per failing step).
+    let out = env.build_with(&spec, &["--keep-failed", "-q"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("`obuilder shell {short}`")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(ok(&look(&short), "run again"), "one\npartial\n");
+    ok(&env.run(&["delete", &short]), "delete");
+    assert_eq!(look(&short).status.code(), Some(2), "gone");
+    env.assert_clean();
+}
+
+#[test]
+fn keep_failed_btrfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.btrfs")
+    );
+    keep_failed("btrfs");
+}
+
+#[test]
+fn keep_failed_overlayfs() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("mkfs.ext4"),
+        Cap::OverlayLowerdirPlus
+    );
+    keep_failed("overlayfs");
+}

@@ -38,6 +38,8 @@ pub struct BuildOptions {
     pub env: Vec<(String, String)>,
     /// Stop a `run` step after this long (`--step-timeout`).
     pub step_timeout: Option<Duration>,
+    /// Keep a failed step's tree as a result (`policy::kept_id`) to look into.
+    pub keep_failed: bool,
 }
 
 impl BuildOptions {
@@ -49,6 +51,7 @@ impl BuildOptions {
             secrets: Vec::new(),
             env: Vec::new(),
             step_timeout: None,
+            keep_failed: false,
         }
     }
 }
@@ -547,6 +550,7 @@ impl Builder {
             log: &run.opts.log,
             cancel: &run.opts.cancel,
             masked: &run.masked,
+            keep_failed: run.opts.keep_failed,
         }
     }
 

@@ -165,6 +165,14 @@ pub(crate) struct StepRequest<'a> {
     pub cancel: &'a CancellationToken,
     /// Values to mask in the step's log (the build's secrets).
     pub masked: &'a [Vec<u8>],
+    /// If the step fails, keep its tree as result [`kept_id`] (`build --keep-failed`).
+    pub keep_failed: bool,
+}
+
+/// The id under which a failed step's tree is kept (`build --keep-failed`): derived from
+/// the step's id, so a later failure of the same step replaces it, and never a step's id.
+pub fn kept_id(id: &str) -> Id {
+    crate::key::sha256_hex(format!("obuilder-kept-failed-v1\0{id}").as_bytes())
 }
 
 fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> BuildError + use<> {
@@ -406,6 +414,7 @@ impl Policy {
                 shared: self.shared.clone(),
                 id: id.to_string(),
                 base: req.base.map(str::to_string),
+                keep_failed: req.keep_failed,
                 inf: inf.clone(),
                 log_opts: LogOptions {
                     max_bytes: self.max_log_bytes,
@@ -416,7 +425,18 @@ impl Policy {
                 .take()
                 .ok_or(StepError::Internal("step work used twice"))?;
             tokio::spawn(task.run(work));
-            return self.wait(id, inf, log, req.cancel).await;
+            let r = self.wait(id, inf, log, req.cancel).await;
+            if r.is_err() && req.keep_failed {
+                let kept = kept_id(id);
+                if let Ok(Some(_)) = self.store.result(&kept).await {
+                    log(&LogEvent::Note(format!(
+                        "---> kept the failed step's tree as {kept:?}: `obuilder shell {}` enters it (delete it with `obuilder delete {}`)",
+                        &kept[..12],
+                        &kept[..12]
+                    )));
+                }
+            }
+            return r;
         }
     }
 
@@ -653,6 +673,7 @@ struct BuildTask {
     shared: Arc<Mutex<Shared>>,
     id: Id,
     base: Option<Id>,
+    keep_failed: bool,
     inf: Arc<InFlight>,
     log_opts: LogOptions,
 }
@@ -806,11 +827,39 @@ impl BuildTask {
             }
             Err(e) => Err(e),
         };
+        if self.keep_failed && !matches!(r, Err(BuildError::Cancelled)) && self.keep(&dir).await {
+            return r;
+        }
         if let Err(c) = self.store.discard(&dir).await {
             // The primary error is kept; the clean-up error is logged beside it.
             tracing::warn!("discarding failed build {}: {c}", self.id);
         }
         r
+    }
+
+    /// Publishes a failed build as [`kept_id`], replacing an earlier one; false if it
+    /// could not (the caller discards it).
+    async fn keep(&self, dir: &BuildDir) -> bool {
+        let kept = kept_id(&self.id);
+        if let Ok(Some(_)) = self.store.result(&kept).await {
+            let _ = self.db.delete(&kept);
+            if let Err(e) = self.store.delete(&kept).await {
+                tracing::warn!("replacing the kept failure {kept}: {e}");
+                return false;
+            }
+        }
+        match self.store.commit_as(dir, &kept).await {
+            Ok(_) => {
+                if let Err(e) = self.db.add(&kept, self.base.as_deref(), &db::now()) {
+                    tracing::warn!("recording the kept failure {kept}: {e}");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!("cannot keep the failed step {}: {e}", self.id);
+                false
+            }
+        }
     }
 
     async fn check_space(&self) -> Result<(), BuildError> {

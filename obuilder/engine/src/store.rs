@@ -144,6 +144,16 @@ pub trait Store: Send + Sync {
     /// Publishes a prepared build atomically as result `dir.id`; returns the result dir.
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError>;
 
+    /// Publishes a prepared build as result `id` rather than `dir.id`: a failed step kept
+    /// for inspection (`build --keep-failed`), under an id no step ever has. A store that
+    /// cannot says so (the caller then discards the build).
+    async fn commit_as(&self, _dir: &BuildDir, _id: &str) -> Result<PathBuf, StoreError> {
+        Err(StoreError::Mismatch {
+            store: self.describe(),
+            what: "this store cannot keep a failed step".into(),
+        })
+    }
+
     /// Throws a prepared build away, leaving nothing behind.
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError>;
 

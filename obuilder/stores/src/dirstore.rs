@@ -136,10 +136,14 @@ impl<T: TreeOps> Store for DirStore<T> {
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
+        self.commit_as(dir, &dir.id).await
+    }
+
+    async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
         let parent = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let parent_tree = parent.map(|p| self.layout.result(p.trim()).join("rootfs"));
         self.ops.seal(&dir.rootfs, parent_tree.as_deref()).await?;
-        self.layout.publish(&dir.id)
+        self.layout.publish_as(&dir.id, id)
     }
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {

@@ -96,7 +96,12 @@ impl Layout {
 
     /// Publishes `result-tmp/ID` as `result/ID` in one rename.
     pub fn publish(&self, id: &str) -> Result<PathBuf, StoreError> {
-        let (from, to) = (self.tmp(id), self.result(id));
+        self.publish_as(id, id)
+    }
+
+    /// Renames the build dir of `from` into place as result `to`.
+    pub fn publish_as(&self, from: &str, to: &str) -> Result<PathBuf, StoreError> {
+        let (from, to) = (self.tmp(from), self.result(to));
         std::fs::rename(&from, &to).map_err(StoreError::io("cannot publish", &to))?;
         Ok(to)
     }

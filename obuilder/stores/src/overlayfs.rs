@@ -266,13 +266,17 @@ impl Store for OverlayStore {
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
+        self.commit_as(dir, &dir.id).await
+    }
+
+    async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
         let merged = self.merged(&dir.id);
         if dir.rootfs == merged {
             self.unmount_if_mounted(&merged, false)?;
             remove_tree(&merged)?;
             remove_tree(&dir.dir.join("work"))?;
         }
-        self.layout.publish(&dir.id)
+        self.layout.publish_as(&dir.id, id)
     }
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {

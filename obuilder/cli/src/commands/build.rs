@@ -39,6 +39,10 @@ pub struct Args {
     /// take it; the name keeps the env, workdir and user the spec ended with. Repeatable.
     #[arg(short = 't', long = "tag", value_name = "NAME")]
     tags: Vec<String>,
+    /// If a step fails, keep its tree (as a result of its own, replaced by the next
+    /// failure of the same step) and say how to enter it with `obuilder shell`.
+    #[arg(long)]
+    keep_failed: bool,
     /// Write the result's id to FILE.
     #[arg(long, value_name = "FILE")]
     iidfile: Option<PathBuf>,
@@ -106,7 +110,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mode = args.progress.resolve();
     let json = mode == ProgressMode::Json && !args.quiet;
     let (sink, stats) = if args.quiet {
-        (obuilder_engine::log::null_sink(), Default::default())
+        // Quiet, but where a failed step was kept is still said (on stderr).
+        let sink: obuilder_engine::log::LogSink =
+            std::sync::Arc::new(|e: &obuilder_engine::log::LogEvent| {
+                if let obuilder_engine::log::LogEvent::Note(n) = e {
+                    if n.starts_with("---> kept") {
+                        eprintln!("{n}");
+                    }
+                }
+            });
+        (sink, Default::default())
     } else {
         console_sink(args.color.enabled(), mode)
     };
@@ -118,6 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut opts = BuildOptions::new(&args.context, sink);
     opts.secrets = secrets;
     opts.step_timeout = args.step_timeout;
+    opts.keep_failed = args.keep_failed;
     // A signal or a closed stdout cancels the build.
     opts.cancel = interrupt().child_token();
     let result = builder.build_with_config(&spec, &opts).await;

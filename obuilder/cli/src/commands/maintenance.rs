@@ -38,7 +38,8 @@ async fn builder(
 
 #[derive(clap::Args)]
 pub struct DeleteArgs {
-    /// The result to delete, with everything built on it.
+    /// The result to delete, with everything built on it: its id, a unique prefix of it, or
+    /// a --tag name.
     id: String,
     #[command(flatten)]
     store: StoreArgs,
@@ -49,11 +50,19 @@ pub struct DeleteArgs {
 pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
-    if b.info(&a.id)?.is_none() && b.store().result(&a.id).await?.is_none() {
-        eprintln!("obuilder: no result {:?} in this store", a.id);
-        return Ok(ExitCode::from(exit::USAGE));
-    }
-    let n = b.delete(&a.id, &print_sink()).await?;
+    // An id, a unique prefix of one, or a tag (a tag itself stays: `image rm` forgets it).
+    let id = if b.info(&a.id)?.is_some() {
+        a.id.clone()
+    } else {
+        match super::result::find(&b, &a.store.config()?.images(), &a.id).await {
+            Ok(named) => named.id,
+            Err(e) => {
+                eprintln!("obuilder: {e}");
+                return Ok(ExitCode::from(exit::USAGE));
+            }
+        }
+    };
+    let n = b.delete(&id, &print_sink()).await?;
     crate::outln!("Removed {n} item{}", if n == 1 { "" } else { "s" })?;
     Ok(ExitCode::SUCCESS)
 }

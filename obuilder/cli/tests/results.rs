@@ -103,6 +103,13 @@ fn round_trip(kind: &str, with_buildah: bool) {
     assert!(v["config"]["env"].to_string().contains("BUILT=yes"), "{j}");
     assert_eq!(v["parents"].as_array().unwrap().len(), 3, "{j}");
     assert_eq!(v["tags"][0], "rt");
+    assert!(
+        v["step"]
+            .as_str()
+            .unwrap()
+            .starts_with("/srv: (run (shell \"echo three >> g"),
+        "{j}"
+    );
 
     // run: in a throw-away snapshot, as the result's user and workdir; its exit status.
     let run = |name: &str, script: &str| {

@@ -102,6 +102,9 @@ struct Context {
     shell: Vec<String>,
     /// Stages in scope: name → (result id, env).
     scope: HashMap<String, (Id, Vec<(String, String)>)>,
+    /// The heading of the step being made (`/src: (run (shell "make"))`), kept in its
+    /// result as `step`.
+    heading: String,
 }
 
 impl Context {
@@ -122,11 +125,18 @@ impl Context {
 }
 
 /// Writes a step's context as `config.json` in its build dir.
-fn write_step_config(dir: &BuildDir, config: &ImageConfig) -> Result<(), BuildError> {
+fn write_step_config(
+    dir: &BuildDir,
+    config: &ImageConfig,
+    heading: &str,
+) -> Result<(), BuildError> {
     let json = serde_json::to_vec_pretty(config)
         .map_err(|_| StepError::Internal("a step config that is not JSON"))?;
     let p = dir.dir.join("config.json");
-    std::fs::write(&p, json).map_err(|e| StepError::io("cannot write", &p)(e).into())
+    std::fs::write(&p, json).map_err(|e| BuildError::from(StepError::io("cannot write", &p)(e)))?;
+    let p = dir.dir.join("step");
+    std::fs::write(&p, format!("{heading}\n"))
+        .map_err(|e| StepError::io("cannot write", &p)(e).into())
 }
 
 /// One build's state: its pins, its step counter, what its logs mask.
@@ -436,6 +446,7 @@ impl Builder {
             workdir: "/".into(),
             shell: self.sandbox.default_shell(),
             scope: HashMap::new(),
+            heading: String::new(),
         };
         let run = Session {
             opts,
@@ -507,6 +518,7 @@ impl Builder {
                 let heading = format!("{}: {}", ctx.workdir, op.to_sexp().to_hum());
                 let step =
                     matches!(op, Op::Run(_) | Op::Copy(_)).then(|| run.step_ref(heading.clone()));
+                ctx.heading = obuilder_spec::clip(&heading, MAX_HEADING).into_owned();
                 log(&LogEvent::Heading(
                     obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
                 ));
@@ -682,10 +694,10 @@ impl Builder {
             .map(|c| (c.id.clone(), c.target.clone()))
             .collect();
         let timeout = run.opts.step_timeout;
-        let step_config = ctx.config();
+        let (step_config, heading) = (ctx.config(), ctx.heading.clone());
         let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, cancel| {
             Box::pin(async move {
-                write_step_config(&dir, &step_config)?;
+                write_step_config(&dir, &step_config, &heading)?;
                 let mut config = config;
                 // Each cache: a private writable copy for this step, released afterwards.
                 let mut copies = Vec::new();
@@ -811,10 +823,10 @@ impl Builder {
         };
         let id = input.id();
         let sandbox = self.sandbox.clone();
-        let step_config = ctx.config();
+        let (step_config, heading) = (ctx.config(), ctx.heading.clone());
         let work: Work = Box::new(move |dir: BuildDir, _log, _cancel| {
             Box::pin(async move {
-                write_step_config(&dir, &step_config)?;
+                write_step_config(&dir, &step_config, &heading)?;
                 let (root, op) = copy::map_dst(op, |dst| sandbox.copy_target(&dir.rootfs, dst))
                     .map_err(StepError::Sandbox)?;
                 tokio::task::spawn_blocking(move || {

@@ -212,12 +212,17 @@ pub async fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         chain.push(p);
     }
     let dir = b.store().result(&named.id).await?;
-    let log = dir
+    // The step, as its heading said (results from before steps recorded it: none).
+    let step = dir
         .as_ref()
-        .and_then(|d| std::fs::read_to_string(d.join("log")).ok())
+        .and_then(|d| std::fs::read_to_string(d.join("step")).ok())
+        .map(|s| s.trim_end().to_string())
+        .or_else(|| {
+            dir.as_ref()
+                .filter(|d| d.join("image.json").exists())
+                .map(|_| "(from …): a base image".to_string())
+        })
         .unwrap_or_default();
-    // The step: the log's first line is the command it ran, for run steps.
-    let step = log.lines().next().unwrap_or("").to_string();
     let size = dir
         .as_ref()
         .map(|d| tree_size(&d.join("rootfs")))

@@ -526,6 +526,80 @@ fn login_push_pull_logout_with_token_auth() {
     ok(&with_creds(&["logout", &registry.addr], ""), "logout");
     let out = with_creds(&["logout", &registry.addr], "");
     assert_eq!(out.status.code(), Some(2), "not logged in any more");
+
+    // Where podman and skopeo keep credentials: the containers auth file...
+    // (base64 by coreutils' `base64`, to check ours against another's)
+    let basic = {
+        use std::io::Write;
+        let mut c = Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{user}:{pass}").as_bytes())
+            .unwrap();
+        text(&c.wait_with_output().unwrap().stdout)
+            .trim()
+            .to_string()
+    };
+    let auth_file = env.tmp.path().join("auth.json");
+    std::fs::write(
+        &auth_file,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"{basic}"}}}}}}"#,
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let push = |extra_env: &[(&str, &std::ffi::OsStr)], tag: &str| {
+        let mut c = env.command(&["push", &id, &format!("{}/private/img:{tag}", registry.addr)]);
+        c.env("DOCKER_CONFIG", env.tmp.path().join("empty-docker"))
+            .env("REGISTRY_AUTH_FILE", env.tmp.path().join("none.json"));
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    ok(
+        &push(&[("REGISTRY_AUTH_FILE", auth_file.as_os_str())], "v2"),
+        "push with REGISTRY_AUTH_FILE",
+    );
+    // ...and a credential helper named by credsStore in the Docker config.
+    let helpers = env.tmp.path().join("bin");
+    std::fs::create_dir_all(&helpers).unwrap();
+    let helper = helpers.join("docker-credential-obtest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$server\" = \"{}\" ] || exit 1\necho '{{\"Username\":\"{user}\",\"Secret\":\"{pass}\"}}'\n",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker = env.tmp.path().join("helper-docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), r#"{"credsStore":"obtest"}"#).unwrap();
+    let path = format!(
+        "{}:{}",
+        helpers.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    ok(
+        &push(
+            &[
+                ("DOCKER_CONFIG", docker.as_os_str()),
+                ("PATH", std::ffi::OsStr::new(&path)),
+            ],
+            "v3",
+        ),
+        "push with a credential helper",
+    );
 }
 
 /// The exported Dockerfile makes, with buildah, the tree the spec makes with obuilder:
@@ -704,4 +778,103 @@ fn keep_failed_overlayfs() {
         Cap::OverlayLowerdirPlus
     );
     keep_failed("overlayfs");
+}
+
+/// `image import`: one image of a layout holding several by `DIR:TAG` (never a guess),
+/// names checked, a replaced image said, a binary file's bytes never printed.
+#[test]
+fn import_picks_a_tag_checks_names_and_prints_no_binary() {
+    require!(
+        Cap::Root,
+        Cap::Tool("runc"),
+        Cap::File("/bin/busybox"),
+        Cap::Tool("rsync")
+    );
+    let env = Env::new(bin(), "rsync-copy");
+    let a = env.spec(
+        "a.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo a > /which\")))",
+    );
+    let b = env.spec(
+        "b.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo b > /which\")))",
+    );
+    let layout = env.tmp.path().join("two");
+    for (spec, tag) in [(&a, "a"), (&b, "b")] {
+        let id = ok(&env.build_with(spec, &["-q"]), "build")
+            .trim()
+            .to_string();
+        ok(
+            &env.run(&["export", &id, &format!("oci:{}:{tag}", layout.display())]),
+            "export",
+        );
+    }
+    let out = env.run(&["image", "import", "both", layout.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("holds 2 images (a, b); say which with PATH:TAG"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(
+        &env.run(&[
+            "image",
+            "import",
+            "pick-b",
+            &format!("{}:b", layout.display()),
+        ]),
+        "import :b",
+    );
+    let spec = env.spec(
+        "on-b.spec",
+        "((from pick-b) (shell /bin/sh -c) (run (shell \"cat /which\")))",
+    );
+    assert!(ok(&env.build(&spec), "build on it").contains("b\n"));
+    let out = env.run(&[
+        "image",
+        "import",
+        "pick-c",
+        &format!("{}:c", layout.display()),
+    ]);
+    assert!(
+        text(&out.stderr).contains("no image tagged \"c\" (it has: a, b)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Re-import under the same name with other content: said.
+    let out = env.run(&[
+        "image",
+        "import",
+        "pick-b",
+        &format!("{}:a", layout.display()),
+    ]);
+    assert!(ok(&out, "re-import").contains("Imported"));
+    assert!(
+        text(&out.stderr).contains("Replaced the image \"pick-b\""),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = env.run(&["image", "import", "Bad Name!", layout.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not a valid name"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let garbage = env.tmp.path().join("garbage.bin");
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&garbage, &bytes).unwrap();
+    let out = env.run(&["image", "import", "g", garbage.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.chars().all(|c| !c.is_control() || c == '\n'),
+        "control characters in the error: {err:?}"
+    );
+    env.assert_clean();
 }

@@ -215,16 +215,23 @@ fn archive_kind(path: &Path) -> Result<ArchiveKind, ImageStoreError> {
     let r = decompress(f).map_err(ioe("cannot read", path))?;
     let mut a = tar::Archive::new(r);
     let (mut oci_layout, mut index, mut manifest) = (false, false, false);
-    let entries = a
-        .entries()
-        .map_err(|e| bad(format!("{} is not a tar archive: {e}", path.display())))?;
+    // The tar reader's own words quote the bad header's bytes: shown only when they are
+    // plain text.
+    let why = |e: std::io::Error| {
+        let d = e.to_string();
+        let detail = if d.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            format!(" ({d})")
+        } else {
+            String::new()
+        };
+        bad(format!(
+            "{} is not a tar archive (plain, gzip or zstd), an OCI layout or archive, or a `docker save` archive{detail}",
+            path.display()
+        ))
+    };
+    let entries = a.entries().map_err(why)?;
     for (n, e) in entries.enumerate() {
-        let e = e.map_err(|e| {
-            bad(format!(
-                "{} is not a readable tar archive: {e}",
-                path.display()
-            ))
-        })?;
+        let e = e.map_err(why)?;
         let p = e
             .path()
             .map(|p| p.to_string_lossy().trim_start_matches("./").to_string())

@@ -167,6 +167,21 @@ fn round_trip(kind: &str, with_buildah: bool) {
         "{out}"
     );
 
+    // Asked for another platform, an image that has only this one is used with a warning.
+    let other = if cfg!(target_arch = "aarch64") {
+        "linux/amd64"
+    } else {
+        "linux/arm64"
+    };
+    let out = ok(
+        &env.run(&["pull", "--platform", other, &target]),
+        "pull --platform",
+    );
+    assert!(
+        out.contains(&format!("not {other} (it has no other platform)")),
+        "{out}"
+    );
+
     // Pulled back by (from REF): the same tree.
     let back = env.spec("back.spec", &format!("((from {target}))"));
     let back_id = ok(&env.build_with(&back, &["-q"]), "pull back")

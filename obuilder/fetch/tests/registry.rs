@@ -621,3 +621,44 @@ async fn multi_layer_image_with_whiteouts_hard_links_and_zstd() {
         "hard link kept"
     );
 }
+
+/// A registry that accepts the connection and never answers: the log says it is waiting,
+/// every 5 s, before any timeout.
+#[tokio::test]
+async fn a_silent_registry_is_said_to_be_slow() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accept and hold connections (bounded: the test ends in seconds).
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(7);
+        while std::time::Instant::now() < end {
+            if let Ok((s, _)) = listener.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
+    let t = tempfile::tempdir().unwrap();
+    let fetcher = ImageFetcher::with_registry(
+        ImageStore::new(&t.path().join("state")),
+        registry(&[]),
+        PullPolicy::Missing,
+        Arc::new(|_| {}),
+    );
+    let (sink, text) = buffer_sink();
+    let name = format!("{addr}/slow:v1");
+    let r = tokio::time::timeout(
+        std::time::Duration::from_millis(5600),
+        fetcher.resolve(&name, &sink),
+    )
+    .await;
+    assert!(r.is_err(), "the registry never answers, so this times out");
+    let text = text.lock().unwrap().clone();
+    assert!(
+        text.contains(&format!("Still waiting for {addr} (5 s)...")),
+        "{text}"
+    );
+    holder.join().unwrap();
+}

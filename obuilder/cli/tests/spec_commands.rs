@@ -227,21 +227,10 @@ fn strings_and_encodings_read_as_sexplib_does() {
 }
 
 fn obuilder_stdin(args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_obuilder"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run obuilder");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    testkit::e2e::output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_obuilder")).args(args),
+        stdin.as_bytes(),
+    )
 }
 
 /// What a copy would refuse at build time is refused by `check`, each at its place.

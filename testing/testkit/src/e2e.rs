@@ -46,6 +46,32 @@ pub fn caps() -> [Cap; 5] {
     ]
 }
 
+/// Runs `cmd` with `input` on its standard input; its output, both streams captured.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    // (A command that exits without reading is not an error here.)
+    let _ = child.stdin.take().map(|mut i| i.write_all(input));
+    child.wait_with_output().unwrap()
+}
+
+/// What an end-to-end build on a store of `kind` (one of [`STORES`]) needs.
+pub fn store_caps(kind: &str) -> Vec<Cap> {
+    let mut v = vec![Cap::Root, Cap::Tool("runc"), Cap::File("/bin/busybox")];
+    match kind {
+        "btrfs" => v.push(Cap::Tool("mkfs.btrfs")),
+        "xfs" => v.push(Cap::Tool("mkfs.xfs")),
+        "overlayfs" => v.extend([Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus]),
+        _ => v.extend([Cap::Tool("mkfs.ext4"), Cap::Tool("rsync")]),
+    }
+    v
+}
+
 /// The store kinds every store-dependent behaviour is tested on.
 pub const STORES: [&str; 5] = ["btrfs", "xfs", "overlayfs", "rsync-copy", "rsync-hardlink"];
 

@@ -124,6 +124,19 @@ impl Context {
     }
 }
 
+/// `text` with every secret value in `masked` replaced by `***`.
+fn mask_text(text: &str, masked: &[Vec<u8>]) -> String {
+    let mut out = text.to_string();
+    for m in masked {
+        if let Ok(v) = std::str::from_utf8(m) {
+            if !v.is_empty() {
+                out = out.replace(v, "***");
+            }
+        }
+    }
+    out
+}
+
 /// Writes a step's context as `config.json` in its build dir.
 fn write_step_config(
     dir: &BuildDir,
@@ -518,7 +531,11 @@ impl Builder {
                 let heading = format!("{}: {}", ctx.workdir, op.to_sexp().to_hum());
                 let step =
                     matches!(op, Op::Run(_) | Op::Copy(_)).then(|| run.step_ref(heading.clone()));
-                ctx.heading = obuilder_spec::clip(&heading, MAX_HEADING).into_owned();
+                // (Stored in the result: secret values are masked there as in logs.)
+                ctx.heading = mask_text(
+                    &obuilder_spec::clip(&heading, MAX_HEADING),
+                    &run.masked,
+                );
                 log(&LogEvent::Heading(
                     obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
                 ));

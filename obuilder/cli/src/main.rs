@@ -48,7 +48,7 @@ enum Command {
     Login(login::LoginArgs),
     /// Forget the credentials for a registry.
     Logout(login::LogoutArgs),
-    /// Local base images: import, list, remove.
+    /// Local images and tags: import, list, remove.
     #[command(subcommand)]
     Image(image::Command),
     /// Shared caches: list, remove.

@@ -394,6 +394,14 @@ fn progress_json_tty_and_listings() {
     assert_eq!(last["event"], "result");
     assert_eq!((&last["steps"], &last["cached"]), (&3.into(), &3.into()));
     assert_eq!(last["id"].as_str().unwrap().len(), 64);
+    // `log` prints a step's stored log: the `echo one` step's, by the id its event gave.
+    let echo_id = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["phase"] == "done" && e["index"] == 2)
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .unwrap();
+    assert_eq!(ok(&env.run(&["log", &echo_id]), "log"), "one\n");
 
     // tty: counters on step headings only, a time on what was built, a summary on stderr.
     let new_spec = env.spec(

@@ -532,10 +532,7 @@ impl Builder {
                 let step =
                     matches!(op, Op::Run(_) | Op::Copy(_)).then(|| run.step_ref(heading.clone()));
                 // (Stored in the result: secret values are masked there as in logs.)
-                ctx.heading = mask_text(
-                    &obuilder_spec::clip(&heading, MAX_HEADING),
-                    &run.masked,
-                );
+                ctx.heading = mask_text(&obuilder_spec::clip(&heading, MAX_HEADING), &run.masked);
                 log(&LogEvent::Heading(
                     obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
                 ));

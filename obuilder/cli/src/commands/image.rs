@@ -1,4 +1,4 @@
-//! `obuilder image import|ls|rm`: the local images `(from NAME)` can use.
+//! `obuilder image import|ls|rm`: the local images and tags `(from NAME)` can use.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -104,6 +104,7 @@ impl RuncSandbox {
         bundle: &Path,
         c: &RunConfig,
         rootfs: &Path,
+        tty: bool,
     ) -> Result<(), SandboxError> {
         std::fs::create_dir_all(bundle).map_err(io("cannot create", bundle))?;
         std::fs::set_permissions(bundle, std::fs::Permissions::from_mode(0o700))
@@ -131,7 +132,12 @@ impl RuncSandbox {
             resolv_conf: "/etc/resolv.conf".into(),
             secrets,
         };
-        let config = oci::config(c, &rootfs.to_string_lossy(), &files, &self.limits())?;
+        let mut config = oci::config(c, &rootfs.to_string_lossy(), &files, &self.limits())?;
+        if tty {
+            // runc in the foreground makes the pseudo-terminal and relays it to its own
+            // standard streams (this terminal), raw mode and window size included.
+            config["process"]["terminal"] = serde_json::Value::Bool(true);
+        }
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         let p = bundle.join("config.json");
@@ -326,11 +332,23 @@ impl Sandbox for RuncSandbox {
             .collect();
         let mut supervisor = None;
         let result = async {
-            self.write_bundle(&bundle, c, rootfs)?;
+            // A command given this process's terminal (`obuilder shell`) gets a terminal of
+            // its own; its output then goes to the terminal, not to the log.
+            let tty = c.stdin
+                && std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && std::io::IsTerminal::is_terminal(&std::io::stdout());
+            self.write_bundle(&bundle, c, rootfs, tty)?;
             supervisor = Some(self.supervise(&id, &bundle)?);
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(|e| io("cannot make a pipe for", &bundle)(e.into()))?;
             let write2 = write.try_clone().map_err(io("cannot make a pipe for", &bundle))?;
+            let (stdout, stderr) = if tty {
+                // (closed here, so that the log's pump ends at once)
+                drop((write, write2));
+                (Stdio::inherit(), Stdio::inherit())
+            } else {
+                (Stdio::from(write), Stdio::from(write2))
+            };
             let bundle_s = bundle.to_string_lossy().into_owned();
             let mut child = self.exec.spawn(
                 &self.runc(&["run", "--bundle", &bundle_s, &id]).cwd(&bundle),
@@ -339,8 +357,8 @@ impl Sandbox for RuncSandbox {
                 } else {
                     Stdio::null()
                 },
-                Stdio::from(write),
-                Stdio::from(write2),
+                stdout,
+                stderr,
             )?;
             let pumping = crate::pump(read, log.clone());
             let status = tokio::select! {

@@ -698,41 +698,51 @@ impl Registry {
             size: b.size,
         });
         let (digest, size, sink) = (b.digest.clone(), b.size, progress.clone());
-        let resp = self
-            .send(r, &|c| {
+        // The registry's credentials go only to the registry: an upload URL elsewhere (a
+        // storage service it hands out) gets none.
+        let own = format!("{}://{}/", self.scheme(r), r.api_host());
+        let same_host = url.starts_with(&own);
+        let make = |c: &reqwest::Client| {
+            let (path, digest, sink) = (path.clone(), digest.clone(), sink.clone());
+            let chunks = futures_util::stream::unfold(None, move |file| {
                 let (path, digest, sink) = (path.clone(), digest.clone(), sink.clone());
-                let chunks = futures_util::stream::unfold(None, move |file| {
-                    let (path, digest, sink) = (path.clone(), digest.clone(), sink.clone());
-                    async move {
-                        use tokio::io::AsyncReadExt;
-                        let mut file = match file {
-                            Some(f) => f,
-                            None => match tokio::fs::File::open(&path).await {
-                                Ok(f) => f,
-                                Err(e) => return Some((Err(e), None)),
-                            },
-                        };
-                        let mut buf = vec![0u8; 1 << 20];
-                        match file.read(&mut buf).await {
-                            Ok(0) => None,
-                            Ok(n) => {
-                                buf.truncate(n);
-                                sink(&Progress::Advance {
-                                    digest,
-                                    bytes: n as u64,
-                                });
-                                Some((Ok(buf), Some(file)))
-                            }
-                            Err(e) => Some((Err(e), None)),
+                async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut file = match file {
+                        Some(f) => f,
+                        None => match tokio::fs::File::open(&path).await {
+                            Ok(f) => f,
+                            Err(e) => return Some((Err(e), None)),
+                        },
+                    };
+                    let mut buf = vec![0u8; 1 << 20];
+                    match file.read(&mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            sink(&Progress::Advance {
+                                digest,
+                                bytes: n as u64,
+                            });
+                            Some((Ok(buf), Some(file)))
                         }
+                        Err(e) => Some((Err(e), None)),
                     }
-                });
-                c.put(url.as_str())
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .header(reqwest::header::CONTENT_LENGTH, size.to_string())
-                    .body(reqwest::Body::wrap_stream(chunks))
-            })
-            .await?;
+                }
+            });
+            c.put(url.as_str())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, size.to_string())
+                .body(reqwest::Body::wrap_stream(chunks))
+        };
+        let resp = if same_host {
+            self.send(r, &make).await?
+        } else {
+            make(self.http(r)?)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(r, &e))?
+        };
         self.check(r, resp, &format!("upload of {}", b.digest))
             .await?;
         progress(&Progress::Done {

@@ -662,3 +662,146 @@ async fn a_silent_registry_is_said_to_be_slow() {
     );
     holder.join().unwrap();
 }
+
+/// One HTTP/1.1 request read off a connection: its request line, headers (lowercase
+/// names) and body.
+fn read_request(s: &mut std::net::TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = head.split("\r\n");
+    let line = lines.next()?.to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((line, headers, body))
+}
+
+/// A registry (a stand-in written for this test: no real registry hands out upload URLs
+/// on another host) whose upload sessions live on another port: the blobs go there, and
+/// the registry's credentials do not.
+#[tokio::test]
+async fn credentials_never_go_to_an_upload_url_elsewhere() {
+    use std::io::Write;
+    let reg = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let storage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (reg_addr, sto_addr) = (reg.local_addr().unwrap(), storage.local_addr().unwrap());
+    let seen: Arc<Mutex<Vec<String>>> = Default::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serve = |l: std::net::TcpListener, who: &'static str| {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            l.set_nonblocking(true).unwrap();
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                let Ok((mut s, _)) = l.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                let Some((line, headers, _)) = read_request(&mut s) else {
+                    continue;
+                };
+                let auth = headers.iter().any(|(k, _)| k == "authorization");
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{who} {line} auth={auth}"));
+                let resp = match (who, line.split(' ').next().unwrap_or("")) {
+                    ("registry", _) if !auth => {
+                        "401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"test\"".to_string()
+                    }
+                    ("registry", "HEAD") => "404 Not Found".to_string(),
+                    ("registry", "POST") => {
+                        format!("202 Accepted\r\nLocation: http://{sto_addr}/upload/1?state=x")
+                    }
+                    _ => "201 Created".to_string(),
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {resp}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        })
+    };
+    let threads = [serve(reg, "registry"), serve(storage, "storage")];
+
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{reg_addr}":{{"auth":"dTpw"}}}}}}"#),
+    )
+    .unwrap();
+    let images = ImageStore::new(&t.path().join("state"));
+    let layer = images
+        .put_blob(&b"not really a tar"[..], None, "test")
+        .unwrap();
+    let image = obuilder_fetch::export::Image::assemble(
+        &images,
+        vec![(
+            "step".into(),
+            obuilder_fetch::export::Layer {
+                digest: layer.clone(),
+                size: 16,
+                media_type: obuilder_fetch::export::LAYER_TYPE.into(),
+                diff_id: layer,
+            },
+        )],
+        &Default::default(),
+        "2026-12-02 00:00:00.000",
+    )
+    .unwrap();
+    let r = Registry::new(RegistryOptions {
+        docker_config: Some(cfg),
+        concurrency: 1,
+        ..RegistryOptions::default()
+    });
+    let target: Reference = format!("{reg_addr}/app:v1").parse().unwrap();
+    r.push(
+        &target,
+        &images,
+        &image,
+        &(Arc::new(|_: &Progress| {}) as ProgressSink),
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for th in threads {
+        th.join().unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let uploads: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.starts_with("storage PUT"))
+        .collect();
+    assert_eq!(
+        uploads.len(),
+        2,
+        "config and layer went to the storage: {seen:#?}"
+    );
+    assert!(
+        uploads.iter().all(|l| l.ends_with("auth=false")),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.starts_with("registry PUT /v2/app/manifests/v1") && l.ends_with("auth=true")),
+        "{seen:#?}"
+    );
+}

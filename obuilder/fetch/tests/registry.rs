@@ -665,7 +665,9 @@ async fn a_silent_registry_is_said_to_be_slow() {
 
 /// One HTTP/1.1 request read off a connection: its request line, headers (lowercase
 /// names) and body.
-fn read_request(s: &mut std::net::TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+type Request = (String, Vec<(String, String)>, Vec<u8>);
+
+fn read_request(s: &mut std::net::TcpStream) -> Option<Request> {
     use std::io::Read;
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];

@@ -7,6 +7,7 @@
 //! [`store_stats`], which reads a store without opening a sandbox or changing anything.
 
 pub mod healthcheck;
+pub mod units;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -29,41 +29,7 @@ fn parse_rsync_mode(s: &str) -> Result<RsyncMode, String> {
         .map_err(|e: obuilder_stores::rsync::UnknownRsyncMode| e.to_string())
 }
 
-/// Sizes with binary units: `512M`, `2G`, `1.5GiB`, plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a size such as 512M or 2G"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
-    };
-    Ok((n * mult as f64) as u64)
-}
-
-/// Durations: `90s`, `30m`, `2h`, plain seconds.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('s') => (&t[..t.len() - 1], 1),
-        Some('m') => (&t[..t.len() - 1], 60),
-        Some('h') => (&t[..t.len() - 1], 3600),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration such as 90s, 30m or 2h"))?;
-    Ok(std::time::Duration::from_secs(n * mult))
-}
+pub use obuilder_config::units::{parse_duration, parse_size};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StoreArgs {
@@ -482,28 +448,5 @@ impl Color {
                 std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("2X").is_err());
-        assert_eq!(
-            parse_duration("90s"),
-            Ok(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_duration("2h"),
-            Ok(std::time::Duration::from_secs(7200))
-        );
-        assert!(parse_duration("soon").is_err());
     }
 }

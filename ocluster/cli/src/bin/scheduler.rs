@@ -118,31 +118,18 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(1)
 }
 
-/// `90`, `90s`, `30m`, `6h`, `1d`.
+/// A positive duration (`90`, `90s`, `30m`, `6h`, `1d`), as the limits want.
 fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last()? {
-        (i, 's') => (&t[..i], 1.0),
-        (i, 'm') => (&t[..i], 60.0),
-        (i, 'h') => (&t[..i], 3600.0),
-        (i, 'd') => (&t[..i], 86400.0),
-        _ => (t, 1.0),
-    };
-    let n: f64 = num.parse().ok()?;
-    (n > 0.0 && n.is_finite()).then(|| std::time::Duration::from_secs_f64(n * mult))
+    obuilder_config::units::parse_duration(s)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
-/// `512`, `100K`, `100M`, `1G`.
+/// A positive size (`512`, `100K`, `100M`, `1G`).
 fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last()? {
-        (i, 'K' | 'k') => (&t[..i], 1u64 << 10),
-        (i, 'M' | 'm') => (&t[..i], 1 << 20),
-        (i, 'G' | 'g') => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: f64 = num.parse().ok()?;
-    (n > 0.0 && n.is_finite()).then_some((n * mult as f64) as u64)
+    obuilder_config::units::parse_size(s)
+        .ok()
+        .filter(|n| *n > 0)
 }
 
 /// Applies `--job-time-limit` and `--job-log-limit` to the pools.

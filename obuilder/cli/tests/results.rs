@@ -899,3 +899,37 @@ fn shell_gets_a_terminal() {
     assert!(o.contains("seen=yes"), "{o}");
     env.assert_clean();
 }
+
+/// Deleting results frees the layers their exports left in the blob store, and only those.
+#[test]
+fn deleting_a_result_frees_its_exported_layers() {
+    if !needs("rsync-copy", &[]) {
+        return;
+    }
+    let env = Env::new(bin(), "rsync-copy");
+    let blobs = env.root().join("state/images/blobs/sha256");
+    let count = || std::fs::read_dir(&blobs).unwrap().count();
+    let before = count();
+    let spec = env.spec(
+        "s.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"head -c 100000 /dev/zero > /big\")))",
+    );
+    let id = ok(&env.build_with(&spec, &["-q"]), "build")
+        .trim()
+        .to_string();
+    let oci = env.tmp.path().join("oci");
+    ok(
+        &env.run(&["export", &id, &format!("oci:{}", oci.display())]),
+        "export",
+    );
+    assert!(
+        count() > before,
+        "the export stored its layer, config and manifest"
+    );
+    let out = ok(&env.run(&["delete", &id]), "delete");
+    assert!(out.contains("Freed "), "{out}");
+    assert_eq!(count(), before, "only what the export made is gone");
+    // The base image is intact: it builds again without a new import.
+    ok(&env.build_with(&spec, &["-q"]), "build again");
+    env.assert_clean();
+}

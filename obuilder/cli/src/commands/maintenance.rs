@@ -63,8 +63,27 @@ pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let n = b.delete(&id, &print_sink()).await?;
+    swept(&b, &a.store).await;
     crate::outln!("Removed {n} item{}", if n == 1 { "" } else { "s" })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Frees what exports of deleted results left in the blob store, saying how much.
+async fn swept(b: &Builder, store: &StoreArgs) {
+    let images = match store.config() {
+        Ok(c) => c.images(),
+        Err(_) => return,
+    };
+    match super::result::sweep(b, &images).await {
+        Ok(0) => {}
+        Ok(n) => {
+            let _ = crate::outln!(
+                "Freed {} of exported layers no result needs any more",
+                obuilder_engine::log::human_bytes(n)
+            );
+        }
+        Err(e) => tracing::warn!("cleaning up exported layers: {e}"),
+    }
 }
 
 /// Waits (up to a minute on btrfs) until deleted results have given their space back.
@@ -97,6 +116,7 @@ pub async fn clean(a: CleanArgs) -> anyhow::Result<ExitCode> {
     let b = builder(&a.store, &a.sandbox).await?;
     need_alone(&b)?;
     let n = b.prune(None, usize::MAX, &print_sink()).await?;
+    swept(&b, &a.store).await;
     maybe_wait(&b, &a.wait).await?;
     crate::outln!("Removed {n} items")?;
     Ok(ExitCode::SUCCESS)
@@ -185,6 +205,7 @@ pub async fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         (None, Some(p)) => b.prune_until_free(p, &print_sink()).await?,
         (None, None) => return Err(usage("prune needs --before or --keep-free")),
     };
+    swept(&b, &a.store).await;
     maybe_wait(&b, &a.wait).await?;
     crate::outln!("Removed {n} items")?;
     Ok(ExitCode::SUCCESS)

@@ -558,3 +558,55 @@ pub fn write_iidfile(path: &PathBuf, id: &str) -> anyhow::Result<()> {
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|e| anyhow::anyhow!("--iidfile {}: {e}", path.display()))
 }
+
+/// After results are deleted (`delete`, `clean`, `prune`, which have the store to
+/// themselves): forgets what was kept beside them (the context a build ended in, the
+/// memo of their export layers), then deletes the blobs nothing refers to any more (layers
+/// exported from deleted results, image configs and manifests of exports; an export makes
+/// them again). Blobs of local images stay. Returns how many bytes were freed.
+pub async fn sweep(b: &Builder, images: &ImageStore) -> anyhow::Result<u64> {
+    let live: std::collections::HashSet<String> = b.store().list().await?.into_iter().collect();
+    let side = |dir: &str| images.dir().join(dir);
+    for (dir, suffix) in [("ends", ".json"), ("layers", "")] {
+        let Ok(rd) = std::fs::read_dir(side(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(suffix).unwrap_or(&name);
+            if !live.contains(id) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for rec in images.list()? {
+        keep.extend(rec.layers);
+    }
+    if let Ok(rd) = std::fs::read_dir(side("layers")) {
+        for e in rd.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            match serde_json::from_str::<Vec<obuilder_fetch::export::Layer>>(&text) {
+                Ok(layers) => keep.extend(layers.into_iter().map(|l| l.digest)),
+                // A memo that cannot be read keeps nothing alive; it is made again.
+                Err(_) => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    let mut freed = 0;
+    let blobs = images.dir().join("blobs/sha256");
+    if let Ok(rd) = std::fs::read_dir(&blobs) {
+        for e in rd.flatten() {
+            let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+            if !keep.contains(&digest) {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if std::fs::remove_file(e.path()).is_ok() {
+                    freed += len;
+                }
+            }
+        }
+    }
+    Ok(freed)
+}

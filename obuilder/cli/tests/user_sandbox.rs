@@ -295,6 +295,24 @@ fn home_and_prefix_steps_cached_on_every_store_kind() {
             assert!(first.contains(want), "{what}: no {want:?} in\n{first}");
         }
         assert!(!first.contains("s3cret"), "{what}: the secret was shown");
+        // `run` on the result, in the same sandbox: as a build user, with its home.
+        let id = first
+            .split("Got: \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or_else(|| panic!("{what}: no id in\n{first}"))
+            .to_string();
+        let out = farm
+            .command(&env, &["run", &id], &[])
+            .args(["--", "/bin/sh", "-c", "cat where; hello; exit 4"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{what}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            format!("{}\nbrewed\n", farm.home),
+            "{what}"
+        );
         // The cache kept what the step wrote, outside the snapshot.
         let spec2 = env.spec(
             "s2.spec",

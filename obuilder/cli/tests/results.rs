@@ -229,6 +229,38 @@ fn round_trip(kind: &str, with_buildah: bool) {
         "{kind}: the pulled tree has other paths"
     );
 
+    // Compressed (as for a registry elsewhere): gzip layers, the same tree back.
+    let gz_target = format!("{}/rt/img:gz", registry.addr);
+    ok(
+        &env.run(&["push", "--compress", "gzip", "rt", &gz_target]),
+        "push --compress gzip",
+    );
+    let out = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{gz_target}"),
+        ])
+        .output()
+        .unwrap();
+    let manifest = ok(&out, "skopeo inspect --raw");
+    assert_eq!(manifest.matches("tar+gzip").count(), 4, "{manifest}");
+    let gz_spec = env.spec("gz.spec", &format!("((from {gz_target}))"));
+    let gz_id = ok(&env.build_with(&gz_spec, &["-q"]), "pull gzip")
+        .trim()
+        .to_string();
+    let c = tmp.join("c.tar");
+    ok(
+        &env.run(&["export", &gz_id, &format!("tar:{}", c.display())]),
+        "tar",
+    );
+    assert_eq!(
+        listing(&c),
+        la,
+        "{kind}: the gzip round trip changed the tree"
+    );
+
     // Another format each: docker load's and an OCI archive, both read by skopeo.
     for d in ["docker-archive", "oci-archive"] {
         let f = tmp.join(format!("{d}.tar"));

@@ -403,6 +403,48 @@ pub fn step_layer(
     Ok(layer)
 }
 
+/// The layers of step `id` with the uncompressed ones compressed with gzip (made once,
+/// remembered as `ID.gz`); diff ids stay those of the tars.
+pub fn gzipped(
+    images: &ImageStore,
+    id: &str,
+    layers: Vec<Layer>,
+) -> Result<Vec<Layer>, ImageStoreError> {
+    if layers.iter().all(|l| l.media_type != LAYER_TYPE) {
+        return Ok(layers);
+    }
+    let memo = images.dir().join("layers").join(format!("{id}.gz"));
+    if let Some(g) = read_memo(images, &memo) {
+        if g.len() == layers.len() {
+            return Ok(g);
+        }
+    }
+    let mut out = Vec::new();
+    for l in layers {
+        if l.media_type != LAYER_TYPE {
+            out.push(l);
+            continue;
+        }
+        let src = images.blob_path(&l.digest)?;
+        let mut input = File::open(&src).map_err(ioe("cannot read", &src))?;
+        let sink = BlobSink(images.blob_writer()?);
+        // Level 1: most of the gain for little of the time.
+        let mut gz = flate2::write::GzEncoder::new(sink, flate2::Compression::fast());
+        io::copy(&mut input, &mut gz).map_err(ioe("cannot compress", &src))?;
+        let sink = gz.finish().map_err(ioe("cannot compress", &src))?;
+        let size = sink.0.len();
+        let digest = sink.0.finish(images, None)?;
+        out.push(Layer {
+            digest,
+            size,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            diff_id: l.diff_id,
+        });
+    }
+    write_memo(&memo, &out)?;
+    Ok(out)
+}
+
 /// The layers of the image base step `id` was made from, as they are in the blob store
 /// (compressed as they came), when that image is known and all its layers are here: the
 /// base's tree is those layers applied, so they need not be made again (and a push sends
@@ -470,6 +512,7 @@ pub async fn image_of(
     images: &ImageStore,
     id: &str,
     config: Option<ImageConfig>,
+    compress: bool,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<Image, String> {
     let e = |e: obuilder_engine::error::BuildError| e.to_string();
@@ -517,12 +560,15 @@ pub async fn image_of(
             };
             let (c, pv, id) = (child.clone(), pview.clone(), step.clone());
             let made = tokio::task::spawn_blocking(move || {
-                if pv.is_none() {
-                    if let Some(l) = base_layers(&imgs, &id) {
-                        return Ok(l);
-                    }
+                let made = match pv.is_none().then(|| base_layers(&imgs, &id)).flatten() {
+                    Some(l) => l,
+                    None => vec![step_layer(&imgs, &id, pv.as_deref(), &c)?],
+                };
+                if compress {
+                    gzipped(&imgs, &id, made)
+                } else {
+                    Ok(made)
                 }
-                step_layer(&imgs, &id, pv.as_deref(), &c).map(|l| vec![l])
             })
             .await;
             let _ = store.release_view(&child).await;

@@ -447,8 +447,20 @@ pub struct ExportArgs {
     /// (the whole tree, no image metadata).
     #[arg(value_name = "DEST")]
     dest: String,
+    /// Compress the steps' layers: gzip, or none (auto = none for files).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = Compress::Auto)]
+    compress: Compress,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+/// How layers made from steps are compressed (a base image's layers stay as pulled).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    /// gzip for a registry that is not on this machine, none otherwise.
+    Auto,
+    Gzip,
+    None,
 }
 
 fn layer_progress() -> impl Fn(usize, usize, &str) + Sync {
@@ -471,9 +483,17 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         crate::outln!("Wrote {} ({})", file.display(), named.id)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let image = image_of(&b, &images, &named.id, named.config, &layer_progress())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let gzip = a.compress == Compress::Gzip;
+    let image = image_of(
+        &b,
+        &images,
+        &named.id,
+        named.config,
+        gzip,
+        &layer_progress(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     match &dest {
         Destination::Oci { dir, tag } => image.write_oci_dir(&images, dir, tag.as_deref())?,
         Destination::OciArchive { file, tag } => {
@@ -503,6 +523,10 @@ pub struct PushArgs {
     /// Where to: `HOST[:PORT]/REPO[:TAG]` (credentials as for pulls: ~/.docker/config.json).
     #[arg(value_name = "REF")]
     reference: String,
+    /// Compress the steps' layers: auto (gzip unless the registry is on loopback), gzip,
+    /// or none.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = Compress::Auto)]
+    compress: Compress,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -522,9 +546,22 @@ pub async fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
     let b = open(&config).await?;
     let images = config.images();
     let named = find(&b, &images, &a.id).await?;
-    let image = image_of(&b, &images, &named.id, named.config, &layer_progress())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // Loopback registries take the tars as they are (compressing costs more than sending);
+    // others get gzip.
+    let gzip = match a.compress {
+        Compress::Auto => !reference.is_loopback(),
+        c => c == Compress::Gzip,
+    };
+    let image = image_of(
+        &b,
+        &images,
+        &named.id,
+        named.config,
+        gzip,
+        &layer_progress(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let opts = a.registry.fetch()?.registry.unwrap_or_default();
     let registry = Registry::new(opts);
     let bars = super::setup::progress_bars();
@@ -574,6 +611,7 @@ pub async fn sweep(b: &Builder, images: &ImageStore) -> anyhow::Result<u64> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let id = name.strip_suffix(suffix).unwrap_or(&name);
+            let id = id.strip_suffix(".gz").unwrap_or(id);
             if !live.contains(id) {
                 let _ = std::fs::remove_file(e.path());
             }

@@ -34,6 +34,7 @@ fn machine_ok(test: &str) -> bool {
         Cap::Tool("setpriv"),
         Cap::Tool("useradd"),
         Cap::Tool("pkill"),
+        Cap::Tool("script"),
         Cap::Tool("rsync"),
         Cap::File("/dev/fuse"),
     ]);
@@ -313,6 +314,27 @@ fn home_and_prefix_steps_cached_on_every_store_kind() {
             format!("{}\nbrewed\n", farm.home),
             "{what}"
         );
+        // `shell` on a terminal (script(1) gives it one): the shell runs as a build user on
+        // that terminal, in the home, and exits as told.
+        let sh = farm.command(&env, &["shell", &id], &[]);
+        let cmdline = std::iter::once(sh.get_program())
+            .chain(sh.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = testkit::e2e::output_with_stdin(
+            Command::new("script").args(["-qec", &cmdline, "/dev/null"]),
+            b"tty; cat where; id -u; exit 5\n",
+        );
+        let o = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "{what}: {o}{}",
+            text(&out.stderr)
+        );
+        assert!(o.contains("/dev/pts/"), "{what}: {o}");
+        assert!(o.contains(&format!("{}\r\n", farm.home)), "{what}: {o}");
         // The cache kept what the step wrote, outside the snapshot.
         let spec2 = env.spec(
             "s2.spec",

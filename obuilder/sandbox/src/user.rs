@@ -1223,6 +1223,17 @@ impl Sandbox for UserSandbox {
             let write2 = write
                 .try_clone()
                 .map_err(io("cannot make a pipe for", rootfs))?;
+            // A command given this process's terminal (`obuilder shell`) keeps it for its
+            // output too: it runs on the host, so the terminal is its own.
+            let tty = c.stdin
+                && std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let (stdout, stderr) = if tty {
+                drop((write, write2));
+                (Stdio::inherit(), Stdio::inherit())
+            } else {
+                (Stdio::from(write), Stdio::from(write2))
+            };
             let argv = command_argv(self.opts.platform, &inv);
             let (sup_read, sup_write) =
                 cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
@@ -1251,8 +1262,8 @@ impl Sandbox for UserSandbox {
                 } else {
                     Stdio::null()
                 },
-                Stdio::from(write),
-                Stdio::from(write2),
+                stdout,
+                stderr,
             )?;
             let pumping = crate::pump(read, log.clone());
             let status = tokio::select! {

@@ -332,9 +332,8 @@ pub struct ShellArgs {
 }
 
 /// `obuilder shell ID`: the result's shell (`/bin/sh` if it has none recorded), reading
-/// this terminal, in a throw-away snapshot. With runc on a terminal the shell gets a
-/// terminal of its own; the user sandbox relays it through the log pipe (no job control).
-/// What the shell changes is thrown away.
+/// this terminal, in a throw-away snapshot. On a terminal, runc gives the shell a terminal
+/// of its own and the user sandbox this one. What the shell changes is thrown away.
 pub async fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
     run(RunArgs {
         id: a.id,

@@ -37,9 +37,9 @@ fn check_accepts_the_examples() {
 
 #[test]
 fn check_reports_every_error_in_every_file() {
-    let dir = tempdir();
-    let a = dir.join("a.spec");
-    let b = dir.join("b.spec");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.spec");
+    let b = dir.path().join("b.spec");
     std::fs::write(&a, "((from busybox)\n (rn (shell \"x\")))\n").unwrap();
     std::fs::write(
         &b,
@@ -80,8 +80,8 @@ fn check_names_a_missing_file() {
 
 #[test]
 fn fmt_rewrites_in_place_keeping_comments_and_check_mode_reports() {
-    let dir = tempdir();
-    let f = dir.join("s.spec");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("s.spec");
     let original = "; top\n((from   busybox)   (run (shell \"echo hi\")   ; why\n (network host)))";
     std::fs::write(&f, original).unwrap();
     let out = obuilder(&["fmt", "--check", f.to_str().unwrap()]);
@@ -106,8 +106,8 @@ fn fmt_rewrites_in_place_keeping_comments_and_check_mode_reports() {
 
 #[test]
 fn fmt_leaves_an_invalid_spec_untouched() {
-    let dir = tempdir();
-    let f = dir.join("bad.spec");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.spec");
     std::fs::write(&f, "((from busybox) (run (shell \"x\")").unwrap();
     let out = obuilder(&["fmt", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
@@ -151,25 +151,12 @@ fn dockerfile_plain_buildkit_and_windows() {
     assert!(text(&out.stderr).contains("possible values: unix, windows"));
 }
 
-fn tempdir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "obuilder-cli-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Strings read as Sexplib reads them (found by a differential run against OCaml
 /// OBuilder's `dockerfile`), and a spec that is not UTF-8 is located.
 #[test]
 fn strings_and_encodings_read_as_sexplib_does() {
-    let dir = tempdir();
-    let ok = dir.join("ok.spec");
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("ok.spec");
     std::fs::write(&ok, "((from busybox) (run (shell \"echo a\\ b \\o\")))").unwrap();
     let out = obuilder(&["dockerfile", "-f", ok.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -195,7 +182,7 @@ fn strings_and_encodings_read_as_sexplib_does() {
             "unterminated hexadecimal escape sequence",
         ),
     ] {
-        let f = dir.join("bad.spec");
+        let f = dir.path().join("bad.spec");
         std::fs::write(&f, body).unwrap();
         let out = obuilder(&["check", f.to_str().unwrap()]);
         let err = text(&out.stderr);
@@ -205,7 +192,7 @@ fn strings_and_encodings_read_as_sexplib_does() {
             "{body}: {err}"
         );
     }
-    let latin1 = dir.join("latin1.spec");
+    let latin1 = dir.path().join("latin1.spec");
     std::fs::write(&latin1, b"((from busybox)\n (run (shell \"caf\xe9\")))").unwrap();
     for cmd in ["check", "build"] {
         let mut args = vec![cmd];

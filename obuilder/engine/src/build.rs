@@ -124,19 +124,6 @@ impl Context {
     }
 }
 
-/// `text` with every secret value in `masked` replaced by `***`.
-fn mask_text(text: &str, masked: &[Vec<u8>]) -> String {
-    let mut out = text.to_string();
-    for m in masked {
-        if let Ok(v) = std::str::from_utf8(m) {
-            if !v.is_empty() {
-                out = out.replace(v, "***");
-            }
-        }
-    }
-    out
-}
-
 /// Writes a step's context as `config.json` in its build dir.
 fn write_step_config(
     dir: &BuildDir,
@@ -532,7 +519,8 @@ impl Builder {
                 let step =
                     matches!(op, Op::Run(_) | Op::Copy(_)).then(|| run.step_ref(heading.clone()));
                 // (Stored in the result: secret values are masked there as in logs.)
-                ctx.heading = mask_text(&obuilder_spec::clip(&heading, MAX_HEADING), &run.masked);
+                ctx.heading =
+                    crate::log::mask(&obuilder_spec::clip(&heading, MAX_HEADING), &run.masked);
                 log(&LogEvent::Heading(
                     obuilder_spec::clip(&heading, MAX_HEADING).into_owned(),
                 ));

@@ -220,6 +220,15 @@ impl Default for LogOptions {
     }
 }
 
+/// `text` with the secret values in `masked` replaced by `***`, as a step's log masks
+/// them (trailing whitespace of a value dropped, longest first).
+pub fn mask(text: &str, masked: &[Vec<u8>]) -> String {
+    let mut m = Masker::new(masked);
+    let mut out = m.feed(text.as_bytes());
+    out.extend(m.flush());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Replaces secret values by `***` in a stream, across write boundaries.
 struct Masker {
     /// Longest first, so a value containing another is masked whole.

@@ -141,3 +141,15 @@ fn human_sizes() {
     assert_eq!(human_bytes(10 << 20), "10.0 MiB");
     assert_eq!(human_bytes(1536), "1.5 KiB");
 }
+
+#[test]
+fn a_text_is_masked_as_a_log_is() {
+    // A secret file's trailing newline is not part of what is masked, as in logs; the
+    // longer of two overlapping values wins.
+    let secrets = vec![b"hunter2\n".to_vec(), b"s3".to_vec(), b"s3cret".to_vec()];
+    assert_eq!(
+        mask("echo hunter2 s3cret s3 x", &secrets),
+        "echo *** *** *** x"
+    );
+    assert_eq!(mask("nothing", &[]), "nothing");
+}

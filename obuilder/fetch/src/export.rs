@@ -26,7 +26,7 @@ use obuilder_engine::fetch::ImageConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::images::{ioe, ImageStore, ImageStoreError};
+use crate::images::{ioe, tmp_beside, write_replacing, ImageStore, ImageStoreError};
 
 pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
@@ -365,9 +365,7 @@ fn write_memo(memo: &Path, layers: &[Layer]) -> Result<(), ImageStoreError> {
     let dir = memo.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(ioe("cannot create", dir))?;
     let text = serde_json::to_vec(layers).map_err(|e| ImageStoreError::Bad(e.to_string()))?;
-    let tmp = memo.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(ioe("cannot write", &tmp))?;
-    std::fs::rename(&tmp, memo).map_err(ioe("cannot write", memo))
+    write_replacing(memo, &text)
 }
 
 /// The layer of step `id` (its tree `child` against its parent's tree `parent`): made
@@ -797,9 +795,7 @@ impl Image {
             "manifests": manifests,
         }))
         .map_err(|e| ImageStoreError::Bad(e.to_string()))?;
-        let tmp = index_path.with_extension("json.tmp");
-        std::fs::write(&tmp, index).map_err(ioe("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &index_path).map_err(ioe("cannot write", &index_path))
+        write_replacing(&index_path, &index)
     }
 
     /// Writes the image as an OCI archive (a tar of an OCI layout).
@@ -891,11 +887,7 @@ pub fn write_tar_file(
     file: &Path,
     fill: impl FnOnce(&mut tar::Builder<File>) -> io::Result<()>,
 ) -> Result<(), ImageStoreError> {
-    let tmp = {
-        let mut n = file.as_os_str().to_owned();
-        n.push(".tmp");
-        PathBuf::from(n)
-    };
+    let tmp = tmp_beside(file);
     let f = File::create(&tmp).map_err(ioe("cannot create", &tmp))?;
     let mut b = tar::Builder::new(f);
     let r = fill(&mut b)

@@ -68,6 +68,21 @@ pub enum ImageStoreError {
     Bad(String),
 }
 
+/// `PATH.tmp`: where a file is written before it replaces `path`.
+pub fn tmp_beside(path: &Path) -> PathBuf {
+    let mut n = path.as_os_str().to_owned();
+    n.push(".tmp");
+    PathBuf::from(n)
+}
+
+/// Replaces `path` with `data` through `PATH.tmp` and a rename: a reader sees the old
+/// content or the new, never a part of it.
+pub fn write_replacing(path: &Path, data: &[u8]) -> Result<(), ImageStoreError> {
+    let tmp = tmp_beside(path);
+    std::fs::write(&tmp, data).map_err(ioe("cannot write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(ioe("cannot write", path))
+}
+
 pub fn ioe(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageStoreError {
     let path = path.to_path_buf();
     move |source| ImageStoreError::Io { what, path, source }
@@ -249,12 +264,9 @@ impl ImageStore {
                 )));
             }
         }
-        let p = self.index_path(&rec.name);
-        let tmp = p.with_extension("json.tmp");
         let text =
             serde_json::to_vec_pretty(rec).map_err(|e| ImageStoreError::Bad(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(ioe("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &p).map_err(ioe("cannot write", &p))
+        write_replacing(&self.index_path(&rec.name), &text)
     }
 
     pub fn list(&self) -> Result<Vec<ImageRecord>, ImageStoreError> {

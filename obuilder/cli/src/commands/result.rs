@@ -1,7 +1,7 @@
 //! What comes after `Got: ID`: `obuilder log|inspect|run|export|push` on a result, named
 //! by its id, a unique prefix of it (4 characters at least), or a name `build --tag` gave.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -70,7 +70,7 @@ pub async fn find(builder: &Builder, images: &ImageStore, name: &str) -> anyhow:
     )))
 }
 
-fn ends_path(images: &ImageStore, id: &str) -> std::path::PathBuf {
+fn ends_path(images: &ImageStore, id: &str) -> PathBuf {
     images.dir().join("ends").join(format!("{id}.json"))
 }
 
@@ -87,9 +87,7 @@ pub fn record_end(images: &ImageStore, id: &str, config: &ImageConfig) -> anyhow
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(config)?)?;
-    std::fs::rename(&tmp, &p)?;
+    obuilder_fetch::images::write_replacing(&p, &serde_json::to_vec(config)?)?;
     Ok(())
 }
 
@@ -588,10 +586,8 @@ pub async fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Where `--iidfile` writes, through a temp file.
-pub fn write_iidfile(path: &PathBuf, id: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, id)
-        .and_then(|_| std::fs::rename(&tmp, path))
+pub fn write_iidfile(path: &Path, id: &str) -> anyhow::Result<()> {
+    obuilder_fetch::images::write_replacing(path, id.as_bytes())
         .map_err(|e| anyhow::anyhow!("--iidfile {}: {e}", path.display()))
 }
 

@@ -55,6 +55,26 @@ STORES = {
 PHASES = ["fetch", "hash", "snapshot", "sandbox", "copy", "publish"]
 
 
+def workload_tools():
+    """Installs what the workload benches need, if missing."""
+    for tool in ["buildah", "debootstrap", "docker-registry", "skopeo"]:
+        if shutil.which(tool) is None:
+            sh("apt-get", "install", "-y", "-qq", tool, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def serve_workload(work, reg):
+    """Pushes the Debian minbase base to `reg` (as BASE_REF) and generates the 206-file
+    context; returns (the base's root filesystem, the context dir)."""
+    root = minbase()
+    base_layer = os.path.join(work, "base.tar.gz")
+    sh("tar", "--create", "--gzip", "--file", base_layer, "--numeric-owner", "--directory", root, ".")
+    layout(os.path.join(work, "layout"), [base_layer], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+    reg.push(os.path.join(work, "layout"), "debian:bookworm")
+    ctx = os.path.join(work, "ctx")
+    sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
+    return root, ctx
+
+
 def settle():
     """Before each measurement: write back what the last one left dirty, so that neither tool
     pays for the other's (or its own previous) writeback."""
@@ -366,21 +386,13 @@ def main():
         sys.exit("run as root")
     if a.quick:
         a.reps, a.stores = 1, "btrfs"
-    for tool, pkg in [("buildah", "buildah"), ("debootstrap", "debootstrap"), ("docker-registry", "docker-registry"), ("skopeo", "skopeo")]:
-        if shutil.which(tool) is None:
-            sh("apt-get", "install", "-y", "-qq", pkg, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    workload_tools()
     sh("cargo", "build", "--release", "--quiet", cwd=REPO)
     work = tempfile.mkdtemp(prefix="obuilder-compare-", dir="/var/tmp")
     reg = Registry(port=5000)
     tools = []
     try:
-        root = minbase()
-        base_layer = os.path.join(work, "base.tar.gz")
-        sh("tar", "--create", "--gzip", "--file", base_layer, "--numeric-owner", "--directory", root, ".")
-        layout(os.path.join(work, "layout"), [base_layer], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
-        reg.push(os.path.join(work, "layout"), "debian:bookworm")
-        ctx = os.path.join(work, "ctx")
-        sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
+        root, ctx = serve_workload(work, reg)
         stores = [s.strip() for s in a.stores.split(",") if s.strip()]
         tools = [Buildah(work)] + [Ours(s, work) for s in stores]
         floor = Chroot(work, root)

@@ -22,30 +22,23 @@ Results: the "export" section of docs/benchmarks.md. Target: ours ≤ 0.5× buil
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from report import REPO, LoopFs, Registry, sh, stats, write_section  # noqa: E402
-from pull_bench import layout, minbase  # noqa: E402
+from pull_bench import timed as timed_run  # noqa: E402
+from compare import SHARED, serve_workload, workload_tools  # noqa: E402
 
 OBUILDER = os.path.join(REPO, "target", "release", "obuilder")
-SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "workload"))
-BASE_REF = "localhost:5000/debian:bookworm"
 STORES = {"btrfs": ("btrfs", "btrfs"), "overlayfs": ("ext4", "overlayfs"), "xfs": ("xfs", "xfs")}
 
 
-def timed(argv, **kw):
-    subprocess.run(["sync"])
-    t = time.perf_counter()
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    dt = time.perf_counter() - t
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr}")
-    return dt, r.stdout
+def timed(argv):
+    """(seconds, stdout) of a whole process, after writing back what the last one left."""
+    sh("sync")
+    return timed_run(argv)
 
 
 def main():
@@ -55,21 +48,13 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
-    for tool in ["buildah", "debootstrap", "docker-registry", "skopeo"]:
-        if shutil.which(tool) is None:
-            sh("apt-get", "install", "-y", "-qq", tool, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    workload_tools()
     sh("cargo", "build", "--release", "--quiet", cwd=REPO)
     work = tempfile.mkdtemp(prefix="obuilder-export-", dir="/var/tmp")
     reg = Registry(port=5000)
     fss = []
     try:
-        root = minbase()
-        base_layer = os.path.join(work, "base.tar.gz")
-        sh("tar", "--create", "--gzip", "--file", base_layer, "--numeric-owner", "--directory", root, ".")
-        layout(os.path.join(work, "layout"), [base_layer], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
-        reg.push(os.path.join(work, "layout"), "debian:bookworm")
-        ctx = os.path.join(work, "ctx")
-        sh("bash", os.path.join(SHARED, "gen-context.sh"), ctx)
+        _, ctx = serve_workload(work, reg)
 
         # buildah's image of the workload.
         bfs = LoopFs("ext4", 6144)

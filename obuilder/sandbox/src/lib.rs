@@ -3,9 +3,13 @@
 //!
 //! * `runc` (Linux): OCI containers, with a config made by the pure function
 //!   [`oci::config`] and the default seccomp filter of [`seccomp`].
+//! * `native` (Linux): the same container as runc's, set up by the builder itself with no
+//!   runtime binary (see [`native`]).
 //! * `user` (macOS, and Linux): a build user per step, with the step's snapshot as its
 //!   home and Homebrew prefix through obuilderfs (see [`user`]).
 
+#[cfg(target_os = "linux")]
+pub mod native;
 pub mod oci;
 #[cfg(target_os = "linux")]
 pub mod runc;
@@ -18,6 +22,8 @@ use std::sync::Arc;
 use obuilder_engine::exec::SharedExec;
 use obuilder_engine::sandbox::{Sandbox, SandboxError};
 
+#[cfg(target_os = "linux")]
+pub use native::NativeSandbox;
 #[cfg(target_os = "linux")]
 pub use runc::RuncSandbox;
 pub use user::{UserOptions, UserSandbox};
@@ -93,17 +99,41 @@ impl Default for RuncOptions {
     }
 }
 
+/// Flags of the native sandbox (those of the runc sandbox but the binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeOptions {
+    /// Make sync syscalls no-ops inside the sandbox (`--fast-sync`).
+    pub fast_sync: bool,
+    /// Most processes (threads included) a step may have at once; `None`: no limit.
+    pub max_pids: Option<u64>,
+    /// Most memory a step may use, in bytes; `None`: no limit.
+    pub max_memory: Option<u64>,
+}
+
+impl Default for NativeOptions {
+    fn default() -> NativeOptions {
+        NativeOptions {
+            fast_sync: false,
+            max_pids: Some(DEFAULT_MAX_PIDS),
+            max_memory: None,
+        }
+    }
+}
+
 /// Which sandbox runs the steps, with its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxSpec {
     /// OCI containers run by `runc` (Linux only).
     Runc(RuncOptions),
+    /// The runc sandbox's container, set up in-process (Linux only).
+    Native(NativeOptions),
     /// A build user per step (the macOS design; also on Linux).
     User(UserOptions),
 }
 
 /// Every accepted `--sandbox` form, for error messages and help.
 pub const FORMS: &str = "runc (Linux containers; the default on Linux), runc:/PATH/TO/RUNC, \
+                         native (the same containers, set up without a runtime binary), \
                          user (a build user per step: the macOS design, also on Linux)";
 
 /// A `--sandbox` value that is not one of [`FORMS`].
@@ -137,6 +167,8 @@ impl std::str::FromStr for SandboxSpec {
                 }
                 Ok(SandboxSpec::Runc(o))
             }
+            "native" if arg.is_none() => Ok(SandboxSpec::Native(NativeOptions::default())),
+            "native" => Err(bad("native takes no argument")),
             "user" if arg.is_none() => Ok(SandboxSpec::User(UserOptions::default())),
             "user" => Err(bad(
                 "user takes no argument; see --user-pool and --home-path",
@@ -173,6 +205,12 @@ impl SandboxSpec {
                     "the runc sandbox runs on Linux only".into(),
                 ))
             }
+            #[cfg(target_os = "linux")]
+            SandboxSpec::Native(o) => Ok(Arc::new(NativeSandbox::new(state_dir, o.clone()))),
+            #[cfg(not(target_os = "linux"))]
+            SandboxSpec::Native(_) => Err(SandboxError::Unsupported(
+                "the native sandbox runs on Linux only".into(),
+            )),
             SandboxSpec::User(o) => Ok(Arc::new(UserSandbox::new(state_dir, o.clone(), exec)?)),
         }
     }
@@ -183,6 +221,7 @@ impl std::fmt::Display for SandboxSpec {
         match self {
             SandboxSpec::Runc(o) if o.runc == "runc" => write!(f, "runc"),
             SandboxSpec::Runc(o) => write!(f, "runc:{}", o.runc),
+            SandboxSpec::Native(_) => write!(f, "native"),
             SandboxSpec::User(_) => write!(f, "user"),
         }
     }

@@ -217,12 +217,79 @@ fn command_exists(root: &ConfinedRoot, argv0: &str) -> bool {
     false
 }
 
-/// Reads the merged stdout/stderr pipe into the step log on a blocking thread. It reads to
-/// the end whatever happens to the log, so the command never blocks on a full pipe.
+/// Refuses a command given by path that is not in the tree, before any container is made
+/// (with a hint for the default shell, which small images lack).
+pub(crate) fn check_command(root: &ConfinedRoot, argv0: &str) -> Result<(), SandboxError> {
+    if command_exists(root, argv0) {
+        return Ok(());
+    }
+    let hint = if argv0 == "/bin/bash" {
+        "; /bin/bash is the default shell: images without bash (busybox, alpine) \
+         need (shell /bin/sh -c) in the spec"
+    } else {
+        ""
+    };
+    Err(SandboxError::NoCommand(format!(
+        "{argv0} does not exist in the image{hint}"
+    )))
+}
+
+/// Whether the end of a step's log says it could not start a process.
 fn hit_process_limit(tail: &[u8]) -> bool {
     let t = String::from_utf8_lossy(tail);
     (t.contains("fork") || t.contains("pthread_create") || t.contains("spawn"))
         && (t.contains("Resource temporarily unavailable") || t.contains("retry: "))
+}
+
+/// A container's end as the step's result: `code` is its exit status (128+N when its
+/// process was killed by signal N, as runc and shells report it), `signal` the signal
+/// that ended it directly. Says in the log when the process limit was probably hit, and
+/// names the memory limit when the step was killed with SIGKILL under one.
+pub(crate) fn step_status(
+    argv: &[String],
+    code: Option<i32>,
+    signal: Option<i32>,
+    max_pids: Option<u64>,
+    max_memory: Option<u64>,
+    log: &StepLog,
+) -> Result<(), SandboxError> {
+    let cmd = Cmd::new(argv.to_vec()).display();
+    let signalled = |signal: i32| {
+        let hint = match (signal, max_memory) {
+            (9, Some(m)) => Some(format!(
+                "the step may use at most {} (--max-memory): it probably ran out",
+                human_bytes(m)
+            )),
+            _ => None,
+        };
+        Err(SandboxError::Signalled {
+            cmd: cmd.clone(),
+            signal,
+            hint,
+        })
+    };
+    match (code, signal) {
+        (Some(0), _) => Ok(()),
+        (Some(code), _) => {
+            if let Some(n) = max_pids {
+                if hit_process_limit(&log.last_bytes(4096)) {
+                    let _ = log.write(
+                        format!(
+                            "\nobuilder: the step could not start more processes: it may have reached its limit of {n} (--max-pids)\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+            if code > 128 && code < 128 + 65 {
+                signalled(code - 128)
+            } else {
+                Err(SandboxError::Failed { cmd, status: code })
+            }
+        }
+        (None, Some(signal)) => signalled(signal),
+        (None, None) => Err(SandboxError::Failed { cmd, status: -1 }),
+    }
 }
 
 #[async_trait]
@@ -303,17 +370,7 @@ impl Sandbox for RuncSandbox {
     ) -> Result<(), SandboxError> {
         let confined = ConfinedRoot::open(rootfs).map_err(io("cannot open", rootfs))?;
         if let Some(argv0) = c.argv.first() {
-            if !command_exists(&confined, argv0) {
-                let hint = if argv0 == "/bin/bash" {
-                    "; /bin/bash is the default shell: images without bash (busybox, alpine) \
-                     need (shell /bin/sh -c) in the spec"
-                } else {
-                    ""
-                };
-                return Err(SandboxError::NoCommand(format!(
-                    "{argv0} does not exist in the image{hint}"
-                )));
-            }
+            check_command(&confined, argv0)?;
         }
         let id = format!(
             "obuilder-{}-{}",
@@ -341,7 +398,9 @@ impl Sandbox for RuncSandbox {
             supervisor = Some(self.supervise(&id, &bundle)?);
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(|e| io("cannot make a pipe for", &bundle)(e.into()))?;
-            let write2 = write.try_clone().map_err(io("cannot make a pipe for", &bundle))?;
+            let write2 = write
+                .try_clone()
+                .map_err(io("cannot make a pipe for", &bundle))?;
             let (stdout, stderr) = if tty {
                 // (closed here, so that the log's pump ends at once)
                 drop((write, write2));
@@ -379,45 +438,14 @@ impl Sandbox for RuncSandbox {
                 }
             };
             let _ = pumping.await;
-            let cmd = Cmd::new(c.argv.clone()).display();
-            match (
+            step_status(
+                &c.argv,
                 status.code(),
                 std::os::unix::process::ExitStatusExt::signal(&status),
-            ) {
-                (Some(0), _) => Ok(()),
-                (Some(code), _) => {
-                    if let Some(n) = self.opts.max_pids {
-                        if hit_process_limit(&log.last_bytes(4096)) {
-                            let _ = log.write(
-                                format!(
-                                    "\nobuilder: the step could not start more processes: it may have reached its limit of {n} (--max-pids)\n"
-                                )
-                                .as_bytes(),
-                            );
-                        }
-                    }
-                    // runc exits 128+N when the container's process was killed by signal N.
-                    if code > 128 && code < 128 + 65 {
-                        let signal = code - 128;
-                        let hint = match (signal, self.opts.max_memory) {
-                            (9, Some(m)) => Some(format!(
-                                "the step may use at most {} (--max-memory): it probably ran out",
-                                human_bytes(m)
-                            )),
-                            _ => None,
-                        };
-                        Err(SandboxError::Signalled { cmd, signal, hint })
-                    } else {
-                        Err(SandboxError::Failed { cmd, status: code })
-                    }
-                }
-                (None, Some(signal)) => Err(SandboxError::Signalled {
-                    cmd,
-                    signal,
-                    hint: None,
-                }),
-                (None, None) => Err(SandboxError::Failed { cmd, status: -1 }),
-            }
+                self.opts.max_pids,
+                self.opts.max_memory,
+                log,
+            )
         }
         .await;
         let _ = std::fs::remove_dir_all(&bundle);

@@ -10,7 +10,7 @@ use obuilder_engine::log::{LogEvent, LogSink};
 use obuilder_engine::BuilderOptions;
 use obuilder_fetch::registry::{Progress, ProgressSink, RegistryOptions};
 use obuilder_fetch::{FetchConfig, PullPolicy};
-use obuilder_sandbox::RuncOptions;
+use obuilder_sandbox::{NativeOptions, RuncOptions};
 use obuilder_stores::detect_default;
 use obuilder_stores::rsync::RsyncMode;
 
@@ -62,8 +62,9 @@ impl StoreArgs {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SandboxArgs {
-    /// What runs the steps: runc (Linux containers), runc:/PATH/TO/RUNC, or user (a build
-    /// user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
+    /// What runs the steps: runc (Linux containers), runc:/PATH/TO/RUNC, native (the same
+    /// containers, set up by obuilder itself without a runtime binary: faster to start),
+    /// or user (a build user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
     /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
     /// on macOS (steps have the host's network); on Linux a step without (network host)
     /// gets a network namespace of its own.
@@ -132,6 +133,11 @@ impl SandboxArgs {
         Ok(match spec {
             SandboxSpec::Runc(o) => SandboxSpec::Runc(RuncOptions {
                 runc: self.runc.clone().unwrap_or(o.runc),
+                fast_sync: self.fast_sync,
+                max_pids: (self.max_pids > 0).then_some(self.max_pids),
+                max_memory: self.max_memory,
+            }),
+            SandboxSpec::Native(_) => SandboxSpec::Native(NativeOptions {
                 fast_sync: self.fast_sync,
                 max_pids: (self.max_pids > 0).then_some(self.max_pids),
                 max_memory: self.max_memory,

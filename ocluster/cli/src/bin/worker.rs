@@ -98,6 +98,10 @@ fn main() {
             o.fast_sync = args.fast_sync;
             SandboxSpec::Runc(o)
         }
+        Ok(SandboxSpec::Native(mut o)) => {
+            o.fast_sync = args.fast_sync;
+            SandboxSpec::Native(o)
+        }
         // A worker's build users: the defaults (see `obuilder build --help`).
         Ok(other) => other,
         Err(e) => fail(format!("--sandbox: {e}")),

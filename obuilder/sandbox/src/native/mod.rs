@@ -1,0 +1,906 @@
+#![cfg(target_os = "linux")]
+//! The native sandbox (`--sandbox native`): the same container as the runc sandbox's, set
+//! up by the builder itself with no runtime binary.
+//!
+//! The container is described by the very OCI config the runc sandbox hands to runc
+//! ([`crate::oci::config`]), read here property by property: namespaces, mounts, masked
+//! and read-only paths, capabilities, rlimits, hostname, user, working directory, env,
+//! the seccomp profile (compiled with libseccomp, as runc compiles it) and the resources
+//! (cgroups). What differs is said where it differs: `/sys/fs/cgroup` is an empty
+//! read-only tmpfs (runc shows the step's own cgroups there), and the per-step files (the
+//! hosts file, secrets) live in a tmpfs of the step's mount namespace instead of a bundle
+//! on disk.
+//!
+//! A step is one `clone3` with the new namespaces and a pid file descriptor, made by a
+//! thread that lives as long as the builder ([`spawn`]); the child sets itself up
+//! ([`child::run`]) and `execve`s the command, which is the pid namespace's first
+//! process. Nothing outlives a step: when that process exits, the kernel kills every
+//! other process of its namespace; cancel kills the step's cgroup and that process; if the
+//! builder dies, `PR_SET_PDEATHSIG` kills that process (and with it the namespace). Its
+//! mounts exist only in its own mount namespace, so none is ever left on the host.
+
+mod cgroup;
+mod child;
+mod filter;
+
+use std::ffi::{c_int, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use obuilder_engine::confined::{self, ConfinedRoot};
+use obuilder_engine::log::StepLog;
+use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError, UserIds};
+use obuilder_engine::CancellationToken;
+use obuilder_spec::User;
+
+use crate::oci::{self, HostFiles, Limits};
+use crate::NativeOptions;
+use child::{Bind, Device, Mount, Plan, ScratchFile, Stage};
+
+/// Step names are `obuilder-n-PID-N`, PID the builder's: a stale cgroup names its dead
+/// builder.
+static NEXT_STEP: AtomicU64 = AtomicU64::new(0);
+
+pub struct NativeSandbox {
+    state_dir: PathBuf,
+    opts: NativeOptions,
+    machine: String,
+    last_cap: u32,
+    /// The compiled seccomp programs, without and with --fast-sync.
+    filter: OnceLock<Result<Arc<Vec<libc::sock_filter>>, String>>,
+}
+
+fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    SandboxError::io(what, path)
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SandboxError> {
+    CString::new(s.as_ref().to_vec()).map_err(|_| {
+        SandboxError::Unsupported(format!(
+            "{:?} holds a NUL byte",
+            String::from_utf8_lossy(s.as_ref())
+        ))
+    })
+}
+
+/// Capability numbers by name (linux/capability.h).
+const CAP_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Mount option words that are flags (the rest is the file system's data).
+fn mount_flag(opt: &str) -> Option<libc::c_ulong> {
+    Some(match opt {
+        "ro" => libc::MS_RDONLY,
+        "nosuid" => libc::MS_NOSUID,
+        "nodev" => libc::MS_NODEV,
+        "noexec" => libc::MS_NOEXEC,
+        "strictatime" => libc::MS_STRICTATIME,
+        "relatime" => libc::MS_RELATIME,
+        "noatime" => libc::MS_NOATIME,
+        // Binds are always recursive and private to the step's namespace here.
+        "rbind" | "bind" | "rprivate" | "private" | "rw" => 0,
+        _ => return None,
+    })
+}
+
+fn under_kernel_fs(dst: &str) -> bool {
+    ["/proc", "/dev", "/sys"]
+        .iter()
+        .any(|p| dst == *p || dst.starts_with(&format!("{p}/")))
+}
+
+/// The paths `execve` is tried with: `argv0` itself if it holds a `/`, else each entry of
+/// the step's `PATH` (as runc looks a bare name up).
+fn exec_candidates(argv0: &str, env: &[(String, String)]) -> Vec<String> {
+    if argv0.contains('/') {
+        return vec![argv0.to_string()];
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or(
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        |(_, v)| v.as_str(),
+    );
+    path.split(':')
+        .map(|d| if d.is_empty() { "." } else { d })
+        .map(|d| format!("{}/{argv0}", d.trim_end_matches('/')))
+        .collect()
+}
+
+/// Makes the missing mount point of a bind at container path `dst` (a directory for a
+/// directory source, else an empty file), through the confined root: a symlink the
+/// previous step left is followed inside the tree, never out of it.
+fn mount_point(root: &ConfinedRoot, dst: &str, dir: bool) -> std::io::Result<()> {
+    if dir {
+        return root.create_dirs(dst, 0o755, None).map(drop);
+    }
+    let parts = confined::components(dst);
+    let Some((name, parent)) = parts.split_last() else {
+        return Ok(());
+    };
+    let parent_fd = root.create_dirs(&parent.join("/"), 0o755, None)?;
+    if confined::kind_at(&parent_fd, name)?.is_none() {
+        confined::create_file_at(&parent_fd, name, 0o644)?;
+    }
+    Ok(())
+}
+
+/// The home directory of `uid` in the tree's `/etc/passwd` (read through the confined
+/// root, never following a symlink out of it), or `/`.
+fn home_of(root: &ConfinedRoot, uid: u32) -> String {
+    use std::io::Read;
+    let read = || -> std::io::Result<String> {
+        let Some((dir, name)) = root.parent("/etc/passwd", confined::Follow::InRoot)? else {
+            return Ok(String::new());
+        };
+        let fd = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let mut text = String::new();
+        std::fs::File::from(fd)
+            .take(1 << 20)
+            .read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let text = read().unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 6 && f[2].parse() == Ok(uid)).then(|| f[5].to_string())
+        })
+        .find(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into())
+}
+
+/// A request to the spawner thread.
+struct Job {
+    plan: *const Plan,
+    flags: u64,
+    reply: mpsc::Sender<std::io::Result<(i32, OwnedFd)>>,
+}
+
+// The plan outlives the request: its owner waits for the reply.
+unsafe impl Send for Job {}
+
+/// Clones the step's first process from a thread that lives as long as the builder:
+/// `PR_SET_PDEATHSIG` fires when the *thread* that made a process exits, so a pool
+/// thread that retires would kill a running step.
+fn spawn(plan: &Plan, flags: u64) -> std::io::Result<(i32, OwnedFd)> {
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("obuilder-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = unsafe { clone3(job.flags) };
+                    match r {
+                        Ok(Some(pair)) => {
+                            let _ = job.reply.send(Ok(pair));
+                        }
+                        Ok(None) => unsafe { child::run(&*job.plan) },
+                        Err(e) => {
+                            let _ = job.reply.send(Err(e));
+                        }
+                    }
+                }
+            })
+            .expect("cannot start the native sandbox's spawner thread");
+        tx
+    });
+    let (reply, answer) = mpsc::channel();
+    tx.send(Job { plan, flags, reply })
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// `clone3` with `flags`, a pid fd and SIGCHLD: `Some((pid, pidfd))` in the parent,
+/// `None` in the child.
+unsafe fn clone3(flags: u64) -> std::io::Result<Option<(i32, OwnedFd)>> {
+    let mut pidfd: c_int = -1;
+    let mut args: libc::clone_args = std::mem::zeroed();
+    args.flags = flags | libc::CLONE_PIDFD as u64;
+    args.pidfd = &mut pidfd as *mut c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    let r = libc::syscall(
+        libc::SYS_clone3,
+        &args as *const libc::clone_args,
+        std::mem::size_of::<libc::clone_args>(),
+    );
+    match r {
+        0 => Ok(None),
+        r if r > 0 => Ok(Some((r as i32, OwnedFd::from_raw_fd(pidfd)))),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| SandboxError::io("cannot make a pipe", "native sandbox")(e.into()))
+}
+
+/// How the step's first process ended.
+enum Ended {
+    Exited(i32),
+    Signalled(i32),
+}
+
+/// Waits for the process of `pidfd` to end and reaps it.
+fn wait(pidfd: &OwnedFd) -> std::io::Result<Ended> {
+    loop {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let status = unsafe { info.si_status() };
+        return Ok(match info.si_code {
+            libc::CLD_EXITED => Ended::Exited(status),
+            _ => Ended::Signalled(status),
+        });
+    }
+}
+
+fn kill(pidfd: &OwnedFd) {
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+impl NativeSandbox {
+    pub fn new(state_dir: &Path, opts: NativeOptions) -> NativeSandbox {
+        let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40)
+            .min(63);
+        NativeSandbox {
+            state_dir: state_dir.to_path_buf(),
+            opts,
+            machine: rustix::system::uname()
+                .machine()
+                .to_string_lossy()
+                .into_owned(),
+            last_cap,
+            filter: OnceLock::new(),
+        }
+    }
+
+    /// The directory the child covers with its scratch tmpfs.
+    fn scratch(&self) -> PathBuf {
+        self.state_dir.join("native")
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            fast_sync: self.opts.fast_sync,
+            machine: self.machine.clone(),
+            max_pids: self.opts.max_pids,
+            max_memory: self.opts.max_memory,
+        }
+    }
+
+    fn filter(&self, profile: &Value) -> Result<Arc<Vec<libc::sock_filter>>, SandboxError> {
+        self.filter
+            .get_or_init(|| filter::compile(profile).map(Arc::new))
+            .clone()
+            .map_err(SandboxError::Unsupported)
+    }
+
+    /// The child's plan from the step's OCI config.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        c: &RunConfig,
+        config: &Value,
+        rootfs: &Path,
+        confined: &ConfinedRoot,
+        scratch_files: Vec<ScratchFile>,
+        stdio: [RawFd; 3],
+        go: (RawFd, RawFd),
+        report: RawFd,
+    ) -> Result<(Plan, Vec<CString>, Vec<CString>, u64), SandboxError> {
+        let mut flags = 0u64;
+        let mut loopback = false;
+        for ns in config["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            flags |= match ns["type"].as_str() {
+                Some("network") => {
+                    loopback = true;
+                    libc::CLONE_NEWNET
+                }
+                Some("pid") => libc::CLONE_NEWPID,
+                Some("ipc") => libc::CLONE_NEWIPC,
+                Some("uts") => libc::CLONE_NEWUTS,
+                Some("mount") => libc::CLONE_NEWNS,
+                other => {
+                    return Err(SandboxError::Unsupported(format!(
+                        "the native sandbox has no {other:?} namespace"
+                    )))
+                }
+            } as u64;
+        }
+        let mut binds = Vec::new();
+        let mut mounts = Vec::new();
+        for m in config["mounts"].as_array().into_iter().flatten() {
+            let dst = m["destination"].as_str().unwrap_or_default();
+            let src = m["source"].as_str().unwrap_or_default();
+            let mut fl: libc::c_ulong = 0;
+            let mut data = Vec::new();
+            for o in m["options"].as_array().into_iter().flatten() {
+                let o = o.as_str().unwrap_or_default();
+                match mount_flag(o) {
+                    Some(f) => fl |= f,
+                    None => data.push(o),
+                }
+            }
+            match m["type"].as_str() {
+                Some("bind") => {
+                    if under_kernel_fs(dst) {
+                        return Err(SandboxError::Unsupported(format!(
+                            "{dst}: the native sandbox cannot mount into /proc, /dev or /sys"
+                        )));
+                    }
+                    let dir = !scratch_files
+                        .iter()
+                        .any(|f| f.path.as_bytes() == src.as_bytes())
+                        && std::fs::metadata(src).map(|m| m.is_dir()).unwrap_or(false);
+                    mount_point(confined, dst, dir)
+                        .map_err(io("cannot make the mount point", confined.shown(dst)))?;
+                    binds.push(Bind {
+                        source: cstr(src)?,
+                        target: cstr(dst.trim_start_matches('/'))?,
+                        remount: fl,
+                    });
+                }
+                Some("cgroup") => mounts.push(Mount {
+                    // An empty read-only tmpfs: the step's cgroups are the builder's.
+                    target: cstr(dst)?,
+                    fstype: cstr("tmpfs")?,
+                    source: cstr("tmpfs")?,
+                    flags: fl | libc::MS_RDONLY,
+                    data: Some(cstr("mode=755")?),
+                }),
+                Some(fstype) => mounts.push(Mount {
+                    target: cstr(dst)?,
+                    fstype: cstr(fstype)?,
+                    source: cstr(src)?,
+                    flags: fl,
+                    data: if data.is_empty() {
+                        None
+                    } else {
+                        Some(cstr(data.join(","))?)
+                    },
+                }),
+                None => {}
+            }
+        }
+        // The standard device nodes and links of runc's default /dev.
+        let chr = |path: &str, major: u32, minor: u32| -> Result<Device, SandboxError> {
+            Ok(Device {
+                path: cstr(path)?,
+                mode: libc::S_IFCHR | 0o666,
+                dev: libc::makedev(major, minor),
+            })
+        };
+        let devices = vec![
+            chr("/dev/null", 1, 3)?,
+            chr("/dev/zero", 1, 5)?,
+            chr("/dev/full", 1, 7)?,
+            chr("/dev/random", 1, 8)?,
+            chr("/dev/urandom", 1, 9)?,
+            chr("/dev/tty", 5, 0)?,
+        ];
+        let mut dev_links = Vec::new();
+        for (target, link) in [
+            ("/proc/self/fd", "/dev/fd"),
+            ("/proc/self/fd/0", "/dev/stdin"),
+            ("/proc/self/fd/1", "/dev/stdout"),
+            ("/proc/self/fd/2", "/dev/stderr"),
+            ("pts/ptmx", "/dev/ptmx"),
+        ] {
+            dev_links.push((cstr(target)?, cstr(link)?));
+        }
+        let strings = |v: &Value| -> Result<Vec<CString>, SandboxError> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+                .map(cstr)
+                .collect()
+        };
+        let masked = strings(&config["linux"]["maskedPaths"])?;
+        let readonly = strings(&config["linux"]["readonlyPaths"])?;
+        let process = &config["process"];
+        let mut rlimits = Vec::new();
+        for r in process["rlimits"].as_array().into_iter().flatten() {
+            let res = match r["type"].as_str() {
+                Some("RLIMIT_NOFILE") => libc::RLIMIT_NOFILE,
+                Some("RLIMIT_NPROC") => libc::RLIMIT_NPROC,
+                Some("RLIMIT_CORE") => libc::RLIMIT_CORE,
+                other => {
+                    return Err(SandboxError::Unsupported(format!(
+                        "the native sandbox does not set {other:?}"
+                    )))
+                }
+            };
+            rlimits.push((
+                res as c_int,
+                r["soft"].as_u64().unwrap_or(0),
+                r["hard"].as_u64().unwrap_or(0),
+            ));
+        }
+        let mut caps = 0u64;
+        for name in process["capabilities"]["bounding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let name = name.as_str().unwrap_or_default();
+            let n = CAP_NAMES
+                .iter()
+                .position(|c| *c == name)
+                .ok_or_else(|| SandboxError::Unsupported(format!("unknown capability {name}")))?;
+            caps |= 1 << n;
+        }
+        let filter = self.filter(&config["linux"]["seccomp"])?;
+        let argv0 = c.argv.first().map(String::as_str).unwrap_or_default();
+        let exec = exec_candidates(argv0, &c.env)
+            .into_iter()
+            .map(cstr)
+            .collect::<Result<Vec<_>, _>>()?;
+        let argv_owned = c.argv.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+        let mut env_owned = c
+            .env
+            .iter()
+            .map(|(k, v)| cstr(format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !c.env.iter().any(|(k, _)| k == "HOME") {
+            // As runc: the user's home from the image's /etc/passwd, else /.
+            env_owned.push(cstr(format!("HOME={}", home_of(confined, c.user.uid)))?);
+        }
+        let mut argv: Vec<*const libc::c_char> = argv_owned.iter().map(|s| s.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = env_owned.iter().map(|s| s.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let plan = Plan {
+            scratch: cstr(self.scratch().as_os_str().as_bytes())?,
+            files: scratch_files,
+            rootfs: cstr(rootfs.as_os_str().as_bytes())?,
+            binds,
+            mounts,
+            devices,
+            dev_links,
+            masked,
+            readonly,
+            hostname: cstr(config["hostname"].as_str().unwrap_or(oci::HOSTNAME))?,
+            loopback,
+            rlimits,
+            cwd: cstr(process["cwd"].as_str().unwrap_or("/"))?,
+            uid: c.user.uid,
+            gid: c.user.gid,
+            caps,
+            last_cap: self.last_cap,
+            filter: filter.as_ref().clone(),
+            exec,
+            argv,
+            envp,
+            stdio,
+            go: go.0,
+            go_parent: go.1,
+            report,
+        };
+        Ok((plan, argv_owned, env_owned, flags))
+    }
+}
+
+/// A failed set-up, as the step's error.
+enum SetupError {
+    /// The command could not be started: its status as a shell gives it (127 not found,
+    /// 126 not executable), and why, for the log.
+    Exec {
+        note: String,
+        error: SandboxError,
+    },
+    Other(SandboxError),
+}
+
+/// What a failed set-up step means, for the step's error.
+fn setup_error(c: &RunConfig, plan: &Plan, stage: Stage, index: usize, errno: i32) -> SetupError {
+    let err = std::io::Error::from_raw_os_error(errno);
+    let argv0 = c.argv.first().cloned().unwrap_or_default();
+    let at = |v: &[CString]| {
+        v.get(index)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let message = match stage {
+        Stage::Exec => {
+            let (status, why) = match errno {
+                libc::ENOENT | libc::ENOTDIR if argv0.contains('/') => {
+                    (127, "no such command in the image".to_string())
+                }
+                libc::ENOENT | libc::ENOTDIR => (
+                    127,
+                    format!("no such command in the image (PATH is {})", plan_path(c)),
+                ),
+                libc::EACCES => (126, "not executable (permission denied)".to_string()),
+                _ => (126, err.to_string()),
+            };
+            let cmd = obuilder_engine::exec::Cmd::new(c.argv.clone()).display();
+            return SetupError::Exec {
+                note: format!("cannot run `{argv0}`: {why}"),
+                error: SandboxError::Failed { cmd, status },
+            };
+        }
+        Stage::Workdir => format!("cannot make the working directory {}: {err}", c.cwd),
+        Stage::Chdir => format!("cannot enter the working directory {}: {err}", c.cwd),
+        Stage::Bind | Stage::BindOpen | Stage::BindRemount => format!(
+            "cannot mount /{} into the step: {err}",
+            plan.binds
+                .get(index)
+                .map(|b| b.target.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        Stage::Mount | Stage::Mkdir => format!(
+            "cannot mount {} in the step: {err}",
+            plan.mounts
+                .get(index)
+                .map(|m| m.target.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        Stage::Mask => format!("cannot mask {}: {err}", at(&plan.masked)),
+        Stage::ReadOnly => format!("cannot make {} read-only: {err}", at(&plan.readonly)),
+        other => format!("the native sandbox could not set up the step ({other:?} {index}): {err}"),
+    };
+    SetupError::Other(SandboxError::Unsupported(message))
+}
+
+fn plan_path(c: &RunConfig) -> String {
+    c.env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or_else(|| "not set".into(), |(_, v)| v.clone())
+}
+
+#[async_trait]
+impl Sandbox for NativeSandbox {
+    /// Numeric users only, as the runc sandbox.
+    fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
+        match user {
+            User::Unix { uid, gid } => Ok(UserIds {
+                uid: *uid,
+                gid: *gid,
+            }),
+            User::Name(n) => Err(SandboxError::Unsupported(format!(
+                "user {n:?}: the native sandbox runs numeric users only; use (user (uid N) (gid N))"
+            ))),
+        }
+    }
+
+    async fn recover(&self) -> Result<(), SandboxError> {
+        let d = self.scratch();
+        std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
+        cgroup::remove_stale();
+        Ok(())
+    }
+
+    async fn kill_stale(&self, _rootfs: &Path) -> Result<(), SandboxError> {
+        // A step's processes die with its first one or with its builder: none can be
+        // left on a tree.
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        c: &RunConfig,
+        rootfs: &Path,
+        log: &StepLog,
+        cancel: &CancellationToken,
+    ) -> Result<(), SandboxError> {
+        let confined = ConfinedRoot::open(rootfs).map_err(io("cannot open", rootfs))?;
+        if let Some(argv0) = c.argv.first() {
+            crate::runc::check_command(&confined, argv0)?;
+        }
+        let scratch = self.scratch();
+        std::fs::create_dir_all(&scratch).map_err(io("cannot create", &scratch))?;
+        let mut files = vec![ScratchFile {
+            path: cstr(scratch.join("hosts").as_os_str().as_bytes())?,
+            data: b"127.0.0.1 localhost builder\n".to_vec(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }];
+        let mut secret_paths = Vec::new();
+        for (i, s) in c.secrets.iter().enumerate() {
+            let p = scratch.join(format!("secret-{i}"));
+            secret_paths.push(p.to_string_lossy().into_owned());
+            files.push(ScratchFile {
+                path: cstr(p.as_os_str().as_bytes())?,
+                data: s.value.clone(),
+                mode: 0o400,
+                uid: c.user.uid,
+                gid: c.user.gid,
+            });
+        }
+        let host_files = HostFiles {
+            hosts: scratch.join("hosts").to_string_lossy().into_owned(),
+            resolv_conf: "/etc/resolv.conf".into(),
+            secrets: secret_paths,
+        };
+        let config = oci::config(c, &rootfs.to_string_lossy(), &host_files, &self.limits())?;
+        // Secret targets that did not exist are removed after the step (see runc.rs).
+        let made: Vec<Vec<String>> = c
+            .secrets
+            .iter()
+            .map(|s| confined::missing_components(&confined, &s.target))
+            .collect();
+        let result = self
+            .run_in(c, rootfs, &confined, &config, files, log, cancel)
+            .await;
+        for paths in made {
+            confined::remove_made(&confined, &paths);
+        }
+        result
+    }
+}
+
+/// Restores the builder's process group as the terminal's foreground when dropped.
+struct Foreground {
+    tty: RawFd,
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        unsafe {
+            // Taking the terminal back from the background: SIGTTOU must not stop us.
+            let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            libc::tcsetpgrp(self.tty, libc::getpgrp());
+            libc::signal(libc::SIGTTOU, old);
+        }
+    }
+}
+
+impl NativeSandbox {
+    #[allow(clippy::too_many_arguments)]
+    async fn run_in(
+        &self,
+        c: &RunConfig,
+        rootfs: &Path,
+        confined: &ConfinedRoot,
+        config: &Value,
+        files: Vec<ScratchFile>,
+        log: &StepLog,
+        cancel: &CancellationToken,
+    ) -> Result<(), SandboxError> {
+        let tty = c.stdin
+            && std::io::IsTerminal::is_terminal(&std::io::stdin())
+            && std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let (out_r, out_w) = pipe()?;
+        let (go_r, go_w) = pipe()?;
+        let (report_r, report_w) = pipe()?;
+        let null = std::fs::File::open("/dev/null").map_err(io("cannot open", "/dev/null"))?;
+        let stdio = if tty {
+            [0, 1, 2]
+        } else {
+            [
+                if c.stdin { 0 } else { null.as_raw_fd() },
+                out_w.as_raw_fd(),
+                out_w.as_raw_fd(),
+            ]
+        };
+        let (plan, _argv, _env, flags) = self.plan(
+            c,
+            config,
+            rootfs,
+            confined,
+            files,
+            stdio,
+            (go_r.as_raw_fd(), go_w.as_raw_fd()),
+            report_w.as_raw_fd(),
+        )?;
+        let name = format!(
+            "obuilder-n-{}-{}",
+            std::process::id(),
+            NEXT_STEP.fetch_add(1, Ordering::Relaxed)
+        );
+        let (cgroups, unapplied) =
+            cgroup::StepCgroups::create(&name, self.opts.max_pids, self.opts.max_memory);
+        for what in unapplied {
+            let _ = log.write(format!("obuilder: warning: not applied: {what}\n").as_bytes());
+        }
+        let (pid, pidfd) = match spawn(&plan, flags) {
+            Ok(p) => p,
+            Err(e) => {
+                cgroups.remove();
+                return Err(SandboxError::Unsupported(format!(
+                    "the native sandbox cannot start a step: {e}"
+                )));
+            }
+        };
+        let pidfd = Arc::new(pidfd);
+        // From here the child waits for `go`: put it in its cgroups first.
+        if let Err(e) = cgroups.add(pid) {
+            kill(&pidfd);
+            let _ = wait(&pidfd);
+            cgroups.remove();
+            return Err(SandboxError::io("cannot add the step to its cgroup", &name)(e));
+        }
+        let _foreground = if tty {
+            unsafe {
+                libc::setpgid(pid, pid);
+                let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+                libc::tcsetpgrp(0, pid);
+                libc::signal(libc::SIGTTOU, old);
+            }
+            Some(Foreground { tty: 0 })
+        } else {
+            None
+        };
+        let _ = rustix::io::write(&go_w, b"g");
+        // The child's ends: once it has exec'd (or died), only it holds them.
+        drop((go_r, report_w, out_w, null));
+        let pumping = crate::pump(out_r, log.clone());
+        let waiter = {
+            let pidfd = pidfd.clone();
+            tokio::task::spawn_blocking(move || wait(&pidfd))
+        };
+        tokio::pin!(waiter);
+        let ended = tokio::select! {
+            r = &mut waiter => Some(r),
+            _ = cancel.cancelled() => None,
+        };
+        let ended = match ended {
+            Some(r) => r,
+            None => {
+                cgroups.kill();
+                kill(&pidfd);
+                let _ = waiter.await;
+                let _ = pumping.await;
+                cgroups.remove();
+                return Err(SandboxError::Cancelled);
+            }
+        };
+        let ended = ended
+            .map_err(|e| SandboxError::Unsupported(format!("waiting for the step: {e}")))?
+            .map_err(io("cannot wait for the step", &name))?;
+        drop(go_w);
+        let _ = pumping.await;
+        let oom = cgroups.oom_killed();
+        cgroups.remove();
+        // A set-up failure: stage, index, errno from the child, written before it exited.
+        // (Non-blocking: a process cloned meanwhile for another step may hold a copy of
+        // the write end until its own execve.)
+        let _ = rustix::fs::fcntl_setfl(&report_r, rustix::fs::OFlags::NONBLOCK);
+        let mut buf = [0u8; 12];
+        if rustix::io::read(&report_r, &mut buf) == Ok(12) {
+            let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+            let stage = Stage::from_u32(u32::from_ne_bytes(word(0))).unwrap_or(Stage::Exec);
+            let index = u32::from_ne_bytes(word(4)) as usize;
+            let errno = i32::from_ne_bytes(word(8));
+            return Err(match setup_error(c, &plan, stage, index, errno) {
+                SetupError::Exec { note, error } => {
+                    let _ = log.write(format!("obuilder: {note}\n").as_bytes());
+                    error
+                }
+                SetupError::Other(e) => e,
+            });
+        }
+        let (code, signal) = match ended {
+            Ended::Exited(code) => (Some(code), None),
+            Ended::Signalled(sig) => (None, Some(sig)),
+        };
+        crate::runc::step_status(
+            &c.argv,
+            code,
+            signal,
+            self.opts.max_pids,
+            self.opts
+                .max_memory
+                .filter(|_| oom || signal == Some(9) || code == Some(137)),
+            log,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_are_looked_up_in_the_step_path() {
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin/".to_string())];
+        assert_eq!(exec_candidates("sh", &env), ["/usr/bin/sh", "/bin/sh"]);
+        assert_eq!(exec_candidates("./x", &env), ["./x"]);
+        assert_eq!(exec_candidates("/bin/sh", &[]), ["/bin/sh"]);
+        assert_eq!(exec_candidates("ls", &[]).len(), 6);
+    }
+
+    #[test]
+    fn kernel_file_systems_are_not_bind_targets() {
+        assert!(under_kernel_fs("/proc"));
+        assert!(under_kernel_fs("/dev/shm/x"));
+        assert!(!under_kernel_fs("/devel"));
+        assert!(!under_kernel_fs("/root/.cache"));
+    }
+
+    #[test]
+    fn every_capability_of_the_config_is_known() {
+        for c in oci::CAPABILITIES {
+            assert!(CAP_NAMES.contains(&c), "{c}");
+        }
+        assert_eq!(CAP_NAMES[21], "CAP_SYS_ADMIN");
+        assert_eq!(CAP_NAMES[40], "CAP_CHECKPOINT_RESTORE");
+    }
+}

@@ -5,7 +5,7 @@
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
 
-use testkit::e2e::{caps, text, Env, STORES};
+use testkit::e2e::{caps, text, Env, SANDBOXES, STORES};
 use testkit::Cap;
 
 /// The binary under test; `OBUILDER_TEST_BIN` points these probes at another build (an
@@ -25,8 +25,12 @@ fn secret_mount_point_clean_up_never_follows_a_step_made_symlink() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    for kind in STORES {
-        let env = Env::new(bin(), kind);
+    let runs = STORES
+        .iter()
+        .map(|k| (*k, "runc"))
+        .chain([("btrfs", "native")]);
+    for (kind, sandbox) in runs {
+        let env = Env::new(bin(), kind).sandboxed(sandbox);
         let victim = env.tmp.path().join("victim");
         std::fs::create_dir_all(victim.join("b/c")).unwrap();
         std::fs::write(victim.join("b/c/x"), "").unwrap();
@@ -109,30 +113,35 @@ fn the_default_seccomp_filter_denies_keyrings_user_namespaces_and_kernel_hooks()
     {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    build_probe(&env.ctx);
-    let spec = env.spec(
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        build_probe(&env.ctx);
+        let spec = env.spec(
         "p.spec",
         "((from busybox) (shell /bin/sh -c) (copy (src probe) (dst /probe)) (run (shell /probe)))",
     );
-    for extra in [&[][..], &["--fast-sync"][..]] {
-        let out = env.build_with(&spec, extra);
-        let o = text(&out.stdout);
-        assert!(out.status.success(), "{o}{}", text(&out.stderr));
-        for denied in [
-            "keyctl errno 1",
-            "add_key errno 1",
-            "request_key errno 1",
-            "unshare_user errno 1",
-            "perf_event_open errno 1",
-            "bpf errno 1",
-            "mount errno 1",
-        ] {
-            assert!(o.contains(denied), "{extra:?}: want `{denied}` in\n{o}");
+        for extra in [&[][..], &["--fast-sync"][..]] {
+            let out = env.build_with(&spec, extra);
+            let o = text(&out.stdout);
+            assert!(out.status.success(), "{o}{}", text(&out.stderr));
+            for denied in [
+                "keyctl errno 1",
+                "add_key errno 1",
+                "request_key errno 1",
+                "unshare_user errno 1",
+                "perf_event_open errno 1",
+                "bpf errno 1",
+                "mount errno 1",
+            ] {
+                assert!(
+                    o.contains(denied),
+                    "{sandbox} {extra:?}: want `{denied}` in\n{o}"
+                );
+            }
+            assert!(o.contains("fsync ok") && o.contains("fork ok"), "{o}");
+            // The next run is a cache hit with the other flag (the filter is not in the key).
+            env.run(&["clean"]);
         }
-        assert!(o.contains("fsync ok") && o.contains("fork ok"), "{o}");
-        // The next run is a cache hit with the other flag (the filter is not in the key).
-        env.run(&["clean"]);
     }
 }
 
@@ -257,42 +266,71 @@ fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// `kill -9` of obuilder: its step's container dies with it and the step's secret file
-/// is wiped at once, not at the next start on that store.
+/// Whether a process whose command line holds `marker` is alive.
+fn process_alive(marker: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// `kill -9` of obuilder: its step's processes die with it and the step's secret file
+/// is wiped at once (runc: its supervisor deletes the container and bundle) or never
+/// reaches the disk (native: it lives in the step's own tmpfs).
 #[test]
 fn killing_the_builder_kills_its_step_and_wipes_its_secret() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let secret = env.tmp.path().join("tok");
-    std::fs::write(&secret, "killed-builder-secret").unwrap();
-    let spec = env.spec(
-        "k.spec",
-        "((from busybox) (shell /bin/sh -c) (run (secrets (t (target /run/t))) (shell \"echo started; sleep 300\")))",
-    );
-    let mut child = start_until(
-        &env,
-        &spec,
-        &["--secret", &format!("t:{}", secret.display())],
-        "started",
-    );
-    assert_ne!(runc_list(&env), "", "the container runs");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    eventually("the container to die with its builder", 20, || {
-        runc_list(&env).is_empty()
-    });
-    let bundles = env.root().join("state/runc-tmp");
-    eventually("the bundle (and secret file) to go", 20, || {
-        std::fs::read_dir(&bundles).unwrap().count() == 0
-    });
-    let grep = std::process::Command::new("grep")
-        .args(["-r", "-l", "-a", "killed-builder-secret"])
-        .arg(env.root())
-        .output()
-        .unwrap();
-    assert_eq!(text(&grep.stdout), "", "the secret is left on disk");
+    for (sandbox, marker) in SANDBOXES.iter().zip(["3071", "3072"]) {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let secret = env.tmp.path().join("tok");
+        std::fs::write(&secret, "killed-builder-secret").unwrap();
+        let spec = env.spec(
+            "k.spec",
+            &format!("((from busybox) (shell /bin/sh -c) (run (secrets (t (target /run/t))) (shell \"echo started; (sleep {marker} &); sleep {marker}\")))"),
+        );
+        let mut child = start_until(
+            &env,
+            &spec,
+            &["--secret", &format!("t:{}", secret.display())],
+            "started",
+        );
+        if *sandbox == "runc" {
+            assert_ne!(runc_list(&env), "", "the container runs");
+        }
+        assert!(
+            process_alive(&format!("sleep {marker}")),
+            "{sandbox}: the step runs"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        eventually("the step's processes to die with their builder", 20, || {
+            !process_alive(&format!("sleep {marker}"))
+        });
+        eventually("the container to die with its builder", 20, || {
+            runc_list(&env).is_empty()
+        });
+        let bundles = env.root().join("state/runc-tmp");
+        eventually("the bundle (and secret file) to go", 20, || {
+            std::fs::read_dir(&bundles).map_or(0, |d| d.count()) == 0
+        });
+        let grep = std::process::Command::new("grep")
+            .args(["-r", "-l", "-a", "killed-builder-secret"])
+            .arg(env.root())
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&grep.stdout),
+            "",
+            "{sandbox}: the secret is left on disk"
+        );
+    }
 }
 
 /// A builder killed mid-step while another process keeps the store open (so nobody
@@ -441,45 +479,47 @@ fn limits_stop_fork_bombs_memory_hogs_and_slow_steps() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let bomb = env.spec(
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let bomb = env.spec(
         "bomb.spec",
         "((from busybox) (shell /bin/sh -c) (run (shell \"i=0; while [ $i -lt 300 ]; do sleep 30 & i=$((i+1)); done; wait\")))",
     );
-    let out = env.build_with(&bomb, &["--max-pids", "64"]);
-    let o = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{o}{}", text(&out.stderr));
-    assert!(
-        o.contains("it may have reached its limit of 64 (--max-pids)"),
-        "{o}"
-    );
-    env.assert_clean();
-    let hog = env.spec(
+        let out = env.build_with(&bomb, &["--max-pids", "64"]);
+        let o = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{o}{}", text(&out.stderr));
+        assert!(
+            o.contains("it may have reached its limit of 64 (--max-pids)"),
+            "{o}"
+        );
+        env.assert_clean();
+        let hog = env.spec(
         "hog.spec",
         "((from busybox) (shell /bin/sh -c) (run (shell \"dd if=/dev/zero of=/dev/null bs=200M count=1\")))",
     );
-    let out = env.build_with(&hog, &["--max-memory", "32M"]);
-    let e = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{e}");
-    assert!(
-        e.contains("killed by signal 9") && e.contains("32.0 MiB (--max-memory)"),
-        "{e}"
-    );
-    env.assert_clean();
-    let slow = env.spec(
-        "slow.spec",
-        "((from busybox) (shell /bin/sh -c) (run (shell \"sleep 300\")))",
-    );
-    let start = std::time::Instant::now();
-    let out = env.build_with(&slow, &["--step-timeout", "2s"]);
-    let e = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{e}");
-    assert!(
-        e.contains("stopped after the step time limit of 2 s (--step-timeout)"),
-        "{e}"
-    );
-    assert!(start.elapsed() < std::time::Duration::from_secs(60));
-    env.assert_clean();
+        let out = env.build_with(&hog, &["--max-memory", "32M"]);
+        let e = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains("killed by signal 9") && e.contains("32.0 MiB (--max-memory)"),
+            "{e}"
+        );
+        env.assert_clean();
+        let slow = env.spec(
+            "slow.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"sleep 300\")))",
+        );
+        let start = std::time::Instant::now();
+        let out = env.build_with(&slow, &["--step-timeout", "2s"]);
+        let e = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains("stopped after the step time limit of 2 s (--step-timeout)"),
+            "{e}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        env.assert_clean();
+    }
 }
 
 /// Errors quote specs and commands: a 2 MB spec line and a 1 MB command are clipped.

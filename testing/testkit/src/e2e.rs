@@ -99,7 +99,12 @@ pub struct Env {
     /// A context directory holding `a.txt` and `sub/run.sh`.
     pub ctx: PathBuf,
     pub tmp: tempfile::TempDir,
+    /// The `--sandbox` value (through `OBUILDER_SANDBOX`); the binary's default if `None`.
+    pub sandbox: Option<String>,
 }
+
+/// The Linux container sandboxes, which every isolation test runs under.
+pub const SANDBOXES: [&str; 2] = ["runc", "native"];
 
 impl Env {
     /// `kind` is one of [`STORES`]; `bin` the `obuilder` binary under test.
@@ -135,6 +140,7 @@ impl Env {
             extra,
             ctx,
             tmp,
+            sandbox: None,
         };
         let rootfs = env.tmp.path().join("busybox");
         make_busybox(&rootfs);
@@ -150,6 +156,12 @@ impl Env {
         env
     }
 
+    /// This store, with its steps run by `sandbox`.
+    pub fn sandboxed(mut self, sandbox: &str) -> Env {
+        self.sandbox = Some(sandbox.to_string());
+        self
+    }
+
     /// `args` followed by the store flags.
     pub fn args(&self, args: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -163,6 +175,9 @@ impl Env {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(self.args(args));
+        if let Some(s) = &self.sandbox {
+            c.env("OBUILDER_SANDBOX", s);
+        }
         c
     }
 
@@ -221,7 +236,8 @@ impl Env {
             .unwrap();
         assert_eq!(text(&runc.stdout).trim(), "", "a container is left");
         let bundles: Vec<_> = std::fs::read_dir(root.join("state/runc-tmp"))
-            .unwrap()
+            .into_iter()
+            .flatten()
             .collect();
         assert!(bundles.is_empty(), "bundles: {bundles:?}");
     }

@@ -219,6 +219,20 @@ impl StepCgroups {
     }
 }
 
+/// Whether `pid` is a live process (not a thread id, not a zombie).
+fn builder_alive(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    field("Tgid:") == pid.to_string() && !field("State:").starts_with('Z')
+}
+
 /// Removes the cgroups of steps whose builder died (`obuilder-n-PID-N` with no process
 /// PID), killing what is left in them.
 pub fn remove_stale() {
@@ -237,7 +251,7 @@ pub fn remove_stale() {
             else {
                 continue;
             };
-            if Path::new(&format!("/proc/{pid}")).exists() {
+            if builder_alive(pid) {
                 continue;
             }
             let cg = StepCgroups {

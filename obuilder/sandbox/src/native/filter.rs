@@ -74,6 +74,49 @@ pub fn compile(profile: &Value) -> Result<Vec<libc::sock_filter>, String> {
     std::io::Seek::rewind(&mut file).map_err(err)?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut bytes).map_err(err)?;
+    decode(&bytes)
+}
+
+/// [`compile`], remembered in `dir` across processes: libseccomp takes a millisecond or
+/// two to generate a program, a good part of a step's set-up. The file is named by a hash
+/// of the profile and the library's version, and holds the program as libseccomp wrote
+/// it; anything unreadable is compiled again.
+pub fn compile_cached(
+    profile: &Value,
+    dir: &std::path::Path,
+) -> Result<Vec<libc::sock_filter>, String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    profile.to_string().hash(&mut h);
+    if let Ok(v) = libseccomp::ScmpVersion::current() {
+        (v.major, v.minor, v.micro).hash(&mut h);
+    }
+    let path = dir.join(format!("seccomp-{:016x}.bpf", h.finish()));
+    if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(prog) = decode(&bytes) {
+            return Ok(prog);
+        }
+    }
+    let prog = compile(profile)?;
+    let bytes: Vec<u8> = prog
+        .iter()
+        .flat_map(|f| {
+            let mut b = Vec::with_capacity(8);
+            b.extend_from_slice(&f.code.to_ne_bytes());
+            b.push(f.jt);
+            b.push(f.jf);
+            b.extend_from_slice(&f.k.to_ne_bytes());
+            b
+        })
+        .collect();
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
+    Ok(prog)
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, String> {
     const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
     if bytes.is_empty() || bytes.len() % SIZE != 0 {
         return Err(err(format!("unexpected program size {}", bytes.len())));
@@ -99,6 +142,33 @@ mod tests {
         let fast = compile(&crate::seccomp::profile(true, "x86_64")).unwrap();
         assert!(plain.len() > 50, "{}", plain.len());
         assert!(fast.len() > plain.len());
+    }
+
+    #[test]
+    fn a_cached_program_is_the_compiled_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = crate::seccomp::profile(true, "x86_64");
+        let first = compile_cached(&profile, dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let again = compile_cached(&profile, dir.path()).unwrap();
+        let fresh = compile(&profile).unwrap();
+        let words = |v: &[libc::sock_filter]| -> Vec<(u16, u8, u8, u32)> {
+            v.iter().map(|f| (f.code, f.jt, f.jf, f.k)).collect()
+        };
+        assert_eq!(words(&first), words(&fresh));
+        assert_eq!(words(&again), words(&fresh));
+        // A damaged file is compiled again.
+        let f = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(&f, b"xyz").unwrap();
+        assert_eq!(
+            words(&compile_cached(&profile, dir.path()).unwrap()),
+            words(&fresh)
+        );
     }
 
     #[test]

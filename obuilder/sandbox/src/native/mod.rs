@@ -349,7 +349,10 @@ impl NativeSandbox {
 
     fn filter(&self, profile: &Value) -> Result<Arc<Vec<libc::sock_filter>>, SandboxError> {
         self.filter
-            .get_or_init(|| filter::compile(profile).map(Arc::new))
+            .get_or_init(|| {
+                filter::compile_cached(profile, &self.state_dir.join("native-filters"))
+                    .map(Arc::new)
+            })
             .clone()
             .map_err(SandboxError::Unsupported)
     }

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Native sandbox benchmark (issue 19): rewrites the `native` section of docs/benchmarks.md.
+
+Usage (as root):  python3 bench/native_bench.py [--reps N] [--no-workload]
+
+1. The quick-start spec (examples/quickstart.spec) on a btrfs store on a loopback file,
+   whole `obuilder build` processes, alternating in each round:
+   * last step changed (a fresh command text each time) with `--sandbox native`, with
+     `--sandbox runc`, and a bare `runc run true` on a prepared bundle (no obuilder);
+   * fully cached, with each sandbox.
+2. The shared workload (../shared/bench/, as bench/compare.py sets it up: Debian minbase
+   from a local registry, the 206-file context), cold, with each sandbox, against the
+   plain-chroot floor (the Dockerfile's RUN lines under `chroot`, COPY as `cp -a`).
+
+Targets: native last step ≤ 0.5x a bare `runc run true`; workload cold ≤ 1.2x the chroot
+floor; fully cached ≤ 3 ms. Never runs two measurements at once; cleans up what it makes.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from report import REPO, Registry, sh, stats, write_section  # noqa: E402
+import build_bench  # noqa: E402
+import compare  # noqa: E402
+
+OBUILDER = os.path.join(REPO, "target", "release", "obuilder")
+SANDBOXES = ["native", "runc"]
+
+
+def ms(x):
+    return f"{x * 1000:.1f}"
+
+
+def cell(xs):
+    med, lo, hi = stats(xs)
+    return f"{ms(med)} [{ms(lo)}–{ms(hi)}]"
+
+
+def quickstart(reps, lines):
+    busybox = tempfile.mkdtemp(prefix="native-bench-bb-", dir="/var/tmp")
+    sh("bash", os.path.join(REPO, "scripts", "make-busybox-rootfs.sh"), busybox)
+    b = build_bench.Bench("btrfs", "btrfs", "btrfs", [], busybox)
+    res = {}
+    try:
+        spec = build_bench.SPEC
+        for sb in SANDBOXES:  # warm: the whole spec built once
+            build_bench.timed([OBUILDER, "build", "-f", b.spec(spec), b.ctx, "--sandbox", sb] + b.args)
+        for i in range(reps):
+            for sb in SANDBOXES:
+                text = spec.replace("last-step-v0", f"last-step-{sb}-{i}-{time.time_ns()}")
+                res.setdefault(("last", sb), []).append(
+                    build_bench.timed([OBUILDER, "build", "-f", b.spec(text), b.ctx, "--sandbox", sb] + b.args))
+                res.setdefault(("cached", sb), []).append(
+                    build_bench.timed([OBUILDER, "build", "-f", b.spec(spec), b.ctx, "--sandbox", sb] + b.args))
+            res.setdefault(("bare", "true"), []).extend(build_bench.bare_runc(b.work, busybox, 1, "true"))
+    finally:
+        b.close()
+        shutil.rmtree(busybox, ignore_errors=True)
+    bare = stats(res[("bare", "true")])[0]
+    lines.append(f"The quick-start spec (`examples/quickstart.spec`, 6 steps) on btrfs (loopback), whole "
+                 f"`obuilder build` processes, {reps} rounds alternating, median [min–max] in ms:")
+    lines.append("")
+    lines.append("| | native | runc | baseline: bare `runc run true` |")
+    lines.append("|---|---|---|---|")
+    lines.append(f"| last step changed | **{cell(res[('last', 'native')])}** | {cell(res[('last', 'runc')])} "
+                 f"| {cell(res[('bare', 'true')])} |")
+    lines.append(f"| fully cached | **{cell(res[('cached', 'native')])}** | {cell(res[('cached', 'runc')])} | |")
+    lines.append("")
+    nat = stats(res[("last", "native")])[0]
+    return {"last/bare": nat / bare, "last-native": nat, "last-runc": stats(res[("last", "runc")])[0],
+            "cached": stats(res[("cached", "native")])[0], "bare": bare}
+
+
+class Sandboxed(compare.Ours):
+    def __init__(self, sandbox, work):
+        super().__init__("btrfs", work)
+        self.sandbox = sandbox
+        self.label = f"obuilder --sandbox {sandbox} (btrfs)"
+
+    def fresh(self):
+        super().fresh()
+        self.args = self.args + ["--sandbox", self.sandbox]
+
+
+def workload(reps, lines):
+    compare.workload_tools()
+    work = tempfile.mkdtemp(prefix="native-bench-", dir="/var/tmp")
+    reg = Registry(port=5000)
+    tools = []
+    res = {}
+    try:
+        base_root, ctx = compare.serve_workload(work, reg)
+        tools = [Sandboxed(sb, work) for sb in SANDBOXES]
+        floor = compare.Chroot(work, base_root)
+        tools_and_floor = tools + [floor]
+        for _ in range(reps):
+            for t in tools_and_floor:
+                if t is floor:
+                    res.setdefault(floor.label, []).append(floor.cold(ctx))
+                    continue
+                t.fresh()
+                try:
+                    t.pull()
+                    dt, *_ = t.build(ctx)
+                    res.setdefault(t.label, []).append(dt)
+                finally:
+                    t.drop()
+        floor.close()
+    finally:
+        for t in tools:
+            t.close()
+        reg.close()
+        shutil.rmtree(work, ignore_errors=True)
+    f = stats(res[compare.Chroot.label])[0]
+    lines.append(f"The shared workload (`../shared/bench/`), cold (base already pulled), {reps} rounds "
+                 f"alternating, ms, against the plain-chroot floor measured in the same rounds:")
+    lines.append("")
+    lines.append("| | cold build | against the floor |")
+    lines.append("|---|---|---|")
+    for t in tools:
+        m = stats(res[t.label])[0]
+        lines.append(f"| {t.label} | {cell(res[t.label])} | **{m / f:.2f}×** |")
+    lines.append(f"| {compare.Chroot.label} | {cell(res[compare.Chroot.label])} | 1.00× |")
+    lines.append("")
+    return {"cold/floor": stats(res[tools[0].label])[0] / f}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--workload-reps", type=int, default=3)
+    ap.add_argument("--no-workload", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("native_bench: run as root")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "obuilder"], cwd=REPO, check=True)
+    lines = ["## The native sandbox (`bench/native_bench.py`)", "",
+             f"Measured by `python3 bench/native_bench.py` on {time.strftime('%Y-%m-%d')} "
+             f"({os.cpu_count()} cores).", ""]
+    q = quickstart(a.reps, lines)
+    w = None if a.no_workload else workload(a.workload_reps, lines)
+    lines.append("Targets (issue 19):")
+    lines.append("")
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines.append(f"* whole build, last step changed, native ≤ 0.5× a bare `runc run true`: "
+                 f"{verdict(q['last/bare'] <= 0.5)} ({ms(q['last-native'])} against {ms(q['bare'])} ms: "
+                 f"**{q['last/bare']:.2f}×**; runc: {ms(q['last-runc'])} ms).")
+    if w:
+        lines.append(f"* workload cold ≤ 1.2× the plain-chroot floor: {verdict(w['cold/floor'] <= 1.2)} "
+                     f"(**{w['cold/floor']:.2f}×**).")
+    lines.append(f"* fully cached ≤ 3 ms: {verdict(q['cached'] <= 0.003)} (**{ms(q['cached'])} ms**).")
+    text = "\n".join(lines)
+    print(text)
+    write_section("native", text)
+
+
+if __name__ == "__main__":
+    main()

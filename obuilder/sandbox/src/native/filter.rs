@@ -118,7 +118,7 @@ pub fn compile_cached(
 
 fn decode(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, String> {
     const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
-    if bytes.is_empty() || bytes.len() % SIZE != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(SIZE) {
         return Err(err(format!("unexpected program size {}", bytes.len())));
     }
     Ok(bytes

@@ -895,41 +895,54 @@ fn import_picks_a_tag_checks_names_and_prints_no_binary() {
     env.assert_clean();
 }
 
-/// `shell` on a terminal: the shell gets a terminal of its own (runc's, relayed), reads
-/// what is typed, and its exit status is the command's.
+/// `shell` on a terminal: with runc the shell gets a terminal of its own (runc's, relayed);
+/// with the native sandbox it gets this one, in the foreground. Either way it reads what
+/// is typed, and its exit status is the command's.
 #[test]
 fn shell_gets_a_terminal() {
     if !needs("rsync-copy", &[Cap::Tool("script")]) {
         return;
     }
-    let env = Env::new(bin(), "rsync-copy");
-    let spec = env.spec(
-        "s.spec",
-        "((from busybox) (shell /bin/sh -c) (env SEEN yes) (run (shell \"true\")))",
-    );
-    ok(&env.build_with(&spec, &["-t", "t1", "-q"]), "build");
-    // `script` runs obuilder on a pseudo-terminal and types what it reads.
-    let cmdline = env
-        .args(&["shell", "t1"])
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = output_with_stdin(
-        Command::new("timeout").args([
-            "60",
-            "script",
-            "-qec",
-            &format!("'{}' {cmdline}", bin()),
-            "/dev/null",
-        ]),
-        b"tty; echo seen=$SEEN; exit 7\n",
-    );
-    let o = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(7), "{o}{}", text(&out.stderr));
-    assert!(o.contains("/dev/pts/"), "a terminal of its own: {o}");
-    assert!(o.contains("seen=yes"), "{o}");
-    env.assert_clean();
+    for sandbox in testkit::e2e::SANDBOXES {
+        let env = Env::new(bin(), "rsync-copy").sandboxed(sandbox);
+        let spec = env.spec(
+            "s.spec",
+            "((from busybox) (shell /bin/sh -c) (env SEEN yes) (run (shell \"true\")))",
+        );
+        ok(&env.build_with(&spec, &["-t", "t1", "-q"]), "build");
+        // `script` runs obuilder on a pseudo-terminal and types what it reads.
+        let cmdline = env
+            .args(&["shell", "t1"])
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = output_with_stdin(
+            Command::new("timeout")
+                .args([
+                    "60",
+                    "script",
+                    "-qec",
+                    &format!("'{}' {cmdline}", bin()),
+                    "/dev/null",
+                ])
+                .env("OBUILDER_SANDBOX", sandbox),
+            b"tty; test -t 0 && test -t 1 && echo on-a-terminal; echo seen=$SEEN; exit 7\n",
+        );
+        let o = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "{sandbox}: {o}{}",
+            text(&out.stderr)
+        );
+        if sandbox == "runc" {
+            assert!(o.contains("/dev/pts/"), "a terminal of its own: {o}");
+        }
+        assert!(o.contains("on-a-terminal"), "{sandbox}: {o}");
+        assert!(o.contains("seen=yes"), "{sandbox}: {o}");
+        env.assert_clean();
+    }
 }
 
 /// Deleting results frees the layers their exports left in the blob store, and only those.

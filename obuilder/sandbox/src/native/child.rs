@@ -646,10 +646,27 @@ pub unsafe fn run(p: &Plan) -> ! {
         Stage::Capabilities,
         100,
     );
-    // Supplementary groups are cleared: only the step's uid and gid.
-    check(p, libc::setgroups(0, std::ptr::null()), Stage::Groups, 0);
-    check(p, libc::setresgid(p.gid, p.gid, p.gid), Stage::Gid, 0);
-    check(p, libc::setresuid(p.uid, p.uid, p.uid), Stage::Uid, 0);
+    // Supplementary groups are cleared: only the step's uid and gid. Raw system calls:
+    // glibc's wrappers would broadcast the change to the builder's other threads (its
+    // setxid protocol), which do not exist in this process.
+    check(
+        p,
+        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as c_int,
+        Stage::Groups,
+        0,
+    );
+    check(
+        p,
+        libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid) as c_int,
+        Stage::Gid,
+        0,
+    );
+    check(
+        p,
+        libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid) as c_int,
+        Stage::Uid,
+        0,
+    );
     let header = CapHeader {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,

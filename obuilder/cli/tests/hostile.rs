@@ -5,7 +5,7 @@
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
 
-use testkit::e2e::{caps, text, Env, SANDBOXES, STORES};
+use testkit::e2e::{caps, eventually, process_alive, start_until, text, Env, SANDBOXES, STORES};
 use testkit::Cap;
 
 /// The binary under test; `OBUILDER_TEST_BIN` points these probes at another build (an
@@ -205,42 +205,6 @@ fn secret_ids_are_keyed_per_store() {
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
 }
 
-/// Starts a build of `spec` and returns once its step printed `marker` (and the child).
-fn start_until(
-    env: &Env,
-    spec: &std::path::Path,
-    extra: &[&str],
-    marker: &str,
-) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    let mut args = vec![
-        "build",
-        "-f",
-        spec.to_str().unwrap(),
-        env.ctx.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut child = env
-        .command(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "{marker} never came");
-        match lines.next() {
-            Some(Ok(l)) if l == marker => break,
-            Some(_) => {}
-            None => panic!("the build ended before printing {marker}"),
-        }
-    }
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
-}
-
 fn runc_list(env: &Env) -> String {
     let out = std::process::Command::new("runc")
         .args([
@@ -252,31 +216,6 @@ fn runc_list(env: &Env) -> String {
         .output()
         .unwrap();
     text(&out.stdout).trim().to_string()
-}
-
-/// Waits (bounded) until `cond` holds.
-fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Whether a process whose command line holds `marker` is alive.
-fn process_alive(marker: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline"))
-            .map(|c| {
-                String::from_utf8_lossy(&c)
-                    .replace('\0', " ")
-                    .contains(marker)
-            })
-            .unwrap_or(false)
-    })
 }
 
 /// `kill -9` of obuilder: its step's processes die with it and the step's secret file

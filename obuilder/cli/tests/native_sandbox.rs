@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use testkit::e2e::{caps, text, Env, SANDBOXES};
+use testkit::e2e::{caps, eventually, process_alive, start_until, text, Env, SANDBOXES};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_obuilder")
@@ -269,56 +269,6 @@ echo hostname-now=$(hostname)
     }
 }
 
-fn process_alive(marker: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline"))
-            .map(|c| {
-                String::from_utf8_lossy(&c)
-                    .replace('\0', " ")
-                    .contains(marker)
-            })
-            .unwrap_or(false)
-    })
-}
-
-fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "gave up waiting: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Starts `obuilder build` and waits until the step prints `started`.
-fn start(env: &Env, spec: &std::path::Path, extra: &[&str]) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    let mut args = vec![
-        "build",
-        "-f",
-        spec.to_str().unwrap(),
-        env.ctx.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut child = env
-        .command(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "the step never started");
-        match lines.next() {
-            Some(Ok(l)) if l == "started" => break,
-            Some(_) => {}
-            None => panic!("the build ended before its step started"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    child
-}
-
 /// Whether a cgroup of a step of builder `pid` is left in any hierarchy.
 fn cgroup_left(pid: u32) -> bool {
     let prefix = format!("obuilder-n-{pid}-");
@@ -367,7 +317,7 @@ fn nothing_outlives_a_native_step() {
         } else {
             &[]
         };
-        let mut child = start(&env, &spec, extra);
+        let mut child = start_until(&env, &spec, extra, "started");
         let pid = child.id();
         assert!(process_alive(&format!("sleep {marker}")));
         match how {

@@ -273,3 +273,60 @@ pub fn mount_namespace(secs: u32) -> std::process::Child {
     }
     holder
 }
+
+/// Whether a process whose command line holds `marker` is alive.
+pub fn process_alive(marker: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Waits (bounded) until `cond` holds; panics naming `what` after `secs`.
+pub fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Starts `build -f SPEC CTX EXTRA…` in `env` and returns once its step printed the line
+/// `marker` (within 60 s); the rest of its output is drained in the background.
+pub fn start_until(env: &Env, spec: &Path, extra: &[&str], marker: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut args = vec![
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut child = env
+        .command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "{marker} never came");
+        match lines.next() {
+            Some(Ok(l)) if l == marker => break,
+            Some(_) => {}
+            None => panic!("the build ended before printing {marker}"),
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}

@@ -16,11 +16,34 @@
 use std::ffi::{c_char, c_int, c_ulong, c_void, CStr, CString};
 use std::os::fd::RawFd;
 
-/// One step of the set-up, as reported to the parent on failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Stage {
-    Wait = 1,
+/// Declares [`Stage`] and the list of its values, in order, from 1.
+macro_rules! stages {
+    ($($name:ident),+ $(,)?) => {
+        /// One step of the set-up, as reported to the parent on failure.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Stage {
+            $($name),+
+        }
+
+        impl Stage {
+            const ALL: &'static [Stage] = &[$(Stage::$name),+];
+
+            /// The stage numbered `n` on the report pipe.
+            pub fn from_u32(n: u32) -> Option<Stage> {
+                Stage::ALL.get((n as usize).checked_sub(1)?).copied()
+            }
+
+            /// Its number on the report pipe (from 1: 0 is no report).
+            pub fn number(self) -> u32 {
+                self as u32 + 1
+            }
+        }
+    };
+}
+
+stages!(
+    Wait,
     Propagation,
     Files,
     RootBind,
@@ -47,43 +70,7 @@ pub enum Stage {
     Chdir,
     Stdio,
     Exec,
-}
-
-impl Stage {
-    pub fn from_u32(n: u32) -> Option<Stage> {
-        use Stage::*;
-        const ALL: [Stage; 27] = [
-            Wait,
-            Propagation,
-            Files,
-            RootBind,
-            RootOpen,
-            BindOpen,
-            Bind,
-            BindRemount,
-            PivotRoot,
-            Mkdir,
-            Mount,
-            Device,
-            DevLink,
-            Mask,
-            ReadOnly,
-            Hostname,
-            Loopback,
-            Rlimit,
-            Workdir,
-            Seccomp,
-            Capabilities,
-            Groups,
-            Gid,
-            Uid,
-            Chdir,
-            Stdio,
-            Exec,
-        ];
-        ALL.iter().copied().find(|s| *s as u32 == n)
-    }
-}
+);
 
 /// A bind mount of a host path into the tree, made before `pivot_root` (its source is on
 /// the host). The target is resolved with `openat2(RESOLVE_IN_ROOT)` from the tree's root,
@@ -179,7 +166,7 @@ fn errno() -> i32 {
 /// Reports `stage` (with `index`: which mount, which path) and errno, then exits.
 fn fail(p: &Plan, stage: Stage, index: usize, err: i32) -> ! {
     let mut buf = [0u8; 12];
-    buf[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    buf[..4].copy_from_slice(&stage.number().to_ne_bytes());
     buf[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
     buf[8..].copy_from_slice(&err.to_ne_bytes());
     unsafe {

@@ -641,15 +641,7 @@ fn plan_path(c: &RunConfig) -> String {
 impl Sandbox for NativeSandbox {
     /// Numeric users only, as the runc sandbox.
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        match user {
-            User::Unix { uid, gid } => Ok(UserIds {
-                uid: *uid,
-                gid: *gid,
-            }),
-            User::Name(n) => Err(SandboxError::Unsupported(format!(
-                "user {n:?}: the native sandbox runs numeric users only; use (user (uid N) (gid N))"
-            ))),
-        }
+        crate::runc::numeric_user(user, "native")
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {
@@ -888,6 +880,17 @@ mod tests {
         assert_eq!(exec_candidates("./x", &env), ["./x"]);
         assert_eq!(exec_candidates("/bin/sh", &[]), ["/bin/sh"]);
         assert_eq!(exec_candidates("ls", &[]).len(), 6);
+    }
+
+    #[test]
+    fn stages_go_through_the_report_pipe_as_numbers() {
+        for n in 1..=27 {
+            assert_eq!(Stage::from_u32(n).unwrap().number(), n);
+        }
+        assert_eq!(Stage::from_u32(1), Some(Stage::Wait));
+        assert_eq!(Stage::from_u32(27), Some(Stage::Exec));
+        assert_eq!(Stage::from_u32(0), None);
+        assert_eq!(Stage::from_u32(28), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use testkit::e2e::{caps, make_busybox, redact, text, Env};
+use testkit::e2e::{caps, make_busybox, redact, text, Env, SANDBOXES};
 use testkit::{require, Cap};
 
 fn bin() -> &'static str {
@@ -462,8 +462,9 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let spec = env.spec(
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let spec = env.spec(
         "n.spec",
         r#"((from busybox)
  (shell /bin/sh -c)
@@ -472,41 +473,46 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
  (run (shell "sync; echo synced"))
  (run (shell "(nc -l -p 7777 > /tmp/got &); for i in $(seq 50); do echo over-loopback | nc 127.0.0.1 7777 && break; sleep 0.1; done; for i in $(seq 50); do test -s /tmp/got && break; sleep 0.1; done; cat /tmp/got")))"#,
     );
-    let mut args = env.args(&[
-        "build",
-        "-f",
-        spec.to_str().unwrap(),
-        env.ctx.to_str().unwrap(),
-    ]);
-    args.push("--fast-sync".into());
-    let out = Command::new(bin()).args(&args).output().unwrap();
-    let o = text(&out.stdout);
-    assert!(out.status.success(), "{o}{}", text(&out.stderr));
-    assert!(
-        o.contains("isolated=lo,\n"),
-        "only loopback without (network host):\n{o}"
-    );
-    assert!(o.contains("builder\n127.0.0.1 localhost builder\n"), "{o}");
-    let host_ifaces: usize = o
-        .rsplit("host-ifaces=")
-        .next()
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(host_ifaces >= 1, "{o}");
-    assert!(
-        o.contains("resolv-ok\n") && o.contains("resolv-ro\n"),
-        "the host's resolv.conf, read-only:\n{o}"
-    );
-    assert!(o.contains("synced\n"));
-    assert!(
-        o.contains("\nover-loopback\n"),
-        "loopback works in the isolated network:\n{o}"
-    );
+        let mut args = env.args(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ]);
+        args.push("--fast-sync".into());
+        let out = Command::new(bin())
+            .args(&args)
+            .env("OBUILDER_SANDBOX", sandbox)
+            .output()
+            .unwrap();
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{o}{}", text(&out.stderr));
+        assert!(
+            o.contains("isolated=lo,\n"),
+            "only loopback without (network host):\n{o}"
+        );
+        assert!(o.contains("builder\n127.0.0.1 localhost builder\n"), "{o}");
+        let host_ifaces: usize = o
+            .rsplit("host-ifaces=")
+            .next()
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(host_ifaces >= 1, "{o}");
+        assert!(
+            o.contains("resolv-ok\n") && o.contains("resolv-ro\n"),
+            "the host's resolv.conf, read-only:\n{o}"
+        );
+        assert!(o.contains("synced\n"));
+        assert!(
+            o.contains("\nover-loopback\n"),
+            "loopback works in the isolated network:\n{o}"
+        );
+    }
 }
 
 #[test]
@@ -657,39 +663,41 @@ fn shared_caches_persist_between_steps_and_builds() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let spec = |n: u32| {
-        format!(
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let spec = |n: u32| {
+            format!(
             "((from busybox) (shell /bin/sh -c) (user (uid 1000) (gid 1000))\n \
              (run (cache (dl (target /var/cache/dl))) (shell \"echo run{n} >> /var/cache/dl/log; cat /var/cache/dl/log; \
              id -u; stat -c %u /var/cache/dl; printf '#!/bin/sh\\necho exec-ok\\n' > /var/cache/dl/tool && chmod +x /var/cache/dl/tool && /var/cache/dl/tool\")))"
         )
-    };
-    let out1 = env.build(&env.spec("c1.spec", &spec(1)));
-    assert!(
-        out1.status.success(),
-        "{}{}",
-        text(&out1.stdout),
-        text(&out1.stderr)
-    );
-    let out2 = env.build(&env.spec("c2.spec", &spec(2)));
-    let o = text(&out2.stdout);
-    assert!(
-        o.contains("run1\nrun2\n1000\n1000\nexec-ok\n"),
-        "the cache keeps the first build's file, owned by the user, exec allowed:\n{o}"
-    );
-    let ls = env.run(&["cache", "ls"]);
-    assert!(text(&ls.stdout).contains("dl "), "{}", text(&ls.stdout));
-    let rm = env.run(&["cache", "rm", "dl"]);
-    assert!(rm.status.success(), "{}", text(&rm.stderr));
-    let out3 = env.build(&env.spec("c3.spec", &spec(3)));
-    assert!(
-        text(&out3.stdout).contains("\nrun3\n1000"),
-        "a removed cache starts empty: {}",
-        text(&out3.stdout)
-    );
-    assert!(!text(&out3.stdout).contains("run1\nrun2\nrun3"));
-    env.assert_clean();
+        };
+        let out1 = env.build(&env.spec("c1.spec", &spec(1)));
+        assert!(
+            out1.status.success(),
+            "{}{}",
+            text(&out1.stdout),
+            text(&out1.stderr)
+        );
+        let out2 = env.build(&env.spec("c2.spec", &spec(2)));
+        let o = text(&out2.stdout);
+        assert!(
+            o.contains("run1\nrun2\n1000\n1000\nexec-ok\n"),
+            "the cache keeps the first build's file, owned by the user, exec allowed:\n{o}"
+        );
+        let ls = env.run(&["cache", "ls"]);
+        assert!(text(&ls.stdout).contains("dl "), "{}", text(&ls.stdout));
+        let rm = env.run(&["cache", "rm", "dl"]);
+        assert!(rm.status.success(), "{}", text(&rm.stderr));
+        let out3 = env.build(&env.spec("c3.spec", &spec(3)));
+        assert!(
+            text(&out3.stdout).contains("\nrun3\n1000"),
+            "a removed cache starts empty: {}",
+            text(&out3.stdout)
+        );
+        assert!(!text(&out3.stdout).contains("run1\nrun2\nrun3"));
+        env.assert_clean();
+    }
 }
 
 #[test]
@@ -697,50 +705,56 @@ fn secrets_are_mounted_for_their_step_only_and_stored_nowhere() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let value = "S3CRET-VALUE-7f3a9";
-    let secret_file = env.tmp.path().join("token.txt");
-    std::fs::write(&secret_file, value).unwrap();
-    let spec = env.spec(
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let value = "S3CRET-VALUE-7f3a9";
+        let secret_file = env.tmp.path().join("token.txt");
+        std::fs::write(&secret_file, value).unwrap();
+        let spec = env.spec(
         "s.spec",
         "((from busybox) (shell /bin/sh -c)\n \
          (run (secrets (tok (target /run/secrets/tok))) (shell \"test \\\"$(cat /run/secrets/tok)\\\" = S3CRET-VALUE-7f3a9 && echo has-secret; echo x > /run/secrets/tok || echo read-only\"))\n \
          (run (shell \"test -e /run/secrets/tok && echo leaked || echo gone\")))",
     );
-    // Not given: fails before anything runs, naming it.
-    let out = env.build(&spec);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("needs secret(s) \"tok\""),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(!text(&out.stdout).contains("(from busybox)"), "nothing ran");
-    let mut args = env.args(&[
-        "build",
-        "-f",
-        spec.to_str().unwrap(),
-        env.ctx.to_str().unwrap(),
-    ]);
-    args.extend([
-        "--secret".to_string(),
-        format!("tok:{}", secret_file.display()),
-    ]);
-    let out = Command::new(bin()).args(&args).output().unwrap();
-    let o = text(&out.stdout);
-    assert!(out.status.success(), "{o}{}", text(&out.stderr));
-    assert!(
-        o.contains("has-secret\n") && o.contains("read-only\n") && o.contains("gone\n"),
-        "{o}"
-    );
-    // The value is nowhere in the store: results, logs, database, temp dirs.
-    let grep = Command::new("grep")
-        .args(["-r", "-l", "-a", value])
-        .arg(env.root())
-        .output()
-        .unwrap();
-    assert_eq!(text(&grep.stdout), "", "secret found in the store");
-    env.assert_clean();
+        // Not given: fails before anything runs, naming it.
+        let out = env.build(&spec);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            text(&out.stderr).contains("needs secret(s) \"tok\""),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stdout).contains("(from busybox)"), "nothing ran");
+        let mut args = env.args(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ]);
+        args.extend([
+            "--secret".to_string(),
+            format!("tok:{}", secret_file.display()),
+        ]);
+        let out = Command::new(bin())
+            .args(&args)
+            .env("OBUILDER_SANDBOX", sandbox)
+            .output()
+            .unwrap();
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{o}{}", text(&out.stderr));
+        assert!(
+            o.contains("has-secret\n") && o.contains("read-only\n") && o.contains("gone\n"),
+            "{o}"
+        );
+        // The value is nowhere in the store: results, logs, database, temp dirs.
+        let grep = Command::new("grep")
+            .args(["-r", "-l", "-a", value])
+            .arg(env.root())
+            .output()
+            .unwrap();
+        assert_eq!(text(&grep.stdout), "", "secret found in the store");
+        env.assert_clean();
+    }
 }
 
 #[test]

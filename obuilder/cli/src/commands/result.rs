@@ -87,7 +87,13 @@ pub fn record_end(images: &ImageStore, id: &str, config: &ImageConfig) -> anyhow
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d)?;
     }
-    obuilder_fetch::images::write_replacing(&p, &serde_json::to_vec(config)?)?;
+    let data = serde_json::to_vec(config)?;
+    // A rebuild that ends where the last one did (every fully cached build) finds the same
+    // record: reading it costs less than replacing it.
+    if std::fs::read(&p).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    obuilder_fetch::images::write_replacing(&p, &data)?;
     Ok(())
 }
 

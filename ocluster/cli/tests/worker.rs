@@ -561,6 +561,53 @@ fn cancel_worker_death_and_reconnect() {
     assert_eq!(common::stdout(&out), "w2: Restarting\nRestarted\n");
 }
 
+/// A worker whose jobs run in the native sandbox (`--sandbox native`): a job's log comes
+/// back, a cancelled job's step is gone at once, and so is the step of a job whose worker
+/// is killed with SIGKILL (its process dies with the worker's spawner thread).
+#[test]
+fn native_sandbox_jobs_run_cancel_and_die_with_their_worker() {
+    if !machine_has("cluster", &[]) {
+        return;
+    }
+    let (fs, s, alice) = cluster(&["--max-attempts=1"]);
+    let w = Worker::start_with(&s, &fs.mnt, "n1", 1, &["--sandbox", "native"]);
+    // (runc names a step's cgroups obuilder-PID-N; the native sandbox obuilder-n-PID-N)
+    let hello = sh_spec(
+        s.dir.path(),
+        "hello",
+        "echo hello from $(hostname) pid $$ in $(grep -o obuilder-n- /proc/self/cgroup | head -1)",
+    );
+    let mut c = client(&alice, &hello, &[]);
+    c.expect("hello from builder pid 1 in obuilder-n-");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+
+    let before = sleepers();
+    let sleepy = sh_spec(s.dir.path(), "sleepy", "echo sleeping; sleep 1000");
+    let mut c = client(&alice, &sleepy, &[]);
+    c.expect("sleeping");
+    c.signal(libc::SIGINT);
+    c.expect("Job cancelled");
+    assert_eq!(c.finish(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sleepers() > before {
+        assert!(Instant::now() < deadline, "the cancelled step still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut c = client(&alice, &sleepy, &[]);
+    c.expect("sleeping");
+    w.kill_hard();
+    assert_eq!(c.finish(), 1, "{}", c.output());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleepers() > before {
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's step still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A Dockerfile job built with Debian's buildah from a base image in a local registry,
 /// pushed back to it: the result is the pushed digest. A push to a repository the worker
 /// does not allow fails the job.

@@ -178,6 +178,33 @@ fn the_native_container_is_the_runc_container_property_by_property() {
     }
 }
 
+/// An image whose /etc/resolv.conf is a dangling symlink into /run (as resolvconf leaves
+/// it): with `(network host)` the host's file is bound where the link points, inside the
+/// tree, in both sandboxes.
+#[test]
+fn resolv_conf_through_a_symlink_in_the_image() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let spec = env.spec(
+            "r.spec",
+            "((from busybox) (shell /bin/sh -c)\n \
+             (run (shell \"rm -f /etc/resolv.conf && ln -s ../run/resolvconf/resolv.conf /etc/resolv.conf\"))\n \
+             (run (network host) (shell \"test -s /etc/resolv.conf && echo resolv-ok; readlink /etc/resolv.conf\")))",
+        );
+        let out = env.build(&spec);
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{sandbox}: {o}{}", text(&out.stderr));
+        assert!(
+            o.contains("resolv-ok\n../run/resolvconf/resolv.conf\n"),
+            "{sandbox}: {o}"
+        );
+        env.assert_clean();
+    }
+}
+
 /// The escapes a reviewer would try, in both sandboxes, as root in the step: mounting,
 /// writing /proc/sys and /sys, a disk's device node, the host's processes, the kernel
 /// keyring, a TCP listener on the host's loopback, and the host's hostname.

@@ -159,15 +159,34 @@ fn mount_point(root: &ConfinedRoot, dst: &str, dir: bool) -> std::io::Result<()>
     if dir {
         return root.create_dirs(dst, 0o755, None).map(drop);
     }
-    let parts = confined::components(dst);
-    let Some((name, parent)) = parts.split_last() else {
-        return Ok(());
-    };
-    let parent_fd = root.create_dirs(&parent.join("/"), 0o755, None)?;
-    if confined::kind_at(&parent_fd, name)?.is_none() {
-        confined::create_file_at(&parent_fd, name, 0o644)?;
+    // A file target that is a symlink (an image's /etc/resolv.conf pointing into /run) is
+    // followed as the container would, and its target made if missing, as runc does.
+    let mut path = dst.to_string();
+    for _ in 0..40 {
+        let parts = confined::components(&path);
+        let Some((name, parent)) = parts.split_last() else {
+            return Ok(());
+        };
+        let parent_path = format!("/{}", parent.join("/"));
+        let parent_fd = root.create_dirs(&parent_path, 0o755, None)?;
+        match confined::kind_at(&parent_fd, name)? {
+            None => {
+                confined::create_file_at(&parent_fd, name, 0o644)?;
+                return Ok(());
+            }
+            Some((rustix::fs::FileType::Symlink, _)) => {
+                let target = rustix::fs::readlinkat(&parent_fd, *name, Vec::new())?;
+                let target = target.to_string_lossy().into_owned();
+                path = if target.starts_with('/') {
+                    target
+                } else {
+                    format!("{parent_path}/{target}")
+                };
+            }
+            Some(_) => return Ok(()),
+        }
     }
-    Ok(())
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 /// The home directory of `uid` in the tree's `/etc/passwd` (read through the confined

@@ -178,6 +178,39 @@ fn the_native_container_is_the_runc_container_property_by_property() {
     }
 }
 
+/// Every store kind gives the native sandbox a tree it can pivot into (a btrfs subvolume,
+/// an overlay mount, a reflinked or rsynced directory): a copy, a cached step and a cache
+/// mount, built twice (the second fully cached).
+#[test]
+fn the_native_sandbox_runs_on_every_store() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    for kind in testkit::e2e::STORES {
+        if !testkit::require(module_path!(), &testkit::e2e::store_caps(kind)) {
+            return;
+        }
+        let env = Env::new(bin(), kind).sandboxed("native");
+        let spec = env.spec(
+            "s.spec",
+            "((from busybox) (shell /bin/sh -c) (copy (src a.txt) (dst /a.txt))\n \
+             (run (cache (c (target /cache))) (shell \"cat /a.txt; echo x >> /cache/n; wc -l < /cache/n; cat /proc/self/cgroup | grep -c obuilder-n-\")))",
+        );
+        let out = env.build(&spec);
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{kind}: {o}{}", text(&out.stderr));
+        assert!(o.contains("hello\n1\n"), "{kind}: {o}");
+        let again = env.build(&spec);
+        assert!(again.status.success(), "{kind}");
+        assert!(
+            text(&again.stderr).contains("3 steps, 3 from the cache"),
+            "{kind}: {}",
+            text(&again.stderr)
+        );
+        env.assert_clean();
+    }
+}
+
 /// An image whose /etc/resolv.conf is a dangling symlink into /run (as resolvconf leaves
 /// it): with `(network host)` the host's file is bound where the link points, inside the
 /// tree, in both sandboxes.

@@ -570,7 +570,7 @@ fn native_sandbox_jobs_run_cancel_and_die_with_their_worker() {
         return;
     }
     let (fs, s, alice) = cluster(&["--max-attempts=1"]);
-    let w = Worker::start_with(&s, &fs.mnt, "n1", 1, &["--sandbox", "native"]);
+    let w = Worker::start_with(&s, &fs.mnt, "n1", 2, &["--sandbox", "native"]);
     // (runc names a step's cgroups obuilder-PID-N; the native sandbox obuilder-n-PID-N)
     let hello = sh_spec(
         s.dir.path(),
@@ -580,6 +580,29 @@ fn native_sandbox_jobs_run_cancel_and_die_with_their_worker() {
     let mut c = client(&alice, &hello, &[]);
     c.expect("hello from builder pid 1 in obuilder-n-");
     assert_eq!(c.finish(), 0, "{}", c.output());
+
+    // Two steps at once in one worker process, each in its own container.
+    let jobs: Vec<Proc> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let spec = sh_spec(
+                s.dir.path(),
+                &format!("two-{n}"),
+                &format!("echo {n}-started; sleep 2; echo {n}-done $(hostname)"),
+            );
+            client(&alice, &spec, &[])
+        })
+        .collect();
+    let mut jobs = jobs;
+    for (j, n) in jobs.iter_mut().zip(["a", "b"]) {
+        j.expect(&format!("{n}-started"));
+    }
+    for (j, n) in jobs.iter_mut().zip(["a", "b"]) {
+        // Both started before either was done: they ran at the same time.
+        assert!(!j.output().contains("-done builder"), "{n}: {}", j.output());
+        j.expect(&format!("{n}-done builder"));
+        assert_eq!(j.finish(), 0, "{}", j.output());
+    }
 
     let before = sleepers();
     let sleepy = sh_spec(s.dir.path(), "sleepy", "echo sleeping; sleep 1000");

@@ -82,6 +82,22 @@ pub struct Limits {
     pub max_memory: Option<u64>,
 }
 
+impl Limits {
+    /// The limits of a step from a container sandbox's flags, for this host's machine.
+    #[cfg(unix)]
+    pub fn for_host(fast_sync: bool, max_pids: Option<u64>, max_memory: Option<u64>) -> Limits {
+        Limits {
+            fast_sync,
+            machine: rustix::system::uname()
+                .machine()
+                .to_string_lossy()
+                .into_owned(),
+            max_pids,
+            max_memory,
+        }
+    }
+}
+
 /// The `config.json` for running `c` on `rootfs`.
 ///
 /// Errors only for a network other than isolated (`[]`) or `["host"]`, which runc cannot

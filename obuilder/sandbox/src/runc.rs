@@ -53,7 +53,7 @@ pub struct RuncSandbox {
     state_dir: PathBuf,
     opts: RuncOptions,
     exec: SharedExec,
-    machine: String,
+    limits: Limits,
 }
 
 fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -65,12 +65,9 @@ impl RuncSandbox {
     pub fn new(state_dir: &Path, opts: RuncOptions, exec: SharedExec) -> RuncSandbox {
         RuncSandbox {
             state_dir: state_dir.to_path_buf(),
+            limits: Limits::for_host(opts.fast_sync, opts.max_pids, opts.max_memory),
             opts,
             exec,
-            machine: rustix::system::uname()
-                .machine()
-                .to_string_lossy()
-                .into_owned(),
         }
     }
 
@@ -87,15 +84,6 @@ impl RuncSandbox {
         let mut argv = vec![self.opts.runc.clone(), "--root".into(), root];
         argv.extend(args.iter().map(|s| s.to_string()));
         Cmd::new(argv)
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            fast_sync: self.opts.fast_sync,
-            machine: self.machine.clone(),
-            max_pids: self.opts.max_pids,
-            max_memory: self.opts.max_memory,
-        }
     }
 
     /// Writes the bundle: config.json, hosts, secret files.
@@ -132,7 +120,7 @@ impl RuncSandbox {
             resolv_conf: "/etc/resolv.conf".into(),
             secrets,
         };
-        let mut config = oci::config(c, &rootfs.to_string_lossy(), &files, &self.limits())?;
+        let mut config = oci::config(c, &rootfs.to_string_lossy(), &files, &self.limits)?;
         if tty {
             // runc in the foreground makes the pseudo-terminal and relays it to its own
             // standard streams (this terminal), raw mode and window size included.

@@ -94,7 +94,6 @@ fn find(mountinfo: &str, own: &str) -> Hierarchies {
 pub struct StepCgroups {
     dirs: Vec<PathBuf>,
     v2: Option<PathBuf>,
-    memory: Option<PathBuf>,
 }
 
 /// A limit the host's cgroups could not apply, for the step's log.
@@ -135,7 +134,6 @@ impl StepCgroups {
                             std::fs::write(dir.join("memory.limit_in_bytes"), b.to_string())
                                 .is_ok();
                     }
-                    cg.memory = Some(dir);
                 }
                 "devices" => {
                     let _ = std::fs::write(dir.join("devices.deny"), "a");
@@ -190,20 +188,6 @@ impl StepCgroups {
                 }
             }
         }
-    }
-
-    /// Whether the kernel's OOM killer killed a process of the step (v1 memory cgroup).
-    pub fn oom_killed(&self) -> bool {
-        let Some(dir) = &self.memory else {
-            return false;
-        };
-        std::fs::read_to_string(dir.join("memory.oom_control"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim() != "0"))
-            })
-            .unwrap_or(false)
     }
 
     /// Removes the cgroups once their processes are gone (retrying while the kernel

@@ -144,6 +144,9 @@ pub struct Plan {
     pub exec: Vec<CString>,
     pub argv: Vec<*const c_char>,
     pub envp: Vec<*const c_char>,
+    /// The strings `argv` and `envp` point into, owned here (moving a `CString` does not
+    /// move its bytes).
+    pub _strings: (Vec<CString>, Vec<CString>),
     /// The step's standard streams, dup'ed to 0, 1, 2.
     pub stdio: [RawFd; 3],
     /// The parent writes one byte here once the process is in its cgroups; EOF means the

@@ -50,9 +50,9 @@ static NEXT_STEP: AtomicU64 = AtomicU64::new(0);
 pub struct NativeSandbox {
     state_dir: PathBuf,
     opts: NativeOptions,
-    machine: String,
+    limits: Limits,
     last_cap: u32,
-    /// The compiled seccomp programs, without and with --fast-sync.
+    /// The compiled seccomp program (the same for every step of this sandbox).
     filter: OnceLock<Result<Arc<Vec<libc::sock_filter>>, String>>,
 }
 
@@ -342,11 +342,8 @@ impl NativeSandbox {
             .min(63);
         NativeSandbox {
             state_dir: state_dir.to_path_buf(),
+            limits: Limits::for_host(opts.fast_sync, opts.max_pids, opts.max_memory),
             opts,
-            machine: rustix::system::uname()
-                .machine()
-                .to_string_lossy()
-                .into_owned(),
             last_cap,
             filter: OnceLock::new(),
         }
@@ -355,15 +352,6 @@ impl NativeSandbox {
     /// The directory the child covers with its scratch tmpfs.
     fn scratch(&self) -> PathBuf {
         self.state_dir.join("native")
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            fast_sync: self.opts.fast_sync,
-            machine: self.machine.clone(),
-            max_pids: self.opts.max_pids,
-            max_memory: self.opts.max_memory,
-        }
     }
 
     fn filter(&self, profile: &Value) -> Result<Arc<Vec<libc::sock_filter>>, SandboxError> {
@@ -388,7 +376,7 @@ impl NativeSandbox {
         stdio: [RawFd; 3],
         go: (RawFd, RawFd),
         report: RawFd,
-    ) -> Result<(Plan, Vec<CString>, Vec<CString>, u64), SandboxError> {
+    ) -> Result<(Plan, u64), SandboxError> {
         let mut flags = 0u64;
         let mut loopback = false;
         for ns in config["linux"]["namespaces"]
@@ -577,12 +565,13 @@ impl NativeSandbox {
             exec,
             argv,
             envp,
+            _strings: (argv_owned, env_owned),
             stdio,
             go: go.0,
             go_parent: go.1,
             report,
         };
-        Ok((plan, argv_owned, env_owned, flags))
+        Ok((plan, flags))
     }
 }
 
@@ -713,7 +702,7 @@ impl Sandbox for NativeSandbox {
             resolv_conf: "/etc/resolv.conf".into(),
             secrets: secret_paths,
         };
-        let config = oci::config(c, &rootfs.to_string_lossy(), &host_files, &self.limits())?;
+        let config = oci::config(c, &rootfs.to_string_lossy(), &host_files, &self.limits)?;
         // Secret targets that did not exist are removed after the step (see runc.rs).
         let made: Vec<Vec<String>> = c
             .secrets
@@ -774,7 +763,7 @@ impl NativeSandbox {
                 out_w.as_raw_fd(),
             ]
         };
-        let (plan, _argv, _env, flags) = self.plan(
+        let (plan, flags) = self.plan(
             c,
             config,
             rootfs,
@@ -851,7 +840,6 @@ impl NativeSandbox {
             .map_err(io("cannot wait for the step", &name))?;
         drop(go_w);
         let _ = pumping.await;
-        let oom = cgroups.oom_killed();
         cgroups.remove();
         // A set-up failure: stage, index, errno from the child, written before it exited.
         // (Non-blocking: a process cloned meanwhile for another step may hold a copy of
@@ -880,9 +868,7 @@ impl NativeSandbox {
             code,
             signal,
             self.opts.max_pids,
-            self.opts
-                .max_memory
-                .filter(|_| oom || signal == Some(9) || code == Some(137)),
+            self.opts.max_memory,
             log,
         )
     }

@@ -473,18 +473,7 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
  (run (shell "sync; echo synced"))
  (run (shell "(nc -l -p 7777 > /tmp/got &); ok=0; for i in $(seq 200); do echo over-loopback | nc 127.0.0.1 7777 && { ok=1; break; }; sleep 0.1; done; echo connected=$ok; for i in $(seq 200); do test -s /tmp/got && break; sleep 0.1; done; cat /tmp/got")))"#,
     );
-        let mut args = env.args(&[
-            "build",
-            "-f",
-            spec.to_str().unwrap(),
-            env.ctx.to_str().unwrap(),
-        ]);
-        args.push("--fast-sync".into());
-        let out = Command::new(bin())
-            .args(&args)
-            .env("OBUILDER_SANDBOX", sandbox)
-            .output()
-            .unwrap();
+        let out = env.build_with(&spec, &["--fast-sync"]);
         let o = text(&out.stdout);
         assert!(out.status.success(), "{o}{}", text(&out.stderr));
         assert!(
@@ -725,21 +714,10 @@ fn secrets_are_mounted_for_their_step_only_and_stored_nowhere() {
             text(&out.stderr)
         );
         assert!(!text(&out.stdout).contains("(from busybox)"), "nothing ran");
-        let mut args = env.args(&[
-            "build",
-            "-f",
-            spec.to_str().unwrap(),
-            env.ctx.to_str().unwrap(),
-        ]);
-        args.extend([
-            "--secret".to_string(),
-            format!("tok:{}", secret_file.display()),
-        ]);
-        let out = Command::new(bin())
-            .args(&args)
-            .env("OBUILDER_SANDBOX", sandbox)
-            .output()
-            .unwrap();
+        let out = env.build_with(
+            &spec,
+            &["--secret", &format!("tok:{}", secret_file.display())],
+        );
         let o = text(&out.stdout);
         assert!(out.status.success(), "{o}{}", text(&out.stderr));
         assert!(

@@ -468,6 +468,15 @@ fn sleepers() -> usize {
         .count()
 }
 
+/// Waits (at most `secs`) until no more step processes run than `before`.
+fn sleepers_gone(before: usize, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while sleepers() > before {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Ctrl-C at the client cancels the job: its container is gone within a second or two.
 /// Then a worker killed mid-job gives its client a clear error, and a worker that loses
 /// the scheduler reconnects and takes jobs again.
@@ -492,14 +501,7 @@ fn cancel_worker_death_and_reconnect() {
     c.expect("Job cancelled");
     c.expect("Failed: Build cancelled.");
     assert_eq!(c.finish(), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sleepers() > before {
-        assert!(
-            Instant::now() < deadline,
-            "the step's process is still running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sleepers_gone(before, 5, "the step's process is still running");
 
     // The worker is killed mid-job: the client says so and fails, and the worker's
     // supervisor removes the container.
@@ -511,14 +513,7 @@ fn cancel_worker_death_and_reconnect() {
     let out = c.output();
     eprintln!("client after its worker died:\n{out}");
     assert!(out.contains("Disconnected"), "no clear error: {out}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sleepers() > before {
-        assert!(
-            Instant::now() < deadline,
-            "the dead worker's step still runs"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sleepers_gone(before, 10, "the dead worker's step still runs");
 
     // A worker that loses the scheduler reconnects and takes jobs again.
     let w2 = Worker::start(&s, &fs.mnt, "w2", 1);
@@ -611,24 +606,13 @@ fn native_sandbox_jobs_run_cancel_and_die_with_their_worker() {
     c.signal(libc::SIGINT);
     c.expect("Job cancelled");
     assert_eq!(c.finish(), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sleepers() > before {
-        assert!(Instant::now() < deadline, "the cancelled step still runs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sleepers_gone(before, 5, "the cancelled step still runs");
 
     let mut c = client(&alice, &sleepy, &[]);
     c.expect("sleeping");
     w.kill_hard();
     assert_eq!(c.finish(), 1, "{}", c.output());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sleepers() > before {
-        assert!(
-            Instant::now() < deadline,
-            "the dead worker's step still runs"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sleepers_gone(before, 10, "the dead worker's step still runs");
 }
 
 /// A Dockerfile job built with Debian's buildah from a base image in a local registry,

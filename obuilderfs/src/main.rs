@@ -47,6 +47,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn main() {
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let _ = Args::parse();
     fail("FUSE is supported on Linux and on macOS (macFUSE) only")
 }
@@ -57,6 +58,7 @@ fn main() {
     use obuilderfs::fs::ObuilderFs;
     use obuilderfs::resolve::Scoreboard;
 
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

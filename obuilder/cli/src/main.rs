@@ -73,6 +73,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cli_docs::generate_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

@@ -157,8 +157,9 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // SIGINT aborts the running jobs (SIGTERM would wait for them).
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + TIMEOUT;
         while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -737,6 +738,61 @@ fn a_job_survives_its_worker() {
     c.expect("Job succeeded");
     assert_eq!(c.finish(), 0, "{}", c.output());
     drop(w2);
+}
+
+/// A service manager's stop (SIGTERM) drains the worker: the running job finishes on
+/// it, a job submitted meanwhile waits for another worker, and the worker exits 0. A
+/// second SIGTERM aborts: the running job is run again on another worker, never lost.
+#[test]
+fn sigterm_drains_and_a_second_one_requeues() {
+    if !machine_has("cluster", &[]) {
+        return;
+    }
+    let (fs, s, alice) = cluster(&[]);
+    let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
+    let job = sh_spec(s.dir.path(), "job", "echo begin; sleep 2; echo end");
+    let mut c = client(&alice, &job, &[]);
+    c.expect("Building on w1");
+    c.expect("begin");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(w1.child.id() as i32, libc::SIGTERM) };
+    w1.wait_log("taking no more jobs, finishing the 1 running");
+    let later = sh_spec(s.dir.path(), "later", "echo later");
+    let mut c2 = client(&alice, &later, &[]);
+    c.expect("end");
+    c.expect("Job succeeded");
+    assert_eq!(c.finish(), 0, "{}", c.output());
+    let mut w1 = w1;
+    testkit::e2e::eventually("the drained worker's exit", 30, || {
+        w1.child.try_wait().unwrap().is_some()
+    });
+    assert_eq!(w1.child.wait().unwrap().code(), Some(0), "{}", w1.log());
+    assert!(!c2.output().contains("Building on w1"), "{}", c2.output());
+
+    let w2 = Worker::start(&s, &fs.mnt, "w2", 1);
+    c2.expect("Building on w2");
+    c2.expect("later");
+    assert_eq!(c2.finish(), 0, "{}", c2.output());
+
+    let slow = sh_spec(s.dir.path(), "slow", "echo slow-begin; sleep 1000");
+    let mut c3 = client(&alice, &slow, &[]);
+    c3.expect("Building on w2");
+    c3.expect("slow-begin");
+    let _w3 = Worker::start(&s, &fs.mnt, "w3", 1);
+    for _ in 0..2 {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(w2.child.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c3.expect("queued again (attempt 2 of");
+    c3.expect("Building on w3");
+    c3.expect("slow-begin");
+    assert!(
+        w2.log().contains("second SIGTERM: aborting"),
+        "{}",
+        w2.log()
+    );
+    assert!(!c3.output().contains("Job cancelled"), "{}", c3.output());
 }
 
 /// The worker pauses itself at the scheduler while it prunes and while its healthcheck

@@ -40,8 +40,23 @@ pub const EXIT_UPDATE: i32 = 1;
 pub enum Exit {
     /// `selfUpdate`: every job has finished; exit with [`EXIT_UPDATE`].
     Update,
-    /// The stop token fired.
+    /// [`Stop::drain`] fired and every running job has finished.
+    Drained,
+    /// [`Stop::abort`] fired.
     Stopped,
+}
+
+/// How [`run`] is asked to end.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// Take no more jobs (the scheduler is told this worker is inactive), finish the
+    /// running ones, then return [`Exit::Drained`]. A service manager's stop (SIGTERM).
+    pub drain: CancellationToken,
+    /// Return now: the running jobs' containers are killed and the connection closes
+    /// without an answer for them, so a scheduler of ours runs them again on another
+    /// worker (its `--max-attempts`); an OCaml scheduler fails them, as it does for a
+    /// worker that dies.
+    pub abort: CancellationToken,
 }
 
 /// A handler for `custom` jobs of one kind. It gets the serialised `Custom` struct (a
@@ -126,6 +141,7 @@ pub enum WorkerError {
 /// Reasons this worker has asked the scheduler not to give it jobs.
 const PAUSE_PRUNE: u8 = 1;
 const PAUSE_UNHEALTHY: u8 = 2;
+const PAUSE_DRAINING: u8 = 4;
 
 struct Shared {
     config: WorkerConfig,
@@ -168,6 +184,26 @@ impl Shared {
                     tracing::warn!("cannot tell the scheduler whether to send jobs: {e}");
                 }
             });
+        }
+    }
+
+    /// Waits until no job runs, and no job is on its way: a pop the scheduler answered
+    /// before it learnt that this worker takes no more jobs arrives first.
+    async fn finish_running(&self) {
+        loop {
+            loop {
+                let changed = self.changed.notified();
+                if self.running.get() == 0 {
+                    break;
+                }
+                changed.await;
+            }
+            // Replies come in order: once setActive's is back, an earlier pop's has come
+            // too, and its slot counts it as running within this pause.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.running.get() == 0 {
+                return;
+            }
         }
     }
 
@@ -223,11 +259,7 @@ impl Shared {
 
 /// Runs the worker until `stop` fires or `selfUpdate` has drained it. Must run on a
 /// `LocalSet`, inside a multi-thread runtime (the builds' tasks run on its threads).
-pub async fn run(
-    config: WorkerConfig,
-    pool: SturdyRef,
-    stop: CancellationToken,
-) -> Result<Exit, WorkerError> {
+pub async fn run(config: WorkerConfig, pool: SturdyRef, stop: Stop) -> Result<Exit, WorkerError> {
     for d in ["git", "tmp"] {
         let path = config.state_dir.join(d);
         std::fs::create_dir_all(&path).map_err(|source| WorkerError::StateDir { path, source })?;
@@ -255,16 +287,18 @@ pub async fn run(
         healthcheck(&shared).await?;
     }
     let maintenance = tokio::task::spawn_local(maintain(shared.clone()));
+    let drainer = tokio::task::spawn_local(drain(shared.clone(), stop.drain.clone()));
     let (first, longest) = shared.config.reconnect;
     let mut wait = first;
     let exit = loop {
         let session = session(&shared, &pool, &mut wait, first);
         let ended = tokio::select! {
             r = session => r,
-            _ = stop.cancelled() => break Exit::Stopped,
+            _ = stop.abort.cancelled() => break Exit::Stopped,
         };
         match ended {
-            Ok(()) => break Exit::Update,
+            Ok(()) if shared.updating.get() => break Exit::Update,
+            Ok(()) => break Exit::Drained,
             Err(e) => {
                 tracing::warn!(
                     "Lost connection to scheduler ({e}). Will retry in {}s",
@@ -272,12 +306,15 @@ pub async fn run(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => break Exit::Stopped,
+                    _ = stop.abort.cancelled() => break Exit::Stopped,
+                    // Nothing runs while the scheduler is away.
+                    _ = stop.drain.cancelled(), if shared.running.get() == 0 => break Exit::Drained,
                 }
                 wait = (wait * 2).min(longest);
             }
         }
     };
+    drainer.abort();
     maintenance.abort();
     shared.queue.borrow_mut().take();
     if exit == Exit::Stopped {
@@ -303,8 +340,21 @@ pub async fn run(
     Ok(exit)
 }
 
+/// Once `drain` fires: no more jobs (inactive at the scheduler), and when the running
+/// ones have finished, the session ends as after an update.
+async fn drain(shared: Rc<Shared>, drain: CancellationToken) {
+    drain.cancelled().await;
+    tracing::info!(
+        "stopping: taking no more jobs, finishing the {} running (stop again to abort them)",
+        shared.running.get()
+    );
+    shared.set_paused(PAUSE_DRAINING, true);
+    shared.finish_running().await;
+    shared.update_ready.notify_one();
+}
+
 /// One connection: register, run the slots until the connection ends (an error) or an
-/// update has drained the worker (`Ok`).
+/// update or a drain has emptied the worker (`Ok`).
 async fn session(
     shared: &Rc<Shared>,
     pool: &SturdyRef,
@@ -315,6 +365,9 @@ async fn session(
     let conn = ocluster_net::vat::connect(pool, &key)
         .await
         .map_err(|e| e.to_string())?;
+    // The connection ends with the session, however it ends: after an abort the
+    // scheduler must see this worker go at once, before its jobs' cancellation.
+    let _close = AbortOnDrop(conn.driver.abort_handle());
     let reg: registration::Client = capnp::capability::FromClientHook::new(conn.cap.hook);
     let mut r = reg.register_request();
     r.get().set_name(shared.config.name.as_str());
@@ -369,6 +422,14 @@ async fn session(
     };
     shared.queue.borrow_mut().take();
     result
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One slot: pop a job, run it, again.
@@ -829,17 +890,11 @@ impl worker::Server for WorkerImpl {
         drop(self);
         tracing::info!("Update requested: finishing the running jobs, then exiting");
         shared.updating.set(true);
-        loop {
-            let changed = shared.changed.notified();
-            if shared.running.get() == 0 {
-                break;
-            }
-            changed.await;
-        }
+        shared.finish_running().await;
         // Answer first, then end the session.
         tokio::task::spawn_local(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            shared.update_ready.notify_waiters();
+            shared.update_ready.notify_one();
         });
         Ok(())
     }

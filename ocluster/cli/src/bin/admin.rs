@@ -530,6 +530,7 @@ async fn set_active_cmd(
 }
 
 fn main() {
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);
     let Some(cap_path) = args.connect.clone() else {

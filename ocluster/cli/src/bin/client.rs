@@ -132,6 +132,7 @@ fn show(e: &capnp::Error) -> String {
 }
 
 fn main() {
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);
     let common = match &args.command {

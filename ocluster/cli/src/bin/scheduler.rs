@@ -183,6 +183,7 @@ fn write_cap(dir: &Path, name: &str, uri: &SturdyRef) {
 }
 
 fn main() {
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);
     if args.pools.iter().any(|p| p.is_empty()) {

@@ -7,13 +7,19 @@ use std::time::Duration;
 use clap::Parser;
 use obuilder_config::{BuilderConfig, SandboxSpec, StoreSpec};
 use ocluster::{init_logging, load_cap, Verbosity};
-use ocluster_worker::{Exit, WorkerConfig, EXIT_UPDATE};
+use ocluster_worker::{Exit, Stop, WorkerConfig, EXIT_UPDATE};
 
 /// Run builds for an OCluster scheduler.
 ///
-/// Exit status: 0 after SIGTERM or SIGINT (running jobs are cancelled), 1 after
-/// `ocluster-admin update` has drained it (the service manager starts the new binary),
-/// 2 for bad flags or a store or sandbox that cannot be used.
+/// Stopping: SIGTERM drains the worker: it takes no more jobs and exits once the running
+/// ones have finished (at most --drain-timeout seconds). A second SIGTERM, SIGINT or the
+/// end of the timeout abort the running jobs: their containers are killed and the
+/// scheduler runs them again elsewhere (ours, per its --max-attempts; an OCaml scheduler
+/// fails them).
+///
+/// Exit status: 0 after a stop, 1 after `ocluster-admin update` has drained it (the
+/// service manager starts the new binary), 2 for bad flags or a store or sandbox that
+/// cannot be used.
 #[derive(Parser, Debug)]
 #[command(name = "ocluster-worker", version)]
 struct Args {
@@ -78,6 +84,10 @@ struct Args {
     /// Docker pruning (accepted for compatibility; no effect on an OBuilder worker).
     #[arg(long, value_name = "GB")]
     docker_max_df_size: Option<f64>,
+    /// Seconds a SIGTERM waits for running jobs before aborting them (0: abort at once).
+    /// Keep it below the service manager's stop timeout (systemd's TimeoutStopSec).
+    #[arg(long, value_name = "SECS", default_value_t = 3000)]
+    drain_timeout: u64,
     #[command(flatten)]
     verbosity: Verbosity,
 }
@@ -88,6 +98,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 }
 
 fn main() {
+    cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);
     let pool = load_cap(&args.connect).unwrap_or_else(|e| fail(e));
@@ -149,24 +160,14 @@ fn main() {
         .unwrap_or_else(|e| fail(e));
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&rt, async move {
-        let stop = obuilder_engine::CancellationToken::new();
-        {
-            let stop = stop.clone();
-            tokio::task::spawn_local(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("signal handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("stopping: cancelling running jobs");
-                stop.cancel();
-            });
-        }
+        let stop = Stop::default();
+        tokio::task::spawn_local(signals(
+            stop.clone(),
+            Duration::from_secs(args.drain_timeout),
+        ));
         match ocluster_worker::run(config, pool, stop).await {
             Ok(Exit::Update) => EXIT_UPDATE,
-            Ok(Exit::Stopped) => 0,
+            Ok(Exit::Stopped | Exit::Drained) => 0,
             Err(e) => {
                 eprintln!("ocluster-worker: {e}");
                 2
@@ -177,4 +178,28 @@ fn main() {
     drop(local);
     rt.shutdown_timeout(Duration::from_secs(10));
     std::process::exit(code)
+}
+
+/// SIGTERM drains, then aborts after `timeout` or at the next SIGTERM; SIGINT aborts.
+async fn signals(stop: Stop, timeout: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    let abort = |why: &str| {
+        tracing::info!("stopping: {why}: aborting the running jobs");
+        stop.abort.cancel();
+    };
+    tokio::select! {
+        _ = int.recv() => return abort("SIGINT"),
+        _ = term.recv() => {}
+    }
+    if timeout.is_zero() {
+        return abort("SIGTERM");
+    }
+    stop.drain.cancel();
+    tokio::select! {
+        _ = int.recv() => abort("SIGINT"),
+        _ = term.recv() => abort("second SIGTERM"),
+        _ = tokio::time::sleep(timeout) => abort("--drain-timeout reached"),
+    }
 }

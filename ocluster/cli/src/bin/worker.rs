@@ -18,8 +18,9 @@ use ocluster_worker::{Exit, Stop, WorkerConfig, EXIT_UPDATE};
 /// fails them).
 ///
 /// Exit status: 0 after a stop, 1 after `ocluster-admin update` has drained it (the
-/// service manager starts the new binary), 2 for bad flags or a store or sandbox that
-/// cannot be used.
+/// service manager starts the new binary), 2 for bad flags, a bad cap file or a store or
+/// sandbox that cannot be used (restarting will not help), 3 when the healthcheck fails
+/// at start-up (it may pass later).
 #[derive(Parser, Debug)]
 #[command(name = "ocluster-worker", version)]
 struct Args {
@@ -41,7 +42,8 @@ struct Args {
     /// For a new rsync store: copy, hardlink or hardlink_unsafe.
     #[arg(long, value_name = "MODE")]
     rsync_mode: Option<obuilder_stores::rsync::RsyncMode>,
-    /// The sandbox: runc or runc:/PATH/TO/RUNC.
+    /// The sandbox: runc, runc:/PATH/TO/RUNC, native (Linux, no runtime binary) or user
+    /// (a build user per step, the macOS design; its defaults are `obuilder build`'s).
     #[arg(long, value_name = "SANDBOX", default_value = "runc")]
     sandbox: String,
     /// Make sync calls no-ops inside steps (faster on btrfs).
@@ -168,6 +170,11 @@ fn main() {
         match ocluster_worker::run(config, pool, stop).await {
             Ok(Exit::Update) => EXIT_UPDATE,
             Ok(Exit::Stopped | Exit::Drained) => 0,
+            // A failed healthcheck may pass later: let the service manager try again.
+            Err(e @ ocluster_worker::WorkerError::Unhealthy(_)) => {
+                eprintln!("ocluster-worker: {e}");
+                3
+            }
             Err(e) => {
                 eprintln!("ocluster-worker: {e}");
                 2

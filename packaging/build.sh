@@ -4,16 +4,18 @@
 # tarball (the same layout for /opt/ocluster, with bin/ left to be filled on a Mac: no
 # macOS toolchain exists here).
 #
-#   packaging/build.sh [--profile release|dev] [--no-build] [--version V] [--out DIR]
+#   packaging/build.sh [--profile release|dev] [--no-build] [--bin-dir DIR] [--version V]
+#                      [--out DIR]
 #
 # Writes OUT/ocluster_V_ARCH.deb and OUT/ocluster-V-macos.tar.gz (OUT: target/dist).
 # --profile dev packs the debug binaries the tests build (CI uses it to check the
 # packaging quickly); releases use the default, release. --no-build packs the binaries
-# already built (the tests, which run inside cargo, use it).
+# already built (the tests, which run inside cargo, use it), from DIR if given.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 profile=release
 build=yes
+bindir=
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 out=$root/target/dist
 while [ $# -gt 0 ]; do
@@ -21,8 +23,9 @@ while [ $# -gt 0 ]; do
     --profile) profile=$2; shift 2 ;;
     --version) version=$2; shift 2 ;;
     --no-build) build=no; shift ;;
+    --bin-dir) bindir=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -31,6 +34,7 @@ release) target=$root/target/release ;;
 dev) target=$root/target/debug ;;
 *) echo "build.sh: --profile is release or dev, not $profile" >&2; exit 2 ;;
 esac
+[ -n "$bindir" ] && target=$bindir
 for tool in dpkg-deb dpkg-shlibdeps fakeroot objcopy; do
     command -v "$tool" >/dev/null || {
         echo "build.sh: $tool is missing: apt-get install dpkg-dev fakeroot binutils" >&2

@@ -13,9 +13,10 @@
 #      takes jobs;
 #   7. `apt-get purge`: units, binaries and state are gone; the container is thrown away.
 #
-#   scripts/deploy-test.sh [--profile dev|release] [--no-build]
+#   scripts/deploy-test.sh [--profile dev|release] [--no-build] [--bin-dir DIR]
 #
-# --no-build packs the binaries already built (as the test that runs this script does).
+# --no-build packs the binaries already built (from DIR if given), as the test that runs
+# this script does.
 # Needs root, debootstrap, systemd-nspawn (systemd-container), ansible and the Debian
 # mirror (the container's tree is made once and cached in $CACHE, default
 # /var/tmp/ocluster-deploy-cache). The container shares the host's network: the
@@ -24,16 +25,19 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 profile=dev
 nobuild=()
+bindir_arg=
 while [ $# -gt 0 ]; do
     case "$1" in
     --profile) profile=$2; shift 2 ;;
     --no-build) nobuild=(--no-build); shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bin-dir) bindir_arg=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "deploy-test.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$profile" in dev) bindir=$root/target/debug ;; release) bindir=$root/target/release ;;
 *) echo "deploy-test.sh: --profile is dev or release" >&2; exit 2 ;; esac
+[ -n "$bindir_arg" ] && bindir=$bindir_arg && nobuild+=(--bin-dir "$bindir")
 cache=${CACHE:-/var/tmp/ocluster-deploy-cache}
 say() { printf '\n== %s\n' "$*" >&2; }
 leader=
@@ -80,7 +84,7 @@ fi
 say "building the packages ($profile)"
 "$root/packaging/build.sh" --profile "$profile" "${nobuild[@]}" --out "$work/dist" > "$work/build1.log"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
-"$root/packaging/build.sh" --profile "$profile" --no-build --version "$version+upgrade1" --out "$work/dist" > "$work/build2.log"
+"$root/packaging/build.sh" --profile "$profile" --no-build --bin-dir "$bindir" --version "$version+upgrade1" --out "$work/dist" > "$work/build2.log"
 arch=$(dpkg --print-architecture)
 deb1=$work/dist/ocluster_${version}_${arch}.deb
 deb2=$work/dist/ocluster_${version}+upgrade1_${arch}.deb

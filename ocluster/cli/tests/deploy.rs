@@ -333,7 +333,10 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         .unwrap();
     // (A warning, with status 0: hence the check for an empty stderr above.)
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("broken.service:") && stderr.contains("kill mode"), "{out:?}");
+    assert!(
+        stderr.contains("broken.service:") && stderr.contains("kill mode"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -132,6 +132,8 @@ template = jinja2.Template(open(sys.argv[1]).read(), keep_trailing_newline=True)
 open(sys.argv[2], "w").write(template.render(
     ocluster_prefix="/opt/ocluster", ocluster_worker_name="REPLACE-WITH-THE-WORKER-NAME",
     ocluster_worker_capacity=1, ocluster_worker_store="rsync:/Volumes/rsync",
+    ocluster_user_pool_first=1000, ocluster_user_pool_last=1000, ocluster_user_group=1000,
+    ocluster_home_path="/Users/mac1000", ocluster_brew_path="/opt/homebrew",
     ocluster_worker_extra_args=["--rsync-mode=hardlink_unsafe"],
     ocluster_log="/var/log/ocluster-worker.log"))
 PY

@@ -284,6 +284,8 @@ with open(sys.argv[1], "rb") as f:
         "--connect=/var/lib/ocluster-worker/pool.cap",
         &format!("--name={name}"),
         "--sandbox=user",
+        "--user-pool=1000-1000",
+        "--home-path=/Users/mac1000",
         "--drain-timeout=3000",
     ] {
         assert!(args.iter().any(|x| x == a), "no {a} in {args:?}");

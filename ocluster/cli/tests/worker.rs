@@ -795,6 +795,43 @@ fn sigterm_drains_and_a_second_one_requeues() {
     assert!(!c3.output().contains("Job cancelled"), "{}", c3.output());
 }
 
+/// The worker takes `obuilder build`'s sandbox flags (and the original's `--uid`), and a
+/// bad one stops it with status 2 and the reason, before it connects anywhere.
+#[test]
+fn sandbox_flags_are_obuilders_and_bad_ones_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("pool.cap");
+    std::fs::write(&cap, "capnp://insecure@127.0.0.1:9/pool\n").unwrap();
+    let worker = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ocluster-worker"))
+            .arg("-c")
+            .arg(&cap)
+            .args(["--name", "w", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg(format!(
+                "--obuilder-store=rsync:{}",
+                dir.path().join("store").display()
+            ))
+            .args(["--rsync-mode", "copy"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = worker(&["--sandbox", "bogus"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown sandbox \"bogus\""), "{err}");
+    let (code, err) = worker(&["--sandbox", "user", "--uid", "1000", "--user-pool", "1-2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, err) = worker(&["--sandbox", "user", "--user-pool", "5-1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("expected FROM-TO"), "{err}");
+}
+
 /// The worker pauses itself at the scheduler while it prunes and while its healthcheck
 /// fails, and takes jobs again afterwards.
 #[test]

@@ -5,12 +5,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use obuilder_config::{BuilderConfig, SandboxSpec, StoreSpec};
+use obuilder_config::{BuilderConfig, StoreSpec};
 use obuilder_engine::log::{LogEvent, LogSink};
 use obuilder_engine::BuilderOptions;
 use obuilder_fetch::registry::{Progress, ProgressSink, RegistryOptions};
 use obuilder_fetch::{FetchConfig, PullPolicy};
-use obuilder_sandbox::{NativeOptions, RuncOptions};
 use obuilder_stores::detect_default;
 use obuilder_stores::rsync::RsyncMode;
 
@@ -29,6 +28,7 @@ fn parse_rsync_mode(s: &str) -> Result<RsyncMode, String> {
         .map_err(|e: obuilder_stores::rsync::UnknownRsyncMode| e.to_string())
 }
 
+pub use obuilder_cli::sandbox_args::SandboxArgs;
 pub use obuilder_config::units::{parse_duration, parse_size};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -58,117 +58,6 @@ impl StoreArgs {
     pub fn config(&self) -> anyhow::Result<BuilderConfig> {
         Ok(BuilderConfig::new(self.spec()?))
     }
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct SandboxArgs {
-    /// What runs the steps: runc (Linux containers), runc:/PATH/TO/RUNC, native (the same
-    /// containers, set up by obuilder itself without a runtime binary: faster to start),
-    /// or user (a build user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
-    /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
-    /// on macOS (steps have the host's network); on Linux a step without (network host)
-    /// gets a network namespace of its own.
-    #[arg(
-        long,
-        value_name = "SANDBOX",
-        default_value = "runc",
-        env = "OBUILDER_SANDBOX"
-    )]
-    pub sandbox: String,
-    /// Make sync syscalls (fsync, sync, …) no-ops inside the sandbox: much faster on btrfs;
-    /// the snapshot commit is what makes results durable.
-    #[arg(long)]
-    pub fast_sync: bool,
-    /// The runc binary to use (as --sandbox runc:PATH).
-    #[arg(long, value_name = "PATH")]
-    pub runc: Option<String>,
-    /// Most processes and threads a step may have at once; 0 for no limit.
-    #[arg(long, value_name = "N", default_value_t = obuilder_sandbox::DEFAULT_MAX_PIDS)]
-    pub max_pids: u64,
-    /// Most memory a step may use (e.g. 2G); no limit by default.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_memory: Option<u64>,
-    /// --sandbox user: the build users' uids, one per step running at once (created on
-    /// first use as obuilderUID on Linux, macUID on macOS). Default: 61000-61003 on Linux,
-    /// 1000-1000 on macOS.
-    #[arg(long, value_name = "FROM-TO", value_parser = parse_uid_range)]
-    pub user_pool: Option<(u32, u32)>,
-    /// --sandbox user: the build users' primary group (default: the first uid).
-    #[arg(long, value_name = "GID")]
-    pub user_group: Option<u32>,
-    /// --sandbox user: the home path every build user sees, redirected to its step's
-    /// snapshot (default: the first build user's, e.g. /Users/mac1000).
-    #[arg(long, value_name = "PATH")]
-    pub home_path: Option<String>,
-    /// --sandbox user: the Homebrew prefix, redirected like the home (default on macOS:
-    /// /opt/homebrew on Apple silicon, /usr/local on Intel; none on Linux).
-    #[arg(long, value_name = "PATH")]
-    pub brew_path: Option<String>,
-    /// --sandbox user: no FUSE; copy the snapshot into the real home path and prefix with
-    /// rsync before each step and back after it, one step at a time (the original's first
-    /// design).
-    #[arg(long)]
-    pub no_fuse: bool,
-    /// --sandbox user: the obuilderfs binary, started when nothing is mounted on the paths.
-    #[arg(long, value_name = "PATH")]
-    pub obuilderfs: Option<String>,
-}
-
-fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
-    let (a, b) = s.split_once('-').unwrap_or((s, s));
-    match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
-        (Ok(a), Ok(b)) if a > 0 && a <= b => Ok((a, b)),
-        _ => Err(format!(
-            "{s:?}: expected FROM-TO (e.g. 61000-61003), with 0 < FROM <= TO"
-        )),
-    }
-}
-
-impl SandboxArgs {
-    pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
-        let spec: SandboxSpec = self
-            .sandbox
-            .parse()
-            .map_err(|e: obuilder_sandbox::SandboxSpecError| usage(e.to_string()))?;
-        Ok(match spec {
-            SandboxSpec::Runc(o) => SandboxSpec::Runc(RuncOptions {
-                runc: self.runc.clone().unwrap_or(o.runc),
-                fast_sync: self.fast_sync,
-                max_pids: (self.max_pids > 0).then_some(self.max_pids),
-                max_memory: self.max_memory,
-            }),
-            SandboxSpec::Native(_) => SandboxSpec::Native(NativeOptions {
-                fast_sync: self.fast_sync,
-                max_pids: (self.max_pids > 0).then_some(self.max_pids),
-                max_memory: self.max_memory,
-            }),
-            SandboxSpec::User(mut o) => {
-                if let Some((a, b)) = self.user_pool {
-                    (o.first_uid, o.last_uid) = (a, b);
-                }
-                o.gid = self.user_group;
-                o.home = self.home_path.clone();
-                o.prefix = self.brew_path.clone();
-                o.fuse = !self.no_fuse;
-                o.obuilderfs = match &self.obuilderfs {
-                    Some(p) => p.clone(),
-                    None => default_obuilderfs(),
-                };
-                o.validate().map_err(usage)?;
-                SandboxSpec::User(o)
-            }
-        })
-    }
-}
-
-/// obuilderfs next to this binary if it is there (as installed together), else on PATH.
-fn default_obuilderfs() -> String {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("obuilderfs")))
-        .filter(|p| p.is_file())
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "obuilderfs".into())
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -229,7 +118,7 @@ pub fn builder_config(
     log: Option<&LogArgs>,
 ) -> anyhow::Result<BuilderConfig> {
     let mut c = store.config()?;
-    c.sandbox = Some(sandbox.spec()?);
+    c.sandbox = Some(sandbox.spec().map_err(usage)?);
     c.fetch = match registry {
         Some(r) => r.fetch()?,
         None => FetchConfig::local(),

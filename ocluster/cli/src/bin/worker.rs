@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use obuilder_config::{BuilderConfig, SandboxSpec, StoreSpec};
+use obuilder_config::{BuilderConfig, StoreSpec};
 use ocluster::{init_logging, load_cap, Verbosity};
 use ocluster_worker::{Exit, Stop, WorkerConfig, EXIT_UPDATE};
 
@@ -42,13 +42,9 @@ struct Args {
     /// For a new rsync store: copy, hardlink or hardlink_unsafe.
     #[arg(long, value_name = "MODE")]
     rsync_mode: Option<obuilder_stores::rsync::RsyncMode>,
-    /// The sandbox: runc, runc:/PATH/TO/RUNC, native (Linux, no runtime binary) or user
-    /// (a build user per step, the macOS design; its defaults are `obuilder build`'s).
-    #[arg(long, value_name = "SANDBOX", default_value = "runc")]
-    sandbox: String,
-    /// Make sync calls no-ops inside steps (faster on btrfs).
-    #[arg(long)]
-    fast_sync: bool,
+    /// The sandbox and its flags, as `obuilder build` takes them.
+    #[command(flatten)]
+    sandbox: obuilder_cli::sandbox_args::SandboxArgs,
     /// Prune the store while its free space is below this percentage.
     #[arg(long, value_name = "PCT", default_value_t = 30.0)]
     obuilder_prune_threshold: f64,
@@ -106,19 +102,7 @@ fn main() {
     let pool = load_cap(&args.connect).unwrap_or_else(|e| fail(e));
     let store = StoreSpec::parse(&args.obuilder_store, args.rsync_mode)
         .unwrap_or_else(|e| fail(format!("--obuilder-store: {e}")));
-    let sandbox = match args.sandbox.parse::<SandboxSpec>() {
-        Ok(SandboxSpec::Runc(mut o)) => {
-            o.fast_sync = args.fast_sync;
-            SandboxSpec::Runc(o)
-        }
-        Ok(SandboxSpec::Native(mut o)) => {
-            o.fast_sync = args.fast_sync;
-            SandboxSpec::Native(o)
-        }
-        // A worker's build users: the defaults (see `obuilder build --help`).
-        Ok(other) => other,
-        Err(e) => fail(format!("--sandbox: {e}")),
-    };
+    let sandbox = args.sandbox.spec().unwrap_or_else(|e| fail(e));
     let mut builder = BuilderConfig::new(store);
     builder.sandbox = Some(sandbox);
     let mut config = WorkerConfig::new(&args.name, args.state_dir.clone(), builder);

@@ -5,8 +5,8 @@
 #   1. packaging/build.sh makes the .deb (and a second one, a newer version);
 #   2. the Ansible playbook (roles scheduler and linux_worker) installs and starts both
 #      services in the container;
-#   3. a job submitted from the host with ocluster-client over loopback runs, and its
-#      log comes back;
+#   3. a job submitted from the host with ocluster-client over loopback runs in runc,
+#      and its log comes back; obuilderfs mounts under the worker unit's hardening;
 #   4. the playbook again: zero changes;
 #   5. `systemctl stop ocluster-worker` mid-job: the job finishes (the worker drains);
 #   6. the playbook with the newer package: it upgrades, the worker registers again and
@@ -94,13 +94,14 @@ say "booting the container"
 # This host's /run is no tmpfs and no systemd manages it: nspawn gets a private tmpfs for
 # its own state, no machined registration and no scope unit. The container gets cgroup
 # v2, which its systemd needs to delegate; the host's v2 hierarchy has no controllers
-# (they are on v1), so runc cannot set a pids limit in it and the worker runs its steps
-# in the native sandbox, which does without. nspawn keeps CAP_NET_ADMIN from a container
-# that shares the host's network; a step's own network namespace needs it to bring its
-# loopback up, so the container gets it back.
+# (they are on v1), so no pids limit can be set in it: the worker runs with
+# --max-pids=0. nspawn keeps CAP_NET_ADMIN from a container that shares the host's
+# network, and filters the keyring and bpf calls; runc needs them (a step's loopback,
+# its session keyring, its device filter), so the container gets them back, and
+# /dev/fuse for obuilderfs.
 mkdir -p /run/systemd/nspawn
 SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 unshare -m --propagation private sh -c \
-    'mount -t tmpfs tmpfs /run/systemd/nspawn && exec systemd-nspawn --quiet --register=no --keep-unit --ephemeral --capability=CAP_NET_ADMIN -D "$1" --boot' \
+    'mount -t tmpfs tmpfs /run/systemd/nspawn && exec systemd-nspawn --quiet --register=no --keep-unit --ephemeral --capability=CAP_NET_ADMIN "--system-call-filter=add_key keyctl request_key bpf" --bind=/dev/fuse -D "$1" --boot' \
     sh "$cache/rootfs" > "$work/boot.log" 2>&1 < /dev/null &
 nspawn_pid=$!
 descendant_named() {
@@ -153,7 +154,7 @@ all:
     ocluster_worker_name: ct-worker
     ocluster_worker_capacity: 1
     ocluster_worker_store: rsync:/var/lib/ocluster-worker/store
-    ocluster_worker_extra_args: [--rsync-mode=hardlink, --sandbox=native]
+    ocluster_worker_extra_args: [--rsync-mode=hardlink, --max-pids=0]
   children:
     schedulers:
       hosts:
@@ -209,6 +210,24 @@ out=$(client 'echo hello from $(hostname)' 2>&1) || fail "the job failed: $out"
 echo "$out" >&2
 grep -q "hello from builder" <<<"$out" || fail "no job log: $out"
 grep -q "Building on ct-worker" <<<"$out" || fail "not built by the container's worker: $out"
+
+say "FUSE under the worker unit's hardening"
+# The unit's hardening settings, as systemd-run properties: obuilderfs (the user
+# sandbox's FUSE view) must mount and serve under them. The mount lives in the unit's own
+# mount namespace (ProtectSystem= makes one), so it is read from inside.
+props=()
+while read -r line; do props+=(-p "$line"); done < <(
+    sed -n '/^ProtectSystem=/,/^LimitNOFILE=/p' "$root/packaging/systemd/ocluster-worker.service" | grep -v '^#' | grep .)
+[ "${#props[@]}" -ge 10 ] || fail "no hardening found in the unit: ${props[*]}"
+in_ct sh -c 'rm -rf /tmp/fuse && mkdir -p /tmp/fuse/fallback /tmp/fuse/scoreboard /tmp/fuse/mnt && echo through-fuse > /tmp/fuse/fallback/hello'
+out=$(timeout 60 nsenter -t "$leader" -a systemd-run --quiet --wait --pipe "${props[@]}" sh -c '
+    obuilderfs --scoreboard /tmp/fuse/scoreboard --fallback /tmp/fuse/fallback /tmp/fuse/mnt &
+    fs=$!
+    for i in $(seq 50); do grep -q " /tmp/fuse/mnt " /proc/mounts && break; sleep 0.1; done
+    timeout 10 cat /tmp/fuse/mnt/hello; grep " /tmp/fuse/mnt " /proc/mounts | cut -d" " -f3
+    kill $fs; wait $fs' 2>&1) || fail "obuilderfs under the unit's hardening: $out"
+grep -q through-fuse <<<"$out" && grep -q fuse <<<"$out" || fail "obuilderfs served nothing: $out"
+echo "obuilderfs mounted and served under $((${#props[@]} / 2)) settings of the unit: $(tr '\n' ' ' <<<"$out")" >&2
 
 say "2nd run of the playbook: no change"
 playbook "$work/play2.log"

@@ -134,6 +134,7 @@ open(sys.argv[2], "w").write(template.render(
     ocluster_worker_capacity=1, ocluster_worker_store="rsync:/Volumes/rsync",
     ocluster_user_pool_first=1000, ocluster_user_pool_last=1000, ocluster_user_group=1000,
     ocluster_home_path="/Users/mac1000", ocluster_brew_path="/opt/homebrew",
+    ocluster_state_dir="/var/lib/ocluster-worker",
     ocluster_worker_extra_args=["--rsync-mode=hardlink_unsafe"],
     ocluster_log="/var/log/ocluster-worker.log"))
 PY

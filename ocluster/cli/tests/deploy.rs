@@ -221,13 +221,22 @@ fn the_debian_package_and_the_macos_tarball() {
         .path()
         .join(&top)
         .join("launchd/com.tarides.ocluster.worker.plist");
-    let args = check_plist(&plist, "REPLACE-WITH-THE-WORKER-NAME");
+    let args = check_plist(
+        &plist,
+        "REPLACE-WITH-THE-WORKER-NAME",
+        "/opt/ocluster",
+        "/var/lib/ocluster-worker",
+    );
+    assert!(
+        args.iter().any(|a| a == "--user-pool=1000-1000"),
+        "{args:?}"
+    );
     assert_flags_known("ocluster-worker", &args[1..], "the launchd plist");
 }
 
 /// Parses the worker's plist with Python's plistlib (launchd's format) and checks what
 /// launchd needs; returns its ProgramArguments.
-fn check_plist(plist: &Path, name: &str) -> Vec<String> {
+fn check_plist(plist: &Path, name: &str, prefix: &str, state: &str) -> Vec<String> {
     let script = r#"
 import json, plistlib, sys
 with open(sys.argv[1], "rb") as f:
@@ -260,11 +269,11 @@ print(json.dumps(p))
         "{v}"
     );
     assert!(
-        get("StandardOutPath").contains("/var/log/ocluster-worker.log"),
+        get("StandardOutPath").contains("ocluster-worker.log"),
         "{v}"
     );
     assert!(
-        get("StandardErrorPath").contains("/var/log/ocluster-worker.log"),
+        get("StandardErrorPath").contains("ocluster-worker.log"),
         "{v}"
     );
     let script = r#"
@@ -279,12 +288,11 @@ with open(sys.argv[1], "rb") as f:
     .lines()
     .map(str::to_string)
     .collect();
-    assert_eq!(args[0], "/opt/ocluster/bin/ocluster-worker");
+    assert_eq!(args[0], format!("{prefix}/bin/ocluster-worker"));
     for a in [
-        "--connect=/var/lib/ocluster-worker/pool.cap",
+        &format!("--connect={state}/pool.cap"),
         &format!("--name={name}"),
         "--sandbox=user",
-        "--user-pool=1000-1000",
         "--home-path=/Users/mac1000",
         "--drain-timeout=3000",
     ] {
@@ -366,7 +374,9 @@ struct Task {
     args: String,
 }
 
-fn run_macos_role_in_check_mode(mock: &Path, extra: &[&str]) -> (Output, Vec<Task>, String) {
+/// Runs the macOS play against the mocked Mac in `mock` (`--check` unless `apply`);
+/// returns its output, the recorded tasks and the fake tools' log of this run.
+fn run_macos_role(mock: &Path, apply: bool, extra: &[&str]) -> (Output, Vec<Task>, String) {
     let ansible = root().join("deploy/ansible");
     let record = mock.join("tasks.jsonl");
     let fake_log = mock.join("fake-macos.log");
@@ -378,7 +388,7 @@ fn run_macos_role_in_check_mode(mock: &Path, extra: &[&str]) -> (Output, Vec<Tas
         std::env::var("PATH").unwrap_or_default()
     );
     let out = Command::new("ansible-playbook")
-        .arg("--check")
+        .args((!apply).then_some("--check"))
         .args(["-i", "test/mock-macos-inventory.yml", "playbook.yml"])
         .args(extra)
         .current_dir(&ansible)
@@ -386,6 +396,7 @@ fn run_macos_role_in_check_mode(mock: &Path, extra: &[&str]) -> (Output, Vec<Tas
         .env("MOCK_ROOT", mock)
         .env("MOCK_TARBALL", mock.join("ocluster-macos.tar.gz"))
         .env("FAKE_MACOS_LOG", &fake_log)
+        .env("FAKE_MACOS_STATE", mock.join("state"))
         .env("RECORD_TASKS_FILE", &record)
         .env(
             "ANSIBLE_CALLBACK_PLUGINS",
@@ -423,14 +434,30 @@ fn run_macos_role_in_check_mode(mock: &Path, extra: &[&str]) -> (Output, Vec<Tas
     (out, tasks, fake)
 }
 
+/// `changed=N` of a PLAY RECAP.
+fn changed(recap: &str) -> usize {
+    recap
+        .split("changed=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no PLAY RECAP in:\n{recap}"))
+}
+
 #[test]
-fn the_macos_role_in_check_mode_against_a_mocked_mac() {
+fn the_macos_role_in_check_mode_then_applied_twice_to_a_mocked_mac() {
     require!(Cap::Tool("ansible-playbook"), Cap::File("/usr/bin/python3"));
     let mock = tempfile::tempdir().unwrap();
     let m = mock.path();
     std::fs::create_dir_all(m.join("secrets")).unwrap();
     std::fs::write(m.join("secrets/pool-macos-arm64.cap"), "capnp://…\n").unwrap();
     std::fs::create_dir_all(m.join("t/ocluster-macos/bin")).unwrap();
+    // (The binaries are built on a Mac; a stand-in for the role to install.)
+    std::fs::write(
+        m.join("t/ocluster-macos/bin/ocluster-worker"),
+        "#!/bin/sh\n",
+    )
+    .unwrap();
     run(Command::new("tar")
         .arg("czf")
         .arg(m.join("ocluster-macos.tar.gz"))
@@ -439,14 +466,14 @@ fn the_macos_role_in_check_mode_against_a_mocked_mac() {
         .arg("ocluster-macos"));
 
     // No macFUSE: the role stops and says what a person must do.
-    let (out, _, _) = run_macos_role_in_check_mode(m, &[]);
+    let (out, _, _) = run_macos_role(m, false, &[]);
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("macFUSE is not installed"), "{text}");
     assert!(text.contains("approve its system extension"), "{text}");
 
     std::fs::create_dir_all(m.join("macfuse.fs")).unwrap();
-    let (out, tasks, fake) = run_macos_role_in_check_mode(m, &[]);
+    let (out, tasks, fake) = run_macos_role(m, false, &[]);
     let text = stdout(&out);
     assert!(
         out.status.success(),
@@ -521,9 +548,55 @@ fn the_macos_role_in_check_mode_against_a_mocked_mac() {
         plist[0]
     );
 
+    // Applied for real to the mocked Mac: the users are created with those commands,
+    // the LaunchDaemon is written (a plist launchd can read, for this worker) and loaded.
+    let (out, _, fake) = run_macos_role(m, true, &[]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(changed(&text) > 0, "{text}");
+    let created: Vec<&str> = fake.lines().filter(|l| l.contains("-create")).collect();
+    let want_lines: Vec<String> = want.iter().map(|a| a.join(" ")).collect();
+    assert_eq!(created, want_lines, "{fake}");
+    let plist = m.join("com.tarides.ocluster.worker.plist");
+    assert!(
+        fake.contains(&format!("launchctl bootstrap system {}", plist.display())),
+        "{fake}"
+    );
+    let args = check_plist(
+        &plist,
+        "m1-worker-01",
+        &m.join("opt/ocluster").display().to_string(),
+        &m.join("var/lib/ocluster-worker").display().to_string(),
+    );
+    assert!(
+        args.iter().any(|a| a == "--user-pool=1000-1001"),
+        "{args:?}"
+    );
+    assert_flags_known("ocluster-worker", &args[1..], "the plist the role wrote");
+    // Applied again: it only looks (the users exist, the daemon is loaded).
+    let (out, _, fake) = run_macos_role(m, true, &[]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        changed(&text),
+        0,
+        "the second run changed something:\n{text}"
+    );
+    assert!(
+        !fake.contains("-create") && !fake.contains("bootstrap"),
+        "{fake}"
+    );
+
     // A ZFS pool that does not exist stops the role with what to do.
-    let (out, _, _) =
-        run_macos_role_in_check_mode(m, &["-e", "ocluster_worker_store=zfs:/Volumes/missing"]);
+    let (out, _, _) = run_macos_role(
+        m,
+        false,
+        &["-e", "ocluster_worker_store=zfs:/Volumes/missing"],
+    );
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
     assert!(

@@ -11,7 +11,8 @@
 #   5. `systemctl stop ocluster-worker` mid-job: the job finishes (the worker drains);
 #   6. the playbook with the newer package: it upgrades, the worker registers again and
 #      takes jobs;
-#   7. `apt-get purge`: units, binaries and state are gone; the container is thrown away.
+#   7. teardown.yml: units, binaries and state are gone (a second run changes nothing);
+#      the container is thrown away.
 #
 #   scripts/deploy-test.sh [--profile dev|release] [--no-build] [--bin-dir DIR]
 #
@@ -164,13 +165,14 @@ all:
         container:
 INV
 }
-playbook() {
-    local log=$1
-    (cd "$root/deploy/ansible" && ANSIBLE_NOCOLOR=1 ansible-playbook -i "$work/inventory.yml" playbook.yml) \
-        > "$log" 2>&1 || fail "ansible-playbook (see below)
+playbook_file() {
+    local book=$1 log=$2
+    (cd "$root/deploy/ansible" && ANSIBLE_NOCOLOR=1 ansible-playbook -i "$work/inventory.yml" "$book") \
+        > "$log" 2>&1 || fail "ansible-playbook $book (see below)
 $(tail -40 "$log")"
     sed -n '/PLAY RECAP/,$p' "$log" >&2
 }
+playbook() { playbook_file playbook.yml "$1"; }
 changed() { sed -n 's/.*changed=\([0-9]*\).*/\1/p' "$1" | head -1; }
 
 # The worker imports nothing itself: give its store the busybox image the jobs use.
@@ -259,12 +261,13 @@ done
 out=$(client 'echo after the upgrade' 2>&1) || fail "a job after the upgrade failed: $out"
 grep -q "after the upgrade" <<<"$out" || fail "no log after the upgrade: $out"
 
-say "teardown: purge"
-in_ct env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq ocluster > "$work/purge.log" 2>&1 \
-    || fail "purge: $(cat "$work/purge.log")"
+say "teardown: teardown.yml"
+playbook_file teardown.yml "$work/teardown1.log"
 for gone in /usr/bin/ocluster-worker /lib/systemd/system/ocluster-worker.service /var/lib/ocluster-scheduler /var/lib/ocluster-worker; do
-    in_ct test ! -e "$gone" || fail "$gone is left after the purge"
+    in_ct test ! -e "$gone" || fail "$gone is left after the teardown"
 done
 left=$(in_ct sh -c 'cat /proc/[0-9]*/comm 2>/dev/null' | grep -E '^ocluster-(worker|schedul)' || true)
-[ -z "$left" ] || fail "still running after the purge: $left"
+[ -z "$left" ] || fail "still running after the teardown: $left"
+playbook_file teardown.yml "$work/teardown2.log"
+[ "$(changed "$work/teardown2.log")" = 0 ] || fail "a second teardown changed something"
 say "deploy test passed"

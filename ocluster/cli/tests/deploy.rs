@@ -377,6 +377,15 @@ struct Task {
 /// Runs the macOS play against the mocked Mac in `mock` (`--check` unless `apply`);
 /// returns its output, the recorded tasks and the fake tools' log of this run.
 fn run_macos_role(mock: &Path, apply: bool, extra: &[&str]) -> (Output, Vec<Task>, String) {
+    run_macos_play(mock, "playbook.yml", apply, extra)
+}
+
+fn run_macos_play(
+    mock: &Path,
+    playbook: &str,
+    apply: bool,
+    extra: &[&str],
+) -> (Output, Vec<Task>, String) {
     let ansible = root().join("deploy/ansible");
     let record = mock.join("tasks.jsonl");
     let fake_log = mock.join("fake-macos.log");
@@ -389,7 +398,7 @@ fn run_macos_role(mock: &Path, apply: bool, extra: &[&str]) -> (Output, Vec<Task
     );
     let out = Command::new("ansible-playbook")
         .args((!apply).then_some("--check"))
-        .args(["-i", "test/mock-macos-inventory.yml", "playbook.yml"])
+        .args(["-i", "test/mock-macos-inventory.yml", playbook])
         .args(extra)
         .current_dir(&ansible)
         .env("PATH", path)
@@ -445,7 +454,7 @@ fn changed(recap: &str) -> usize {
 }
 
 #[test]
-fn the_macos_role_in_check_mode_then_applied_twice_to_a_mocked_mac() {
+fn the_macos_role_in_check_mode_applied_twice_and_torn_down_on_a_mocked_mac() {
     require!(Cap::Tool("ansible-playbook"), Cap::File("/usr/bin/python3"));
     let mock = tempfile::tempdir().unwrap();
     let m = mock.path();
@@ -590,6 +599,28 @@ fn the_macos_role_in_check_mode_then_applied_twice_to_a_mocked_mac() {
         !fake.contains("-create") && !fake.contains("bootstrap"),
         "{fake}"
     );
+
+    // teardown.yml: the daemon stopped (it drains) and gone, the programs, the state and
+    // the build users too; a second teardown finds nothing to do.
+    let (out, _, fake) = run_macos_play(m, "teardown.yml", true, &[]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "launchctl bootout system/com.tarides.ocluster.worker",
+        "dscl . -delete /Users/mac1000",
+        "dscl . -delete /Users/mac1001",
+    ] {
+        assert!(fake.lines().any(|l| l == line), "no {line:?} in\n{fake}");
+    }
+    for gone in [
+        "com.tarides.ocluster.worker.plist",
+        "opt/ocluster",
+        "var/lib/ocluster-worker",
+    ] {
+        assert!(!m.join(gone).exists(), "{gone} is left after the teardown");
+    }
+    let (out, _, _) = run_macos_play(m, "teardown.yml", true, &[]);
+    assert_eq!(changed(&stdout(&out)), 0, "{}", stdout(&out));
 
     // A ZFS pool that does not exist stops the role with what to do.
     let (out, _, _) = run_macos_role(

@@ -148,6 +148,11 @@ impl Worker {
 }
 
 impl Worker {
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
     /// `kill -9`: no chance to clean up.
     fn kill_hard(mut self) {
         let _ = self.child.kill();
@@ -158,8 +163,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // SIGINT aborts the running jobs (SIGTERM would wait for them).
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.signal(libc::SIGINT);
         let deadline = Instant::now() + TIMEOUT;
         while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -716,6 +720,16 @@ fn dockerfile_job_with_buildah_and_a_push() {
     assert!(!result.contains('@'), "{result}");
 }
 
+/// Worker w1 with the job `echo begin; sleep 2; echo end` started on it.
+fn job_running_on_w1(s: &Scheduler, fs: &testkit::LoopFs, alice: &Path) -> (Worker, Proc) {
+    let w1 = Worker::start(s, &fs.mnt, "w1", 1);
+    let job = sh_spec(s.dir.path(), "job", "echo begin; sleep 2; echo end");
+    let mut c = client(alice, &job, &[]);
+    c.expect("Building on w1");
+    c.expect("begin");
+    (w1, c)
+}
+
 /// A worker killed (`kill -9`) mid-job: the job completes on another worker, and the
 /// client sees one job and one result.
 #[test]
@@ -724,11 +738,7 @@ fn a_job_survives_its_worker() {
         return;
     }
     let (fs, s, alice) = cluster(&[]);
-    let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
-    let job = sh_spec(s.dir.path(), "job", "echo begin; sleep 2; echo end");
-    let mut c = client(&alice, &job, &[]);
-    c.expect("Building on w1");
-    c.expect("begin");
+    let (w1, mut c) = job_running_on_w1(&s, &fs, &alice);
     let w2 = Worker::start(&s, &fs.mnt, "w2", 1);
     w1.kill_hard();
     c.expect("Worker w1 was lost");
@@ -749,13 +759,8 @@ fn sigterm_drains_and_a_second_one_requeues() {
         return;
     }
     let (fs, s, alice) = cluster(&[]);
-    let w1 = Worker::start(&s, &fs.mnt, "w1", 1);
-    let job = sh_spec(s.dir.path(), "job", "echo begin; sleep 2; echo end");
-    let mut c = client(&alice, &job, &[]);
-    c.expect("Building on w1");
-    c.expect("begin");
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(w1.child.id() as i32, libc::SIGTERM) };
+    let (w1, mut c) = job_running_on_w1(&s, &fs, &alice);
+    w1.signal(libc::SIGTERM);
     w1.wait_log("taking no more jobs, finishing the 1 running");
     let later = sh_spec(s.dir.path(), "later", "echo later");
     let mut c2 = client(&alice, &later, &[]);
@@ -780,8 +785,7 @@ fn sigterm_drains_and_a_second_one_requeues() {
     c3.expect("slow-begin");
     let _w3 = Worker::start(&s, &fs.mnt, "w3", 1);
     for _ in 0..2 {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(w2.child.id() as i32, libc::SIGTERM) };
+        w2.signal(libc::SIGTERM);
         std::thread::sleep(Duration::from_millis(300));
     }
     c3.expect("queued again (attempt 2 of");

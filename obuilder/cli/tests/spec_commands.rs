@@ -267,3 +267,50 @@ fn dash_is_standard_input_for_fmt_and_check() {
     let out = obuilder_stdin(&["check", "-"], "((from busybox))");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn check_platform_warns_with_the_place_and_still_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("mac.spec");
+    std::fs::write(
+        &spec,
+        "((from base)\n (workdir /opt/src)\n (user (uid 1000) (gid 1000))\n (run (network host) (shell \"make\")))\n",
+    )
+    .unwrap();
+    let s = spec.to_str().unwrap();
+    let out = obuilder(&[
+        "check",
+        "--platform",
+        "macos",
+        "--home-path",
+        "/Users/ci",
+        s,
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{s}:2:2: warning: macOS: the user sandbox refuses the workdir /opt/src"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("under the home (/Users/ci)"), "{err}");
+    assert!(
+        err.contains(&format!("{s}:3:2: warning: macOS: (user …) is refused")),
+        "{err}"
+    );
+    assert!(err.contains("1 spec OK, 2 warning(s) for macos"), "{err}");
+    let out = obuilder(&["check", "--platform", "windows", s]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{s}:4:2: warning: Windows: containers have no host network"
+        )),
+        "{err}"
+    );
+    let out = obuilder(&["check", "--platform", "linux", s]);
+    assert_eq!(text(&out.stderr), "1 spec OK\n");
+    let out = obuilder(&["check", "--platform", "beos", s]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown platform \"beos\""));
+}

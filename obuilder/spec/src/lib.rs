@@ -13,6 +13,7 @@
 pub mod docker;
 pub mod error;
 pub mod layout;
+pub mod portability;
 pub mod sexp;
 mod spec;
 

@@ -68,17 +68,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- The container's tree: Debian bookworm with systemd and the package's dependencies.
-if [ ! -e "$cache/rootfs/.ready" ]; then
+# --- The container's tree: Debian bookworm with systemd and the package's dependencies,
+# remade when this list changes (the list is kept in the tree's .ready).
+include=systemd,systemd-sysv,dbus,python3,ca-certificates,iproute2,runc,btrfs-progs,rsync,fuse3,git,busybox-static,adduser,libseccomp2
+if [ "$(cat "$cache/rootfs/.ready" 2>/dev/null)" != "$include" ]; then
     say "making the container's tree in $cache (once; a few minutes)"
     mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
     mirror=${mirror:-http://deb.debian.org/debian}
     rm -rf "$cache/rootfs.tmp" && mkdir -p "$cache"
-    debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,python3,ca-certificates,iproute2,runc,btrfs-progs,rsync,fuse3,git,busybox-static,adduser,libseccomp2 \
+    debootstrap --variant=minbase --include="$include" \
         bookworm "$cache/rootfs.tmp" "$mirror" > "$cache/debootstrap.log" 2>&1 \
         || fail "debootstrap (see $cache/debootstrap.log)"
-    touch "$cache/rootfs.tmp/.ready"
+    echo "$include" > "$cache/rootfs.tmp/.ready"
     rm -rf "$cache/rootfs" && mv "$cache/rootfs.tmp" "$cache/rootfs"
 fi
 

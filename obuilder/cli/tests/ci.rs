@@ -6,11 +6,10 @@
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::e2e::{caps, text, Env};
+use testkit::e2e::{caps, start_until_line, text, Env};
 use testkit::{Cap, LoopFs};
 
 fn bin() -> &'static str {
@@ -20,32 +19,14 @@ fn bin() -> &'static str {
 /// Starts `obuilder build` of `body` and waits until the step prints `started`.
 fn start_build(env: &Env, body: &str, extra: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
     let spec = env.spec("long.spec", body);
-    let mut args = vec![
-        "build",
-        "-f",
-        spec.to_str().unwrap(),
-        env.ctx.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut child = env
-        .command(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "the step never started");
-        match lines.next() {
-            Some(Ok(l)) if l.starts_with("started ") => break,
-            Some(_) => {}
-            None => panic!("the build ended before the step started"),
-        }
-    }
-    let rest =
-        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
-    (child, rest)
+    start_until_line(
+        env,
+        &spec,
+        extra,
+        Stdio::piped(),
+        |l| l.starts_with("started "),
+        "the step's start",
+    )
 }
 
 fn signal(child: &Child, sig: i32) {

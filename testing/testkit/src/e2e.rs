@@ -302,6 +302,29 @@ pub fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
 /// Starts `build -f SPEC CTX EXTRA…` in `env` and returns once its step printed the line
 /// `marker` (within 60 s); the rest of its output is drained in the background.
 pub fn start_until(env: &Env, spec: &Path, extra: &[&str], marker: &str) -> std::process::Child {
+    let (child, _rest) = start_until_line(
+        env,
+        spec,
+        extra,
+        std::process::Stdio::null(),
+        |l| l == marker,
+        marker,
+    );
+    child
+}
+
+/// Starts `build -f SPEC CTX EXTRA…` in `env` (its stderr as given) and returns once a line
+/// of its stdout satisfies `is_marker` (within 60 s; `what` names it in failures), with
+/// the rest of its stdout, read in the background so that the child never blocks on a
+/// full pipe.
+pub fn start_until_line(
+    env: &Env,
+    spec: &Path,
+    extra: &[&str],
+    stderr: std::process::Stdio,
+    is_marker: impl Fn(&str) -> bool,
+    what: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
     let mut args = vec![
         "build",
@@ -313,20 +336,27 @@ pub fn start_until(env: &Env, spec: &Path, extra: &[&str], marker: &str) -> std:
     let mut child = env
         .command(&args)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Split on bytes: a line that is not UTF-8 must not stop the reading (the child would
+    // block on a full pipe); only a read error does.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).split(b'\n');
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        assert!(std::time::Instant::now() < deadline, "{marker} never came");
+        assert!(std::time::Instant::now() < deadline, "{what} never came");
         match lines.next() {
-            Some(Ok(l)) if l == marker => break,
+            Some(Ok(l)) if is_marker(&String::from_utf8_lossy(&l)) => break,
             Some(_) => {}
-            None => panic!("the build ended before printing {marker}"),
+            None => panic!("the build ended before printing {what}"),
         }
     }
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
+    let rest = std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    (child, rest)
 }

@@ -247,47 +247,25 @@ print(json.dumps(p))
         .arg("-c")
         .arg(script)
         .arg(plist));
-    let v = stdout(&out);
-    let get = |key: &str| -> String {
-        // Small and flat enough to check by its JSON text.
-        let at = v
-            .find(&format!("\"{key}\": "))
-            .unwrap_or_else(|| panic!("no {key}: {v}"));
-        v[at..].chars().take(400).collect()
-    };
-    assert!(
-        get("Label").starts_with("\"Label\": \"com.tarides.ocluster.worker\""),
-        "{v}"
+    let p: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(p["Label"], "com.tarides.ocluster.worker", "{p}");
+    assert_eq!(p["RunAtLoad"], true, "{p}");
+    assert_eq!(
+        p["KeepAlive"],
+        serde_json::json!({"SuccessfulExit": false}),
+        "{p}"
     );
-    assert!(get("RunAtLoad").starts_with("\"RunAtLoad\": true"), "{v}");
-    assert!(
-        get("KeepAlive").starts_with("\"KeepAlive\": {\"SuccessfulExit\": false}"),
-        "{v}"
-    );
-    assert!(
-        get("ExitTimeOut").starts_with("\"ExitTimeOut\": 3600"),
-        "{v}"
-    );
-    assert!(
-        get("StandardOutPath").contains("ocluster-worker.log"),
-        "{v}"
-    );
-    assert!(
-        get("StandardErrorPath").contains("ocluster-worker.log"),
-        "{v}"
-    );
-    let script = r#"
-import plistlib, sys
-with open(sys.argv[1], "rb") as f:
-    print("\n".join(plistlib.load(f)["ProgramArguments"]))
-"#;
-    let args: Vec<String> = stdout(&run(Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .arg(plist)))
-    .lines()
-    .map(str::to_string)
-    .collect();
+    assert_eq!(p["ExitTimeOut"], 3600, "{p}");
+    for key in ["StandardOutPath", "StandardErrorPath"] {
+        let path = p[key].as_str().unwrap_or_default();
+        assert!(path.contains("ocluster-worker.log"), "{key}: {p}");
+    }
+    let args: Vec<String> = p["ProgramArguments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ProgramArguments: {p}"))
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(args[0], format!("{prefix}/bin/ocluster-worker"));
     for a in [
         &format!("--connect={state}/pool.cap"),

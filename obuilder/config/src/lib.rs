@@ -99,6 +99,7 @@ impl BuilderConfig {
     pub async fn open(&self) -> Result<Builder, ConfigError> {
         let sandbox = self.sandbox()?;
         let store = self.store.open(self.exec.clone())?;
+        store.ready_state().await?;
         let state = store.state_dir();
         let sb = sandbox
             .open(&state, self.exec.clone())

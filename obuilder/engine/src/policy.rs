@@ -189,6 +189,7 @@ impl Policy {
         sandbox: Arc<dyn Sandbox>,
         max_log_bytes: u64,
     ) -> Result<Policy, BuildError> {
+        store.ready_state().await.map_err(StepError::from)?;
         let state = store.state_dir();
         std::fs::create_dir_all(&state).map_err(io("cannot create", &state))?;
         let lock = StoreLock::open(&state).map_err(io("cannot open the store lock in", &state))?;

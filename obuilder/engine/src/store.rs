@@ -120,6 +120,14 @@ pub trait Store: Send + Sync {
         self.root().join("state")
     }
 
+    /// Makes [`Store::state_dir`] usable before anything is written there: a no-op for
+    /// most stores; ZFS checks its pool and mounts (or makes) its `state` dataset, which a
+    /// file written first would otherwise end up under. Called before the sandbox or the
+    /// builder touch the state directory, by any process (it must not remove anything).
+    async fn ready_state(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// A short description for messages, e.g. `btrfs:/var/lib/obuilder`.
     fn describe(&self) -> String;
 

@@ -69,14 +69,14 @@ fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> StoreError
 /// A lock on a cache's generation file, held until dropped: exclusive to create or swap the
 /// latest version, shared to copy it (so copies run side by side, and never while a release
 /// renames the tree being copied).
-struct GenLock {
+pub(crate) struct GenLock {
     file: std::fs::File,
 }
 
 impl GenLock {
     /// Waits on a blocking thread: a lock held across an `.await` (a copy in progress) must
     /// not be waited for on a runtime worker, or the holder could never be polled again.
-    async fn take(path: &Path) -> Result<GenLock, StoreError> {
+    pub(crate) async fn take(path: &Path) -> Result<GenLock, StoreError> {
         Self::take_async(path, rustix::fs::FlockOperation::LockExclusive).await
     }
 

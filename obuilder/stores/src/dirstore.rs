@@ -1,5 +1,6 @@
 //! The directory-store core: one [`Store`] for every backend whose results are whole
-//! trees (btrfs, xfs reflinks, rsync, and ZFS next), over a small primitive, [`TreeOps`]:
+//! trees (btrfs, xfs reflinks, rsync; ZFS builds in place and publishes by snapshot, so it
+//! shares only the cache-name escape and the lock, see [`crate::zfs`]), over a small primitive, [`TreeOps`]:
 //! make an empty tree, clone one, remove one, seal one. Layout, atomic commit and delete,
 //! crash recovery and shared caches are the same for all of them and live here once.
 //!

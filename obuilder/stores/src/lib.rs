@@ -4,6 +4,7 @@
 //! * [`dirstore`]: the core of every store whose results are whole trees, over a small
 //!   primitive ([`dirstore::TreeOps`]): [`btrfs`] (subvolumes), [`xfs`] (reflinks),
 //!   [`rsync`] (plain copies, portable).
+//! * [`zfs`]: results as ZFS datasets, through the `zfs` command.
 //! * [`overlayfs`]: results as layers, stacked per step.
 //! * [`cache`]: shared caches, over the same primitive.
 
@@ -22,5 +23,6 @@ pub mod rsync;
 pub mod spec;
 #[cfg(target_os = "linux")]
 pub mod xfs;
+pub mod zfs;
 
 pub use spec::{detect_default, StoreSpec, StoreSpecError};

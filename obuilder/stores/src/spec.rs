@@ -2,8 +2,9 @@
 //!
 //! Accepted forms (as OBuilder's, plus `overlayfs:`): `btrfs:/abs/path`,
 //! `overlayfs:/abs/path`, `rsync:/abs/path` (with `--rsync-mode copy|hardlink|hardlink_unsafe`
-//! for a new store), `xfs:/abs/path`. `zfs:POOL` is recognised and refused until the ZFS
-//! store lands.
+//! for a new store), `xfs:/abs/path`, and `zfs:POOL` (mounted at `/POOL`; `POOL` may be a
+//! dataset, `tank/obuilder`) or `zfs:/PREFIX/POOL` (the pool `POOL` mounted there, as
+//! `zfs:/Volumes/tank` on macOS).
 //!
 //! Opening checks the filesystem first, so a wrong `--store` fails at once with the
 //! filesystem named instead of at the first snapshot: `btrfs:` needs btrfs, `xfs:` needs
@@ -24,9 +25,26 @@ pub enum StoreSpec {
     /// With the `--rsync-mode` given, if any (an existing store remembers its own).
     Rsync(PathBuf, Option<RsyncMode>),
     Xfs(PathBuf),
+    /// A ZFS dataset and where it is mounted.
+    Zfs {
+        pool: String,
+        root: PathBuf,
+    },
 }
 
-pub const FORMS: &str = "btrfs:/ABS/PATH, overlayfs:/ABS/PATH, rsync:/ABS/PATH (with --rsync-mode copy|hardlink|hardlink_unsafe), xfs:/ABS/PATH";
+pub const FORMS: &str = "btrfs:/ABS/PATH, overlayfs:/ABS/PATH, rsync:/ABS/PATH (with --rsync-mode copy|hardlink|hardlink_unsafe), xfs:/ABS/PATH, zfs:POOL, zfs:/PREFIX/POOL";
+
+/// Whether `name` is a ZFS dataset name (components of letters, digits, `_-:.`).
+fn valid_dataset(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_-:.".contains(ch))
+        })
+}
 
 /// A `--store` value that is not one of [`FORMS`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +63,22 @@ impl StoreSpec {
         };
         let (kind, path) = s.split_once(':').ok_or_else(|| bad("expected KIND:PATH"))?;
         if kind == "zfs" {
-            return Err(bad("the zfs store is not available in this build yet"));
+            if rsync_mode.is_some() {
+                return Err(bad("--rsync-mode only applies to rsync: stores"));
+            }
+            let (pool, root) = match path.strip_prefix('/') {
+                Some(rest) => {
+                    let last = rest.rsplit('/').next().unwrap_or_default();
+                    (last.to_string(), PathBuf::from(path))
+                }
+                None => (path.to_string(), Path::new("/").join(path)),
+            };
+            if !valid_dataset(&pool) {
+                return Err(bad(
+                    "expected a ZFS pool or dataset name (letters, digits, _-:. and / between names)",
+                ));
+            }
+            return Ok(StoreSpec::Zfs { pool, root });
         }
         let path = PathBuf::from(path);
         if !path.is_absolute() {
@@ -69,7 +102,8 @@ impl StoreSpec {
             StoreSpec::Btrfs(p)
             | StoreSpec::Overlayfs(p)
             | StoreSpec::Rsync(p, _)
-            | StoreSpec::Xfs(p) => p,
+            | StoreSpec::Xfs(p)
+            | StoreSpec::Zfs { root: p, .. } => p,
         }
     }
 
@@ -107,6 +141,7 @@ impl StoreSpec {
                 let mode = self.rsync_mode(p, *given)?;
                 Arc::new(crate::rsync::RsyncStore::new(p, mode, exec))
             }
+            StoreSpec::Zfs { pool, root } => Arc::new(crate::zfs::ZfsStore::new(pool, root, exec)),
         })
     }
 
@@ -197,6 +232,10 @@ impl std::fmt::Display for StoreSpec {
             StoreSpec::Overlayfs(p) => write!(f, "overlayfs:{}", p.display()),
             StoreSpec::Rsync(p, _) => write!(f, "rsync:{}", p.display()),
             StoreSpec::Xfs(p) => write!(f, "xfs:{}", p.display()),
+            StoreSpec::Zfs { pool, root } if *root == Path::new("/").join(pool) => {
+                write!(f, "zfs:{pool}")
+            }
+            StoreSpec::Zfs { root, .. } => write!(f, "zfs:{}", root.display()),
         }
     }
 }
@@ -290,10 +329,27 @@ mod tests {
             ("btrfs:rel", "must be absolute"),
             ("nfs:/s", "unknown store kind"),
             ("/s", "expected KIND:PATH"),
-            ("zfs:tank", "zfs store is not available"),
+            ("zfs:", "ZFS pool or dataset name"),
+            ("zfs:tank@snap", "ZFS pool or dataset name"),
+            ("zfs:tank/../x", "ZFS pool or dataset name"),
         ] {
             let e = StoreSpec::parse(bad, None).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(FORMS), "{bad}: {e}");
+        }
+        for (given, pool, root) in [
+            ("zfs:tank", "tank", "/tank"),
+            ("zfs:tank/obuilder", "tank/obuilder", "/tank/obuilder"),
+            ("zfs:/Volumes/tank", "tank", "/Volumes/tank"),
+        ] {
+            let spec = StoreSpec::parse(given, None).unwrap();
+            assert_eq!(
+                spec,
+                StoreSpec::Zfs {
+                    pool: pool.into(),
+                    root: root.into()
+                }
+            );
+            assert_eq!(spec.to_string(), given);
         }
         let e = StoreSpec::parse("btrfs:/s", Some(RsyncMode::Copy))
             .unwrap_err()

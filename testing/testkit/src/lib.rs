@@ -10,6 +10,7 @@
 //! * [`conformance`]: the store conformance suite, one body run against every backend.
 //! * [`fakes`]: an in-memory store, a sandbox and a fetcher for tests of the policy layer
 //!   that need no root, each with state a test can wait on (never a sleep).
+//! * [`fakezfs`]: a stateful fake `zfs`/`zpool` for the ZFS store's tests (no ZFS here).
 //! * [`e2e`]: helpers for tests of the real binary on loopback filesystems.
 
 // Test support runs the real tools it sets up (mkfs, mount, registries) directly; the
@@ -24,6 +25,7 @@ pub mod e2e;
 mod loopfs;
 #[cfg(target_os = "linux")]
 pub use loopfs::LoopFs;
+pub mod fakezfs;
 pub mod registry;
 
 use std::path::Path;

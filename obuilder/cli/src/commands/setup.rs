@@ -33,7 +33,8 @@ pub use obuilder_config::units::{parse_duration, parse_size};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StoreArgs {
-    /// Where and how to keep results: btrfs:/PATH, overlayfs:/PATH, rsync:/PATH, xfs:/PATH.
+    /// Where and how to keep results: btrfs:/PATH, overlayfs:/PATH, rsync:/PATH, xfs:/PATH,
+    /// zfs:POOL (mounted at /POOL) or zfs:/PREFIX/POOL.
     /// Default: /var/lib/obuilder with the best backend its filesystem supports.
     #[arg(long, value_name = "STORE", env = "OBUILDER_STORE")]
     pub store: Option<String>,

@@ -36,7 +36,8 @@ struct Args {
     /// Where Git mirrors and temporary build contexts are kept.
     #[arg(long, value_name = "PATH")]
     state_dir: PathBuf,
-    /// The obuilder store: btrfs:/PATH, xfs:/PATH, overlayfs:/PATH or rsync:/PATH.
+    /// The obuilder store: btrfs:/PATH, xfs:/PATH, overlayfs:/PATH, rsync:/PATH, zfs:POOL or
+    /// zfs:/PREFIX/POOL.
     #[arg(long, value_name = "STORE")]
     obuilder_store: String,
     /// For a new rsync store: copy, hardlink or hardlink_unsafe.

@@ -13,7 +13,8 @@ pub struct SandboxArgs {
     /// or user (a build user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
     /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
     /// on macOS (steps have the host's network); on Linux a step without (network host)
-    /// gets a network namespace of its own.
+    /// gets a network namespace of its own. On FreeBSD: jail (a jail per step, on a ZFS
+    /// store; a vnet jail with only a loopback unless (network host)).
     #[arg(
         long,
         value_name = "SANDBOX",
@@ -107,6 +108,7 @@ impl SandboxArgs {
                 o.validate()?;
                 SandboxSpec::User(o)
             }
+            SandboxSpec::Jail => SandboxSpec::Jail,
         })
     }
 }

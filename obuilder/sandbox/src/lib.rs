@@ -7,7 +7,9 @@
 //!   runtime binary (see [`native`]).
 //! * `user` (macOS, and Linux): a build user per step, with the step's snapshot as its
 //!   home and Homebrew prefix through obuilderfs (see [`user`]).
+//! * `jail` (FreeBSD): a jail per step on the step's tree (see [`jail`]).
 
+pub mod jail;
 #[cfg(target_os = "linux")]
 pub mod native;
 pub mod oci;
@@ -48,6 +50,15 @@ pub(crate) fn pump(
             }
         }
     })
+}
+
+/// A pipe whose ends are closed on exec (pipe then fcntl: macOS has no pipe2).
+pub(crate) fn cloexec_pipe() -> rustix::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe()?;
+    for fd in [&r, &w] {
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+    }
+    Ok((r, w))
 }
 
 /// A command's exit status as a step's result.
@@ -129,12 +140,15 @@ pub enum SandboxSpec {
     Native(NativeOptions),
     /// A build user per step (the macOS design; also on Linux).
     User(UserOptions),
+    /// A jail per step (FreeBSD only).
+    Jail,
 }
 
 /// Every accepted `--sandbox` form, for error messages and help.
 pub const FORMS: &str = "runc (Linux containers; the default on Linux), runc:/PATH/TO/RUNC, \
                          native (the same containers, set up without a runtime binary), \
-                         user (a build user per step: the macOS design, also on Linux)";
+                         user (a build user per step: the macOS design, also on Linux), \
+                         jail (a FreeBSD jail per step)";
 
 /// A `--sandbox` value that is not one of [`FORMS`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,6 +187,8 @@ impl std::str::FromStr for SandboxSpec {
             "user" => Err(bad(
                 "user takes no argument; see --user-pool and --home-path",
             )),
+            "jail" if arg.is_none() => Ok(SandboxSpec::Jail),
+            "jail" => Err(bad("jail takes no argument")),
             other => Err(bad(&format!("unknown sandbox {other:?}"))),
         }
     }
@@ -212,6 +228,12 @@ impl SandboxSpec {
                 "the native sandbox runs on Linux only".into(),
             )),
             SandboxSpec::User(o) => Ok(Arc::new(UserSandbox::new(state_dir, o.clone(), exec)?)),
+            #[cfg(target_os = "freebsd")]
+            SandboxSpec::Jail => Ok(Arc::new(jail::JailSandbox::new(state_dir, exec))),
+            #[cfg(not(target_os = "freebsd"))]
+            SandboxSpec::Jail => Err(SandboxError::Unsupported(
+                "the jail sandbox runs on FreeBSD only".into(),
+            )),
         }
     }
 }
@@ -223,6 +245,7 @@ impl std::fmt::Display for SandboxSpec {
             SandboxSpec::Runc(o) => write!(f, "runc:{}", o.runc),
             SandboxSpec::Native(_) => write!(f, "native"),
             SandboxSpec::User(_) => write!(f, "user"),
+            SandboxSpec::Jail => write!(f, "jail"),
         }
     }
 }

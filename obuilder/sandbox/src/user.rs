@@ -1019,15 +1019,6 @@ fn open_parent(path: &Path) -> Result<(std::os::fd::OwnedFd, &std::ffi::OsStr), 
     Ok((dir, path.file_name().unwrap_or_default()))
 }
 
-/// A pipe whose ends are closed on exec (pipe then fcntl: macOS has no pipe2).
-fn cloexec_pipe() -> rustix::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    let (r, w) = rustix::pipe::pipe()?;
-    for fd in [&r, &w] {
-        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
-    }
-    Ok((r, w))
-}
-
 /// Gives directory `path` to `uid:gid` without following a symlink.
 fn give(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     let f = rustix::fs::open(
@@ -1218,8 +1209,8 @@ impl Sandbox for UserSandbox {
                 argv: c.argv.clone(),
                 isolate_network,
             };
-            let (read, write) =
-                cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+            let (read, write) = crate::cloexec_pipe()
+                .map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
             let write2 = write
                 .try_clone()
                 .map_err(io("cannot make a pipe for", rootfs))?;
@@ -1235,8 +1226,8 @@ impl Sandbox for UserSandbox {
                 (Stdio::from(write), Stdio::from(write2))
             };
             let argv = command_argv(self.opts.platform, &inv);
-            let (sup_read, sup_write) =
-                cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+            let (sup_read, sup_write) = crate::cloexec_pipe()
+                .map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
             let mut sup = self.exec.spawn(
                 &Cmd::new([
                     "/bin/sh",

@@ -97,8 +97,16 @@ fn main() {
         args.fallback.clone(),
     )
     .with_owner(args.owner);
+    // The scoreboard as the mount's source, so that a builder can tell an obuilderfs that
+    // serves its store from one serving another (a comma would split the option string).
+    let sb = args.scoreboard.to_string_lossy();
+    let fsname = if sb.contains([',', ' ', '\t', '\n', '\\']) {
+        "obuilderfs".to_string()
+    } else {
+        format!("obuilderfs:{sb}")
+    };
     let mut options = vec![
-        MountOption::FSName("obuilderfs".into()),
+        MountOption::FSName(fsname),
         MountOption::Subtype("obuilderfs".into()),
         MountOption::AllowOther,
         MountOption::DefaultPermissions,

@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 use commands::{
-    build, cache, check, dockerfile, fmt, healthcheck, image, login, maintenance, process, pull,
-    result,
+    base_image, build, cache, check, dockerfile, fmt, healthcheck, image, login, maintenance,
+    process, pull, result,
 };
 
 /// Build OBuilder specs: each step runs in a sandbox on a copy-on-write snapshot of the
@@ -44,6 +44,10 @@ enum Command {
     Push(result::PushArgs),
     /// Fetch an image from a registry without building.
     Pull(pull::Args),
+    /// macOS base images (a home with .obuilder_profile.sh and a Homebrew tree): build one
+    /// from a spec with the user sandbox and push or export it as an OCI image.
+    #[command(subcommand, name = "base-image")]
+    BaseImage(base_image::Command),
     /// Check and keep credentials for a registry (in the Docker config).
     Login(login::LoginArgs),
     /// Forget the credentials for a registry.
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
                 let graceful = matches!(
                     async_cmd,
                     Command::Build(_)
+                        | Command::BaseImage(_)
                         | Command::Healthcheck(_)
                         | Command::Run(_)
                         | Command::Shell(_)
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
                         Command::Build(a) => build::run(a).await,
                         Command::Image(c) => image::run(c).await,
                         Command::Pull(a) => pull::run(a).await,
+                        Command::BaseImage(c) => base_image::run(c).await,
                         Command::Login(a) => login::login(a).await,
                         Command::Logout(a) => login::logout(a).await,
                         Command::Run(a) => result::run(a).await,

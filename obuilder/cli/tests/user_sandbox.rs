@@ -557,3 +557,101 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `obuilder base-image build`: a macOS base image made by a spec `(from scratch)` with the
+/// user sandbox, pushed to a registry as an OCI image of `home/` and `brew/`, then pulled by
+/// another store's `(from REF)` and built on, as a worker would.
+#[test]
+fn base_image_built_from_scratch_pushed_and_built_on() {
+    if !machine_ok("base_image_built_from_scratch_pushed_and_built_on")
+        || !testkit::require(
+            "base_image_built_from_scratch_pushed_and_built_on",
+            &[Cap::Tool("docker-registry")],
+        )
+    {
+        return;
+    }
+    let registry = testkit::registry::TestRegistry::start();
+    let env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61500, 61501));
+    let base = env.spec(
+        "base.spec",
+        &format!(
+            "((from scratch)\n \
+             (run (shell \"printf 'export PATH={brew}/bin:$PATH\\\\nexport FROM_BASE=yes\\\\n' > ~/.obuilder_profile.sh\"))\n \
+             (run (shell \"mkdir -p {brew}/bin && printf '#!/bin/sh\\\\necho brewed\\\\n' > {brew}/bin/tool && chmod +x {brew}/bin/tool\")))",
+            brew = farm.brew
+        ),
+    );
+    let target = format!("{}/macos/base:1", registry.addr);
+    let out = ok(
+        &farm
+            .command(
+                &env,
+                &[
+                    "base-image",
+                    "build",
+                    "-f",
+                    base.to_str().unwrap(),
+                    env.ctx.to_str().unwrap(),
+                ],
+                &["--push", &target],
+            )
+            .output()
+            .unwrap(),
+        "base-image build",
+    );
+    assert!(out.contains("Pushed ") && out.contains(&target), "{out}");
+
+    // A spec without the profile is refused as a base image, with what to add.
+    let bad = env.spec(
+        "bad.spec",
+        "((from scratch) (run (shell \"echo no profile > ~/readme\")))",
+    );
+    let out = farm
+        .command(
+            &env,
+            &[
+                "base-image",
+                "build",
+                "-f",
+                bad.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            &["--push", &format!("{}/macos/bad:1", registry.addr)],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("has no home/.obuilder_profile.sh"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // `(from REF)` pulls it (a new base, from the registry's layers, not the results that
+    // made it) and builds on it: the profile and the tool are there.
+    let spec = env.spec(
+        "use.spec",
+        &format!("((from {target}) (run (shell \"echo base=$FROM_BASE; tool; id -u\")))"),
+    );
+    let out = ok(&farm.build(&env, &spec, &[]), "build on the pushed base");
+    assert!(out.contains("Extracting layer 3/3"), "pulled: {out}");
+    assert!(out.contains("base=yes\nbrewed\n61500"), "{out}");
+    assert_clean(&env);
+
+    // A second store cannot use the home path this store's obuilderfs serves: said plainly.
+    let other = Env::new(bin(), "rsync-copy");
+    let spec = other.spec(
+        "o.spec",
+        &format!("((from {target}) (run (shell \"true\")))"),
+    );
+    let out = farm.build(&other, &spec, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is served by an obuilderfs of another store"),
+        "{}",
+        text(&out.stderr)
+    );
+}

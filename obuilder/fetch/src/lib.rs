@@ -172,6 +172,9 @@ impl ImageFetcher {
         log: &LogSink,
     ) -> Result<ImageRecord, FetchError> {
         let local = self.images.get(name).map_err(|e| bad(name, e))?;
+        if local.is_none() && name == SCRATCH {
+            return Ok(scratch_record());
+        }
         let pinned = name.contains("@sha256:");
         match (&local, self.policy) {
             // Imported images are local by nature.
@@ -339,6 +342,29 @@ impl ImageFetcher {
             .download_tapped(&res, &self.images, &progress, tap)
             .await
             .map_err(|e| bad(&rec.name, e))
+    }
+}
+
+/// `(from scratch)`: an empty tree, as Docker's `FROM scratch` (unless an image was
+/// imported under that name). The start of an image made entirely by its spec, such as a
+/// macOS base image (`obuilder base-image build`).
+pub const SCRATCH: &str = "scratch";
+
+fn scratch_record() -> ImageRecord {
+    use sha2::Digest;
+    ImageRecord {
+        name: SCRATCH.into(),
+        digest: format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(b"obuilder-scratch-v1"))
+        ),
+        layers: Vec::new(),
+        config: ImageConfig::default(),
+        source: "an empty tree".into(),
+        imported: String::new(),
+        registry: None,
+        result: None,
+        diff_ids: Vec::new(),
     }
 }
 

@@ -612,11 +612,11 @@ impl UserSandbox {
     async fn ensure_mounted(&self, tree: Tree) -> Result<(), SandboxError> {
         let path = self.logical(tree);
         // The common case, every step: mounted already; no lock needed to see it.
-        if mount_state(Path::new(&path)) == MountState::Ours {
+        let sb = self.scoreboard(tree);
+        if mount_state(Path::new(&path), Some(&sb)) == MountState::Ours {
             return Ok(());
         }
         let _g = self.mounting.lock().await;
-        let sb = self.scoreboard(tree);
         let fb = self.fallback(tree);
         for d in [&sb, &fb] {
             std::fs::create_dir_all(d).map_err(io("cannot create", d))?;
@@ -635,8 +635,16 @@ impl UserSandbox {
         .await
         .map_err(|_| SandboxError::Unsupported("the locking thread panicked".into()))?
         .map_err(|e| io("cannot lock", &lock_path)(e.into()))?;
-        match mount_state(Path::new(&path)) {
+        match mount_state(Path::new(&path), Some(&sb)) {
             MountState::Ours => return Ok(()),
+            MountState::Foreign(source) => {
+                return Err(SandboxError::Unsupported(format!(
+                    "{path} is served by an obuilderfs of another store ({source}): a home \
+                     path and prefix serve one store at a time; stop that store's builds and \
+                     unmount it (`umount {path}`), or give this store another --home-path \
+                     and --brew-path"
+                )))
+            }
             MountState::Stale => {
                 tracing::warn!("{path}: obuilderfs died; unmounting the stale mount");
                 let argv = match self.opts.platform {
@@ -687,7 +695,7 @@ impl UserSandbox {
             let _ = child.wait().await;
         }
         for _ in 0..200 {
-            match mount_state(Path::new(&path)) {
+            match mount_state(Path::new(&path), Some(&sb)) {
                 MountState::Ours => {
                     drop(lock);
                     return Ok(());
@@ -956,7 +964,7 @@ impl UserSandbox {
         } else {
             for tree in self.trees() {
                 let real = PathBuf::from(self.logical(tree));
-                if mount_state(&real) != MountState::None {
+                if mount_state(&real, None) != MountState::None {
                     return Err(SandboxError::Unsupported(format!(
                         "--no-fuse copies into {} itself, but a filesystem is mounted there \
                          (obuilderfs, from builds without --no-fuse?): unmount it with \
@@ -1052,6 +1060,8 @@ pub(crate) enum MountState {
     /// Mounted, but its daemon is gone (`ENOTCONN`).
     Stale,
     Other(String),
+    /// An obuilderfs serving another scoreboard (another store), named by its source.
+    Foreign(String),
 }
 
 #[cfg(target_os = "linux")]
@@ -1060,7 +1070,7 @@ mod linux;
 use linux::mount_state;
 
 #[cfg(not(target_os = "linux"))]
-fn mount_state(path: &Path) -> MountState {
+fn mount_state(path: &Path, _scoreboard: Option<&Path>) -> MountState {
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => MountState::Stale,
         Err(_) => MountState::None,

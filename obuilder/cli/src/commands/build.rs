@@ -16,47 +16,47 @@ use super::setup::{
 pub struct Args {
     /// The spec file to build (`-`: standard input).
     #[arg(short = 'f', long = "file", value_name = "SPEC")]
-    file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The context directory `copy` reads from.
     #[arg(value_name = "CONTEXT_DIR")]
-    context: PathBuf,
+    pub(crate) context: PathBuf,
     /// A secret for `(run (secrets (ID …)))`: the whole of FILE is its value. Repeatable.
     /// Secret values are masked as *** in the build log.
     #[arg(long = "secret", value_name = "ID:FILE")]
-    secrets: Vec<String>,
+    pub(crate) secrets: Vec<String>,
     /// Stop a `run` step that takes longer than this (e.g. 30m, 2h); no limit by default.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    step_timeout: Option<std::time::Duration>,
+    pub(crate) step_timeout: Option<std::time::Duration>,
     #[command(flatten)]
-    store: StoreArgs,
+    pub(crate) store: StoreArgs,
     #[command(flatten)]
-    sandbox: SandboxArgs,
+    pub(crate) sandbox: SandboxArgs,
     #[command(flatten)]
-    registry: RegistryArgs,
+    pub(crate) registry: RegistryArgs,
     #[command(flatten)]
-    log: LogArgs,
+    pub(crate) log: LogArgs,
     /// Name the result, so that a spec can say `(from NAME)` and `run`, `export`, `push`
     /// take it; the name keeps the env, workdir and user the spec ended with. Repeatable.
     #[arg(short = 't', long = "tag", value_name = "NAME")]
-    tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// If a step fails, keep its tree (as a result of its own, replaced by the next
     /// failure of the same step) and say how to enter it with `obuilder shell`.
     #[arg(long)]
-    keep_failed: bool,
+    pub(crate) keep_failed: bool,
     /// Write the result's id to FILE.
     #[arg(long, value_name = "FILE")]
-    iidfile: Option<PathBuf>,
+    pub(crate) iidfile: Option<PathBuf>,
     /// Print only the result's id on standard output (the log is not shown; errors still
     /// go to standard error).
     #[arg(short, long)]
-    quiet: bool,
+    pub(crate) quiet: bool,
     /// How to show progress: auto (tty on a terminal, else plain), plain (OBuilder's log
     /// as is), tty (plus step counters and times), json (one event per line).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto)]
-    progress: ProgressMode,
+    pub(crate) progress: ProgressMode,
     /// Colour headings and notes.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
-    color: Color,
+    pub(crate) color: Color,
 }
 
 /// The exit code for a failed build (see `process`).

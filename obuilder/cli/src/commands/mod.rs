@@ -1,3 +1,4 @@
+pub mod base_image;
 pub mod build;
 pub mod cache;
 pub mod check;

@@ -445,16 +445,16 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 pub struct ExportArgs {
     /// The result: its id (or a unique prefix) or a --tag name.
     #[arg(value_name = "ID|TAG")]
-    id: String,
+    pub(crate) id: String,
     /// oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] or tar:FILE
     /// (the whole tree, no image metadata).
     #[arg(value_name = "DEST")]
-    dest: String,
+    pub(crate) dest: String,
     /// Compress the steps' layers: gzip, or none (auto = none for files).
     #[arg(long, value_enum, value_name = "HOW", default_value_t = Compress::Auto)]
-    compress: Compress,
+    pub(crate) compress: Compress,
     #[command(flatten)]
-    store: StoreArgs,
+    pub(crate) store: StoreArgs,
 }
 
 /// How layers made from steps are compressed (a base image's layers stay as pulled).
@@ -522,18 +522,18 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
 pub struct PushArgs {
     /// The result: its id (or a unique prefix) or a --tag name.
     #[arg(value_name = "ID|TAG")]
-    id: String,
+    pub(crate) id: String,
     /// Where to: `HOST[:PORT]/REPO[:TAG]` (credentials as for pulls: ~/.docker/config.json).
     #[arg(value_name = "REF")]
-    reference: String,
+    pub(crate) reference: String,
     /// Compress the steps' layers: auto (gzip unless the registry is on loopback), gzip,
     /// or none.
     #[arg(long, value_enum, value_name = "HOW", default_value_t = Compress::Auto)]
-    compress: Compress,
+    pub(crate) compress: Compress,
     #[command(flatten)]
-    store: StoreArgs,
+    pub(crate) store: StoreArgs,
     #[command(flatten)]
-    registry: RegistryArgs,
+    pub(crate) registry: RegistryArgs,
 }
 
 /// `obuilder push ID REF`: export to a registry, sending only the blobs it lacks.

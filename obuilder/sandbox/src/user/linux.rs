@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::MountState;
 
-pub(crate) fn mount_state(path: &Path) -> MountState {
+/// `scoreboard`: the one an obuilderfs mounted there must serve to be ours (`None`: any).
+pub(crate) fn mount_state(path: &Path, scoreboard: Option<&Path>) -> MountState {
     if let Err(e) = std::fs::metadata(path) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
             return MountState::Stale;
@@ -22,16 +23,20 @@ pub(crate) fn mount_state(path: &Path) -> MountState {
         if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
             continue;
         }
-        let fstype = line
-            .split(" - ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .unwrap_or("");
-        // The last mount on a path is the one seen.
-        found = if fstype == "fuse.obuilderfs" {
-            MountState::Ours
-        } else {
-            MountState::Other(fstype.to_string())
+        let mut tail = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        let fstype = tail.next().unwrap_or("");
+        let source = unescape_mountinfo(tail.next().unwrap_or(""));
+        // The last mount on a path is the one seen. An obuilderfs names the scoreboard it
+        // serves as its source (an older one, or a path with a comma, says just
+        // `obuilderfs`, which cannot be told apart).
+        found = match (fstype, scoreboard) {
+            ("fuse.obuilderfs", Some(sb))
+                if source != "obuilderfs" && source != format!("obuilderfs:{}", sb.display()) =>
+            {
+                MountState::Foreign(source)
+            }
+            ("fuse.obuilderfs", _) => MountState::Ours,
+            _ => MountState::Other(fstype.to_string()),
         };
     }
     found

@@ -104,7 +104,16 @@ impl BuilderConfig {
         let sb = sandbox
             .open(&state, self.exec.clone())
             .map_err(ConfigError::Sandbox)?;
-        Builder::with_options(store, sb, Arc::new(self.fetcher()), self.options.clone())
+        let mut fetcher: Arc<dyn obuilder_engine::fetch::Fetcher> = Arc::new(self.fetcher());
+        if let StoreSpec::Zfs { pool, .. } = &self.store {
+            // `(from NAME)` clones POOL/base-image/NAME when there is one.
+            fetcher = Arc::new(obuilder_stores::zfs_base::ZfsBaseImages::new(
+                pool.clone(),
+                self.exec.clone(),
+                fetcher,
+            ));
+        }
+        Builder::with_options(store, sb, fetcher, self.options.clone())
             .await
             .map_err(|source| ConfigError::Open {
                 store: self.store.to_string(),

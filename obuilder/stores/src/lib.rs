@@ -4,7 +4,8 @@
 //! * [`dirstore`]: the core of every store whose results are whole trees, over a small
 //!   primitive ([`dirstore::TreeOps`]): [`btrfs`] (subvolumes), [`xfs`] (reflinks),
 //!   [`rsync`] (plain copies, portable).
-//! * [`zfs`]: results as ZFS datasets, through the `zfs` command.
+//! * [`zfs`]: results as ZFS datasets, through the `zfs` command; [`zfs_base`]: base
+//!   images cloned from `POOL/base-image/NAME`.
 //! * [`overlayfs`]: results as layers, stacked per step.
 //! * [`cache`]: shared caches, over the same primitive.
 
@@ -24,5 +25,6 @@ pub mod spec;
 #[cfg(target_os = "linux")]
 pub mod xfs;
 pub mod zfs;
+pub mod zfs_base;
 
 pub use spec::{detect_default, StoreSpec, StoreSpecError};

@@ -316,20 +316,48 @@ impl ZfsStore {
             let Some(i) = mounts.list.iter().position(|m| m.pins == 0) else {
                 break;
             };
-            let m = mounts.list.remove(i);
-            let mut ok = true;
-            for ds in m.datasets.iter().rev() {
-                if let Err(e) = self.zfs(&["unmount", ds]).await {
-                    tracing::debug!("keeping {ds} mounted: {e}");
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok {
+            let mut m = mounts.list.remove(i);
+            if !self.unmount_all(&mut m).await {
                 skipped.push(m);
             }
         }
         mounts.list.extend(skipped);
+    }
+
+    /// Unmounts a result's datasets, children first; false if one is busy. Children this
+    /// process did not mount (a base image's, cloned by the fetcher) are found and
+    /// unmounted first.
+    async fn unmount_all(&self, m: &mut Mounted) -> bool {
+        for attempt in 0..2 {
+            let mut busy_at = None;
+            for ds in m.datasets.iter().rev() {
+                if let Err(e) = self.zfs(&["unmount", ds]).await {
+                    if stderr_of(&e).is_some_and(|s| s.contains("not currently mounted")) {
+                        continue;
+                    }
+                    tracing::debug!("keeping {ds} mounted: {e}");
+                    busy_at = Some(ds.clone());
+                    break;
+                }
+            }
+            match busy_at {
+                None => return true,
+                // The parent is busy: perhaps with children it does not know of.
+                Some(ds) if attempt == 0 && ds == m.datasets[0] => {
+                    match self
+                        .list_rows("name", &["-r", "-d", "1", "-t", "filesystem"], &ds)
+                        .await
+                    {
+                        Ok(Some(rows)) if rows.len() > m.datasets.len() => {
+                            m.datasets = rows.into_iter().map(|r| r[0].clone()).collect();
+                        }
+                        _ => return false,
+                    }
+                }
+                Some(_) => return false,
+            }
+        }
+        false
     }
 
     /// The direct child datasets of result `base`, by their last component.

@@ -629,3 +629,85 @@ async fn fake_zfs_a_crash_after_any_command_of_a_build_or_delete_is_repaired() {
     }
     assert_eq!(total, Some(10));
 }
+
+#[tokio::test]
+async fn fake_zfs_base_images_are_cloned_with_their_children() {
+    use obuilder_engine::fetch::Fetcher;
+    use obuilder_stores::zfs_base::ZfsBaseImages;
+    let p = pool();
+    // One result mounted at most: the base step's children must go with it.
+    let st = p.store(1);
+    st.recover().await.unwrap();
+    // A base image as `zfs recv` leaves it: tank/base-image/macos/{home,brew}@snap.
+    p.run(&["create", "tank/base-image"]).await;
+    p.run(&["create", "tank/base-image/macos"]).await;
+    for sub in ["home", "brew"] {
+        let ds = format!("tank/base-image/macos/{sub}");
+        p.run(&["create", &ds]).await;
+        let f = p.root.join(format!("base-image/macos/{sub}/from-base"));
+        std::fs::write(&f, sub).unwrap();
+    }
+    p.run(&["snapshot", "-r", "tank/base-image/macos@snap"])
+        .await;
+    let fetcher = ZfsBaseImages::new("tank", p.zfs.clone(), Arc::new(testkit::fakes::FakeFetcher));
+    let log: obuilder_engine::log::LogSink = Arc::new(|_| {});
+    let image = fetcher.resolve("macos", &log).await.unwrap();
+    assert_eq!(
+        image.source["children"],
+        serde_json::json!(["brew", "home"])
+    );
+    // Anything else goes to the wrapped fetcher.
+    let other = fetcher
+        .resolve("registry.example/macos:1", &log)
+        .await
+        .unwrap();
+    assert_eq!(other.source, serde_json::Value::Null);
+    let none = fetcher.resolve("no-such-base", &log).await.unwrap();
+    assert_eq!(none.source, serde_json::Value::Null);
+
+    // The base step: the store's empty build, the children cloned into it by the fetcher.
+    p.take();
+    let id = image.base_id();
+    let d = st.prepare(&id, None).await.unwrap();
+    let config = fetcher.fetch(&image, &d.rootfs, &log).await.unwrap();
+    assert!(config.env.is_empty(), "a ZFS base image carries no env");
+    let calls = p.take();
+    assert_eq!(
+        calls[2..],
+        s(&[
+            &format!("zfs clone -o canmount=noauto -o mountpoint=ROOT/result/{id}/rootfs/brew tank/base-image/macos/brew@snap tank/result/{id}/brew"),
+            &format!("zfs mount tank/result/{id}/brew"),
+            &format!("zfs clone -o canmount=noauto -o mountpoint=ROOT/result/{id}/rootfs/home tank/base-image/macos/home@snap tank/result/{id}/home"),
+            &format!("zfs mount tank/result/{id}/home"),
+        ]),
+        "{calls:#?}"
+    );
+    assert_eq!(read(&d.rootfs.join("home/from-base")), "home");
+    st.commit(&d).await.unwrap();
+    // A step on it gets both children, cloned from the base step's snapshots.
+    let step = st.prepare("step", Some(&id)).await.unwrap();
+    assert_eq!(read(&step.rootfs.join("brew/from-base")), "brew");
+    assert_eq!(
+        p.zfs.origin("tank/result/step/home").as_deref(),
+        Some(format!("tank/result/{id}/home@snap").as_str())
+    );
+    st.commit(&step).await.unwrap();
+
+    // The base step's children, mounted by the fetcher and not by the store, were found
+    // and unmounted with it when the step made room.
+    assert!(
+        !p.zfs
+            .mounted()
+            .iter()
+            .any(|d| d.starts_with(&format!("tank/result/{id}"))),
+        "{:?}",
+        p.zfs.mounted()
+    );
+    // A new snapshot of the base image is a new base (no stale result is reused).
+    p.run(&["destroy", "-r", "-R", "tank/base-image/macos@snap"])
+        .await;
+    p.run(&["snapshot", "-r", "tank/base-image/macos@snap"])
+        .await;
+    let again = fetcher.resolve("macos", &log).await.unwrap();
+    assert_ne!(again.base_id(), id);
+}

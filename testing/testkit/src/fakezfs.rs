@@ -599,6 +599,8 @@ impl FakeZfs {
                     .map(|f| match f.as_str() {
                         "name" => n.clone(),
                         "origin" => d.origin.clone().unwrap_or_else(|| "-".into()),
+                        // Unique per dataset or snapshot made, as a real guid.
+                        "guid" => (1_000_000_007u64 * d.seq).to_string(),
                         "mounted" if is_snap(n) => "-".into(),
                         "mounted" => if d.mounted { "yes" } else { "no" }.into(),
                         "mountpoint" if is_snap(n) => "-".into(),

@@ -14,14 +14,11 @@ pub struct SandboxArgs {
     /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
     /// on macOS (steps have the host's network); on Linux a step without (network host)
     /// gets a network namespace of its own. On FreeBSD: jail (a jail per step, on a ZFS
-    /// store; a vnet jail with only a loopback unless (network host)).
-    #[arg(
-        long,
-        value_name = "SANDBOX",
-        default_value = "runc",
-        env = "OBUILDER_SANDBOX"
-    )]
-    pub sandbox: String,
+    /// store; a vnet jail with only a loopback unless (network host)). docker: a container
+    /// per step by a Docker-compatible engine, with --store docker:PATH (see --docker-cli).
+    /// Default: runc (docker for a docker: store).
+    #[arg(long, value_name = "SANDBOX", env = "OBUILDER_SANDBOX")]
+    pub sandbox: Option<String>,
     /// Make sync syscalls (fsync, sync, …) no-ops inside the sandbox: much faster on btrfs;
     /// the snapshot commit is what makes results durable.
     #[arg(long)]
@@ -59,6 +56,19 @@ pub struct SandboxArgs {
     /// design).
     #[arg(long)]
     pub no_fuse: bool,
+    /// --sandbox docker: the CPUs a step may use (e.g. 2.5); the engine's default if unset.
+    #[arg(long, value_name = "N")]
+    pub docker_cpus: Option<f64>,
+    /// --sandbox docker: the memory a step may use, as Docker takes it (e.g. 4g).
+    #[arg(long, value_name = "SIZE")]
+    pub docker_memory: Option<String>,
+    /// --sandbox docker: the isolation of Windows containers: default, process or hyperv.
+    #[arg(long, value_name = "KIND", value_parser = ["default", "process", "hyperv"])]
+    pub docker_isolation: Option<String>,
+    /// --sandbox docker: the network for steps with (network host) (e.g. nat on Windows);
+    /// steps without (network …) get none.
+    #[arg(long, value_name = "NAME")]
+    pub docker_network: Option<String>,
     /// --sandbox user: the obuilderfs binary, started when nothing is mounted on the paths.
     #[arg(long, value_name = "PATH")]
     pub obuilderfs: Option<String>,
@@ -79,6 +89,8 @@ impl SandboxArgs {
     pub fn spec(&self) -> Result<SandboxSpec, String> {
         let spec: SandboxSpec = self
             .sandbox
+            .as_deref()
+            .unwrap_or("runc")
             .parse()
             .map_err(|e: obuilder_sandbox::SandboxSpecError| e.to_string())?;
         Ok(match spec {
@@ -109,6 +121,13 @@ impl SandboxArgs {
                 SandboxSpec::User(o)
             }
             SandboxSpec::Jail => SandboxSpec::Jail,
+            SandboxSpec::Docker(mut o) => {
+                o.cpus = self.docker_cpus;
+                o.memory = self.docker_memory.clone();
+                o.isolation = self.docker_isolation.clone();
+                o.network = self.docker_network.clone();
+                SandboxSpec::Docker(o)
+            }
         })
     }
 }

@@ -37,6 +37,9 @@ pub enum ConfigError {
     /// The sandbox cannot run here.
     #[error(transparent)]
     Sandbox(obuilder_engine::sandbox::SandboxError),
+    /// The store and the sandbox cannot work together.
+    #[error("{0}")]
+    Pairing(String),
     /// Opening the store's database or recovering it failed.
     #[error("cannot open store {store}")]
     Open {
@@ -97,7 +100,22 @@ impl BuilderConfig {
     /// Opens the store (checking its filesystem first), the sandbox and the fetcher; the
     /// builder recovers the store from any crash if it has it to itself.
     pub async fn open(&self) -> Result<Builder, ConfigError> {
-        let sandbox = self.sandbox()?;
+        let mut sandbox = match (&self.sandbox, &self.store) {
+            // Commands that run no step (delete, push, …) follow the store.
+            (None, StoreSpec::Docker { .. }) => SandboxSpec::Docker(Default::default()),
+            _ => self.sandbox()?,
+        };
+        // The docker: store and the Docker sandbox go together, on one engine.
+        match (&self.store, &mut sandbox) {
+            (StoreSpec::Docker { cli, .. }, SandboxSpec::Docker(o)) => o.cli = cli.clone(),
+            (StoreSpec::Docker { .. }, _) => return Err(ConfigError::Pairing(
+                "a docker: store runs its steps with --sandbox docker".into(),
+            )),
+            (_, SandboxSpec::Docker(_)) => return Err(ConfigError::Pairing(
+                "--sandbox docker needs a docker: store (--store docker:/PATH): its steps' results are images".into(),
+            )),
+            _ => {}
+        }
         let store = self.store.open(self.exec.clone())?;
         store.ready_state().await?;
         let state = store.state_dir();
@@ -154,4 +172,18 @@ pub fn store_stats(store: &dyn Store) -> Result<StoreStats, ConfigError> {
             misses: misses as u64,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_docker_store_and_sandbox_name_things_alike() {
+        for root in ["/var/lib/obuilder", "/tmp/a b/store"] {
+            let p = std::path::Path::new(root);
+            assert_eq!(
+                obuilder_stores::docker::prefix(p),
+                obuilder_sandbox::docker::prefix(p)
+            );
+        }
+    }
 }

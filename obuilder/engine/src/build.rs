@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::copy;
 use crate::error::{BuildError, StepError, StepRef};
 use crate::fetch::{Fetcher, ImageConfig};
-use crate::key::{secret_digest, CopyInput, Id, RunInput, SecretInput};
+use crate::key::{secret_digest, CopyInput, CopyOp, Id, RunInput, SecretInput};
 use crate::log::{LogEvent, LogSink, StepEvent, StepLog};
 use crate::policy::{
     BoxFuture, CacheStats, InFlightStep, Pins, Policy, ResultInfo, StepRequest, Work,
@@ -123,6 +123,10 @@ impl Context {
         }
     }
 }
+
+/// The file of a `copy` step's build dir naming its destination in the tree (as written in
+/// the spec, after the sandbox's mapping; `/`-separated, possibly ending in `/`).
+pub const COPY_DST: &str = "copy-dst";
 
 /// Writes a step's context as `config.json` in its build dir.
 fn write_step_config(
@@ -831,6 +835,12 @@ impl Builder {
                 write_step_config(&dir, &step_config, &heading)?;
                 let (root, op) = copy::map_dst(op, |dst| sandbox.copy_target(&dir.rootfs, dst))
                     .map_err(StepError::Sandbox)?;
+                // Where the files went, for stores that apply the tree to an image (Docker):
+                // the directories above it exist there already and must keep their owners.
+                let (CopyOp::Item(_, dst) | CopyOp::Items(_, dst)) = &op;
+                let p = dir.dir.join(COPY_DST);
+                std::fs::write(&p, dst)
+                    .map_err(|e| BuildError::from(StepError::io("cannot write", &p)(e)))?;
                 tokio::task::spawn_blocking(move || {
                     copy::write_into(&root, &src_dir, &op, user.uid, user.gid)
                 })

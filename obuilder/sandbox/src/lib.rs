@@ -8,7 +8,10 @@
 //! * `user` (macOS, and Linux): a build user per step, with the step's snapshot as its
 //!   home and Homebrew prefix through obuilderfs (see [`user`]).
 //! * `jail` (FreeBSD): a jail per step on the step's tree (see [`jail`]).
+//! * `docker`: a container of a Docker-compatible engine per step, on the `docker:` store
+//!   (see [`docker`]).
 
+pub mod docker;
 pub mod jail;
 #[cfg(target_os = "linux")]
 pub mod native;
@@ -142,13 +145,16 @@ pub enum SandboxSpec {
     User(UserOptions),
     /// A jail per step (FreeBSD only).
     Jail,
+    /// A container per step, by a Docker-compatible CLI (with the `docker:` store).
+    Docker(docker::DockerOptions),
 }
 
 /// Every accepted `--sandbox` form, for error messages and help.
 pub const FORMS: &str = "runc (Linux containers; the default on Linux), runc:/PATH/TO/RUNC, \
                          native (the same containers, set up without a runtime binary), \
                          user (a build user per step: the macOS design, also on Linux), \
-                         jail (a FreeBSD jail per step)";
+                         jail (a FreeBSD jail per step), \
+                         docker (containers of a Docker-compatible engine, with --store docker:PATH)";
 
 /// A `--sandbox` value that is not one of [`FORMS`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +194,8 @@ impl std::str::FromStr for SandboxSpec {
                 "user takes no argument; see --user-pool and --home-path",
             )),
             "jail" if arg.is_none() => Ok(SandboxSpec::Jail),
+            "docker" if arg.is_none() => Ok(SandboxSpec::Docker(docker::DockerOptions::default())),
+            "docker" => Err(bad("docker takes no argument; see --docker-cli")),
             "jail" => Err(bad("jail takes no argument")),
             other => Err(bad(&format!("unknown sandbox {other:?}"))),
         }
@@ -234,6 +242,11 @@ impl SandboxSpec {
             SandboxSpec::Jail => Err(SandboxError::Unsupported(
                 "the jail sandbox runs on FreeBSD only".into(),
             )),
+            SandboxSpec::Docker(o) => Ok(Arc::new(docker::DockerSandbox::new(
+                state_dir,
+                o.clone(),
+                exec,
+            ))),
         }
     }
 }
@@ -246,6 +259,7 @@ impl std::fmt::Display for SandboxSpec {
             SandboxSpec::Native(_) => write!(f, "native"),
             SandboxSpec::User(_) => write!(f, "user"),
             SandboxSpec::Jail => write!(f, "jail"),
+            SandboxSpec::Docker(_) => write!(f, "docker"),
         }
     }
 }

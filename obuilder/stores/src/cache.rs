@@ -106,14 +106,14 @@ impl GenLock {
         Ok(GenLock { file })
     }
 
-    fn read(&mut self) -> u64 {
+    pub(crate) fn read(&mut self) -> u64 {
         let mut s = String::new();
         let _ = self.file.rewind();
         let _ = self.file.read_to_string(&mut s);
         s.trim().parse().unwrap_or(0)
     }
 
-    fn write(&mut self, g: u64) -> std::io::Result<()> {
+    pub(crate) fn write(&mut self, g: u64) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.file.rewind()?;
         self.file.write_all(g.to_string().as_bytes())?;

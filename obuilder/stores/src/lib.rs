@@ -7,6 +7,7 @@
 //! * [`zfs`]: results as ZFS datasets, through the `zfs` command; [`zfs_base`]: base
 //!   images cloned from `POOL/base-image/NAME`.
 //! * [`overlayfs`]: results as layers, stacked per step.
+//! * [`docker`]: results as images of a Docker-compatible engine (Windows workers).
 //! * [`cache`]: shared caches, over the same primitive.
 
 #[cfg(target_os = "linux")]
@@ -15,6 +16,7 @@ pub mod btrfs;
 mod btrfs_ioctl;
 pub mod cache;
 pub mod dirstore;
+pub mod docker;
 pub mod layout;
 #[cfg(target_os = "linux")]
 mod linux_fs;

@@ -30,9 +30,14 @@ pub enum StoreSpec {
         pool: String,
         root: PathBuf,
     },
+    /// Images of a Docker-compatible engine, driven by the `cli` program.
+    Docker {
+        root: PathBuf,
+        cli: String,
+    },
 }
 
-pub const FORMS: &str = "btrfs:/ABS/PATH, overlayfs:/ABS/PATH, rsync:/ABS/PATH (with --rsync-mode copy|hardlink|hardlink_unsafe), xfs:/ABS/PATH, zfs:POOL, zfs:/PREFIX/POOL";
+pub const FORMS: &str = "btrfs:/ABS/PATH, overlayfs:/ABS/PATH, rsync:/ABS/PATH (with --rsync-mode copy|hardlink|hardlink_unsafe), xfs:/ABS/PATH, zfs:POOL, zfs:/PREFIX/POOL, docker:/ABS/PATH (with --sandbox docker)";
 
 /// Whether `name` is a ZFS dataset name (components of letters, digits, `_-:.`).
 fn valid_dataset(name: &str) -> bool {
@@ -89,6 +94,10 @@ impl StoreSpec {
             "overlayfs" => StoreSpec::Overlayfs(path),
             "xfs" => StoreSpec::Xfs(path),
             "rsync" => StoreSpec::Rsync(path, rsync_mode),
+            "docker" => StoreSpec::Docker {
+                root: path,
+                cli: "docker".into(),
+            },
             _ => return Err(bad(&format!("unknown store kind {kind:?}"))),
         };
         if rsync_mode.is_some() && !matches!(spec, StoreSpec::Rsync(..)) {
@@ -103,7 +112,8 @@ impl StoreSpec {
             | StoreSpec::Overlayfs(p)
             | StoreSpec::Rsync(p, _)
             | StoreSpec::Xfs(p)
-            | StoreSpec::Zfs { root: p, .. } => p,
+            | StoreSpec::Zfs { root: p, .. }
+            | StoreSpec::Docker { root: p, .. } => p,
         }
     }
 
@@ -142,6 +152,9 @@ impl StoreSpec {
                 Arc::new(crate::rsync::RsyncStore::new(p, mode, exec))
             }
             StoreSpec::Zfs { pool, root } => Arc::new(crate::zfs::ZfsStore::new(pool, root, exec)),
+            StoreSpec::Docker { root, cli } => {
+                Arc::new(crate::docker::DockerStore::new(root, cli, exec))
+            }
         })
     }
 
@@ -236,6 +249,7 @@ impl std::fmt::Display for StoreSpec {
                 write!(f, "zfs:{pool}")
             }
             StoreSpec::Zfs { root, .. } => write!(f, "zfs:{}", root.display()),
+            StoreSpec::Docker { root, .. } => write!(f, "docker:{}", root.display()),
         }
     }
 }

@@ -131,3 +131,46 @@ async fn btrfs_delete_and_sync_commands() {
         [format!("timeout 60 btrfs subvolume sync {}", dir.display())]
     );
 }
+
+/// The original's `delete_cache` deleted a cache while containers used it and refused an
+/// idle one; here a cache with a copy checked out is refused, an idle one deleted.
+#[tokio::test]
+async fn docker_cache_delete_is_refused_while_in_use_only() {
+    use obuilder_stores::docker::{prefix, DockerStore};
+    let dir = tempfile_dir();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let exec = RecordingExec::new();
+    let p = prefix(&dir);
+    let hexname = "646c"; // "dl"
+    exec.answer(
+        &["docker", "volume", "inspect"],
+        "/var/lib/docker/volumes/v/_data\n",
+    );
+    exec.answer(
+        &[
+            "docker",
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={p}-ct-"),
+        ],
+        &format!("{p}-ct-77-0-{hexname}\n"),
+    );
+    let store = DockerStore::new(&dir, "docker", Arc::new(exec.clone()));
+    let e = store.cache_delete("dl").await.unwrap_err().to_string();
+    assert!(e.contains("in use by 1"), "{e}");
+    assert!(!exec.argvs().iter().any(|c| c.contains("volume rm")));
+
+    let exec = RecordingExec::new();
+    exec.answer(
+        &["docker", "volume", "inspect"],
+        "/var/lib/docker/volumes/v/_data\n",
+    );
+    let store = DockerStore::new(&dir, "docker", Arc::new(exec.clone()));
+    store.cache_delete("dl").await.unwrap();
+    assert_eq!(
+        exec.argvs().last().unwrap(),
+        &format!("docker volume rm {p}-c-{hexname}")
+    );
+}

@@ -49,11 +49,11 @@ async fn build_image(mut a: BuildArgs) -> anyhow::Result<ExitCode> {
             "say where the base image goes: --push HOST[:PORT]/REPO[:TAG] and/or --export DEST",
         ));
     }
-    if a.build.sandbox.sandbox != "user" {
+    if a.build.sandbox.sandbox.as_deref() != Some("user") {
         return Err(usage(format!(
             "--sandbox {}: a base image is built with --sandbox user (its trees are the build \
              user's home and Homebrew prefix)",
-            a.build.sandbox.sandbox
+            a.build.sandbox.sandbox.as_deref().unwrap_or("runc")
         )));
     }
     if matches!(a.export.as_deref(), Some(d) if d.starts_with("tar:")) {

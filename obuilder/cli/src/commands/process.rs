@@ -130,7 +130,14 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         return code;
     }
     eprintln!("obuilder: error: {e:#}");
-    if e.downcast_ref::<Usage>().is_some() {
+    // A store and a sandbox that cannot go together is a mistake in the flags.
+    let pairing = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<obuilder_config::ConfigError>(),
+            Some(obuilder_config::ConfigError::Pairing(_))
+        )
+    });
+    if e.downcast_ref::<Usage>().is_some() || pairing {
         ExitCode::from(exit::USAGE)
     } else {
         ExitCode::from(exit::FAILED)

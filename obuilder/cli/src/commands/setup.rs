@@ -42,12 +42,29 @@ pub struct StoreArgs {
     /// remembers its mode).
     #[arg(long, value_name = "MODE", value_parser = parse_rsync_mode, env = "OBUILDER_RSYNC_MODE")]
     pub rsync_mode: Option<RsyncMode>,
+    /// For a docker: store: the Docker-compatible CLI to run (docker, podman, a path).
+    #[arg(long, value_name = "PROGRAM", env = "OBUILDER_DOCKER_CLI")]
+    pub docker_cli: Option<String>,
 }
 
 impl StoreArgs {
     pub fn spec(&self) -> anyhow::Result<StoreSpec> {
         match &self.store {
-            Some(s) => StoreSpec::parse(s, self.rsync_mode).map_err(|e| usage(e.to_string())),
+            Some(s) => {
+                let spec =
+                    StoreSpec::parse(s, self.rsync_mode).map_err(|e| usage(e.to_string()))?;
+                match (spec, &self.docker_cli) {
+                    (StoreSpec::Docker { root, .. }, Some(cli)) => Ok(StoreSpec::Docker {
+                        root,
+                        cli: cli.clone(),
+                    }),
+                    (_, Some(_)) => Err(usage("--docker-cli needs --store docker:/PATH")),
+                    (spec, None) => Ok(spec),
+                }
+            }
+            None if self.docker_cli.is_some() => {
+                Err(usage("--docker-cli needs --store docker:/PATH"))
+            }
             None if self.rsync_mode.is_some() => {
                 Err(usage("--rsync-mode needs --store rsync:/PATH"))
             }
@@ -119,6 +136,10 @@ pub fn builder_config(
     log: Option<&LogArgs>,
 ) -> anyhow::Result<BuilderConfig> {
     let mut c = store.config()?;
+    let mut sandbox = sandbox.clone();
+    if sandbox.sandbox.is_none() && matches!(c.store, StoreSpec::Docker { .. }) {
+        sandbox.sandbox = Some("docker".into());
+    }
     c.sandbox = Some(sandbox.spec().map_err(usage)?);
     c.fetch = match registry {
         Some(r) => r.fetch()?,

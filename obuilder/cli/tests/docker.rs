@@ -1,0 +1,265 @@
+#![cfg(target_os = "linux")]
+//! The docker: store and the Docker sandbox for real, through Debian's podman as the
+//! Docker-compatible CLI (`--docker-cli`): a wrapper gives it a private storage (vfs) and
+//! run directory under the test's temp dir, runc, and file limits this machine allows.
+//! The Windows-only parts (servercore, `--isolation hyperv`) are in the command-seam tests
+//! of `obuilder-sandbox` (`tests/docker_seam.rs`).
+
+// Tests drive the real binary and tools directly.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use testkit::e2e::{make_busybox, text};
+use testkit::{require, Cap};
+
+struct Engine {
+    tmp: tempfile::TempDir,
+    cli: PathBuf,
+    store: String,
+    ctx: PathBuf,
+}
+
+impl Engine {
+    fn new() -> Engine {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(
+            d.join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n",
+        )
+        .unwrap();
+        let cli = d.join("docker");
+        std::fs::write(
+            &cli,
+            format!(
+                "#!/bin/sh\nexport CONTAINERS_CONF={d}/containers.conf\nexec podman --root {d}/storage --runroot {d}/run --runtime runc --storage-driver vfs --cgroup-manager cgroupfs --events-backend none \"$@\"\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cli, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let ctx = d.join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("a.txt"), "hello\n").unwrap();
+        let e = Engine {
+            store: format!("docker:{}", d.join("store").display()),
+            cli,
+            ctx,
+            tmp,
+        };
+        let rootfs = e.tmp.path().join("busybox");
+        make_busybox(&rootfs);
+        let out = e.obuilder(&[
+            "image",
+            "import",
+            "busybox",
+            rootfs.to_str().unwrap(),
+            "--env",
+            "PATH=/bin:/usr/bin",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        e
+    }
+
+    fn obuilder(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["120", env!("CARGO_BIN_EXE_obuilder")])
+            .args(args)
+            .args(["--store", &self.store, "--docker-cli"])
+            .arg(&self.cli)
+            .output()
+            .unwrap()
+    }
+
+    fn build(&self, name: &str, spec: &str, extra: &[&str]) -> Output {
+        let f = self.tmp.path().join(name);
+        std::fs::write(&f, spec).unwrap();
+        let mut args = vec![
+            "build",
+            "-f",
+            f.to_str().unwrap(),
+            self.ctx.to_str().unwrap(),
+            "--sandbox",
+            "docker",
+        ];
+        args.extend_from_slice(extra);
+        self.obuilder(&args)
+    }
+
+    /// `docker ARGS` on the test's engine.
+    fn docker(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.cli).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn images(&self) -> Vec<String> {
+        self.docker(&["images", "--format", "{{.Tag}}"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{what}:\n{all}");
+    all
+}
+
+const SPEC: &str = r#"((from busybox)
+ (shell /bin/sh -c)
+ (run (shell "chmod 0711 /etc; mkdir -p /home/opam && chown 1000:1000 /home/opam"))
+ (workdir /home/opam)
+ (copy (src a.txt) (dst /etc/))
+ (copy (src a.txt) (dst ./src/a.txt))
+ (run (cache (dl (target /var/cache/dl)))
+      (shell "echo x >> /var/cache/dl/n; wc -l < /var/cache/dl/n"))
+ (run (secrets (tok (target /run/secrets/tok)))
+      (shell "cat /etc/a.txt src/a.txt; stat -c '%a %u' /etc /home/opam; id -u; hostname; ls /sys/class/net; test \"$(cut -c2- /run/secrets/tok)\" = 3cret && echo secret-read; cat /run/secrets/tok")))
+"#;
+
+#[test]
+fn docker_store_and_sandbox_with_podman_run_copy_cache_secret_and_cached_rebuild() {
+    require!(Cap::Root, Cap::Tool("podman"), Cap::Tool("runc"));
+    let e = Engine::new();
+    let secret = e.tmp.path().join("tok");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let sec = format!("tok:{}", secret.display());
+    let out = ok(&e.build("s.spec", SPEC, &["--secret", &sec]), "first build");
+    // The copies kept the image's directories as they were (0711 root, 1000's home).
+    assert!(
+        out.contains("hello\nhello\n711 0\n755 1000\n0\nbuilder\nlo\nsecret-read\n***"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret"), "the secret is masked: {out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Got: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(
+        e.images().contains(&id),
+        "the result is an image: {:?}",
+        e.images()
+    );
+    assert_eq!(e.docker(&["ps", "-a", "-q"]), "", "no container left");
+
+    // Cached; then only the last step runs, with the cache the first build left.
+    let out = ok(&e.build("s.spec", SPEC, &["--secret", &sec]), "again");
+    assert!(
+        out.contains("from the cache") && !out.contains("saved as"),
+        "{out}"
+    );
+    let changed = SPEC.replace("(shell \"echo x", "(shell \"echo y; echo x");
+    let out = ok(&e.build("c.spec", &changed, &["--secret", &sec]), "changed");
+    assert!(out.contains("y\n2\n"), "{out}");
+
+    // The network: none by default; the host's with (network host).
+    let net = r#"((from busybox) (shell /bin/sh -c) (run (network host) (shell "ls /sys/class/net | wc -l")))"#;
+    let out = ok(&e.build("n.spec", net, &[]), "host network");
+    let count: usize = out.lines().find_map(|l| l.trim().parse().ok()).unwrap_or(0);
+    assert!(count >= 1, "{out}");
+
+    // A failing step: its exit status, no image, no container.
+    let before = e.images().len();
+    let fail = r#"((from busybox) (shell /bin/sh -c) (run (shell "echo failing; exit 3")))"#;
+    let out = e.build("f.spec", fail, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("exited with status 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(e.images().len(), before, "nothing committed");
+    assert_eq!(e.docker(&["ps", "-a", "-q"]), "");
+
+    // `run` in a throw-away container of a result.
+    let out = Command::new(env!("CARGO_BIN_EXE_obuilder"))
+        .args([
+            "run",
+            &id,
+            "--sandbox",
+            "docker",
+            "--store",
+            &e.store,
+            "--docker-cli",
+        ])
+        .arg(&e.cli)
+        .args(["--", "cat", "/etc/a.txt"])
+        .output()
+        .unwrap();
+    let out = ok(&out, "run");
+    assert!(out.contains("hello"), "{out}");
+
+    // A crash leaves a container and an image no result has: the next start removes them.
+    let prefix = e
+        .docker(&["images", "--format", "{{.Repository}}"])
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("localhost/")
+        .to_string();
+    e.docker(&[
+        "create",
+        "--name",
+        &format!("{prefix}-leftover"),
+        &format!("{prefix}:{id}"),
+        "x",
+    ]);
+    e.docker(&[
+        "tag",
+        &format!("{prefix}:{id}"),
+        &format!("{prefix}:orphan"),
+    ]);
+    ok(&e.obuilder(&["cache", "ls"]), "cache ls");
+    ok(
+        &e.build("s.spec", SPEC, &["--secret", &sec]),
+        "after a crash",
+    );
+    assert_eq!(e.docker(&["ps", "-a", "-q"]), "");
+    assert!(
+        !e.images().contains(&"orphan".to_string()),
+        "{:?}",
+        e.images()
+    );
+
+    // Caches: listed, refused while... idle here, so removed; results deleted with images.
+    let out = ok(&e.obuilder(&["cache", "ls"]), "cache ls");
+    assert!(out.contains("dl"), "{out}");
+    ok(&e.obuilder(&["cache", "rm", "dl"]), "cache rm");
+    ok(&e.obuilder(&["delete", &id]), "delete");
+    assert!(!e.images().contains(&id));
+    ok(&e.obuilder(&["clean"]), "clean");
+    assert!(e.images().is_empty(), "{:?}", e.images());
+}
+
+#[test]
+fn docker_sandbox_and_store_go_together() {
+    require!(Cap::Root, Cap::Tool("podman"), Cap::Tool("runc"));
+    let e = Engine::new();
+    let spec = "((from busybox) (shell /bin/sh -c) (run (shell \"true\")))";
+    let f = e.tmp.path().join("p.spec");
+    std::fs::write(&f, spec).unwrap();
+    // Without --sandbox, a docker: store's steps run in its engine.
+    let out = e.obuilder(&["build", "-f", f.to_str().unwrap(), e.ctx.to_str().unwrap()]);
+    ok(&out, "the store's sandbox by default");
+    let out = e.obuilder(&[
+        "build",
+        "-f",
+        f.to_str().unwrap(),
+        e.ctx.to_str().unwrap(),
+        "--sandbox",
+        "runc",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("a docker: store runs its steps with --sandbox docker"),
+        "{}",
+        text(&out.stderr)
+    );
+}

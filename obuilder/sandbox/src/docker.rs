@@ -1,0 +1,283 @@
+//! The Docker sandbox (`--sandbox docker`, with `--store docker:/PATH`), as the original's
+//! `docker_sandbox.ml`: each step is `docker run` of a container named after the build,
+//! from its parent's image; the store commits the container when the step succeeds and
+//! removes it otherwise. Works with any Docker-compatible CLI (`--docker-cli podman`).
+//!
+//! ```text
+//! CLI run --name PREFIX-ID --hostname builder --workdir CWD --user UID:GID
+//!     [--cpus N] [--memory M] [--isolation I] --network none|host|NAME…
+//!     --env K=V… --mount type=bind,src=CACHE,dst=TARGET…
+//!     --mount type=bind,src=SECRET,dst=TARGET,readonly… --entrypoint ARGV0 PREFIX:PARENT ARGV1…
+//! ```
+//!
+//! Unlike the original, a step without `(network …)` gets no network (`none`), as with
+//! runc; `(network host)` gets `--docker-network` if given (Windows has no `host`), else
+//! `host`. Secrets are files (0400, the step's user) bind-mounted read-only at their
+//! targets, removed after the step (the engine may leave an empty mount point in the
+//! image). Cancel removes the container (`rm -f`), which ends `docker run`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use obuilder_engine::exec::{Cmd, SharedExec};
+use obuilder_engine::log::StepLog;
+use obuilder_engine::sandbox::{RunConfig, Sandbox, SandboxError, UserIds};
+use obuilder_engine::CancellationToken;
+use obuilder_spec::User;
+
+/// Flags of the Docker sandbox (the original's `--docker-*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerOptions {
+    /// The CLI (`docker`, `podman`, a path); set from the store's.
+    pub cli: String,
+    pub cpus: Option<f64>,
+    /// As Docker takes it (`4g`).
+    pub memory: Option<String>,
+    /// `default`, `process` or `hyperv` (Windows).
+    pub isolation: Option<String>,
+    /// The network for steps with `(network host)`.
+    pub network: Option<String>,
+}
+
+impl Eq for DockerOptions {}
+
+impl Default for DockerOptions {
+    fn default() -> DockerOptions {
+        DockerOptions {
+            cli: "docker".into(),
+            cpus: None,
+            memory: None,
+            isolation: None,
+            network: None,
+        }
+    }
+}
+
+/// The name prefix of what a store at `root` makes in the engine (the store computes the
+/// same: `obuilder-stores`' `docker::prefix`).
+pub fn prefix(root: &Path) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(root.to_string_lossy().as_bytes());
+    format!("obuilder-{}", &hex::encode(h)[..8])
+}
+
+pub struct DockerSandbox {
+    opts: DockerOptions,
+    exec: SharedExec,
+    secrets: PathBuf,
+}
+
+fn io(what: &'static str, p: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    SandboxError::io(what, p)
+}
+
+impl DockerSandbox {
+    pub fn new(state_dir: &Path, opts: DockerOptions, exec: SharedExec) -> DockerSandbox {
+        DockerSandbox {
+            opts,
+            exec,
+            secrets: state_dir.join("docker-secrets"),
+        }
+    }
+
+    /// The build's container and its parent's image, from the build's tree
+    /// (`ROOT/result-tmp/ID/rootfs`).
+    fn names(&self, rootfs: &Path) -> Result<(String, String), SandboxError> {
+        let bad = || {
+            SandboxError::Unsupported(format!(
+                "{} is not a build of a docker: store (the Docker sandbox needs --store docker:PATH)",
+                rootfs.display()
+            ))
+        };
+        let dir = rootfs.parent().ok_or_else(bad)?;
+        let id = dir.file_name().and_then(|n| n.to_str()).ok_or_else(bad)?;
+        let root = dir.parent().and_then(Path::parent).ok_or_else(bad)?;
+        let parent = std::fs::read_to_string(dir.join("parent")).map_err(|_| bad())?;
+        let p = prefix(root);
+        Ok((format!("{p}-{id}"), format!("{p}:{}", parent.trim())))
+    }
+
+    /// The `docker run` argv of a step (secrets already written to `secret_files`).
+    pub fn run_argv(
+        &self,
+        c: &RunConfig,
+        container: &str,
+        image: &str,
+        secret_files: &[PathBuf],
+    ) -> Result<Vec<String>, SandboxError> {
+        let mount = |src: &Path, dst: &str, ro: bool| {
+            let src = src.to_string_lossy();
+            if src.contains(',') || dst.contains(',') {
+                return Err(SandboxError::Unsupported(format!(
+                    "{src} -> {dst}: a path with a comma cannot be given to --mount"
+                )));
+            }
+            Ok(format!(
+                "type=bind,src={src},dst={dst}{}",
+                if ro { ",readonly" } else { "" }
+            ))
+        };
+        let mut argv: Vec<String> = vec![self.opts.cli.clone(), "run".into()];
+        if c.stdin {
+            argv.push("-i".into());
+        }
+        argv.extend(
+            [
+                "--name",
+                container,
+                "--hostname",
+                "builder",
+                "--workdir",
+                &c.cwd,
+                "--user",
+                &format!("{}:{}", c.user.uid, c.user.gid),
+            ]
+            .map(String::from),
+        );
+        if let Some(n) = self.opts.cpus {
+            argv.extend(["--cpus".into(), n.to_string()]);
+        }
+        if let Some(m) = &self.opts.memory {
+            argv.extend(["--memory".into(), m.clone()]);
+        }
+        if let Some(i) = &self.opts.isolation {
+            argv.extend(["--isolation".into(), i.clone()]);
+        }
+        if c.network.is_empty() {
+            argv.extend(["--network".into(), "none".into()]);
+        }
+        for n in &c.network {
+            let n = match (n.as_str(), &self.opts.network) {
+                ("host", Some(given)) => given.clone(),
+                _ => n.clone(),
+            };
+            argv.extend(["--network".into(), n]);
+        }
+        for (k, v) in &c.env {
+            argv.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        for m in &c.caches {
+            argv.extend(["--mount".into(), mount(&m.host, &m.target, false)?]);
+        }
+        for (s, f) in c.secrets.iter().zip(secret_files) {
+            argv.extend(["--mount".into(), mount(f, &s.target, true)?]);
+        }
+        let (argv0, rest) = c
+            .argv
+            .split_first()
+            .ok_or_else(|| SandboxError::Unsupported("an empty command".into()))?;
+        argv.extend(["--entrypoint".into(), argv0.clone(), image.to_string()]);
+        argv.extend(rest.iter().cloned());
+        Ok(argv)
+    }
+
+    fn write_secrets(
+        &self,
+        c: &RunConfig,
+        container: &str,
+    ) -> Result<(PathBuf, Vec<PathBuf>), SandboxError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.secrets.join(container);
+        let mut files = Vec::new();
+        if c.secrets.is_empty() {
+            return Ok((dir, files));
+        }
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        for (i, s) in c.secrets.iter().enumerate() {
+            let f = dir.join(i.to_string());
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&f)
+                .map_err(io("cannot write", &f))?;
+            std::io::Write::write_all(&mut file, &s.value).map_err(io("cannot write", &f))?;
+            std::os::unix::fs::chown(&f, Some(c.user.uid), Some(c.user.gid))
+                .map_err(io("cannot chown", &f))?;
+            files.push(f);
+        }
+        Ok((dir, files))
+    }
+
+    async fn rm(&self, container: &str) {
+        let _ = self
+            .exec
+            .output(&Cmd::new([self.opts.cli.as_str(), "rm", "-f", container]))
+            .await;
+    }
+}
+
+#[async_trait]
+impl Sandbox for DockerSandbox {
+    fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
+        match user {
+            User::Unix { uid, gid } => Ok(UserIds {
+                uid: *uid,
+                gid: *gid,
+            }),
+            User::Name(n) => Err(SandboxError::Unsupported(format!(
+                "user {n:?}: the Docker sandbox runs numeric users here; use (user (uid N) (gid N))"
+            ))),
+        }
+    }
+
+    async fn recover(&self) -> Result<(), SandboxError> {
+        let _ = std::fs::remove_dir_all(&self.secrets);
+        Ok(())
+    }
+
+    async fn kill_stale(&self, rootfs: &Path) -> Result<(), SandboxError> {
+        if let Ok((container, _)) = self.names(rootfs) {
+            self.rm(&container).await;
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        c: &RunConfig,
+        rootfs: &Path,
+        log: &StepLog,
+        cancel: &CancellationToken,
+    ) -> Result<(), SandboxError> {
+        let (container, image) = self.names(rootfs)?;
+        // A container of this name is left by a step that did not finish.
+        self.rm(&container).await;
+        let (secret_dir, files) = self.write_secrets(c, &container)?;
+        let r = async {
+            let argv = self.run_argv(c, &container, &image, &files)?;
+            let (read, write) =
+                crate::cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+            let write2 = write.try_clone().map_err(io("cannot make a pipe for", rootfs))?;
+            let mut child = self.exec.spawn(
+                &Cmd::new(argv),
+                if c.stdin {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                },
+                Stdio::from(write),
+                Stdio::from(write2),
+            )?;
+            let pumping = crate::pump(read, log.clone());
+            let status = tokio::select! {
+                s = child.wait() => Some(s.map_err(io("cannot wait for the container of", rootfs))?),
+                _ = cancel.cancelled() => None,
+            };
+            let Some(status) = status else {
+                self.rm(&container).await;
+                let _ = child.wait().await;
+                let _ = pumping.await;
+                return Err(SandboxError::Cancelled);
+            };
+            let _ = pumping.await;
+            crate::exit_result(&c.argv, status)
+        }
+        .await;
+        if !files.is_empty() {
+            let _ = std::fs::remove_dir_all(&secret_dir);
+        }
+        r
+    }
+}

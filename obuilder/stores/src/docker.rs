@@ -1,0 +1,578 @@
+//! `docker:/PATH`: results are images of a Docker-compatible engine (`--docker-cli`:
+//! `docker`, or `podman`), for Windows workers as the original's `docker_store.ml`; steps
+//! run with the Docker sandbox (`obuilder-sandbox`'s `docker`), which leaves the step's
+//! container for [`Store::commit`] to commit.
+//!
+//! ```text
+//! ROOT/result/ID/{log, env, image.json, copy-dst, rootfs/}   a result (the image is PREFIX:ID)
+//! ROOT/result-tmp/ID/{parent, rootfs/}                       a build: rootfs/ is a staging tree
+//! ROOT/state/                                                the database, caches' locks
+//! PREFIX:ID        a result's image          PREFIX-ID       a step's container
+//! PREFIX-c-HEX     a cache's volume          PREFIX-ct-PID-N-HEX  a checked-out copy
+//! ```
+//!
+//! PREFIX is `obuilder-` and 8 hex digits of the root's path, so stores on one engine stay
+//! apart. What a step is made of decides its commit:
+//! * a `run`: the sandbox's container, `commit`ted as `PREFIX:ID` and removed;
+//! * a `copy`: the files written in the staging tree, below the destination only (the
+//!   directories above it are the image's, owners and modes kept), untarred in a container
+//!   of the parent image (`tar` must be in the image, as for the original) and committed;
+//! * a base image: the tree the fetcher extracted, `import`ed (no `docker pull`: images
+//!   come from registries or local files through obuilder's own fetcher).
+//!
+//! The result's directory is renamed into `result/` only after its image exists: a crash
+//! leaves an image without a directory, removed at start-up with every container and cache
+//! copy of this store. Shared caches are volumes, copied on the host through their mount
+//! points (a local-driver engine on Linux); the master is replaced on release when nobody
+//! published since the copy was taken (first release wins). Deleting a cache that a copy
+//! is using is refused (the original's check was inverted: it deleted caches in use and
+//! refused idle ones).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use obuilder_engine::exec::{Cmd, ExecError, SharedExec};
+use obuilder_engine::store::{BuildDir, CacheCopy, CacheInfo, Store, StoreError};
+
+use crate::cache::GenLock;
+use crate::layout::{entries, path_str, remove_tree, Layout};
+
+/// The name prefix of everything a store at `root` makes in the engine.
+pub fn prefix(root: &Path) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(root.to_string_lossy().as_bytes());
+    format!("obuilder-{}", &hex::encode(h)[..8])
+}
+
+pub struct DockerStore {
+    layout: Layout,
+    cli: String,
+    exec: SharedExec,
+    prefix: String,
+    next: AtomicU64,
+}
+
+fn missing(e: &StoreError) -> bool {
+    match e {
+        StoreError::Exec(ExecError::Failed { stderr, .. }) => {
+            let s = stderr.to_ascii_lowercase();
+            s.contains("no such") || s.contains("not known") || s.contains("not found")
+        }
+        _ => false,
+    }
+}
+
+impl DockerStore {
+    /// A store at `root` whose images live in the engine `cli` talks to.
+    pub fn new(root: impl Into<PathBuf>, cli: impl Into<String>, exec: SharedExec) -> DockerStore {
+        let root = root.into();
+        DockerStore {
+            prefix: prefix(&root),
+            layout: Layout::new(root),
+            cli: cli.into(),
+            exec,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn image(&self, id: &str) -> String {
+        format!("{}:{id}", self.prefix)
+    }
+
+    pub fn container(&self, id: &str) -> String {
+        format!("{}-{id}", self.prefix)
+    }
+
+    fn volume(&self, name: &str) -> String {
+        format!("{}-c-{}", self.prefix, hex::encode(name))
+    }
+
+    async fn cli(&self, args: &[&str]) -> Result<String, StoreError> {
+        self.cli_in(args, None).await
+    }
+
+    async fn cli_in(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, StoreError> {
+        let mut argv = vec![self.cli.as_str()];
+        argv.extend_from_slice(args);
+        let mut cmd = Cmd::new(argv);
+        cmd.stdin = stdin;
+        Ok(self.exec.output(&cmd).await?.stdout_str())
+    }
+
+    /// Runs a command whose "no such …" failure means there was nothing to do.
+    async fn cli_quiet(&self, args: &[&str]) -> Result<(), StoreError> {
+        match self.cli(args).await {
+            Err(e) if missing(&e) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    async fn container_exists(&self, name: &str) -> Result<bool, StoreError> {
+        match self
+            .cli(&["container", "inspect", "--format", "{{.Id}}", name])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if missing(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tmp_file(&self, what: &str) -> PathBuf {
+        self.layout.root.join("state").join(format!(
+            "docker-{what}-{}-{}",
+            std::process::id(),
+            self.next.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// `tar` of `members` (paths relative to `dir`), owners as numbers, to a temp file.
+    async fn tar(&self, dir: &Path, members: &[String]) -> Result<PathBuf, StoreError> {
+        let file = self.tmp_file("tar");
+        let (dir_s, file_s) = (path_str(dir), path_str(&file));
+        let mut argv = vec![
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "-C",
+            &dir_s,
+            "-cpf",
+            &file_s,
+            "--",
+        ];
+        argv.extend(members.iter().map(String::as_str));
+        self.exec.output(&Cmd::new(argv)).await?;
+        Ok(file)
+    }
+
+    /// A copy step's tree applied to its parent's image: what is at and below the
+    /// destination, untarred over the image in a container, then committed.
+    async fn commit_copy(&self, dir: &BuildDir, base: &str) -> Result<(), StoreError> {
+        let dst = std::fs::read_to_string(dir.dir.join(obuilder_engine::build::COPY_DST))
+            .unwrap_or_default();
+        let rel = dst.trim_start_matches('/');
+        let members: Vec<String> = if dst.ends_with('/') || dst.is_empty() {
+            // Into a directory (which may exist in the image): its new entries only.
+            let inside = dir.rootfs.join(rel.trim_end_matches('/'));
+            entries(&inside)?
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .map(|n| {
+                    format!(
+                        "./{}{n}",
+                        if rel.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{}/", rel.trim_end_matches('/'))
+                        }
+                    )
+                })
+                .collect()
+        } else {
+            vec![format!("./{rel}")]
+        };
+        if members.is_empty() {
+            self.cli(&["tag", &self.image(base), &self.image(&dir.id)])
+                .await?;
+            return Ok(());
+        }
+        let tar = self.tar(&dir.rootfs, &members).await?;
+        let data = std::fs::read(&tar).map_err(StoreError::io("cannot read", &tar));
+        let _ = std::fs::remove_file(&tar);
+        let c = self.container(&dir.id);
+        let r = async {
+            self.cli_in(
+                &[
+                    "run",
+                    "-i",
+                    "--name",
+                    &c,
+                    "--user",
+                    "0:0",
+                    "--network",
+                    "none",
+                    "--workdir",
+                    "/",
+                    "--entrypoint",
+                    "tar",
+                    &self.image(base),
+                    "-xpf",
+                    "-",
+                ],
+                Some(data?),
+            )
+            .await?;
+            self.cli(&["commit", &c, &self.image(&dir.id)]).await
+        }
+        .await;
+        let _ = self.cli_quiet(&["rm", "-f", &c]).await;
+        r.map(|_| ())
+    }
+
+    /// A base image's extracted tree, imported.
+    async fn commit_import(&self, dir: &BuildDir) -> Result<(), StoreError> {
+        let tar = self.tar(&dir.rootfs, &[".".to_string()]).await?;
+        let tar_s = path_str(&tar);
+        let r = self.cli(&["import", &tar_s, &self.image(&dir.id)]).await;
+        let _ = std::fs::remove_file(&tar);
+        r.map(|_| ())
+    }
+
+    /// The host directory of volume `v` (a local-driver volume).
+    async fn mountpoint(&self, v: &str) -> Result<PathBuf, StoreError> {
+        let out = self
+            .cli(&["volume", "inspect", "--format", "{{.Mountpoint}}", v])
+            .await?;
+        Ok(PathBuf::from(out.trim()))
+    }
+
+    async fn copy_volume(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+        let (f, t) = (format!("{}/.", path_str(from)), path_str(to));
+        self.exec
+            .output(&Cmd::new(["cp", "-a", &f, &t]))
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_lock(&self, name: &str) -> Result<(GenLock, u64), StoreError> {
+        let dir = self.layout.root.join("state/docker-caches");
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        let mut lock = GenLock::take(&dir.join(format!("{}.gen", hex::encode(name)))).await?;
+        let g = lock.read();
+        Ok((lock, g))
+    }
+
+    /// Checked-out copies: `(volume, hex of the cache name)`.
+    async fn copies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let pre = format!("{}-ct-", self.prefix);
+        let out = self
+            .cli(&["volume", "ls", "-q", "--filter", &format!("name={pre}")])
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|v| {
+                let rest = v.trim().strip_prefix(&pre)?;
+                let hexname = rest.splitn(3, '-').nth(2)?;
+                Some((v.trim().to_string(), hexname.to_string()))
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Store for DockerStore {
+    fn root(&self) -> &Path {
+        &self.layout.root
+    }
+
+    fn describe(&self) -> String {
+        format!("docker:{}", self.layout.root.display())
+    }
+
+    /// Removes this store's containers and cache copies, builds left in `result-tmp`,
+    /// images without a result directory (a crash between commit and publication) and
+    /// result directories without an image (removed behind the store's back).
+    async fn recover(&self) -> Result<(), StoreError> {
+        self.layout.create()?;
+        let names = self
+            .cli(&[
+                "ps",
+                "-a",
+                "--filter",
+                &format!("name={}-", self.prefix),
+                "--format",
+                "{{.Names}}",
+            ])
+            .await?;
+        let ours: Vec<&str> = names
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .collect();
+        if !ours.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ours.iter().copied());
+            self.cli(&args).await?;
+        }
+        for (v, _) in self.copies().await? {
+            tracing::info!("removing leftover cache copy {v}");
+            self.cli_quiet(&["volume", "rm", "-f", &v]).await?;
+        }
+        for leftover in entries(&self.layout.tmp_dir())? {
+            tracing::info!("removing leftover {}", leftover.display());
+            remove_tree(&leftover)?;
+        }
+        for f in entries(&self.layout.root.join("state"))? {
+            if f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("docker-tar-"))
+            {
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        let images = self
+            .cli(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+            .await?;
+        let mut have = Vec::new();
+        for line in images.lines().map(str::trim) {
+            let Some((repo, tag)) = line.rsplit_once(':') else {
+                continue;
+            };
+            // Podman shows local images as localhost/NAME.
+            if repo.trim_start_matches("localhost/") != self.prefix {
+                continue;
+            }
+            if self.layout.exists(tag).is_none() {
+                tracing::info!("removing image {line}, which no result has");
+                self.cli_quiet(&["rmi", &self.image(tag)]).await?;
+            } else {
+                have.push(tag.to_string());
+            }
+        }
+        for id in self.layout.list()? {
+            if !have.contains(&id) {
+                tracing::info!("result {id} has lost its image; removing it");
+                if let Some(moved) = self.layout.unpublish(&id)? {
+                    remove_tree(&moved)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn result(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        Ok(self.layout.exists(id))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, StoreError> {
+        self.layout.list()
+    }
+
+    async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError> {
+        let dir = self.layout.make_tmp(id)?;
+        let rootfs = dir.join("rootfs");
+        let r = std::fs::create_dir(&rootfs).map_err(StoreError::io("cannot create", &rootfs));
+        let r = r.and_then(|()| match base {
+            Some(b) => {
+                let p = dir.join("parent");
+                std::fs::write(&p, b).map_err(StoreError::io("cannot write", &p))
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = r {
+            let _ = remove_tree(&dir);
+            return Err(e);
+        }
+        Ok(BuildDir {
+            id: id.to_string(),
+            dir,
+            rootfs,
+        })
+    }
+
+    async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError> {
+        Ok(self.layout.stale_tmp(id).map(|dir| BuildDir {
+            id: id.to_string(),
+            rootfs: dir.join("rootfs"),
+            dir,
+        }))
+    }
+
+    async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
+        let base = std::fs::read_to_string(dir.dir.join("parent")).ok();
+        let c = self.container(&dir.id);
+        if self.container_exists(&c).await? {
+            self.cli(&["commit", &c, &self.image(&dir.id)]).await?;
+            self.cli(&["rm", "-f", &c]).await?;
+        } else {
+            match base.as_deref().map(str::trim) {
+                Some(b) => self.commit_copy(dir, b).await?,
+                None => self.commit_import(dir).await?,
+            }
+        }
+        // The staging tree is not the result (the image is): keep an empty rootfs.
+        remove_tree(&dir.rootfs)?;
+        std::fs::create_dir(&dir.rootfs).map_err(StoreError::io("cannot create", &dir.rootfs))?;
+        self.layout.publish(&dir.id)
+    }
+
+    async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
+        self.cli_quiet(&["rm", "-f", &self.container(&dir.id)])
+            .await?;
+        remove_tree(&dir.dir)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(moved) = self.layout.unpublish(id)? {
+            self.cli_quiet(&["rmi", &self.image(id)]).await?;
+            remove_tree(&moved)?;
+        }
+        Ok(())
+    }
+
+    /// The result's whole tree, exported from a container of its image into a temp dir.
+    async fn view(&self, id: &str) -> Result<PathBuf, StoreError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let c = format!("{}-view-{}-{n}", self.prefix, std::process::id());
+        let dir = self
+            .layout
+            .root
+            .join("state/docker-views")
+            .join(format!("{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        let tar = self.tmp_file("tar");
+        let (tar_s, dir_s) = (path_str(&tar), path_str(&dir));
+        let r = async {
+            self.cli(&["create", "--name", &c, &self.image(id), "obuilder-view"])
+                .await?;
+            self.cli(&["export", "-o", &tar_s, &c]).await?;
+            self.exec
+                .output(&Cmd::new([
+                    "tar",
+                    "--numeric-owner",
+                    "-xpf",
+                    &tar_s,
+                    "-C",
+                    &dir_s,
+                ]))
+                .await?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        let _ = self.cli_quiet(&["rm", "-f", &c]).await;
+        let _ = std::fs::remove_file(&tar);
+        if let Err(e) = r {
+            let _ = remove_tree(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    async fn release_view(&self, view: &Path) -> Result<(), StoreError> {
+        remove_tree(view)
+    }
+
+    async fn cache_checkout(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<CacheCopy, StoreError> {
+        let master = self.volume(name);
+        let copy = format!(
+            "{}-ct-{}-{}-{}",
+            self.prefix,
+            std::process::id(),
+            self.next.fetch_add(1, Ordering::Relaxed),
+            hex::encode(name)
+        );
+        let (_lock, generation) = self.cache_lock(name).await?;
+        let master_mp = match self.mountpoint(&master).await {
+            Ok(p) => p,
+            Err(e) if missing(&e) => {
+                self.cli(&["volume", "create", &master]).await?;
+                self.mountpoint(&master).await?
+            }
+            Err(e) => return Err(e),
+        };
+        self.cli(&["volume", "create", &copy]).await?;
+        let r = async {
+            let path = self.mountpoint(&copy).await?;
+            self.copy_volume(&master_mp, &path).await?;
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(StoreError::io("cannot chown", &path))?;
+            Ok::<PathBuf, StoreError>(path)
+        }
+        .await;
+        match r {
+            Ok(path) => Ok(CacheCopy {
+                name: name.to_string(),
+                path,
+                generation,
+            }),
+            Err(e) => {
+                let _ = self.cli_quiet(&["volume", "rm", "-f", &copy]).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn cache_release(&self, copy: CacheCopy, keep: bool) -> Result<(), StoreError> {
+        // The copy's volume, from its mount point (…/VOLUME/_data on a local driver).
+        let volume = copy
+            .path
+            .ancestors()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .find(|n| n.starts_with(&format!("{}-ct-", self.prefix)))
+            .ok_or_else(|| StoreError::Mismatch {
+                store: self.describe(),
+                what: format!("{} is not a cache copy of this store", copy.path.display()),
+            })?;
+        if keep {
+            let (mut lock, g) = self.cache_lock(&copy.name).await?;
+            if g == copy.generation {
+                let master = self.volume(&copy.name);
+                // Replaced, not merged: deletions made in the copy survive.
+                self.cli_quiet(&["volume", "rm", "-f", &master]).await?;
+                self.cli(&["volume", "create", &master]).await?;
+                let mp = self.mountpoint(&master).await?;
+                self.copy_volume(&copy.path, &mp).await?;
+                lock.write(g + 1).map_err(StoreError::io(
+                    "cannot write",
+                    self.layout.root.join("state"),
+                ))?;
+            } else {
+                tracing::info!(
+                    "cache {:?}: a newer version was published first; discarding this copy",
+                    copy.name
+                );
+            }
+        }
+        self.cli_quiet(&["volume", "rm", "-f", &volume]).await
+    }
+
+    async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
+        let pre = format!("{}-c-", self.prefix);
+        let out = self
+            .cli(&["volume", "ls", "-q", "--filter", &format!("name={pre}")])
+            .await?;
+        let copies = self.copies().await?;
+        let mut list: Vec<CacheInfo> = out
+            .lines()
+            .filter_map(|v| {
+                let h = v.trim().strip_prefix(&pre)?;
+                let name = String::from_utf8(hex::decode(h).ok()?).ok()?;
+                Some(CacheInfo {
+                    in_use: copies.iter().filter(|(_, c)| c == h).count(),
+                    name,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    async fn cache_delete(&self, name: &str) -> Result<(), StoreError> {
+        let (_lock, _) = self.cache_lock(name).await?;
+        let master = self.volume(name);
+        if let Err(e) = self.mountpoint(&master).await {
+            return if missing(&e) {
+                Err(StoreError::NoCache {
+                    name: name.to_string(),
+                })
+            } else {
+                Err(e)
+            };
+        }
+        let h = hex::encode(name);
+        let users = self.copies().await?.iter().filter(|(_, c)| *c == h).count();
+        if users > 0 {
+            return Err(StoreError::CacheInUse {
+                name: name.to_string(),
+                users,
+            });
+        }
+        self.cli(&["volume", "rm", &master]).await.map(|_| ())
+    }
+}

@@ -655,3 +655,116 @@ fn base_image_built_from_scratch_pushed_and_built_on() {
         text(&out.stderr)
     );
 }
+
+/// The macOS design on a ZFS store (the original's, but several builds at once): `(from
+/// macos)` clones `tank/base-image/macos`'s `home` and `brew` children, each step's
+/// children are mounted in its tree and shown to its build user by obuilderfs at the one
+/// home path and prefix. ZFS itself is the fake (`fake-zfs` as `zfs` and `zpool` on PATH:
+/// no ZFS module for this kernel); the build users, obuilderfs and FUSE are real.
+#[test]
+fn macos_design_on_a_zfs_store_with_home_and_brew_children() {
+    if !machine_ok("macos_design_on_a_zfs_store_with_home_and_brew_children") {
+        return;
+    }
+    let fake_bin = Path::new(bin()).with_file_name("fake-zfs");
+    if !fake_bin.is_file() {
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "testkit", "--bin", "fake-zfs"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61600, 61602));
+    // The pool, and a base image as `zfs recv` would leave it.
+    let zdir = env.tmp.path().join("fake-zfs");
+    let root = dir.path().join("tank");
+    let fake = testkit::fakezfs::FakeZfs::new("tank", &root, &zdir.join("files"));
+    let zfs = |args: &[&str]| {
+        let mut argv = vec!["zfs".to_string()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        fake.run_argv(&argv).unwrap();
+    };
+    zfs(&["create", "tank/base-image"]);
+    zfs(&["create", "tank/base-image/macos"]);
+    zfs(&["create", "tank/base-image/macos/home"]);
+    zfs(&["create", "tank/base-image/macos/brew"]);
+    std::fs::write(
+        root.join("base-image/macos/home/.obuilder_profile.sh"),
+        format!(
+            "export FROM_BASE=zfs\nexport PATH={}/bin:$PATH\n",
+            farm.brew
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(root.join("base-image/macos/brew/bin")).unwrap();
+    zfs(&["snapshot", "-r", "tank/base-image/macos@snap"]);
+    fake.save(&zdir).unwrap();
+    let bindir = env.tmp.path().join("zfs-bin");
+    std::fs::create_dir(&bindir).unwrap();
+    for name in ["zfs", "zpool"] {
+        std::os::unix::fs::symlink(&fake_bin, bindir.join(name)).unwrap();
+    }
+    env.store = format!("zfs:{}", root.display());
+    let path = format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap());
+    let build = |name: &str, body: &str| {
+        let spec = env.spec(name, body);
+        let mut c = farm.command(
+            &env,
+            &[
+                "build",
+                "-f",
+                spec.to_str().unwrap(),
+                env.ctx.to_str().unwrap(),
+            ],
+            &[],
+        );
+        c.env("PATH", &path).env("FAKE_ZFS_DIR", &zdir);
+        c
+    };
+    let spec = |n: &str| {
+        format!(
+            "((from macos)\n \
+             (run (shell \"echo base=$FROM_BASE; echo {n} > ~/mine; printf '#!/bin/sh\\\\necho tool-{n}\\\\n' > {brew}/bin/tool; chmod +x {brew}/bin/tool; sleep 1\"))\n \
+             (run (shell \"cat ~/mine; tool; id -u\")))",
+            brew = farm.brew
+        )
+    };
+    // Two builds at once, each its own build user, home and prefix.
+    let start = |name: &str, n: &str| {
+        build(name, &spec(n))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("a.spec", "a"), start("b.spec", "b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (a, b) = (ok(&a, "a"), ok(&b, "b"));
+    assert!(a.contains("base=zfs") && a.contains("a\ntool-a\n"), "{a}");
+    assert!(b.contains("base=zfs") && b.contains("b\ntool-b\n"), "{b}");
+    assert!(
+        a.contains("Cloned base image tank/base-image/macos (brew, home)")
+            || b.contains("Cloned base image tank/base-image/macos (brew, home)"),
+        "{a}\n{b}"
+    );
+    // Cached the second time.
+    let again = ok(&build("a.spec", &spec("a")).output().unwrap(), "again");
+    assert!(!again.contains("saved as"), "{again}");
+
+    // Each result is a dataset whose home and brew children have their snapshot.
+    let fake = testkit::fakezfs::FakeZfs::load(&zdir).unwrap();
+    let names = fake.names();
+    let children = names
+        .iter()
+        .filter(|n| n.starts_with("tank/result/") && n.ends_with("/home@snap"))
+        .count();
+    assert!(children >= 3, "base + two steps each: {names:?}");
+    let scoreboard = root.join("state/user-sandbox/scoreboard/home");
+    let left: Vec<_> = std::fs::read_dir(&scoreboard)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

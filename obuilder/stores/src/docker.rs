@@ -229,9 +229,7 @@ impl DockerStore {
 
     async fn copy_volume(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
         let (f, t) = (format!("{}/.", path_str(from)), path_str(to));
-        self.exec
-            .output(&Cmd::new(["cp", "-a", &f, &t]))
-            .await?;
+        self.exec.output(&Cmd::new(["cp", "-a", &f, &t])).await?;
         Ok(())
     }
 

@@ -585,14 +585,28 @@ impl Store for ZfsStore {
             });
         }
         let state = self.ds("state");
+        // Another process starting on the same new store may make or mount it first.
+        let raced = |e: &StoreError| {
+            stderr_of(e)
+                .is_some_and(|s| s.contains("already exists") || s.contains("already mounted"))
+        };
         match self.list_rows("name,mounted", &[], &state).await? {
-            None => {
-                self.zfs(&["create", &state]).await?;
-            }
+            None => match self.zfs(&["create", &state]).await {
+                Err(e) if raced(&e) => match self.zfs(&["mount", &state]).await {
+                    Err(e) if !raced(&e) => return Err(e),
+                    _ => {}
+                },
+                r => {
+                    r?;
+                }
+            },
             Some(rows)
                 if rows.first().and_then(|r| r.get(1)).map(String::as_str) != Some("yes") =>
             {
-                self.zfs(&["mount", &state]).await?;
+                match self.zfs(&["mount", &state]).await {
+                    Err(e) if !raced(&e) => return Err(e),
+                    _ => {}
+                }
             }
             Some(_) => {}
         }
@@ -617,7 +631,12 @@ impl Store for ZfsStore {
         for sub in ["result", "cache", "cache-tmp"] {
             let ds = self.ds(sub);
             if !has(&ds) {
-                self.zfs(&["create", &ds]).await?;
+                match self.zfs(&["create", &ds]).await {
+                    Err(e) if stderr_of(&e).is_some_and(|s| s.contains("already exists")) => {}
+                    r => {
+                        r?;
+                    }
+                }
             }
         }
         self.recover_caches(&rows).await?;

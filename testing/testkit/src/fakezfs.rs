@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use obuilder_engine::exec::{Cmd, Exec, ExecError, Output};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Ds {
     /// `Some(snapshot)` for a clone.
     origin: Option<String>,
@@ -34,7 +34,7 @@ struct Ds {
     deferred: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct State {
     ds: BTreeMap<String, Ds>,
     seq: u64,
@@ -127,6 +127,42 @@ impl FakeZfs {
         self.passthrough
             .as_ref()
             .filter(|_| tool != Some("zfs") && tool != Some("zpool"))
+    }
+
+    /// Keeps the fake's whole state in `dir` (for the `fake-zfs` program: each command is a
+    /// process of its own).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let st = self.state.lock().unwrap();
+        let v = serde_json::json!({
+            "pool": self.pool,
+            "root": self.root,
+            "store": self.store,
+            "state": &*st,
+        });
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&v)?)?;
+        std::fs::rename(&tmp, dir.join("state.json"))
+    }
+
+    /// The fake saved in `dir` by [`FakeZfs::save`].
+    pub fn load(dir: &Path) -> std::io::Result<FakeZfs> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let state: State = serde_json::from_value(v["state"].clone())?;
+        Ok(FakeZfs {
+            passthrough: None,
+            pool: field("pool"),
+            root: PathBuf::from(field("root")),
+            store: PathBuf::from(field("store")),
+            state: Mutex::new(state),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs one `zfs`/`zpool` argv: its standard output, or its error message.
+    pub fn run_argv(&self, argv: &[String]) -> Result<String, String> {
+        self.calls.lock().unwrap().push(argv.join(" "));
+        self.run(argv)
     }
 
     /// Every command so far, argv joined by spaces.

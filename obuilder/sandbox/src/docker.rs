@@ -211,15 +211,7 @@ impl DockerSandbox {
 #[async_trait]
 impl Sandbox for DockerSandbox {
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        match user {
-            User::Unix { uid, gid } => Ok(UserIds {
-                uid: *uid,
-                gid: *gid,
-            }),
-            User::Name(n) => Err(SandboxError::Unsupported(format!(
-                "user {n:?}: the Docker sandbox runs numeric users here; use (user (uid N) (gid N))"
-            ))),
-        }
+        crate::numeric_user(user, "Docker")
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {
@@ -247,20 +239,13 @@ impl Sandbox for DockerSandbox {
         let (secret_dir, files) = self.write_secrets(c, &container)?;
         let r = async {
             let argv = self.run_argv(c, &container, &image, &files)?;
-            let (read, write) =
-                crate::cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
-            let write2 = write.try_clone().map_err(io("cannot make a pipe for", rootfs))?;
-            let mut child = self.exec.spawn(
-                &Cmd::new(argv),
-                if c.stdin {
-                    Stdio::inherit()
-                } else {
-                    Stdio::null()
-                },
-                Stdio::from(write),
-                Stdio::from(write2),
-            )?;
-            let pumping = crate::pump(read, log.clone());
+            let stdin = if c.stdin {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            };
+            let (mut child, pumping) =
+                crate::spawn_to_log(&self.exec, &Cmd::new(argv), stdin, log, rootfs)?;
             let status = tokio::select! {
                 s = child.wait() => Some(s.map_err(io("cannot wait for the container of", rootfs))?),
                 _ = cancel.cancelled() => None,

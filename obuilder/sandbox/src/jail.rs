@@ -219,16 +219,9 @@ impl JailSandbox {
         log: &StepLog,
         cancel: &CancellationToken,
     ) -> Result<(), SandboxError> {
-        let (read, write) =
-            crate::cloexec_pipe().map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
-        let write2 = write
-            .try_clone()
-            .map_err(io("cannot make a pipe for", rootfs))?;
         let cmd = Cmd::new(argv.clone()).cwd(rootfs);
-        let mut child =
-            self.exec
-                .spawn(&cmd, Stdio::null(), Stdio::from(write), Stdio::from(write2))?;
-        let pumping = crate::pump(read, log.clone());
+        let (mut child, pumping) =
+            crate::spawn_to_log(&self.exec, &cmd, Stdio::null(), log, rootfs)?;
         let status = tokio::select! {
             s = child.wait() => Some(s.map_err(io("cannot wait for jail in", rootfs))?),
             _ = cancel.cancelled() => None,
@@ -263,16 +256,7 @@ impl Sandbox for JailSandbox {
     }
 
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        match user {
-            User::Unix { uid, gid } => Ok(UserIds {
-                uid: *uid,
-                gid: *gid,
-            }),
-            User::Name(n) => Err(SandboxError::Unsupported(format!(
-                "user {n:?}: the jail sandbox takes numeric users, whose name it reads from \
-                 the image's /etc/passwd; use (user (uid N) (gid N))"
-            ))),
-        }
+        crate::numeric_user(user, "jail")
     }
 
     /// Removes jails a crashed builder left (named `obuilder_*`) and their fstabs.

@@ -55,6 +55,45 @@ pub(crate) fn pump(
     })
 }
 
+/// Starts `cmd` with its standard output and error going to `log` (through a pipe pumped
+/// on a blocking thread); returns the child and the pump, which ends when every writer is
+/// gone. `about` names the step's tree in errors.
+pub(crate) fn spawn_to_log(
+    exec: &SharedExec,
+    cmd: &obuilder_engine::exec::Cmd,
+    stdin: std::process::Stdio,
+    log: &obuilder_engine::log::StepLog,
+    about: &Path,
+) -> Result<(tokio::process::Child, tokio::task::JoinHandle<()>), SandboxError> {
+    let pipe_err = |e: std::io::Error| SandboxError::io("cannot make a pipe for", about)(e);
+    let (read, write) = cloexec_pipe().map_err(|e| pipe_err(e.into()))?;
+    let write2 = write.try_clone().map_err(pipe_err)?;
+    let child = exec.spawn(
+        cmd,
+        stdin,
+        std::process::Stdio::from(write),
+        std::process::Stdio::from(write2),
+    )?;
+    Ok((child, pump(read, log.clone())))
+}
+
+/// The ids of a `(user …)` for a container sandbox, which has no access to the image's
+/// user database: numeric users only.
+pub(crate) fn numeric_user(
+    user: &obuilder_spec::User,
+    sandbox: &str,
+) -> Result<obuilder_engine::sandbox::UserIds, SandboxError> {
+    match user {
+        obuilder_spec::User::Unix { uid, gid } => Ok(obuilder_engine::sandbox::UserIds {
+            uid: *uid,
+            gid: *gid,
+        }),
+        obuilder_spec::User::Name(n) => Err(SandboxError::Unsupported(format!(
+            "user {n:?}: the {sandbox} sandbox runs numeric users only; use (user (uid N) (gid N))"
+        ))),
+    }
+}
+
 /// A pipe whose ends are closed on exec (pipe then fcntl: macOS has no pipe2).
 pub(crate) fn cloexec_pipe() -> rustix::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     let (r, w) = rustix::pipe::pipe()?;

@@ -222,20 +222,6 @@ pub(crate) fn check_command(root: &ConfinedRoot, argv0: &str) -> Result<(), Sand
     )))
 }
 
-/// The ids of a `(user …)` for a container sandbox, which has no access to the image's
-/// user database: numeric users only.
-pub(crate) fn numeric_user(user: &User, sandbox: &str) -> Result<UserIds, SandboxError> {
-    match user {
-        User::Unix { uid, gid } => Ok(UserIds {
-            uid: *uid,
-            gid: *gid,
-        }),
-        User::Name(n) => Err(SandboxError::Unsupported(format!(
-            "user {n:?}: the {sandbox} sandbox runs numeric users only; use (user (uid N) (gid N))"
-        ))),
-    }
-}
-
 /// Whether the end of a step's log says it could not start a process.
 fn hit_process_limit(tail: &[u8]) -> bool {
     let t = String::from_utf8_lossy(tail);
@@ -298,7 +284,7 @@ pub(crate) fn step_status(
 impl Sandbox for RuncSandbox {
     /// runc runs numeric users only: it has no access to the image's user database.
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        numeric_user(user, "runc")
+        crate::numeric_user(user, "runc")
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {

@@ -649,7 +649,7 @@ fn plan_path(c: &RunConfig) -> String {
 impl Sandbox for NativeSandbox {
     /// Numeric users only, as the runc sandbox.
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        crate::runc::numeric_user(user, "native")
+        crate::numeric_user(user, "native")
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {

@@ -103,7 +103,12 @@ fn main() {
     let pool = load_cap(&args.connect).unwrap_or_else(|e| fail(e));
     let store = StoreSpec::parse(&args.obuilder_store, args.rsync_mode)
         .unwrap_or_else(|e| fail(format!("--obuilder-store: {e}")));
-    let sandbox = args.sandbox.spec().unwrap_or_else(|e| fail(e));
+    let mut sandbox_args = args.sandbox.clone();
+    if sandbox_args.sandbox.is_none() && matches!(store, StoreSpec::Docker { .. }) {
+        // A docker: store's steps run in its engine (Windows workers).
+        sandbox_args.sandbox = Some("docker".into());
+    }
+    let sandbox = sandbox_args.spec().unwrap_or_else(|e| fail(e));
     let mut builder = BuilderConfig::new(store);
     builder.sandbox = Some(sandbox);
     let mut config = WorkerConfig::new(&args.name, args.state_dir.clone(), builder);

@@ -165,6 +165,17 @@ fn docker_store_and_sandbox_with_podman_run_copy_cache_secret_and_cached_rebuild
     let count: usize = out.lines().find_map(|l| l.trim().parse().ok()).unwrap_or(0);
     assert!(count >= 1, "{out}");
 
+    // A stage's result copied into another: its image exported as a view.
+    let stages = r#"((build stage ((from busybox) (shell /bin/sh -c) (run (shell "echo staged > /out"))))
+ (from busybox) (shell /bin/sh -c)
+ (copy (from (build stage)) (src /out) (dst /got))
+ (run (shell "cat /got")))"#;
+    let out = ok(&e.build("m.spec", stages, &[]), "stages");
+    assert!(out.contains("staged"), "{out}");
+    let views = e.tmp.path().join("store/state/docker-views");
+    let left: Vec<_> = std::fs::read_dir(&views).into_iter().flatten().collect();
+    assert!(left.is_empty(), "views released: {left:?}");
+
     // A failing step: its exit status, no image, no container.
     let before = e.images().len();
     let fail = r#"((from busybox) (shell /bin/sh -c) (run (shell "echo failing; exit 3")))"#;

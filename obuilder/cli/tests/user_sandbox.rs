@@ -556,6 +556,22 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
         assert!(Instant::now() < deadline, "processes left:\n{left}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The killed step's private TMPDIR goes when the next builder starts.
+    let private = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("obuilder-tmp-61400-")
+            })
+            .count()
+    };
+    assert!(private() > 0, "the killed step's TMPDIR is there");
+    let next = env.spec("n.spec", "((from macbase) (run (shell \"true\")))");
+    ok(&farm.build(&env, &next, &[]), "next build");
+    assert_eq!(private(), 0, "left TMPDIRs removed");
 }
 
 /// `obuilder base-image build`: a macOS base image made by a spec `(from scratch)` with the

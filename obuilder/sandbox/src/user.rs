@@ -747,6 +747,7 @@ impl UserSandbox {
     /// A private directory for the step's user: 0700, owned by it, in the system's temp
     /// directory under a fresh name (never one a user could have made beforehand).
     fn private_dir(&self, what: &str, uid: u32) -> Result<PathBuf, SandboxError> {
+        // (named `obuilder-WHAT-UID-PID-N`: see `remove_private_dirs`)
         let base = std::env::temp_dir();
         loop {
             let p = base.join(format!(
@@ -1027,6 +1028,35 @@ fn open_parent(path: &Path) -> Result<(std::os::fd::OwnedFd, &std::ffi::OsStr), 
     Ok((dir, path.file_name().unwrap_or_default()))
 }
 
+/// Removes the private dirs (`obuilder-tmp-UID-…`, `obuilder-secrets-UID-…`) left in the
+/// temp dir by steps of `uid`: real directories only (a symlink a build user planted there
+/// is removed as a link, never followed).
+fn remove_private_dirs(uid: u32) {
+    let base = std::env::temp_dir();
+    let Ok(rd) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = ["tmp", "secrets"]
+            .iter()
+            .any(|w| name.starts_with(&format!("obuilder-{w}-{uid}-")));
+        if !ours {
+            continue;
+        }
+        let p = e.path();
+        let removed = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(_) => continue,
+        };
+        match removed {
+            Ok(()) => tracing::info!("removed {} left by a step of uid {uid}", p.display()),
+            Err(e) => tracing::warn!("cannot remove {}: {e}", p.display()),
+        }
+    }
+}
+
 /// Gives directory `path` to `uid:gid` without following a symlink.
 fn give(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     let f = rustix::fs::open(
@@ -1141,8 +1171,11 @@ impl Sandbox for UserSandbox {
             else {
                 continue;
             };
-            if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-                && self.opts.fuse
+            if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+            {
+                continue;
+            }
+            if self.opts.fuse
                 && self
                     .scoreboard(Tree::Home)
                     .join(uid.to_string())
@@ -1152,6 +1185,9 @@ impl Sandbox for UserSandbox {
                 self.kill_all(uid, None).await;
                 self.unregister(uid);
             }
+            // Private temp and secret dirs of this user's steps: with its lock free, no step
+            // uses them (a builder killed mid-step could not remove them).
+            remove_private_dirs(uid);
         }
         Ok(())
     }

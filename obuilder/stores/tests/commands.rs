@@ -10,7 +10,8 @@ use testkit::RecordingExec;
 
 #[tokio::test]
 async fn btrfs_command_sequence() {
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
     let exec = RecordingExec::new();
     let store = BtrfsStore::new(&dir, Arc::new(exec.clone()));
     store.recover().await.unwrap();
@@ -30,7 +31,8 @@ async fn btrfs_command_sequence() {
 
 #[tokio::test]
 async fn xfs_command_sequence() {
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
     let exec = RecordingExec::new();
     let store = XfsStore::new(&dir, Arc::new(exec.clone()));
     store.recover().await.unwrap();
@@ -46,7 +48,8 @@ async fn xfs_command_sequence() {
 
 #[tokio::test]
 async fn a_failed_snapshot_leaves_nothing() {
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
     let exec = RecordingExec::new();
     exec.fail(
         &["btrfs", "subvolume", "create"],
@@ -63,16 +66,12 @@ async fn a_failed_snapshot_leaves_nothing() {
     assert!(!dir.join("result-tmp/b").exists());
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "obuilder-store-cmds-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh directory, removed with the returned guard.
+fn tempfile_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("obuilder-store-cmds-")
+        .tempdir()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -83,7 +82,8 @@ async fn rsync_command_sequences() {
         (RsyncMode::Hardlink, Some(true)),
         (RsyncMode::HardlinkUnsafe, Some(false)),
     ] {
-        let dir = tempfile_dir();
+        let tmp = tempfile_dir();
+        let dir = tmp.path().to_path_buf();
         let exec = RecordingExec::new();
         let store = RsyncStore::new(&dir, mode, Arc::new(exec.clone()));
         store.recover().await.unwrap();
@@ -118,7 +118,8 @@ async fn rsync_command_sequences() {
 
 #[tokio::test]
 async fn btrfs_delete_and_sync_commands() {
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
     let exec = RecordingExec::new();
     let store = BtrfsStore::new(&dir, Arc::new(exec.clone()));
     store.recover().await.unwrap();
@@ -137,7 +138,8 @@ async fn btrfs_delete_and_sync_commands() {
 #[tokio::test]
 async fn docker_cache_delete_is_refused_while_in_use_only() {
     use obuilder_stores::docker::{prefix, DockerStore};
-    let dir = tempfile_dir();
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("state")).unwrap();
     let exec = RecordingExec::new();
     let p = prefix(&dir);

@@ -64,6 +64,17 @@ pub struct BuildDir {
     pub rootfs: PathBuf,
 }
 
+impl BuildDir {
+    /// Build dir `dir` of `id`, whose tree is `dir/rootfs` (every store but overlayfs).
+    pub fn at(id: &str, dir: PathBuf) -> BuildDir {
+        BuildDir {
+            id: id.to_string(),
+            rootfs: dir.join("rootfs"),
+            dir,
+        }
+    }
+}
+
 /// A private writable copy of a shared cache, checked out for one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheCopy {

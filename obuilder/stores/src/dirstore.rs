@@ -121,19 +121,11 @@ impl<T: TreeOps> Store for DirStore<T> {
             let _ = self.remove_build_dir(&dir).await;
             return Err(e);
         }
-        Ok(BuildDir {
-            id: id.to_string(),
-            dir,
-            rootfs,
-        })
+        Ok(BuildDir::at(id, dir))
     }
 
     async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError> {
-        Ok(self.layout.stale_tmp(id).map(|dir| BuildDir {
-            id: id.to_string(),
-            rootfs: dir.join("rootfs"),
-            dir,
-        }))
+        Ok(self.layout.stale_build(id))
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {

@@ -361,19 +361,11 @@ impl Store for DockerStore {
             let _ = remove_tree(&dir);
             return Err(e);
         }
-        Ok(BuildDir {
-            id: id.to_string(),
-            dir,
-            rootfs,
-        })
+        Ok(BuildDir::at(id, dir))
     }
 
     async fn stale_build(&self, id: &str) -> Result<Option<BuildDir>, StoreError> {
-        Ok(self.layout.stale_tmp(id).map(|dir| BuildDir {
-            id: id.to_string(),
-            rootfs: dir.join("rootfs"),
-            dir,
-        }))
+        Ok(self.layout.stale_build(id))
     }
 
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {

@@ -89,6 +89,12 @@ impl Layout {
         t.symlink_metadata().is_ok().then_some(t)
     }
 
+    /// The build dir of `id` that a builder left behind (see [`Layout::stale_tmp`]).
+    pub fn stale_build(&self, id: &str) -> Option<obuilder_engine::store::BuildDir> {
+        self.stale_tmp(id)
+            .map(|dir| obuilder_engine::store::BuildDir::at(id, dir))
+    }
+
     /// Whether a store was ever made here (its database or its results exist).
     pub fn exists_store(&self) -> bool {
         self.root.join("state").is_dir() || self.result_dir().is_dir()

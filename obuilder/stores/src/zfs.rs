@@ -711,12 +711,7 @@ impl Store for ZfsStore {
                     datasets,
                     pins: 1,
                 });
-                let dir = self.result_dir(id);
-                Ok(BuildDir {
-                    id: id.to_string(),
-                    rootfs: dir.join("rootfs"),
-                    dir,
-                })
+                Ok(BuildDir::at(id, self.result_dir(id)))
             }
             Err(e) => {
                 if let Err(e2) = self
@@ -734,12 +729,7 @@ impl Store for ZfsStore {
         if !self.exists(&self.result_ds(id)).await? {
             return Ok(None);
         }
-        let dir = self.result_dir(id);
-        Ok(Some(BuildDir {
-            id: id.to_string(),
-            rootfs: dir.join("rootfs"),
-            dir,
-        }))
+        Ok(Some(BuildDir::at(id, self.result_dir(id))))
     }
 
     /// One recursive snapshot, atomic for the dataset and its children: the commit.

@@ -97,17 +97,19 @@ impl BuilderConfig {
         self.fetch.fetcher(self.images())
     }
 
-    /// Opens the store (checking its filesystem first), the sandbox and the fetcher; the
-    /// builder recovers the store from any crash if it has it to itself.
-    pub async fn open(&self) -> Result<Builder, ConfigError> {
+    /// The sandbox to open with this store: a docker: store and the Docker sandbox go
+    /// together, on one engine, the sandbox naming things with the store's prefix.
+    fn paired_sandbox(&self) -> Result<SandboxSpec, ConfigError> {
         let mut sandbox = match (&self.sandbox, &self.store) {
             // Commands that run no step (delete, push, …) follow the store.
             (None, StoreSpec::Docker { .. }) => SandboxSpec::Docker(Default::default()),
             _ => self.sandbox()?,
         };
-        // The docker: store and the Docker sandbox go together, on one engine.
         match (&self.store, &mut sandbox) {
-            (StoreSpec::Docker { cli, .. }, SandboxSpec::Docker(o)) => o.cli = cli.clone(),
+            (StoreSpec::Docker { cli, root }, SandboxSpec::Docker(o)) => {
+                o.cli = cli.clone();
+                o.prefix = obuilder_stores::docker::prefix(root);
+            }
             (StoreSpec::Docker { .. }, _) => return Err(ConfigError::Pairing(
                 "a docker: store runs its steps with --sandbox docker".into(),
             )),
@@ -116,6 +118,13 @@ impl BuilderConfig {
             )),
             _ => {}
         }
+        Ok(sandbox)
+    }
+
+    /// Opens the store (checking its filesystem first), the sandbox and the fetcher; the
+    /// builder recovers the store from any crash if it has it to itself.
+    pub async fn open(&self) -> Result<Builder, ConfigError> {
+        let sandbox = self.paired_sandbox()?;
         let store = self.store.open(self.exec.clone())?;
         store.ready_state().await?;
         let state = store.state_dir();
@@ -176,14 +185,21 @@ pub fn store_stats(store: &dyn Store) -> Result<StoreStats, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::path::Path;
+
     #[test]
     fn the_docker_store_and_sandbox_name_things_alike() {
         for root in ["/var/lib/obuilder", "/tmp/a b/store"] {
-            let p = std::path::Path::new(root);
-            assert_eq!(
-                obuilder_stores::docker::prefix(p),
-                obuilder_sandbox::docker::prefix(p)
-            );
+            let store = StoreSpec::Docker {
+                root: root.into(),
+                cli: "podman".into(),
+            };
+            let SandboxSpec::Docker(o) = BuilderConfig::new(store).paired_sandbox().unwrap() else {
+                panic!("a docker: store opens the Docker sandbox");
+            };
+            assert_eq!(o.prefix, obuilder_stores::docker::prefix(Path::new(root)));
+            assert_eq!(o.cli, "podman");
         }
     }
 }

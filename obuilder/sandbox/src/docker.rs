@@ -31,6 +31,9 @@ use obuilder_spec::User;
 pub struct DockerOptions {
     /// The CLI (`docker`, `podman`, a path); set from the store's.
     pub cli: String,
+    /// The name prefix of the store's images and containers (`obuilder-stores`'
+    /// `docker::prefix`); set from the store's. Empty: no docker: store.
+    pub prefix: String,
     pub cpus: Option<f64>,
     /// As Docker takes it (`4g`).
     pub memory: Option<String>,
@@ -46,20 +49,13 @@ impl Default for DockerOptions {
     fn default() -> DockerOptions {
         DockerOptions {
             cli: "docker".into(),
+            prefix: String::new(),
             cpus: None,
             memory: None,
             isolation: None,
             network: None,
         }
     }
-}
-
-/// The name prefix of what a store at `root` makes in the engine (the store computes the
-/// same: `obuilder-stores`' `docker::prefix`).
-pub fn prefix(root: &Path) -> String {
-    use sha2::Digest;
-    let h = sha2::Sha256::digest(root.to_string_lossy().as_bytes());
-    format!("obuilder-{}", &hex::encode(h)[..8])
 }
 
 pub struct DockerSandbox {
@@ -90,11 +86,13 @@ impl DockerSandbox {
                 rootfs.display()
             ))
         };
+        let p = &self.opts.prefix;
+        if p.is_empty() {
+            return Err(bad());
+        }
         let dir = rootfs.parent().ok_or_else(bad)?;
         let id = dir.file_name().and_then(|n| n.to_str()).ok_or_else(bad)?;
-        let root = dir.parent().and_then(Path::parent).ok_or_else(bad)?;
         let parent = std::fs::read_to_string(dir.join("parent")).map_err(|_| bad())?;
-        let p = prefix(root);
         Ok((format!("{p}-{id}"), format!("{p}:{}", parent.trim())))
     }
 

@@ -33,6 +33,7 @@ fn windows_seam_run_argv_with_hyperv_isolation_limits_and_a_nat_network() {
         std::path::Path::new("/state"),
         DockerOptions {
             cli: "docker".into(),
+            prefix: "obuilder-0123abcd".into(),
             cpus: Some(2.0),
             memory: Some("4g".into()),
             isolation: Some("hyperv".into()),

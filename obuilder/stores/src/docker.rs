@@ -154,20 +154,11 @@ impl DockerStore {
         let rel = dst.trim_start_matches('/');
         let members: Vec<String> = if dst.ends_with('/') || dst.is_empty() {
             // Into a directory (which may exist in the image): its new entries only.
-            let inside = dir.rootfs.join(rel.trim_end_matches('/'));
-            entries(&inside)?
+            let into = rel.trim_end_matches('/');
+            entries(&dir.rootfs.join(into))?
                 .iter()
-                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .map(|n| {
-                    format!(
-                        "./{}{n}",
-                        if rel.is_empty() {
-                            String::new()
-                        } else {
-                            format!("{}/", rel.trim_end_matches('/'))
-                        }
-                    )
-                })
+                .filter_map(|p| p.file_name())
+                .map(|n| path_str(&Path::new(".").join(into).join(n)))
                 .collect()
         } else {
             vec![format!("./{rel}")]

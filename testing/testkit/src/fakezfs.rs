@@ -786,8 +786,7 @@ impl Exec for FakeZfs {
         if let Some(exec) = self.passes(cmd) {
             return exec.output(cmd).await;
         }
-        self.calls.lock().unwrap().push(cmd.argv.join(" "));
-        match self.run(&cmd.argv) {
+        match self.run_argv(&cmd.argv) {
             Ok(out) => Ok(Output {
                 stdout: out.into_bytes(),
                 stderr: vec![],

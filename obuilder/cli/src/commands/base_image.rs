@@ -61,7 +61,7 @@ async fn build_image(mut a: BuildArgs) -> anyhow::Result<ExitCode> {
             "--export tar: has no image metadata; use oci:, oci-archive: or docker-archive:",
         ));
     }
-    let iid = tempfile_path()?;
+    let iid = id_file();
     a.build.iidfile = Some(iid.clone());
     let store = a.build.store.clone();
     let registry = a.build.registry.clone();
@@ -111,10 +111,9 @@ async fn build_image(mut a: BuildArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A private path for the build's id.
-fn tempfile_path() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir();
-    let p = dir.join(format!("obuilder-base-image-{}.id", std::process::id()));
+/// Where the build writes its result's id (this process's own file).
+fn id_file() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("obuilder-base-image-{}.id", std::process::id()));
     let _ = std::fs::remove_file(&p);
-    Ok(p)
+    p
 }

@@ -225,6 +225,16 @@ impl ZfsStore {
         }
     }
 
+    /// `zfs list` rows of filesystem `ds` and its direct children (`None`: no `ds`).
+    async fn with_children(
+        &self,
+        fields: &str,
+        ds: &str,
+    ) -> Result<Option<Vec<Vec<String>>>, StoreError> {
+        self.list_rows(fields, &["-r", "-d", "1", "-t", "filesystem"], ds)
+            .await
+    }
+
     async fn exists(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.list_rows("name", &[], name).await?.is_some())
     }
@@ -283,7 +293,7 @@ impl ZfsStore {
         }
         let ds = self.result_ds(id);
         let rows = self
-            .list_rows("name,mounted", &["-r", "-d", "1", "-t", "filesystem"], &ds)
+            .with_children("name,mounted", &ds)
             .await?
             .unwrap_or_default();
         let mut datasets = Vec::new();
@@ -344,10 +354,7 @@ impl ZfsStore {
                 None => return true,
                 // The parent is busy: perhaps with children it does not know of.
                 Some(ds) if attempt == 0 && ds == m.datasets[0] => {
-                    match self
-                        .list_rows("name", &["-r", "-d", "1", "-t", "filesystem"], &ds)
-                        .await
-                    {
+                    match self.with_children("name", &ds).await {
                         Ok(Some(rows)) if rows.len() > m.datasets.len() => {
                             m.datasets = rows.into_iter().map(|r| r[0].clone()).collect();
                         }
@@ -363,10 +370,7 @@ impl ZfsStore {
     /// The direct child datasets of result `base`, by their last component.
     async fn children(&self, base: &str) -> Result<Vec<String>, StoreError> {
         let ds = self.result_ds(base);
-        let rows = self
-            .list_rows("name", &["-r", "-d", "1", "-t", "filesystem"], &ds)
-            .await?
-            .unwrap_or_default();
+        let rows = self.with_children("name", &ds).await?.unwrap_or_default();
         Ok(rows
             .into_iter()
             .filter_map(|r| r[0].strip_prefix(&format!("{ds}/")).map(str::to_string))
@@ -463,10 +467,7 @@ impl ZfsStore {
     /// The checked-out copies of caches: `(dataset component, escaped cache name)`.
     async fn cache_copies(&self) -> Result<Vec<(String, String)>, StoreError> {
         let tmp = self.ds("cache-tmp");
-        let rows = self
-            .list_rows("name", &["-r", "-d", "1", "-t", "filesystem"], &tmp)
-            .await?
-            .unwrap_or_default();
+        let rows = self.with_children("name", &tmp).await?.unwrap_or_default();
         Ok(rows
             .into_iter()
             .filter_map(|r| {
@@ -899,7 +900,7 @@ impl Store for ZfsStore {
     async fn cache_list(&self) -> Result<Vec<CacheInfo>, StoreError> {
         let cache = self.ds("cache");
         let rows = self
-            .list_rows("name", &["-r", "-d", "1", "-t", "filesystem"], &cache)
+            .with_children("name", &cache)
             .await?
             .unwrap_or_default();
         let copies = self.cache_copies().await?;

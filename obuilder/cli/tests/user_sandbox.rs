@@ -556,6 +556,17 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
         assert!(Instant::now() < deadline, "processes left:\n{left}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its supervisor is gone too (it holds the user until then).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Command::new("pgrep")
+        .args(["-f", "obuilder-user-supervisor 61400"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the supervisor never exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The killed step's private TMPDIR goes when the next builder starts.
     let private = || {
         std::fs::read_dir(std::env::temp_dir())

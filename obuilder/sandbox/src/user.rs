@@ -344,7 +344,8 @@ fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Erro
 /// A build user held by one step (its lock file, released on drop).
 struct Lease {
     uid: u32,
-    _lock: std::fs::File,
+    /// The user's lock (`flock`), held for the step; the step's supervisor holds it too.
+    lock: std::fs::File,
 }
 
 /// A cache put in place for a step, to take back after it.
@@ -472,7 +473,7 @@ impl UserSandbox {
                 if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                     .is_ok()
                 {
-                    return Ok(Lease { uid, _lock: f });
+                    return Ok(Lease { uid, lock: f });
                 }
             }
             tokio::select! {
@@ -1274,6 +1275,13 @@ impl Sandbox for UserSandbox {
             let argv = command_argv(self.opts.platform, &inv);
             let (sup_read, sup_write) = crate::cloexec_pipe()
                 .map_err(|e| io("cannot make a pipe for", rootfs)(e.into()))?;
+            // The supervisor holds the user's lock as its (unused) standard output: if this
+            // builder dies, the user is not leased to the next step until the supervisor has
+            // killed everything and exited, so its last `pkill` cannot hit that step.
+            let sup_lock = lease
+                .lock
+                .try_clone()
+                .map_err(io("cannot share the build user's lock for", rootfs))?;
             let mut sup = self.exec.spawn(
                 &Cmd::new([
                     "/bin/sh",
@@ -1283,7 +1291,7 @@ impl Sandbox for UserSandbox {
                     &uid.to_string(),
                 ]),
                 Stdio::from(sup_read),
-                Stdio::null(),
+                Stdio::from(sup_lock),
                 Stdio::null(),
             )?;
             supervisor = Some(std::fs::File::from(sup_write));

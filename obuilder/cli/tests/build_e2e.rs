@@ -471,7 +471,7 @@ fn sandbox_network_hostname_hosts_and_fast_sync() {
  (run (shell "echo isolated=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,); hostname; cat /etc/hosts"))
  (run (network host) (shell "echo host-ifaces=$(tail -n +3 /proc/net/dev | wc -l); test -s /etc/resolv.conf && echo resolv-ok; echo x > /etc/resolv.conf || echo resolv-ro"))
  (run (shell "sync; echo synced"))
- (run (shell "(nc -l -p 7777 > /tmp/got &); ok=0; for i in $(seq 200); do echo over-loopback | nc 127.0.0.1 7777 && { ok=1; break; }; sleep 0.1; done; echo connected=$ok; for i in $(seq 200); do test -s /tmp/got && break; sleep 0.1; done; cat /tmp/got")))"#,
+ (run (shell "echo over-loopback > /tmp/msg; (sleep 60 | nc -l -p 7777 > /tmp/got &); ok=0; for i in $(seq 200); do nc 127.0.0.1 7777 < /tmp/msg && { ok=1; break; }; sleep 0.1; done; echo connected=$ok; for i in $(seq 200); do test -s /tmp/got && break; sleep 0.1; done; cat /tmp/got")))"#,
     );
         let out = env.build_with(&spec, &["--fast-sync"]);
         let o = text(&out.stdout);

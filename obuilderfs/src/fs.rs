@@ -62,6 +62,12 @@ pub struct ObuilderFs<V: Views> {
     by_path: HashMap<(PathBuf, PathBuf), u64>,
     next_ino: u64,
     files: HashMap<u64, (PathBuf, std::fs::File)>,
+    /// Passthrough (Linux 6.9+): each open regular file is read and written by the kernel
+    /// straight from the stored file, with no request to the daemon.
+    #[cfg(target_os = "linux")]
+    passthrough: Option<Passthrough>,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    want_passthrough: bool,
     dirs: HashMap<u64, DirHandle>,
     next_fh: u64,
     /// The kernel drops a file's cached pages when its mtime or size changes, so they
@@ -70,6 +76,30 @@ pub struct ObuilderFs<V: Views> {
     /// The uid stored trees belong to, shown to each caller as its own.
     owner: Option<u32>,
 }
+
+/// The stored files that open inodes are passed through to.
+///
+/// The kernel allows one backing file per inode at a time (a second one makes the open
+/// fail with EIO), and an inode open in passthrough mode cannot also be open in caching
+/// mode. So every open of an inode shares one backing file, registered at its first open
+/// and let go at its last release, and files are never opened in caching mode: `create`
+/// is declined (the kernel then makes the file with `mknod` and opens it with `open`).
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+struct Passthrough {
+    /// Inode -> its backing file, whether that was opened for writing, and how many of
+    /// the daemon's handles use it.
+    backing: HashMap<u64, (fuser::BackingId, bool, u64)>,
+    /// Handle -> the inode whose backing file it uses.
+    users: HashMap<u64, u64>,
+}
+
+/// `FUSE_PASSTHROUGH` (protocol 7.40).
+#[cfg(target_os = "linux")]
+const PASSTHROUGH: u64 = 1 << 37;
+/// `FOPEN_DIRECT_IO`: this handle neither caches nor passes through (see `open`).
+#[cfg(target_os = "linux")]
+const DIRECT_IO: u32 = 1 << 0;
 
 /// `FUSE_AUTO_INVAL_DATA` (protocol 7.20): cached pages go when mtime or size change.
 const AUTO_INVAL_DATA: u64 = 1 << 12;
@@ -190,6 +220,9 @@ impl<V: Views> ObuilderFs<V> {
             by_path: HashMap::new(),
             next_ino: ROOT + 1,
             files: HashMap::new(),
+            #[cfg(target_os = "linux")]
+            passthrough: None,
+            want_passthrough: true,
             dirs: HashMap::new(),
             next_fh: 1,
             keep_cache: false,
@@ -201,6 +234,13 @@ impl<V: Views> ObuilderFs<V> {
     /// creates (or `chown`s to itself) is stored as `owner`'s.
     pub fn with_owner(mut self, owner: Option<u32>) -> ObuilderFs<V> {
         self.owner = owner;
+        self
+    }
+
+    /// Whether to pass open files through to the stored ones when the kernel can (Linux
+    /// only; the default).
+    pub fn with_passthrough(mut self, on: bool) -> ObuilderFs<V> {
+        self.want_passthrough = on;
         self
     }
 
@@ -411,6 +451,16 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         // user's; files may also change outside the mount (the builder), which the
         // kernel sees by their mtime and size at each getattr (timeouts are 0).
         self.keep_cache = config.add_capabilities(AUTO_INVAL_DATA).is_ok();
+        // Passthrough needs the kernel's support and CAP_SYS_ADMIN (the daemon is root).
+        // A stacking depth of 2 lets the stored files be on overlayfs (the overlayfs
+        // store); this filesystem itself then cannot be stacked under another.
+        #[cfg(target_os = "linux")]
+        if self.want_passthrough
+            && config.set_max_stack_depth(2).is_ok()
+            && config.add_capabilities(PASSTHROUGH).is_ok()
+        {
+            self.passthrough = Some(Passthrough::default());
+        }
         Ok(())
     }
 
@@ -668,6 +718,26 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         match self.open_file(req, ino, flags) {
             Ok(f) => {
                 let fh = self.fresh_fh();
+                #[cfg(target_os = "linux")]
+                if self.passthrough.is_some() {
+                    let writes = flags.bits() & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32;
+                    let r = self.pass_through(ino, fh, &f.1, writes, &reply);
+                    self.files.insert(fh, f);
+                    return match r {
+                        Ok(true) => {
+                            let p = self.passthrough.as_ref().expect("passthrough is on");
+                            reply.opened_passthrough(fh, 0, &p.backing[&ino].0)
+                        }
+                        // This inode's backing file was opened read-only and is in use:
+                        // the handle goes through the daemon, uncached (a caching open
+                        // would fail beside the passthrough ones).
+                        Ok(false) => reply.opened(fh, DIRECT_IO),
+                        Err(e) => {
+                            self.files.remove(&fh);
+                            reply.error(e)
+                        }
+                    };
+                }
                 self.files.insert(fh, f);
                 reply.opened(fh, if self.keep_cache { KEEP_CACHE } else { 0 })
             }
@@ -742,6 +812,19 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         reply: ReplyEmpty,
     ) {
         self.files.remove(&fh);
+        #[cfg(target_os = "linux")]
+        if let Some(p) = &mut self.passthrough {
+            if let Some(ino) = p.users.remove(&fh) {
+                if let Some(b) = p.backing.get_mut(&ino) {
+                    b.2 -= 1;
+                    if b.2 == 0 {
+                        // Dropping the id unregisters it; the kernel keeps its own
+                        // reference for as long as it needs the file.
+                        p.backing.remove(&ino);
+                    }
+                }
+            }
+        }
         reply.ok()
     }
 
@@ -920,6 +1003,14 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        #[cfg(target_os = "linux")]
+        if self.passthrough.is_some() {
+            // A created file could only be answered in caching mode (the protocol's create
+            // reply has no backing file), which would make every passthrough open of it
+            // fail while it is open. Declined once, the kernel then makes new files with
+            // `mknod` and opens them with `open`.
+            return reply.error(libc::ENOSYS);
+        }
         let r = (|| {
             if !resolve::valid_name(name) {
                 return Err(libc::EINVAL);
@@ -974,6 +1065,49 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             }),
             reply,
         )
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl<V: Views> ObuilderFs<V> {
+    /// The backing file handle `fh` of inode `ino` uses (`file` is the handle's own
+    /// file): the inode's current one, or a new one opened read-write if it can be (so
+    /// that later writers may share it), else read-only. False when a writer comes to an
+    /// inode whose backing file in use is read-only.
+    fn pass_through(
+        &mut self,
+        ino: u64,
+        fh: u64,
+        file: &std::fs::File,
+        writes: bool,
+        reply: &ReplyOpen,
+    ) -> Result<bool, i32> {
+        let p = self.passthrough.as_mut().expect("passthrough is on");
+        let b = match p.backing.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // Reopened through the handle, so that it is the very file the caller
+                // opened (never the path again, which may have changed since).
+                let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+                let (backing, writable) = match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&fd_path)
+                {
+                    Ok(f) => (f, true),
+                    Err(_) if !writes => (std::fs::File::open(&fd_path).map_err(io_err)?, false),
+                    Err(e) => return Err(io_err(e)),
+                };
+                let id = reply.open_backing(&backing).map_err(io_err)?;
+                e.insert((id, writable, 0))
+            }
+        };
+        if writes && !b.1 {
+            return Ok(false);
+        }
+        b.2 += 1;
+        p.users.insert(fh, ino);
+        Ok(true)
     }
 }
 

@@ -26,6 +26,11 @@ struct Args {
     /// user's. Without it, owners are shown as they are.
     #[arg(long, value_name = "UID")]
     owner: Option<u32>,
+    /// Serve every read and write in the daemon. By default (Linux 6.9 and later, where
+    /// the kernel has FUSE passthrough) an open file is read, written and mapped by the
+    /// kernel straight from the stored file, at the speed of direct access.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Leave the mount behind if the daemon dies (by default the FUSE helper unmounts).
     #[arg(long)]
     no_auto_unmount: bool,
@@ -96,7 +101,8 @@ fn main() {
         },
         args.fallback.clone(),
     )
-    .with_owner(args.owner);
+    .with_owner(args.owner)
+    .with_passthrough(!args.no_passthrough);
     // The scoreboard as the mount's source, so that a builder can tell an obuilderfs that
     // serves its store from one serving another (a comma would split the option string).
     let sb = args.scoreboard.to_string_lossy();

@@ -37,6 +37,8 @@ struct Mounted {
     /// The daemon's stderr, kept open and never read after its first line: the daemon
     /// must not block on logging (python's `open` alone asks an ioctl per file).
     stderr: Option<BufReader<std::process::ChildStderr>>,
+    /// The daemon's extra flags.
+    flags: Vec<&'static str>,
 }
 
 impl Mounted {
@@ -53,6 +55,10 @@ impl Mounted {
     /// Views `a` (uid 1000) and `b` (uid 1001), each owned by its user and holding a file
     /// `who` saying whose it is; an empty fallback.
     fn start() -> Mounted {
+        Mounted::start_with(&[])
+    }
+
+    fn start_with(flags: &[&'static str]) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         // Build users must reach the views' parent.
         std::fs::set_permissions(
@@ -77,6 +83,7 @@ impl Mounted {
             holder,
             daemon: None,
             stderr: None,
+            flags: flags.to_vec(),
         };
         m.mount();
         m
@@ -92,6 +99,7 @@ impl Mounted {
             .arg(self.sb())
             .arg("--fallback")
             .arg(self.view("fallback"))
+            .args(&self.flags)
             .arg(self.mnt())
             .stderr(Stdio::piped())
             .spawn()
@@ -265,7 +273,15 @@ fn file_operations() {
     if !machine_ok("file_operations") {
         return;
     }
-    let m = Mounted::start();
+    // Passed through to the stored files (the default where the kernel can), and served
+    // by the daemon.
+    for flags in [&[][..], &["--no-passthrough"][..]] {
+        file_operations_with(flags);
+    }
+}
+
+fn file_operations_with(flags: &[&'static str]) {
+    let m = Mounted::start_with(flags);
     m.ok(
         1000,
         "set -e; cd $M
@@ -315,6 +331,114 @@ for i in range(10000): open(\"many/f%05d\" % i, \"w\").close()
     );
     assert_eq!(m.ok(1000, "ls $M/many | wc -l").trim(), "10000");
     assert_eq!(m.ok(1000, "ls $M/many | tail -1").trim(), "f09999");
+}
+
+/// The daemon is stopped (SIGSTOP) while a user holds files open: it answers nothing.
+/// Runs `script` (Python, in the mount) as uid 1000; the script prints `ready` when its
+/// files are open, then waits for a line; the daemon is stopped before that line is sent
+/// and let go after `wait`. Returns the script's output after `ready` and whether its
+/// first line came while the daemon was stopped.
+fn while_the_daemon_is_stopped(m: &Mounted, script: &str, wait: Duration) -> (String, bool) {
+    let mut child = m
+        .sh_cmd(1000, &format!("cd $M && exec $PY -c '{script}'"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let daemon = m.daemon.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on the test's own child.
+    unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    use std::io::Write;
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // One line: closing its files at exit needs the daemon (FUSE_FLUSH).
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = out.read_line(&mut rest);
+        let _ = tx.send(());
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        rest
+    });
+    let while_stopped = rx.recv_timeout(wait).is_ok();
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon, libc::SIGCONT) };
+    let rest = reader.join().unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    (rest, while_stopped)
+}
+
+/// Open files are passed through to the stored ones (the default, where the kernel has
+/// FUSE passthrough): through a descriptor opened before the daemon was stopped, a user
+/// reads 8 MiB while the daemon answers nothing. (A write may still ask the daemon
+/// whether the file has a `security.capability` to drop.) A write through another
+/// descriptor of the same file lands in the stored file. Two opens of one file at once (a reader beside a writer) share it,
+/// and a file made with O_CREAT and still open is opened by another process (a caching
+/// open beside passthrough ones would fail with EIO). With `--no-passthrough` the same
+/// read waits for the daemon.
+#[test]
+fn open_files_pass_through_to_the_stored_files() {
+    if !machine_ok("open_files_pass_through_to_the_stored_files")
+        || !testkit::require(
+            "open_files_pass_through_to_the_stored_files",
+            &[Cap::FusePassthrough],
+        )
+    {
+        return;
+    }
+    let script = "
+import hashlib, os, sys
+w = open(\"new\", \"wb\"); w.write(b\"made\"); w.flush()
+assert open(\"new\", \"rb\").read() == b\"made\"
+r = os.open(\"data\", os.O_RDONLY); rw = os.open(\"data\", os.O_RDWR)
+print(\"ready\", flush=True); sys.stdin.readline()
+h = hashlib.sha256()
+off = 0
+while True:
+    b = os.pread(r, 1 << 20, off)
+    if not b: break
+    h.update(b); off += len(b)
+print(h.hexdigest(), flush=True)
+os.pwrite(rw, b\"WRITTEN\", 0)
+";
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = {
+        let out = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(&data)?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    for (flags, passed) in [(&[][..], true), (&["--no-passthrough"][..], false)] {
+        let m = Mounted::start_with(flags);
+        let stored = m.view("a").join("data");
+        std::fs::write(&stored, &data).unwrap();
+        std::os::unix::fs::chown(&stored, Some(1000), Some(1000)).unwrap();
+        let wait = Duration::from_secs(if passed { 20 } else { 2 });
+        let (out, while_stopped) = while_the_daemon_is_stopped(&m, script, wait);
+        assert_eq!(
+            while_stopped, passed,
+            "{flags:?}: read while the daemon was stopped: {while_stopped}"
+        );
+        assert_eq!(out.trim(), digest, "{flags:?}");
+        let stored = std::fs::read(&stored).unwrap();
+        assert_eq!(&stored[..7], b"WRITTEN", "{flags:?}");
+        assert_eq!(stored.len(), data.len());
+        assert_eq!(std::fs::read(m.view("a").join("new")).unwrap(), b"made");
+    }
 }
 
 /// A writer killed mid-write leaves a consistent file (what reached the view, the same

@@ -44,6 +44,9 @@ pub enum Cap {
     File(&'static str),
     /// Overlayfs with the new mount API's `lowerdir+` (Linux ≥ 6.8).
     OverlayLowerdirPlus,
+    /// FUSE passthrough of open files to backing files (Linux >= 6.9, built with
+    /// CONFIG_FUSE_PASSTHROUGH).
+    FusePassthrough,
 }
 
 fn which(tool: &str) -> bool {
@@ -73,6 +76,20 @@ fn missing(cap: Cap) -> Option<String> {
         }
         Cap::OverlayLowerdirPlus => {
             (!kernel_at_least(6, 8)).then(|| "needs Linux >= 6.8 for overlayfs lowerdir+".into())
+        }
+        Cap::FusePassthrough => {
+            let config = std::fs::read_to_string(format!(
+                "/boot/config-{}",
+                rustix::system::uname().release().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if !kernel_at_least(6, 9) {
+                Some("needs Linux >= 6.9 for FUSE passthrough".into())
+            } else if config.contains("# CONFIG_FUSE_PASSTHROUGH is not set") {
+                Some("needs a kernel built with CONFIG_FUSE_PASSTHROUGH".into())
+            } else {
+                None
+            }
         }
     }
 }

@@ -724,14 +724,16 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
                     let r = self.pass_through(ino, fh, &f.1, writes, &reply);
                     self.files.insert(fh, f);
                     return match r {
-                        Ok(true) => {
+                        // The kernel would not take a backing file: served as below.
+                        Ok(None) => reply.opened(fh, if self.keep_cache { KEEP_CACHE } else { 0 }),
+                        Ok(Some(true)) => {
                             let p = self.passthrough.as_ref().expect("passthrough is on");
                             reply.opened_passthrough(fh, 0, &p.backing[&ino].0)
                         }
                         // This inode's backing file was opened read-only and is in use:
                         // the handle goes through the daemon, uncached (a caching open
                         // would fail beside the passthrough ones).
-                        Ok(false) => reply.opened(fh, DIRECT_IO),
+                        Ok(Some(false)) => reply.opened(fh, DIRECT_IO),
                         Err(e) => {
                             self.files.remove(&fh);
                             reply.error(e)
@@ -1073,7 +1075,9 @@ impl<V: Views> ObuilderFs<V> {
     /// The backing file handle `fh` of inode `ino` uses (`file` is the handle's own
     /// file): the inode's current one, or a new one opened read-write if it can be (so
     /// that later writers may share it), else read-only. False when a writer comes to an
-    /// inode whose backing file in use is read-only.
+    /// inode whose backing file in use is read-only. None when the kernel refuses to
+    /// register a backing file (a daemon without CAP_SYS_ADMIN in the initial user
+    /// namespace): passthrough is then off for good, and files are served by the daemon.
     fn pass_through(
         &mut self,
         ino: u64,
@@ -1081,7 +1085,7 @@ impl<V: Views> ObuilderFs<V> {
         file: &std::fs::File,
         writes: bool,
         reply: &ReplyOpen,
-    ) -> Result<bool, i32> {
+    ) -> Result<Option<bool>, i32> {
         let p = self.passthrough.as_mut().expect("passthrough is on");
         let b = match p.backing.entry(ino) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -1098,16 +1102,24 @@ impl<V: Views> ObuilderFs<V> {
                     Err(_) if !writes => (std::fs::File::open(&fd_path).map_err(io_err)?, false),
                     Err(e) => return Err(io_err(e)),
                 };
-                let id = reply.open_backing(&backing).map_err(io_err)?;
-                e.insert((id, writable, 0))
+                match reply.open_backing(&backing) {
+                    Ok(id) => e.insert((id, writable, 0)),
+                    Err(err) => {
+                        tracing::warn!(
+                            "FUSE passthrough is not available ({err}): files are served by the daemon"
+                        );
+                        self.passthrough = None;
+                        return Ok(None);
+                    }
+                }
             }
         };
         if writes && !b.1 {
-            return Ok(false);
+            return Ok(Some(false));
         }
         b.2 += 1;
         p.users.insert(fh, ino);
-        Ok(true)
+        Ok(Some(true))
     }
 }
 

@@ -144,4 +144,47 @@ async fn fake_zfs_store_runs_real_runc_builds_cached_and_with_caches() {
             .count()
             <= 32
     );
+
+    // `--keep-failed`: the failed step's datasets become a result of their own, which a
+    // second failure of the same step replaces.
+    let failing = Spec::parse(
+        r#"((from busybox) (shell /bin/sh -c)
+            (run (shell "echo one > /a"))
+            (run (shell "echo partial > /half; exit 3")))"#,
+    )
+    .unwrap();
+    for round in 0..2 {
+        let (sink, text) = buffer_sink();
+        let mut opts = BuildOptions::new(ctx.path(), sink);
+        opts.keep_failed = true;
+        builder
+            .build(&failing, &opts)
+            .await
+            .expect_err("the step fails");
+        let log = text.lock().unwrap().clone();
+        let short = log
+            .split("`obuilder shell ")
+            .nth(1)
+            .and_then(|s| s.split('`').next())
+            .unwrap_or_else(|| panic!("round {round}: no kept id in:\n{log}"))
+            .to_string();
+        let kept: Vec<String> = zfs
+            .names()
+            .into_iter()
+            .filter_map(|n| {
+                let id = n.strip_prefix("tank/result/")?.strip_suffix("@snap")?;
+                id.starts_with(&short).then(|| id.to_string())
+            })
+            .collect();
+        assert_eq!(kept.len(), 1, "round {round}: {:?}", zfs.names());
+        let snap = zfs
+            .snapshot_dir(&format!("tank/result/{}@snap", kept[0]))
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(snap.join("rootfs/a")).unwrap()
+                + &std::fs::read_to_string(snap.join("rootfs/half")).unwrap(),
+            "one\npartial\n",
+            "round {round}"
+        );
+    }
 }

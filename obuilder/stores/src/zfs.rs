@@ -327,7 +327,7 @@ impl ZfsStore {
                 break;
             };
             let mut m = mounts.list.remove(i);
-            if !self.unmount_all(&mut m).await {
+            if !self.unmount_all(&mut m, false).await {
                 skipped.push(m);
             }
         }
@@ -336,12 +336,18 @@ impl ZfsStore {
 
     /// Unmounts a result's datasets, children first; false if one is busy. Children this
     /// process did not mount (a base image's, cloned by the fetcher) are found and
-    /// unmounted first.
-    async fn unmount_all(&self, m: &mut Mounted) -> bool {
+    /// unmounted first. `force` (`-f`, as `destroy -f`) for a build of this process's own
+    /// whose step is over (its log may still be open for followers).
+    async fn unmount_all(&self, m: &mut Mounted, force: bool) -> bool {
+        let how: &[&str] = if force {
+            &["unmount", "-f"]
+        } else {
+            &["unmount"]
+        };
         for attempt in 0..2 {
             let mut busy_at = None;
             for ds in m.datasets.iter().rev() {
-                if let Err(e) = self.zfs(&["unmount", ds]).await {
+                if let Err(e) = self.zfs(&[how, &[ds.as_str()]].concat()).await {
                     if stderr_of(&e).is_some_and(|s| s.contains("not currently mounted")) {
                         continue;
                     }
@@ -742,6 +748,41 @@ impl Store for ZfsStore {
         mounts.touch(&dir.id);
         self.evict(&mut mounts).await;
         Ok(self.result_dir(&dir.id))
+    }
+
+    /// A failed build kept as result `id` (`build --keep-failed`): its datasets are
+    /// unmounted (children first, forced as `destroy -f` would), renamed (the children go with their parent), the
+    /// children's mount points set under the new name, and the whole snapshotted as a
+    /// commit is. The snapshot comes last: a crash before it leaves a dataset without one,
+    /// which start-up removes. The kept result is mounted again on demand.
+    async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
+        let from = self.result_ds(&dir.id);
+        let to = self.result_ds(id);
+        {
+            let mut mounts = self.mounts.lock().await;
+            let mut m = match mounts.position(&dir.id) {
+                Some(i) => mounts.list.remove(i),
+                None => Mounted {
+                    id: dir.id.clone(),
+                    datasets: vec![from.clone()],
+                    pins: 0,
+                },
+            };
+            if !self.unmount_all(&mut m, true).await {
+                mounts.list.push(m);
+                return Err(StoreError::Busy {
+                    path: dir.dir.clone(),
+                    secs: 0,
+                });
+            }
+        }
+        self.zfs(&["rename", &from, &to]).await?;
+        for sub in self.children(id).await? {
+            let mp = format!("mountpoint={}", self.child_mountpoint(id, &sub).display());
+            self.zfs(&["set", &mp, &format!("{to}/{sub}")]).await?;
+        }
+        self.zfs(&["snapshot", "-r", &format!("{to}@snap")]).await?;
+        Ok(self.result_dir(id))
     }
 
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {

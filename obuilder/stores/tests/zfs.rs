@@ -711,3 +711,84 @@ async fn fake_zfs_base_images_are_cloned_with_their_children() {
     let again = fetcher.resolve("macos", &log).await.unwrap();
     assert_ne!(again.base_id(), id);
 }
+
+/// `build --keep-failed` on ZFS: a failed step's datasets are unmounted (children first),
+/// renamed with their children, given mount points under the new name and snapshotted; the
+/// kept result mounts on demand with its children. A crash after any of those commands
+/// leaves either the whole kept result or nothing (start-up removes the unsnapshotted
+/// datasets).
+#[tokio::test]
+async fn fake_zfs_a_failed_step_is_kept_with_its_children() {
+    let p = pool();
+    let st = p.store(8);
+    st.recover().await.unwrap();
+    macos_base(&p).await;
+    let d = st.prepare("step", Some("base")).await.unwrap();
+    std::fs::write(d.rootfs.join("home/half-built"), "yes").unwrap();
+    std::fs::write(d.rootfs.join("top"), "top").unwrap();
+    // The step's log is still open for followers: the unmount is forced.
+    p.zfs.make_busy("tank/result/step", 5);
+    p.take();
+    let kept = st.commit_as(&d, "step-kept").await.unwrap();
+    assert_eq!(
+        p.take(),
+        s(&[
+            "zfs unmount -f tank/result/step/home",
+            "zfs unmount -f tank/result/step/brew",
+            "zfs unmount -f tank/result/step",
+            "zfs rename tank/result/step tank/result/step-kept",
+            "zfs list -H -o name -r -d 1 -t filesystem tank/result/step-kept",
+            "zfs set mountpoint=ROOT/result/step-kept/rootfs/brew tank/result/step-kept/brew",
+            "zfs set mountpoint=ROOT/result/step-kept/rootfs/home tank/result/step-kept/home",
+            "zfs snapshot -r tank/result/step-kept@snap",
+        ])
+    );
+    assert_eq!(kept, p.root.join("result/step-kept"));
+    assert_eq!(
+        st.list().await.unwrap(),
+        s(&["base", "step-kept"]),
+        "the failed id is free again"
+    );
+    let dir = st.result("step-kept").await.unwrap().unwrap();
+    assert_eq!(read(&dir.join("rootfs/home/half-built")), "yes");
+    assert_eq!(read(&dir.join("rootfs/top")), "top");
+    assert_eq!(read(&dir.join("rootfs/brew/in-brew")), "brew");
+    // A later step goes on from it, and it is deleted like any result.
+    let next = st.prepare("next", Some("step-kept")).await.unwrap();
+    assert_eq!(read(&next.rootfs.join("home/half-built")), "yes");
+    st.discard(&next).await.unwrap();
+    st.delete("step-kept").await.unwrap();
+    assert!(
+        p.under("tank/result/step").is_empty(),
+        "{:?}",
+        p.zfs.names()
+    );
+
+    // A crash after each command.
+    for k in 0..8 {
+        let p = pool();
+        let st = p.store(8);
+        st.recover().await.unwrap();
+        macos_base(&p).await;
+        let d = st.prepare("step", Some("base")).await.unwrap();
+        std::fs::write(d.rootfs.join("home/half-built"), "yes").unwrap();
+        p.zfs.crash_after(k);
+        let _ = st.commit_as(&d, "step-kept").await;
+        p.zfs.restart();
+        drop(st);
+        let st = p.store(8);
+        st.recover().await.unwrap();
+        for ds in p.under("tank/result/") {
+            if !ds.contains('@') {
+                assert!(p.has(&format!("{ds}@snap")), "k={k}: half result {ds}");
+            }
+        }
+        let ids = st.list().await.unwrap();
+        if ids.contains(&"step-kept".to_string()) {
+            let dir = st.result("step-kept").await.unwrap().unwrap();
+            assert_eq!(read(&dir.join("rootfs/home/half-built")), "yes", "k={k}");
+        } else {
+            assert_eq!(ids, s(&["base"]), "k={k}");
+        }
+    }
+}

@@ -710,11 +710,23 @@ impl FakeZfs {
                 self.mount(st, name).map(|_| String::new())
             }
             ("zfs", Some("unmount")) => {
+                let f = flags(&mut args);
                 let name = &args[0];
                 if !st.ds.contains_key(name) {
                     return Err(format!("cannot open '{name}': dataset does not exist"));
                 }
-                self.unmount(st, name).map(|_| String::new())
+                // `-f` closes what is open there (macOS, FreeBSD): an injected busy
+                // does not stop it.
+                let busy = if f.contains('f') {
+                    st.busy.remove(name)
+                } else {
+                    None
+                };
+                let r = self.unmount(st, name).map(|_| String::new());
+                if let Some(n) = busy {
+                    st.busy.insert(name.clone(), n);
+                }
+                r
             }
             ("zfs", Some("snapshot")) => {
                 let f = flags(&mut args);
@@ -767,6 +779,30 @@ impl FakeZfs {
                     f.contains('d'),
                 )
                 .map(|_| String::new())
+            }
+            ("zfs", Some("set")) => {
+                let (prop, name) = (&args[0], &args[1]);
+                let Some((k, v)) = prop.split_once('=') else {
+                    return Err(format!("bad property format: {prop}"));
+                };
+                if !st.ds.contains_key(name) {
+                    return Err(format!("cannot open '{name}': dataset does not exist"));
+                }
+                // As zfs does, a mounted filesystem moves to its new mount point.
+                let was_mounted = st.ds[name].mounted;
+                if was_mounted && k == "mountpoint" {
+                    self.unmount(st, name)?;
+                }
+                let d = st.ds.get_mut(name).unwrap();
+                match k {
+                    "mountpoint" => d.mountpoint = Some(v.to_string()),
+                    "canmount" => d.canmount = v.to_string(),
+                    _ => return Err(format!("fake zfs: property {k} not modelled")),
+                }
+                if was_mounted && k == "mountpoint" && v != "none" {
+                    self.mount(st, name)?;
+                }
+                Ok(String::new())
             }
             ("zfs", Some("rename")) => self.rename(st, &args[0], &args[1]).map(|_| String::new()),
             ("zfs", Some("promote")) => self.promote(st, &args[0]).map(|_| String::new()),

@@ -1090,16 +1090,9 @@ impl<V: Views> ObuilderFs<V> {
         let b = match p.backing.entry(ino) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                // Reopened through the handle, so that it is the very file the caller
-                // opened (never the path again, which may have changed since).
-                let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
-                let (backing, writable) = match std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&fd_path)
-                {
+                let (backing, writable) = match sys::reopen(file, true) {
                     Ok(f) => (f, true),
-                    Err(_) if !writes => (std::fs::File::open(&fd_path).map_err(io_err)?, false),
+                    Err(_) if !writes => (sys::reopen(file, false).map_err(io_err)?, false),
                     Err(e) => return Err(io_err(e)),
                 };
                 match reply.open_backing(&backing) {

@@ -66,3 +66,13 @@ pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> Result<(), 
 pub fn detach(path: &Path) {
     let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
 }
+
+/// `file` opened again, read-write or read-only, through `/proc/self/fd`: the very file
+/// the caller opened, never its path again (which may name another file by now).
+pub fn reopen(file: &std::fs::File, write: bool) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}

@@ -40,6 +40,7 @@ struct Args {
 }
 
 /// A line on stderr, which may have been closed (never a panic for it).
+#[cfg_attr(not(any(target_os = "linux", target_os = "macos")), allow(dead_code))]
 fn say(msg: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "obuilderfs: {msg}");

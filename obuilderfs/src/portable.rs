@@ -1,3 +1,4 @@
+#![cfg_attr(not(target_os = "macos"), allow(dead_code))]
 //! The same operations as `linux.rs` where there is no `openat2` (macOS, the BSDs): a
 //! directory beneath a root is opened one name at a time, each with `O_NOFOLLOW`.
 

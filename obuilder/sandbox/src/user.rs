@@ -1084,6 +1084,8 @@ fn fd_path(fd: &impl AsFd, shown: &Path) -> String {
     }
 }
 
+// Told apart from mount tables on Linux and macOS only.
+#[cfg_attr(not(any(target_os = "linux", target_os = "macos")), allow(dead_code))]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum MountState {
     None,

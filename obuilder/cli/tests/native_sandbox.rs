@@ -351,6 +351,22 @@ fn cgroup_left(pid: u32) -> bool {
     false
 }
 
+/// How many step-cgroup records (`STATE/native/steps-PID-K`) builder `pid` has (any
+/// builder's, for `pid` 0).
+fn step_records(env: &Env, pid: u32) -> usize {
+    let prefix = if pid == 0 {
+        "steps-".to_string()
+    } else {
+        format!("steps-{pid}-")
+    };
+    std::fs::read_dir(env.root().join("state/native"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
 /// Nothing outlives a native step, however it ends: cancel (SIGINT), a step timeout, the
 /// builder's SIGTERM and `kill -9` of the builder each leave no process of the step
 /// (a daemon it started included), no cgroup and no mount.
@@ -412,7 +428,12 @@ fn nothing_outlives_a_native_step() {
             "{how}: a mount is left under the store"
         );
         if how == "SIGKILL" {
-            // The next build on the store (alone on it) recovers: the stale cgroups go.
+            // The killed builder's record of its step cgroups tells the next build on the
+            // store (alone on it) to recover: the stale cgroups go, and the record.
+            assert!(
+                step_records(&env, pid) > 0,
+                "no step record of a killed builder"
+            );
             let next = env.spec(
                 "n.spec",
                 "((from busybox) (shell /bin/sh -c) (run (shell \"echo next\")))",
@@ -422,6 +443,17 @@ fn nothing_outlives_a_native_step() {
             assert!(
                 !cgroup_left(pid),
                 "the next start removes a killed builder's cgroups"
+            );
+            assert_eq!(
+                step_records(&env, pid),
+                0,
+                "a dead builder's record is left"
+            );
+            // (and a builder that ends normally takes its own record away)
+            assert_eq!(
+                step_records(&env, 0),
+                0,
+                "a finished builder's record is left"
             );
         }
     }

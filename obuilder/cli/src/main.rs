@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
+use commands::lazy::Lazy;
 use commands::{
     base_image, build, cache, check, dockerfile, fmt, healthcheck, image, login, maintenance,
     process, pull, result,
@@ -28,30 +29,30 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build a spec: `obuilder build -f SPEC CONTEXT_DIR`.
-    Build(build::Args),
+    Build(Lazy<build::Args>),
     /// Run a command in a throw-away snapshot of a result: `obuilder run ID -- CMD…`.
-    Run(result::RunArgs),
+    Run(Lazy<result::RunArgs>),
     /// An interactive shell in a throw-away snapshot of a result.
-    Shell(result::ShellArgs),
+    Shell(Lazy<result::ShellArgs>),
     /// Print a result's stored log.
-    Log(result::LogArgs),
+    Log(Lazy<result::LogArgs>),
     /// Show a result: parents, times, size, tags, env/workdir/user.
-    Inspect(result::InspectArgs),
+    Inspect(Lazy<result::InspectArgs>),
     /// Write a result as an image (a layer per step) or a tar: oci:DIR, oci-archive:FILE,
     /// docker-archive:FILE, tar:FILE.
-    Export(result::ExportArgs),
+    Export(Lazy<result::ExportArgs>),
     /// Upload a result to a registry as an image, skipping blobs it already has.
-    Push(result::PushArgs),
+    Push(Lazy<result::PushArgs>),
     /// Fetch an image from a registry without building.
-    Pull(pull::Args),
+    Pull(Lazy<pull::Args>),
     /// macOS base images (a home with .obuilder_profile.sh and a Homebrew tree): build one
     /// from a spec with the user sandbox and push or export it as an OCI image.
     #[command(subcommand, name = "base-image")]
     BaseImage(base_image::Command),
     /// Check and keep credentials for a registry (in the Docker config).
-    Login(login::LoginArgs),
+    Login(Lazy<login::LoginArgs>),
     /// Forget the credentials for a registry.
-    Logout(login::LogoutArgs),
+    Logout(Lazy<login::LogoutArgs>),
     /// Local images and tags: import, list, remove.
     #[command(subcommand)]
     Image(image::Command),
@@ -59,21 +60,21 @@ enum Command {
     #[command(subcommand)]
     Cache(cache::Command),
     /// Delete a result and everything built on it.
-    Delete(maintenance::DeleteArgs),
+    Delete(Lazy<maintenance::DeleteArgs>),
     /// Delete every result not in use.
-    Clean(maintenance::CleanArgs),
+    Clean(Lazy<maintenance::CleanArgs>),
     /// Delete least-recently-used results last used before a date or age.
-    Prune(maintenance::PruneArgs),
+    Prune(Lazy<maintenance::PruneArgs>),
     /// Show the store's free space and number of results.
-    Df(maintenance::DfArgs),
+    Df(Lazy<maintenance::DfArgs>),
     /// Build a tiny image and run `echo` in it: is this machine able to build?
-    Healthcheck(healthcheck::Args),
+    Healthcheck(Lazy<healthcheck::Args>),
     /// Print a spec as a Dockerfile (or a BuildKit one with --buildkit).
-    Dockerfile(dockerfile::Args),
+    Dockerfile(Lazy<dockerfile::Args>),
     /// Pretty-print specs in place, keeping comments (or check that they are formatted).
-    Fmt(fmt::Args),
+    Fmt(Lazy<fmt::Args>),
     /// Read and scope-check specs, reporting every error with file:line:col.
-    Check(check::Args),
+    Check(Lazy<check::Args>),
 }
 
 fn main() -> ExitCode {
@@ -99,10 +100,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Dockerfile(a) => dockerfile::run(a),
-        Command::Fmt(a) => fmt::run(a),
-        Command::Check(a) => check::run(a),
-        async_cmd => match tokio::runtime::Builder::new_multi_thread()
+        Command::Dockerfile(a) => dockerfile::run(a.0),
+        Command::Fmt(a) => fmt::run(a.0),
+        Command::Check(a) => check::run(a.0),
+        // One thread: the builder's work is waiting (on the store, its steps, the network),
+        // and what is heavy runs in blocking threads or processes. A multi-threaded
+        // runtime's workers, started and joined for nothing, were a tenth of a fully
+        // cached build's time.
+        async_cmd => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
@@ -121,24 +126,24 @@ fn main() -> ExitCode {
                 );
                 let cmd = async move {
                     match async_cmd {
-                        Command::Build(a) => build::run(a).await,
+                        Command::Build(a) => build::run(a.0).await,
                         Command::Image(c) => image::run(c).await,
-                        Command::Pull(a) => pull::run(a).await,
+                        Command::Pull(a) => pull::run(a.0).await,
                         Command::BaseImage(c) => base_image::run(c).await,
-                        Command::Login(a) => login::login(a).await,
-                        Command::Logout(a) => login::logout(a).await,
-                        Command::Run(a) => result::run(a).await,
-                        Command::Shell(a) => result::shell(a).await,
-                        Command::Log(a) => result::log(a).await,
-                        Command::Inspect(a) => result::inspect(a).await,
-                        Command::Export(a) => result::export(a).await,
-                        Command::Push(a) => result::push(a).await,
+                        Command::Login(a) => login::login(a.0).await,
+                        Command::Logout(a) => login::logout(a.0).await,
+                        Command::Run(a) => result::run(a.0).await,
+                        Command::Shell(a) => result::shell(a.0).await,
+                        Command::Log(a) => result::log(a.0).await,
+                        Command::Inspect(a) => result::inspect(a.0).await,
+                        Command::Export(a) => result::export(a.0).await,
+                        Command::Push(a) => result::push(a.0).await,
                         Command::Cache(c) => cache::run(c).await,
-                        Command::Delete(a) => maintenance::delete(a).await,
-                        Command::Clean(a) => maintenance::clean(a).await,
-                        Command::Prune(a) => maintenance::prune(a).await,
-                        Command::Df(a) => maintenance::df(a).await,
-                        Command::Healthcheck(a) => healthcheck::run(a).await,
+                        Command::Delete(a) => maintenance::delete(a.0).await,
+                        Command::Clean(a) => maintenance::clean(a.0).await,
+                        Command::Prune(a) => maintenance::prune(a.0).await,
+                        Command::Df(a) => maintenance::df(a.0).await,
+                        Command::Healthcheck(a) => healthcheck::run(a.0).await,
                         Command::Dockerfile(_) | Command::Fmt(_) | Command::Check(_) => {
                             unreachable!("run without a runtime")
                         }
@@ -160,5 +165,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => process::report(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks, over every subcommand with its deferred arguments.
+    #[test]
+    fn the_command_line_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -14,7 +14,7 @@ use super::result::{Compress, ExportArgs, PushArgs};
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Build a base image from a spec with the user sandbox and push or export it.
-    Build(BuildArgs),
+    Build(super::lazy::Lazy<BuildArgs>),
 }
 
 #[derive(clap::Args)]
@@ -39,7 +39,7 @@ pub const PROFILE: &str = "home/.obuilder_profile.sh";
 
 pub async fn run(c: Command) -> anyhow::Result<ExitCode> {
     match c {
-        Command::Build(a) => build_image(a).await,
+        Command::Build(a) => build_image(a.0).await,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod dockerfile;
 pub mod fmt;
 pub mod healthcheck;
 pub mod image;
+pub mod lazy;
 pub mod login;
 pub mod maintenance;
 pub mod process;

@@ -786,6 +786,9 @@ impl BuildTask {
             self.store.discard(&stale).await.map_err(StepError::from)?;
         }
         self.check_space().await?;
+        // What the sandbox can make beside the snapshot (which waits on the disk) it makes
+        // now, on another thread.
+        self.sandbox.warm();
         let snap_t = crate::timing::phase("snapshot", &self.id);
         let dir = self
             .store

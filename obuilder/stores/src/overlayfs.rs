@@ -276,6 +276,7 @@ impl Store for OverlayStore {
             remove_tree(&merged)?;
             remove_tree(&dir.dir.join("work"))?;
         }
+        crate::layout::make_durable(&dir.dir)?;
         self.layout.publish_as(&dir.id, id)
     }
 

@@ -100,8 +100,9 @@ def quickstart(reps, lines):
         lines.append("Where a native last-step build goes (medians of as many runs with `OBUILDER_TIMINGS=1`, "
                      "ms): " + ", ".join(f"{name} {ms(v)}" for name, v in phases)
                      + f"; the rest of the {ms(total)} ms (start-up, the cached steps, the log, the database) "
-                     f"{ms(max(total - named, 0))}. On btrfs the snapshot and the publish (the read-only flag) "
-                     "each commit a transaction.")
+                     f"{ms(max(total - named, 0))}. On btrfs the snapshot commits a transaction, and the "
+                     "publish two (the read-only flag, then `syncfs`, which writes the step's data to the "
+                     "disk first).")
         lines.append("")
     nat = stats(res[("last", "native")])[0]
     return {"last/bare": nat / bare, "last-native": nat, "last-runc": stats(res[("last", "runc")])[0],

@@ -420,6 +420,7 @@ impl Policy {
                 log_opts: LogOptions {
                     max_bytes: self.max_log_bytes,
                     masked: req.masked.to_vec(),
+                    sync_on_finish: !self.store.commit_is_durable(),
                 },
             };
             let work = work

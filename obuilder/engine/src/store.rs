@@ -163,6 +163,12 @@ pub trait Store: Send + Sync {
     /// Publishes a prepared build atomically as result `dir.id`; returns the result dir.
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError>;
 
+    /// Whether `commit` writes the whole build dir (the step's log included) to the disk
+    /// before publishing it, so that nothing needs flushing on its own before.
+    fn commit_is_durable(&self) -> bool {
+        false
+    }
+
     /// Publishes a prepared build as result `id` rather than `dir.id`: a failed step kept
     /// for inspection (`build --keep-failed`), under an id no step ever has. A store that
     /// cannot says so (the caller then discards the build).

@@ -132,6 +132,11 @@ impl<T: TreeOps> Store for DirStore<T> {
         self.commit_as(dir, &dir.id).await
     }
 
+    /// `commit_as` writes the filesystem to the disk before the rename.
+    fn commit_is_durable(&self) -> bool {
+        true
+    }
+
     async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
         let parent = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let parent_tree = parent.map(|p| self.layout.result(p.trim()).join("rootfs"));

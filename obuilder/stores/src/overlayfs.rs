@@ -269,6 +269,11 @@ impl Store for OverlayStore {
         self.commit_as(dir, &dir.id).await
     }
 
+    /// `commit_as` writes the filesystem to the disk before the rename.
+    fn commit_is_durable(&self) -> bool {
+        true
+    }
+
     async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
         let merged = self.merged(&dir.id);
         if dir.rootfs == merged {

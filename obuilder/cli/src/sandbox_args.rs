@@ -20,7 +20,7 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "SANDBOX", env = "OBUILDER_SANDBOX")]
     pub sandbox: Option<String>,
     /// Make sync syscalls (fsync, sync, …) no-ops inside the sandbox: much faster on btrfs;
-    /// the snapshot commit is what makes results durable.
+    /// the store's commit writes each result to the disk whole before publishing it.
     #[arg(long)]
     pub fast_sync: bool,
     /// The runc binary to use (as --sandbox runc:PATH).

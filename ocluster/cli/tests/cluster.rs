@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{admin_with, stderr, stdout, Peer, Scheduler};
 
@@ -95,13 +95,13 @@ fn cancel_and_release_while_queued() {
     c2.expect("queued");
     assert_eq!(c2.wait(), 0);
     // Wait for the scheduler to see the disconnect.
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let deadline = Instant::now() + common::TIMEOUT;
     loop {
         let show = s.admin_ok(&["show", "linux"]);
         if show.contains("queue: (backlog) []") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{show}");
+        assert!(Instant::now() < deadline, "{show}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
@@ -933,15 +933,24 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     }
     assert_eq!(results.len(), JOBS, "{:?}", c.seen);
     assert!(results.values().all(|n| *n == 1), "{results:?}");
-    let mut runs = std::collections::BTreeMap::<String, usize>::new();
-    for w in old.iter_mut().chain(ws.iter_mut()) {
-        w.drain();
-        for l in &w.seen {
-            if let Some(job) = l.strip_prefix("done sleep 50 ") {
-                *runs.entry(job.to_string()).or_default() += 1;
+    // Every worker said `done` before sending its result, but the threads reading their
+    // output may not have passed the last lines on yet: read until all are in (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let runs = loop {
+        let mut runs = std::collections::BTreeMap::<String, usize>::new();
+        for w in old.iter_mut().chain(ws.iter_mut()) {
+            w.drain();
+            for l in &w.seen {
+                if let Some(job) = l.strip_prefix("done sleep 50 ") {
+                    *runs.entry(job.to_string()).or_default() += 1;
+                }
             }
         }
-    }
+        if runs.len() == JOBS || Instant::now() > deadline {
+            break runs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let again: usize = runs.values().map(|n| n - 1).sum();
     eprintln!("{JOBS} jobs, {KILLS} kills: {again} ran again to the end");
     assert_eq!(runs.len(), JOBS);

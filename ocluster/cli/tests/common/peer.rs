@@ -233,8 +233,9 @@ async fn run_job(st: Rc<RefCell<JobState>>) {
         st.borrow_mut().append("started\n");
         tokio::time::sleep(std::time::Duration::from_millis(ms.parse().unwrap())).await;
         if !st.borrow().cancelled {
-            st.borrow_mut().finish(Ok(text.to_string()));
+            // Said before the result goes: once the client has it, the line is written.
             say(format!("done {spec}"));
+            st.borrow_mut().finish(Ok(text.to_string()));
         }
     } else if let Some(n) = spec.strip_prefix("tick ") {
         for i in 0..n.parse::<u32>().unwrap() {

@@ -139,7 +139,9 @@ pub fn make_durable(tree: &Path) -> Result<(), StoreError> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        // No per-filesystem sync elsewhere: all of them.
+        // No per-filesystem sync elsewhere: every filesystem's writes are started. (macOS
+        // and FreeBSD may return before they end; `F_FULLFSYNC` of each file is the whole
+        // answer on macOS, not done yet.)
         let _ = tree;
         unsafe { libc::sync() };
         Ok(())

@@ -11,7 +11,9 @@
 //!   shown; what a caller creates is owned by the caller. With an `owner` (the uid the
 //!   stored trees belong to), files of that uid are shown as the caller's, and what a
 //!   caller creates or takes is stored as that uid's: a tree made by one build user is
-//!   then every build user's own, and a result can go on as another user.
+//!   then every build user's own, and a result can go on as another user. The mount's
+//!   root, the one inode all callers share, shows its owner's rights to its group too
+//!   (see `shown`).
 //! * An inode may only be used by a caller whose view it belongs to (else `EACCES`): a
 //!   build user cannot reach another's files through a handle kept from before.
 //! * Devices cannot be created (the daemon is root; its callers are not).
@@ -248,6 +250,15 @@ impl<V: Views> ObuilderFs<V> {
     fn shown(&self, req: &Request<'_>, mut a: FileAttr) -> FileAttr {
         if self.owner == Some(a.uid) && req.uid() != 0 {
             a.uid = req.uid();
+            // The root is one kernel inode for all callers, holding the attributes of the
+            // last one asked for: the kernel may check one build user's write into the
+            // home against another's owner (seen: `Permission denied` on `~/x` while
+            // another user's step ran). The owner's rights are shown to the group as well
+            // (the build users'), so that the check comes out the same whichever caller's
+            // attributes the kernel holds.
+            if a.ino == ROOT {
+                a.perm |= (a.perm & 0o700) >> 3;
+            }
         }
         a
     }

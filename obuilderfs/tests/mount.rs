@@ -492,3 +492,26 @@ fn interrupted_writer_and_unmounting() {
     let _ = daemon.wait();
     wait_until("unmounted after kill -9", || !m.mounted());
 }
+
+/// With `--owner`, the mount's root (the one inode every caller shares, whose attributes
+/// the kernel keeps from whichever caller asked last) shows its owner's rights to its
+/// group as well: a permission check for one build user that reads another's attributes
+/// still lets the build users' group write in the home. Other directories are shown as
+/// stored.
+#[test]
+fn the_shared_root_shows_its_owners_rights_to_its_group() {
+    if !machine_ok("the_shared_root_shows_its_owners_rights_to_its_group") {
+        return;
+    }
+    let m = Mounted::start_with(&["--owner", "1000"]);
+    // Both views belong to the stored owner, as a store's trees do.
+    for f in [m.view("b"), m.view("b").join("who")] {
+        std::os::unix::fs::chown(&f, Some(1000), Some(1000)).unwrap();
+    }
+    std::fs::create_dir(m.view("b").join("sub")).unwrap();
+    std::os::unix::fs::chown(m.view("b").join("sub"), Some(1000), Some(1000)).unwrap();
+    assert_eq!(m.ok(1000, "stat -c '%a %u %g' $M"), "775 1000 1000\n");
+    assert_eq!(m.ok(1001, "stat -c '%a %u %g' $M"), "775 1001 1000\n");
+    assert_eq!(m.ok(1001, "stat -c '%a %u' $M/sub"), "755 1001\n");
+    m.ok(1001, "echo x > $M/mine && test -s $M/mine");
+}

@@ -349,7 +349,7 @@ pub unsafe fn run(p: &Plan) -> ! {
         check(p, libc::dup2(*fd, i as c_int), Stage::Stdio, i);
     }
     // The network namespace made for this step while its tree was made (see
-    // `super::NetnsMaker`): joined before /sys is mounted, which shows the mounter's.
+    // `super::Prepared`): joined before /sys is mounted, which shows the mounter's.
     if p.netns >= 0 {
         check(p, libc::setns(p.netns, libc::CLONE_NEWNET), Stage::NetNs, 0);
         libc::close(p.netns);

@@ -167,18 +167,22 @@ impl Ahead {
             .pop_front()?;
         rx.recv().ok()
     }
-}
 
-impl Drop for Ahead {
-    fn drop(&mut self) {
-        // Made for steps that never ran: their cgroups go (their namespaces with the
-        // descriptors).
+    /// Removes what was made for steps that never ran: their cgroups (their namespaces go
+    /// with the descriptors).
+    fn discard(&mut self) {
         let q = self.pending.get_mut().unwrap_or_else(|p| p.into_inner());
         for rx in q.drain(..) {
             if let Ok(p) = rx.recv() {
                 p.cgroups.remove();
             }
         }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.discard();
     }
 }
 
@@ -523,6 +527,9 @@ impl NativeSandbox {
     /// Makes this sandbox's step record, once (see `record`).
     fn make_record(&self) {
         self.record.get_or_init(|| {
+            // (`warm` may come before any step has made the directory, in a process that
+            // was not alone on the store and so did not recover it.)
+            let _ = std::fs::create_dir_all(self.scratch());
             let p = self.scratch().join(format!(
                 "{RECORD_PREFIX}{}-{}",
                 std::process::id(),
@@ -929,7 +936,9 @@ impl Sandbox for NativeSandbox {
 
 impl Drop for NativeSandbox {
     fn drop(&mut self) {
-        // Each step removed its own cgroups: none of this sandbox's can be left.
+        // Each step removed its own cgroups, and the ones made ahead for steps that never
+        // ran go first: none of this sandbox's is left when its record goes.
+        self.ahead.discard();
         if let Some(p) = self.record.get() {
             let _ = std::fs::remove_file(p);
         }

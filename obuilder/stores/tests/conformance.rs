@@ -103,6 +103,39 @@ async fn overlayfs_long_chains_pass_the_page_limit() {
     store.discard(&top).await.unwrap();
 }
 
+/// A step's overlay is mounted `volatile` (its unmount and its own fsyncs do not write the
+/// upper filesystem out: the commit does, once), and a step thrown away after a crash
+/// leaves nothing that stops the store from building it again (a volatile mount's work
+/// dir refuses a second mount).
+#[tokio::test]
+async fn overlayfs_steps_are_volatile_and_a_crashed_one_builds_again() {
+    require!(Cap::Root, Cap::Tool("mkfs.ext4"), Cap::OverlayLowerdirPlus);
+    let fs = LoopFs::new("ext4", 256);
+    let root = fs.mnt.join("store");
+    let store = OverlayStore::new(root.clone(), RealExec::shared());
+    store.recover().await.unwrap();
+    let base = store.prepare("base", None).await.unwrap();
+    std::fs::write(base.rootfs.join("old"), "x").unwrap();
+    store.commit(&base).await.unwrap();
+    let dir = store.prepare("step", Some("base")).await.unwrap();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(dir.rootfs.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("no mount at {}:\n{mountinfo}", dir.rootfs.display()));
+    assert!(line.contains("volatile"), "{line}");
+    // A crash here (the store dropped with the step mounted), then a new store process.
+    std::fs::write(dir.rootfs.join("new"), "y").unwrap();
+    drop(store);
+    let store = OverlayStore::new(root, RealExec::shared());
+    store.recover().await.unwrap();
+    let again = store.prepare("step", Some("base")).await.unwrap();
+    assert!(!again.rootfs.join("new").exists());
+    std::fs::write(again.rootfs.join("new"), "z").unwrap();
+    let result = store.commit(&again).await.unwrap();
+    assert_eq!(std::fs::read(result.join("rootfs/new")).unwrap(), b"z");
+}
+
 /// Opens a store at a root.
 type OpenStore = Box<dyn Fn(&std::path::Path) -> Arc<dyn Store>>;
 

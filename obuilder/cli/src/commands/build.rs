@@ -159,12 +159,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 });
                 crate::outln!("{v}")?;
             } else {
-                eprintln!(
-                    "Built in {secs:.1}s: {} step{}, {} from the cache",
+                // One write (stderr is unbuffered: `eprintln!` writes each piece).
+                let line = format!(
+                    "Built in {secs:.1}s: {} step{}, {} from the cache\n",
                     s.steps,
                     if s.steps == 1 { "" } else { "s" },
                     s.cached
                 );
+                eprint!("{line}");
                 crate::outln!("Got: {id:?}")?;
                 for t in &args.tags {
                     crate::outln!("Tagged {t}")?;

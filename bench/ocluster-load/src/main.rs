@@ -438,7 +438,6 @@ async fn queue_mode(
     hints: usize,
     submit_only: bool,
 ) {
-    let mut tickets = Vec::new();
     let mut results = Vec::new();
     let mut submitted = Vec::new();
     let mut n = 0;
@@ -446,19 +445,30 @@ async fn queue_mode(
         for sub in &subs {
             let s = submit_request(sub, pool, &hint_of(n, hints));
             n += 1;
-            let ticket = s.pipeline.get_ticket();
-            if !submit_only {
-                let job = ticket.job_request().send().pipeline.get_job();
-                results.push(job.result_request().send().promise);
-            }
-            tickets.push(ticket);
-            submitted.push(s.promise);
+            // As `ocluster-client` does (see the golden capture of its messages): `job`
+            // and `result` pipelined on the ticket, then each question finished once it
+            // is answered, keeping only the ticket and the job themselves.
+            let job = (!submit_only).then(|| {
+                let job = s.pipeline.get_ticket().job_request().send();
+                results.push(job.pipeline.get_job().result_request().send().promise);
+                job.promise
+            });
+            submitted.push(async move {
+                let ticket = s.promise.await?.get()?.get_ticket()?;
+                let job = match job {
+                    Some(j) => Some(j.await?.get()?.get_job()?),
+                    None => None,
+                };
+                Ok::<_, capnp::Error>((ticket, job))
+            });
         }
     }
     let mut failed = 0;
+    let mut tickets = Vec::new();
     for r in futures::future::join_all(submitted).await {
-        if r.is_err() {
-            failed += 1;
+        match r {
+            Ok(held) => tickets.push(held),
+            Err(_) => failed += 1,
         }
     }
     println!("queued {} {}", n - failed, now_ns());

@@ -33,17 +33,17 @@ use crate::pool::{
 /// How long `update` waits for a worker to come back.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A queued job: its description, kept as a compact serialized message, and where to
-/// send the worker's `Job` when one takes it.
+/// A queued job: its description, kept as a compact serialized message, and what its
+/// client holds of it.
 pub struct QueuedJob {
     descr: Vec<u8>,
     hint: String,
     client: String,
     priority: Priority,
-    set_job: Option<oneshot::Sender<Result<job::Client, Error>>>,
-    /// A job queued again after its worker was lost, or restored after a restart: what
-    /// its client holds (or will, once it submits it again).
-    retry: Option<Rc<JobShared>>,
+    /// The job as its client sees it (through a `JobProxy`), from its submission on, or
+    /// once its client submits it again if it was restored after a restart. (None once
+    /// it has been told its outcome.)
+    shared: Option<Rc<JobShared>>,
     /// Its row in the database's `job_queue`.
     seq: u64,
 }
@@ -56,10 +56,7 @@ impl Item for QueuedJob {
 
 impl QueuedJob {
     fn fail(mut self, msg: &str) {
-        if let Some(tx) = self.set_job.take() {
-            let _ = tx.send(Err(Error::failed(msg.to_string())));
-        }
-        if let Some(shared) = self.retry.take() {
+        if let Some(shared) = self.shared.take() {
             shared.finish(Err(Error::failed(msg.to_string())));
         }
     }
@@ -685,12 +682,7 @@ impl PoolApi {
     fn restore(&mut self, jobs: Vec<StoredJob>) {
         for j in jobs {
             self.next_seq = self.next_seq.max(j.seq + 1);
-            let shared = Rc::new(JobShared {
-                state: RefCell::new(JobState::default()),
-                changed: tokio::sync::Notify::new(),
-                pool: self.this.clone(),
-                seq: j.seq,
-            });
+            let shared = JobShared::new(&self.this, j.seq);
             let key = dedup_key(&j.client, &j.descr);
             let ticket = self.pool.restore(
                 &j.client,
@@ -699,8 +691,7 @@ impl PoolApi {
                     hint: j.cache_hint,
                     client: j.client.clone(),
                     priority: Priority(j.priority),
-                    set_job: None,
-                    retry: Some(shared.clone()),
+                    shared: Some(shared.clone()),
                     seq: j.seq,
                 },
                 Priority(j.priority),
@@ -788,20 +779,11 @@ impl PoolApi {
             return;
         };
         let worker_name = self.pool.worker_name(worker).unwrap_or("?").to_string();
-        let shared = item.retry.take().unwrap_or_else(|| {
-            Rc::new(JobShared {
-                state: RefCell::new(JobState::default()),
-                changed: tokio::sync::Notify::new(),
-                pool: self.this.clone(),
-                seq: item.seq,
-            })
-        });
+        let shared = item
+            .shared
+            .take()
+            .unwrap_or_else(|| JobShared::new(&self.this, item.seq));
         let attempt = shared.start_attempt(job.clone(), &worker_name);
-        if let Some(set_job) = item.set_job.take() {
-            let _ = set_job.send(Ok(capnp_rpc::new_client(JobProxy {
-                shared: shared.clone(),
-            })));
-        }
         if tx.send(Ok(item.descr.clone())).is_err() {
             tracing::warn!("worker's pop went away as its job was assigned");
         }
@@ -911,8 +893,7 @@ impl PoolApi {
                         hint: std::mem::take(&mut item.hint),
                         client: item.client.clone(),
                         priority: item.priority,
-                        set_job: None,
-                        retry: Some(shared.clone()),
+                        shared: Some(shared.clone()),
                         seq: item.seq,
                     },
                     item.priority,
@@ -985,6 +966,15 @@ struct JobShared {
 }
 
 impl JobShared {
+    fn new(pool: &std::rc::Weak<RefCell<PoolApi>>, seq: u64) -> Rc<JobShared> {
+        Rc::new(JobShared {
+            state: RefCell::new(JobState::default()),
+            changed: tokio::sync::Notify::new(),
+            pool: pool.clone(),
+            seq,
+        })
+    }
+
     fn start_attempt(&self, job: job::Client, worker: &str) -> u32 {
         let mut st = self.state.borrow_mut();
         st.attempts += 1;
@@ -1049,7 +1039,8 @@ impl JobShared {
         if let Some(pool) = self.pool.upgrade() {
             if let Ok(mut p) = pool.try_borrow_mut() {
                 if let Ok(mut item) = p.pool.cancel(ticket) {
-                    item.retry = None;
+                    tracing::info!("{msg}: {}", item.client);
+                    item.shared = None;
                     p.forget_job(self.seq);
                     let db = p.db.clone();
                     p.flush(&db);
@@ -1531,23 +1522,18 @@ impl SubmissionImpl {
             let job = capnp_rpc::new_client(JobProxy {
                 shared: shared.clone(),
             });
-            return capnp_rpc::new_client(TicketImpl {
-                sched: self.sched.clone(),
-                pool: pool.clone(),
-                id: TicketRef::Restored(shared),
-                job,
-            });
+            return capnp_rpc::new_client(TicketImpl { shared, job });
         }
-        let (tx, rx) = oneshot::channel();
-        let job: job::Client = capnp_rpc::new_future_client(async move {
-            rx.await
-                .unwrap_or_else(|_| Err(Error::failed("Ticket cancelled".into())))
-        });
-        let id = {
+        // The client's `Job` is the scheduler's own object from the start (not a promise
+        // that a worker's `Job` settles later, as the original's): a call on it waits
+        // until a worker runs the job. This holds far less per queued job than a promise
+        // with the client's `result` call queued on it in the RPC layer.
+        {
             let mut p = pool.borrow_mut();
             let persist = p.persist && !has_secrets;
             let seq = if persist { p.next_seq } else { 0 };
             p.next_seq += 1;
+            let shared = JobShared::new(&p.this, seq);
             let kept = persist.then(|| (hint.clone(), bytes.clone()));
             let (id, start) = p.pool.submit(
                 &self.client,
@@ -1556,13 +1542,13 @@ impl SubmissionImpl {
                     hint,
                     client: self.client.clone(),
                     priority,
-                    set_job: Some(tx),
-                    retry: None,
+                    shared: Some(shared.clone()),
                     seq,
                 },
                 priority,
                 now,
             );
+            shared.state.borrow_mut().queued = Some(id);
             if let Some((cache_hint, descr)) = kept {
                 p.added.push(StoredJob {
                     seq,
@@ -1575,14 +1561,11 @@ impl SubmissionImpl {
             }
             // Stored before the client hears of its ticket.
             p.flush(&self.sched.db);
-            id
-        };
-        capnp_rpc::new_client(TicketImpl {
-            sched: self.sched.clone(),
-            pool: pool.clone(),
-            id: TicketRef::Queued(id),
-            job,
-        })
+            let job = capnp_rpc::new_client(JobProxy {
+                shared: shared.clone(),
+            });
+            capnp_rpc::new_client(TicketImpl { shared, job })
+        }
     }
 }
 
@@ -1667,41 +1650,17 @@ impl capnp::capability::FromServer<SubmissionImpl> for SubmissionCap {
     }
 }
 
+/// A client's ticket: its job (submitted on this run, or kept from before a restart and
+/// submitted again), and the `Job` its client is given.
 struct TicketImpl {
-    sched: Rc<Scheduler>,
-    pool: Rc<RefCell<PoolApi>>,
-    id: TicketRef,
+    shared: Rc<JobShared>,
     job: job::Client,
 }
 
-/// What a ticket stands for.
-enum TicketRef {
-    /// A job submitted on this run: its ticket in the pool while it is queued.
-    Queued(TicketId),
-    /// A job kept from before a restart, which its client submitted again.
-    Restored(Rc<JobShared>),
-}
-
 impl TicketImpl {
-    /// Takes the ticket out of its queue, failing its job promise with `msg`.
+    /// Takes the job out of its queue if it waits there, failing it with `msg`.
     fn withdraw(&self, msg: &str) -> bool {
-        let id = match &self.id {
-            TicketRef::Queued(id) => *id,
-            TicketRef::Restored(shared) => return shared.withdraw(msg),
-        };
-        let Ok(mut p) = self.pool.try_borrow_mut() else {
-            return false;
-        };
-        match p.pool.cancel(id) {
-            Ok(item) => {
-                tracing::info!("{msg}: {}", item.client);
-                p.forget_job(item.seq);
-                item.fail(msg);
-                p.flush(&self.sched.db);
-                true
-            }
-            Err(_) => false,
-        }
+        self.shared.withdraw(msg)
     }
 }
 

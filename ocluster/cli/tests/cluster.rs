@@ -499,6 +499,12 @@ fn prometheus_metrics_and_worker_relay() {
         m.contains(r#"ocluster_pool_workers_capacity{pool="linux"} 3"#),
         "{m}"
     );
+    // (glibc's count of the heap in use: a number of bytes, more than none)
+    let heap = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ocluster_scheduler_heap_bytes "))
+        .unwrap_or_else(|| panic!("no heap in {m}"));
+    assert!(heap.parse::<u64>().unwrap() > 0, "{heap}");
     assert!(
         m.contains(r#"ocluster_pool_jobs_accepted_total{pool="linux"} 1"#),
         "{m}"

@@ -165,6 +165,12 @@ fn docker_store_and_sandbox_with_podman_run_copy_cache_secret_and_cached_rebuild
     let count: usize = out.lines().find_map(|l| l.trim().parse().ok()).unwrap_or(0);
     assert!(count >= 1, "{out}");
 
+    // A user by name (Windows' ContainerAdministrator in the original): the image's
+    // passwd resolves it.
+    let named = r#"((from busybox) (shell /bin/sh -c) (user (name nobody)) (run (shell "echo uid=$(id -u)")))"#;
+    let out = ok(&e.build("u.spec", named, &[]), "user by name");
+    assert!(out.contains("uid=65534"), "{out}");
+
     // A stage's result copied into another: its image exported as a view.
     let stages = r#"((build stage ((from busybox) (shell /bin/sh -c) (run (shell "echo staged > /out"))))
  (from busybox) (shell /bin/sh -c)

@@ -687,6 +687,10 @@ impl Builder {
             env: ctx.env.clone(),
             cwd: ctx.workdir.clone(),
             user,
+            user_name: match &ctx.user {
+                User::Name(n) => Some(n.clone()),
+                User::Unix { .. } => None,
+            },
             network: r.network.clone(),
             caches: Vec::new(),
             secrets,

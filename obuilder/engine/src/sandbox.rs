@@ -44,6 +44,9 @@ pub struct RunConfig {
     pub cwd: String,
     /// As given by [`Sandbox::user`].
     pub user: UserIds,
+    /// The step's `(user (name N))`, for a sandbox that runs users by name (Docker,
+    /// e.g. Windows' `ContainerAdministrator`); the others refuse names in `user`.
+    pub user_name: Option<String>,
     /// `[]` for an isolated network, `["host"]` for the host's.
     pub network: Vec<String>,
     pub caches: Vec<CacheMount>,

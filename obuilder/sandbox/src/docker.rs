@@ -4,7 +4,7 @@
 //! removes it otherwise. Works with any Docker-compatible CLI (`--docker-cli podman`).
 //!
 //! ```text
-//! CLI run --name PREFIX-ID --hostname builder --workdir CWD --user UID:GID
+//! CLI run --name PREFIX-ID --hostname builder --workdir CWD --user UID:GID|NAME
 //!     [--cpus N] [--memory M] [--isolation I] --network none|host|NAME…
 //!     --env K=V… --mount type=bind,src=CACHE,dst=TARGET…
 //!     --mount type=bind,src=SECRET,dst=TARGET,readonly… --entrypoint ARGV0 PREFIX:PARENT ARGV1…
@@ -129,7 +129,11 @@ impl DockerSandbox {
                 "--workdir",
                 &c.cwd,
                 "--user",
-                &format!("{}:{}", c.user.uid, c.user.gid),
+                &match &c.user_name {
+                    // By name (Windows' `ContainerAdministrator`): the image resolves it.
+                    Some(n) => n.clone(),
+                    None => format!("{}:{}", c.user.uid, c.user.gid),
+                },
             ]
             .map(String::from),
         );
@@ -184,10 +188,14 @@ impl DockerSandbox {
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         for (i, s) in c.secrets.iter().enumerate() {
             let f = dir.join(i.to_string());
+            // A user given by name has no uid here: its secret is readable by every user
+            // of the step's container (the only place it is mounted) rather than by root
+            // alone, which would shut the user out.
+            let mode = if c.user_name.is_some() { 0o444 } else { 0o400 };
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o400)
+                .mode(mode)
                 .open(&f)
                 .map_err(io("cannot write", &f))?;
             std::io::Write::write_all(&mut file, &s.value).map_err(io("cannot write", &f))?;
@@ -208,8 +216,19 @@ impl DockerSandbox {
 
 #[async_trait]
 impl Sandbox for DockerSandbox {
+    /// Numeric users, and users by name (as the original's Docker backend takes Windows'
+    /// `ContainerAdministrator`): a name goes to `--user` as it is, and what a `copy`
+    /// writes for it is owned by uid 0.
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
-        crate::numeric_user(user, "Docker")
+        match user {
+            User::Name(n) if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) => {
+                Err(SandboxError::Unsupported(format!(
+                    "user {n:?}: a user name for the Docker sandbox is one word without `:`"
+                )))
+            }
+            User::Name(_) => Ok(UserIds { uid: 0, gid: 0 }),
+            User::Unix { .. } => crate::numeric_user(user, "Docker"),
+        }
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {

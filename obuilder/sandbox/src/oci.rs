@@ -265,6 +265,7 @@ mod tests {
                 uid: 1000,
                 gid: 1001,
             },
+            user_name: None,
             network: network.iter().map(|s| s.to_string()).collect(),
             caches: vec![CacheMount {
                 host: "/cache/c-x".into(),

@@ -15,6 +15,7 @@ fn config() -> RunConfig {
         env: vec![],
         cwd: "/".into(),
         user: UserIds { uid: 0, gid: 0 },
+        user_name: None,
         network: vec![],
         caches: vec![],
         secrets: vec![],

@@ -17,6 +17,7 @@ fn config() -> RunConfig {
         env: vec![("PATH".into(), "C:/cygwin64/bin".into())],
         cwd: "C:/Users/opam".into(),
         user: UserIds { uid: 0, gid: 0 },
+        user_name: None,
         network: vec!["host".into()],
         caches: vec![CacheMount {
             host: PathBuf::from("/var/lib/docker/volumes/v/_data"),
@@ -95,4 +96,30 @@ fn windows_seam_no_network_unless_asked_and_secrets_read_only() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("comma"), "{e}");
+}
+
+/// `(user (name ContainerAdministrator))`, the original's Windows user: given to `--user`
+/// by name; a name the CLI would take apart is refused.
+#[test]
+fn windows_seam_a_user_by_name() {
+    use obuilder_engine::sandbox::Sandbox;
+    use obuilder_spec::User;
+    let sb = DockerSandbox::new(
+        std::path::Path::new("/state"),
+        DockerOptions::default(),
+        Arc::new(RecordingExec::new()),
+    );
+    let admin = User::Name("ContainerAdministrator".into());
+    assert_eq!(sb.user(&admin).unwrap(), UserIds { uid: 0, gid: 0 });
+    let mut c = config();
+    c.user_name = Some("ContainerAdministrator".into());
+    let argv = sb.run_argv(&c, "C", "I", &[]).unwrap().join(" ");
+    assert!(
+        argv.contains("--workdir C:/Users/opam --user ContainerAdministrator --network"),
+        "{argv}"
+    );
+    for bad in ["", "a:b", "two words"] {
+        let e = sb.user(&User::Name(bad.into())).unwrap_err().to_string();
+        assert!(e.contains("one word"), "{bad:?}: {e}");
+    }
 }

@@ -75,6 +75,7 @@ fn config() -> RunConfig {
             uid: 1000,
             gid: 1000,
         },
+        user_name: None,
         network: vec![],
         caches: vec![],
         secrets: vec![],

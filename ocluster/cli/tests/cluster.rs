@@ -62,6 +62,57 @@ fn cancel_kills_a_running_job_and_the_worker_goes_on() {
     assert_eq!(c.expect("result"), "result ok again");
 }
 
+/// As OCurrent's plugin uses it: the ticket's job is a promise that settles only once a
+/// worker has taken the job ("Waiting for worker…" until then), and the ticket, which the
+/// plugin lets go of then, no longer stands for a queued job: the job runs to its end.
+#[test]
+fn the_job_settles_when_a_worker_takes_it_as_ocurrent_expects() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut c = Peer::client(&alice, "linux", "echo settled-then-ran", "", "ocurrent");
+    c.expect("queued");
+    // No worker yet: the job stays a promise.
+    assert_eq!(
+        c.expect_within("settled", Duration::from_millis(700)),
+        None,
+        "settled while queued: {:?}",
+        c.seen
+    );
+    let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    c.expect("settled");
+    assert_eq!(c.expect("result"), "result ok settled-then-ran");
+}
+
+/// The same for a job kept across a restart, which its client claims by submitting it
+/// again (as OCurrent's plugin does once it has reconnected).
+#[test]
+fn a_kept_job_claimed_again_settles_when_a_worker_takes_it() {
+    let mut s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut first = Peer::client(&alice, "linux", "echo kept", "hk", "follow");
+    common::wait_until(
+        || backlog(&s.admin_ok(&["show", "linux"])).len() == 1,
+        || "job not queued".into(),
+    );
+    s.crash();
+    first.wait();
+    s.restart();
+    let mut c = Peer::client(&alice, "linux", "echo kept", "hk", "ocurrent");
+    c.expect("queued");
+    assert_eq!(
+        c.expect_within("settled", Duration::from_millis(700)),
+        None,
+        "settled while queued: {:?}",
+        c.seen
+    );
+    assert_eq!(backlog(&s.admin_ok(&["show", "linux"])), ["alice:hk"]);
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    c.expect("settled");
+    assert_eq!(c.expect("result"), "result ok kept");
+    assert_eq!(w.expect("job"), "job w1 echo kept hint=hk");
+    assert_eq!(w.expect_within("job", Duration::from_millis(500)), None);
+}
+
 #[test]
 fn releasing_the_last_reference_cancels() {
     let s = Scheduler::start(&["linux"], &[]);

@@ -1052,6 +1052,30 @@ impl JobShared {
     }
 }
 
+/// The client's `Job`, as the original's: a promise that settles once a worker has taken
+/// the job (then to a [`JobProxy`]), or breaks if the job ends before (cancelled or
+/// released while queued). Clients rely on it: OCurrent's plugin waits for the job to
+/// settle to know that it started ("Waiting for worker…", and its timeout runs from
+/// then), and drops its ticket then, which would cancel a job still queued.
+fn started_job(shared: Rc<JobShared>) -> job::Client {
+    capnp_rpc::new_future_client(async move {
+        loop {
+            let changed = shared.changed.notified();
+            {
+                let st = shared.state.borrow();
+                if st.attempts > 0 {
+                    break;
+                }
+                if let Some(Err(e)) = &st.outcome {
+                    return Err(e.clone());
+                }
+            }
+            changed.await;
+        }
+        Ok(capnp_rpc::new_client(JobProxy { shared }))
+    })
+}
+
 /// What the client holds for a job that a worker has taken. It relays `log`, `result`
 /// and `cancel` to the current attempt's `Job`, so that the job can run again on another
 /// worker when its worker is lost, unseen by the client (an OCaml client too) except for
@@ -1519,15 +1543,9 @@ impl SubmissionImpl {
                 "{:?} submitted again a job kept from before the restart: it is that job",
                 self.client
             );
-            let job = capnp_rpc::new_client(JobProxy {
-                shared: shared.clone(),
-            });
+            let job = started_job(shared.clone());
             return capnp_rpc::new_client(TicketImpl { shared, job });
         }
-        // The client's `Job` is the scheduler's own object from the start (not a promise
-        // that a worker's `Job` settles later, as the original's): a call on it waits
-        // until a worker runs the job. This holds far less per queued job than a promise
-        // with the client's `result` call queued on it in the RPC layer.
         {
             let mut p = pool.borrow_mut();
             let persist = p.persist && !has_secrets;
@@ -1561,9 +1579,7 @@ impl SubmissionImpl {
             }
             // Stored before the client hears of its ticket.
             p.flush(&self.sched.db);
-            let job = capnp_rpc::new_client(JobProxy {
-                shared: shared.clone(),
-            });
+            let job = started_job(shared.clone());
             capnp_rpc::new_client(TicketImpl { shared, job })
         }
     }

@@ -384,8 +384,10 @@ async fn run_worker(cap: &str, name: &str, capacity: i32, options: &str) -> i32 
 
 /// `client|CAP|POOL|SPEC|HINT|URGENT|ACTION`, where ACTION is one of `follow` (print the
 /// log and the result), `cancel-on-start`, `drop-on-start`, `exit-on-start`, and
-/// `cancel-queued` and `exit-queued` (once the ticket has come), and `again-after:PATH`
-/// (follow a job, then submit it again on the same connection once PATH exists).
+/// `cancel-queued` and `exit-queued` (once the ticket has come), `again-after:PATH`
+/// (follow a job, then submit it again on the same connection once PATH exists), and
+/// `ocurrent` (as OCurrent's plugin: say `queued` once the ticket has come and `settled`
+/// once the job has, then let go of the ticket and follow the job).
 async fn run_client(args: &[String]) -> i32 {
     let [cap, pool, spec, hint, urgent, action] = args else {
         panic!("client: bad arguments {args:?}")
@@ -439,7 +441,34 @@ async fn submit(
         }
         ticket.cancel_request().send().promise.await.unwrap();
     }
-    let job = ticket.job_request().send().pipeline.get_job();
+    let capnp::capability::RemotePromise {
+        promise: asked,
+        pipeline: job_pipeline,
+    } = ticket.job_request().send();
+    let job = job_pipeline.get_job();
+    drop(job_pipeline);
+    let (ticket, submitted, pipeline) = if action == "ocurrent" {
+        if let Err(e) = submitted.take().unwrap().await {
+            say(format!("result error {}", e.extra));
+            return 1;
+        }
+        say("queued");
+        let settled = async {
+            let r = asked.await?;
+            let job = r.get()?.get_job()?;
+            job.client.when_resolved().await
+        };
+        if let Err(e) = settled.await {
+            say(format!("result error {}", e.extra));
+            return 1;
+        }
+        say("settled");
+        drop((ticket, pipeline));
+        (None, None, None)
+    } else {
+        drop(asked);
+        (Some(ticket), submitted, Some(pipeline))
+    };
     let result = job.result_request().send().promise;
     let mut start = 0;
     let mut started = false;
@@ -469,6 +498,7 @@ async fn submit(
             started = true;
             match action {
                 "cancel-on-start" => {
+                    let ticket = ticket.as_ref().unwrap();
                     ticket.cancel_request().send().promise.await.unwrap();
                     say("cancel-sent");
                 }

@@ -62,6 +62,17 @@ fn cancel_kills_a_running_job_and_the_worker_goes_on() {
     assert_eq!(c.expect("result"), "result ok again");
 }
 
+/// An `ocurrent` client whose ticket has come and whose job stays a promise (no worker).
+fn queued_and_unsettled(c: &mut Peer) {
+    c.expect("queued");
+    assert_eq!(
+        c.expect_within("settled", Duration::from_millis(700)),
+        None,
+        "settled while queued: {:?}",
+        c.seen
+    );
+}
+
 /// As OCurrent's plugin uses it: the ticket's job is a promise that settles only once a
 /// worker has taken the job ("Waiting for worker…" until then), and the ticket, which the
 /// plugin lets go of then, no longer stands for a queued job: the job runs to its end.
@@ -70,14 +81,7 @@ fn the_job_settles_when_a_worker_takes_it_as_ocurrent_expects() {
     let s = Scheduler::start(&["linux"], &[]);
     let alice = s.add_client("alice");
     let mut c = Peer::client(&alice, "linux", "echo settled-then-ran", "", "ocurrent");
-    c.expect("queued");
-    // No worker yet: the job stays a promise.
-    assert_eq!(
-        c.expect_within("settled", Duration::from_millis(700)),
-        None,
-        "settled while queued: {:?}",
-        c.seen
-    );
+    queued_and_unsettled(&mut c);
     let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
     c.expect("settled");
     assert_eq!(c.expect("result"), "result ok settled-then-ran");
@@ -98,13 +102,7 @@ fn a_kept_job_claimed_again_settles_when_a_worker_takes_it() {
     first.wait();
     s.restart();
     let mut c = Peer::client(&alice, "linux", "echo kept", "hk", "ocurrent");
-    c.expect("queued");
-    assert_eq!(
-        c.expect_within("settled", Duration::from_millis(700)),
-        None,
-        "settled while queued: {:?}",
-        c.seen
-    );
+    queued_and_unsettled(&mut c);
     assert_eq!(backlog(&s.admin_ok(&["show", "linux"])), ["alice:hk"]);
     let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
     c.expect("settled");

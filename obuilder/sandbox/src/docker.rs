@@ -221,9 +221,17 @@ impl Sandbox for DockerSandbox {
     /// writes for it is owned by uid 0.
     fn user(&self, user: &User) -> Result<UserIds, SandboxError> {
         match user {
-            User::Name(n) if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) => {
+            // (Nor one that looks like a flag: `--user` takes the next word whatever it
+            // is, but a Docker-compatible CLI need not.)
+            User::Name(n)
+                if n.is_empty()
+                    || n.starts_with('-')
+                    || n.contains(':')
+                    || n.contains(char::is_whitespace) =>
+            {
                 Err(SandboxError::Unsupported(format!(
-                    "user {n:?}: a user name for the Docker sandbox is one word without `:`"
+                    "user {n:?}: a user name for the Docker sandbox is one word without `:`, \
+                     not starting with `-`"
                 )))
             }
             User::Name(_) => Ok(UserIds { uid: 0, gid: 0 }),

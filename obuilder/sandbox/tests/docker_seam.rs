@@ -118,7 +118,7 @@ fn windows_seam_a_user_by_name() {
         argv.contains("--workdir C:/Users/opam --user ContainerAdministrator --network"),
         "{argv}"
     );
-    for bad in ["", "a:b", "two words"] {
+    for bad in ["", "a:b", "two words", "--privileged"] {
         let e = sb.user(&User::Name(bad.into())).unwrap_err().to_string();
         assert!(e.contains("one word"), "{bad:?}: {e}");
     }

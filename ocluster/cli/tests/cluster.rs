@@ -1224,14 +1224,21 @@ fn live_status_page_in_chromium() {
     assert_eq!(http_get(port, "/pool/linux/job/999999").0, 404);
 }
 
-/// The port of the status page, from the scheduler's log.
+/// The port of the status page, from the scheduler's log (the scheduler writes its cap
+/// files, which `start` waits for, before it serves the page: wait for the line too).
 fn status_port(s: &Scheduler, host: &str) -> u16 {
-    let log = s.log();
-    log.split(&format!("Status page on http://{host}:"))
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no status page address in {log}"))
+    let find = || {
+        s.log()
+            .split(&format!("Status page on http://{host}:"))
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|p| p.parse().ok())
+    };
+    common::wait_until(
+        || find().is_some(),
+        || format!("no status page address in {}", s.log()),
+    );
+    find().unwrap()
 }
 
 /// A worker cut off by a network partition (its namespace's link taken down, so its

@@ -40,9 +40,9 @@ pub struct QueuedJob {
     hint: String,
     client: String,
     priority: Priority,
-    /// The job as its client sees it (through a `JobProxy`), from its submission on, or
-    /// once its client submits it again if it was restored after a restart. (None once
-    /// it has been told its outcome.)
+    /// The job as its client sees it (a promise of `Job`, then a `JobProxy`), from its
+    /// submission on, or, for a job restored after a restart, what its client gets once
+    /// it submits the job again. (None once it has been told its outcome.)
     shared: Option<Rc<JobShared>>,
     /// Its row in the database's `job_queue`.
     seq: u64,

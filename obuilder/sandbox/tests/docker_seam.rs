@@ -28,6 +28,15 @@ fn config() -> RunConfig {
     }
 }
 
+/// A Docker sandbox with the default options, over a recording (fake) exec.
+fn default_sandbox() -> DockerSandbox {
+    DockerSandbox::new(
+        std::path::Path::new("/state"),
+        DockerOptions::default(),
+        Arc::new(RecordingExec::new()),
+    )
+}
+
 #[test]
 fn windows_seam_run_argv_with_hyperv_isolation_limits_and_a_nat_network() {
     let sb = DockerSandbox::new(
@@ -62,11 +71,7 @@ fn windows_seam_run_argv_with_hyperv_isolation_limits_and_a_nat_network() {
 
 #[test]
 fn windows_seam_no_network_unless_asked_and_secrets_read_only() {
-    let sb = DockerSandbox::new(
-        std::path::Path::new("/state"),
-        DockerOptions::default(),
-        Arc::new(RecordingExec::new()),
-    );
+    let sb = default_sandbox();
     let mut c = config();
     c.network.clear();
     c.caches.clear();
@@ -104,11 +109,7 @@ fn windows_seam_no_network_unless_asked_and_secrets_read_only() {
 fn windows_seam_a_user_by_name() {
     use obuilder_engine::sandbox::Sandbox;
     use obuilder_spec::User;
-    let sb = DockerSandbox::new(
-        std::path::Path::new("/state"),
-        DockerOptions::default(),
-        Arc::new(RecordingExec::new()),
-    );
+    let sb = default_sandbox();
     let admin = User::Name("ContainerAdministrator".into());
     assert_eq!(sb.user(&admin).unwrap(), UserIds { uid: 0, gid: 0 });
     let mut c = config();

@@ -687,10 +687,7 @@ impl Builder {
             env: ctx.env.clone(),
             cwd: ctx.workdir.clone(),
             user,
-            user_name: match &ctx.user {
-                User::Name(n) => Some(n.clone()),
-                User::Unix { .. } => None,
-            },
+            user_name: ctx.user.name().map(String::from),
             network: r.network.clone(),
             caches: Vec::new(),
             secrets,

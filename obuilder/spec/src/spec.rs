@@ -85,6 +85,14 @@ pub enum User {
 impl User {
     pub const ROOT: User = User::Unix { uid: 0, gid: 0 };
 
+    /// The name of a `(user (name N))`; none for numeric ids.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            User::Name(n) => Some(n),
+            User::Unix { .. } => None,
+        }
+    }
+
     /// The S-expression OBuilder writes (and hashes): `((uid 0)(gid 0))` or `((name X))`.
     pub fn to_sexp(&self) -> Sexp {
         match self {

@@ -379,10 +379,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         },
         None => obuilder_spec::User::Name(ctx.user.clone().unwrap_or_default()),
     };
-    let user_name = match &user {
-        obuilder_spec::User::Name(n) => Some(n.clone()),
-        obuilder_spec::User::Unix { .. } => None,
-    };
+    let user_name = user.name().map(String::from);
     let user = b.sandbox().user(&user)?;
     let argv = if a.cmd.is_empty() {
         // `shell`: the shell steps ran with (its `-c` dropped), interactive.

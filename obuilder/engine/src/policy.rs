@@ -426,6 +426,10 @@ impl Policy {
             let work = work
                 .take()
                 .ok_or(StepError::Internal("step work used twice"))?;
+            // What the sandbox can make beside the step's tree (the snapshot waits on the
+            // disk) it starts making now, on another thread, as early as a step is known
+            // to be needed.
+            self.sandbox.warm();
             tokio::spawn(task.run(work));
             let r = self.wait(id, inf, log, req.cancel).await;
             if r.is_err() && req.keep_failed {
@@ -787,9 +791,6 @@ impl BuildTask {
             self.store.discard(&stale).await.map_err(StepError::from)?;
         }
         self.check_space().await?;
-        // What the sandbox can make beside the snapshot (which waits on the disk) it makes
-        // now, on another thread.
-        self.sandbox.warm();
         let snap_t = crate::timing::phase("snapshot", &self.id);
         let dir = self
             .store

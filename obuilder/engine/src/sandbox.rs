@@ -118,9 +118,9 @@ pub trait Sandbox: Send + Sync {
         Ok((rootfs.to_path_buf(), path.to_string()))
     }
 
-    /// A step is about to run (its tree is being made): a sandbox may prepare, in the
-    /// background, what a step needs that does not depend on its tree. Never fails: a
-    /// step that finds nothing prepared does the work itself.
+    /// A step is about to run (it missed the cache; its tree is about to be made): a
+    /// sandbox may prepare, in the background, what a step needs that does not depend on
+    /// its tree. Never fails: a step that finds nothing prepared does the work itself.
     fn warm(&self) {}
 
     /// Removes leftovers of runs a crash interrupted (containers, temp dirs).

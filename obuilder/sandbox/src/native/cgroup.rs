@@ -137,8 +137,14 @@ impl StepCgroups {
                 }
                 "devices" => {
                     let _ = std::fs::write(dir.join("devices.deny"), "a");
-                    for rule in DEVICES_ALLOW {
-                        let _ = std::fs::write(dir.join("devices.allow"), rule);
+                    // One rule per write, all through one descriptor.
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(dir.join("devices.allow"))
+                    {
+                        for rule in DEVICES_ALLOW {
+                            let _ = std::io::Write::write(&mut f, rule.as_bytes());
+                        }
                     }
                 }
                 _ => {}

@@ -8,10 +8,12 @@
 //! numbers (the stage and its index, then `errno`) on a close-on-exec pipe that the parent
 //! reads until `execve` closes it.
 //!
-//! The order follows runc's `standard_init`: mounts in the tree, `pivot_root`, the
-//! kernel's file systems, masks, hostname, loopback, limits, the seccomp filter (loaded
-//! while the process still has `CAP_SYS_ADMIN`, as runc does without `no_new_privs`), then
-//! the user and the capabilities, and last the working directory and `execve`.
+//! The order follows runc's `standard_init`: mounts in the tree and `pivot_root`; then,
+//! once the parent has put the process in the step's cgroups, the network namespace made
+//! ahead, the kernel's file systems, masks, hostname, loopback, limits, the seccomp filter
+//! (loaded while the process still has `CAP_SYS_ADMIN`, as runc does without
+//! `no_new_privs`), the user and the capabilities, and last the working directory and
+//! `execve`.
 
 use std::ffi::{c_char, c_int, c_ulong, c_void, CStr, CString};
 use std::os::fd::RawFd;
@@ -43,8 +45,6 @@ macro_rules! stages {
 }
 
 stages!(
-    Wait,
-    NetNs,
     Propagation,
     Files,
     RootBind,
@@ -53,6 +53,8 @@ stages!(
     Bind,
     BindRemount,
     PivotRoot,
+    Wait,
+    NetNs,
     Mkdir,
     Mount,
     Device,
@@ -329,32 +331,10 @@ pub unsafe fn run(p: &Plan) -> ! {
     libc::sigemptyset(&mut none);
     libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
 
-    // Wait until the parent has put this process in its cgroups.
-    let mut byte = 0u8;
-    loop {
-        let n = libc::read(p.go, &mut byte as *mut u8 as *mut c_void, 1);
-        if n == 1 {
-            break;
-        }
-        if n == 0 {
-            libc::_exit(127);
-        }
-        if errno() != libc::EINTR {
-            fail(p, Stage::Wait, 0, errno());
-        }
-    }
-
     // Standard streams first: what fails later may still print.
     for (i, fd) in p.stdio.iter().enumerate() {
         check(p, libc::dup2(*fd, i as c_int), Stage::Stdio, i);
     }
-    // The network namespace made for this step while its tree was made (see
-    // `super::Prepared`): joined before /sys is mounted, which shows the mounter's.
-    if p.netns >= 0 {
-        check(p, libc::setns(p.netns, libc::CLONE_NEWNET), Stage::NetNs, 0);
-        libc::close(p.netns);
-    }
-
     // Mount events of this namespace never reach the host's (runc's default rslave).
     let null = std::ptr::null::<c_char>();
     check(
@@ -483,6 +463,29 @@ pub unsafe fn run(p: &Plan) -> ! {
         2,
     );
     check(p, libc::chdir(c"/".as_ptr()), Stage::PivotRoot, 3);
+
+    // Wait until the parent has put this process in its cgroups (made while the tree was
+    // set up above): nothing of the step's runs before.
+    let mut byte = 0u8;
+    loop {
+        let n = libc::read(p.go, &mut byte as *mut u8 as *mut c_void, 1);
+        if n == 1 {
+            break;
+        }
+        if n == 0 {
+            libc::_exit(127);
+        }
+        if errno() != libc::EINTR {
+            fail(p, Stage::Wait, 0, errno());
+        }
+    }
+
+    // The network namespace made for this step while its tree was made (see
+    // `super::netns_ahead`): joined before /sys is mounted, which shows the mounter's.
+    if p.netns >= 0 {
+        check(p, libc::setns(p.netns, libc::CLONE_NEWNET), Stage::NetNs, 0);
+        libc::close(p.netns);
+    }
 
     // The kernel's file systems, now inside the container: a symlink in the tree where
     // /proc should be can only point elsewhere in the tree.

@@ -63,41 +63,19 @@ pub struct NativeSandbox {
     ahead: Ahead,
 }
 
-/// What a step needs that does not depend on its tree, made ahead of it on a thread of
-/// its own while the builder makes the tree (the snapshot waits on the disk): its cgroups
-/// (0.3 to 0.5 ms of directories and limits) and its network namespace (0.6 to 0.8 ms
-/// here, half of the `clone3` that makes all the other namespaces). Each serves one step
-/// only: no cgroup or namespace is ever used by two. The namespace is the one the clone
-/// would make: new, with only its loopback, brought up.
-struct Prepared {
-    name: String,
-    cgroups: cgroup::StepCgroups,
-    unapplied: cgroup::Unapplied,
-    netns: Option<OwnedFd>,
-}
-
-impl Prepared {
-    /// Made here, now (nothing was made ahead): the clone makes the namespace.
-    fn now(max_pids: Option<u64>, max_memory: Option<u64>) -> Prepared {
-        let name = step_name();
-        let (cgroups, unapplied) = cgroup::StepCgroups::create(&name, max_pids, max_memory);
-        Prepared {
-            name,
-            cgroups,
-            unapplied,
-            netns: None,
+/// The network namespace of a step, made ahead of it on a thread of its own while the
+/// builder makes the step's tree (the snapshot waits on the disk): 0.6 to 0.8 ms here,
+/// half of the `clone3` that makes all the other namespaces. Each serves one step only:
+/// no namespace is ever used by two. It is the one the clone would make: new, with only
+/// its loopback, brought up. (The step's cgroups are made while the child sets itself up,
+/// see `run_in`.)
+fn netns_ahead() -> Option<OwnedFd> {
+    match new_netns() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::debug!("no network namespace made ahead: {e}");
+            None
         }
-    }
-
-    /// Made on a thread of its own, which moves into the new network namespace and ends
-    /// there: the descriptor is then the namespace's only reference.
-    fn ahead(max_pids: Option<u64>, max_memory: Option<u64>) -> Prepared {
-        let mut p = Prepared::now(max_pids, max_memory);
-        match new_netns() {
-            Ok(fd) => p.netns = Some(fd),
-            Err(e) => tracing::debug!("no network namespace made ahead: {e}"),
-        }
-        p
     }
 }
 
@@ -131,10 +109,10 @@ fn step_name() -> String {
     )
 }
 
-/// The steps' [`Prepared`]s being made, oldest first.
+/// The steps' network namespaces being made, oldest first.
 #[derive(Default)]
 struct Ahead {
-    pending: std::sync::Mutex<std::collections::VecDeque<mpsc::Receiver<Prepared>>>,
+    pending: std::sync::Mutex<std::collections::VecDeque<mpsc::Receiver<Option<OwnedFd>>>>,
 }
 
 /// At most this many wait made (a step that never runs leaves its own for the next).
@@ -142,7 +120,7 @@ const AHEAD: usize = 4;
 
 impl Ahead {
     /// Starts making one, unless enough wait already.
-    fn start(&self, max_pids: Option<u64>, max_memory: Option<u64>) {
+    fn start(&self) {
         let mut q = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= AHEAD {
             return;
@@ -151,38 +129,22 @@ impl Ahead {
         let made = std::thread::Builder::new()
             .name("obuilder-ahead".into())
             .spawn(move || {
-                let _ = tx.send(Prepared::ahead(max_pids, max_memory));
+                let _ = tx.send(netns_ahead());
             });
         if made.is_ok() {
             q.push_back(rx);
         }
     }
 
-    /// The oldest one started, waiting for it if need be; `None` if none was started.
-    fn take(&self) -> Option<Prepared> {
+    /// The oldest one started, waiting for it if need be; `None` if none was started or
+    /// it could not be made.
+    fn take(&self) -> Option<OwnedFd> {
         let rx = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()?;
-        rx.recv().ok()
-    }
-
-    /// Removes what was made for steps that never ran: their cgroups (their namespaces go
-    /// with the descriptors).
-    fn discard(&mut self) {
-        let q = self.pending.get_mut().unwrap_or_else(|p| p.into_inner());
-        for rx in q.drain(..) {
-            if let Ok(p) = rx.recv() {
-                p.cgroups.remove();
-            }
-        }
-    }
-}
-
-impl Drop for Ahead {
-    fn drop(&mut self) {
-        self.discard();
+        rx.recv().ok().flatten()
     }
 }
 
@@ -831,6 +793,33 @@ fn setup_error(c: &RunConfig, plan: &Plan, stage: Stage, index: usize, errno: i3
     SetupError::Other(SandboxError::Unsupported(message))
 }
 
+/// A set-up failure of the child, if it reported one: stage, index, errno, written before
+/// it exited. (Non-blocking: a process cloned meanwhile for another step may hold a copy
+/// of the write end until its own execve.)
+fn setup_failure(
+    c: &RunConfig,
+    plan: &Plan,
+    report_r: &OwnedFd,
+    log: &StepLog,
+) -> Option<SandboxError> {
+    let _ = rustix::fs::fcntl_setfl(report_r, rustix::fs::OFlags::NONBLOCK);
+    let mut buf = [0u8; 12];
+    if rustix::io::read(report_r, &mut buf) != Ok(12) {
+        return None;
+    }
+    let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+    let stage = Stage::from_u32(u32::from_ne_bytes(word(0))).unwrap_or(Stage::Exec);
+    let index = u32::from_ne_bytes(word(4)) as usize;
+    let errno = i32::from_ne_bytes(word(8));
+    Some(match setup_error(c, plan, stage, index, errno) {
+        SetupError::Exec { note, error } => {
+            let _ = log.write(format!("obuilder: {note}\n").as_bytes());
+            error
+        }
+        SetupError::Other(e) => e,
+    })
+}
+
 fn plan_path(c: &RunConfig) -> String {
     c.env
         .iter()
@@ -847,9 +836,7 @@ impl Sandbox for NativeSandbox {
     }
 
     fn warm(&self) {
-        // (The record first: from here a cgroup of this process may exist.)
-        self.make_record();
-        self.ahead.start(self.opts.max_pids, self.opts.max_memory);
+        self.ahead.start();
         spawner();
     }
 
@@ -936,9 +923,9 @@ impl Sandbox for NativeSandbox {
 
 impl Drop for NativeSandbox {
     fn drop(&mut self) {
-        // Each step removed its own cgroups, and the ones made ahead for steps that never
-        // ran go first: none of this sandbox's is left when its record goes.
-        self.ahead.discard();
+        // Each step removed its own cgroups: none of this sandbox's is left when its
+        // record goes. (Namespaces made ahead for steps that never ran go with their
+        // descriptors, whenever their threads end.)
         if let Some(p) = self.record.get() {
             let _ = std::fs::remove_file(p);
         }
@@ -999,32 +986,24 @@ impl NativeSandbox {
             (go_r.as_raw_fd(), go_w.as_raw_fd()),
             report_w.as_raw_fd(),
         )?;
-        // The step's cgroups and network namespace, made while its tree was made if they
-        // were: the child joins the namespace instead of the clone making one. (The
-        // descriptor is held until the child has its copy.)
-        let prepared = self.ahead.take().unwrap_or_else(|| {
-            self.make_record();
-            Prepared::now(self.opts.max_pids, self.opts.max_memory)
-        });
-        let Prepared {
-            name,
-            cgroups,
-            unapplied,
-            netns,
-        } = prepared;
-        let netns = netns.filter(|_| flags & libc::CLONE_NEWNET as u64 != 0);
+        // The step's network namespace, made while its tree was made if it was: the child
+        // joins it instead of the clone making one. (The descriptor is held until the
+        // child has its copy.)
+        let netns = self
+            .ahead
+            .take()
+            .filter(|_| flags & libc::CLONE_NEWNET as u64 != 0);
         if let Some(fd) = &netns {
             flags &= !(libc::CLONE_NEWNET as u64);
             plan.netns = fd.as_raw_fd();
             plan.loopback = false;
         }
-        for what in unapplied {
-            let _ = log.write(format!("obuilder: warning: not applied: {what}\n").as_bytes());
-        }
+        // (The record first: from here a cgroup of this process may exist.)
+        self.make_record();
+        let name = step_name();
         let (pid, pidfd) = match spawn(&plan, flags) {
             Ok(p) => p,
             Err(e) => {
-                cgroups.remove();
                 return Err(SandboxError::Unsupported(format!(
                     "the native sandbox cannot start a step: {e}"
                 )));
@@ -1032,12 +1011,23 @@ impl NativeSandbox {
         };
         drop(netns);
         let pidfd = Arc::new(pidfd);
-        // From here the child waits for `go`: put it in its cgroups first.
+        // The child sets up its tree until `pivot_root`, then waits for `go` before it
+        // joins the network namespace or runs anything of the step's: its cgroups are made
+        // meanwhile (0.3 to 0.5 ms of directories and limits, off the step's path), and it
+        // is put in them first.
+        let (cgroups, unapplied) =
+            cgroup::StepCgroups::create(&name, self.opts.max_pids, self.opts.max_memory);
+        for what in unapplied {
+            let _ = log.write(format!("obuilder: warning: not applied: {what}\n").as_bytes());
+        }
         if let Err(e) = cgroups.add(pid) {
             kill(&pidfd);
             let _ = wait(&pidfd);
             cgroups.remove();
-            return Err(SandboxError::io("cannot add the step to its cgroup", &name)(e));
+            // (A child that failed before `go` has exited: its own error says why.)
+            return Err(setup_failure(c, &plan, &report_r, log).unwrap_or_else(|| {
+                SandboxError::io("cannot add the step to its cgroup", &name)(e)
+            }));
         }
         let _foreground = if tty {
             unsafe {
@@ -1075,23 +1065,8 @@ impl NativeSandbox {
         drop(go_w);
         let _ = pumping.await;
         cgroups.remove();
-        // A set-up failure: stage, index, errno from the child, written before it exited.
-        // (Non-blocking: a process cloned meanwhile for another step may hold a copy of
-        // the write end until its own execve.)
-        let _ = rustix::fs::fcntl_setfl(&report_r, rustix::fs::OFlags::NONBLOCK);
-        let mut buf = [0u8; 12];
-        if rustix::io::read(&report_r, &mut buf) == Ok(12) {
-            let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
-            let stage = Stage::from_u32(u32::from_ne_bytes(word(0))).unwrap_or(Stage::Exec);
-            let index = u32::from_ne_bytes(word(4)) as usize;
-            let errno = i32::from_ne_bytes(word(8));
-            return Err(match setup_error(c, &plan, stage, index, errno) {
-                SetupError::Exec { note, error } => {
-                    let _ = log.write(format!("obuilder: {note}\n").as_bytes());
-                    error
-                }
-                SetupError::Other(e) => e,
-            });
+        if let Some(e) = setup_failure(c, &plan, &report_r, log) {
+            return Err(e);
         }
         let (code, signal) = match ended {
             Ended::Exited(code) => (Some(code), None),
@@ -1131,11 +1106,9 @@ mod tests {
         }
         let ahead = Ahead::default();
         assert!(ahead.take().is_none());
-        ahead.start(None, None);
-        let prepared = ahead.take().expect("made ahead");
+        ahead.start();
+        let fd = ahead.take().expect("a network namespace made ahead");
         assert!(ahead.take().is_none(), "one per start");
-        prepared.cgroups.remove();
-        let fd = prepared.netns.expect("a network namespace");
         let host = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
         let made = std::fs::File::from(fd.try_clone().unwrap())
             .metadata()
@@ -1166,7 +1139,7 @@ mod tests {
         for n in 1..=28 {
             assert_eq!(Stage::from_u32(n).unwrap().number(), n);
         }
-        assert_eq!(Stage::from_u32(1), Some(Stage::Wait));
+        assert_eq!(Stage::from_u32(1), Some(Stage::Propagation));
         assert_eq!(Stage::from_u32(28), Some(Stage::Exec));
         assert_eq!(Stage::from_u32(0), None);
         assert_eq!(Stage::from_u32(29), None);

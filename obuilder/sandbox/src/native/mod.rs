@@ -11,8 +11,9 @@
 //! hosts file, secrets) live in a tmpfs of the step's mount namespace instead of a bundle
 //! on disk.
 //!
-//! A step is one `clone3` with the new namespaces and a pid file descriptor, made by a
-//! thread that lives as long as the builder ([`spawn`]); the child sets itself up
+//! A step is one `clone` with the new namespaces, `vfork`-like (sharing the builder's
+//! memory until its `execve`), made by a thread that lives as long as the builder
+//! ([`spawn`]), and a pid file descriptor of the child; the child sets itself up
 //! ([`child::run`]) and `execve`s the command, which is the pid namespace's first
 //! process. Nothing outlives a step: when that process exits, the kernel kills every
 //! other process of its namespace; cancel kills the step's cgroup and that process; if the
@@ -65,7 +66,7 @@ pub struct NativeSandbox {
 
 /// The network namespace of a step, made ahead of it on a thread of its own while the
 /// builder makes the step's tree (the snapshot waits on the disk): 0.6 to 0.8 ms here,
-/// half of the `clone3` that makes all the other namespaces. Each serves one step only:
+/// half of the `clone` that makes all the other namespaces. Each serves one step only:
 /// no namespace is ever used by two. It is the one the clone would make: new, with only
 /// its loopback, brought up. (The step's cgroups are made while the child sets itself up,
 /// see `run_in`.)
@@ -317,27 +318,76 @@ fn home_of(root: &ConfinedRoot, uid: u32) -> String {
         .unwrap_or_else(|| "/".into())
 }
 
-/// A request to the spawner thread.
 struct Job {
     plan: *const Plan,
     flags: u64,
-    reply: mpsc::Sender<std::io::Result<(i32, OwnedFd)>>,
+    /// Where the kernel writes the child's pid (`CLONE_PARENT_SETTID`), before it runs.
+    pid: Arc<std::sync::atomic::AtomicI32>,
+    /// The spawner's copy of the child's `started` pipe: dropped once the clone returned,
+    /// so that a clone that failed reads as EOF there.
+    started: OwnedFd,
+    reply: mpsc::Sender<std::io::Result<()>>,
 }
 
-// The plan outlives the request: its owner waits for the reply.
+// The plan outlives the child's use of it: its owner waits for the child to end.
 unsafe impl Send for Job {}
 
-/// Clones the step's first process from a thread that lives as long as the builder:
-/// `PR_SET_PDEATHSIG` fires when the *thread* that made a process exits, so a pool
-/// thread that retires would kill a running step.
-fn spawn(plan: &Plan, flags: u64) -> std::io::Result<(i32, OwnedFd)> {
+/// Starts the step's first process, which sets itself up from `plan` (see
+/// [`child::run`]): returns its pid and a pid descriptor once it exists, before it has
+/// set anything up. The caller keeps `plan` alive and unchanged until the process has
+/// ended (it shares the builder's memory until its `execve`).
+///
+/// The clone is made by a thread that lives as long as the builder: `PR_SET_PDEATHSIG`
+/// fires when the *thread* that made a process exits, so a pool thread that retires would
+/// kill a running step. It is a `vfork`-like clone (`CLONE_VM | CLONE_VFORK`, on a stack
+/// of the spawner's): nothing of the builder's memory is copied, so neither the clone,
+/// nor the child's `execve`, nor the builder's next writes (copy-on-write faults) pay for
+/// the builder's size. The spawner thread is suspended until the child's `execve` or
+/// exit; the child tells its existence through the `started` pipe meanwhile.
+fn spawn(plan: &mut Plan, flags: u64) -> std::io::Result<(i32, OwnedFd)> {
+    let (started_r, started_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    plan.started = started_w.as_raw_fd();
+    let pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let (reply, answer) = mpsc::channel();
     spawner()
-        .send(Job { plan, flags, reply })
+        .send(Job {
+            plan,
+            flags,
+            pid: pid.clone(),
+            started: started_w,
+            reply,
+        })
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+    let mut byte = [0u8; 1];
+    let started = loop {
+        match rustix::io::read(&started_r, &mut byte) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r,
+        }
+    };
+    if started != Ok(1) {
+        // The clone failed (the spawner dropped its end): it says why.
+        return Err(match answer.recv() {
+            Ok(Err(e)) => e,
+            _ => std::io::Error::other("the spawner thread is gone"),
+        });
+    }
+    let pid = pid.load(Ordering::Acquire);
+    // Our child, not reaped before we wait for it: the pid cannot have been reused.
+    match rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| std::io::Error::other("the clone gave no pid"))
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(std::io::Error::from)
+        }) {
+        Ok(fd) => Ok((pid, fd)),
+        Err(e) => {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut status = 0;
+            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+            Err(e)
+        }
+    }
 }
 
 /// The spawner thread's queue, starting the thread on first use.
@@ -348,17 +398,36 @@ fn spawner() -> &'static mpsc::Sender<Job> {
         std::thread::Builder::new()
             .name("obuilder-spawner".into())
             .spawn(move || {
-                for job in rx {
-                    let r = unsafe { clone3(job.flags) };
-                    match r {
-                        Ok(Some(pair)) => {
-                            let _ = job.reply.send(Ok(pair));
+                // Every signal blocked: a child starts with the builder's handlers (it
+                // resets them, then unblocks), and must not run one in shared memory.
+                unsafe {
+                    let mut all: libc::sigset_t = std::mem::zeroed();
+                    libc::sigfillset(&mut all);
+                    libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+                }
+                let stack = match ChildStack::new() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        for job in rx {
+                            let _ = job.reply.send(Err(std::io::Error::other(format!(
+                                "cannot map a stack for the step's first process: {e}"
+                            ))));
                         }
-                        Ok(None) => unsafe { child::run(&*job.plan) },
-                        Err(e) => {
-                            let _ = job.reply.send(Err(e));
-                        }
+                        return;
                     }
+                };
+                for job in rx {
+                    // The child's change of credentials makes its memory undumpable (so
+                    // that no process of the step's user can ptrace into it before its
+                    // `execve`), and that memory is the builder's: its flag is put back
+                    // once the child has its own.
+                    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+                    let r = unsafe { clone_vfork(job.plan, job.flags, &job.pid, &stack) };
+                    if dumpable >= 0 && unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } != dumpable {
+                        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
+                    }
+                    drop(job.started);
+                    let _ = job.reply.send(r);
                 }
             })
             .expect("cannot start the native sandbox's spawner thread");
@@ -366,24 +435,73 @@ fn spawner() -> &'static mpsc::Sender<Job> {
     })
 }
 
-/// `clone3` with `flags`, a pid fd and SIGCHLD: `Some((pid, pidfd))` in the parent,
-/// `None` in the child.
-unsafe fn clone3(flags: u64) -> std::io::Result<Option<(i32, OwnedFd)>> {
-    let mut pidfd: c_int = -1;
-    let mut args: libc::clone_args = std::mem::zeroed();
-    args.flags = flags | libc::CLONE_PIDFD as u64;
-    args.pidfd = &mut pidfd as *mut c_int as u64;
-    args.exit_signal = libc::SIGCHLD as u64;
-    let r = libc::syscall(
-        libc::SYS_clone3,
-        &args as *const libc::clone_args,
-        std::mem::size_of::<libc::clone_args>(),
-    );
-    match r {
-        0 => Ok(None),
-        r if r > 0 => Ok(Some((r as i32, OwnedFd::from_raw_fd(pidfd)))),
-        _ => Err(std::io::Error::last_os_error()),
+/// The stack the step's first process runs on until its `execve`: the spawner's, reused
+/// by each clone (the spawner is suspended while a child uses it), with a guard page.
+struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+/// 256 KiB: the child's set-up allocates nothing and recurses nowhere.
+const CHILD_STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+impl ChildStack {
+    fn new() -> std::io::Result<ChildStack> {
+        // SAFETY: a fresh anonymous mapping, owned here.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK + GUARD,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+                let e = std::io::Error::last_os_error();
+                libc::munmap(base, CHILD_STACK + GUARD);
+                return Err(e);
+            }
+            Ok(ChildStack { base })
+        }
     }
+
+    fn top(&self) -> *mut libc::c_void {
+        // (16-byte aligned: the mapping is page-aligned)
+        unsafe { (self.base as *mut u8).add(CHILD_STACK + GUARD) as *mut libc::c_void }
+    }
+}
+
+extern "C" fn child_entry(plan: *mut libc::c_void) -> c_int {
+    // SAFETY: the plan the spawner was given, kept alive by its owner.
+    unsafe { child::run(&*(plan as *const Plan)) }
+}
+
+/// `clone` with `flags` and `CLONE_VM | CLONE_VFORK`, the child running [`child::run`] on
+/// `stack`; returns once the child has called `execve` or exited.
+unsafe fn clone_vfork(
+    plan: *const Plan,
+    flags: u64,
+    pid: &std::sync::atomic::AtomicI32,
+    stack: &ChildStack,
+) -> std::io::Result<()> {
+    let flags = flags
+        | (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID) as u64
+        | libc::SIGCHLD as u64;
+    let r = libc::clone(
+        child_entry,
+        stack.top(),
+        flags as c_int,
+        plan as *mut libc::c_void,
+        pid.as_ptr(),
+    );
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
@@ -726,6 +844,7 @@ impl NativeSandbox {
             go: go.0,
             go_parent: go.1,
             report,
+            started: -1,
         };
         Ok((plan, flags))
     }
@@ -1001,7 +1120,7 @@ impl NativeSandbox {
         // (The record first: from here a cgroup of this process may exist.)
         self.make_record();
         let name = step_name();
-        let (pid, pidfd) = match spawn(&plan, flags) {
+        let (pid, pidfd) = match spawn(&mut plan, flags) {
             Ok(p) => p,
             Err(e) => {
                 return Err(SandboxError::Unsupported(format!(
@@ -1132,6 +1251,77 @@ mod tests {
         .join()
         .unwrap();
         assert!(up, "the loopback is down");
+    }
+
+    /// A step's first process shares the builder's memory until its `execve`: what it
+    /// runs (set-up as root, the step as its user) leaves the builder as it was, and its
+    /// end is seen through the pid descriptor.
+    #[test]
+    fn a_step_shares_the_builders_memory_without_changing_it() {
+        if !testkit::require(
+            module_path!(),
+            &[testkit::Cap::Root, testkit::Cap::File("/bin/busybox")],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        testkit::e2e::make_busybox(&rootfs);
+        let sandbox = NativeSandbox::new(&dir.path().join("state"), NativeOptions::default());
+        let log_path = dir.path().join("log");
+        let log = StepLog::create(&log_path).unwrap();
+        let config = |argv: &[&str], uid| RunConfig {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("PATH".into(), "/bin".into())],
+            cwd: "/".into(),
+            user: UserIds { uid, gid: uid },
+            user_name: None,
+            network: Vec::new(),
+            caches: Vec::new(),
+            secrets: Vec::new(),
+            stdin: false,
+        };
+        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cancel = CancellationToken::new();
+            for uid in [0, 1000] {
+                sandbox
+                    .run(
+                        &config(&["/bin/sh", "-c", "echo ran-as-$(id -u)"], uid),
+                        &rootfs,
+                        &log,
+                        &cancel,
+                    )
+                    .await
+                    .unwrap();
+            }
+            let e = sandbox
+                .run(
+                    &config(&["/bin/sh", "-c", "exit 3"], 1000),
+                    &rootfs,
+                    &log,
+                    &cancel,
+                )
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("status 3"), "{e}");
+            let e = sandbox
+                .run(&config(&["/no/such/command"], 0), &rootfs, &log, &cancel)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("does not exist"), "{e}");
+        });
+        log.finish();
+        let out = std::fs::read_to_string(&log_path).unwrap();
+        assert!(
+            out.contains("ran-as-0") && out.contains("ran-as-1000"),
+            "{out}"
+        );
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, dumpable);
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub struct BuildRow {
 }
 
 pub struct Db {
-    conn: Mutex<Connection>,
+    /// `None` until the first use of a database opened lazily ([`Db::lazy`]).
+    conn: Mutex<Option<Connection>>,
     path: String,
     /// Cache hits not yet in the tables (see [`Db::touch`]).
     touches: Touches,
@@ -155,6 +156,23 @@ fn keep_reserve(path: &Path) {
     }
 }
 
+/// `db/damaged`, beside the database at `path`: left when a database opened lazily was
+/// found damaged, so that the next process opens, checks and if need be rebuilds it.
+pub fn damaged_marker(path: &Path) -> std::path::PathBuf {
+    path.with_file_name("damaged")
+}
+
+/// Whether the file at `path` begins as an SQLite database does (`SQLite format 3` and a
+/// NUL): false for a missing, empty or overwritten one.
+pub fn looks_like_sqlite(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"SQLite format 3\0"
+}
+
 /// Whether an error means the database file is damaged (a crash of the machine with
 /// `synchronous=OFF`): it is then set aside and rebuilt from the store.
 pub fn is_corrupt(e: &DbError) -> bool {
@@ -214,12 +232,41 @@ const SCHEMA_VERSION: i64 = 1;
 pub const FILE_HASHES_KEPT: i64 = 200_000;
 
 impl Db {
+    /// Opens (and makes or upgrades) the database at `path` now.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let err = |source| DbError {
+        let db = Db::lazy(path);
+        db.with(|_| Ok(()))?;
+        Ok(db)
+    }
+
+    /// The database at `path`, opened (and made or upgraded) at its first use: a build
+    /// whose steps all come from the cache writes only `db/touches` and never needs it
+    /// (opening it, a third of a millisecond, was a tenth of such a build).
+    pub fn lazy(path: &Path) -> Db {
+        Db {
+            conn: Mutex::new(None),
             path: path.display().to_string(),
+            touches: Touches {
+                path: path.with_file_name("touches"),
+            },
+            reserve: Some(path.with_file_name("reserve")),
+        }
+    }
+
+    /// Opens the database now if it is not open yet (e.g. on another thread, ahead of
+    /// its first use).
+    pub fn prefetch(&self) -> Result<(), DbError> {
+        self.with(|_| Ok(()))
+    }
+
+    /// Opens the connection and makes the tables (or upgrades them).
+    fn connect(&self) -> Result<Connection, DbError> {
+        let path = Path::new(&self.path);
+        let err = |source| DbError {
+            path: self.path.clone(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
+        let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
         // (No checkpoint on close: for a database left in WAL mode by an older version.)
@@ -228,18 +275,9 @@ impl Db {
             true,
         )
         .map_err(err)?;
-        let reserve = path.with_file_name("reserve");
-        let db = Db {
-            conn: Mutex::new(conn),
-            path: path.display().to_string(),
-            touches: Touches {
-                path: path.with_file_name("touches"),
-            },
-            reserve: Some(reserve.clone()),
-        };
         // A rollback journal (see the module's doc). A database made by an older version
         // in WAL mode switches when no other process has it open.
-        db.with(|c| {
+        self.retrying(&mut conn, |c| {
             c.execute_batch(
                 "PRAGMA journal_mode=TRUNCATE;
                  PRAGMA synchronous=OFF;
@@ -271,8 +309,10 @@ impl Db {
                  PRAGMA user_version={SCHEMA_VERSION};"
             ))
         })?;
-        keep_reserve(&reserve);
-        Ok(db)
+        if let Some(reserve) = &self.reserve {
+            keep_reserve(reserve);
+        }
+        Ok(conn)
     }
 
     /// Opens the database of an existing store without creating or changing anything (for
@@ -300,7 +340,7 @@ impl Db {
         // No reserve is made here, but one left may be used: rolling back a journal that a
         // write on a full disk left behind needs room.
         Ok(Some(Db {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
             path: path.display().to_string(),
             touches: Touches {
                 path: path.with_file_name("touches"),
@@ -317,11 +357,34 @@ impl Db {
         rustix::fs::statvfs(dir).map_or(true, |s| s.f_bavail * s.f_frsize >= 4 * RESERVE_BYTES)
     }
 
-    /// Runs `f`; if the disk is full (a write, or rolling back a journal a failed write
-    /// left), gives up the reserve and runs it once more.
+    /// Runs `f` on the connection, opening it first if it is not open yet.
     fn with<T>(&self, f: impl Fn(&mut Connection) -> rusqlite::Result<T>) -> Result<T, DbError> {
-        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let r = match f(&mut c) {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let c = match &mut *guard {
+            Some(c) => c,
+            none => match self.connect() {
+                Ok(c) => none.insert(c),
+                Err(e) => {
+                    // Found damaged at its first use: the next process to open the store
+                    // opens it at once, checks it and rebuilds it (`damaged_marker`).
+                    if is_corrupt(&e) {
+                        let _ = std::fs::write(damaged_marker(Path::new(&self.path)), b"");
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        self.retrying(c, f)
+    }
+
+    /// Runs `f` on `c`; if the disk is full (a write, or rolling back a journal a failed
+    /// write left), gives up the reserve and runs it once more.
+    fn retrying<T>(
+        &self,
+        c: &mut Connection,
+        f: impl Fn(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        let r = match f(c) {
             Err(e) if is_full(&e) => match &self.reserve {
                 Some(reserve) if std::fs::remove_file(reserve).is_ok() => {
                     tracing::warn!(
@@ -330,7 +393,7 @@ impl Db {
                     );
                     // Let the filesystem count the freed blocks (btrfs frees at commit).
                     rustix::fs::sync();
-                    f(&mut c)
+                    f(c)
                 }
                 _ => Err(e),
             },

@@ -152,6 +152,8 @@ pub(crate) struct Policy {
     pub(crate) store: Arc<dyn Store>,
     sandbox: Arc<dyn Sandbox>,
     pub(crate) db: Arc<Db>,
+    /// The database is opened on a thread of its own at the first step that runs.
+    prefetching: std::sync::Once,
     shared: Arc<Mutex<Shared>>,
     lock: StoreLock,
     max_log_bytes: u64,
@@ -216,11 +218,22 @@ impl Policy {
         } else {
             Vec::new()
         };
-        let db = match Db::open(&db_path) {
-            Ok(db) if dead.is_empty() || db.check().unwrap_or(false) => db,
-            Ok(_) => Self::rebuild(&db_path)?,
-            Err(e) if alone && db::is_corrupt(&e) => Self::rebuild(&db_path)?,
-            Err(e) => return Err(StepError::from(e).into()),
+        // A database that every earlier process closed cleanly is opened at its first use
+        // (a fully cached build never needs it; see `Db::lazy`); one that a dead process
+        // may have left damaged, one missing, or one that does not start as SQLite's do is
+        // opened now, to be checked and, if need be, rebuilt from the store.
+        let damaged = db::damaged_marker(&db_path);
+        let suspect = !dead.is_empty() || (alone && damaged.exists());
+        let eager = suspect || !db::looks_like_sqlite(&db_path);
+        let db = if !eager {
+            Db::lazy(&db_path)
+        } else {
+            match Db::open(&db_path) {
+                Ok(db) if !suspect || db.check().unwrap_or(false) => db,
+                Ok(_) => Self::rebuild(&db_path)?,
+                Err(e) if alone && db::is_corrupt(&e) => Self::rebuild(&db_path)?,
+                Err(e) => return Err(StepError::from(e).into()),
+            }
         };
         let p = Policy {
             store,
@@ -229,15 +242,19 @@ impl Policy {
             shared: Arc::default(),
             lock,
             max_log_bytes,
+            prefetching: std::sync::Once::new(),
         };
         // Only after a crash is the O(results) reconciliation of the database with the
-        // disk needed (a rebuilt database has just been filled from it).
-        let rebuilt = p.db.count().map(|n| n == 0).unwrap_or(false);
+        // disk needed (a rebuilt or new database has just been filled from it).
+        let rebuilt = eager && p.db.count().map(|n| n == 0).unwrap_or(false);
         if !dead.is_empty() || rebuilt {
             p.reconcile().await?;
-            for m in dead {
-                let _ = std::fs::remove_file(m);
-            }
+        }
+        if alone {
+            let _ = std::fs::remove_file(&damaged);
+        }
+        for m in dead {
+            let _ = std::fs::remove_file(m);
         }
         p.lock
             .shared()
@@ -428,8 +445,18 @@ impl Policy {
                 .ok_or(StepError::Internal("step work used twice"))?;
             // What the sandbox can make beside the step's tree (the snapshot waits on the
             // disk) it starts making now, on another thread, as early as a step is known
-            // to be needed.
+            // to be needed; so is the database, which the step's commit records it in.
             self.sandbox.warm();
+            self.prefetching.call_once(|| {
+                let db = self.db.clone();
+                let _ = std::thread::Builder::new()
+                    .name("obuilder-db".into())
+                    .spawn(move || {
+                        if let Err(e) = db.prefetch() {
+                            tracing::debug!("opening the database ahead: {e}");
+                        }
+                    });
+            });
             tokio::spawn(task.run(work));
             let r = self.wait(id, inf, log, req.cancel).await;
             if r.is_err() && req.keep_failed {

@@ -357,3 +357,33 @@ async fn a_damaged_database_is_rebuilt_from_the_store_after_a_crash() {
     assert_eq!(n, 1);
     assert!(b.info(&child).unwrap().is_none());
 }
+
+/// A database is opened at its first use when no process died with it: one found
+/// damaged then (the header intact, the tables not) fails that use with a clear error,
+/// and the next process to have the store to itself rebuilds it from the results.
+#[tokio::test]
+async fn a_database_found_damaged_at_first_use_is_rebuilt_by_the_next_process() {
+    let t = setup().await;
+    let first = t.b.build(&spec("ok"), &opts()).await.unwrap();
+    let Setup { _dir, store, b, .. } = t;
+    drop(b);
+    let db = store.root().join("state/db/db.sqlite");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().skip(100) {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let b = Builder::new(store.clone(), FakeSandbox::new(), Arc::new(FakeFetcher))
+        .await
+        .unwrap();
+    let e = b.build(&spec("another"), &opts()).await.unwrap_err();
+    assert!(e.to_string().contains("database"), "{e}");
+    assert!(store.root().join("state/db/damaged").exists());
+    drop(b);
+    let b = Builder::new(store.clone(), FakeSandbox::new(), Arc::new(FakeFetcher))
+        .await
+        .unwrap();
+    assert!(b.info(&first).unwrap().is_some(), "rebuilt from the store");
+    assert!(!store.root().join("state/db/damaged").exists());
+    b.build(&spec("another"), &opts()).await.unwrap();
+}

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build --release --quiet
+cargo build --release --quiet -p obuilder
 OBUILDER=./target/release/obuilder
 rootfs=$(mktemp -d /var/tmp/obuilder-busybox.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT

@@ -169,9 +169,10 @@ pub struct Plan {
     pub started: RawFd,
 }
 
-// The plan's raw pointers point into its own CStrings (argv, envp), owned by the caller
-// for as long as the spawner uses the plan.
+// The plan's raw pointers point into its own CStrings (argv, envp), which move with it.
+// Once made it is only read, by the parent and by the child (which shares its memory).
 unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)

@@ -319,7 +319,10 @@ fn home_of(root: &ConfinedRoot, uid: u32) -> String {
 }
 
 struct Job {
-    plan: *const Plan,
+    /// Held until the clone returns, when the child no longer reads it (it has called
+    /// `execve` or exited): even if the step's owner gives up on it meanwhile (its future
+    /// dropped), the plan outlives the child's use of it.
+    plan: Arc<Plan>,
     flags: u64,
     /// Where the kernel writes the child's pid (`CLONE_PARENT_SETTID`), before it runs.
     pid: Arc<std::sync::atomic::AtomicI32>,
@@ -329,13 +332,10 @@ struct Job {
     reply: mpsc::Sender<std::io::Result<()>>,
 }
 
-// The plan outlives the child's use of it: its owner waits for the child to end.
-unsafe impl Send for Job {}
-
 /// Starts the step's first process, which sets itself up from `plan` (see
 /// [`child::run`]): returns its pid and a pid descriptor once it exists, before it has
-/// set anything up. The caller keeps `plan` alive and unchanged until the process has
-/// ended (it shares the builder's memory until its `execve`).
+/// set anything up, and the plan, now shared with the child (which reads it in the
+/// builder's memory until its `execve`).
 ///
 /// The clone is made by a thread that lives as long as the builder: `PR_SET_PDEATHSIG`
 /// fires when the *thread* that made a process exits, so a pool thread that retires would
@@ -344,14 +344,15 @@ unsafe impl Send for Job {}
 /// nor the child's `execve`, nor the builder's next writes (copy-on-write faults) pay for
 /// the builder's size. The spawner thread is suspended until the child's `execve` or
 /// exit; the child tells its existence through the `started` pipe meanwhile.
-fn spawn(plan: &mut Plan, flags: u64) -> std::io::Result<(i32, OwnedFd)> {
+fn spawn(mut plan: Plan, flags: u64) -> std::io::Result<(i32, OwnedFd, Arc<Plan>)> {
     let (started_r, started_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     plan.started = started_w.as_raw_fd();
+    let plan = Arc::new(plan);
     let pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let (reply, answer) = mpsc::channel();
     spawner()
         .send(Job {
-            plan,
+            plan: plan.clone(),
             flags,
             pid: pid.clone(),
             started: started_w,
@@ -380,7 +381,7 @@ fn spawn(plan: &mut Plan, flags: u64) -> std::io::Result<(i32, OwnedFd)> {
             rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
                 .map_err(std::io::Error::from)
         }) {
-        Ok(fd) => Ok((pid, fd)),
+        Ok(fd) => Ok((pid, fd, plan)),
         Err(e) => {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let mut status = 0;
@@ -422,7 +423,8 @@ fn spawner() -> &'static mpsc::Sender<Job> {
                     // `execve`), and that memory is the builder's: its flag is put back
                     // once the child has its own.
                     let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
-                    let r = unsafe { clone_vfork(job.plan, job.flags, &job.pid, &stack) };
+                    let r =
+                        unsafe { clone_vfork(Arc::as_ptr(&job.plan), job.flags, &job.pid, &stack) };
                     if dumpable >= 0 && unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } != dumpable {
                         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
                     }
@@ -1120,7 +1122,7 @@ impl NativeSandbox {
         // (The record first: from here a cgroup of this process may exist.)
         self.make_record();
         let name = step_name();
-        let (pid, pidfd) = match spawn(&mut plan, flags) {
+        let (pid, pidfd, plan) = match spawn(plan, flags) {
             Ok(p) => p,
             Err(e) => {
                 return Err(SandboxError::Unsupported(format!(

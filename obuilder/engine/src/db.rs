@@ -235,7 +235,7 @@ impl Db {
     /// Opens (and makes or upgrades) the database at `path` now.
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let db = Db::lazy(path);
-        db.with(|_| Ok(()))?;
+        db.prefetch()?;
         Ok(db)
     }
 

@@ -318,6 +318,7 @@ fn home_of(root: &ConfinedRoot, uid: u32) -> String {
         .unwrap_or_else(|| "/".into())
 }
 
+/// A request to the spawner thread.
 struct Job {
     /// Held until the clone returns, when the child no longer reads it (it has called
     /// `execve` or exited): even if the step's owner gives up on it meanwhile (its future
@@ -478,7 +479,7 @@ impl ChildStack {
 }
 
 extern "C" fn child_entry(plan: *mut libc::c_void) -> c_int {
-    // SAFETY: the plan the spawner was given, kept alive by its owner.
+    // SAFETY: the plan of the spawner's job, which holds it until this clone returns.
     unsafe { child::run(&*(plan as *const Plan)) }
 }
 

@@ -50,8 +50,9 @@ def cell(xs):
 # ext4 is what the quick start itself uses on this machine (`/var/lib/obuilder` is on ext4).
 STORES = {"overlayfs": "ext4", "btrfs": "btrfs"}
 PHASES_NOTE = {
-    "btrfs": "On btrfs the snapshot commits a transaction, and the publish two (the read-only "
-             "flag, then `syncfs`, which writes the step's data to the disk first).",
+    "btrfs": "On btrfs the snapshot commits a transaction, and so does the publish (a read-only "
+             "snapshot of the build's subvolume, which writes its data to the disk first), then "
+             "deletes the build's subvolume.",
     "overlayfs": "On overlayfs the snapshot is a mount; the publish unmounts it (a volatile "
                  "overlay: no flush) and writes the upper filesystem to the disk (`syncfs`, one "
                  "journal commit).",

@@ -1,6 +1,7 @@
 #![cfg(target_os = "linux")]
-//! The two btrfs operations on every step's path, as ioctls instead of `btrfs` processes
-//! (a process start costs more than the snapshot itself).
+//! The btrfs operations on every step's path, as ioctls instead of `btrfs` processes (a
+//! process start costs more than the snapshot itself): snapshots (writable, or read-only
+//! to publish), the read-only flag, and the delete of a published build's subvolume.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,6 +24,7 @@ const fn iow(nr: u64, size: u64) -> u64 {
     (1 << 30) | (size << 16) | (BTRFS_IOCTL_MAGIC << 8) | nr
 }
 const BTRFS_IOC_SNAP_CREATE_V2: u64 = iow(23, 4096);
+const BTRFS_IOC_SNAP_DESTROY_V2: u64 = iow(63, 4096);
 const BTRFS_IOC_SUBVOL_GETFLAGS: u64 = (2 << 30) | (8 << 16) | (BTRFS_IOCTL_MAGIC << 8) | 25;
 const BTRFS_IOC_SUBVOL_SETFLAGS: u64 = iow(26, 8);
 const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
@@ -37,6 +39,18 @@ fn open_dir(p: &Path) -> std::io::Result<OwnedFd> {
 
 /// `btrfs subvolume snapshot SRC DST` (writable).
 pub fn snapshot(src: &Path, dst: &Path) -> std::io::Result<()> {
+    snapshot_with(src, dst, 0)
+}
+
+/// `btrfs subvolume snapshot -r SRC DST`. The kernel first writes SRC's data to the disk
+/// and waits for it (delayed allocation included), then makes the snapshot in one
+/// transaction commit: DST is on the disk, data and all, when this returns.
+pub fn snapshot_readonly(src: &Path, dst: &Path) -> std::io::Result<()> {
+    snapshot_with(src, dst, BTRFS_SUBVOL_RDONLY)
+}
+
+/// The name in `dst`'s parent, as `btrfs_ioctl_vol_args_v2` takes it.
+fn vol_args(dst: &Path, fd: i64, flags: u64) -> std::io::Result<(OwnedFd, Box<VolArgsV2>)> {
     let parent = dst
         .parent()
         .ok_or_else(|| std::io::Error::other("snapshot destination has no parent"))?;
@@ -45,18 +59,23 @@ pub fn snapshot(src: &Path, dst: &Path) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("snapshot destination has no name"))?;
     let name = CString::new(name.as_encoded_bytes()).map_err(std::io::Error::other)?;
     if name.as_bytes().len() >= 4040 {
-        return Err(std::io::Error::other("snapshot name too long"));
+        return Err(std::io::Error::other("subvolume name too long"));
     }
-    let src_fd = open_dir(src)?;
     let parent_fd = open_dir(parent)?;
     let mut args = Box::new(VolArgsV2 {
-        fd: src_fd.as_raw_fd() as i64,
+        fd,
         transid: 0,
-        flags: 0,
+        flags,
         unused: [0; 4],
         name: [0; 4040],
     });
     args.name[..name.as_bytes().len()].copy_from_slice(name.as_bytes());
+    Ok((parent_fd, args))
+}
+
+fn snapshot_with(src: &Path, dst: &Path, flags: u64) -> std::io::Result<()> {
+    let src_fd = open_dir(src)?;
+    let (parent_fd, mut args) = vol_args(dst, src_fd.as_raw_fd() as i64, flags)?;
     // SAFETY: the argument is a properly sized and initialised btrfs_ioctl_vol_args_v2.
     let r = unsafe {
         libc::ioctl(
@@ -71,8 +90,31 @@ pub fn snapshot(src: &Path, dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `btrfs subvolume delete PATH` (no commit: the kernel frees the space later, as the
+/// command does without `-c`).
+pub fn delete_subvolume(path: &Path) -> std::io::Result<()> {
+    let (parent_fd, mut args) = vol_args(path, 0, 0)?;
+    // SAFETY: as above; with no flags the kernel takes the subvolume by `name`.
+    let r = unsafe {
+        libc::ioctl(
+            parent_fd.as_raw_fd(),
+            BTRFS_IOC_SNAP_DESTROY_V2 as _,
+            &mut *args as *mut VolArgsV2,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `btrfs property set -ts PATH ro true`.
 pub fn set_readonly(subvol: &Path) -> std::io::Result<()> {
+    set_readonly_to(subvol, true)
+}
+
+/// `btrfs property set -ts PATH ro VALUE`.
+pub fn set_readonly_to(subvol: &Path, readonly: bool) -> std::io::Result<()> {
     let fd = open_dir(subvol)?;
     let mut flags: u64 = 0;
     // SAFETY: both ioctls take a pointer to a u64.
@@ -85,7 +127,11 @@ pub fn set_readonly(subvol: &Path) -> std::io::Result<()> {
         {
             return Err(std::io::Error::last_os_error());
         }
-        flags |= BTRFS_SUBVOL_RDONLY;
+        if readonly {
+            flags |= BTRFS_SUBVOL_RDONLY;
+        } else {
+            flags &= !BTRFS_SUBVOL_RDONLY;
+        }
         if libc::ioctl(
             fd.as_raw_fd(),
             BTRFS_IOC_SUBVOL_SETFLAGS as _,
@@ -105,6 +151,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_linux_btrfs_h() {
         assert_eq!(BTRFS_IOC_SNAP_CREATE_V2, 0x5000_9417);
+        assert_eq!(BTRFS_IOC_SNAP_DESTROY_V2, 0x5000_943f);
         assert_eq!(BTRFS_IOC_SUBVOL_GETFLAGS, 0x8008_9419);
         assert_eq!(BTRFS_IOC_SUBVOL_SETFLAGS, 0x4008_941a);
         assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);

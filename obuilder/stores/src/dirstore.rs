@@ -37,6 +37,28 @@ pub trait TreeOps: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Makes build dir `dst` (which does not exist) whole, as one tree holding `rootfs/`:
+    /// empty, or a writable copy of result dir `base` with only its `rootfs/` kept.
+    /// Returns false where the backend does not (the default; and btrfs below a result
+    /// made before it did): the core then makes a plain directory with `rootfs` a tree
+    /// of its own.
+    async fn make_dir(&self, _base: Option<&Path>, _dst: &Path) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Publishes build dir `src`, made whole by [`TreeOps::make_dir`], as the result dir
+    /// `dst`: read-only and on the disk, data included, when this returns (so the core
+    /// neither seals nor flushes it). False if `src` was not made whole.
+    async fn publish_dir(&self, _src: &Path, _dst: &Path) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Removes a build or result dir made whole by [`TreeOps::make_dir`]; false if `dir`
+    /// is not one.
+    async fn remove_dir(&self, _dir: &Path) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// Waits for removals to free their space, where the filesystem defers it.
     async fn complete_deletes(&self, _root: &Path) -> Result<(), StoreError> {
         Ok(())
@@ -67,6 +89,9 @@ impl<T: TreeOps> DirStore<T> {
 
     /// Removes a build dir and the tree in it.
     async fn remove_build_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        if self.ops.remove_dir(dir).await? {
+            return Ok(());
+        }
         self.ops.remove(&dir.join("rootfs")).await?;
         remove_tree(dir)
     }
@@ -101,6 +126,18 @@ impl<T: TreeOps> Store for DirStore<T> {
     }
 
     async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError> {
+        let whole = self.layout.tmp(id);
+        let base_dir = base.map(|b| self.layout.result(b));
+        if self.ops.make_dir(base_dir.as_deref(), &whole).await? {
+            if let Some(b) = base {
+                let parent = whole.join("parent");
+                if let Err(e) = std::fs::write(&parent, b) {
+                    let _ = self.remove_build_dir(&whole).await;
+                    return Err(StoreError::io("cannot write", &parent)(e));
+                }
+            }
+            return Ok(BuildDir::at(id, whole));
+        }
         let dir = self.layout.make_tmp(id)?;
         let rootfs = dir.join("rootfs");
         let r = match base {
@@ -138,6 +175,10 @@ impl<T: TreeOps> Store for DirStore<T> {
     }
 
     async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
+        let to = self.layout.result(id);
+        if self.ops.publish_dir(&dir.dir, &to).await? {
+            return Ok(to);
+        }
         let parent = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let parent_tree = parent.map(|p| self.layout.result(p.trim()).join("rootfs"));
         self.ops.seal(&dir.rootfs, parent_tree.as_deref()).await?;
@@ -151,6 +192,11 @@ impl<T: TreeOps> Store for DirStore<T> {
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        // A whole-dir result goes in one step (a btrfs subvolume delete is atomic, and a
+        // read-only subvolume cannot be renamed out of `result/` first).
+        if self.ops.remove_dir(&self.layout.result(id)).await? {
+            return Ok(());
+        }
         if let Some(moved) = self.layout.unpublish(id)? {
             self.remove_build_dir(&moved).await?;
         }

@@ -19,7 +19,7 @@ async fn btrfs_command_sequence() {
     assert_eq!(
         exec.argvs(),
         [format!(
-            "btrfs subvolume create {}/result-tmp/a/rootfs",
+            "btrfs subvolume create {}/result-tmp/a",
             dir.display()
         )]
     );

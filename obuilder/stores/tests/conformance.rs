@@ -28,6 +28,146 @@ fn libc_erofs() -> i32 {
     30
 }
 
+fn is_subvolume(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.ino() == 256)
+}
+
+/// A btrfs result is one read-only subvolume, log and tree together (published by one
+/// read-only snapshot: one transaction commit); a child keeps only its parent's tree. A
+/// store made before, whose results have their `rootfs` alone as the subvolume, goes on
+/// working: such a result's children are made that way too, and both delete cleanly.
+#[tokio::test]
+#[allow(clippy::disallowed_methods)] // (the older layout, made by hand as it was made)
+async fn btrfs_results_are_whole_subvolumes_beside_those_of_the_older_layout() {
+    require!(Cap::Root, Cap::Tool("mkfs.btrfs"), Cap::Tool("btrfs"));
+    let fs = LoopFs::new("btrfs", 512);
+    let root = fs.mnt.join("store");
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+
+    let base = store.prepare("base", None).await.unwrap();
+    std::fs::write(base.rootfs.join("f"), "base").unwrap();
+    std::fs::write(base.dir.join("log"), "base log").unwrap();
+    let r = store.commit(&base).await.unwrap();
+    assert!(is_subvolume(&r) && !is_subvolume(&r.join("rootfs")));
+    assert!(
+        !root.join("result-tmp/base").exists(),
+        "the build's subvolume is deleted"
+    );
+    let e = std::fs::write(r.join("log"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_erofs()), "{e}");
+
+    let child = store.prepare("child", Some("base")).await.unwrap();
+    let mut kept: Vec<String> = std::fs::read_dir(&child.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["parent", "rootfs"], "only the tree is inherited");
+    assert_eq!(
+        std::fs::read_to_string(child.dir.join("parent")).unwrap(),
+        "base"
+    );
+    assert_eq!(
+        std::fs::read_to_string(child.rootfs.join("f")).unwrap(),
+        "base"
+    );
+    std::fs::write(child.rootfs.join("f"), "child").unwrap();
+    // A step can make subvolumes of its own (the ioctl needs no privilege).
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new("btrfs")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "btrfs {args:?}");
+    };
+    let nest = |tree: &std::path::Path| {
+        run(&["subvolume", "create", tree.join("sub").to_str().unwrap()]);
+        run(&[
+            "subvolume",
+            "create",
+            tree.join("sub/deeper").to_str().unwrap(),
+        ]);
+        std::fs::write(tree.join("sub/deeper/x"), "x").unwrap();
+        run(&[
+            "property",
+            "set",
+            "-ts",
+            tree.join("sub").to_str().unwrap(),
+            "ro",
+            "true",
+        ]);
+    };
+    nest(&child.rootfs);
+    let c = store.commit(&child).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(c.join("rootfs/f")).unwrap(),
+        "child"
+    );
+    assert_eq!(std::fs::read_to_string(r.join("rootfs/f")).unwrap(), "base");
+    // (A snapshot holds no nested subvolume: an empty directory in its place.)
+    assert!(std::fs::read_dir(c.join("rootfs/sub"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(
+        !root.join("result-tmp/child").exists(),
+        "deleted, nested subvolumes and all"
+    );
+    let failed = store.prepare("failed", Some("base")).await.unwrap();
+    nest(&failed.rootfs);
+    store.discard(&failed).await.unwrap();
+    assert!(!failed.dir.exists());
+    // A crash mid-build: the next start removes it, nested subvolumes and all.
+    let crashed = store.prepare("crashed", Some("base")).await.unwrap();
+    nest(&crashed.rootfs);
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+    assert!(!crashed.dir.exists());
+
+    // A result of the older layout, as the previous version made it.
+    let old = root.join("result/old");
+    std::fs::create_dir(&old).unwrap();
+    run(&["subvolume", "create", old.join("rootfs").to_str().unwrap()]);
+    std::fs::write(old.join("rootfs/f"), "old").unwrap();
+    std::fs::write(old.join("log"), "old log").unwrap();
+    run(&[
+        "property",
+        "set",
+        "-ts",
+        old.join("rootfs").to_str().unwrap(),
+        "ro",
+        "true",
+    ]);
+
+    let on_old = store.prepare("on-old", Some("old")).await.unwrap();
+    assert!(is_subvolume(&on_old.rootfs) && !is_subvolume(&on_old.dir));
+    assert_eq!(
+        std::fs::read_to_string(on_old.rootfs.join("f")).unwrap(),
+        "old"
+    );
+    std::fs::write(on_old.rootfs.join("g"), "new").unwrap();
+    nest(&on_old.rootfs);
+    let o = store.commit(&on_old).await.unwrap();
+    assert!(is_subvolume(&o.join("rootfs")) && !is_subvolume(&o));
+    let e = std::fs::write(o.join("rootfs/x"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_erofs()), "{e}");
+
+    let mut ids = store.list().await.unwrap();
+    ids.sort();
+    assert_eq!(ids, ["base", "child", "old", "on-old"]);
+    for id in ["child", "on-old", "old", "base"] {
+        store.delete(id).await.unwrap();
+        assert_eq!(store.result(id).await.unwrap(), None, "{id}");
+    }
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(std::fs::read_dir(root.join("result-tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
 #[tokio::test]
 async fn xfs_reflink_store_conformance() {
     require!(Cap::Root, Cap::Tool("mkfs.xfs"));

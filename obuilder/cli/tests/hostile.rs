@@ -538,3 +538,76 @@ fn a_process_waiting_on_another_replays_its_log() {
     assert!(o.contains(&format!("(built by process {pid})")), "{o}");
     first.wait().unwrap();
 }
+
+/// Makes btrfs subvolumes `/sub` and `/sub/deeper` in the step's own tree, the second
+/// read-only, with the ioctls `btrfs subvolume create` and `btrfs property set` use
+/// (neither needs a privilege on a directory one owns).
+const SUBVOL_PROBE: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/btrfs.h>
+static int make(const char *dir, const char *name) {
+  struct btrfs_ioctl_vol_args a;
+  memset(&a, 0, sizeof a);
+  strcpy(a.name, name);
+  int fd = open(dir, O_RDONLY | O_DIRECTORY);
+  return fd < 0 ? -1 : ioctl(fd, BTRFS_IOC_SUBVOL_CREATE, &a);
+}
+int main(void) {
+  unsigned long long ro = BTRFS_SUBVOL_RDONLY;
+  int a = make("/", "sub"), b = make("/sub", "deeper");
+  int fd = open("/sub", O_RDONLY | O_DIRECTORY);
+  int c = ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, &ro);
+  printf("subvolumes %d %d %d\n", a, b, c);
+  return 0;
+}
+"#;
+
+/// A step that makes btrfs subvolumes of its own in its tree, nested and read-only, must
+/// not leave the store unable to discard its build, delete its result or start again: a
+/// subvolume holding another cannot be deleted until the inner one is.
+#[test]
+fn subvolumes_a_step_makes_do_not_wedge_the_btrfs_store() {
+    if !testkit::require(module_path!(), &caps())
+        || !testkit::require(module_path!(), &[Cap::Tool("cc")])
+    {
+        return;
+    }
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        std::fs::write(env.ctx.join("probe.c"), SUBVOL_PROBE).unwrap();
+        let out = std::process::Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(env.ctx.join("probe"))
+            .arg(env.ctx.join("probe.c"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let base = "(from busybox) (shell /bin/sh -c) (copy (src probe) (dst /probe))";
+        // Published: the nested subvolumes are not in the result (a snapshot holds none).
+        let ok = env.spec("ok.spec", &format!("({base} (run (shell /probe)))"));
+        let out = env.build(&ok);
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{sandbox}: {o}{}", text(&out.stderr));
+        assert!(
+            o.contains("subvolumes 0 0 0"),
+            "{sandbox}: the probe failed:\n{o}"
+        );
+        // Failed: discarded.
+        let failed = env.spec(
+            "failed.spec",
+            &format!("({base} (run (shell \"/probe; exit 3\")))"),
+        );
+        let out = env.build(&failed);
+        assert!(!out.status.success(), "{sandbox}");
+        env.assert_clean();
+        // Deleted, and the store starts again.
+        let out = env.run(&["clean"]);
+        assert!(out.status.success(), "{sandbox}: {}", text(&out.stderr));
+        let out = env.build(&ok);
+        assert!(out.status.success(), "{sandbox}: {}", text(&out.stderr));
+        env.assert_clean();
+    }
+}

@@ -445,6 +445,11 @@ impl<I: Item> Pool<I> {
         id
     }
 
+    /// Whether database writes are queued.
+    pub fn has_writes(&self) -> bool {
+        !self.writes.is_empty()
+    }
+
     /// Takes the database writes queued so far.
     pub fn take_writes(&mut self) -> Vec<DbWrite> {
         std::mem::take(&mut self.writes)

@@ -11,7 +11,7 @@
 //!   ticket) takes a queued job out, or forwards to the job once it runs.
 //! * `Admin` and `PoolAdmin` (`admin.cap`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
@@ -124,6 +124,35 @@ pub struct PoolApi {
     persist: bool,
     /// Running attempts, by their key in `attempts`, for the status page.
     running: BTreeMap<u64, RunningJob>,
+    /// The group commit of job rows: see [`PoolApi::flush_soon`].
+    stored: Rc<Stored>,
+}
+
+/// Group commit: the changes of every call handled in one turn of the event loop go to
+/// the database in one transaction, and each call whose answer must wait for its change
+/// to be on the disk (a submit for its job's row, a result for the row's removal) waits
+/// for that transaction. Batches are numbered; `done` is the last one written.
+#[derive(Default)]
+struct Stored {
+    /// The batch now collecting changes.
+    next: Cell<u64>,
+    done: Cell<u64>,
+    /// A task will write the batch at the end of this turn.
+    scheduled: Cell<bool>,
+    written: tokio::sync::Notify,
+}
+
+impl Stored {
+    /// Once batch `batch` is written (at once if it is).
+    async fn wait(&self, batch: u64) {
+        loop {
+            let written = self.written.notified();
+            if self.done.get() >= batch {
+                return;
+            }
+            written.await;
+        }
+    }
 }
 
 /// A job running on a worker, as the status page shows it.
@@ -391,6 +420,10 @@ impl Scheduler {
                     orphans_until: clock() + CLAIM_WINDOW,
                     persist: true,
                     running: BTreeMap::new(),
+                    stored: Rc::new(Stored {
+                        next: Cell::new(1),
+                        ..Stored::default()
+                    }),
                 })
             });
             if !jobs.is_empty() {
@@ -729,6 +762,36 @@ impl PoolApi {
 
     /// After every change: run woken pops, answer them, and store what changed.
     fn flush(&mut self, db: &Rc<RefCell<Db>>) {
+        self.settle();
+        self.store(db);
+    }
+
+    /// As [`PoolApi::flush`], but the store waits for the end of this turn of the event
+    /// loop, with the changes of every other call handled in it (group commit). Returns
+    /// the batch to wait for (with [`Stored::wait`]) before telling anyone of the change.
+    fn flush_soon(&mut self) -> u64 {
+        self.settle();
+        let stored = self.stored.clone();
+        if self.added.is_empty() && self.removed.is_empty() && !self.pool.has_writes() {
+            // Nothing to write: what is pending is what earlier calls wait for.
+            return stored.done.get();
+        }
+        if !stored.scheduled.replace(true) {
+            let this = self.this.clone();
+            let db = self.db.clone();
+            tokio::task::spawn_local(async move {
+                // Every call already read from the connections runs first.
+                tokio::task::yield_now().await;
+                if let Some(pool) = this.upgrade() {
+                    pool.borrow_mut().store(&db);
+                }
+            });
+        }
+        stored.next.get()
+    }
+
+    /// Runs woken pops and answers them.
+    fn settle(&mut self) {
         loop {
             self.pool.settle();
             let events = self.pool.take_events();
@@ -752,6 +815,10 @@ impl PoolApi {
                 }
             }
         }
+    }
+
+    /// Writes every pending change in one transaction; the batch is then done.
+    fn store(&mut self, db: &Rc<RefCell<Db>>) {
         let mut writes = self.pool.take_writes();
         if !self.persist {
             writes.retain(|w| !matches!(w, crate::pool::DbWrite::SetClock { .. }));
@@ -766,6 +833,11 @@ impl PoolApi {
                 tracing::error!("{e}");
             }
         }
+        let stored = &self.stored;
+        stored.done.set(stored.next.get());
+        stored.next.set(stored.next.get() + 1);
+        stored.scheduled.set(false);
+        stored.written.notify_waiters();
     }
 
     fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob, cached: bool) {
@@ -904,6 +976,8 @@ impl PoolApi {
                 p.forget_job(item.seq);
                 shared.finish(outcome.map_err(relayed));
             }
+            // (At once, not with the turn's group commit: that measured no faster here,
+            // and the row is gone before the client's `result` call is answered.)
             let db = p.db.clone();
             p.flush(&db);
             drop(p);
@@ -1472,7 +1546,10 @@ impl submission::Server for SubmissionImpl {
         let pool_name = p.get_pool()?.to_str()?.to_string();
         let descr = p.get_descr()?;
         let urgent = p.get_urgent();
-        let ticket = self.enqueue(&pool_name, descr, urgent.into());
+        let (ticket, stored) = self.enqueue(&pool_name, descr, urgent.into());
+        if let Some((stored, batch)) = stored {
+            stored.wait(batch).await;
+        }
         results.get().set_ticket(ticket);
         Ok(())
     }
@@ -1491,7 +1568,10 @@ impl submission::Server for SubmissionImpl {
                 "priority {priority} is not a level: 0 (background) to 4 (urgent)"
             )));
         }
-        let ticket = self.enqueue(&pool_name, descr, Priority(priority));
+        let (ticket, stored) = self.enqueue(&pool_name, descr, Priority(priority));
+        if let Some((stored, batch)) = stored {
+            stored.wait(batch).await;
+        }
         results.get().set_ticket(ticket);
         Ok(())
     }
@@ -1503,9 +1583,10 @@ impl SubmissionImpl {
         pool_name: &str,
         descr: job_descr::Reader,
         priority: Priority,
-    ) -> ticket::Client {
-        let broken = |msg: String| -> ticket::Client {
-            FromClientHook::new(capnp_rpc::new_broken_cap(Error::failed(msg)).hook)
+    ) -> (ticket::Client, Option<(Rc<Stored>, u64)>) {
+        let broken = |msg: String| {
+            let cap = FromClientHook::new(capnp_rpc::new_broken_cap(Error::failed(msg)).hook);
+            (cap, None)
         };
         match self.sched.db.borrow().lookup_hash(&self.id_hash) {
             Ok(Some(_)) => {}
@@ -1544,7 +1625,7 @@ impl SubmissionImpl {
                 self.client
             );
             let job = started_job(shared.clone());
-            return capnp_rpc::new_client(TicketImpl { shared, job });
+            return (capnp_rpc::new_client(TicketImpl { shared, job }), None);
         }
         {
             let mut p = pool.borrow_mut();
@@ -1577,10 +1658,11 @@ impl SubmissionImpl {
                     descr,
                 });
             }
-            // Stored before the client hears of its ticket.
-            p.flush(&self.sched.db);
+            // Stored before the client hears of its ticket (the caller waits).
+            let batch = p.flush_soon();
             let job = started_job(shared.clone());
-            capnp_rpc::new_client(TicketImpl { shared, job })
+            let ticket = capnp_rpc::new_client(TicketImpl { shared, job });
+            (ticket, Some((p.stored.clone(), batch)))
         }
     }
 }

@@ -92,8 +92,9 @@ int main(void) {
 }
 "#;
 
-fn build_probe(dir: &std::path::Path) {
-    std::fs::write(dir.join("probe.c"), PROBE).unwrap();
+/// Compiles C `source`, statically, into `dir/probe`.
+fn build_probe(dir: &std::path::Path, source: &str) {
+    std::fs::write(dir.join("probe.c"), source).unwrap();
     let out = std::process::Command::new("cc")
         .args(["-static", "-O1", "-o"])
         .arg(dir.join("probe"))
@@ -115,7 +116,7 @@ fn the_default_seccomp_filter_denies_keyrings_user_namespaces_and_kernel_hooks()
     }
     for sandbox in SANDBOXES {
         let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
-        build_probe(&env.ctx);
+        build_probe(&env.ctx, PROBE);
         let spec = env.spec(
         "p.spec",
         "((from busybox) (shell /bin/sh -c) (copy (src probe) (dst /probe)) (run (shell /probe)))",
@@ -577,14 +578,7 @@ fn subvolumes_a_step_makes_do_not_wedge_the_btrfs_store() {
     }
     for sandbox in SANDBOXES {
         let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
-        std::fs::write(env.ctx.join("probe.c"), SUBVOL_PROBE).unwrap();
-        let out = std::process::Command::new("cc")
-            .args(["-static", "-O1", "-o"])
-            .arg(env.ctx.join("probe"))
-            .arg(env.ctx.join("probe.c"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        build_probe(&env.ctx, SUBVOL_PROBE);
         let base = "(from busybox) (shell /bin/sh -c) (copy (src probe) (dst /probe))";
         // Published: the nested subvolumes are not in the result (a snapshot holds none).
         let ok = env.spec("ok.spec", &format!("({base} (run (shell /probe)))"));

@@ -128,10 +128,11 @@ pub struct PoolApi {
     stored: Rc<Stored>,
 }
 
-/// Group commit: the changes of every call handled in one turn of the event loop go to
-/// the database in one transaction, and each call whose answer must wait for its change
-/// to be on the disk (a submit for its job's row, a result for the row's removal) waits
-/// for that transaction. Batches are numbered; `done` is the last one written.
+/// Group commit: the changes of every submit handled in one turn of the event loop go to
+/// the database in one transaction, and each submit is answered once it is written (its
+/// job's row on the disk before its client hears of the ticket). Other changes are
+/// written at once by [`PoolApi::flush`], which also writes any batch pending. Batches
+/// are numbered; `done` is the last one written.
 #[derive(Default)]
 struct Stored {
     /// The batch now collecting changes.

@@ -76,14 +76,14 @@ fn vol_args(dst: &Path, fd: i64, flags: u64) -> std::io::Result<(OwnedFd, Box<Vo
 fn snapshot_with(src: &Path, dst: &Path, flags: u64) -> std::io::Result<()> {
     let src_fd = open_dir(src)?;
     let (parent_fd, mut args) = vol_args(dst, src_fd.as_raw_fd() as i64, flags)?;
-    // SAFETY: the argument is a properly sized and initialised btrfs_ioctl_vol_args_v2.
-    let r = unsafe {
-        libc::ioctl(
-            parent_fd.as_raw_fd(),
-            BTRFS_IOC_SNAP_CREATE_V2 as _,
-            &mut *args as *mut VolArgsV2,
-        )
-    };
+    vol_ioctl(&parent_fd, BTRFS_IOC_SNAP_CREATE_V2, &mut args)
+}
+
+/// `ioctl(dir, request, args)` for the requests that take a `btrfs_ioctl_vol_args_v2`.
+fn vol_ioctl(dir: &OwnedFd, request: u64, args: &mut VolArgsV2) -> std::io::Result<()> {
+    // SAFETY: the argument is a properly sized and initialised btrfs_ioctl_vol_args_v2,
+    // which both requests used here take.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), request as _, args as *mut VolArgsV2) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -93,19 +93,9 @@ fn snapshot_with(src: &Path, dst: &Path, flags: u64) -> std::io::Result<()> {
 /// `btrfs subvolume delete PATH` (no commit: the kernel frees the space later, as the
 /// command does without `-c`).
 pub fn delete_subvolume(path: &Path) -> std::io::Result<()> {
+    // (With no flags the kernel takes the subvolume by `name`.)
     let (parent_fd, mut args) = vol_args(path, 0, 0)?;
-    // SAFETY: as above; with no flags the kernel takes the subvolume by `name`.
-    let r = unsafe {
-        libc::ioctl(
-            parent_fd.as_raw_fd(),
-            BTRFS_IOC_SNAP_DESTROY_V2 as _,
-            &mut *args as *mut VolArgsV2,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    vol_ioctl(&parent_fd, BTRFS_IOC_SNAP_DESTROY_V2, &mut args)
 }
 
 /// `btrfs property set -ts PATH ro true`.

@@ -341,11 +341,7 @@ impl Db {
         // write on a full disk left behind needs room.
         Ok(Some(Db {
             conn: Mutex::new(Some(conn)),
-            path: path.display().to_string(),
-            touches: Touches {
-                path: path.with_file_name("touches"),
-            },
-            reserve: Some(path.with_file_name("reserve")),
+            ..Db::lazy(path)
         }))
     }
 

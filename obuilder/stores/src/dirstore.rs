@@ -126,34 +126,26 @@ impl<T: TreeOps> Store for DirStore<T> {
     }
 
     async fn prepare(&self, id: &str, base: Option<&str>) -> Result<BuildDir, StoreError> {
-        let whole = self.layout.tmp(id);
+        let dir = self.layout.tmp(id);
         let base_dir = base.map(|b| self.layout.result(b));
-        if self.ops.make_dir(base_dir.as_deref(), &whole).await? {
-            if let Some(b) = base {
-                let parent = whole.join("parent");
-                if let Err(e) = std::fs::write(&parent, b) {
-                    let _ = self.remove_build_dir(&whole).await;
-                    return Err(StoreError::io("cannot write", &parent)(e));
-                }
-            }
-            return Ok(BuildDir::at(id, whole));
-        }
-        let dir = self.layout.make_tmp(id)?;
-        let rootfs = dir.join("rootfs");
-        let r = match base {
-            None => self.ops.create_empty(&rootfs).await,
-            Some(b) => {
-                let parent = dir.join("parent");
-                match std::fs::write(&parent, b) {
-                    Ok(()) => {
-                        self.ops
-                            .clone_tree(&self.layout.result(b).join("rootfs"), &rootfs)
-                            .await
-                    }
-                    Err(e) => Err(StoreError::io("cannot write", &parent)(e)),
-                }
+        // The backend makes the build dir whole, or the core makes it with the tree in it.
+        let r = if self.ops.make_dir(base_dir.as_deref(), &dir).await? {
+            Ok(())
+        } else {
+            self.layout.make_tmp(id)?;
+            let rootfs = dir.join("rootfs");
+            match &base_dir {
+                None => self.ops.create_empty(&rootfs).await,
+                Some(b) => self.ops.clone_tree(&b.join("rootfs"), &rootfs).await,
             }
         };
+        let r = r.and_then(|()| match base {
+            Some(b) => {
+                let parent = dir.join("parent");
+                std::fs::write(&parent, b).map_err(StoreError::io("cannot write", &parent))
+            }
+            None => Ok(()),
+        });
         if let Err(e) = r {
             let _ = self.remove_build_dir(&dir).await;
             return Err(e);

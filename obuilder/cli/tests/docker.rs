@@ -2,8 +2,9 @@
 //! The docker: store and the Docker sandbox for real, through Debian's podman as the
 //! Docker-compatible CLI (`--docker-cli`): a wrapper gives it a private storage (vfs) and
 //! run directory under the test's temp dir, runc, and file limits this machine allows.
-//! The Windows-only parts (servercore, `--isolation hyperv`) are in the command-seam tests
-//! of `obuilder-sandbox` (`tests/docker_seam.rs`).
+//! The Windows-only parts (servercore and Cygwin's tar, pulled base images,
+//! `--isolation hyperv`) are in the command-seam tests of `obuilder-sandbox`
+//! (`tests/docker_seam.rs`) and `obuilder-stores` (`tests/commands.rs`, `windows_seam_…`).
 
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
@@ -276,6 +277,41 @@ fn docker_sandbox_and_store_go_together() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("a docker: store runs its steps with --sandbox docker"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A store opened for Windows containers on this (Linux) engine: refused, saying which
+    // flag fits, before anything is made in the engine.
+    let before = e.images();
+    let out = e.obuilder(&[
+        "build",
+        "-f",
+        f.to_str().unwrap(),
+        e.ctx.to_str().unwrap(),
+        "--docker-platform",
+        "windows",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr)
+            .contains("runs linux containers, not windows ones: give --docker-platform linux"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(e.images(), before);
+    let out = Command::new(env!("CARGO_BIN_EXE_obuilder"))
+        .args(["build", "-f", f.to_str().unwrap(), e.ctx.to_str().unwrap()])
+        .args([
+            "--store",
+            "rsync:/nonexistent",
+            "--docker-platform",
+            "windows",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--docker-platform needs --store docker:/PATH"),
         "{}",
         text(&out.stderr)
     );

@@ -106,9 +106,17 @@ impl BuilderConfig {
             _ => self.sandbox()?,
         };
         match (&self.store, &mut sandbox) {
-            (StoreSpec::Docker { cli, root }, SandboxSpec::Docker(o)) => {
+            (
+                StoreSpec::Docker {
+                    cli,
+                    root,
+                    platform,
+                },
+                SandboxSpec::Docker(o),
+            ) => {
                 o.cli = cli.clone();
                 o.prefix = obuilder_stores::docker::prefix(root);
+                o.windows = *platform == obuilder_stores::docker::Platform::Windows;
             }
             (StoreSpec::Docker { .. }, _) => return Err(ConfigError::Pairing(
                 "a docker: store runs its steps with --sandbox docker".into(),
@@ -132,6 +140,18 @@ impl BuilderConfig {
             .open(&state, self.exec.clone())
             .map_err(ConfigError::Sandbox)?;
         let mut fetcher: Arc<dyn obuilder_engine::fetch::Fetcher> = Arc::new(self.fetcher());
+        if let StoreSpec::Docker {
+            cli,
+            platform: obuilder_stores::docker::Platform::Windows,
+            ..
+        } = &self.store
+        {
+            // Windows images come from the engine's own pull (foreign layers).
+            fetcher = Arc::new(obuilder_stores::docker_pull::DockerPull::new(
+                cli.clone(),
+                self.exec.clone(),
+            ));
+        }
         if let StoreSpec::Zfs { pool, .. } = &self.store {
             // `(from NAME)` clones POOL/base-image/NAME when there is one.
             fetcher = Arc::new(obuilder_stores::zfs_base::ZfsBaseImages::new(
@@ -194,12 +214,14 @@ mod tests {
             let store = StoreSpec::Docker {
                 root: root.into(),
                 cli: "podman".into(),
+                platform: obuilder_stores::docker::Platform::Windows,
             };
             let SandboxSpec::Docker(o) = BuilderConfig::new(store).paired_sandbox().unwrap() else {
                 panic!("a docker: store opens the Docker sandbox");
             };
             assert_eq!(o.prefix, obuilder_stores::docker::prefix(Path::new(root)));
             assert_eq!(o.cli, "podman");
+            assert!(o.windows);
         }
     }
 }

@@ -15,6 +15,11 @@
 //! `host`. Secrets are files (0400, the step's user) bind-mounted read-only at their
 //! targets, removed after the step (the engine may leave an empty mount point in the
 //! image). Cancel removes the container (`rm -f`), which ends `docker run`.
+//!
+//! With an engine of Windows containers (`--docker-platform windows`, set from the
+//! store's), whose files are not this host's: caches are the engine's volumes
+//! (`--mount type=volume`), root is `ContainerAdministrator` (Windows users are names),
+//! and secrets are refused, since a file of this host cannot be mounted there.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -41,6 +46,8 @@ pub struct DockerOptions {
     pub isolation: Option<String>,
     /// The network for steps with `(network host)`.
     pub network: Option<String>,
+    /// The engine runs Windows containers; set from the store's.
+    pub windows: bool,
 }
 
 impl Eq for DockerOptions {}
@@ -54,8 +61,30 @@ impl Default for DockerOptions {
             memory: None,
             isolation: None,
             network: None,
+            windows: false,
         }
     }
+}
+
+/// A copy destination in a Windows container as a path from `C:/`: `C:\\src\\` and
+/// `c:/src/` are `/src/`; another drive is refused.
+pub fn windows_copy_path(path: &str) -> Result<String, SandboxError> {
+    let p = path.replace('\\', "/");
+    let b = p.as_bytes();
+    if b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic() {
+        if !b[0].eq_ignore_ascii_case(&b'c') {
+            return Err(SandboxError::Unsupported(format!(
+                "copy to {path}: a Windows container has the C: drive only"
+            )));
+        }
+        let rest = &p[2..];
+        return Ok(if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        });
+    }
+    Ok(p)
 }
 
 pub struct DockerSandbox {
@@ -116,6 +145,19 @@ impl DockerSandbox {
                 if ro { ",readonly" } else { "" }
             ))
         };
+        if self.opts.windows && !c.secrets.is_empty() {
+            return Err(SandboxError::Unsupported(
+                "secrets cannot be given to a step on an engine of Windows containers: a file \
+                 of this host cannot be mounted in them"
+                    .into(),
+            ));
+        }
+        let user = match &c.user_name {
+            // By name (Windows' `ContainerAdministrator`): the image resolves it.
+            Some(n) => n.clone(),
+            None if self.opts.windows => "ContainerAdministrator".into(),
+            None => format!("{}:{}", c.user.uid, c.user.gid),
+        };
         let mut argv: Vec<String> = vec![self.opts.cli.clone(), "run".into()];
         if c.stdin {
             argv.push("-i".into());
@@ -129,11 +171,7 @@ impl DockerSandbox {
                 "--workdir",
                 &c.cwd,
                 "--user",
-                &match &c.user_name {
-                    // By name (Windows' `ContainerAdministrator`): the image resolves it.
-                    Some(n) => n.clone(),
-                    None => format!("{}:{}", c.user.uid, c.user.gid),
-                },
+                &user,
             ]
             .map(String::from),
         );
@@ -160,7 +198,21 @@ impl DockerSandbox {
             argv.extend(["--env".into(), format!("{k}={v}")]);
         }
         for m in &c.caches {
-            argv.extend(["--mount".into(), mount(&m.host, &m.target, false)?]);
+            let spec = match m.host.file_name() {
+                // The store names a Windows cache copy by its volume (docker-volumes/NAME).
+                Some(v) if self.opts.windows => {
+                    let v = v.to_string_lossy();
+                    if m.target.contains(',') {
+                        return Err(SandboxError::Unsupported(format!(
+                            "{}: a path with a comma cannot be given to --mount",
+                            m.target
+                        )));
+                    }
+                    format!("type=volume,src={v},dst={}", m.target)
+                }
+                _ => mount(&m.host, &m.target, false)?,
+            };
+            argv.extend(["--mount".into(), spec]);
         }
         for (s, f) in c.secrets.iter().zip(secret_files) {
             argv.extend(["--mount".into(), mount(f, &s.target, true)?]);
@@ -235,8 +287,24 @@ impl Sandbox for DockerSandbox {
                 )))
             }
             User::Name(_) => Ok(UserIds { uid: 0, gid: 0 }),
+            // Windows users are names; root (the default) is ContainerAdministrator.
+            User::Unix { uid, gid } if self.opts.windows && (*uid, *gid) != (0, 0) => {
+                Err(SandboxError::Unsupported(format!(
+                    "user {uid}:{gid}: Windows containers have users by name, e.g. \
+                     (user (name ContainerUser)); root is ContainerAdministrator"
+                )))
+            }
             User::Unix { .. } => crate::numeric_user(user, "Docker"),
         }
+    }
+
+    /// On Windows, a copy into `C:/src` (or `C:\\src`) is one into `/src`: the store
+    /// extracts from `C:/` (a container has no other drive).
+    fn copy_target(&self, rootfs: &Path, path: &str) -> Result<(PathBuf, String), SandboxError> {
+        if !self.opts.windows {
+            return Ok((rootfs.to_path_buf(), path.to_string()));
+        }
+        Ok((rootfs.to_path_buf(), windows_copy_path(path)?))
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {

@@ -48,23 +48,22 @@ fn windows_seam_run_argv_with_hyperv_isolation_limits_and_a_nat_network() {
             memory: Some("4g".into()),
             isolation: Some("hyperv".into()),
             network: Some("nat".into()),
+            windows: true,
         },
         Arc::new(RecordingExec::new()),
     );
+    let mut c = config();
+    // A Windows cache copy is a volume of the engine, named by the path's last part.
+    c.caches[0].host = PathBuf::from("/store/state/docker-volumes/obuilder-0123abcd-ct-1-0-6f");
     let argv = sb
-        .run_argv(
-            &config(),
-            "obuilder-0123abcd-ID",
-            "obuilder-0123abcd:PARENT",
-            &[],
-        )
+        .run_argv(&c, "obuilder-0123abcd-ID", "obuilder-0123abcd:PARENT", &[])
         .unwrap();
     assert_eq!(
         argv.join(" "),
         "docker run --name obuilder-0123abcd-ID --hostname builder --workdir C:/Users/opam \
-         --user 0:0 --cpus 2 --memory 4g --isolation hyperv --network nat \
+         --user ContainerAdministrator --cpus 2 --memory 4g --isolation hyperv --network nat \
          --env PATH=C:/cygwin64/bin \
-         --mount type=bind,src=/var/lib/docker/volumes/v/_data,dst=C:/Users/opam/AppData/Local/opam/download-cache \
+         --mount type=volume,src=obuilder-0123abcd-ct-1-0-6f,dst=C:/Users/opam/AppData/Local/opam/download-cache \
          --entrypoint cmd obuilder-0123abcd:PARENT /S /C echo hi"
     );
 }
@@ -123,4 +122,54 @@ fn windows_seam_a_user_by_name() {
         let e = sb.user(&User::Name(bad.into())).unwrap_err().to_string();
         assert!(e.contains("one word"), "{bad:?}: {e}");
     }
+}
+
+/// On an engine of Windows containers: numeric users other than root are refused (root is
+/// ContainerAdministrator), and so are secrets (this host's files cannot be mounted there).
+#[test]
+fn windows_seam_numeric_users_and_secrets_are_refused_on_a_windows_engine() {
+    use obuilder_engine::sandbox::Sandbox;
+    use obuilder_spec::User;
+    let sb = DockerSandbox::new(
+        std::path::Path::new("/state"),
+        DockerOptions {
+            prefix: "obuilder-0123abcd".into(),
+            windows: true,
+            ..DockerOptions::default()
+        },
+        Arc::new(RecordingExec::new()),
+    );
+    assert_eq!(sb.user(&User::ROOT).unwrap(), UserIds { uid: 0, gid: 0 });
+    let e = sb
+        .user(&User::Unix {
+            uid: 1000,
+            gid: 1000,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("by name"), "{e}");
+    let mut c = config();
+    c.secrets.push(obuilder_engine::sandbox::SecretMount {
+        value: b"v".to_vec(),
+        target: "C:/secret".into(),
+    });
+    let e = sb.run_argv(&c, "C", "I", &[]).unwrap_err().to_string();
+    assert!(e.contains("secrets cannot"), "{e}");
+}
+
+/// A copy into a Windows container's `C:/src` lands at `/src` of the tree the store
+/// extracts from `C:/`; backslashes are separators; another drive is refused.
+#[test]
+fn windows_seam_copy_destinations_are_paths_from_c() {
+    use obuilder_sandbox::docker::windows_copy_path;
+    for (given, want) in [
+        ("C:/src/./", "/src/./"),
+        ("c:\\Users\\opam\\", "/Users/opam/"),
+        ("C:", "/"),
+        ("/src/a.opam", "/src/a.opam"),
+    ] {
+        assert_eq!(windows_copy_path(given).unwrap(), want, "{given}");
+    }
+    let e = windows_copy_path("D:/data/").unwrap_err().to_string();
+    assert!(e.contains("C: drive only"), "{e}");
 }

@@ -241,6 +241,14 @@ fn stage(
                         .into(),
                 ),
                 Op::Run(r) => {
+                    if !r.secrets.is_empty() {
+                        warn(
+                            None,
+                            "Windows: the Docker sandbox refuses secrets on an engine of \
+                             Windows containers (a file of this host cannot be mounted there)"
+                                .into(),
+                        );
+                    }
                     if r.network.iter().any(|n| n == "host") {
                         warn(
                             None,
@@ -341,11 +349,12 @@ mod tests {
     fn windows_paths_users_host_network_and_the_shell() {
         let w = warnings(SPEC, Platform::Windows);
         let lines: Vec<u32> = w.iter().map(|(l, _)| *l).collect();
-        assert_eq!(lines, [3, 4, 7, 8, 13], "{w:#?}");
+        assert_eq!(lines, [3, 4, 7, 8, 10, 13], "{w:#?}");
         assert!(w[0].1.contains("not a uid and gid"), "{w:?}");
         assert!(w[1].1.contains("default shell is /bin/bash"), "{w:?}");
         assert!(w[2].1.contains("C:/Users/mac1000/src"), "{w:?}");
-        assert!(w[4].1.contains("no host network"), "{w:?}");
+        assert!(w[4].1.contains("refuses secrets"), "{w:?}");
+        assert!(w[5].1.contains("no host network"), "{w:?}");
         // With a shell set first, no shell warning.
         let set = "((from base) (shell cmd /S /C) (workdir C:/src) (run (shell \"dir\")))";
         assert!(warnings(set, Platform::Windows).is_empty());

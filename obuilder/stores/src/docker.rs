@@ -27,6 +27,28 @@
 //! published since the copy was taken (first release wins). Deleting a cache that a copy
 //! is using is refused (the original's check was inverted: it deleted caches in use and
 //! refused idle ones).
+//!
+//! **Windows engines** (`--docker-platform windows`, e.g. a Windows host's engine reached
+//! through `DOCKER_HOST`): the engine's files are not this host's, so nothing is done on
+//! the host's side. Base images are `pull`ed and tagged (Windows layers cannot be
+//! `import`ed; [`DockerPull`]); copies and cache copies run Cygwin's `tar` in containers,
+//! from a volume `PREFIX-libexec` made once from the servercore image that matches the
+//! engine's Windows build (Windows' own `tar` does not keep symbolic links), as the
+//! original's `docker_sandbox.ml` does:
+//!
+//! ```text
+//! CLI version --format {{.Server.Os}}                       the engine is what was said
+//! CLI volume inspect PREFIX-libexec                        made already?
+//! CLI version --format {{.Server.KernelVersion}}           "10.0 20348 (…)": ltsc2022
+//! CLI volume create PREFIX-libexec
+//! CLI build --tag PREFIX-libexec-image DIR                 servercore + Cygwin's tar
+//! CLI run --rm … --mount type=volume,src=PREFIX-libexec,dst=C:/obuilder-libexec
+//!     --env DESTINATION=C:\obuilder-libexec --entrypoint cmd PREFIX-libexec-image /S /C C:\extract.cmd
+//! CLI image rm PREFIX-libexec-image
+//! ```
+//!
+//! A failed set-up removes the volume, so that the next start makes it again (the
+//! original kept a half-made volume, and never made it again).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +60,9 @@ use obuilder_engine::store::{BuildDir, CacheCopy, CacheInfo, Store, StoreError};
 use crate::cache::GenLock;
 use crate::layout::{entries, path_str, remove_tree, Layout};
 
+/// In a base step's build dir: the engine's image id of a pulled base image.
+pub const PULLED: &str = "docker-image";
+
 /// The name prefix of everything a store at `root` makes in the engine.
 pub fn prefix(root: &Path) -> String {
     use sha2::Digest;
@@ -45,12 +70,118 @@ pub fn prefix(root: &Path) -> String {
     format!("obuilder-{}", &hex::encode(h)[..8])
 }
 
+/// The kind of containers the engine runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Platform {
+    #[default]
+    Linux,
+    Windows,
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Platform, String> {
+        match s {
+            "linux" => Ok(Platform::Linux),
+            "windows" => Ok(Platform::Windows),
+            _ => Err(format!("unknown Docker platform {s:?}: linux or windows")),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Platform::Linux => "linux",
+            Platform::Windows => "windows",
+        })
+    }
+}
+
+/// Where the libexec volume is mounted in Windows helper containers, and its path for
+/// Cygwin's programs.
+const LIBEXEC_DIR: &str = "C:/obuilder-libexec";
+const LIBEXEC_TAR: &str = "C:/obuilder-libexec/tar.exe";
+/// Cygwin makes symbolic links Windows' own (else they are Cygwin's files, which only
+/// Cygwin's programs follow).
+const CYGWIN_ENV: &str = "CYGWIN=winsymlinks:native";
+
+/// The servercore tag for a Windows engine's `KernelVersion` (`10.0 20348 (20348.1.amd64fre…)`):
+/// before Windows 11 and Server 2022, a container's build had to be the host's.
+pub fn servercore_tag(kernel_version: &str) -> Result<&'static str, String> {
+    let build = kernel_version
+        .split_whitespace()
+        .nth(1)
+        .and_then(|b| b.parse::<u32>().ok())
+        .ok_or_else(|| {
+            format!(
+                "cannot read a Windows build number from the engine's kernel version \
+                 {kernel_version:?} (expected e.g. \"10.0 20348 (20348.1.amd64fre…)\")"
+            )
+        })?;
+    Ok(match build {
+        14393 => "ltsc2016",
+        16299 => "1709",
+        17134 => "1803",
+        17763 => "ltsc2019",
+        18362 => "1903",
+        18363 => "1909",
+        19041 => "2004",
+        19042 => "20H2",
+        20348 => "ltsc2022",
+        _ => "ltsc2025",
+    })
+}
+
+/// The PowerShell command that extracts a copy step's tar (on its stdin) in a Windows
+/// container: Cygwin's `tar` from `C:/`, keeping the ACL of the directory copied into
+/// (extracting there leaves it writable by its new owner alone).
+pub fn windows_untar_script(dst: &str) -> String {
+    let dir = dst.trim_end_matches('/');
+    let dir = if dst.ends_with('/') || dst.is_empty() {
+        dir
+    } else {
+        dir.rsplit_once('/').map_or("", |(d, _)| d)
+    };
+    let path = format!("C:{}", if dir.is_empty() { "/" } else { dir });
+    format!(
+        "$path = '{}'; if (Test-Path -Path $path -PathType Container) {{ $acl = Get-Acl \
+         -Path $path }}; & {LIBEXEC_TAR} -xpf - -C /cygdrive/c; if (-not $?) {{ exit 1 }}; \
+         if ($acl -ne $null) {{ Set-Acl -Path $path $acl }}",
+        path.replace('\'', "''")
+    )
+}
+
+/// The Dockerfile of the image the libexec volume is filled from: servercore with Cygwin's
+/// `tar` (its setup program, from cygwin.com, installs it).
+pub fn libexec_dockerfile(servercore: &str) -> String {
+    format!(
+        "# escape=`\n\
+         FROM {servercore}\n\
+         ADD [\"https://www.cygwin.com/setup-x86_64.exe\", \"C:\\\\cygwin-setup.exe\"]\n\
+         RUN C:\\cygwin-setup.exe --quiet-mode --no-shortcuts --no-startmenu --no-desktop `\n\
+         \x20   --only-site --site https://mirrors.kernel.org/sourceware/cygwin/ `\n\
+         \x20   --local-package-dir C:\\cygwin-packages --root C:\\cygwin64 --packages tar\n\
+         COPY [\"extract.cmd\", \"C:\\\\extract.cmd\"]\n"
+    )
+}
+
+/// Run in a container of that image with the volume at `%DESTINATION%`: copies `tar` and
+/// the Cygwin DLLs it loads into the volume.
+pub const LIBEXEC_EXTRACT: &str = "@echo off\r\n\
+rem Copies Cygwin's tar and its DLLs into the volume at %DESTINATION%.\r\n\
+copy /Y C:\\cygwin64\\bin\\tar.exe \"%DESTINATION%\\\" >NUL || exit /b 1\r\n\
+copy /Y C:\\cygwin64\\bin\\cyg*.dll \"%DESTINATION%\\\" >NUL || exit /b 1\r\n";
+
 pub struct DockerStore {
     layout: Layout,
     cli: String,
     exec: SharedExec,
     prefix: String,
     next: AtomicU64,
+    platform: Platform,
+    /// Windows: the servercore image that runs the helpers (known once libexec is made).
+    servercore: std::sync::OnceLock<String>,
 }
 
 fn missing(e: &StoreError) -> bool {
@@ -73,7 +204,206 @@ impl DockerStore {
             cli: cli.into(),
             exec,
             next: AtomicU64::new(0),
+            platform: Platform::Linux,
+            servercore: std::sync::OnceLock::new(),
         }
+    }
+
+    /// For an engine of Windows containers.
+    pub fn with_platform(mut self, platform: Platform) -> DockerStore {
+        self.platform = platform;
+        self
+    }
+
+    fn windows(&self) -> bool {
+        self.platform == Platform::Windows
+    }
+
+    fn libexec(&self) -> String {
+        format!("{}-libexec", self.prefix)
+    }
+
+    /// Fails unless the engine runs the containers this store was opened for.
+    async fn check_engine(&self) -> Result<(), StoreError> {
+        let os = self.cli(&["version", "--format", "{{.Server.Os}}"]).await?;
+        let os = os.trim();
+        if os == self.platform.to_string() {
+            return Ok(());
+        }
+        Err(StoreError::Mismatch {
+            store: self.describe(),
+            what: format!(
+                "the engine `{}` talks to runs {os} containers, not {} ones: give \
+                 --docker-platform {os}",
+                self.cli, self.platform
+            ),
+        })
+    }
+
+    /// Windows: the servercore image matching the engine's Windows build.
+    async fn servercore(&self) -> Result<String, StoreError> {
+        if let Some(s) = self.servercore.get() {
+            return Ok(s.clone());
+        }
+        let kv = self
+            .cli(&["version", "--format", "{{.Server.KernelVersion}}"])
+            .await?;
+        let tag = servercore_tag(kv.trim()).map_err(|what| StoreError::Mismatch {
+            store: self.describe(),
+            what,
+        })?;
+        let image = format!("mcr.microsoft.com/windows/servercore:{tag}");
+        let _ = self.servercore.set(image.clone());
+        Ok(image)
+    }
+
+    /// Windows: makes the libexec volume (Cygwin's `tar`) unless it is there.
+    async fn ensure_libexec(&self) -> Result<(), StoreError> {
+        let vol = self.libexec();
+        match self
+            .cli(&["volume", "inspect", "--format", "{{.Name}}", &vol])
+            .await
+        {
+            Ok(_) => return self.servercore().await.map(|_| ()),
+            Err(e) if missing(&e) => {}
+            Err(e) => return Err(e),
+        }
+        let servercore = self.servercore().await?;
+        tracing::info!("making the volume {vol} (Cygwin's tar, from {servercore})");
+        let dir = self.tmp_file("libexec");
+        let image = format!("{vol}-image");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(StoreError::io("cannot write", &p))
+        };
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        let r = async {
+            write("Dockerfile", &libexec_dockerfile(&servercore))?;
+            write("extract.cmd", LIBEXEC_EXTRACT)?;
+            self.cli(&["volume", "create", &vol]).await?;
+            let dir_s = path_str(&dir);
+            self.cli(&["build", "--tag", &image, &dir_s]).await?;
+            let mount = format!("type=volume,src={vol},dst={LIBEXEC_DIR}");
+            let dest = format!("DESTINATION={}", LIBEXEC_DIR.replace('/', "\\"));
+            let r = self
+                .cli(&[
+                    "run",
+                    "--rm",
+                    "--user",
+                    "ContainerAdministrator",
+                    "--network",
+                    "none",
+                    "--mount",
+                    &mount,
+                    "--env",
+                    &dest,
+                    "--entrypoint",
+                    "cmd",
+                    &image,
+                    "/S",
+                    "/C",
+                    "C:\\extract.cmd",
+                ])
+                .await;
+            let _ = self.cli_quiet(&["image", "rm", &image]).await;
+            r.map(|_| ())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        if r.is_err() {
+            let _ = self.cli_quiet(&["volume", "rm", "-f", &vol]).await;
+        }
+        r
+    }
+
+    /// Windows: `run --rm` of a helper container (servercore, with Cygwin's `tar` mounted).
+    async fn helper(
+        &self,
+        image: &str,
+        mounts: &[String],
+        entrypoint: &str,
+        args: &[&str],
+        stdin: Option<Vec<u8>>,
+        name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let libexec = format!(
+            "type=volume,src={},dst={LIBEXEC_DIR},readonly",
+            self.libexec()
+        );
+        let mut argv: Vec<&str> = vec!["run"];
+        match name {
+            Some(n) => argv.extend(["--name", n]),
+            None => argv.push("--rm"),
+        }
+        if stdin.is_some() {
+            argv.push("-i");
+        }
+        argv.extend([
+            "--user",
+            "ContainerAdministrator",
+            "--network",
+            "none",
+            "--env",
+            CYGWIN_ENV,
+            "--mount",
+            &libexec,
+        ]);
+        for m in mounts {
+            argv.extend(["--mount", m.as_str()]);
+        }
+        argv.extend(["--entrypoint", entrypoint, image]);
+        argv.extend_from_slice(args);
+        self.cli_in(&argv, stdin).await.map(|_| ())
+    }
+
+    /// Windows: copies volume `from` into volume `to` in a helper container (`tar` piped
+    /// into `tar`, by `cmd`).
+    async fn copy_volume_windows(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let image = self.servercore().await?;
+        let mounts = [
+            format!("type=volume,src={from},dst=C:/obuilder-from,readonly"),
+            format!("type=volume,src={to},dst=C:/obuilder-to"),
+        ];
+        let tar = LIBEXEC_TAR.replace('/', "\\");
+        let script = format!(
+            "{tar} -cf - -C /cygdrive/c/obuilder-from . | {tar} -xpf - -C /cygdrive/c/obuilder-to"
+        );
+        self.helper(&image, &mounts, "cmd", &["/S", "/C", &script], None, None)
+            .await
+    }
+
+    /// Where a Windows cache copy is named: not a host path (the volume is the engine's),
+    /// but its last component is the volume, as a local volume's mount point's is.
+    fn volume_path(&self, volume: &str) -> PathBuf {
+        self.layout.root.join("state/docker-volumes").join(volume)
+    }
+
+    /// Windows: a cache copy made in the engine (see `copy_volume_windows`); no owner is
+    /// given to it (Windows containers have no uids).
+    async fn checkout_windows(
+        &self,
+        name: &str,
+        master: &str,
+        copy: &str,
+        generation: u64,
+    ) -> Result<CacheCopy, StoreError> {
+        match self.mountpoint(master).await {
+            Ok(_) => {}
+            Err(e) if missing(&e) => {
+                self.cli(&["volume", "create", master]).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.cli(&["volume", "create", copy]).await?;
+        if let Err(e) = self.copy_volume_windows(master, copy).await {
+            let _ = self.cli_quiet(&["volume", "rm", "-f", copy]).await;
+            return Err(e);
+        }
+        Ok(CacheCopy {
+            name: name.to_string(),
+            path: self.volume_path(copy),
+            generation,
+        })
     }
 
     pub fn image(&self, id: &str) -> String {
@@ -172,6 +502,9 @@ impl DockerStore {
         let data = std::fs::read(&tar).map_err(StoreError::io("cannot read", &tar));
         let _ = std::fs::remove_file(&tar);
         let c = self.container(&dir.id);
+        if self.windows() {
+            return self.untar_windows(&c, base, &dst, data?, &dir.id).await;
+        }
         let r = async {
             self.cli_in(
                 &[
@@ -198,6 +531,36 @@ impl DockerStore {
         }
         .await;
         let _ = self.cli_quiet(&["rm", "-f", &c]).await;
+        r.map(|_| ())
+    }
+
+    /// Windows: a copy step's tar extracted by Cygwin's `tar` in a container of the parent
+    /// image, from `C:/` (a spec's `/src` is `C:\\src` there), then committed. Extracting
+    /// into a directory leaves it writable by nobody but its new owner: its ACL is kept
+    /// and put back, as the original does.
+    async fn untar_windows(
+        &self,
+        container: &str,
+        base: &str,
+        dst: &str,
+        data: Vec<u8>,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let script = windows_untar_script(dst);
+        let r = async {
+            self.helper(
+                &self.image(base),
+                &[],
+                "powershell",
+                &["-Command", &script],
+                Some(data),
+                Some(container),
+            )
+            .await?;
+            self.cli(&["commit", container, &self.image(id)]).await
+        }
+        .await;
+        let _ = self.cli_quiet(&["rm", "-f", container]).await;
         r.map(|_| ())
     }
 
@@ -264,6 +627,7 @@ impl Store for DockerStore {
     /// result directories without an image (removed behind the store's back).
     async fn recover(&self) -> Result<(), StoreError> {
         self.layout.create()?;
+        self.check_engine().await?;
         let names = self
             .cli(&[
                 "ps",
@@ -293,11 +657,19 @@ impl Store for DockerStore {
             remove_tree(&leftover)?;
         }
         for f in entries(&self.layout.root.join("state"))? {
-            if f.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("docker-tar-"))
-            {
-                let _ = std::fs::remove_file(&f);
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            match name {
+                Some(n) if n.starts_with("docker-tar-") => {
+                    let _ = std::fs::remove_file(&f);
+                }
+                Some(n) if n.starts_with("docker-libexec-") => {
+                    let _ = std::fs::remove_dir_all(&f);
+                }
+                _ => {}
             }
+        }
+        if self.windows() {
+            self.ensure_libexec().await?;
         }
         let images = self
             .cli(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
@@ -366,9 +738,15 @@ impl Store for DockerStore {
             self.cli(&["commit", &c, &self.image(&dir.id)]).await?;
             self.cli(&["rm", "-f", &c]).await?;
         } else {
-            match base.as_deref().map(str::trim) {
-                Some(b) => self.commit_copy(dir, b).await?,
-                None => self.commit_import(dir).await?,
+            let pulled = std::fs::read_to_string(dir.dir.join(PULLED)).ok();
+            match (base.as_deref().map(str::trim), pulled) {
+                (Some(b), _) => self.commit_copy(dir, b).await?,
+                // A base image the engine pulled (DockerPull): tagged, nothing imported.
+                (None, Some(image)) => {
+                    self.cli(&["tag", image.trim(), &self.image(&dir.id)])
+                        .await?;
+                }
+                (None, None) => self.commit_import(dir).await?,
             }
         }
         // The staging tree is not the result (the image is): keep an empty rootfs.
@@ -448,6 +826,11 @@ impl Store for DockerStore {
             hex::encode(name)
         );
         let (_lock, generation) = self.cache_lock(name).await?;
+        if self.windows() {
+            return self
+                .checkout_windows(name, &master, &copy, generation)
+                .await;
+        }
         let master_mp = match self.mountpoint(&master).await {
             Ok(p) => p,
             Err(e) if missing(&e) => {
@@ -497,8 +880,12 @@ impl Store for DockerStore {
                 // Replaced, not merged: deletions made in the copy survive.
                 self.cli_quiet(&["volume", "rm", "-f", &master]).await?;
                 self.cli(&["volume", "create", &master]).await?;
-                let mp = self.mountpoint(&master).await?;
-                self.copy_volume(&copy.path, &mp).await?;
+                if self.windows() {
+                    self.copy_volume_windows(&volume, &master).await?;
+                } else {
+                    let mp = self.mountpoint(&master).await?;
+                    self.copy_volume(&copy.path, &mp).await?;
+                }
                 lock.write(g + 1).map_err(StoreError::io(
                     "cannot write",
                     self.layout.root.join("state"),

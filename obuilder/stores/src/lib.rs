@@ -17,6 +17,7 @@ mod btrfs_ioctl;
 pub mod cache;
 pub mod dirstore;
 pub mod docker;
+pub mod docker_pull;
 pub mod layout;
 #[cfg(target_os = "linux")]
 mod linux_fs;

@@ -34,6 +34,8 @@ pub enum StoreSpec {
     Docker {
         root: PathBuf,
         cli: String,
+        /// The kind of containers the engine runs (`--docker-platform`).
+        platform: crate::docker::Platform,
     },
 }
 
@@ -97,6 +99,7 @@ impl StoreSpec {
             "docker" => StoreSpec::Docker {
                 root: path,
                 cli: "docker".into(),
+                platform: Default::default(),
             },
             _ => return Err(bad(&format!("unknown store kind {kind:?}"))),
         };
@@ -152,8 +155,12 @@ impl StoreSpec {
                 Arc::new(crate::rsync::RsyncStore::new(p, mode, exec))
             }
             StoreSpec::Zfs { pool, root } => Arc::new(crate::zfs::ZfsStore::new(pool, root, exec)),
-            StoreSpec::Docker { root, cli } => {
-                Arc::new(crate::docker::DockerStore::new(root, cli, exec))
+            StoreSpec::Docker {
+                root,
+                cli,
+                platform,
+            } => {
+                Arc::new(crate::docker::DockerStore::new(root, cli, exec).with_platform(*platform))
             }
         })
     }

@@ -45,6 +45,11 @@ pub struct StoreArgs {
     /// For a docker: store: the Docker-compatible CLI to run (docker, podman, a path).
     #[arg(long, value_name = "PROGRAM", env = "OBUILDER_DOCKER_CLI")]
     pub docker_cli: Option<String>,
+    /// For a docker: store: the engine's containers, linux (default) or windows (an
+    /// engine of Windows containers, e.g. reached through DOCKER_HOST: base images are
+    /// pulled by the engine, copies use Cygwin's tar in servercore containers).
+    #[arg(long, value_name = "PLATFORM", env = "OBUILDER_DOCKER_PLATFORM")]
+    pub docker_platform: Option<obuilder_stores::docker::Platform>,
 }
 
 impl StoreArgs {
@@ -53,17 +58,30 @@ impl StoreArgs {
             Some(s) => {
                 let spec =
                     StoreSpec::parse(s, self.rsync_mode).map_err(|e| usage(e.to_string()))?;
-                match (spec, &self.docker_cli) {
-                    (StoreSpec::Docker { root, .. }, Some(cli)) => Ok(StoreSpec::Docker {
+                match spec {
+                    StoreSpec::Docker {
                         root,
-                        cli: cli.clone(),
+                        cli,
+                        platform,
+                    } => Ok(StoreSpec::Docker {
+                        root,
+                        cli: self.docker_cli.clone().unwrap_or(cli),
+                        platform: self.docker_platform.unwrap_or(platform),
                     }),
-                    (_, Some(_)) => Err(usage("--docker-cli needs --store docker:/PATH")),
-                    (spec, None) => Ok(spec),
+                    _ if self.docker_cli.is_some() => {
+                        Err(usage("--docker-cli needs --store docker:/PATH"))
+                    }
+                    _ if self.docker_platform.is_some() => {
+                        Err(usage("--docker-platform needs --store docker:/PATH"))
+                    }
+                    spec => Ok(spec),
                 }
             }
             None if self.docker_cli.is_some() => {
                 Err(usage("--docker-cli needs --store docker:/PATH"))
+            }
+            None if self.docker_platform.is_some() => {
+                Err(usage("--docker-platform needs --store docker:/PATH"))
             }
             None if self.rsync_mode.is_some() => {
                 Err(usage("--rsync-mode needs --store rsync:/PATH"))

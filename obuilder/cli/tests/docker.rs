@@ -31,11 +31,13 @@ impl Engine {
             "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n",
         )
         .unwrap();
+        // Registries the engine may reach over plain HTTP (a test's own, on 127.0.0.1).
+        std::fs::write(d.join("registries.conf"), "").unwrap();
         let cli = d.join("docker");
         std::fs::write(
             &cli,
             format!(
-                "#!/bin/sh\nexport CONTAINERS_CONF={d}/containers.conf\nexec podman --root {d}/storage --runroot {d}/run --runtime runc --storage-driver vfs --cgroup-manager cgroupfs --events-backend none \"$@\"\n",
+                "#!/bin/sh\nexport CONTAINERS_CONF={d}/containers.conf CONTAINERS_REGISTRIES_CONF={d}/registries.conf\nexec podman --root {d}/storage --runroot {d}/run --runtime runc --storage-driver vfs --cgroup-manager cgroupfs --events-backend none \"$@\"\n",
                 d = d.display()
             ),
         )
@@ -315,4 +317,69 @@ fn docker_sandbox_and_store_go_together() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `--docker-pull`: base images come from the engine's own pull (its registries and
+/// settings), as on Windows engines, where it is the only way: the base step is the
+/// pulled image tagged, its env is the image's, and a rebuild is fully cached.
+#[test]
+fn docker_pull_takes_base_images_from_the_engine() {
+    require!(
+        Cap::Root,
+        Cap::Tool("podman"),
+        Cap::Tool("runc"),
+        Cap::Tool("skopeo"),
+        Cap::Tool("docker-registry")
+    );
+    use testkit::registry::{oci, TestRegistry};
+    let e = Engine::new();
+    let reg = TestRegistry::start();
+    let rootfs = e.tmp.path().join("busybox");
+    let layout = e.tmp.path().join("layout");
+    oci::write_layout(
+        &layout,
+        &[oci::Image {
+            os: "linux",
+            arch: "amd64",
+            layers: vec![oci::layer_of_dir(&rootfs)],
+            env: vec!["PATH=/bin:/usr/bin", "FROM_THE_IMAGE=yes"],
+        }],
+    );
+    reg.push(&layout, "bb", "v1");
+    std::fs::write(
+        e.tmp.path().join("registries.conf"),
+        format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let spec = format!(
+        "((from {}/bb:v1) (shell /bin/sh -c) (run (shell \"echo pulled-$FROM_THE_IMAGE\")))",
+        reg.addr
+    );
+    let out = ok(
+        &e.build("pull.spec", &spec, &["--docker-pull"]),
+        "a pulled base",
+    );
+    assert!(out.contains("pulled-yes"), "{out}");
+    assert!(out.contains("Pulled "), "{out}");
+    // The pulled image, and the base step's result as a tag of it; nothing imported.
+    let repos = e.docker(&["images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"]);
+    let pulled_id = repos
+        .lines()
+        .find(|l| l.contains("/bb:v1 "))
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_else(|| panic!("the pulled image: {repos}"))
+        .to_string();
+    assert!(
+        repos
+            .lines()
+            .filter(|l| l.ends_with(&format!(" {pulled_id}")))
+            .count()
+            >= 2,
+        "the base step is the pulled image tagged: {repos}"
+    );
+    let again = ok(&e.build("pull.spec", &spec, &["--docker-pull"]), "rebuild");
+    assert!(again.contains("2 steps, 2 from the cache"), "fully cached: {again}");
 }

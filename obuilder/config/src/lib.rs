@@ -111,6 +111,7 @@ impl BuilderConfig {
                     cli,
                     root,
                     platform,
+                    ..
                 },
                 SandboxSpec::Docker(o),
             ) => {
@@ -142,15 +143,18 @@ impl BuilderConfig {
         let mut fetcher: Arc<dyn obuilder_engine::fetch::Fetcher> = Arc::new(self.fetcher());
         if let StoreSpec::Docker {
             cli,
-            platform: obuilder_stores::docker::Platform::Windows,
+            platform,
+            pull,
             ..
         } = &self.store
         {
             // Windows images come from the engine's own pull (foreign layers).
-            fetcher = Arc::new(obuilder_stores::docker_pull::DockerPull::new(
-                cli.clone(),
-                self.exec.clone(),
-            ));
+            if *pull || *platform == obuilder_stores::docker::Platform::Windows {
+                fetcher = Arc::new(obuilder_stores::docker_pull::DockerPull::new(
+                    cli.clone(),
+                    self.exec.clone(),
+                ));
+            }
         }
         if let StoreSpec::Zfs { pool, .. } = &self.store {
             // `(from NAME)` clones POOL/base-image/NAME when there is one.
@@ -215,6 +219,7 @@ mod tests {
                 root: root.into(),
                 cli: "podman".into(),
                 platform: obuilder_stores::docker::Platform::Windows,
+                pull: false,
             };
             let SandboxSpec::Docker(o) = BuilderConfig::new(store).paired_sandbox().unwrap() else {
                 panic!("a docker: store opens the Docker sandbox");

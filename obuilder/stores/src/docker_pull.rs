@@ -95,19 +95,18 @@ impl Fetcher for DockerPull {
             .cli(name, &["image", "inspect", "--format", "{{.Id}}", name])
             .await?;
         let id = id.trim();
-        let digest = match id.strip_prefix("sha256:") {
-            Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => id,
-            _ => {
-                return Err(FetchError::Bad {
-                    name: name.into(),
-                    message: format!("the engine gave the image id {id:?}, not sha256:HEX"),
-                })
-            }
-        };
+        // Docker says `sha256:HEX`, podman the bare HEX.
+        let hex = id.strip_prefix("sha256:").unwrap_or(id);
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FetchError::Bad {
+                name: name.into(),
+                message: format!("the engine gave the image id {id:?}, not sha256:HEX"),
+            });
+        }
         Ok(ResolvedImage {
             name: name.into(),
-            digest: digest.to_string(),
-            source: serde_json::json!({ "docker_image": digest }),
+            digest: format!("sha256:{hex}"),
+            source: serde_json::json!({ "docker_image": id }),
             result: None,
         })
     }

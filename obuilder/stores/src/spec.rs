@@ -36,6 +36,8 @@ pub enum StoreSpec {
         cli: String,
         /// The kind of containers the engine runs (`--docker-platform`).
         platform: crate::docker::Platform,
+        /// Base images are pulled by the engine (`--docker-pull`; always on Windows).
+        pull: bool,
     },
 }
 
@@ -100,6 +102,7 @@ impl StoreSpec {
                 root: path,
                 cli: "docker".into(),
                 platform: Default::default(),
+                pull: false,
             },
             _ => return Err(bad(&format!("unknown store kind {kind:?}"))),
         };
@@ -159,6 +162,7 @@ impl StoreSpec {
                 root,
                 cli,
                 platform,
+                ..
             } => {
                 Arc::new(crate::docker::DockerStore::new(root, cli, exec).with_platform(*platform))
             }

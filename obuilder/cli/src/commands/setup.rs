@@ -50,6 +50,11 @@ pub struct StoreArgs {
     /// pulled by the engine, copies use Cygwin's tar in servercore containers).
     #[arg(long, value_name = "PLATFORM", env = "OBUILDER_DOCKER_PLATFORM")]
     pub docker_platform: Option<obuilder_stores::docker::Platform>,
+    /// For a docker: store: base images are pulled by the engine (its registries,
+    /// mirrors and credentials) instead of obuilder's own fetcher; always so with
+    /// --docker-platform windows.
+    #[arg(long, env = "OBUILDER_DOCKER_PULL")]
+    pub docker_pull: bool,
 }
 
 impl StoreArgs {
@@ -63,10 +68,12 @@ impl StoreArgs {
                         root,
                         cli,
                         platform,
+                        pull,
                     } => Ok(StoreSpec::Docker {
                         root,
                         cli: self.docker_cli.clone().unwrap_or(cli),
                         platform: self.docker_platform.unwrap_or(platform),
+                        pull: pull || self.docker_pull,
                     }),
                     _ if self.docker_cli.is_some() => {
                         Err(usage("--docker-cli needs --store docker:/PATH"))
@@ -74,6 +81,7 @@ impl StoreArgs {
                     _ if self.docker_platform.is_some() => {
                         Err(usage("--docker-platform needs --store docker:/PATH"))
                     }
+                    _ if self.docker_pull => Err(usage("--docker-pull needs --store docker:/PATH")),
                     spec => Ok(spec),
                 }
             }
@@ -83,6 +91,7 @@ impl StoreArgs {
             None if self.docker_platform.is_some() => {
                 Err(usage("--docker-platform needs --store docker:/PATH"))
             }
+            None if self.docker_pull => Err(usage("--docker-pull needs --store docker:/PATH")),
             None if self.rsync_mode.is_some() => {
                 Err(usage("--rsync-mode needs --store rsync:/PATH"))
             }

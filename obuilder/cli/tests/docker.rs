@@ -151,6 +151,22 @@ fn docker_store_and_sandbox_with_podman_run_copy_cache_secret_and_cached_rebuild
         e.images()
     );
     assert_eq!(e.docker(&["ps", "-a", "-q"]), "", "no container left");
+    // Every result keeps the base image's ENTRYPOINT and CMD (none), not the last
+    // step's command or a copy's `tar`.
+    let names = e.docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    for name in names.lines().filter(|n| !n.ends_with(":latest")) {
+        let cfg = e.docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Config.Entrypoint}} {{json .Config.Cmd}}",
+            name,
+        ]);
+        assert!(
+            ["null null", "[] []", "null []", "[] null"].contains(&cfg.trim()),
+            "{name}: {cfg}"
+        );
+    }
 
     // Cached; then only the last step runs, with the cache the first build left.
     let out = ok(&e.build("s.spec", SPEC, &["--secret", &sec]), "again");

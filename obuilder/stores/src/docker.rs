@@ -257,6 +257,36 @@ impl DockerStore {
         Ok(image)
     }
 
+    /// Commits `container` (run from `parent`'s image with an `--entrypoint` of its own)
+    /// as result `id`, with the parent's ENTRYPOINT and CMD put back: a commit keeps the
+    /// container's, which would make a step's command (or a copy's `tar`) the image's.
+    /// The original did the same, except for a parent without one, whose image then took
+    /// the step's.
+    async fn commit_container(
+        &self,
+        container: &str,
+        parent: &str,
+        id: &str,
+    ) -> Result<String, StoreError> {
+        let format = "{{json .Config.Entrypoint}}\n{{json .Config.Cmd}}";
+        let parent = self.image(parent);
+        let config = self
+            .cli(&["image", "inspect", "--format", format, &parent])
+            .await?;
+        let mut lines = config.lines().map(str::trim);
+        let mut changes = Vec::new();
+        for field in ["ENTRYPOINT", "CMD"] {
+            let v = lines.next().unwrap_or("null");
+            let v = if v == "null" || v.is_empty() { "[]" } else { v };
+            changes.push(format!("--change={field} {v}"));
+        }
+        let mut args: Vec<&str> = vec!["commit"];
+        args.extend(changes.iter().map(String::as_str));
+        let image = self.image(id);
+        args.extend([container, image.as_str()]);
+        self.cli(&args).await
+    }
+
     /// Windows: makes the libexec volume (Cygwin's `tar`) unless it is there.
     async fn ensure_libexec(&self) -> Result<(), StoreError> {
         let vol = self.libexec();
@@ -527,7 +557,7 @@ impl DockerStore {
                 Some(data?),
             )
             .await?;
-            self.cli(&["commit", &c, &self.image(&dir.id)]).await
+            self.commit_container(&c, base, &dir.id).await
         }
         .await;
         let _ = self.cli_quiet(&["rm", "-f", &c]).await;
@@ -557,7 +587,7 @@ impl DockerStore {
                 Some(container),
             )
             .await?;
-            self.cli(&["commit", container, &self.image(id)]).await
+            self.commit_container(container, base, id).await
         }
         .await;
         let _ = self.cli_quiet(&["rm", "-f", container]).await;
@@ -735,7 +765,8 @@ impl Store for DockerStore {
         let base = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let c = self.container(&dir.id);
         if self.container_exists(&c).await? {
-            self.cli(&["commit", &c, &self.image(&dir.id)]).await?;
+            let parent = base.as_deref().map(str::trim).unwrap_or_default();
+            self.commit_container(&c, parent, &dir.id).await?;
             self.cli(&["rm", "-f", &c]).await?;
         } else {
             let pulled = std::fs::read_to_string(dir.dir.join(PULLED)).ok();

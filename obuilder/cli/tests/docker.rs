@@ -397,5 +397,8 @@ fn docker_pull_takes_base_images_from_the_engine() {
         "the base step is the pulled image tagged: {repos}"
     );
     let again = ok(&e.build("pull.spec", &spec, &["--docker-pull"]), "rebuild");
-    assert!(again.contains("2 steps, 2 from the cache"), "fully cached: {again}");
+    assert!(
+        again.contains("2 steps, 2 from the cache"),
+        "fully cached: {again}"
+    );
 }

@@ -402,3 +402,42 @@ fn docker_pull_takes_base_images_from_the_engine() {
         "fully cached: {again}"
     );
 }
+
+/// `--keep-failed` on a docker: store: the failed step's container is committed under the
+/// kept id (an image to look into), replaced by the next failure, removed by `delete`.
+#[test]
+fn docker_store_keeps_a_failed_step_as_an_image() {
+    require!(Cap::Root, Cap::Tool("podman"), Cap::Tool("runc"));
+    let e = Engine::new();
+    let spec = "((from busybox) (shell /bin/sh -c) (run (shell \"echo partial > /half; exit 3\")))";
+    let out = e.build("f.spec", spec, &["--keep-failed"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let short = log
+        .split("`obuilder shell ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
+        .to_string();
+    let kept = e
+        .images()
+        .into_iter()
+        .find(|t| t.starts_with(&short))
+        .unwrap_or_else(|| panic!("{short} is an image: {:?}", e.images()));
+    let names = e.docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    let name = names
+        .lines()
+        .find(|n| n.ends_with(&kept))
+        .unwrap()
+        .to_string();
+    let half = e.docker(&["run", "--rm", "--entrypoint", "cat", &name, "/half"]);
+    assert_eq!(half, "partial\n");
+    assert_eq!(e.docker(&["ps", "-a", "-q"]), "", "no container left");
+    // Again: replaced, not added.
+    let n = e.images().len();
+    let out = e.build("f.spec", spec, &["--keep-failed"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(e.images().len(), n);
+    ok(&e.obuilder(&["delete", &short]), "delete");
+    assert!(!e.images().contains(&kept), "{:?}", e.images());
+}

@@ -786,6 +786,24 @@ impl Store for DockerStore {
         self.layout.publish(&dir.id)
     }
 
+    /// A failed `run` step kept (`build --keep-failed`): its container, committed as
+    /// `PREFIX:ID`. A copy step or a base image leaves no container, and is not kept.
+    async fn commit_as(&self, dir: &BuildDir, id: &str) -> Result<PathBuf, StoreError> {
+        let c = self.container(&dir.id);
+        if !self.container_exists(&c).await? {
+            return Err(StoreError::Mismatch {
+                store: self.describe(),
+                what: "only a failed run step (a container) can be kept".into(),
+            });
+        }
+        let base = std::fs::read_to_string(dir.dir.join("parent")).unwrap_or_default();
+        self.commit_container(&c, base.trim(), id).await?;
+        self.cli(&["rm", "-f", &c]).await?;
+        remove_tree(&dir.rootfs)?;
+        std::fs::create_dir(&dir.rootfs).map_err(StoreError::io("cannot create", &dir.rootfs))?;
+        self.layout.publish_as(&dir.id, id)
+    }
+
     async fn discard(&self, dir: &BuildDir) -> Result<(), StoreError> {
         self.cli_quiet(&["rm", "-f", &self.container(&dir.id)])
             .await?;

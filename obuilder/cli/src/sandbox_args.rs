@@ -62,7 +62,8 @@ pub struct SandboxArgs {
     /// --sandbox docker: the memory a step may use, as Docker takes it (e.g. 4g).
     #[arg(long, value_name = "SIZE")]
     pub docker_memory: Option<String>,
-    /// --sandbox docker: the isolation of Windows containers: default, process or hyperv.
+    /// --sandbox docker: the isolation of Windows containers: default, process or hyperv
+    /// (hyperv unless given, with --docker-platform windows).
     #[arg(long, value_name = "KIND", value_parser = ["default", "process", "hyperv"])]
     pub docker_isolation: Option<String>,
     /// --sandbox docker: the network for steps with (network host) (e.g. nat on Windows);

@@ -181,8 +181,15 @@ impl DockerSandbox {
         if let Some(m) = &self.opts.memory {
             argv.extend(["--memory".into(), m.clone()]);
         }
-        if let Some(i) = &self.opts.isolation {
-            argv.extend(["--isolation".into(), i.clone()]);
+        // Windows steps run in Hyper-V VMs unless told otherwise, as the original's
+        // (steadier, and a VM's kernel is its own).
+        let isolation = match &self.opts.isolation {
+            Some(i) => Some(i.as_str()),
+            None if self.opts.windows => Some("hyperv"),
+            None => None,
+        };
+        if let Some(i) = isolation {
+            argv.extend(["--isolation".into(), i.to_string()]);
         }
         if c.network.is_empty() {
             argv.extend(["--network".into(), "none".into()]);

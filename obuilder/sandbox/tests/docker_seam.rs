@@ -140,6 +140,9 @@ fn windows_seam_numeric_users_and_secrets_are_refused_on_a_windows_engine() {
         Arc::new(RecordingExec::new()),
     );
     assert_eq!(sb.user(&User::ROOT).unwrap(), UserIds { uid: 0, gid: 0 });
+    // Hyper-V isolation unless told otherwise, as the original.
+    let argv = sb.run_argv(&config(), "C", "I", &[]).unwrap().join(" ");
+    assert!(argv.contains("--isolation hyperv"), "{argv}");
     let e = sb
         .user(&User::Unix {
             uid: 1000,

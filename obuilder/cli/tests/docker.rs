@@ -401,6 +401,16 @@ fn docker_pull_takes_base_images_from_the_engine() {
         again.contains("2 steps, 2 from the cache"),
         "fully cached: {again}"
     );
+    // The healthcheck on a pulled image (as a Windows engine's on servercore) leaves
+    // the store's images as they were.
+    let before = e.images();
+    let image = format!("{}/bb:v1", reg.addr);
+    let out = ok(
+        &e.obuilder(&["healthcheck", "--docker-pull", "--image", &image]),
+        "healthcheck",
+    );
+    assert!(out.contains("Healthcheck passed"), "{out}");
+    assert_eq!(e.images(), before);
 }
 
 /// `--keep-failed` on a docker: store: the failed step's container is committed under the

@@ -5,6 +5,9 @@
 //! get fixed times (the same busybox gives the same digest, so the same base id), and
 //! afterwards its results and its image record (with the blobs no other image uses) are
 //! removed again.
+//!
+//! An engine of Windows containers cannot run busybox: there the check builds on a
+//! Windows image the engine pulls (servercore by default, `image`), with `cmd`.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,32 @@ pub struct HealthcheckOptions {
     pub timeout: Duration,
     /// Cancels the check (e.g. on SIGTERM).
     pub cancel: obuilder_engine::CancellationToken,
+    /// Build on this image (as the store's fetcher finds it) instead of one made from
+    /// busybox.
+    pub image: Option<String>,
+    /// The image is a Windows one: its step runs in `cmd /S /C`, not `/bin/sh -c`.
+    pub windows: bool,
+}
+
+/// The servercore image a Windows engine's healthcheck builds on by default.
+pub const WINDOWS_IMAGE: &str = "mcr.microsoft.com/windows/servercore:ltsc2022";
+
+impl HealthcheckOptions {
+    /// The defaults for a store: on an engine of Windows containers, servercore and `cmd`.
+    pub fn for_store(store: &obuilder_stores::spec::StoreSpec) -> HealthcheckOptions {
+        let windows = matches!(
+            store,
+            obuilder_stores::spec::StoreSpec::Docker {
+                platform: obuilder_stores::docker::Platform::Windows,
+                ..
+            }
+        );
+        HealthcheckOptions {
+            image: windows.then(|| WINDOWS_IMAGE.to_string()),
+            windows,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for HealthcheckOptions {
@@ -40,6 +69,8 @@ impl Default for HealthcheckOptions {
             busybox: "/bin/busybox".into(),
             timeout: Duration::from_secs(300),
             cancel: Default::default(),
+            image: None,
+            windows: false,
         }
     }
 }
@@ -66,6 +97,8 @@ pub enum HealthcheckError {
         error: BuildError,
         log: String,
     },
+    #[error("the image {0:?} cannot be named in a spec: {1}")]
+    BadImage(String, String),
     #[error("the test build timed out after {0:?}")]
     TimedOut(Duration),
     #[error("the command ran but printed no `healthcheck`:\n{0}")]
@@ -108,6 +141,18 @@ pub async fn healthcheck(
     opts: &HealthcheckOptions,
 ) -> Result<(), HealthcheckError> {
     let scratch = images.scratch()?;
+    if let Some(image) = &opts.image {
+        let r = build(builder, scratch.path(), image, opts).await;
+        // Only the step goes: the base is the image's, which real builds share (their
+        // results would go with it).
+        if let Ok((id, _)) = &r {
+            if let Err(e) = builder.delete(id, &null_sink()).await {
+                tracing::warn!("healthcheck: cannot remove its result: {e}");
+            }
+        }
+        let (_, out) = r?;
+        return checked(out);
+    }
     let root = scratch.path().join("rootfs");
     make_rootfs(&root, &opts.busybox)?;
     import(
@@ -121,23 +166,33 @@ pub async fn healthcheck(
         },
     )
     .await?;
-    let r = build(builder, scratch.path(), opts).await;
+    let r = build(builder, scratch.path(), IMAGE, opts).await;
     // Whatever happened, leave nothing: the results (the base holds the step) and the
     // image with its blobs.
     if let Ok((id, _)) = &r {
-        let base = builder
-            .info(id)
-            .ok()
-            .flatten()
-            .and_then(|i| i.parent)
-            .unwrap_or_else(|| id.clone());
-        if let Err(e) = builder.delete(&base, &null_sink()).await {
-            tracing::warn!("healthcheck: cannot remove its results: {e}");
-        }
+        remove_results(builder, id).await;
     }
     images.remove(IMAGE)?;
     let (_, out) = r?;
-    if !out.contains("healthcheck\n") {
+    checked(out)
+}
+
+/// Deletes the check's step and its base (which holds it).
+async fn remove_results(builder: &Builder, id: &str) {
+    let base = builder
+        .info(id)
+        .ok()
+        .flatten()
+        .and_then(|i| i.parent)
+        .unwrap_or_else(|| id.to_string());
+    if let Err(e) = builder.delete(&base, &null_sink()).await {
+        tracing::warn!("healthcheck: cannot remove its results: {e}");
+    }
+}
+
+fn checked(out: String) -> Result<(), HealthcheckError> {
+    // (`cmd`'s echo ends its lines with CR LF.)
+    if !out.contains("healthcheck\n") && !out.contains("healthcheck\r\n") {
         return Err(HealthcheckError::NoOutput(out));
     }
     Ok(())
@@ -146,12 +201,19 @@ pub async fn healthcheck(
 async fn build(
     builder: &Builder,
     ctx: &Path,
+    image: &str,
     opts: &HealthcheckOptions,
 ) -> Result<(String, String), HealthcheckError> {
+    let shell = if opts.windows {
+        "cmd /S /C"
+    } else {
+        "/bin/sh -c"
+    };
     let spec = Spec::parse(&format!(
-        "((from {IMAGE}) (shell /bin/sh -c) (run (shell \"echo healthcheck\")))"
+        "((from {}) (shell {shell}) (run (shell \"echo healthcheck\")))",
+        obuilder_spec::Sexp::atom(image.to_string())
     ))
-    .expect("the healthcheck spec parses");
+    .map_err(|e| HealthcheckError::BadImage(image.to_string(), e.to_string()))?;
     let (sink, text) = buffer_sink();
     let mut bo = BuildOptions::new(ctx, sink);
     bo.cancel = opts.cancel.child_token();

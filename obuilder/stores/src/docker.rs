@@ -764,21 +764,21 @@ impl Store for DockerStore {
     async fn commit(&self, dir: &BuildDir) -> Result<PathBuf, StoreError> {
         let base = std::fs::read_to_string(dir.dir.join("parent")).ok();
         let c = self.container(&dir.id);
-        if self.container_exists(&c).await? {
-            let parent = base.as_deref().map(str::trim).unwrap_or_default();
-            self.commit_container(&c, parent, &dir.id).await?;
-            self.cli(&["rm", "-f", &c]).await?;
-        } else {
-            let pulled = std::fs::read_to_string(dir.dir.join(PULLED)).ok();
-            match (base.as_deref().map(str::trim), pulled) {
-                (Some(b), _) => self.commit_copy(dir, b).await?,
-                // A base image the engine pulled (DockerPull): tagged, nothing imported.
-                (None, Some(image)) => {
+        match base.as_deref().map(str::trim) {
+            // A run step: its container.
+            Some(b) if self.container_exists(&c).await? => {
+                self.commit_container(&c, b, &dir.id).await?;
+                self.cli(&["rm", "-f", &c]).await?;
+            }
+            Some(b) => self.commit_copy(dir, b).await?,
+            // A base image: pulled by the engine (DockerPull) and tagged, or imported.
+            None => match std::fs::read_to_string(dir.dir.join(PULLED)) {
+                Ok(image) => {
                     self.cli(&["tag", image.trim(), &self.image(&dir.id)])
                         .await?;
                 }
-                (None, None) => self.commit_import(dir).await?,
-            }
+                Err(_) => self.commit_import(dir).await?,
+            },
         }
         // The staging tree is not the result (the image is): keep an empty rootfs.
         remove_tree(&dir.rootfs)?;

@@ -423,7 +423,6 @@ async fn windows_seam_base_images_are_pulled_and_tagged() {
         exec.argvs(),
         [
             format!("docker image inspect --format {{{{json .Config}}}} {id}"),
-            format!("docker container inspect --format {{{{.Id}}}} {p}-base"),
             format!("docker tag {id} {p}:base"),
         ]
     );

@@ -834,6 +834,15 @@ fn sandbox_flags_are_obuilders_and_bad_ones_exit_2() {
     let (code, err) = worker(&["--sandbox", "user", "--user-pool", "5-1"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("expected FROM-TO"), "{err}");
+    let (code, err) = worker(&["--obuilder-docker-platform", "windows"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--obuilder-docker-platform needs --obuilder-store docker:/PATH"),
+        "{err}"
+    );
+    let (code, err) = worker(&["--obuilder-docker-platform", "beos"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("linux or windows"), "{err}");
 }
 
 /// The worker pauses itself at the scheduler while it prunes and while its healthcheck

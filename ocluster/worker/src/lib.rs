@@ -89,6 +89,9 @@ pub struct WorkerConfig {
     pub healthcheck_period: Duration,
     /// A static busybox for the healthcheck's image.
     pub busybox: PathBuf,
+    /// An image the healthcheck builds on instead (else busybox; servercore on an engine
+    /// of Windows containers).
+    pub healthcheck_image: Option<String>,
     /// `--additional-metrics NAME:URI`.
     pub additional_metrics: Vec<(String, String)>,
     /// The Docker-compatible CLI for Dockerfile jobs (`None`: they are refused).
@@ -115,6 +118,7 @@ impl WorkerConfig {
             prune_limit: 100,
             healthcheck_period: Duration::from_secs(600),
             busybox: PathBuf::from("/bin/busybox"),
+            healthcheck_image: None,
             additional_metrics: Vec::new(),
             docker: None,
             allow_push: Vec::new(),
@@ -748,11 +752,12 @@ async fn maintain(shared: Rc<Shared>) {
 }
 
 async fn healthcheck(shared: &Shared) -> Result<(), obuilder_config::HealthcheckError> {
-    let opts = HealthcheckOptions {
-        busybox: shared.config.busybox.clone(),
-        timeout: Duration::from_secs(30),
-        cancel: CancellationToken::new(),
-    };
+    let mut opts = HealthcheckOptions::for_store(&shared.config.builder.store);
+    opts.busybox = shared.config.busybox.clone();
+    opts.timeout = Duration::from_secs(30);
+    if shared.config.healthcheck_image.is_some() {
+        opts.image = shared.config.healthcheck_image.clone();
+    }
     obuilder_config::healthcheck(
         &shared.builder,
         &shared.config.builder.images(),

@@ -1,5 +1,6 @@
 //! `obuilder healthcheck`: build a tiny image from the host's static busybox and run
 //! `echo` in it, with a timeout. Needs no registry and no Docker; leaves nothing behind.
+//! On an engine of Windows containers it builds on servercore instead (`--image`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,11 @@ pub struct Args {
     /// A statically linked busybox to build the test image from.
     #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Build on this image instead of one made from busybox (default with
+    /// --docker-platform windows: mcr.microsoft.com/windows/servercore:ltsc2022, run
+    /// with cmd).
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
     /// Give up after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     timeout: u64,
@@ -27,11 +33,13 @@ pub struct Args {
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let config = builder_config(&a.store, &a.sandbox, None, None)?;
     let b = open(&config).await?;
-    let opts = HealthcheckOptions {
-        busybox: a.busybox.clone(),
-        timeout: Duration::from_secs(a.timeout),
-        cancel: interrupt().child_token(),
-    };
+    let mut opts = HealthcheckOptions::for_store(&config.store);
+    opts.busybox = a.busybox.clone();
+    opts.timeout = Duration::from_secs(a.timeout);
+    opts.cancel = interrupt().child_token();
+    if a.image.is_some() {
+        opts.image = a.image.clone();
+    }
     match healthcheck(&b, &config.images(), &config.exec, &opts).await {
         Ok(()) => {
             crate::outln!("Healthcheck passed")?;

@@ -58,6 +58,14 @@ struct Args {
     /// The static busybox the healthcheck builds its image from.
     #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
     obuilder_healthcheck_busybox: PathBuf,
+    /// An image the healthcheck builds on instead of busybox (default with
+    /// --obuilder-docker-platform windows: mcr.microsoft.com/windows/servercore:ltsc2022).
+    #[arg(long, value_name = "IMAGE")]
+    obuilder_healthcheck_image: Option<String>,
+    /// With a docker: store: the engine's containers, linux (default) or windows (an
+    /// engine of Windows containers, e.g. a Windows host's reached through DOCKER_HOST).
+    #[arg(long, value_name = "PLATFORM")]
+    obuilder_docker_platform: Option<obuilder_stores::docker::Platform>,
     /// Seconds between heartbeats to the scheduler (ours takes a worker that stops
     /// sending them as lost; an OCaml scheduler takes none, and gets none).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -101,8 +109,14 @@ fn main() {
     let args = Args::parse();
     init_logging(&args.verbosity);
     let pool = load_cap(&args.connect).unwrap_or_else(|e| fail(e));
-    let store = StoreSpec::parse(&args.obuilder_store, args.rsync_mode)
+    let mut store = StoreSpec::parse(&args.obuilder_store, args.rsync_mode)
         .unwrap_or_else(|e| fail(format!("--obuilder-store: {e}")));
+    if let Some(p) = args.obuilder_docker_platform {
+        match &mut store {
+            StoreSpec::Docker { platform, .. } => *platform = p,
+            _ => fail("--obuilder-docker-platform needs --obuilder-store docker:/PATH"),
+        }
+    }
     let mut sandbox_args = args.sandbox.clone();
     if sandbox_args.sandbox.is_none() && matches!(store, StoreSpec::Docker { .. }) {
         // A docker: store's steps run in its engine (Windows workers).
@@ -117,6 +131,7 @@ fn main() {
     config.prune_limit = args.obuilder_prune_limit;
     config.healthcheck_period = Duration::from_secs(args.obuilder_healthcheck);
     config.busybox = args.obuilder_healthcheck_busybox.clone();
+    config.healthcheck_image = args.obuilder_healthcheck_image.clone();
     if args.heartbeat_interval.is_nan() || args.heartbeat_interval <= 0.0 {
         fail("--heartbeat-interval must be more than 0");
     }

@@ -148,8 +148,21 @@ pub fn windows_untar_script(dst: &str) -> String {
         "$path = '{}'; if (Test-Path -Path $path -PathType Container) {{ $acl = Get-Acl \
          -Path $path }}; & {LIBEXEC_TAR} -xpf - -C /cygdrive/c; if (-not $?) {{ exit 1 }}; \
          if ($acl -ne $null) {{ Set-Acl -Path $path $acl }}",
-        path.replace('\'', "''")
+        ps_single_quoted(&path)
     )
+}
+
+/// `s` inside a PowerShell single-quoted string: every character PowerShell takes as a
+/// single quote (the ASCII one and the four typographic ones) doubled.
+fn ps_single_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\'' | '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}') {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The Dockerfile of the image the libexec volume is filled from: servercore with Cygwin's

@@ -468,6 +468,9 @@ fn windows_seam_copy_steps_untar_with_cygwin_tar_and_keep_the_acl() {
     assert!(windows_untar_script("/src/a.opam").starts_with("$path = 'C:/src';"));
     assert!(windows_untar_script("/x.txt").starts_with("$path = 'C:/';"));
     assert!(windows_untar_script("/it's/").starts_with("$path = 'C:/it''s';"));
+    // PowerShell ends a single-quoted string at a typographic quote too.
+    assert!(windows_untar_script("/a\u{2019}; rm x/")
+        .starts_with("$path = 'C:/a\u{2019}\u{2019}; rm x';"));
 }
 
 #[test]

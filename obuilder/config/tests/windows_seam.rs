@@ -79,7 +79,7 @@ async fn windows_seam_the_healthcheck_builds_on_servercore_with_cmd() {
     );
     let run = &argvs[run];
     assert!(
-        run.contains("--hostname builder --workdir / --user ContainerAdministrator --isolation hyperv --network none")
+        run.contains("--hostname builder --workdir C:/ --user ContainerAdministrator --isolation hyperv --network none")
             && run.contains("--env PATH=C:\\Windows\\system32;C:\\Windows")
             && run.ends_with(" /S /C echo healthcheck")
             && run.contains(" --entrypoint cmd "),

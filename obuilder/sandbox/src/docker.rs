@@ -158,6 +158,12 @@ impl DockerSandbox {
             None if self.opts.windows => "ContainerAdministrator".into(),
             None => format!("{}:{}", c.user.uid, c.user.gid),
         };
+        // A Unix-style workdir (the default `/`) is on the C: drive, as the original's.
+        let cwd = if self.opts.windows && c.cwd.starts_with('/') {
+            format!("C:{}", c.cwd)
+        } else {
+            c.cwd.clone()
+        };
         let mut argv: Vec<String> = vec![self.opts.cli.clone(), "run".into()];
         if c.stdin {
             argv.push("-i".into());
@@ -169,7 +175,7 @@ impl DockerSandbox {
                 "--hostname",
                 "builder",
                 "--workdir",
-                &c.cwd,
+                &cwd,
                 "--user",
                 &user,
             ]
@@ -302,6 +308,16 @@ impl Sandbox for DockerSandbox {
                 )))
             }
             User::Unix { .. } => crate::numeric_user(user, "Docker"),
+        }
+    }
+
+    /// `cmd /S /C` on Windows, as the original's default there (Windows images have no
+    /// bash).
+    fn default_shell(&self) -> Vec<String> {
+        if self.opts.windows {
+            vec!["cmd".into(), "/S".into(), "/C".into()]
+        } else {
+            vec!["/bin/bash".into(), "-c".into()]
         }
     }
 

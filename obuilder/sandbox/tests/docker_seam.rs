@@ -140,9 +140,14 @@ fn windows_seam_numeric_users_and_secrets_are_refused_on_a_windows_engine() {
         Arc::new(RecordingExec::new()),
     );
     assert_eq!(sb.user(&User::ROOT).unwrap(), UserIds { uid: 0, gid: 0 });
-    // Hyper-V isolation unless told otherwise, as the original.
-    let argv = sb.run_argv(&config(), "C", "I", &[]).unwrap().join(" ");
+    // Hyper-V isolation unless told otherwise, as the original; a Unix-style workdir is
+    // on C:, and the default shell is cmd's.
+    let mut c = config();
+    c.cwd = "/src".into();
+    let argv = sb.run_argv(&c, "C", "I", &[]).unwrap().join(" ");
     assert!(argv.contains("--isolation hyperv"), "{argv}");
+    assert!(argv.contains("--workdir C:/src "), "{argv}");
+    assert_eq!(sb.default_shell(), ["cmd", "/S", "/C"]);
     let e = sb
         .user(&User::Unix {
             uid: 1000,

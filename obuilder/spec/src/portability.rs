@@ -260,8 +260,8 @@ fn stage(
                     if !shell_set {
                         warn(
                             Some("win-shell"),
-                            "Windows: the default shell is /bin/bash, which Windows images \
-                             lack: set one first, e.g. (shell cmd /S /C)"
+                            "Windows: a run before any (shell …) runs in cmd /S /C there (the \
+                             original's default), in /bin/bash -c elsewhere: set the shell"
                                 .into(),
                         );
                     }
@@ -351,7 +351,7 @@ mod tests {
         let lines: Vec<u32> = w.iter().map(|(l, _)| *l).collect();
         assert_eq!(lines, [3, 4, 7, 8, 10, 13], "{w:#?}");
         assert!(w[0].1.contains("not a uid and gid"), "{w:?}");
-        assert!(w[1].1.contains("default shell is /bin/bash"), "{w:?}");
+        assert!(w[1].1.contains("runs in cmd /S /C there"), "{w:?}");
         assert!(w[2].1.contains("C:/Users/mac1000/src"), "{w:?}");
         assert!(w[4].1.contains("refuses secrets"), "{w:?}");
         assert!(w[5].1.contains("no host network"), "{w:?}");

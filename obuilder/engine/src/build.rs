@@ -774,7 +774,12 @@ impl Builder {
                 {
                     return Err(StepError::Invalid(format!("Build result {id:?} not found")).into());
                 }
-                let v = self.policy.store.view(id).await.map_err(StepError::from)?;
+                let v = self
+                    .policy
+                    .store
+                    .view_paths(id, &c.src)
+                    .await
+                    .map_err(StepError::from)?;
                 (v.clone(), Some(v))
             }
         };

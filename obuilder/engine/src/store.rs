@@ -192,6 +192,13 @@ pub trait Store: Send + Sync {
         Ok(self.root().join("result").join(id).join("rootfs"))
     }
 
+    /// A view holding at least `paths` of result `id` (a copy's sources, as the spec gives
+    /// them): the whole tree by default; a store that cannot give a whole tree (an engine
+    /// of Windows containers) gives just those. Ended by [`Store::release_view`].
+    async fn view_paths(&self, id: &str, _paths: &[String]) -> Result<PathBuf, StoreError> {
+        self.view(id).await
+    }
+
     /// Ends a view made by [`Store::view`].
     async fn release_view(&self, _view: &Path) -> Result<(), StoreError> {
         Ok(())

@@ -152,6 +152,37 @@ pub fn windows_untar_script(dst: &str) -> String {
     )
 }
 
+/// The members of a Windows view's tar, relative to `C:/`: `/src/x`, `C:\\src\\x` and
+/// `src/x` are `src/x`; `..` is refused.
+pub fn windows_members(paths: &[String]) -> Result<Vec<String>, String> {
+    paths
+        .iter()
+        .map(|p| {
+            let p = p.replace('\\', "/");
+            let b = p.as_bytes();
+            let p = if b.len() >= 2 && b[1] == b':' && b[0].eq_ignore_ascii_case(&b'c') {
+                &p[2..]
+            } else {
+                &p[..]
+            };
+            let parts: Vec<&str> = p
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .collect();
+            if parts.contains(&"..") || parts.iter().any(|c| c.contains(':')) {
+                return Err(format!(
+                    "copy from a build: {p:?} is not a path on a Windows container's C: drive"
+                ));
+            }
+            Ok(if parts.is_empty() {
+                ".".to_string()
+            } else {
+                parts.join("/")
+            })
+        })
+        .collect()
+}
+
 /// `s` inside a PowerShell single-quoted string: every character PowerShell takes as a
 /// single quote (the ASCII one and the four typographic ones) doubled.
 fn ps_single_quoted(s: &str) -> String {
@@ -368,7 +399,7 @@ impl DockerStore {
         args: &[&str],
         stdin: Option<Vec<u8>>,
         name: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<u8>, StoreError> {
         let libexec = format!(
             "type=volume,src={},dst={LIBEXEC_DIR},readonly",
             self.libexec()
@@ -396,7 +427,11 @@ impl DockerStore {
         }
         argv.extend(["--entrypoint", entrypoint, image]);
         argv.extend_from_slice(args);
-        self.cli_in(&argv, stdin).await.map(|_| ())
+        let mut full = vec![self.cli.as_str()];
+        full.extend_from_slice(&argv);
+        let mut cmd = Cmd::new(full);
+        cmd.stdin = stdin;
+        Ok(self.exec.output(&cmd).await?.stdout)
     }
 
     /// Windows: copies volume `from` into volume `to` in a helper container (`tar` piped
@@ -413,6 +448,19 @@ impl DockerStore {
         );
         self.helper(&image, &mounts, "cmd", &["/S", "/C", &script], None, None)
             .await
+            .map(|_| ())
+    }
+
+    /// A new temp dir for a view.
+    fn view_dir(&self) -> Result<(u64, PathBuf), StoreError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self
+            .layout
+            .root
+            .join("state/docker-views")
+            .join(format!("{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        Ok((n, dir))
     }
 
     /// Where a Windows cache copy is named: not a host path (the volume is the engine's),
@@ -831,16 +879,44 @@ impl Store for DockerStore {
         Ok(())
     }
 
+    /// Windows: the files at `paths` of result `id` (Windows containers cannot be
+    /// exported), tarred by Cygwin's tar in a container of its image, into a temp dir.
+    async fn view_paths(&self, id: &str, paths: &[String]) -> Result<PathBuf, StoreError> {
+        if !self.windows() {
+            return self.view(id).await;
+        }
+        let members = windows_members(paths).map_err(|what| StoreError::Mismatch {
+            store: self.describe(),
+            what,
+        })?;
+        let (_, dir) = self.view_dir()?;
+        let tar = self.tmp_file("tar");
+        let r = async {
+            let mut args = vec!["-cf", "-", "-C", "/cygdrive/c", "--"];
+            args.extend(members.iter().map(String::as_str));
+            let data = self
+                .helper(&self.image(id), &[], LIBEXEC_TAR, &args, None, None)
+                .await?;
+            std::fs::write(&tar, data).map_err(StoreError::io("cannot write", &tar))?;
+            let (tar_s, dir_s) = (path_str(&tar), path_str(&dir));
+            self.exec
+                .output(&Cmd::new(["tar", "-xpf", &tar_s, "-C", &dir_s]))
+                .await?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        let _ = std::fs::remove_file(&tar);
+        if let Err(e) = r {
+            let _ = remove_tree(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
     /// The result's whole tree, exported from a container of its image into a temp dir.
     async fn view(&self, id: &str) -> Result<PathBuf, StoreError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (n, dir) = self.view_dir()?;
         let c = format!("{}-view-{}-{n}", self.prefix, std::process::id());
-        let dir = self
-            .layout
-            .root
-            .join("state/docker-views")
-            .join(format!("{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
         let tar = self.tmp_file("tar");
         let (tar_s, dir_s) = (path_str(&tar), path_str(&dir));
         let r = async {

@@ -514,3 +514,45 @@ fn windows_seam_servercore_follows_the_engines_build() {
         "{d}"
     );
 }
+
+/// `copy (from (build …))` on a Windows engine: Windows containers cannot be exported, so
+/// the copy's sources alone are tarred by Cygwin's tar in a container of the stage's image
+/// (paths from C:/), and untarred here into the view.
+#[tokio::test]
+async fn windows_seam_a_copy_from_a_build_tars_its_sources_in_a_container() {
+    use obuilder_stores::docker::{prefix, windows_members};
+    let tmp = tempfile_dir();
+    let dir = tmp.path().to_path_buf();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let p = prefix(&dir);
+    let exec = windows_engine();
+    let store = windows_store(&dir, &exec);
+    let srcs = vec![
+        "/src/_build/default/main.exe".to_string(),
+        "C:\\opam\\bin\\opam.exe".to_string(),
+    ];
+    let view = store.view_paths("stage", &srcs).await.unwrap();
+    let argvs = exec.argvs();
+    assert_eq!(argvs.len(), 2, "{argvs:#?}");
+    assert_eq!(
+        argvs[0],
+        format!(
+            "docker run --rm --user ContainerAdministrator --network none \
+             --env CYGWIN=winsymlinks:native \
+             --mount type=volume,src={p}-libexec,dst=C:/obuilder-libexec,readonly \
+             --entrypoint C:/obuilder-libexec/tar.exe {p}:stage -cf - -C /cygdrive/c -- \
+             src/_build/default/main.exe opam/bin/opam.exe"
+        )
+    );
+    assert!(
+        argvs[1].starts_with("tar -xpf ") && argvs[1].ends_with(&format!(" -C {}", view.display())),
+        "{}",
+        argvs[1]
+    );
+    store.release_view(&view).await.unwrap();
+    assert!(!view.exists());
+    for bad in ["/a/../../b", "D:/x", "/a/b:c"] {
+        assert!(windows_members(&[bad.to_string()]).is_err(), "{bad}");
+    }
+    assert_eq!(windows_members(&["/".to_string()]).unwrap(), ["."]);
+}

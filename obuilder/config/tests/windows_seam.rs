@@ -18,15 +18,7 @@ async fn windows_seam_the_healthcheck_builds_on_servercore_with_cmd() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("store");
     let p = prefix(&root);
-    let exec = RecordingExec::new();
-    exec.answer(
-        &["docker", "version", "--format", "{{.Server.Os}}"],
-        "windows\n",
-    );
-    exec.answer(
-        &["docker", "version", "--format", "{{.Server.KernelVersion}}"],
-        "10.0 20348 (20348.1.amd64fre.fe_release.210507-1500)\n",
-    );
+    let exec = RecordingExec::windows_engine();
     let id = format!("sha256:{}", "cd".repeat(32));
     exec.answer(
         &["docker", "image", "inspect", "--format", "{{.Id}}"],

@@ -177,18 +177,8 @@ async fn docker_cache_delete_is_refused_while_in_use_only() {
     );
 }
 
-/// A Windows engine's answers: its OS and kernel version (Server 2022: build 20348).
 fn windows_engine() -> RecordingExec {
-    let exec = RecordingExec::new();
-    exec.answer(
-        &["docker", "version", "--format", "{{.Server.Os}}"],
-        "windows\n",
-    );
-    exec.answer(
-        &["docker", "version", "--format", "{{.Server.KernelVersion}}"],
-        "10.0 20348 (20348.1.amd64fre.fe_release.210507-1500)\n",
-    );
-    exec
+    RecordingExec::windows_engine()
 }
 
 fn windows_store(

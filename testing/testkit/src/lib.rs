@@ -162,6 +162,21 @@ impl RecordingExec {
         ));
     }
 
+    /// A recorder answering as an engine of Windows containers on Windows Server 2022
+    /// (build 20348) does: `docker version`'s OS and kernel version.
+    pub fn windows_engine() -> RecordingExec {
+        let exec = RecordingExec::new();
+        exec.answer(
+            &["docker", "version", "--format", "{{.Server.Os}}"],
+            "windows\n",
+        );
+        exec.answer(
+            &["docker", "version", "--format", "{{.Server.KernelVersion}}"],
+            "10.0 20348 (20348.1.amd64fre.fe_release.210507-1500)\n",
+        );
+        exec
+    }
+
     /// Commands starting with `prefix` fail with `stderr`.
     pub fn fail(&self, prefix: &[&str], stderr: &str) {
         self.rules.lock().unwrap().push((

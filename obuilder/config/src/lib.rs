@@ -134,7 +134,23 @@ impl BuilderConfig {
     /// builder recovers the store from any crash if it has it to itself.
     pub async fn open(&self) -> Result<Builder, ConfigError> {
         let sandbox = self.paired_sandbox()?;
-        let store = self.store.open(self.exec.clone())?;
+        let store: Arc<dyn Store> = match (&self.store, &sandbox) {
+            // The store's helper containers run as the steps do.
+            (
+                StoreSpec::Docker {
+                    root,
+                    cli,
+                    platform,
+                    ..
+                },
+                SandboxSpec::Docker(o),
+            ) => Arc::new(
+                obuilder_stores::docker::DockerStore::new(root, cli, self.exec.clone())
+                    .with_platform(*platform)
+                    .with_isolation(o.effective_isolation().map(String::from)),
+            ),
+            _ => self.store.open(self.exec.clone())?,
+        };
         store.ready_state().await?;
         let state = store.state_dir();
         let sb = sandbox

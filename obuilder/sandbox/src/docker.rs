@@ -52,6 +52,19 @@ pub struct DockerOptions {
 
 impl Eq for DockerOptions {}
 
+impl DockerOptions {
+    /// The `--isolation` of steps (and of the store's helper containers): as given, else
+    /// Hyper-V on Windows, as the original's (steadier, and a VM's kernel is its own: an
+    /// image of another Windows build runs too).
+    pub fn effective_isolation(&self) -> Option<&str> {
+        match &self.isolation {
+            Some(i) => Some(i.as_str()),
+            None if self.windows => Some("hyperv"),
+            None => None,
+        }
+    }
+}
+
 impl Default for DockerOptions {
     fn default() -> DockerOptions {
         DockerOptions {
@@ -187,14 +200,7 @@ impl DockerSandbox {
         if let Some(m) = &self.opts.memory {
             argv.extend(["--memory".into(), m.clone()]);
         }
-        // Windows steps run in Hyper-V VMs unless told otherwise, as the original's
-        // (steadier, and a VM's kernel is its own).
-        let isolation = match &self.opts.isolation {
-            Some(i) => Some(i.as_str()),
-            None if self.opts.windows => Some("hyperv"),
-            None => None,
-        };
-        if let Some(i) = isolation {
+        if let Some(i) = self.opts.effective_isolation() {
             argv.extend(["--isolation".into(), i.to_string()]);
         }
         if c.network.is_empty() {

@@ -226,6 +226,8 @@ pub struct DockerStore {
     platform: Platform,
     /// Windows: the servercore image that runs the helpers (known once libexec is made).
     servercore: std::sync::OnceLock<String>,
+    /// The `--isolation` of helper containers: the steps' (`--docker-isolation`).
+    isolation: Option<String>,
 }
 
 fn missing(e: &StoreError) -> bool {
@@ -250,6 +252,22 @@ impl DockerStore {
             next: AtomicU64::new(0),
             platform: Platform::Linux,
             servercore: std::sync::OnceLock::new(),
+            isolation: None,
+        }
+    }
+
+    /// Helper containers (copies, cache copies, the libexec set-up) run with the steps'
+    /// isolation: an image a step can run, a helper can too.
+    pub fn with_isolation(mut self, isolation: Option<String>) -> DockerStore {
+        self.isolation = isolation;
+        self
+    }
+
+    /// `--isolation I`, if one is set.
+    fn isolation_args(&self) -> Vec<&str> {
+        match &self.isolation {
+            Some(i) => vec!["--isolation", i.as_str()],
+            None => vec![],
         }
     }
 
@@ -356,29 +374,31 @@ impl DockerStore {
             write("extract.cmd", LIBEXEC_EXTRACT)?;
             self.cli(&["volume", "create", &vol]).await?;
             let dir_s = path_str(&dir);
-            self.cli(&["build", "--tag", &image, &dir_s]).await?;
+            let mut build = vec!["build"];
+            build.extend(self.isolation_args());
+            build.extend(["--tag", &image, &dir_s]);
+            self.cli(&build).await?;
             let mount = format!("type=volume,src={vol},dst={LIBEXEC_DIR}");
             let dest = format!("DESTINATION={}", LIBEXEC_DIR.replace('/', "\\"));
-            let r = self
-                .cli(&[
-                    "run",
-                    "--rm",
-                    "--user",
-                    "ContainerAdministrator",
-                    "--network",
-                    "none",
-                    "--mount",
-                    &mount,
-                    "--env",
-                    &dest,
-                    "--entrypoint",
-                    "cmd",
-                    &image,
-                    "/S",
-                    "/C",
-                    "C:\\extract.cmd",
-                ])
-                .await;
+            let mut run = vec!["run", "--rm"];
+            run.extend(self.isolation_args());
+            run.extend([
+                "--user",
+                "ContainerAdministrator",
+                "--network",
+                "none",
+                "--mount",
+                &mount,
+                "--env",
+                &dest,
+                "--entrypoint",
+                "cmd",
+                &image,
+                "/S",
+                "/C",
+                "C:\\extract.cmd",
+            ]);
+            let r = self.cli(&run).await;
             let _ = self.cli_quiet(&["image", "rm", &image]).await;
             r.map(|_| ())
         }
@@ -412,6 +432,7 @@ impl DockerStore {
         if stdin.is_some() {
             argv.push("-i");
         }
+        argv.extend(self.isolation_args());
         argv.extend([
             "--user",
             "ContainerAdministrator",

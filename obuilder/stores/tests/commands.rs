@@ -307,7 +307,8 @@ async fn windows_seam_cache_copies_go_through_servercore_containers() {
     std::fs::create_dir_all(dir.join("state")).unwrap();
     let p = prefix(&dir);
     let exec = windows_engine();
-    let store = windows_store(&dir, &exec);
+    // With the steps' isolation (here Hyper-V, the default on Windows).
+    let store = windows_store(&dir, &exec).with_isolation(Some("hyperv".into()));
     let copy = store.cache_checkout("dl", 0, 0).await.unwrap();
     let vol = copy
         .path
@@ -322,7 +323,7 @@ async fn windows_seam_cache_copies_go_through_servercore_containers() {
     let tar = "C:\\obuilder-libexec\\tar.exe";
     let run = |from: &str, to: &str| {
         format!(
-            "docker run --rm --user ContainerAdministrator --network none \
+            "docker run --rm --isolation hyperv --user ContainerAdministrator --network none \
              --env CYGWIN=winsymlinks:native \
              --mount type=volume,src={p}-libexec,dst=C:/obuilder-libexec,readonly \
              --mount type=volume,src={from},dst=C:/obuilder-from,readonly \

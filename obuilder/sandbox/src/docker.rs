@@ -19,7 +19,9 @@
 //! With an engine of Windows containers (`--docker-platform windows`, set from the
 //! store's), whose files are not this host's: caches are the engine's volumes
 //! (`--mount type=volume`), root is `ContainerAdministrator` (Windows users are names),
-//! and secrets are refused, since a file of this host cannot be mounted there.
+//! and secrets are refused, since a file of this host cannot be mounted there. As the
+//! original's defaults there: Hyper-V isolation, `cmd /S /C` as the shell, and a
+//! Unix-style workdir on `C:`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

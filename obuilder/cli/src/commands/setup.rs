@@ -23,6 +23,14 @@ fn parse_pull(s: &str) -> Result<PullPolicy, String> {
         .map_err(|e: obuilder_fetch::UnknownPullPolicy| e.to_string())
 }
 
+/// `linux` or `windows`, listed in `--help` and completions.
+pub fn docker_platform(
+) -> impl clap::builder::TypedValueParser<Value = obuilder_stores::docker::Platform> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["linux", "windows"])
+        .map(|s| s.parse().unwrap_or_default())
+}
+
 fn parse_rsync_mode(s: &str) -> Result<RsyncMode, String> {
     s.parse()
         .map_err(|e: obuilder_stores::rsync::UnknownRsyncMode| e.to_string())
@@ -48,7 +56,7 @@ pub struct StoreArgs {
     /// For a docker: store: the engine's containers, linux (default) or windows (an
     /// engine of Windows containers, e.g. reached through DOCKER_HOST: base images are
     /// pulled by the engine, copies use Cygwin's tar in servercore containers).
-    #[arg(long, value_name = "PLATFORM", env = "OBUILDER_DOCKER_PLATFORM")]
+    #[arg(long, value_name = "PLATFORM", env = "OBUILDER_DOCKER_PLATFORM", value_parser = docker_platform())]
     pub docker_platform: Option<obuilder_stores::docker::Platform>,
     /// For a docker: store: base images are pulled by the engine (its registries,
     /// mirrors and credentials) instead of obuilder's own fetcher; always so with

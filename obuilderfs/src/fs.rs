@@ -5,8 +5,14 @@
 //!
 //! * Inodes are (view root, path in it): a caller's files have inode numbers of their own,
 //!   so the kernel's caches (dentries, attributes, page cache) never give one caller
-//!   another's data. Entries and attributes are not cached (timeout 0): each path walk
-//!   asks again, and so follows the scoreboard as it changes.
+//!   another's data. The mount's root is the one inode every caller shares: its entries
+//!   and its own attributes are never cached (timeout 0), so each path walk asks again
+//!   which view the caller's first name is in, and follows the scoreboard as it changes.
+//!   Below that first name every directory is one view's, reached only through it, so
+//!   its entries and every other inode's attributes are cached for [`TTL`] (a walk of
+//!   `~/a/b/c` asks twice, not seven times). A view's tree replaced by a new one at the
+//!   same path (a build step run again) is told by its root's identity: the old tree's
+//!   inodes are then stale, and the new one's get new numbers.
 //! * The kernel checks permissions (`default_permissions`) against the owners and modes
 //!   shown; what a caller creates is owned by the caller. With an `owner` (the uid the
 //!   stored trees belong to), files of that uid are shown as the caller's, and what a
@@ -43,8 +49,29 @@ use crate::linux as sys;
 use crate::portable as sys;
 use crate::resolve::{self, Views};
 
-/// Nothing is cached by the kernel: every walk asks again.
-const TTL: Duration = Duration::ZERO;
+/// How long the kernel may keep an entry below the first level, or an attribute of an
+/// inode other than the root (see the module's doc).
+const TTL: Duration = Duration::from_secs(1);
+/// For the root's entries and attributes, which every caller shares: never kept.
+const NO_TTL: Duration = Duration::ZERO;
+
+/// The timeout of an entry in directory `parent`.
+fn entry_ttl(parent: u64) -> &'static Duration {
+    if parent == ROOT {
+        &NO_TTL
+    } else {
+        &TTL
+    }
+}
+
+/// The timeout of inode `ino`'s attributes.
+fn attr_ttl(ino: u64) -> &'static Duration {
+    if ino == ROOT {
+        &NO_TTL
+    } else {
+        &TTL
+    }
+}
 const ROOT: u64 = fuser::FUSE_ROOT_ID;
 
 struct Node {
@@ -62,6 +89,9 @@ pub struct ObuilderFs<V: Views> {
     fallback: PathBuf,
     nodes: HashMap<u64, Node>,
     by_path: HashMap<(PathBuf, PathBuf), u64>,
+    /// Each view root's identity (device, inode) when its inodes were given out: another
+    /// tree at the same path makes them stale.
+    roots: HashMap<PathBuf, (u64, u64)>,
     next_ino: u64,
     files: HashMap<u64, (PathBuf, std::fs::File)>,
     /// Passthrough (Linux 6.9+): each open regular file is read and written by the kernel
@@ -185,10 +215,10 @@ fn answer_empty(r: Result<(), i32>, reply: ReplyEmpty) {
     }
 }
 
-/// Answers a call that makes or finds an entry (never cached: timeout 0).
-fn answer_entry(r: Result<FileAttr, i32>, reply: ReplyEntry) {
+/// Answers a call that makes or finds an entry in directory `parent`.
+fn answer_entry(parent: u64, r: Result<FileAttr, i32>, reply: ReplyEntry) {
     match r {
-        Ok(a) => reply.entry(&TTL, &a, 0),
+        Ok(a) => reply.entry(entry_ttl(parent), &a, 0),
         Err(e) => reply.error(e),
     }
 }
@@ -220,6 +250,7 @@ impl<V: Views> ObuilderFs<V> {
             fallback,
             nodes: HashMap::new(),
             by_path: HashMap::new(),
+            roots: HashMap::new(),
             next_ino: ROOT + 1,
             files: HashMap::new(),
             #[cfg(target_os = "linux")]
@@ -288,16 +319,50 @@ impl<V: Views> ObuilderFs<V> {
     }
 
     /// The view and path of an inode, for this caller.
-    fn locate(&self, req: &Request<'_>, ino: u64) -> Result<(PathBuf, PathBuf), i32> {
+    fn locate(&mut self, req: &Request<'_>, ino: u64) -> Result<(PathBuf, PathBuf), i32> {
         let view = self.view(req);
+        self.check_root(&view);
         if ino == ROOT {
             return Ok((view, PathBuf::new()));
         }
         let n = self.nodes.get(&ino).ok_or(libc::ESTALE)?;
+        if n.root.as_os_str().as_encoded_bytes().starts_with(b"\0") {
+            return Err(libc::ESTALE);
+        }
         if n.root != view {
             return Err(libc::EACCES);
         }
         Ok((n.root.clone(), n.rel.clone()))
+    }
+
+    /// Makes the inodes of `root` stale if another tree is there now than when they were
+    /// given out (a step's tree made again at the same path): the kernel may keep them
+    /// (their entries and attributes), and must not see the new tree's files through them.
+    fn check_root(&mut self, root: &Path) {
+        let Ok(st) = rustix::fs::stat(root) else {
+            return;
+        };
+        let id = (st.st_dev as u64, st.st_ino as u64);
+        if self.roots.len() > 4096 && !self.roots.contains_key(root) {
+            // Forget the roots no inode is left of (finished steps' trees).
+            let live: std::collections::HashSet<&PathBuf> =
+                self.nodes.values().map(|n| &n.root).collect();
+            self.roots.retain(|r, _| live.contains(r));
+        }
+        match self.roots.insert(root.to_path_buf(), id) {
+            Some(old) if old != id => {}
+            _ => return,
+        }
+        tracing::info!(
+            "{} is another tree now: its old inodes are stale",
+            root.display()
+        );
+        self.by_path.retain(|(r, _), _| r != root);
+        for n in self.nodes.values_mut() {
+            if n.root == root {
+                n.root = PathBuf::from("\0stale");
+            }
+        }
     }
 
     /// A directory of a view, opened beneath its root.
@@ -460,7 +525,8 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
     ) -> Result<(), libc::c_int> {
         // Inodes are per view, so a page cache kept across opens is never another
         // user's; files may also change outside the mount (the builder), which the
-        // kernel sees by their mtime and size at each getattr (timeouts are 0).
+        // kernel sees by their mtime and size at the next getattr (at once for the root's
+        // entries, within `TTL` below them).
         self.keep_cache = config.add_capabilities(AUTO_INVAL_DATA).is_ok();
         // Passthrough needs the kernel's support and CAP_SYS_ADMIN (the daemon is root).
         // A stacking depth of 2 lets the stored files be on overlayfs (the overlayfs
@@ -486,7 +552,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let ino = self.intern(&root, rel.join(name));
             Ok(self.shown(req, attr(ino, &st)))
         })();
-        answer_entry(r, reply)
+        answer_entry(parent, r, reply)
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
@@ -511,7 +577,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             .locate(req, ino)
             .and_then(|(root, rel)| self.stat_ino(&root, &rel, ino))
         {
-            Ok(a) => reply.attr(&TTL, &self.shown(req, a)),
+            Ok(a) => reply.attr(attr_ttl(ino), &self.shown(req, a)),
             Err(e) => reply.error(e),
         }
     }
@@ -584,7 +650,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             self.stat_ino(&root, &rel, ino)
         })();
         match r {
-            Ok(a) => reply.attr(&TTL, &self.shown(req, a)),
+            Ok(a) => reply.attr(attr_ttl(ino), &self.shown(req, a)),
             Err(e) => reply.error(e),
         }
     }
@@ -619,6 +685,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         };
         let perm = Mode::from_raw_mode(mode & 0o7777 & !umask);
         answer_entry(
+            parent,
             self.make_entry(req, parent, name, |dir, name| {
                 sys::mknod(dir, name, kind, perm)
             }),
@@ -637,6 +704,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
     ) {
         let perm = Mode::from_raw_mode(mode & 0o7777 & !umask);
         answer_entry(
+            parent,
             self.make_entry(req, parent, name, |dir, name| {
                 rustix::fs::mkdirat(dir, name, perm)
             }),
@@ -661,6 +729,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         reply: ReplyEntry,
     ) {
         answer_entry(
+            parent,
             self.make_entry(req, parent, link_name, |dir, name| {
                 rustix::fs::symlinkat(target, dir, name)
             }),
@@ -720,7 +789,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
             let ino = self.intern(&root, rel2.join(newname));
             Ok(self.shown(req, attr(ino, &st)))
         })();
-        answer_entry(r, reply)
+        answer_entry(newparent, r, reply)
     }
 
     fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
@@ -1056,7 +1125,7 @@ impl<V: Views> Filesystem for ObuilderFs<V> {
         match r {
             Ok((a, fh)) => {
                 let flags = if self.keep_cache { KEEP_CACHE } else { 0 };
-                reply.created(&TTL, &a, 0, fh, flags)
+                reply.created(entry_ttl(parent), &a, 0, fh, flags)
             }
             Err(e) => reply.error(e),
         }

@@ -21,7 +21,11 @@
 //!   root, the one inode all callers share, shows its owner's rights to its group too
 //!   (see `shown`).
 //! * An inode may only be used by a caller whose view it belongs to (else `EACCES`): a
-//!   build user cannot reach another's files through a handle kept from before.
+//!   build user cannot reach another's files through a handle kept from before. (What the
+//!   kernel holds for a second below the first level, names and attributes, it answers
+//!   without asking: a process given another view's directory fd, by a process of that
+//!   view, can `stat` the names the kernel holds under it; opening, reading and listing
+//!   still ask, and are refused.)
 //! * Devices cannot be created (the daemon is root; its callers are not).
 
 // `stat`'s fields and `mode_t` differ in width between Linux and macOS: the casts that

@@ -423,12 +423,7 @@ fn docker_store_keeps_a_failed_step_as_an_image() {
     let out = e.build("f.spec", spec, &["--keep-failed"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    let short = log
-        .split("`obuilder shell ")
-        .nth(1)
-        .and_then(|s| s.split('`').next())
-        .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
-        .to_string();
+    let short = testkit::e2e::kept_id(&log);
     let kept = e
         .images()
         .into_iter()

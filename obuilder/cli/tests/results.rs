@@ -756,12 +756,7 @@ fn keep_failed(kind: &str) {
     let out = env.build_with(&spec, &["--keep-failed"]);
     assert_eq!(out.status.code(), Some(1));
     let log = text(&out.stdout);
-    let short = log
-        .split("`obuilder shell ")
-        .nth(1)
-        .and_then(|s| s.split('`').next())
-        .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
-        .to_string();
+    let short = testkit::e2e::kept_id(&log);
     let look = |id: &str| {
         env.command(&["run", id])
             .args(["--", "/bin/sh", "-c", "cat /a /half"])

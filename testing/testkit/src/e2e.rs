@@ -360,3 +360,13 @@ pub fn start_until_line(
     });
     (child, rest)
 }
+
+/// The short id of a failed step kept by `build --keep-failed`, from the build's log
+/// (which says "`obuilder shell ID`").
+pub fn kept_id(log: &str) -> String {
+    log.split("`obuilder shell ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
+        .to_string()
+}

@@ -9,8 +9,8 @@
 //!   and its own attributes are never cached (timeout 0), so each path walk asks again
 //!   which view the caller's first name is in, and follows the scoreboard as it changes.
 //!   Below that first name every directory is one view's, reached only through it, so
-//!   its entries and every other inode's attributes are cached for [`TTL`] (a walk of
-//!   `~/a/b/c` asks twice, not seven times). A view's tree replaced by a new one at the
+//!   its entries and every other inode's attributes are cached for [`TTL`] (a `stat` of
+//!   `~/a/b/c` asks three times, about the root and `a`, not seven). A view's tree replaced by a new one at the
 //!   same path (a build step run again) is told by its root's identity: the old tree's
 //!   inodes are then stale, and the new one's get new numbers.
 //! * The kernel checks permissions (`default_permissions`) against the owners and modes
@@ -353,9 +353,13 @@ impl<V: Views> ObuilderFs<V> {
                 self.nodes.values().map(|n| &n.root).collect();
             self.roots.retain(|r, _| live.contains(r));
         }
-        match self.roots.insert(root.to_path_buf(), id) {
-            Some(old) if old != id => {}
-            _ => return,
+        match self.roots.get_mut(root) {
+            Some(old) if *old == id => return,
+            Some(old) => *old = id,
+            None => {
+                self.roots.insert(root.to_path_buf(), id);
+                return;
+            }
         }
         tracing::info!(
             "{} is another tree now: its old inodes are stale",

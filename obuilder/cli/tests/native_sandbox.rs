@@ -24,7 +24,7 @@ p caps "$(grep '^Cap' /proc/self/status)"
 p no-new-privs "$(grep '^NoNewPrivs' /proc/self/status)"
 p seccomp "$(grep '^Seccomp:' /proc/self/status)"
 p pid "$$ $(cut -d' ' -f4 /proc/self/stat)"
-p processes "$(ls -d /proc/[0-9]* | wc -l)"
+p processes "$(ls -d /proc/[0-9]* 2>/dev/null | wc -l)"
 p hostname "$(hostname)"
 p hosts "$(cat /etc/hosts)"
 p hosts-writable "$(echo x 2>&1 >> /etc/hosts || echo refused)"
@@ -128,7 +128,19 @@ fn the_native_container_is_the_runc_container_property_by_property() {
                     "{who}, network host {network_host}: property {key} differs"
                 );
             }
-            assert_eq!(r.len(), n.len(), "{who}");
+            let only = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| {
+                a.iter()
+                    .filter(|(k, _)| !b.contains_key(*k))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                r.len(),
+                n.len(),
+                "{who}, network host {network_host}: only in runc's {:?}, only in native's {:?}",
+                only(r, n),
+                only(n, r)
+            );
         }
         // A few values spelled out, so that "equal" is not "equally broken".
         let root = &native[0];

@@ -84,22 +84,8 @@ impl Default for DockerOptions {
 /// A copy destination in a Windows container as a path from `C:/`: `C:\\src\\` and
 /// `c:/src/` are `/src/`; another drive is refused.
 pub fn windows_copy_path(path: &str) -> Result<String, SandboxError> {
-    let p = path.replace('\\', "/");
-    let b = p.as_bytes();
-    if b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic() {
-        if !b[0].eq_ignore_ascii_case(&b'c') {
-            return Err(SandboxError::Unsupported(format!(
-                "copy to {path}: a Windows container has the C: drive only"
-            )));
-        }
-        let rest = &p[2..];
-        return Ok(if rest.starts_with('/') {
-            rest.to_string()
-        } else {
-            format!("/{rest}")
-        });
-    }
-    Ok(p)
+    obuilder_spec::portability::windows_path_on_c(path)
+        .map_err(|e| SandboxError::Unsupported(format!("copy to {path}: {e}")))
 }
 
 pub struct DockerSandbox {

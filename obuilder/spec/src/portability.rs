@@ -281,6 +281,26 @@ fn stage(
     }
 }
 
+/// A path in a Windows container as a path from `C:`, with `/` between names: `C:\\src`
+/// and `c:/src` are `/src`, a path without a drive is as it is, and another drive is
+/// refused (a container has only `C:`).
+pub fn windows_path_on_c(path: &str) -> Result<String, String> {
+    let p = path.replace('\\', "/");
+    let b = p.as_bytes();
+    if b.len() < 2 || b[1] != b':' || !b[0].is_ascii_alphabetic() {
+        return Ok(p);
+    }
+    if !b[0].eq_ignore_ascii_case(&b'c') {
+        return Err("a Windows container has the C: drive only".into());
+    }
+    let rest = &p[2..];
+    Ok(if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

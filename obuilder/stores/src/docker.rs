@@ -158,21 +158,16 @@ pub fn windows_members(paths: &[String]) -> Result<Vec<String>, String> {
     paths
         .iter()
         .map(|p| {
-            let p = p.replace('\\', "/");
-            let b = p.as_bytes();
-            let p = if b.len() >= 2 && b[1] == b':' && b[0].eq_ignore_ascii_case(&b'c') {
-                &p[2..]
-            } else {
-                &p[..]
+            let bad = || {
+                format!("copy from a build: {p:?} is not a path on a Windows container's C: drive")
             };
+            let p = obuilder_spec::portability::windows_path_on_c(p).map_err(|_| bad())?;
             let parts: Vec<&str> = p
                 .split('/')
                 .filter(|c| !c.is_empty() && *c != ".")
                 .collect();
             if parts.contains(&"..") || parts.iter().any(|c| c.contains(':')) {
-                return Err(format!(
-                    "copy from a build: {p:?} is not a path on a Windows container's C: drive"
-                ));
+                return Err(bad());
             }
             Ok(if parts.is_empty() {
                 ".".to_string()
@@ -448,11 +443,7 @@ impl DockerStore {
         }
         argv.extend(["--entrypoint", entrypoint, image]);
         argv.extend_from_slice(args);
-        let mut full = vec![self.cli.as_str()];
-        full.extend_from_slice(&argv);
-        let mut cmd = Cmd::new(full);
-        cmd.stdin = stdin;
-        Ok(self.exec.output(&cmd).await?.stdout)
+        self.cli_bytes(&argv, stdin).await
     }
 
     /// Windows: copies volume `from` into volume `to` in a helper container (`tar` piped
@@ -535,11 +526,21 @@ impl DockerStore {
     }
 
     async fn cli_in(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, StoreError> {
+        let out = self.cli_bytes(args, stdin).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The CLI's standard output as it is (a tar, say).
+    async fn cli_bytes(
+        &self,
+        args: &[&str],
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, StoreError> {
         let mut argv = vec![self.cli.as_str()];
         argv.extend_from_slice(args);
         let mut cmd = Cmd::new(argv);
         cmd.stdin = stdin;
-        Ok(self.exec.output(&cmd).await?.stdout_str())
+        Ok(self.exec.output(&cmd).await?.stdout)
     }
 
     /// Runs a command whose "no such …" failure means there was nothing to do.
@@ -614,65 +615,47 @@ impl DockerStore {
         let data = std::fs::read(&tar).map_err(StoreError::io("cannot read", &tar));
         let _ = std::fs::remove_file(&tar);
         let c = self.container(&dir.id);
-        if self.windows() {
-            return self.untar_windows(&c, base, &dst, data?, &dir.id).await;
-        }
         let r = async {
-            self.cli_in(
-                &[
-                    "run",
-                    "-i",
-                    "--name",
-                    &c,
-                    "--user",
-                    "0:0",
-                    "--network",
-                    "none",
-                    "--workdir",
-                    "/",
-                    "--entrypoint",
-                    "tar",
+            if self.windows() {
+                // Cygwin's tar from C:/ (a spec's `/src` is `C:\\src` there), the ACL of the
+                // directory copied into kept (see `windows_untar_script`).
+                let script = windows_untar_script(&dst);
+                self.helper(
                     &self.image(base),
-                    "-xpf",
-                    "-",
-                ],
-                Some(data?),
-            )
-            .await?;
+                    &[],
+                    "powershell",
+                    &["-Command", &script],
+                    Some(data?),
+                    Some(&c),
+                )
+                .await?;
+            } else {
+                self.cli_in(
+                    &[
+                        "run",
+                        "-i",
+                        "--name",
+                        &c,
+                        "--user",
+                        "0:0",
+                        "--network",
+                        "none",
+                        "--workdir",
+                        "/",
+                        "--entrypoint",
+                        "tar",
+                        &self.image(base),
+                        "-xpf",
+                        "-",
+                    ],
+                    Some(data?),
+                )
+                .await?;
+            }
             self.commit_container(&c, base, &dir.id).await
         }
         .await;
         let _ = self.cli_quiet(&["rm", "-f", &c]).await;
-        r.map(|_| ())
-    }
-
-    /// Windows: a copy step's tar extracted by Cygwin's `tar` in a container of the parent
-    /// image, from `C:/` (a spec's `/src` is `C:\\src` there), then committed. Extracting
-    /// into a directory leaves it writable by nobody but its new owner: its ACL is kept
-    /// and put back, as the original does.
-    async fn untar_windows(
-        &self,
-        container: &str,
-        base: &str,
-        dst: &str,
-        data: Vec<u8>,
-        id: &str,
-    ) -> Result<(), StoreError> {
-        let script = windows_untar_script(dst);
-        let r = async {
-            self.helper(
-                &self.image(base),
-                &[],
-                "powershell",
-                &["-Command", &script],
-                Some(data),
-                Some(container),
-            )
-            .await?;
-            self.commit_container(container, base, id).await
-        }
-        .await;
-        let _ = self.cli_quiet(&["rm", "-f", container]).await;
         r.map(|_| ())
     }
 

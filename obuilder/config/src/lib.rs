@@ -134,23 +134,12 @@ impl BuilderConfig {
     /// builder recovers the store from any crash if it has it to itself.
     pub async fn open(&self) -> Result<Builder, ConfigError> {
         let sandbox = self.paired_sandbox()?;
-        let store: Arc<dyn Store> = match (&self.store, &sandbox) {
-            // The store's helper containers run as the steps do.
-            (
-                StoreSpec::Docker {
-                    root,
-                    cli,
-                    platform,
-                    ..
-                },
-                SandboxSpec::Docker(o),
-            ) => Arc::new(
-                obuilder_stores::docker::DockerStore::new(root, cli, self.exec.clone())
-                    .with_platform(*platform)
-                    .with_isolation(o.effective_isolation().map(String::from)),
-            ),
-            _ => self.store.open(self.exec.clone())?,
+        // A docker: store's helper containers run as the steps do.
+        let isolation = match &sandbox {
+            SandboxSpec::Docker(o) => o.effective_isolation().map(String::from),
+            _ => None,
         };
+        let store = self.store.open_with(self.exec.clone(), isolation)?;
         store.ready_state().await?;
         let state = store.state_dir();
         let sb = sandbox

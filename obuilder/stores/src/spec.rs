@@ -136,6 +136,16 @@ impl StoreSpec {
     /// Opens the store (creating nothing yet: the builder's recovery makes the layout),
     /// after checking that its filesystem can hold it and, for rsync, which mode it has.
     pub fn open(&self, exec: SharedExec) -> Result<Arc<dyn Store>, StoreError> {
+        self.open_with(exec, None)
+    }
+
+    /// As [`StoreSpec::open`]; a docker: store's helper containers run with
+    /// `docker_isolation` (the steps').
+    pub fn open_with(
+        &self,
+        exec: SharedExec,
+        docker_isolation: Option<String>,
+    ) -> Result<Arc<dyn Store>, StoreError> {
         self.check_filesystem()?;
         Ok(match self {
             #[cfg(target_os = "linux")]
@@ -163,9 +173,11 @@ impl StoreSpec {
                 cli,
                 platform,
                 ..
-            } => {
-                Arc::new(crate::docker::DockerStore::new(root, cli, exec).with_platform(*platform))
-            }
+            } => Arc::new(
+                crate::docker::DockerStore::new(root, cli, exec)
+                    .with_platform(*platform)
+                    .with_isolation(docker_isolation),
+            ),
         })
     }
 

@@ -156,6 +156,16 @@ impl Stored {
     }
 }
 
+/// A submitted job's ticket, once its row is written (see [`Stored`]).
+async fn once_stored(
+    (ticket, stored): (ticket::Client, Option<(Rc<Stored>, u64)>),
+) -> ticket::Client {
+    if let Some((stored, batch)) = stored {
+        stored.wait(batch).await;
+    }
+    ticket
+}
+
 /// A job running on a worker, as the status page shows it.
 struct RunningJob {
     worker: String,
@@ -1547,10 +1557,7 @@ impl submission::Server for SubmissionImpl {
         let pool_name = p.get_pool()?.to_str()?.to_string();
         let descr = p.get_descr()?;
         let urgent = p.get_urgent();
-        let (ticket, stored) = self.enqueue(&pool_name, descr, urgent.into());
-        if let Some((stored, batch)) = stored {
-            stored.wait(batch).await;
-        }
+        let ticket = once_stored(self.enqueue(&pool_name, descr, urgent.into())).await;
         results.get().set_ticket(ticket);
         Ok(())
     }
@@ -1569,10 +1576,7 @@ impl submission::Server for SubmissionImpl {
                 "priority {priority} is not a level: 0 (background) to 4 (urgent)"
             )));
         }
-        let (ticket, stored) = self.enqueue(&pool_name, descr, Priority(priority));
-        if let Some((stored, batch)) = stored {
-            stored.wait(batch).await;
-        }
+        let ticket = once_stored(self.enqueue(&pool_name, descr, Priority(priority))).await;
         results.get().set_ticket(ticket);
         Ok(())
     }

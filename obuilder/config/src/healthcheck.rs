@@ -146,9 +146,7 @@ pub async fn healthcheck(
         // Only the step goes: the base is the image's, which real builds share (their
         // results would go with it).
         if let Ok((id, _)) = &r {
-            if let Err(e) = builder.delete(id, &null_sink()).await {
-                tracing::warn!("healthcheck: cannot remove its result: {e}");
-            }
+            remove_result(builder, id).await;
         }
         let (_, out) = r?;
         return checked(out);
@@ -170,22 +168,22 @@ pub async fn healthcheck(
     // Whatever happened, leave nothing: the results (the base holds the step) and the
     // image with its blobs.
     if let Ok((id, _)) = &r {
-        remove_results(builder, id).await;
+        let base = builder
+            .info(id)
+            .ok()
+            .flatten()
+            .and_then(|i| i.parent)
+            .unwrap_or_else(|| id.clone());
+        remove_result(builder, &base).await;
     }
     images.remove(IMAGE)?;
     let (_, out) = r?;
     checked(out)
 }
 
-/// Deletes the check's step and its base (which holds it).
-async fn remove_results(builder: &Builder, id: &str) {
-    let base = builder
-        .info(id)
-        .ok()
-        .flatten()
-        .and_then(|i| i.parent)
-        .unwrap_or_else(|| id.to_string());
-    if let Err(e) = builder.delete(&base, &null_sink()).await {
+/// Deletes result `id` and what builds on it.
+async fn remove_result(builder: &Builder, id: &str) {
+    if let Err(e) = builder.delete(id, &null_sink()).await {
         tracing::warn!("healthcheck: cannot remove its results: {e}");
     }
 }

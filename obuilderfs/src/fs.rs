@@ -324,8 +324,8 @@ impl<V: Views> ObuilderFs<V> {
 
     /// The view and path of an inode, for this caller.
     fn locate(&mut self, req: &Request<'_>, ino: u64) -> Result<(PathBuf, PathBuf), i32> {
-        let view = self.view(req);
-        self.check_root(&view);
+        let (view, id) = resolve::view_root_with_id(&self.views, &self.fallback, req.uid());
+        self.check_root(&view, id);
         if ino == ROOT {
             return Ok((view, PathBuf::new()));
         }
@@ -342,11 +342,15 @@ impl<V: Views> ObuilderFs<V> {
     /// Makes the inodes of `root` stale if another tree is there now than when they were
     /// given out (a step's tree made again at the same path): the kernel may keep them
     /// (their entries and attributes), and must not see the new tree's files through them.
-    fn check_root(&mut self, root: &Path) {
-        let Ok(st) = rustix::fs::stat(root) else {
-            return;
+    /// `id` is the root's identity if the caller has it already.
+    fn check_root(&mut self, root: &Path, id: Option<(u64, u64)>) {
+        let id = match id {
+            Some(id) => id,
+            None => match rustix::fs::stat(root) {
+                Ok(st) => (st.st_dev as u64, st.st_ino as u64),
+                Err(_) => return,
+            },
         };
-        let id = (st.st_dev as u64, st.st_ino as u64);
         if self.roots.len() > 4096 && !self.roots.contains_key(root) {
             // Forget the roots no inode is left of (finished steps' trees).
             let live: std::collections::HashSet<&PathBuf> =

@@ -19,6 +19,12 @@ use std::path::{Component, Path, PathBuf};
 pub trait Views {
     /// The directory `uid` sees, if it has one of its own.
     fn target(&self, uid: u32) -> Option<PathBuf>;
+
+    /// [`Views::target`], with the directory's identity (device, inode) when it was
+    /// looked at: a source that reads it anyway gives it, saving a second look.
+    fn target_with_id(&self, uid: u32) -> Option<(PathBuf, Option<(u64, u64)>)> {
+        self.target(uid).map(|p| (p, None))
+    }
 }
 
 /// The scoreboard directory.
@@ -30,20 +36,34 @@ pub struct Scoreboard {
 impl Views for Scoreboard {
     /// `DIR/UID`'s target, if it is an absolute path to an existing directory.
     fn target(&self, uid: u32) -> Option<PathBuf> {
+        self.target_with_id(uid).map(|(p, _)| p)
+    }
+
+    fn target_with_id(&self, uid: u32) -> Option<(PathBuf, Option<(u64, u64)>)> {
+        use std::os::unix::fs::MetadataExt;
         let link = std::fs::read_link(self.dir.join(uid.to_string())).ok()?;
         if !link.is_absolute() {
             return None;
         }
-        std::fs::metadata(&link)
-            .ok()
-            .filter(|m| m.is_dir())
-            .map(|_| link)
+        let m = std::fs::metadata(&link).ok().filter(|m| m.is_dir())?;
+        Some((link, Some((m.dev(), m.ino()))))
     }
 }
 
 /// The root directory `uid` sees: its own, or the fallback.
 pub fn view_root<V: Views + ?Sized>(views: &V, fallback: &Path, uid: u32) -> PathBuf {
-    views.target(uid).unwrap_or_else(|| fallback.to_path_buf())
+    view_root_with_id(views, fallback, uid).0
+}
+
+/// [`view_root`], with the root's identity if the views gave it.
+pub fn view_root_with_id<V: Views + ?Sized>(
+    views: &V,
+    fallback: &Path,
+    uid: u32,
+) -> (PathBuf, Option<(u64, u64)>) {
+    views
+        .target_with_id(uid)
+        .unwrap_or_else(|| (fallback.to_path_buf(), None))
 }
 
 /// A path inside the mount as plain names, relative to the view's root; `..` never goes

@@ -28,6 +28,41 @@ const BTRFS_IOC_SNAP_DESTROY_V2: u64 = iow(63, 4096);
 const BTRFS_IOC_SUBVOL_GETFLAGS: u64 = (2 << 30) | (8 << 16) | (BTRFS_IOCTL_MAGIC << 8) | 25;
 const BTRFS_IOC_SUBVOL_SETFLAGS: u64 = iow(26, 8);
 const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+const fn iowr(nr: u64, size: u64) -> u64 {
+    (3 << 30) | (size << 16) | (BTRFS_IOCTL_MAGIC << 8) | nr
+}
+const BTRFS_IOC_GET_SUBVOL_INFO: u64 = (2 << 30) | (504 << 16) | (BTRFS_IOCTL_MAGIC << 8) | 60;
+const BTRFS_IOC_GET_SUBVOL_ROOTREF: u64 = iowr(61, 4096);
+const BTRFS_IOC_SYNC: u64 = (BTRFS_IOCTL_MAGIC << 8) | 8;
+
+/// `struct btrfs_ioctl_get_subvol_info_args` (linux/btrfs.h): 504 bytes.
+#[repr(C)]
+#[allow(dead_code)] // (the kernel's layout: only the UUIDs are read)
+struct SubvolInfoArgs {
+    treeid: u64,
+    name: [u8; 256],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    transids: [u64; 4],
+    /// Four `btrfs_ioctl_timespec` (a u64 and a u32, padded to 16 bytes each).
+    times: [u64; 8],
+    reserved: [u64; 8],
+}
+
+/// `struct btrfs_ioctl_get_subvol_rootref_args` (linux/btrfs.h): 4096 bytes.
+#[repr(C)]
+#[allow(dead_code)] // (the kernel's layout: only the count is read)
+struct RootrefArgs {
+    min_treeid: u64,
+    rootref: [[u64; 2]; 255],
+    num_items: u8,
+    align: [u8; 7],
+}
 
 fn open_dir(p: &Path) -> std::io::Result<OwnedFd> {
     Ok(rustix::fs::open(
@@ -134,6 +169,68 @@ pub fn set_readonly_to(subvol: &Path, readonly: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `btrfs filesystem sync PATH`: a transaction commit, after which the kernel's cleaner
+/// is woken to free deleted subvolumes (otherwise it waits for the next periodic commit,
+/// up to 30 s later).
+pub fn sync(path: &Path) -> std::io::Result<()> {
+    let fd = open_dir(path)?;
+    // SAFETY: BTRFS_IOC_SYNC takes no argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_SYNC as _) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A subvolume's identity: its own UUID and, for a snapshot, its source's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubvolIds {
+    pub uuid: [u8; 16],
+    pub parent_uuid: [u8; 16],
+}
+
+/// `btrfs subvolume show PATH`, the UUIDs only (needs no privilege).
+pub fn subvolume_ids(subvol: &Path) -> std::io::Result<SubvolIds> {
+    let fd = open_dir(subvol)?;
+    // SAFETY: all-zero is a valid value of this plain-integer struct.
+    let mut args: Box<SubvolInfoArgs> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: the argument is a properly sized btrfs_ioctl_get_subvol_info_args.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_GET_SUBVOL_INFO as _,
+            &mut *args as *mut SubvolInfoArgs,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(SubvolIds {
+        uuid: args.uuid,
+        parent_uuid: args.parent_uuid,
+    })
+}
+
+/// Whether subvolume `subvol` holds another subvolume (made by a step: the ioctl needs no
+/// privilege). An error reads as yes.
+pub fn holds_subvolumes(subvol: &Path) -> bool {
+    let Ok(fd) = open_dir(subvol) else {
+        return true;
+    };
+    // SAFETY: all-zero is a valid value of this plain-integer struct (min_treeid 0: from
+    // the first).
+    let mut args: Box<RootrefArgs> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: the argument is a properly sized btrfs_ioctl_get_subvol_rootref_args.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_GET_SUBVOL_ROOTREF as _,
+            &mut *args as *mut RootrefArgs,
+        )
+    };
+    // (EOVERFLOW: more than fit in one answer.)
+    r < 0 || args.num_items > 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +242,11 @@ mod tests {
         assert_eq!(BTRFS_IOC_SUBVOL_GETFLAGS, 0x8008_9419);
         assert_eq!(BTRFS_IOC_SUBVOL_SETFLAGS, 0x4008_941a);
         assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);
+        assert_eq!(BTRFS_IOC_GET_SUBVOL_INFO, 0x81f8_943c);
+        assert_eq!(BTRFS_IOC_SYNC, 0x9408);
+        assert_eq!(BTRFS_IOC_GET_SUBVOL_ROOTREF, 0xd000_943d);
+        assert_eq!(std::mem::size_of::<SubvolInfoArgs>(), 504);
+        assert_eq!(std::mem::offset_of!(SubvolInfoArgs, uuid), 296);
+        assert_eq!(std::mem::size_of::<RootrefArgs>(), 4096);
     }
 }

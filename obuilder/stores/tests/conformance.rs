@@ -166,6 +166,151 @@ async fn btrfs_results_are_whole_subvolumes_beside_those_of_the_older_layout() {
         .unwrap()
         .next()
         .is_none());
+    assert_eq!(subvolumes_in(&root.join("spare")), Vec::<String>::new());
+}
+
+/// The subvolumes directly in `dir`, by name.
+fn subvolumes_in(dir: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| is_subvolume(&e.path()))
+                .map(|e| e.file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// `btrfs subvolume show`'s UUID line for `p`.
+fn uuid_of(p: &std::path::Path) -> String {
+    let out = btrfs(&["subvolume".as_ref(), "show".as_ref(), p.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.trim_start().starts_with("UUID:"))
+        .unwrap_or_else(|| panic!("no UUID in {text}"))
+        .to_string()
+}
+
+/// A published build's subvolume is kept as its result's spare, and the next step on that
+/// result takes it instead of a snapshot (a transaction commit): the step's tree is that
+/// very subvolume, and the result gets a new spare while the step runs. Spares are never
+/// taken for another result, nor kept when a step made subvolumes of its own, and go with
+/// their results.
+#[tokio::test]
+async fn btrfs_spares_take_the_place_of_a_snapshot_and_never_of_another_result() {
+    require!(Cap::Root, Cap::Tool("mkfs.btrfs"), Cap::Tool("btrfs"));
+    let fs = LoopFs::new("btrfs", 512);
+    let root = fs.mnt.join("store");
+    let spares = root.join("spare");
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+
+    let base = store.prepare("base", None).await.unwrap();
+    std::fs::write(base.rootfs.join("f"), "base").unwrap();
+    let build_uuid = uuid_of(&base.dir);
+    store.commit(&base).await.unwrap();
+    assert_eq!(subvolumes_in(&spares), ["base"]);
+    assert_eq!(
+        uuid_of(&spares.join("base")),
+        build_uuid,
+        "kept, not copied"
+    );
+
+    // The first child takes the spare; a thread makes the next one.
+    let a = store.prepare("a", Some("base")).await.unwrap();
+    assert_eq!(uuid_of(&a.dir), build_uuid, "the spare itself");
+    assert_eq!(std::fs::read_to_string(a.rootfs.join("f")).unwrap(), "base");
+    std::fs::write(a.rootfs.join("f"), "a").unwrap();
+    store.commit(&a).await.unwrap();
+    drop(store); // (waits for the thread)
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+    assert_eq!(subvolumes_in(&spares), ["a", "base"]);
+    let b = store.prepare("b", Some("base")).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(b.rootfs.join("f")).unwrap(),
+        "base",
+        "the new spare is the result's tree, not the child's"
+    );
+    store.discard(&b).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("result/a/rootfs/f")).unwrap(),
+        "a"
+    );
+
+    // A result deleted and built again (another outcome under the same id): the spare
+    // of the old one, as another builder racing the delete may leave, is not taken.
+    drop(store);
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+    let stale = root.join("stale-spare");
+    snapshot(&root.join("result/a"), &stale);
+    store.delete("a").await.unwrap();
+    assert!(!spares.join("a").exists(), "a result's spare goes first");
+    let a2 = store.prepare("a", Some("base")).await.unwrap();
+    std::fs::write(a2.rootfs.join("f"), "a again").unwrap();
+    store.commit(&a2).await.unwrap();
+    remove_subvolume(&spares.join("a"));
+    std::fs::rename(&stale, spares.join("a")).unwrap();
+    let c = store.prepare("c", Some("a")).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(c.rootfs.join("f")).unwrap(),
+        "a again",
+        "built on the result, not on the stale spare"
+    );
+    store.discard(&c).await.unwrap();
+
+    // A step that made a subvolume of its own leaves no spare (its result, a snapshot,
+    // holds an empty directory there).
+    let nested = store.prepare("nested", Some("base")).await.unwrap();
+    let sub = nested.rootfs.join("sub");
+    let out = btrfs(&["subvolume".as_ref(), "create".as_ref(), sub.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+    store.commit(&nested).await.unwrap();
+    assert!(!spares.join("nested").exists());
+    assert!(!root.join("result-tmp/nested").exists());
+
+    // A spare whose result is gone (a crash between the two deletes) is swept.
+    drop(store);
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    let orphan = spares.join("gone");
+    snapshot(&root.join("result/base"), &orphan);
+    store.complete_deletes().await.unwrap();
+    assert!(!orphan.exists());
+
+    for id in store.list().await.unwrap() {
+        store.delete(&id).await.unwrap();
+    }
+    drop(store);
+    assert_eq!(subvolumes_in(&spares), Vec::<String>::new());
+}
+
+fn remove_subvolume(p: &std::path::Path) {
+    if p.exists() {
+        let out = btrfs(&["subvolume".as_ref(), "delete".as_ref(), p.as_os_str()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+fn snapshot(src: &std::path::Path, dst: &std::path::Path) {
+    let out = btrfs(&[
+        "subvolume".as_ref(),
+        "snapshot".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `btrfs ARGS`, run by the test itself (what it checks is the store's own doing).
+#[allow(clippy::disallowed_methods)]
+fn btrfs(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new("btrfs")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[tokio::test]

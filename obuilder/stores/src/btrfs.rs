@@ -81,7 +81,7 @@ impl Btrfs {
 
     /// Moves result `base`'s spare to `dst`, if it has one that is still its copy. False
     /// (and nothing at `dst`) otherwise.
-    fn take_spare(&self, base: &Path, dst: &Path) -> bool {
+    async fn take_spare(&self, base: &Path, dst: &Path) -> bool {
         let Some(spare) = self.spare_of(base) else {
             return false;
         };
@@ -98,7 +98,7 @@ impl Btrfs {
         };
         if !same {
             tracing::info!("deleting {}, a spare of another result", spare.display());
-            if let Err(e) = crate::btrfs_ioctl::delete_subvolume(dst) {
+            if let Err(e) = self.remove(dst).await {
                 tracing::warn!("cannot delete {}: {e}", dst.display());
             }
             return false;
@@ -117,10 +117,18 @@ impl Btrfs {
         }
         let (base, spares) = (base.to_path_buf(), self.spares.clone());
         let t = std::thread::spawn(move || make_spare(&base, &spare, &spares));
-        self.making
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(t);
+        let mut making = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        // Those that ended are joined here, in a long-lived builder (a thread's stack is
+        // kept until it is).
+        let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *making)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        *making = running;
+        making.push(t);
+        drop(making);
+        for t in ended {
+            let _ = t.join();
+        }
     }
 
     /// Keeps published build `src` as result `dst`'s spare, if it holds what `dst` holds.
@@ -255,7 +263,7 @@ impl TreeOps for Btrfs {
         match base {
             None => self.btrfs(&["subvolume", "create", &path_str(dst)]).await?,
             Some(b) if is_subvolume(b) => {
-                let taken = self.take_spare(b, dst);
+                let taken = self.take_spare(b, dst).await;
                 // (Started before the snapshot below, the spare's may land in its commit.)
                 self.start_spare(b);
                 if !taken {

@@ -50,9 +50,11 @@ def cell(xs):
 # ext4 is what the quick start itself uses on this machine (`/var/lib/obuilder` is on ext4).
 STORES = {"overlayfs": "ext4", "btrfs": "btrfs"}
 PHASES_NOTE = {
-    "btrfs": "On btrfs the snapshot commits a transaction, and so does the publish (a read-only "
-             "snapshot of the build's subvolume, which writes its data to the disk first), then "
-             "deletes the build's subvolume.",
+    "btrfs": "On btrfs the snapshot is the parent result's spare, renamed (docs/architecture.md, btrfs "
+             "spares), and a thread makes the next spare, whose transaction commit overlaps the sandbox "
+             "phase; the publish is a read-only snapshot of the build's subvolume (one commit, which "
+             "writes its data to the disk first), and the build's subvolume is kept as the new result's "
+             "spare.",
     "overlayfs": "On overlayfs the snapshot is a mount; the publish unmounts it (a volatile "
                  "overlay: no flush) and writes the upper filesystem to the disk (`syncfs`, one "
                  "journal commit).",

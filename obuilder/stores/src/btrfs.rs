@@ -15,20 +15,19 @@
 //! Spares: taking a snapshot costs a transaction commit (3 to 8 ms on a loop device),
 //! which was half of what btrfs added to a changed step. A published build's own
 //! subvolume holds exactly what its read-only result holds, so it is kept, writable, as
-//! `spare/ID`; the first step built on result `ID` takes it by a `rename` instead of a
+//! `spare/ID`. The first step built on result `ID` takes it by a `rename` instead of a
 //! snapshot, and a thread then makes the next spare of `ID` (a snapshot, whose commit
 //! overlaps the step's run instead of preceding it; a step that finds no spare starts
-//! one too, for the next). A spare is taken only if its UUIDs
-//! show it is a snapshot of that very result or its source (a result deleted and built
-//! again has another UUID), and a build that made subvolumes of its own leaves none (a
-//! snapshot holds no nested subvolume, so its spare would differ from its result). A
-//! result's spare is deleted before it; `complete_deletes` sweeps spares left by a crash
-//! or a race.
+//! one too, for the next). A spare is taken only if its UUIDs show it is a snapshot of
+//! that very result or its source (a result deleted and built again has another UUID),
+//! and a build that made subvolumes of its own leaves none (a snapshot holds no nested
+//! subvolume, so its spare would differ from its result). A result's spare is deleted
+//! before it; `complete_deletes` sweeps spares left by a crash or a race.
 //!
 //! Layout: see [`crate::layout`], plus `spare/ID`. Wiped at start-up: every subvolume and
-//! directory under `result-tmp/`. The per-step operations (snapshots, the delete of a published build)
-//! are ioctls; create, delete and sync go through `btrfs` via the Exec seam. Shared
-//! caches are subvolumes too, snapshotted per checkout.
+//! directory under `result-tmp/`. The per-step operations (snapshots, the delete of a
+//! published build) are ioctls; create, delete and sync go through `btrfs` via the Exec
+//! seam. Shared caches are subvolumes too, snapshotted per checkout.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -263,13 +262,13 @@ impl TreeOps for Btrfs {
         match base {
             None => self.btrfs(&["subvolume", "create", &path_str(dst)]).await?,
             Some(b) if is_subvolume(b) => {
-                let taken = self.take_spare(b, dst).await;
-                // (Started before the snapshot below, the spare's may land in its commit.)
-                self.start_spare(b);
-                if !taken {
+                if !self.take_spare(b, dst).await {
                     crate::btrfs_ioctl::snapshot(b, dst)
                         .map_err(StoreError::io("cannot snapshot into", dst))?
                 }
+                // (After the snapshot: two snapshots at once do not share a commit, they
+                // take one each, one after the other.)
+                self.start_spare(b);
             }
             // A result of the older layout: its `rootfs` is the subvolume.
             Some(_) => return Ok(false),

@@ -190,20 +190,8 @@ pub struct SubvolIds {
 
 /// `btrfs subvolume show PATH`, the UUIDs only (needs no privilege).
 pub fn subvolume_ids(subvol: &Path) -> std::io::Result<SubvolIds> {
-    let fd = open_dir(subvol)?;
-    // SAFETY: all-zero is a valid value of this plain-integer struct.
-    let mut args: Box<SubvolInfoArgs> = Box::new(unsafe { std::mem::zeroed() });
-    // SAFETY: the argument is a properly sized btrfs_ioctl_get_subvol_info_args.
-    let r = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            BTRFS_IOC_GET_SUBVOL_INFO as _,
-            &mut *args as *mut SubvolInfoArgs,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: SubvolInfoArgs is btrfs_ioctl_get_subvol_info_args, all integers.
+    let args: Box<SubvolInfoArgs> = unsafe { query(subvol, BTRFS_IOC_GET_SUBVOL_INFO)? };
     Ok(SubvolIds {
         uuid: args.uuid,
         parent_uuid: args.parent_uuid,
@@ -211,24 +199,26 @@ pub fn subvolume_ids(subvol: &Path) -> std::io::Result<SubvolIds> {
 }
 
 /// Whether subvolume `subvol` holds another subvolume (made by a step: the ioctl needs no
-/// privilege). An error reads as yes.
+/// privilege). An error reads as yes (EOVERFLOW: more than fit in one answer).
 pub fn holds_subvolumes(subvol: &Path) -> bool {
-    let Ok(fd) = open_dir(subvol) else {
-        return true;
-    };
-    // SAFETY: all-zero is a valid value of this plain-integer struct (min_treeid 0: from
-    // the first).
-    let mut args: Box<RootrefArgs> = Box::new(unsafe { std::mem::zeroed() });
-    // SAFETY: the argument is a properly sized btrfs_ioctl_get_subvol_rootref_args.
-    let r = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            BTRFS_IOC_GET_SUBVOL_ROOTREF as _,
-            &mut *args as *mut RootrefArgs,
-        )
-    };
-    // (EOVERFLOW: more than fit in one answer.)
-    r < 0 || args.num_items > 0
+    // SAFETY: RootrefArgs is btrfs_ioctl_get_subvol_rootref_args, all integers (its
+    // min_treeid 0: from the first).
+    let args: std::io::Result<Box<RootrefArgs>> =
+        unsafe { query(subvol, BTRFS_IOC_GET_SUBVOL_ROOTREF) };
+    args.map_or(true, |a| a.num_items > 0)
+}
+
+/// `ioctl(open(dir), request, &args)` with `args` zeroed first, returned as filled.
+///
+/// # Safety
+/// `T` must be the struct `request` takes, made of integers only (all-zero is a value).
+unsafe fn query<T>(dir: &Path, request: u64) -> std::io::Result<Box<T>> {
+    let fd = open_dir(dir)?;
+    let mut args: Box<T> = Box::new(std::mem::zeroed());
+    if libc::ioctl(fd.as_raw_fd(), request as _, &mut *args as *mut T) < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(args)
 }
 
 #[cfg(test)]

@@ -16,9 +16,11 @@
 //! which was half of what btrfs added to a changed step. A published build's own
 //! subvolume holds exactly what its read-only result holds, so it is kept, writable, as
 //! `spare/ID`. The first step built on result `ID` takes it by a `rename` instead of a
-//! snapshot, and a thread then makes the next spare of `ID` (a snapshot, whose commit
-//! overlaps the step's run instead of preceding it; a step that finds no spare starts
-//! one too, for the next). A spare is taken only if its UUIDs show it is a snapshot of
+//! snapshot. A step that finds no spare starts a thread making one for the next step
+//! built on `ID` (a snapshot), and a step that takes such a snapshot starts the next
+//! one: its commit overlaps the step's run instead of preceding it. Taking the source
+//! starts none (in a chain built cold, its commit would only delay this step's
+//! publish, for a spare nothing takes). A spare is taken only if its UUIDs show it is a snapshot of
 //! that very result or its source (a result deleted and built again has another UUID),
 //! and a build that made subvolumes of its own leaves none (a snapshot holds no nested
 //! subvolume, so its spare would differ from its result). A result's spare is deleted
@@ -78,31 +80,26 @@ impl Btrfs {
             .flatten()
     }
 
-    /// Moves result `base`'s spare to `dst`, if it has one that is still its copy. False
+    /// Moves result `base`'s spare to `dst`, if it has one that is still its copy. None
     /// (and nothing at `dst`) otherwise.
-    async fn take_spare(&self, base: &Path, dst: &Path) -> bool {
-        let Some(spare) = self.spare_of(base) else {
-            return false;
-        };
-        if std::fs::rename(&spare, dst).is_err() {
-            return false;
-        }
-        let same = match (
+    async fn take_spare(&self, base: &Path, dst: &Path) -> Option<Spare> {
+        let spare = self.spare_of(base)?;
+        std::fs::rename(&spare, dst).ok()?;
+        let kind = match (
             crate::btrfs_ioctl::subvolume_ids(dst),
             crate::btrfs_ioctl::subvolume_ids(base),
         ) {
-            // The source of the result (kept at its publish), or a snapshot of it.
-            (Ok(s), Ok(r)) => s.uuid == r.parent_uuid || s.parent_uuid == r.uuid,
-            _ => false,
+            (Ok(s), Ok(r)) if s.uuid == r.parent_uuid => Some(Spare::Source),
+            (Ok(s), Ok(r)) if s.parent_uuid == r.uuid => Some(Spare::Snapshot),
+            _ => None,
         };
-        if !same {
+        if kind.is_none() {
             tracing::info!("deleting {}, a spare of another result", spare.display());
             if let Err(e) = self.remove(dst).await {
                 tracing::warn!("cannot delete {}: {e}", dst.display());
             }
-            return false;
         }
-        true
+        kind
     }
 
     /// Starts making a spare of result `base` on a thread (its commit then overlaps the
@@ -164,6 +161,14 @@ impl Btrfs {
         self.exec.output(&Cmd::new(argv)).await?;
         Ok(())
     }
+}
+
+/// What a taken spare was.
+enum Spare {
+    /// The result's source, kept when it was published.
+    Source,
+    /// A snapshot of the result, made for a step after the first.
+    Snapshot,
 }
 
 /// Makes `spare`, a writable snapshot of result `base` (on a thread of its own: its commit
@@ -262,13 +267,22 @@ impl TreeOps for Btrfs {
         match base {
             None => self.btrfs(&["subvolume", "create", &path_str(dst)]).await?,
             Some(b) if is_subvolume(b) => {
-                if !self.take_spare(b, dst).await {
-                    crate::btrfs_ioctl::snapshot(b, dst)
-                        .map_err(StoreError::io("cannot snapshot into", dst))?
+                match self.take_spare(b, dst).await {
+                    // The result's own source, taken by its first child: in a chain built
+                    // cold nothing else builds on this result, and a spare made now would
+                    // put its commit in front of this step's publish. One is made when a
+                    // second child finds none.
+                    Some(Spare::Source) => {}
+                    // A result built on again and again (the step after it changes).
+                    Some(Spare::Snapshot) => self.start_spare(b),
+                    None => {
+                        crate::btrfs_ioctl::snapshot(b, dst)
+                            .map_err(StoreError::io("cannot snapshot into", dst))?;
+                        // (After the snapshot: two snapshots at once do not share a
+                        // commit, they take one each, one after the other.)
+                        self.start_spare(b);
+                    }
                 }
-                // (After the snapshot: two snapshots at once do not share a commit, they
-                // take one each, one after the other.)
-                self.start_spare(b);
             }
             // A result of the older layout: its `rootfs` is the subvolume.
             Some(_) => return Ok(false),

@@ -195,7 +195,8 @@ fn uuid_of(p: &std::path::Path) -> String {
 
 /// A published build's subvolume is kept as its result's spare, and the next step on that
 /// result takes it instead of a snapshot (a transaction commit): the step's tree is that
-/// very subvolume, and the result gets a new spare while the step runs. Spares are never
+/// very subvolume. A result built on again gets a new spare while each such step runs.
+/// Spares are never
 /// taken for another result, nor kept when a step made subvolumes of its own, and go with
 /// their results.
 #[tokio::test]
@@ -218,23 +219,41 @@ async fn btrfs_spares_take_the_place_of_a_snapshot_and_never_of_another_result()
         "kept, not copied"
     );
 
-    // The first child takes the spare; a thread makes the next one.
+    // The first child takes the spare, and starts no other: in a chain built cold,
+    // nothing else builds on `base`.
     let a = store.prepare("a", Some("base")).await.unwrap();
     assert_eq!(uuid_of(&a.dir), build_uuid, "the spare itself");
     assert_eq!(std::fs::read_to_string(a.rootfs.join("f")).unwrap(), "base");
     std::fs::write(a.rootfs.join("f"), "a").unwrap();
     store.commit(&a).await.unwrap();
-    drop(store); // (waits for the thread)
+    drop(store); // (waits for any thread)
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+    assert_eq!(subvolumes_in(&spares), ["a"]);
+
+    // A second child finds none: it takes a snapshot, and a thread makes a spare for the
+    // next; the child that takes that spare starts the one after.
+    let b = store.prepare("b", Some("base")).await.unwrap();
+    assert_eq!(std::fs::read_to_string(b.rootfs.join("f")).unwrap(), "base");
+    store.discard(&b).await.unwrap();
+    drop(store);
     let store = BtrfsStore::new(&root, RealExec::shared());
     store.recover().await.unwrap();
     assert_eq!(subvolumes_in(&spares), ["a", "base"]);
+    let made = uuid_of(&spares.join("base"));
     let b = store.prepare("b", Some("base")).await.unwrap();
+    assert_eq!(uuid_of(&b.dir), made, "the spare made for it");
     assert_eq!(
         std::fs::read_to_string(b.rootfs.join("f")).unwrap(),
         "base",
         "the new spare is the result's tree, not the child's"
     );
     store.discard(&b).await.unwrap();
+    drop(store);
+    let store = BtrfsStore::new(&root, RealExec::shared());
+    store.recover().await.unwrap();
+    assert_eq!(subvolumes_in(&spares), ["a", "base"], "and the next one");
+    assert_ne!(uuid_of(&spares.join("base")), made);
     assert_eq!(
         std::fs::read_to_string(root.join("result/a/rootfs/f")).unwrap(),
         "a"

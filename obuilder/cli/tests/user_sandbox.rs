@@ -6,7 +6,8 @@
 //! never show on the host. Each test has build users of its own (tests run in parallel,
 //! and the sandbox kills every process of a build user after each step). The build users
 //! (obuilder611xx–613xx) stay in /etc/passwd afterwards, as the sandbox leaves them: they
-//! are reused by the next run.
+//! are reused by the next run, except those of the test of three builds at once, which
+//! deletes its own first so that the three builders create them at once, as on a new host.
 
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
@@ -202,6 +203,25 @@ impl Drop for Farm {
         std::thread::sleep(Duration::from_millis(300));
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+    }
+}
+
+/// Deletes the build users of `pool` and their group (the first uid), if they exist.
+fn forget_build_users((first, last): (u32, u32)) {
+    for uid in first..=last {
+        let _ = Command::new("userdel")
+            .arg(format!("obuilder{uid}"))
+            .output();
+    }
+    let _ = Command::new("groupdel")
+        .arg(format!("obuilder{first}"))
+        .output();
+    for uid in first..=last {
+        let out = Command::new("getent")
+            .args(["passwd", &uid.to_string()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "build user {uid} is still there");
     }
 }
 
@@ -443,6 +463,8 @@ fn three_builds_at_once_isolated_and_one_cancelled() {
     let env = Env::new(bin(), "btrfs");
     let dir = tempdir_0755();
     let farm = Farm::new(dir.path(), (61300, 61302));
+    // As on a new host: the three builders find no build user and create them at once.
+    forget_build_users(farm.pool);
     farm.import(&env);
     let mut builds = Vec::new();
     for name in ["a", "b"] {

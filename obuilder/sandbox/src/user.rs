@@ -486,6 +486,12 @@ impl UserSandbox {
 
     /// Creates build user `uid` (and the group) unless they exist; refuses a uid that
     /// belongs to someone else.
+    ///
+    /// Builders that start at once on a new host all find the users missing: creation
+    /// is one process at a time per store (`STATE/user-sandbox/users.lock`), each looks
+    /// again once it holds the lock, and a creation that fails is retried after looking
+    /// again (another store's builder may have made the user or group meanwhile, or held
+    /// the password file's lock).
     async fn ensure_user(&self, uid: u32) -> Result<(), SandboxError> {
         if self
             .known
@@ -495,10 +501,52 @@ impl UserSandbox {
         {
             return Ok(());
         }
-        let p = self.opts.platform;
-        let name = p.user_name(uid);
-        let gid = self.opts.gid();
-        let existing = match p {
+        let _lock = self.lock_file("users.lock").await?;
+        let mut attempt = 0;
+        loop {
+            match self.lookup_user(uid).await {
+                Some(line) => self.check_user(uid, &line).await?,
+                None => match self.create_user(uid).await {
+                    Ok(()) => {}
+                    Err(e) if attempt < 4 => {
+                        tracing::debug!("creating build user {uid}: {e}; looking again");
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+            break;
+        }
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid);
+        Ok(())
+    }
+
+    /// Holds `STATE/user-sandbox/NAME` locked (`flock`, waiting for other processes).
+    async fn lock_file(&self, name: &str) -> Result<std::fs::File, SandboxError> {
+        std::fs::create_dir_all(&self.dir).map_err(io("cannot create", &self.dir))?;
+        let lock_path = self.dir.join(name);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("cannot open", &lock_path))?;
+        tokio::task::spawn_blocking(move || {
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map(|_| lock)
+        })
+        .await
+        .map_err(|_| SandboxError::Unsupported("the locking thread panicked".into()))?
+        .map_err(|e| io("cannot lock", &lock_path)(e.into()))
+    }
+
+    /// The account database's line for `uid`, if it has one.
+    async fn lookup_user(&self, uid: u32) -> Option<String> {
+        match self.opts.platform {
             Platform::Linux => self
                 .exec
                 .output(&Cmd::new(["getent", "passwd", &uid.to_string()]))
@@ -519,67 +567,71 @@ impl UserSandbox {
                 .ok()
                 .map(|o| o.stdout_str())
                 .filter(|s| !s.trim().is_empty()),
-        };
-        let home = self.opts.home();
-        match existing {
-            Some(line) => {
-                let owner = line.split([':', '\t', ' ']).next().unwrap_or("").trim();
-                if owner != name {
-                    return Err(SandboxError::Unsupported(format!(
-                        "uid {uid} of --user-pool belongs to {owner:?}, not to the build user \
-                         {name:?}: choose a range of unused uids"
-                    )));
-                }
-                // The user's home is the logical one (it may have changed with --home-path).
-                match p {
-                    Platform::Linux if line.split(':').nth(5) != Some(home.as_str()) => {
-                        self.exec
-                            .output(&Cmd::new(["usermod", "--home", &home, &name]))
-                            .await?;
-                    }
-                    Platform::MacOs => {
-                        let path = format!("/Users/{name}");
-                        self.exec
-                            .output(&Cmd::new([
-                                "dscl",
-                                ".",
-                                "-create",
-                                &path,
-                                "NFSHomeDirectory",
-                                &home,
-                            ]))
-                            .await?;
-                    }
-                    Platform::Linux => {}
-                }
-            }
-            None => {
-                if p == Platform::Linux
-                    && self
-                        .exec
-                        .output(&Cmd::new(["getent", "group", &gid.to_string()]))
-                        .await
-                        .is_err()
-                {
-                    self.exec
-                        .output(&Cmd::new([
-                            "groupadd",
-                            "--gid",
-                            &gid.to_string(),
-                            &format!("obuilder{gid}"),
-                        ]))
-                        .await?;
-                }
-                tracing::info!("creating build user {name} (uid {uid})");
-                for argv in create_user_argvs(p, uid, gid, &home) {
-                    self.exec.output(&Cmd::new(argv)).await?;
-                }
-            }
         }
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid);
+    }
+
+    /// Checks that existing account `line` (of `uid`) is the build user's, and points its
+    /// home at the logical home path.
+    async fn check_user(&self, uid: u32, line: &str) -> Result<(), SandboxError> {
+        let p = self.opts.platform;
+        let name = p.user_name(uid);
+        let home = self.opts.home();
+        let owner = line.split([':', '\t', ' ']).next().unwrap_or("").trim();
+        if owner != name {
+            return Err(SandboxError::Unsupported(format!(
+                "uid {uid} of --user-pool belongs to {owner:?}, not to the build user \
+                 {name:?}: choose a range of unused uids"
+            )));
+        }
+        // The user's home is the logical one (it may have changed with --home-path).
+        match p {
+            Platform::Linux if line.split(':').nth(5) != Some(home.as_str()) => {
+                self.exec
+                    .output(&Cmd::new(["usermod", "--home", &home, &name]))
+                    .await?;
+            }
+            Platform::MacOs => {
+                let path = format!("/Users/{name}");
+                self.exec
+                    .output(&Cmd::new([
+                        "dscl",
+                        ".",
+                        "-create",
+                        &path,
+                        "NFSHomeDirectory",
+                        &home,
+                    ]))
+                    .await?;
+            }
+            Platform::Linux => {}
+        }
+        Ok(())
+    }
+
+    /// Creates build user `uid`, and on Linux its group if missing.
+    async fn create_user(&self, uid: u32) -> Result<(), SandboxError> {
+        let p = self.opts.platform;
+        let gid = self.opts.gid();
+        if p == Platform::Linux
+            && self
+                .exec
+                .output(&Cmd::new(["getent", "group", &gid.to_string()]))
+                .await
+                .is_err()
+        {
+            self.exec
+                .output(&Cmd::new([
+                    "groupadd",
+                    "--gid",
+                    &gid.to_string(),
+                    &format!("obuilder{gid}"),
+                ]))
+                .await?;
+        }
+        tracing::info!("creating build user {} (uid {uid})", p.user_name(uid));
+        for argv in create_user_argvs(p, uid, gid, &self.opts.home()) {
+            self.exec.output(&Cmd::new(argv)).await?;
+        }
         Ok(())
     }
 
@@ -623,19 +675,7 @@ impl UserSandbox {
             std::fs::create_dir_all(d).map_err(io("cannot create", d))?;
         }
         // Another obuilder process may be mounting it: one at a time, across processes.
-        let lock_path = self.dir.join("mount.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("cannot open", &lock_path))?;
-        let lock = tokio::task::spawn_blocking(move || {
-            rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map(|_| lock)
-        })
-        .await
-        .map_err(|_| SandboxError::Unsupported("the locking thread panicked".into()))?
-        .map_err(|e| io("cannot lock", &lock_path)(e.into()))?;
+        let lock = self.lock_file("mount.lock").await?;
         match mount_state(Path::new(&path), Some(&sb)) {
             MountState::Ours => return Ok(()),
             MountState::Foreign(source) => {

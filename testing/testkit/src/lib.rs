@@ -137,7 +137,8 @@ fn run(argv: &[&str]) -> Result<(), String> {
 }
 
 /// An argv prefix and the answer to commands that start with it (stdout or stderr).
-type Rule = (Vec<String>, Result<String, String>);
+/// An argv prefix, its answer, and how many more times it applies (None: always).
+type Rule = (Vec<String>, Result<String, String>, Option<usize>);
 
 /// An `Exec` that records every command and answers from a script: the first rule whose
 /// argv prefix matches gives the answer; unmatched commands succeed with no output.
@@ -159,6 +160,7 @@ impl RecordingExec {
         self.rules.lock().unwrap().push((
             prefix.iter().map(|s| s.to_string()).collect(),
             Ok(stdout.into()),
+            None,
         ));
     }
 
@@ -182,6 +184,17 @@ impl RecordingExec {
         self.rules.lock().unwrap().push((
             prefix.iter().map(|s| s.to_string()).collect(),
             Err(stderr.into()),
+            None,
+        ));
+    }
+
+    /// The next `times` commands starting with `prefix` fail with `stderr` (before any
+    /// later rule for them applies).
+    pub fn fail_times(&self, prefix: &[&str], stderr: &str, times: usize) {
+        self.rules.lock().unwrap().push((
+            prefix.iter().map(|s| s.to_string()).collect(),
+            Err(stderr.into()),
+            Some(times),
         ));
     }
 
@@ -206,9 +219,14 @@ impl RecordingExec {
 impl Exec for RecordingExec {
     async fn output(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         self.calls.lock().unwrap().push(cmd.clone());
-        let rules = self.rules.lock().unwrap();
-        for (prefix, answer) in rules.iter() {
+        let mut rules = self.rules.lock().unwrap();
+        for (prefix, answer, left) in rules.iter_mut() {
             if cmd.argv.len() >= prefix.len() && cmd.argv[..prefix.len()] == prefix[..] {
+                match left {
+                    Some(0) => continue,
+                    Some(n) => *n -= 1,
+                    None => {}
+                }
                 return match answer {
                     Ok(out) => Ok(Output {
                         stdout: out.clone().into_bytes(),

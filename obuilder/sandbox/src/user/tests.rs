@@ -252,6 +252,55 @@ fn linux_command_seam_creates_the_group_then_the_user() {
     );
 }
 
+/// Two builders starting at once on a new host: the other one created the group and
+/// the user between this one's look and its `groupadd` (which then fails as groupadd
+/// does, "already exists"). This one looks again and takes the user.
+#[test]
+fn linux_command_seam_takes_a_user_another_builder_made_meanwhile() {
+    let exec = testkit::RecordingExec::new();
+    exec.fail_times(&["getent", "passwd"], "", 1);
+    exec.fail_times(&["getent", "group"], "", 1);
+    exec.fail(
+        &["groupadd"],
+        "groupadd: group 'obuilder1000' already exists",
+    );
+    exec.answer(
+        &["getent", "passwd"],
+        "obuilder1002:x:1002:1000::/home/obuilder1000:/bin/bash\n",
+    );
+    let s = sandbox(opts(Platform::Linux), &exec);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(s.ensure_user(1002)).unwrap();
+    assert_eq!(
+        exec.argvs(),
+        [
+            "getent passwd 1002",
+            "getent group 1000",
+            "groupadd --gid 1000 obuilder1000",
+            "getent passwd 1002",
+        ]
+    );
+    // A user that cannot be made at all is an error, after a few looks.
+    let exec = testkit::RecordingExec::new();
+    exec.fail(&["getent"], "");
+    exec.fail(
+        &["useradd"],
+        "useradd: cannot lock /etc/passwd; try again later.",
+    );
+    let s = sandbox(opts(Platform::Linux), &exec);
+    let e = rt.block_on(s.ensure_user(1002)).unwrap_err().to_string();
+    assert!(e.contains("cannot lock /etc/passwd"), "{e}");
+    let tries = exec
+        .argvs()
+        .iter()
+        .filter(|a| a.starts_with("useradd"))
+        .count();
+    assert_eq!(tries, 5);
+}
+
 #[test]
 fn kill_repeats_until_no_process_of_the_user_is_left() {
     let exec = testkit::RecordingExec::new();

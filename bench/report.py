@@ -98,3 +98,25 @@ def stats(xs):
     n = len(xs)
     med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
     return med, xs[0], xs[-1]
+
+
+def cpu_idle(window=0.2):
+    """The share of the machine's CPU time that was idle over `window` seconds (/proc/stat)."""
+    def sample():
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return f[3] + f[4], sum(f)  # idle + iowait, all
+    i0, t0 = sample()
+    time.sleep(window)
+    i1, t1 = sample()
+    return (i1 - i0) / max(t1 - t0, 1)
+
+
+def settle(min_idle=0.9, timeout=10.0):
+    """Waits (at most `timeout` s) until the CPU is at least `min_idle` idle over 0.2 s: the
+    kernel tears a step's namespaces down in workers of its own after the step, and a
+    measurement of a few ms taken meanwhile measures that. Returns the idle share seen last."""
+    deadline = time.monotonic() + timeout
+    idle = cpu_idle()
+    while idle < min_idle and time.monotonic() < deadline:
+        idle = cpu_idle()
+    return idle

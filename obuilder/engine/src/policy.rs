@@ -444,26 +444,24 @@ impl Policy {
                 .take()
                 .ok_or(StepError::Internal("step work used twice"))?;
             // What the sandbox can make beside the step's tree (the snapshot waits on the
-            // disk) it starts making now, as early as a step is known to be needed; so is
-            // the database, which the step's commit records it in. The first time, both
-            // from a thread of their own: the sandbox's threads are started from there,
-            // not by this one, which has the step to prepare.
-            let mut warmed = false;
+            // disk) it starts making now, as early as a step is known to be needed: here,
+            // on this thread, so that what it starts is there for the step's run whatever
+            // order the threads then run in. (Warmed from another thread, the first step
+            // sometimes started first: the native sandbox then made the step's network
+            // namespace in its clone, and the one made ahead went unused.) The database,
+            // which the step's commit records it in, is opened ahead the first time, from
+            // a thread of its own.
             self.prefetching.call_once(|| {
-                let (db, sandbox) = (self.db.clone(), self.sandbox.clone());
-                warmed = std::thread::Builder::new()
+                let db = self.db.clone();
+                let _ = std::thread::Builder::new()
                     .name("obuilder-db".into())
                     .spawn(move || {
-                        sandbox.warm();
                         if let Err(e) = db.prefetch() {
                             tracing::debug!("opening the database ahead: {e}");
                         }
-                    })
-                    .is_ok();
+                    });
             });
-            if !warmed {
-                self.sandbox.warm();
-            }
+            self.sandbox.warm();
             tokio::spawn(task.run(work));
             let r = self.wait(id, inf, log, req.cancel).await;
             if r.is_err() && req.keep_failed {

@@ -120,7 +120,9 @@ pub trait Sandbox: Send + Sync {
 
     /// A step is about to run (it missed the cache; its tree is about to be made): a
     /// sandbox may prepare, in the background, what a step needs that does not depend on
-    /// its tree. Never fails: a step that finds nothing prepared does the work itself.
+    /// its tree. Called on the builder's thread before the step's run is started, so it
+    /// must return at once (start threads, do not wait for them). Never fails: a step
+    /// that finds nothing prepared does the work itself.
     fn warm(&self) {}
 
     /// Removes leftovers of runs a crash interrupted (containers, temp dirs).

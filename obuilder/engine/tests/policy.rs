@@ -387,3 +387,38 @@ async fn a_database_found_damaged_at_first_use_is_rebuilt_by_the_next_process() 
     assert!(!store.root().join("state/db/damaged").exists());
     b.build(&spec("another"), &opts()).await.unwrap();
 }
+
+/// What a sandbox prepares for a step (`warm`) is started before the step's run, even
+/// for a builder's first step to miss the cache, whatever order threads run in: a sandbox
+/// that takes 50 ms to start its work still has it started when the run begins. (Warmed
+/// from another thread, that first step's run began first, and the native sandbox's
+/// network namespace made ahead went unused.)
+#[tokio::test]
+async fn a_step_is_warmed_before_it_runs_even_the_first() {
+    let t = setup().await;
+    // The base is in the store already, as when the builder is a new process: the
+    // builder's first miss is the run step.
+    t.b.build(&Spec::parse("((from img))").unwrap(), &opts())
+        .await
+        .unwrap();
+    let Setup {
+        _dir,
+        store,
+        sandbox,
+        b,
+    } = t;
+    drop(b);
+    let b = Builder::new(store, sandbox.clone(), Arc::new(FakeFetcher))
+        .await
+        .unwrap();
+    sandbox.warms.store(0, Ordering::SeqCst);
+    sandbox.warm_ms.store(50, Ordering::SeqCst);
+    b.build(&spec("true"), &opts()).await.unwrap();
+    assert_eq!(sandbox.runs(), 1);
+    assert_eq!(
+        sandbox.unwarmed_runs.load(Ordering::SeqCst),
+        0,
+        "the step ran before its sandbox was warmed"
+    );
+    assert_eq!(sandbox.warms.load(Ordering::SeqCst), 1);
+}

@@ -37,6 +37,12 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct FakeSandbox {
     pub runs: AtomicUsize,
     pub cancelled: AtomicUsize,
+    /// Calls of `warm` that have returned.
+    pub warms: AtomicUsize,
+    /// Runs that started before any `warm` had returned.
+    pub unwarmed_runs: AtomicUsize,
+    /// Each `warm` takes this many ms first (as a sandbox's takes time to start its work).
+    pub warm_ms: AtomicU64,
     /// How many runs are blocked now.
     blocked: watch::Sender<usize>,
     /// Bumped to let blocked runs go.
@@ -87,6 +93,11 @@ impl Sandbox for FakeSandbox {
         }
     }
 
+    fn warm(&self) {
+        std::thread::sleep(Duration::from_millis(self.warm_ms.load(Ordering::SeqCst)));
+        self.warms.fetch_add(1, Ordering::SeqCst);
+    }
+
     async fn run(
         &self,
         c: &RunConfig,
@@ -95,6 +106,9 @@ impl Sandbox for FakeSandbox {
         cancel: &CancellationToken,
     ) -> Result<(), SandboxError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.warms.load(Ordering::SeqCst) == 0 {
+            self.unwarmed_runs.fetch_add(1, Ordering::SeqCst);
+        }
         let cmd = c.argv.last().cloned().unwrap_or_default();
         log.write(format!("ran: {cmd}\n").as_bytes())
             .map_err(SandboxError::io("cannot write the log of", rootfs))?;

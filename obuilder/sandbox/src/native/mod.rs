@@ -130,6 +130,12 @@ impl Ahead {
         let made = std::thread::Builder::new()
             .name("obuilder-ahead".into())
             .spawn(move || {
+                // The spawner thread, if this is the first step, from here rather than
+                // from the builder's thread; and before the `unshare` below, which
+                // changes this thread's network namespace: a thread started after it
+                // would be in the step's namespace, and so would every step cloned from
+                // it without one of its own (`(network host)`).
+                spawner();
                 let _ = tx.send(netns_ahead());
             });
         if made.is_ok() {
@@ -957,9 +963,10 @@ impl Sandbox for NativeSandbox {
         crate::numeric_user(user, "native")
     }
 
+    /// On the builder's thread: the step's network namespace is reserved here (the step
+    /// waits for it), and made on a thread of its own, which also starts the spawner.
     fn warm(&self) {
         self.ahead.start();
-        spawner();
     }
 
     async fn recover(&self) -> Result<(), SandboxError> {

@@ -21,6 +21,14 @@ fn sandbox(o: UserOptions, exec: &testkit::RecordingExec) -> UserSandbox {
     UserSandbox::new(dir.path(), o, std::sync::Arc::new(exec.clone())).unwrap()
 }
 
+/// A runtime for the seam tests (with time: some retry after a pause).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn paths_under_the_home_and_the_prefix_are_redirected_and_nothing_else() {
     let s = sandbox(opts(Platform::MacOs), &testkit::RecordingExec::new());
@@ -197,9 +205,7 @@ fn macos_command_seam_creates_a_missing_build_user_with_dscl() {
     let exec = testkit::RecordingExec::new();
     // `dscl -search` prints nothing for a uid nobody has.
     let s = sandbox(opts(Platform::MacOs), &exec);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(s.ensure_user(1001)).unwrap();
     rt.block_on(s.ensure_user(1001)).unwrap();
     assert_eq!(
@@ -224,9 +230,7 @@ fn macos_command_seam_refuses_a_uid_of_someone_else() {
         "alice\t\tUniqueID = (\n    1001\n)\n",
     );
     let s = sandbox(opts(Platform::MacOs), &exec);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let e = rt.block_on(s.ensure_user(1001)).unwrap_err().to_string();
     assert!(e.contains("belongs to \"alice\""), "{e}");
     assert_eq!(exec.argvs().len(), 1, "nothing created");
@@ -237,9 +241,7 @@ fn linux_command_seam_creates_the_group_then_the_user() {
     let exec = testkit::RecordingExec::new();
     exec.fail(&["getent"], "");
     let s = sandbox(opts(Platform::Linux), &exec);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(s.ensure_user(1002)).unwrap();
     assert_eq!(
         exec.argvs(),
@@ -269,10 +271,7 @@ fn linux_command_seam_takes_a_user_another_builder_made_meanwhile() {
         "obuilder1002:x:1002:1000::/home/obuilder1000:/bin/bash\n",
     );
     let s = sandbox(opts(Platform::Linux), &exec);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(s.ensure_user(1002)).unwrap();
     assert_eq!(
         exec.argvs(),
@@ -305,10 +304,7 @@ fn linux_command_seam_takes_a_user_another_builder_made_meanwhile() {
 fn kill_repeats_until_no_process_of_the_user_is_left() {
     let exec = testkit::RecordingExec::new();
     let s = sandbox(opts(Platform::MacOs), &exec);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let rt = runtime();
     // pkill succeeds (something was killed) until the rule says none matched.
     let e2 = exec.clone();
     rt.block_on(async {

@@ -11,8 +11,8 @@ same run) and through obuilderfs mounted in a private mount namespace:
 - read a 1 GB file sequentially in 1 MiB reads, three times over (after a first read that
   warms the page cache on both sides); then the same reads with `--no-passthrough`.
 
-Each measurement runs 3 times; the median is reported. Targets: <= 1.5x for metadata,
-<= 1.2x for bulk reads. Needs root, FUSE (`fusermount3`), unshare, nsenter and setpriv.
+Each measurement runs 3 times, the two sides alternating; the median is reported.
+Targets: <= 1.5x for metadata, <= 1.2x for bulk reads. Needs root, FUSE (`fusermount3`), unshare, nsenter and setpriv.
 
 Usage: python3 bench/obuilderfs_bench.py [--size-mb N] [--files N]
 """
@@ -130,21 +130,26 @@ def main():
                        str(UID), "--clear-groups", "/usr/bin/python3", script, base, op, str(args.files)])
             return float(out.stdout)
 
-        results = {}
-        for name, base in (("direct", tree), ("obuilderfs", mnt)):
-            rows = {"create": [], "stat": [], "deep": [], "read": []}
+        sides = (("direct", tree), ("obuilderfs", mnt))
+        rows = {name: {"create": [], "stat": [], "deep": [], "read": []} for name, _ in sides}
+        for _, base in sides:
             as_user(base, "read")  # warm the page cache (on this side)
-            for _ in range(args.runs):
+        # The two sides alternate, run by run: this VM's disk can make the same creates
+        # ten times slower from one minute to the next, and a baseline measured in a
+        # block of its own would carry that into the ratio.
+        for _ in range(args.runs):
+            for name, base in sides:
                 # Nothing left to write back (the big file, the last run's files) slows
                 # the next creates on either side.
                 subprocess.run(["sync"], check=True)
-                rows["create"].append(as_user(base, "create"))
-                rows["stat"].append(as_user(base, "stat"))
-                rows["deep"].append(as_user(base, "deep"))
-                rows["read"].append(as_user(base, "read"))
+                rows[name]["create"].append(as_user(base, "create"))
+                rows[name]["stat"].append(as_user(base, "stat"))
+                rows[name]["deep"].append(as_user(base, "deep"))
+                rows[name]["read"].append(as_user(base, "read"))
                 as_user(base, "clean")
-            results[name] = {k: statistics.median(v) for k, v in rows.items()}
-            print(name, json.dumps(results[name]), file=sys.stderr)
+        results = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in rows.items()}
+        for name, r in results.items():
+            print(name, json.dumps(r), file=sys.stderr)
         # The same reads served by the daemon, for comparison with passthrough.
         unmount(daemon)
         daemon = mount("--no-passthrough")
@@ -169,7 +174,7 @@ def main():
 
     text = f"""## obuilderfs (`bench/obuilderfs_bench.py`)
 
-Measured by `python3 bench/obuilderfs_bench.py` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores), as build user {UID}, median of {args.runs}: the same Python workload on the user's tree directly (baseline, same run) and through obuilderfs mounted over another path in a private mount namespace.
+Measured by `python3 bench/obuilderfs_bench.py` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores), as build user {UID}, median of {args.runs} runs alternating the two sides: the same Python workload on the user's tree directly (baseline, same run) and through obuilderfs mounted over another path in a private mount namespace.
 
 | operation | directly | through obuilderfs | ratio | target |
 |---|---|---|---|---|

@@ -52,7 +52,7 @@ STORES = {
     "rsync hardlink": ("ext4", ["--store", "rsync:{root}", "--rsync-mode", "hardlink"]),
 }
 
-PHASES = ["fetch", "hash", "snapshot", "sandbox", "copy", "publish"]
+PHASES = ["fetch", "hash", "snapshot", "sandbox", "copy", "publish", "record"]
 
 
 def workload_tools():

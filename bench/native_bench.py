@@ -126,7 +126,7 @@ def quickstart(reps, lines, store):
         named = sum(v for _, v in phases)
         lines.append("Where a native last-step build goes (medians of as many runs with `OBUILDER_TIMINGS=1`, "
                      "ms): " + ", ".join(f"{name} {ms(v)}" for name, v in phases)
-                     + f"; the rest of the {ms(total)} ms (start-up, the cached steps, the log, the database) "
+                     + f"; the rest of the {ms(total)} ms (start-up, the cached steps, the log) "
                      f"{ms(max(total - named, 0))}. " + PHASES_NOTE[store])
         lines.append("")
     nat = stats(res[("last", "native")])[0]

@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     };
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("OBUILDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // OBUILDER_TIMINGS=1: per-phase timings (fetch, hash, snapshot, sandbox, copy, publish).
+    // OBUILDER_TIMINGS=1: per-phase timings (fetch, hash, snapshot, sandbox, copy, publish, record).
     if std::env::var_os("OBUILDER_TIMINGS").is_some_and(|v| v == "1") {
         if let Ok(d) = "obuilder::timing=info".parse() {
             filter = filter.add_directive(d);

@@ -852,9 +852,11 @@ impl BuildTask {
         steplog.finish();
         let r = match r {
             Ok(()) => {
-                let _t = crate::timing::phase("publish", &self.id);
+                let publish_t = crate::timing::phase("publish", &self.id);
                 match self.store.commit(&dir).await {
                     Ok(path) => {
+                        drop(publish_t);
+                        let _t = crate::timing::phase("record", &self.id);
                         self.db
                             .add(&self.id, self.base.as_deref(), &db::now())
                             .map_err(StepError::from)?;

@@ -1,7 +1,8 @@
 //! Per-phase timings of a build, as tracing events on target `obuilder::timing`
-//! (`phase`, `ms`, `id`): fetch, hash, snapshot, sandbox, copy, publish, lookup. The CLI
-//! prints them to stderr with `OBUILDER_TIMINGS=1`; `bench/compare.py` sums them to say
-//! where the time goes.
+//! (`phase`, `ms`, `id`): fetch, hash, snapshot, sandbox, copy, publish (the store's
+//! commit), record (the database's row of the new result), lookup. The CLI prints them to
+//! stderr with `OBUILDER_TIMINGS=1`; `bench/compare.py` sums them to say where the time
+//! goes.
 
 use std::time::Instant;
 

@@ -11,6 +11,15 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use time::OffsetDateTime;
 
+/// A transaction that writes, begun `IMMEDIATE`: it takes the write lock at its start,
+/// waiting for it as long as the busy timeout. A deferred one that reads first holds a
+/// read lock when it comes to write, and SQLite then answers "database is locked" at
+/// once rather than wait (the other writer may be waiting for that very read lock): seen
+/// when three builders opened a new store at once and each added the results on disk.
+fn write_tx(c: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("database {path}: {source}")]
 pub struct DbError {
@@ -413,7 +422,7 @@ impl Db {
     /// A parent missing from the table (a result from before the database) is added first.
     pub fn add(&self, id: &str, parent: Option<&str>, now: &str) -> Result<(), DbError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = write_tx(c)?;
             self.fold_touches(&tx)?;
             if let Some(p) = parent {
                 tx.execute(
@@ -465,7 +474,7 @@ impl Db {
         };
         if big {
             self.with(|c| {
-                let tx = c.transaction()?;
+                let tx = write_tx(c)?;
                 self.fold_touches(&tx)?;
                 tx.commit()
             })?;
@@ -526,7 +535,7 @@ impl Db {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = write_tx(c)?;
             {
                 let mut s = tx.prepare_cached(
                     "INSERT OR REPLACE INTO file_hashes (path, stat, sha256) VALUES (?1, ?2, ?3)",
@@ -613,7 +622,7 @@ impl Db {
     /// Removes a row (which must have no children) and uncounts it from its parent.
     pub fn delete(&self, id: &str) -> Result<(), DbError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = write_tx(c)?;
             self.fold_touches(&tx)?;
             let parent: Option<Option<String>> = tx
                 .query_row(
@@ -643,7 +652,7 @@ impl Db {
         let before = before.map_or_else(|| "9999-12-31 23:59:59.999".to_string(), format_time);
         self.with(|c| {
             // Recent cache hits count: fold them in before choosing.
-            let tx = c.transaction()?;
+            let tx = write_tx(c)?;
             self.fold_touches(&tx)?;
             tx.commit()?;
             let mut s = c.prepare(
@@ -681,6 +690,30 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that holds the write lock makes another process's `add` wait for it (up
+    /// to the busy timeout), not fail with "database is locked", even for a row whose
+    /// transaction reads before it writes (a result without a parent).
+    #[test]
+    fn an_add_waits_for_another_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let db = Db::open(&path).unwrap();
+        db.add("base", None, "2026-01-01 00:00:00.000").unwrap();
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; UPDATE builds SET used = used WHERE id = 'base';")
+            .unwrap();
+        let adding = std::thread::spawn(move || db.add("new", None, "2026-01-01 00:00:01.000"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.execute_batch("COMMIT").unwrap();
+        adding
+            .join()
+            .unwrap()
+            .expect("the add waited for the other writer");
+        let db = Db::open(&path).unwrap();
+        assert!(db.get("new").unwrap().is_some());
+    }
 
     #[test]
     fn file_hashes_by_directory_prefix() {

@@ -12,7 +12,8 @@ same run) and through obuilderfs mounted in a private mount namespace:
   warms the page cache on both sides); then the same reads with `--no-passthrough`.
 
 Each measurement runs 3 times, the two sides alternating; the median is reported.
-Targets: <= 1.5x for metadata, <= 1.2x for bulk reads. Needs root, FUSE (`fusermount3`), unshare, nsenter and setpriv.
+Targets: <= 1.5x for metadata, <= 1.2x for bulk reads. Needs root, FUSE (`fusermount3`),
+unshare, nsenter and setpriv.
 
 Usage: python3 bench/obuilderfs_bench.py [--size-mb N] [--files N]
 """

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use testkit::e2e::{caps, eventually, process_alive, start_until, text, Env, SANDBOXES};
+use testkit::e2e::{
+    caps, eventually, native_cgroup_left, process_alive, start_until, text, Env, SANDBOXES,
+};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_obuilder")
@@ -341,28 +343,6 @@ echo hostname-now=$(hostname)
     }
 }
 
-/// Whether a cgroup of a step of builder `pid` is left in any hierarchy.
-fn cgroup_left(pid: u32) -> bool {
-    let prefix = format!("obuilder-n-{pid}-");
-    let mut dirs = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
-    let mut seen = 0;
-    while let Some(d) = dirs.pop() {
-        seen += 1;
-        if seen > 10_000 {
-            break;
-        }
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    return true;
-                }
-                dirs.push(e.path());
-            }
-        }
-    }
-    false
-}
-
 /// How many step-cgroup records (`STATE/native/steps-PID-K`) builder `pid` has (any
 /// builder's, for `pid` 0).
 fn step_records(env: &Env, pid: u32) -> usize {
@@ -428,7 +408,7 @@ fn nothing_outlives_a_native_step() {
         });
         if how != "SIGKILL" {
             // (a killed builder's cgroups go at the next start: below)
-            assert!(!cgroup_left(pid), "{how}: a cgroup is left");
+            assert!(!native_cgroup_left(pid), "{how}: a cgroup is left");
         }
         // The step's mounts lived in its own mount namespace: none shows here.
         let under = format!("{}/", env.root().display());
@@ -453,7 +433,7 @@ fn nothing_outlives_a_native_step() {
             let out = env.build(&next);
             assert!(out.status.success(), "{}", text(&out.stderr));
             assert!(
-                !cgroup_left(pid),
+                !native_cgroup_left(pid),
                 "the next start removes a killed builder's cgroups"
             );
             assert_eq!(

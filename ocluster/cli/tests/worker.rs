@@ -623,32 +623,11 @@ fn native_sandbox_jobs_run_cancel_and_die_with_their_worker() {
     // Its step cgroups (empty now) are left to the next builder alone on the store: a
     // worker started again there removes them (and nothing is left on the host).
     let _w = Worker::start_with(&s, &fs.mnt, "n1", 2, &["--sandbox", "native"]);
-    let deadline = Instant::now() + TIMEOUT;
-    while step_cgroups_of(dead) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the killed worker's step cgroups are left after a restart"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// How many native step cgroups (`obuilder-n-PID-N`, in any hierarchy) process `pid` has.
-fn step_cgroups_of(pid: u32) -> usize {
-    let prefix = format!("obuilder-n-{pid}-");
-    let entries = |d: &Path| -> Vec<std::fs::DirEntry> {
-        std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect()
-    };
-    let top = entries(Path::new("/sys/fs/cgroup"));
-    let nested: Vec<_> = top.iter().flat_map(|h| entries(&h.path())).collect();
-    top.iter()
-        .chain(&nested)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .count()
+    testkit::e2e::eventually(
+        "the killed worker's step cgroups removed after a restart",
+        TIMEOUT.as_secs(),
+        || !testkit::e2e::native_cgroup_left(dead),
+    );
 }
 
 /// A Dockerfile job built with Debian's buildah from a base image in a local registry,

@@ -287,6 +287,29 @@ pub fn process_alive(marker: &str) -> bool {
     })
 }
 
+/// Whether a cgroup of a native-sandbox step (`obuilder-n-PID-N`) of builder `pid` is
+/// left in any hierarchy.
+pub fn native_cgroup_left(pid: u32) -> bool {
+    let prefix = format!("obuilder-n-{pid}-");
+    let mut dirs = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    let mut seen = 0;
+    while let Some(d) = dirs.pop() {
+        seen += 1;
+        if seen > 10_000 {
+            break;
+        }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    return true;
+                }
+                dirs.push(e.path());
+            }
+        }
+    }
+    false
+}
+
 /// Waits (bounded) until `cond` holds; panics naming `what` after `secs`.
 pub fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

@@ -916,3 +916,292 @@ fn prune_and_healthcheck_pause_the_worker() {
     c.expect("healthy again");
     assert_eq!(c.finish(), 0, "{}", c.output());
 }
+
+/// The original scheduler's messages to the original `ocluster-worker` (the golden files'
+/// `plain/`, one `spec-hi-sh` job), played to our `ocluster-worker` over plain TCP: the
+/// same answers to its bootstrap, `register` and `pop`, then the same calls on the job it
+/// offered (`result`, `log` with the original's offsets, question ids reused after each
+/// `Finish`). Our worker must ask as the original did, run the job, and answer every call.
+#[test]
+fn our_worker_answers_the_original_schedulers_messages() {
+    use capnp_rpc::rpc_capnp::{message, message_target, return_};
+    use common::replay::{caps, capture, parse, plain, raw_capture, root, show, Msg};
+    use ocluster_api::{ids, job, registration};
+    use std::collections::{HashMap, HashSet};
+    use std::io::Write;
+
+    let Some(plain) = plain() else { return };
+    if !machine_has("our_worker_answers_the_original_schedulers_messages", &[]) {
+        return;
+    }
+    let fs = testkit::LoopFs::new("btrfs", 1024);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let pool = std::fs::read_to_string(plain.join("pool-linux-x86_64.cap")).unwrap();
+    let id = pool.trim_end().rsplit('/').next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("pool.cap");
+    std::fs::write(&cap, format!("capnp://insecure@127.0.0.1:{port}/{id}\n")).unwrap();
+    let store = fs.mnt.join("store");
+    import_busybox(&store, &fs.mnt.join("busybox"));
+    let log = dir.path().join("worker.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_ocluster-worker"))
+        .arg("-c")
+        .arg(&cap)
+        .args(["--name", "worker-1", "--capacity", "1"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg(format!("--obuilder-store=btrfs:{}", store.display()))
+        .args(["--fast-sync", "-v", "--obuilder-healthcheck", "0"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let worker = Worker {
+        child,
+        log: log.clone(),
+    };
+    let (conn_tx, conn_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            let _ = conn_tx.send(s);
+        }
+    });
+    let mut out = conn_rx
+        .recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("the worker did not connect:\n{}", worker.log()));
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let input = out.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut input = std::io::BufReader::new(input);
+        let opts = capnp::message::ReaderOptions::new();
+        while let Ok(m) = capnp::serialize::read_message(&mut input, opts) {
+            if tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+
+    // What our worker sends, counted as the original scheduler's messages depend on it.
+    #[derive(Default)]
+    struct Seen {
+        ours: Vec<Msg>,
+        /// Its questions (bootstrap and calls), its answers, by id; the ids it exported.
+        questions: HashMap<u32, usize>,
+        answered: HashMap<u32, usize>,
+        exported: HashSet<u32>,
+        /// The scheduler's side: answers and finishes sent, by id.
+        sent_returns: HashMap<u32, usize>,
+        sent_finishes: HashMap<u32, usize>,
+    }
+    impl Seen {
+        /// Takes in a message of our worker's. Its heartbeats, an extension, are answered
+        /// as an OCaml scheduler does: unimplemented.
+        fn take(&mut self, m: Msg, out: &mut std::net::TcpStream) {
+            if let message::Call(Ok(c)) = root(&m).which().unwrap() {
+                if c.get_interface_id() == ids::QUEUE && c.get_method_id() == 2 {
+                    let q = c.get_question_id();
+                    let mut b = capnp::message::Builder::new_default();
+                    let mut r = b.init_root::<message::Builder<'_>>().init_return();
+                    r.set_answer_id(q);
+                    let mut e = r.init_exception();
+                    e.set_reason("Unknown method 2 on interface Queue");
+                    e.set_type(capnp_rpc::rpc_capnp::exception::Type::Unimplemented);
+                    capnp::serialize::write_message(&mut *out, &b).unwrap();
+                    *self.sent_returns.entry(q).or_default() += 1;
+                }
+            }
+            match root(&m).which().unwrap() {
+                message::Bootstrap(b) => {
+                    *self
+                        .questions
+                        .entry(b.unwrap().get_question_id())
+                        .or_default() += 1
+                }
+                message::Call(c) => {
+                    let c = c.unwrap();
+                    *self.questions.entry(c.get_question_id()).or_default() += 1;
+                    self.exported
+                        .extend(caps(c.get_params().unwrap()).iter().map(|d| d.1));
+                }
+                message::Return(r) => {
+                    *self.answered.entry(r.unwrap().get_answer_id()).or_default() += 1
+                }
+                _ => {}
+            }
+            self.ours.push(m);
+        }
+        fn shown(&self) -> String {
+            self.ours.iter().map(show).collect::<Vec<_>>().join("\n")
+        }
+    }
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut calls_made: HashMap<u32, usize> = HashMap::new();
+    for raw in raw_capture(&plain, "worker-scheduler-to-worker.bin") {
+        let m = parse(&raw);
+        let ready = |seen: &Seen| {
+            let n = |h: &HashMap<u32, usize>, k: u32| h.get(&k).copied().unwrap_or(0);
+            match root(&m).which().unwrap() {
+                message::Return(r) => {
+                    let a = r.unwrap().get_answer_id();
+                    n(&seen.questions, a) > n(&seen.sent_returns, a)
+                }
+                message::Finish(f) => {
+                    let q = f.unwrap().get_question_id();
+                    n(&seen.answered, q) > n(&seen.sent_finishes, q)
+                }
+                message::Call(c) => match c.unwrap().get_target().unwrap().which().unwrap() {
+                    message_target::ImportedCap(id) => seen.exported.contains(&id),
+                    message_target::PromisedAnswer(_) => true,
+                },
+                _ => true,
+            }
+        };
+        // The original scheduler's `Abort` came when its worker was killed: the end.
+        if matches!(root(&m).which().unwrap(), message::Abort(_)) {
+            break;
+        }
+        while !ready(&seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(got) = rx.recv_timeout(left) else {
+                panic!(
+                    "no message from our worker in time for the original scheduler's {}\n\
+                     ours so far:\n{}\nworker log:\n{}",
+                    show(&m),
+                    seen.shown(),
+                    worker.log()
+                );
+            };
+            seen.take(got, &mut out);
+        }
+        match root(&m).which().unwrap() {
+            message::Return(r) => {
+                *seen
+                    .sent_returns
+                    .entry(r.unwrap().get_answer_id())
+                    .or_default() += 1
+            }
+            message::Finish(f) => {
+                *seen
+                    .sent_finishes
+                    .entry(f.unwrap().get_question_id())
+                    .or_default() += 1
+            }
+            message::Call(c) => *calls_made.entry(c.unwrap().get_question_id()).or_default() += 1,
+            _ => {}
+        }
+        out.write_all(&raw).unwrap();
+        out.flush().unwrap();
+    }
+    // Every call made on our worker's job is answered.
+    let all_answered = |seen: &Seen| {
+        calls_made
+            .iter()
+            .all(|(q, n)| seen.answered.get(q).copied().unwrap_or(0) >= *n)
+    };
+    while !all_answered(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(got) = rx.recv_timeout(left) else {
+            panic!(
+                "our worker did not answer every call\nours:\n{}",
+                seen.shown()
+            );
+        };
+        seen.take(got, &mut out);
+    }
+    // A little longer for the next `pop`, which the original worker made at once.
+    while let Ok(got) = rx.recv_timeout(Duration::from_secs(1)) {
+        seen.take(got, &mut out);
+    }
+    drop(out);
+    let ours = &seen.ours;
+
+    // It asked as the original worker did: the bootstrap byte for byte (the service id),
+    // then `register` and `pop` pipelined, with the same capabilities.
+    let theirs = capture(&plain, "worker-worker-to-scheduler.bin");
+    for i in 0..3 {
+        assert_eq!(
+            show(&ours[i]),
+            show(&theirs[i]),
+            "message {i}\nours:\n{}",
+            seen.shown()
+        );
+    }
+    let bootstrap = |m: &Msg| {
+        let message::Bootstrap(b) = root(m).which().unwrap() else {
+            unreachable!()
+        };
+        let t: capnp::text::Reader<'_> = b.unwrap().get_deprecated_object_id().get_as().unwrap();
+        t.as_bytes().to_vec()
+    };
+    assert_eq!(bootstrap(&ours[0]), bootstrap(&theirs[0]));
+    let register = |m: &Msg| {
+        let message::Call(c) = root(m).which().unwrap() else {
+            unreachable!()
+        };
+        let p: registration::register_params::Reader<'_> = c
+            .unwrap()
+            .get_params()
+            .unwrap()
+            .get_content()
+            .get_as()
+            .unwrap();
+        (p.get_name().unwrap().to_string().unwrap(), p.get_capacity())
+    };
+    assert_eq!(register(&ours[1]), register(&theirs[1]));
+    assert_eq!(register(&ours[1]), ("worker-1".to_string(), 1));
+
+    // Every answer is a result, none an exception: the result is the build's id, and the
+    // log from the start opens as the original's.
+    let mut outputs = Vec::new();
+    let mut first_log = None;
+    for m in ours {
+        if let message::Return(r) = root(m).which().unwrap() {
+            let r = r.unwrap();
+            let p = match r.which().unwrap() {
+                return_::Results(p) => p.unwrap(),
+                _ => panic!(
+                    "{}\nours:\n{}\nworker log:\n{}",
+                    show(m),
+                    seen.shown(),
+                    worker.log()
+                ),
+            };
+            if let Ok(o) = p.get_content().get_as::<job::result_results::Reader<'_>>() {
+                if let Ok(t) = o.get_output() {
+                    outputs.push(t.to_string().unwrap());
+                }
+            }
+            let l: job::log_results::Reader<'_> = p.get_content().get_as().unwrap();
+            if first_log.is_none() {
+                first_log = l
+                    .get_log()
+                    .ok()
+                    .map(|d| String::from_utf8_lossy(d).into_owned());
+            }
+        }
+    }
+    assert!(
+        outputs
+            .iter()
+            .any(|o| o.len() == 64 && o.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{outputs:?}\n{}",
+        seen.shown()
+    );
+    let first_log = first_log.unwrap_or_default();
+    assert!(
+        first_log.starts_with("Building on worker-1"),
+        "{first_log:?}"
+    );
+    // And then it asked for the next job, as the original did.
+    let pops = ours
+        .iter()
+        .filter(|m| {
+            matches!(root(m).which().unwrap(),
+                message::Call(Ok(c)) if c.get_interface_id() == ids::QUEUE && c.get_method_id() == 0)
+        })
+        .count();
+    assert_eq!(pops, 2, "{}", seen.shown());
+    drop(worker);
+}

@@ -9,7 +9,9 @@
 //!
 //! * client side, outgoing `Bootstrap` messages get the id written in as they are sent;
 //! * server side, each connection has its own `RpcSystem` whose bootstrap capability is a
-//!   promise, resolved by the restorer when the connection's first `Bootstrap` arrives.
+//!   promise, resolved by the restorer when the connection's first `Bootstrap` arrives,
+//!   before that `Bootstrap` reaches the `RpcSystem`, so that its answer is the restored
+//!   capability itself, as the original's is.
 //!   A later `Bootstrap` for the same id gets the same capability; one for another id
 //!   ends the connection with an error that says so (an OCaml process holding caps of
 //!   two services of one scheduler would need two connections; none of OCluster's
@@ -58,7 +60,8 @@ type Writer = Pin<Box<dyn AsyncWrite + Unpin>>;
 // ---- bootstrap by id: the wrappers ------------------------------------------------------
 
 /// Called with the service id of each incoming `Bootstrap`; an error ends the connection.
-type OnBootstrap = Rc<dyn Fn(&[u8]) -> Result<(), capnp::Error>>;
+/// The `Bootstrap` is handed on once the promise it gives has settled.
+type OnBootstrap = Rc<dyn Fn(&[u8]) -> Result<Promise<(), capnp::Error>, capnp::Error>>;
 
 struct IdNetwork {
     inner: twoparty::VatNetwork<Reader>,
@@ -151,7 +154,7 @@ impl Connection<Side> for IdConnection {
             let m = p.await?;
             if let Some(m) = &m {
                 if let Some(id) = bootstrap_id(m.as_ref())? {
-                    hook(&id)?;
+                    hook(&id)?.await?;
                 }
             }
             Ok(m)
@@ -566,6 +569,16 @@ impl Server {
         let first: RefCell<Option<Vec<u8>>> = RefCell::new(None);
         let restorer = self.restorer.clone();
         let peer2 = peer.clone();
+        let bootstrap: Client = capnp_rpc::new_future_client(async move {
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(capnp::Error::disconnected("connection closed".into())),
+            }
+        });
+        // The `Bootstrap` is answered once the promise has the restored capability, so
+        // that the answer names that capability itself (`senderHosted`), as the original
+        // scheduler's does, and not a promise that a `Resolve` settles a message later.
+        let settled = bootstrap.hook.add_ref();
         let on_bootstrap: OnBootstrap = Rc::new(move |id: &[u8]| {
             let mut first = first.borrow_mut();
             match &*first {
@@ -575,21 +588,20 @@ impl Server {
                     if let Some(tx) = tx.borrow_mut().take() {
                         let _ = tx.send(cap);
                     }
-                    Ok(())
                 }
-                Some(f) if f == id => Ok(()),
-                Some(_) => Err(capnp::Error::failed(
-                    "this connection already bootstrapped another service id; \
-                     open a separate connection for each service"
-                        .into(),
-                )),
+                Some(f) if f == id => {}
+                Some(_) => {
+                    return Err(capnp::Error::failed(
+                        "this connection already bootstrapped another service id; \
+                         open a separate connection for each service"
+                            .into(),
+                    ))
+                }
             }
-        });
-        let bootstrap: Client = capnp_rpc::new_future_client(async move {
-            match rx.await {
-                Ok(r) => r,
-                Err(_) => Err(capnp::Error::disconnected("connection closed".into())),
-            }
+            Ok(match settled.when_more_resolved() {
+                Some(p) => Promise::from_future(p.map(|_| Ok(()))),
+                None => Promise::ok(()),
+            })
         });
         let network = IdNetwork {
             inner: twoparty::VatNetwork::new(r, w, Side::Server, reader_options()),

@@ -379,8 +379,15 @@ async fn session(
     r.get().set_worker(capnp_rpc::new_client(WorkerImpl {
         shared: shared.clone(),
     }));
-    let queue = r
-        .send()
+    let sent = r.send();
+    // As the original worker: the first pops go out at once, pipelined on the
+    // registration's answer (one round trip less before the first job); they are sent as
+    // the slots are first polled, and fail with the registration if it fails.
+    let pipelined: queue::Client = sent.pipeline.get_queue();
+    let slots = (0..shared.config.capacity).map(|_| slot(shared.clone(), pipelined.clone()));
+    let mut slots = std::pin::pin!(futures::future::join_all(slots));
+    let _ = futures::poll!(slots.as_mut());
+    let queue = sent
         .promise
         .await
         .and_then(|resp| resp.get()?.get_queue())
@@ -391,8 +398,6 @@ async fn session(
     if shared.paused.get() != 0 {
         shared.tell_active();
     }
-    let slots = (0..shared.config.capacity).map(|_| slot(shared.clone(), queue.clone()));
-    let slots = futures::future::join_all(slots);
     let heartbeats = async {
         loop {
             let mut req = queue.heartbeat_request();

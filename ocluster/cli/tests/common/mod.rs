@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod peer;
+pub mod replay;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

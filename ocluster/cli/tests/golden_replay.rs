@@ -32,8 +32,11 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp_rpc::rpc_capnp::{message, message_target, resolve};
 use ocluster_api::{ids, job, persistent, queue, submission};
 
-use common::replay::{caps, capture, desc, parse, plain, raw_capture, results, root, show, Msg};
+use common::replay::{
+    caps, capture, desc, parse, plain, raw_capture, results, root, show, Msg, Served,
+};
 use common::Scheduler;
+use std::path::PathBuf;
 
 /// One connection to the scheduler, speaking as the captured program did.
 struct Session {
@@ -675,4 +678,119 @@ fn the_original_admin_add_client_messages_get_the_originals_answers() {
     assert_eq!(id.len(), 27, "{uri}");
     assert_eq!(s.admin_ok(&["list-clients"]), "alice\ncarol\n");
     drop(a);
+}
+
+/// `cap` (a cap file of the golden files' `plain/`) pointed at `port` on 127.0.0.1.
+fn moved_cap(plain: &std::path::Path, cap: &str, port: u16, dir: &std::path::Path) -> PathBuf {
+    let uri = std::fs::read_to_string(plain.join(cap)).unwrap();
+    let (a, b) = (uri.find('@').unwrap(), uri.rfind('/').unwrap());
+    let moved = format!("{}@127.0.0.1:{port}{}", &uri[..a], &uri[b..]);
+    let p = dir.join(cap);
+    std::fs::write(&p, moved).unwrap();
+    p
+}
+
+/// Runs `cmd` with stdout and stderr into one file, as `> f 2>&1` did for the golden
+/// outputs; returns its exit code and that output.
+fn run_into_one_file(
+    mut cmd: std::process::Command,
+    dir: &std::path::Path,
+    play: impl FnOnce(),
+) -> (i32, String) {
+    let out = dir.join("output");
+    let f = std::fs::File::create(&out).unwrap();
+    let mut child = cmd
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    play();
+    let deadline = Instant::now() + common::TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{cmd:?} did not exit:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&out).unwrap(),
+    )
+}
+
+/// Our `ocluster-client submit-obuilder`, given the original scheduler's captured
+/// answers, asks as the original client did and prints what it printed, byte for byte
+/// (the streamed log, `Job succeeded`, the result), but for the port it connected to.
+#[test]
+fn our_client_prints_what_the_original_printed() {
+    let Some(plain) = plain() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cap = moved_cap(&plain, "submit-alice.cap", port, dir.path());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-client"));
+    cmd.arg("submit-obuilder")
+        .arg("-c")
+        .arg(&cap)
+        .arg("--pool=linux-x86_64")
+        .arg("--local-file")
+        .arg(plain.join("spec-hi-sh"));
+    let mut shown = String::new();
+    let (code, output) = run_into_one_file(cmd, dir.path(), || {
+        let mut s = Served::accept(listener, common::TIMEOUT, String::new);
+        s.play(
+            &raw_capture(&plain, "submit-scheduler-to-client.bin"),
+            Instant::now() + common::TIMEOUT,
+            String::new,
+        );
+        s.until(Instant::now() + Duration::from_secs(1), |_| false);
+        shown = s.shown();
+    });
+    let expected = std::fs::read_to_string(plain.join("submit-alice-spec-hi-sh.txt"))
+        .unwrap()
+        .replace("127.0.0.1:9411", &format!("127.0.0.1:{port}"));
+    assert_eq!(output, expected, "ours sent:\n{shown}");
+    assert_eq!(code, 0);
+}
+
+/// Our `ocluster-admin add-client`, given the original scheduler's captured answers,
+/// asks as the original did (`addClient`, then `save` pipelined) and prints the same URI
+/// and the same line on stderr.
+#[test]
+fn our_admin_add_client_prints_what_the_original_printed() {
+    let Some(plain) = plain() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cap = moved_cap(&plain, "admin.cap", port, dir.path());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+    cmd.arg("add-client").arg("-c").arg(&cap).arg("carol");
+    let mut shown = String::new();
+    let (code, output) = run_into_one_file(cmd, dir.path(), || {
+        let mut s = Served::accept(listener, common::TIMEOUT, String::new);
+        s.play(
+            &raw_capture(&plain, "add-client-scheduler-to-admin.bin"),
+            Instant::now() + common::TIMEOUT,
+            String::new,
+        );
+        s.until(Instant::now() + Duration::from_secs(1), |_| false);
+        shown = s.shown();
+    });
+    let expected = format!(
+        "{}{}",
+        std::fs::read_to_string(plain.join("add-client.stderr"))
+            .unwrap()
+            .replace("127.0.0.1:9411", &format!("127.0.0.1:{port}")),
+        std::fs::read_to_string(plain.join("carol.cap")).unwrap()
+    );
+    assert_eq!(output, expected, "ours sent:\n{shown}");
+    assert_eq!(code, 0);
 }

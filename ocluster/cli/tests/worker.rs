@@ -924,11 +924,9 @@ fn prune_and_healthcheck_pause_the_worker() {
 /// `Finish`). Our worker must ask as the original did, run the job, and answer every call.
 #[test]
 fn our_worker_answers_the_original_schedulers_messages() {
-    use capnp_rpc::rpc_capnp::{message, message_target, return_};
-    use common::replay::{caps, capture, parse, plain, raw_capture, root, show, Msg};
+    use capnp_rpc::rpc_capnp::{message, return_};
+    use common::replay::{capture, plain, raw_capture, root, show, Msg, Served};
     use ocluster_api::{ids, job, registration};
-    use std::collections::{HashMap, HashSet};
-    use std::io::Write;
 
     let Some(plain) = plain() else { return };
     if !machine_has("our_worker_answers_the_original_schedulers_messages", &[]) {
@@ -961,161 +959,22 @@ fn our_worker_answers_the_original_schedulers_messages() {
         child,
         log: log.clone(),
     };
-    let (conn_tx, conn_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            let _ = conn_tx.send(s);
-        }
-    });
-    let mut out = conn_rx
-        .recv_timeout(TIMEOUT)
-        .unwrap_or_else(|_| panic!("the worker did not connect:\n{}", worker.log()));
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let input = out.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut input = std::io::BufReader::new(input);
-        let opts = capnp::message::ReaderOptions::new();
-        while let Ok(m) = capnp::serialize::read_message(&mut input, opts) {
-            if tx.send(m).is_err() {
-                break;
-            }
-        }
-    });
-
-    // What our worker sends, counted as the original scheduler's messages depend on it.
-    #[derive(Default)]
-    struct Seen {
-        ours: Vec<Msg>,
-        /// Its questions (bootstrap and calls), its answers, by id; the ids it exported.
-        questions: HashMap<u32, usize>,
-        answered: HashMap<u32, usize>,
-        exported: HashSet<u32>,
-        /// The scheduler's side: answers and finishes sent, by id.
-        sent_returns: HashMap<u32, usize>,
-        sent_finishes: HashMap<u32, usize>,
-    }
-    impl Seen {
-        /// Takes in a message of our worker's. Its heartbeats, an extension, are answered
-        /// as an OCaml scheduler does: unimplemented.
-        fn take(&mut self, m: Msg, out: &mut std::net::TcpStream) {
-            if let message::Call(Ok(c)) = root(&m).which().unwrap() {
-                if c.get_interface_id() == ids::QUEUE && c.get_method_id() == 2 {
-                    let q = c.get_question_id();
-                    let mut b = capnp::message::Builder::new_default();
-                    let mut r = b.init_root::<message::Builder<'_>>().init_return();
-                    r.set_answer_id(q);
-                    let mut e = r.init_exception();
-                    e.set_reason("Unknown method 2 on interface Queue");
-                    e.set_type(capnp_rpc::rpc_capnp::exception::Type::Unimplemented);
-                    capnp::serialize::write_message(&mut *out, &b).unwrap();
-                    *self.sent_returns.entry(q).or_default() += 1;
-                }
-            }
-            match root(&m).which().unwrap() {
-                message::Bootstrap(b) => {
-                    *self
-                        .questions
-                        .entry(b.unwrap().get_question_id())
-                        .or_default() += 1
-                }
-                message::Call(c) => {
-                    let c = c.unwrap();
-                    *self.questions.entry(c.get_question_id()).or_default() += 1;
-                    self.exported
-                        .extend(caps(c.get_params().unwrap()).iter().map(|d| d.1));
-                }
-                message::Return(r) => {
-                    *self.answered.entry(r.unwrap().get_answer_id()).or_default() += 1
-                }
-                _ => {}
-            }
-            self.ours.push(m);
-        }
-        fn shown(&self) -> String {
-            self.ours.iter().map(show).collect::<Vec<_>>().join("\n")
-        }
-    }
-    let mut seen = Seen::default();
+    let mut served = Served::accept(listener, TIMEOUT, || worker.log());
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut calls_made: HashMap<u32, usize> = HashMap::new();
-    for raw in raw_capture(&plain, "worker-scheduler-to-worker.bin") {
-        let m = parse(&raw);
-        let ready = |seen: &Seen| {
-            let n = |h: &HashMap<u32, usize>, k: u32| h.get(&k).copied().unwrap_or(0);
-            match root(&m).which().unwrap() {
-                message::Return(r) => {
-                    let a = r.unwrap().get_answer_id();
-                    n(&seen.questions, a) > n(&seen.sent_returns, a)
-                }
-                message::Finish(f) => {
-                    let q = f.unwrap().get_question_id();
-                    n(&seen.answered, q) > n(&seen.sent_finishes, q)
-                }
-                message::Call(c) => match c.unwrap().get_target().unwrap().which().unwrap() {
-                    message_target::ImportedCap(id) => seen.exported.contains(&id),
-                    message_target::PromisedAnswer(_) => true,
-                },
-                _ => true,
-            }
-        };
-        // The original scheduler's `Abort` came when its worker was killed: the end.
-        if matches!(root(&m).which().unwrap(), message::Abort(_)) {
-            break;
-        }
-        while !ready(&seen) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(got) = rx.recv_timeout(left) else {
-                panic!(
-                    "no message from our worker in time for the original scheduler's {}\n\
-                     ours so far:\n{}\nworker log:\n{}",
-                    show(&m),
-                    seen.shown(),
-                    worker.log()
-                );
-            };
-            seen.take(got, &mut out);
-        }
-        match root(&m).which().unwrap() {
-            message::Return(r) => {
-                *seen
-                    .sent_returns
-                    .entry(r.unwrap().get_answer_id())
-                    .or_default() += 1
-            }
-            message::Finish(f) => {
-                *seen
-                    .sent_finishes
-                    .entry(f.unwrap().get_question_id())
-                    .or_default() += 1
-            }
-            message::Call(c) => *calls_made.entry(c.unwrap().get_question_id()).or_default() += 1,
-            _ => {}
-        }
-        out.write_all(&raw).unwrap();
-        out.flush().unwrap();
-    }
+    served.play(
+        &raw_capture(&plain, "worker-scheduler-to-worker.bin"),
+        deadline,
+        || worker.log(),
+    );
     // Every call made on our worker's job is answered.
-    let all_answered = |seen: &Seen| {
-        calls_made
-            .iter()
-            .all(|(q, n)| seen.answered.get(q).copied().unwrap_or(0) >= *n)
-    };
-    while !all_answered(&seen) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(got) = rx.recv_timeout(left) else {
-            panic!(
-                "our worker did not answer every call\nours:\n{}",
-                seen.shown()
-            );
-        };
-        seen.take(got, &mut out);
-    }
+    assert!(
+        served.until(deadline, Served::all_answered),
+        "our worker did not answer every call\nours:\n{}",
+        served.shown()
+    );
     // A little longer for the next `pop`, which the original worker made at once.
-    while let Ok(got) = rx.recv_timeout(Duration::from_secs(1)) {
-        seen.take(got, &mut out);
-    }
-    drop(out);
-    let ours = &seen.ours;
+    served.until(Instant::now() + Duration::from_secs(1), |_| false);
+    let ours = &served.ours;
 
     // It asked as the original worker did: the bootstrap byte for byte (the service id),
     // then `register` and `pop` pipelined, with the same capabilities.
@@ -1125,7 +984,7 @@ fn our_worker_answers_the_original_schedulers_messages() {
             show(&ours[i]),
             show(&theirs[i]),
             "message {i}\nours:\n{}",
-            seen.shown()
+            served.shown()
         );
     }
     let bootstrap = |m: &Msg| {
@@ -1164,7 +1023,7 @@ fn our_worker_answers_the_original_schedulers_messages() {
                 _ => panic!(
                     "{}\nours:\n{}\nworker log:\n{}",
                     show(m),
-                    seen.shown(),
+                    served.shown(),
                     worker.log()
                 ),
             };
@@ -1187,7 +1046,7 @@ fn our_worker_answers_the_original_schedulers_messages() {
             .iter()
             .any(|o| o.len() == 64 && o.bytes().all(|b| b.is_ascii_hexdigit())),
         "{outputs:?}\n{}",
-        seen.shown()
+        served.shown()
     );
     let first_log = first_log.unwrap_or_default();
     assert!(
@@ -1202,6 +1061,6 @@ fn our_worker_answers_the_original_schedulers_messages() {
                 message::Call(Ok(c)) if c.get_interface_id() == ids::QUEUE && c.get_method_id() == 0)
         })
         .count();
-    assert_eq!(pops, 2, "{}", seen.shown());
+    assert_eq!(pops, 2, "{}", served.shown());
     drop(worker);
 }

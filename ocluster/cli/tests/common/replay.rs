@@ -135,3 +135,214 @@ pub fn results(m: &Msg) -> Result<payload::Reader<'_>, String> {
         _ => Err(show(m)),
     }
 }
+
+/// One of our programs connected to a test that plays the original scheduler's captured
+/// messages to it: each is sent once what it depends on has come from ours (a `Return`
+/// once ours asked that question, a `Finish` once ours answered it, a call once ours
+/// exported its target), byte for byte. The ids must then be the original program's:
+/// a test fails, showing both, where ours chose others.
+pub struct Served {
+    out: std::net::TcpStream,
+    rx: std::sync::mpsc::Receiver<Msg>,
+    /// What ours sent, in order.
+    pub ours: Vec<Msg>,
+    /// Its questions (bootstraps and calls) and answers, by id; the ids it exported.
+    questions: std::collections::HashMap<u32, usize>,
+    pub answered: std::collections::HashMap<u32, usize>,
+    exported: std::collections::HashSet<u32>,
+    /// The scheduler's side: answers and finishes sent, and calls made, by id.
+    sent_returns: std::collections::HashMap<u32, usize>,
+    sent_finishes: std::collections::HashMap<u32, usize>,
+    pub calls_made: std::collections::HashMap<u32, usize>,
+}
+
+impl Served {
+    /// Waits for ours to connect to `listener`; `what` says what to show if it does not.
+    pub fn accept(
+        listener: std::net::TcpListener,
+        timeout: std::time::Duration,
+        what: impl Fn() -> String,
+    ) -> Served {
+        let (conn_tx, conn_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = listener.accept() {
+                let _ = conn_tx.send(s);
+            }
+        });
+        let out: std::net::TcpStream = conn_rx
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("our program did not connect:\n{}", what()));
+        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+        let input = out.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(input);
+            while let Ok(m) = capnp::serialize::read_message(&mut input, ReaderOptions::new()) {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        Served {
+            out,
+            rx,
+            ours: Vec::new(),
+            questions: Default::default(),
+            answered: Default::default(),
+            exported: Default::default(),
+            sent_returns: Default::default(),
+            sent_finishes: Default::default(),
+            calls_made: Default::default(),
+        }
+    }
+
+    /// Takes in one message of ours. Calls of our extensions (the worker's heartbeats)
+    /// are answered as an OCaml scheduler does: unimplemented.
+    fn take(&mut self, m: Msg) {
+        use std::collections::hash_map::Entry;
+        match root(&m).which().unwrap() {
+            message::Bootstrap(b) => {
+                *self
+                    .questions
+                    .entry(b.unwrap().get_question_id())
+                    .or_default() += 1
+            }
+            message::Call(c) => {
+                let c = c.unwrap();
+                let q = c.get_question_id();
+                *self.questions.entry(q).or_default() += 1;
+                self.exported
+                    .extend(caps(c.get_params().unwrap()).iter().map(|d| d.1));
+                // Queue.heartbeat (0x817f986f80263aaf.2) is ours alone.
+                if c.get_interface_id() == 0x817f_986f_8026_3aaf && c.get_method_id() == 2 {
+                    let mut b = capnp::message::Builder::new_default();
+                    let mut r = b.init_root::<message::Builder<'_>>().init_return();
+                    r.set_answer_id(q);
+                    let mut e = r.init_exception();
+                    e.set_reason("Unknown method 2 on interface Queue");
+                    e.set_type(capnp_rpc::rpc_capnp::exception::Type::Unimplemented);
+                    capnp::serialize::write_message(&mut self.out, &b).unwrap();
+                    match self.sent_returns.entry(q) {
+                        Entry::Occupied(mut o) => *o.get_mut() += 1,
+                        Entry::Vacant(v) => {
+                            v.insert(1);
+                        }
+                    }
+                }
+            }
+            message::Return(r) => {
+                *self.answered.entry(r.unwrap().get_answer_id()).or_default() += 1
+            }
+            _ => {}
+        }
+        self.ours.push(m);
+    }
+
+    /// Takes in ours until `deadline`; false if nothing came.
+    fn pump(&mut self, deadline: std::time::Instant) -> bool {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(m) => {
+                self.take(m);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn ready(&self, m: &Msg) -> bool {
+        let n = |h: &std::collections::HashMap<u32, usize>, k: u32| h.get(&k).copied().unwrap_or(0);
+        match root(m).which().unwrap() {
+            message::Return(r) => {
+                let a = r.unwrap().get_answer_id();
+                n(&self.questions, a) > n(&self.sent_returns, a)
+            }
+            message::Finish(f) => {
+                let q = f.unwrap().get_question_id();
+                n(&self.answered, q) > n(&self.sent_finishes, q)
+            }
+            message::Call(c) => match c.unwrap().get_target().unwrap().which().unwrap() {
+                message_target::ImportedCap(id) => self.exported.contains(&id),
+                message_target::PromisedAnswer(_) => true,
+            },
+            _ => true,
+        }
+    }
+
+    /// Plays the captured messages `raws` up to the original's `Abort` (which came when
+    /// its peer went); `what` says what to show if ours stops short.
+    pub fn play(
+        &mut self,
+        raws: &[Vec<u8>],
+        deadline: std::time::Instant,
+        what: impl Fn() -> String,
+    ) {
+        use std::io::Write;
+        for raw in raws {
+            let m = parse(raw);
+            if matches!(root(&m).which().unwrap(), message::Abort(_)) {
+                break;
+            }
+            while !self.ready(&m) {
+                if !self.pump(deadline) {
+                    panic!(
+                        "nothing from ours in time for the original's {}\nours so far:\n{}\n{}",
+                        show(&m),
+                        self.shown(),
+                        what()
+                    );
+                }
+            }
+            match root(&m).which().unwrap() {
+                message::Return(r) => {
+                    *self
+                        .sent_returns
+                        .entry(r.unwrap().get_answer_id())
+                        .or_default() += 1
+                }
+                message::Finish(f) => {
+                    *self
+                        .sent_finishes
+                        .entry(f.unwrap().get_question_id())
+                        .or_default() += 1
+                }
+                message::Call(c) => {
+                    *self
+                        .calls_made
+                        .entry(c.unwrap().get_question_id())
+                        .or_default() += 1
+                }
+                _ => {}
+            }
+            // Ours may have hung up once it had what it wanted, as the original did.
+            if self
+                .out
+                .write_all(raw)
+                .and_then(|_| self.out.flush())
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    /// Takes in ours until `done` or `deadline`.
+    pub fn until(&mut self, deadline: std::time::Instant, done: impl Fn(&Served) -> bool) -> bool {
+        while !done(self) {
+            if !self.pump(deadline) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether ours answered every call made on it.
+    pub fn all_answered(&self) -> bool {
+        self.calls_made
+            .iter()
+            .all(|(q, n)| self.answered.get(q).copied().unwrap_or(0) >= *n)
+    }
+
+    pub fn shown(&self) -> String {
+        self.ours.iter().map(show).collect::<Vec<_>>().join("\n")
+    }
+}

@@ -567,34 +567,76 @@ fn prometheus_metrics_and_worker_relay() {
     assert!(missing.ends_with("Worker not connected"), "{missing}");
 }
 
-/// Plain TCP (`--capnp-disable-tls`): cap files say `insecure`, and a second, different
-/// service id on one connection is refused while the scheduler serves the others.
+/// Plain TCP (`--capnp-disable-tls`): cap files say `insecure`; and the admin service and
+/// a pool's on one connection, as an OCaml process holding both would ask for them (it
+/// reuses its connection to a scheduler), each work.
 #[test]
-fn insecure_mode_and_a_second_service_id() {
+fn insecure_mode_and_two_services_on_one_connection() {
+    use capnp_rpc::rpc_capnp::message;
+    use common::replay::{results, root, show};
     let s = Scheduler::start(&["linux"], &["--capnp-disable-tls"]);
     let admin = std::fs::read_to_string(s.admin_cap()).unwrap();
     assert!(admin.starts_with("capnp://insecure@127.0.0.1:"), "{admin}");
     assert_eq!(s.admin_ok(&["show"]), "linux\n");
     let id = |cap: &std::path::Path| ocluster_net::capfile::read(cap).unwrap().service_id;
-    let frame = |q: u32, id: &[u8]| {
+    let frame = |f: &dyn Fn(message::Builder<'_>)| {
         let mut m = capnp::message::Builder::new_default();
-        let mut b = m
-            .init_root::<capnp_rpc::rpc_capnp::message::Builder>()
-            .init_bootstrap();
-        b.set_question_id(q);
-        b.init_deprecated_object_id()
-            .set_as(capnp::text::Reader::from(id))
-            .unwrap();
+        f(m.init_root::<message::Builder>());
         capnp::serialize::write_message_to_words(&m)
+    };
+    let bootstrap = |q: u32, id: Vec<u8>| {
+        frame(&move |m: message::Builder<'_>| {
+            let mut b = m.init_bootstrap();
+            b.set_question_id(q);
+            b.init_deprecated_object_id()
+                .set_as(capnp::text::Reader::from(&id[..]))
+                .unwrap();
+        })
     };
     let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     t.set_read_timeout(Some(common::TIMEOUT)).unwrap();
-    t.write_all(&frame(0, &id(&s.admin_cap()))).unwrap();
-    t.write_all(&frame(1, &id(&s.pool_cap("linux")))).unwrap();
-    let mut answer = Vec::new();
-    let _ = t.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.contains("another service id"), "{text:?}");
+    t.write_all(&bootstrap(0, id(&s.admin_cap()))).unwrap();
+    t.write_all(&bootstrap(1, id(&s.pool_cap("linux"))))
+        .unwrap();
+    // Admin.pools on the first.
+    t.write_all(&frame(&|m: message::Builder<'_>| {
+        let mut c = m.init_call();
+        c.set_question_id(2);
+        c.set_interface_id(ocluster_api::ids::ADMIN);
+        c.set_method_id(0);
+        c.reborrow()
+            .init_target()
+            .init_promised_answer()
+            .set_question_id(0);
+        c.init_params().init_cap_table(0);
+    }))
+    .unwrap();
+    let mut got = Vec::new();
+    let mut pools = None;
+    while pools.is_none() {
+        let m = capnp::serialize::read_message(&mut t, Default::default())
+            .unwrap_or_else(|e| panic!("{e}; so far: {got:?}"));
+        got.push(show(&m));
+        if let message::Return(Ok(r)) = root(&m).which().unwrap() {
+            if r.get_answer_id() == 2 {
+                let p: ocluster_api::admin::pools_results::Reader<'_> = results(&m)
+                    .unwrap_or_else(|e| panic!("{e}; so far: {got:?}"))
+                    .get_content()
+                    .get_as()
+                    .unwrap();
+                pools = Some(p.get_names().unwrap().get(0).unwrap().to_string().unwrap());
+            }
+        }
+    }
+    assert_eq!(pools.as_deref(), Some("linux"), "{got:?}");
+    assert!(
+        got.contains(&r#"return a0 caps [("senderHosted", 0)]"#.to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&r#"return a1 caps [("senderHosted", 1)]"#.to_string()),
+        "{got:?}"
+    );
     let alice = s.add_client("alice");
     let _w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
     let mut c = Peer::client(&alice, "linux", "echo plain", "", "follow");

@@ -8,14 +8,17 @@
 //! [`capnp_rpc::OutgoingMessage`]), without changing the crate:
 //!
 //! * client side, outgoing `Bootstrap` messages get the id written in as they are sent;
-//! * server side, each connection has its own `RpcSystem` whose bootstrap capability is a
-//!   promise, resolved by the restorer when the connection's first `Bootstrap` arrives,
-//!   before that `Bootstrap` reaches the `RpcSystem`, so that its answer is the restored
-//!   capability itself, as the original's is.
-//!   A later `Bootstrap` for the same id gets the same capability; one for another id
-//!   ends the connection with an error that says so (an OCaml process holding caps of
-//!   two services of one scheduler would need two connections; none of OCluster's
-//!   programs does).
+//! * server side, each connection's `RpcSystem` has a restorer for its bootstrap
+//!   capability. The connection wrapper first hands the `RpcSystem` a `Bootstrap` of its
+//!   own (question `u32::MAX`), keeps the answer from the wire and releases the export it
+//!   made; then it hands on each of the peer's `Bootstrap`s as a call of the restorer on
+//!   that answer, with the peer's question id and the service id as its parameter. The
+//!   call's answer is the restored capability itself (or the restorer's error), which is
+//!   what the original sends for a `Bootstrap`: the peer cannot tell the difference, its
+//!   first capability is export 0, an unknown id is answered with the error, and every
+//!   `Bootstrap` on one connection gets its own service (an OCaml process reuses one
+//!   connection to a scheduler for every service it holds there). A peer that uses
+//!   question id `u32::MAX` itself only breaks its own connection.
 //!
 //! Everything here is single-threaded (capnp-rpc is `!Send`): run it on a tokio
 //! `LocalSet`.
@@ -59,16 +62,29 @@ type Writer = Pin<Box<dyn AsyncWrite + Unpin>>;
 
 // ---- bootstrap by id: the wrappers ------------------------------------------------------
 
-/// Called with the service id of each incoming `Bootstrap`; an error ends the connection.
-/// The `Bootstrap` is handed on once the promise it gives has settled.
-type OnBootstrap = Rc<dyn Fn(&[u8]) -> Result<Promise<(), capnp::Error>, capnp::Error>>;
+/// The question id of the `Bootstrap` that the server side's connection wrapper asks of
+/// its own `RpcSystem` (never sent, never answered on the wire), for the restorer.
+const RESTORER_QUESTION: u32 = u32::MAX;
+/// The interface of the restorer's one method, `restore(id :Data) -> AnyPointer` (the
+/// capability itself, as a `Bootstrap`'s answer); only ever called by the wrapper.
+const RESTORER_INTERFACE: u64 = 0xb5c6_8a1e_0d3f_47a2;
+
+/// Server side: where the restoring wrapper is on a connection.
+#[derive(Default)]
+struct Restoring {
+    /// The restorer's own `Bootstrap` was handed to the `RpcSystem`.
+    asked: bool,
+    /// Its answer was kept from the wire (and names this export, released next).
+    answered: bool,
+    release: Option<u32>,
+}
 
 struct IdNetwork {
     inner: twoparty::VatNetwork<Reader>,
     /// Client side: the id written into outgoing `Bootstrap`s.
     id: Option<Rc<Vec<u8>>>,
-    /// Server side: told about incoming `Bootstrap`s.
-    on_bootstrap: Option<OnBootstrap>,
+    /// Server side: incoming `Bootstrap`s become calls of the restorer.
+    restoring: Option<Rc<RefCell<Restoring>>>,
 }
 
 impl IdNetwork {
@@ -76,7 +92,7 @@ impl IdNetwork {
         Box::new(IdConnection {
             inner: c,
             id: self.id.clone(),
-            on_bootstrap: self.on_bootstrap.clone(),
+            restoring: self.restoring.clone(),
         })
     }
 }
@@ -89,13 +105,13 @@ impl VatNetwork<Side> for IdNetwork {
 
     fn accept(&mut self) -> Promise<Box<dyn Connection<Side>>, capnp::Error> {
         let id = self.id.clone();
-        let on_bootstrap = self.on_bootstrap.clone();
+        let restoring = self.restoring.clone();
         Promise::from_future(self.inner.accept().map(move |r| {
             r.map(|c| {
                 Box::new(IdConnection {
                     inner: c,
                     id,
-                    on_bootstrap,
+                    restoring,
                 }) as Box<dyn Connection<Side>>
             })
         }))
@@ -109,7 +125,7 @@ impl VatNetwork<Side> for IdNetwork {
 struct IdConnection {
     inner: Box<dyn Connection<Side>>,
     id: Option<Rc<Vec<u8>>>,
-    on_bootstrap: Option<OnBootstrap>,
+    restoring: Option<Rc<RefCell<Restoring>>>,
 }
 
 impl Connection<Side> for IdConnection {
@@ -123,6 +139,14 @@ impl Connection<Side> for IdConnection {
         // each ticket a client holds. Most messages here are a few words; a bigger one
         // just gets a second segment.
         let first_segment_word_size = first_segment_word_size.min(MAX_FIRST_SEGMENT_WORDS);
+        if let Some(r) = &self.restoring {
+            if !r.borrow().answered {
+                return Box::new(KeptAnswer {
+                    inner: self.inner.new_outgoing_message(first_segment_word_size),
+                    restoring: r.clone(),
+                });
+            }
+        }
         match &self.id {
             None => self.inner.new_outgoing_message(first_segment_word_size),
             Some(id) => {
@@ -146,18 +170,55 @@ impl Connection<Side> for IdConnection {
     fn receive_incoming_message(
         &mut self,
     ) -> Promise<Option<Box<dyn IncomingMessage + 'static>>, capnp::Error> {
-        let p = self.inner.receive_incoming_message();
-        let Some(hook) = self.on_bootstrap.clone() else {
-            return p;
+        let Some(restoring) = self.restoring.clone() else {
+            return self.inner.receive_incoming_message();
         };
-        Promise::from_future(async move {
-            let m = p.await?;
-            if let Some(m) = &m {
-                if let Some(id) = bootstrap_id(m.as_ref())? {
-                    hook(&id)?.await?;
-                }
+        // First, the restorer's own `Bootstrap`; then the release of the export its
+        // answer made (so that the peer's first capability is export 0, as the
+        // original's); then the peer's messages, its `Bootstrap`s made calls of the
+        // restorer.
+        {
+            let mut r = restoring.borrow_mut();
+            if !r.asked {
+                r.asked = true;
+                return Promise::ok(Some(made(|m| {
+                    m.init_bootstrap().set_question_id(RESTORER_QUESTION);
+                })));
             }
-            Ok(m)
+            if let Some(export) = r.release.take() {
+                return Promise::ok(Some(made(|m| {
+                    let mut rel = m.init_release();
+                    rel.set_id(export);
+                    rel.set_reference_count(1);
+                })));
+            }
+        }
+        let p = self.inner.receive_incoming_message();
+        Promise::from_future(async move {
+            let Some(m) = p.await? else {
+                return Ok(None);
+            };
+            let Some((question, id)) = bootstrap_id(m.as_ref())? else {
+                return Ok(Some(m));
+            };
+            Ok(Some(made(|msg| {
+                let mut call = msg.init_call();
+                call.set_question_id(question);
+                call.set_interface_id(RESTORER_INTERFACE);
+                call.set_method_id(0);
+                call.reborrow()
+                    .init_target()
+                    .init_promised_answer()
+                    .set_question_id(RESTORER_QUESTION);
+                call.reborrow().init_send_results_to().set_caller(());
+                let mut params = call.init_params();
+                params
+                    .reborrow()
+                    .get_content()
+                    .set_as::<capnp::data::Owned>(&id[..])
+                    .ok();
+                params.init_cap_table(0);
+            })))
         })
     }
 
@@ -175,20 +236,181 @@ impl Connection<Side> for IdConnection {
     }
 }
 
-/// The service id of a `Bootstrap` message (empty if it names none); `None` for any other
-/// message.
-fn bootstrap_id(m: &dyn IncomingMessage) -> capnp::Result<Option<Vec<u8>>> {
+/// The question and service id of a `Bootstrap` message (the id empty if it names none);
+/// `None` for any other message.
+fn bootstrap_id(m: &dyn IncomingMessage) -> capnp::Result<Option<(u32, Vec<u8>)>> {
     let msg: message::Reader = m.get_body()?.get_as()?;
     match msg.which() {
         Ok(message::Bootstrap(b)) => {
             let b = b?;
+            let q = b.get_question_id();
             if !b.has_deprecated_object_id() {
-                return Ok(Some(Vec::new()));
+                return Ok(Some((q, Vec::new())));
             }
             let text: capnp::text::Reader = b.get_deprecated_object_id().get_as()?;
-            Ok(Some(text.as_bytes().to_vec()))
+            Ok(Some((q, text.as_bytes().to_vec())))
         }
         _ => Ok(None),
+    }
+}
+
+/// An incoming message made here, not read from the peer.
+struct Made(capnp::message::Builder<capnp::message::HeapAllocator>);
+
+impl IncomingMessage for Made {
+    fn get_body(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.0.get_root_as_reader()
+    }
+}
+
+fn made(f: impl FnOnce(message::Builder<'_>)) -> Box<dyn IncomingMessage> {
+    let mut m = capnp::message::Builder::new_default();
+    f(m.init_root());
+    Box::new(Made(m))
+}
+
+/// An outgoing message, unless it is the answer to the restorer's own `Bootstrap`: that
+/// one is kept from the peer, and the export it names is released.
+struct KeptAnswer {
+    inner: Box<dyn OutgoingMessage>,
+    restoring: Rc<RefCell<Restoring>>,
+}
+
+impl KeptAnswer {
+    /// The export named by this message if it answers the restorer's `Bootstrap`.
+    fn restorer_answer(&self) -> Option<Option<u32>> {
+        let msg: message::Reader = self.inner.get_body_as_reader().ok()?.get_as().ok()?;
+        let Ok(message::Return(Ok(r))) = msg.which() else {
+            return None;
+        };
+        if r.get_answer_id() != RESTORER_QUESTION {
+            return None;
+        }
+        let export = match r.which() {
+            Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) => p
+                .get_cap_table()
+                .ok()
+                .and_then(|t| t.iter().next())
+                .and_then(|d| match d.which() {
+                    Ok(capnp_rpc::rpc_capnp::cap_descriptor::SenderHosted(id)) => Some(id),
+                    _ => None,
+                }),
+            _ => None,
+        };
+        Some(export)
+    }
+}
+
+impl OutgoingMessage for KeptAnswer {
+    fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
+        self.inner.get_body()
+    }
+
+    fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+        self.inner.get_body_as_reader()
+    }
+
+    fn send(
+        self: Box<Self>,
+    ) -> (
+        Promise<(), capnp::Error>,
+        Rc<capnp::message::Builder<capnp::message::HeapAllocator>>,
+    ) {
+        match self.restorer_answer() {
+            None => self.inner.send(),
+            Some(export) => {
+                {
+                    let mut r = self.restoring.borrow_mut();
+                    r.answered = true;
+                    r.release = export;
+                }
+                (Promise::ok(()), Rc::new(self.inner.take()))
+            }
+        }
+    }
+
+    fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {
+        self.inner.take()
+    }
+
+    fn size_in_words(&self) -> usize {
+        self.inner.size_in_words()
+    }
+}
+
+/// The bootstrap capability of a server connection: `restore(id)` answers with the
+/// restorer's capability for `id` itself, or its error, which is then the answer to the
+/// peer's `Bootstrap`, as the original's is.
+struct Restore {
+    restorer: Restorer,
+    peer: Peer,
+}
+
+#[derive(Clone)]
+struct RestoreDispatch(Rc<Restore>);
+
+impl std::ops::Deref for RestoreDispatch {
+    type Target = Restore;
+    fn deref(&self) -> &Restore {
+        &self.0
+    }
+}
+
+impl capnp::capability::Server for RestoreDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: capnp::capability::Params<capnp::any_pointer::Owned>,
+        mut results: capnp::capability::Results<capnp::any_pointer::Owned>,
+    ) -> capnp::capability::DispatchCallResult {
+        let answer = (|| {
+            if (interface_id, method_id) != (RESTORER_INTERFACE, 0) {
+                return Err(capnp::Error::unimplemented(format!(
+                    "Unknown method {method_id} on interface {interface_id:#x}"
+                )));
+            }
+            let id: capnp::data::Reader = params.get()?.get_as()?;
+            let cap = (self.restorer)(id, &self.peer)?;
+            results.get().set_as_capability(cap.hook);
+            Ok(())
+        })();
+        capnp::capability::DispatchCallResult::new(
+            match answer {
+                Ok(()) => Promise::ok(()),
+                Err(e) => Promise::err(e),
+            },
+            false,
+        )
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.0) as usize
+    }
+}
+
+struct RestoreClient {
+    client: Client,
+}
+
+impl capnp::capability::FromClientHook for RestoreClient {
+    fn new(hook: Box<dyn capnp::private::capability::ClientHook>) -> Self {
+        RestoreClient {
+            client: Client::new(hook),
+        }
+    }
+    fn into_client_hook(self) -> Box<dyn capnp::private::capability::ClientHook> {
+        self.client.hook
+    }
+    fn as_client_hook(&self) -> &dyn capnp::private::capability::ClientHook {
+        &*self.client.hook
+    }
+}
+
+impl capnp::capability::FromServer<Restore> for RestoreClient {
+    type Dispatch = RestoreDispatch;
+    fn from_server(s: Rc<Restore>) -> RestoreDispatch {
+        RestoreDispatch(s)
     }
 }
 
@@ -392,7 +614,7 @@ pub async fn connect(sr: &SturdyRef, key: &SecretKey) -> Result<Connected, Conne
     let network = IdNetwork {
         inner: twoparty::VatNetwork::new(r, w, Side::Client, reader_options()),
         id: Some(Rc::new(sr.service_id.clone())),
-        on_bootstrap: None,
+        restoring: None,
     };
     let mut system = RpcSystem::new(Box::new(network), None);
     let cap: Client = system.bootstrap(Side::Server);
@@ -564,51 +786,16 @@ impl Server {
             }
         };
         tracing::debug!("connection from {addr} ({peer})");
-        let (tx, rx) = futures::channel::oneshot::channel::<Result<Client, capnp::Error>>();
-        let tx = RefCell::new(Some(tx));
-        let first: RefCell<Option<Vec<u8>>> = RefCell::new(None);
-        let restorer = self.restorer.clone();
-        let peer2 = peer.clone();
-        let bootstrap: Client = capnp_rpc::new_future_client(async move {
-            match rx.await {
-                Ok(r) => r,
-                Err(_) => Err(capnp::Error::disconnected("connection closed".into())),
-            }
-        });
-        // The `Bootstrap` is answered once the promise has the restored capability, so
-        // that the answer names that capability itself (`senderHosted`), as the original
-        // scheduler's does, and not a promise that a `Resolve` settles a message later.
-        let settled = bootstrap.hook.add_ref();
-        let on_bootstrap: OnBootstrap = Rc::new(move |id: &[u8]| {
-            let mut first = first.borrow_mut();
-            match &*first {
-                None => {
-                    *first = Some(id.to_vec());
-                    let cap = restorer(id, &peer2);
-                    if let Some(tx) = tx.borrow_mut().take() {
-                        let _ = tx.send(cap);
-                    }
-                }
-                Some(f) if f == id => {}
-                Some(_) => {
-                    return Err(capnp::Error::failed(
-                        "this connection already bootstrapped another service id; \
-                         open a separate connection for each service"
-                            .into(),
-                    ))
-                }
-            }
-            Ok(match settled.when_more_resolved() {
-                Some(p) => Promise::from_future(p.map(|_| Ok(()))),
-                None => Promise::ok(()),
-            })
+        let bootstrap: RestoreClient = capnp_rpc::new_client(Restore {
+            restorer: self.restorer.clone(),
+            peer: peer.clone(),
         });
         let network = IdNetwork {
             inner: twoparty::VatNetwork::new(r, w, Side::Server, reader_options()),
             id: None,
-            on_bootstrap: Some(on_bootstrap),
+            restoring: Some(Rc::default()),
         };
-        let system = RpcSystem::new(Box::new(network), Some(bootstrap));
+        let system = RpcSystem::new(Box::new(network), Some(bootstrap.client));
         match system.await {
             Ok(()) => tracing::debug!("connection from {addr} ({peer}) closed"),
             Err(e) => tracing::info!("connection from {addr} ({peer}) ended: {e}"),

@@ -1,7 +1,7 @@
 //! Real TCP and TLS on 127.0.0.1: bootstrap by service id, the pinned server key, the
-//! mandatory client certificate, and clean refusals (wrong fingerprint, unknown id, a
-//! second id on one connection, garbage, an oversized message), after each of which the
-//! server goes on serving.
+//! mandatory client certificate, several services on one connection, and clean refusals
+//! (wrong fingerprint, unknown id, garbage, an oversized message), after each of which
+//! the server goes on serving.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Recorder {
     seen: Rc<RefCell<Vec<String>>>,
+    prefix: &'static str,
 }
 
 impl progress::Server for Recorder {
@@ -23,7 +24,7 @@ impl progress::Server for Recorder {
         _: progress::ReportResults,
     ) -> Result<(), capnp::Error> {
         let s = params.get()?.get_status()?.to_string()?;
-        self.seen.borrow_mut().push(s);
+        self.seen.borrow_mut().push(format!("{}{s}", self.prefix));
         Ok(())
     }
 }
@@ -36,6 +37,8 @@ struct Fixture {
 }
 
 const ID: &[u8] = b"0123456789abcdefghij";
+/// A second service, whose reports are recorded with a `2:` in front.
+const ID2: &[u8] = b"second-service-id-20";
 
 async fn start(tls: bool) -> Fixture {
     let key = SecretKey::generate_ephemeral().unwrap();
@@ -47,7 +50,16 @@ async fn start(tls: bool) -> Fixture {
         restorer: Rc::new(move |id: &[u8], peer: &Peer| {
             p2.borrow_mut().push(peer.clone());
             if id == ID {
-                let c: progress::Client = capnp_rpc::new_client(Recorder { seen: s2.clone() });
+                let c: progress::Client = capnp_rpc::new_client(Recorder {
+                    seen: s2.clone(),
+                    prefix: "",
+                });
+                Ok(c.client)
+            } else if id == ID2 {
+                let c: progress::Client = capnp_rpc::new_client(Recorder {
+                    seen: s2.clone(),
+                    prefix: "2:",
+                });
                 Ok(c.client)
             } else {
                 Err(capnp::Error::failed("Unknown persistent service ID".into()))
@@ -236,20 +248,107 @@ async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
     }
 }
 
+/// Reads the next whole message from `s` (after what `buf` holds already).
+async fn next_message(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> capnp::message::Reader<capnp::serialize::OwnedSegments> {
+    loop {
+        let mut r = &buf[..];
+        if let Ok(m) = capnp::serialize::read_message(&mut r, Default::default()) {
+            let used = buf.len() - r.len();
+            buf.drain(..used);
+            return m;
+        }
+        let mut more = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut more)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&more[..n]),
+            other => panic!("no message: {other:?}"),
+        }
+    }
+}
+
+/// `Progress.report(status)` on the answer to question `target`, as question `q`.
+fn report_frame(q: u32, target: u32, status: &str) -> Vec<u8> {
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let msg = m.init_root::<capnp_rpc::rpc_capnp::message::Builder>();
+        let mut c = msg.init_call();
+        c.set_question_id(q);
+        c.set_interface_id(ocluster_api::ids::PROGRESS);
+        c.set_method_id(0);
+        c.reborrow()
+            .init_target()
+            .init_promised_answer()
+            .set_question_id(target);
+        let mut p = c.init_params();
+        p.reborrow()
+            .get_content()
+            .init_as::<progress::report_params::Builder>()
+            .set_status(status);
+        p.init_cap_table(0);
+    }
+    capnp::serialize::write_message_to_words(&m)
+}
+
+/// An OCaml process reuses its connection to a scheduler for every service it holds
+/// there: each `Bootstrap` on one connection gets its own service, and an unknown id
+/// is answered with the error itself, as the original answers it.
 #[test]
-fn a_second_service_id_on_one_connection_is_refused() {
+fn several_service_ids_on_one_connection() {
+    use capnp_rpc::rpc_capnp::{message, return_};
     run(async {
         let f = start(false).await;
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
             .await
             .unwrap();
         s.write_all(&bootstrap_frame(0, ID)).await.unwrap();
-        s.write_all(&bootstrap_frame(1, b"another-service-id!!"))
+        s.write_all(&bootstrap_frame(1, ID2)).await.unwrap();
+        s.write_all(&bootstrap_frame(2, b"no-such-service-id!!"))
             .await
             .unwrap();
-        let answer = read_until_closed(&mut s).await;
-        let text = String::from_utf8_lossy(&answer);
-        assert!(text.contains("another service id"), "{text:?}");
+        s.write_all(&report_frame(3, 0, "one")).await.unwrap();
+        s.write_all(&report_frame(4, 1, "two")).await.unwrap();
+        let mut buf = Vec::new();
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < 5 {
+            let m = next_message(&mut s, &mut buf).await;
+            let msg: message::Reader = m.get_root().unwrap();
+            if let Ok(message::Return(Ok(r))) = msg.which() {
+                let what = match r.which().unwrap() {
+                    return_::Results(p) => {
+                        let caps: Vec<String> = p
+                            .unwrap()
+                            .get_cap_table()
+                            .unwrap()
+                            .iter()
+                            .map(|d| match d.which().unwrap() {
+                                capnp_rpc::rpc_capnp::cap_descriptor::SenderHosted(i) => {
+                                    format!("hosted {i}")
+                                }
+                                _ => "other".into(),
+                            })
+                            .collect();
+                        format!("results {caps:?}")
+                    }
+                    return_::Exception(e) => format!(
+                        "exception {}",
+                        e.unwrap().get_reason().unwrap().to_str().unwrap()
+                    ),
+                    _ => "other".into(),
+                };
+                answers.insert(r.get_answer_id(), what);
+            }
+        }
+        assert_eq!(answers[&0], r#"results ["hosted 0"]"#, "{answers:?}");
+        assert_eq!(answers[&1], r#"results ["hosted 1"]"#, "{answers:?}");
+        assert_eq!(
+            answers[&2], "exception Unknown persistent service ID",
+            "{answers:?}"
+        );
+        assert_eq!(answers[&3], "results []", "{answers:?}");
+        assert_eq!(answers[&4], "results []", "{answers:?}");
+        assert_eq!(*f.seen.borrow(), ["one", "2:two"]);
         f.report(&f.sturdy(ID, false), "after").await.unwrap();
     });
 }

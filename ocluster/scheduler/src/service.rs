@@ -17,6 +17,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use capnp::capability::{FromClientHook, Promise};
+use capnp::private::capability::ClientHook;
 use capnp::Error;
 use futures::channel::oneshot;
 use ocluster_api::{
@@ -1143,22 +1144,128 @@ impl JobShared {
 /// settle to know that it started ("Waiting for worker…", and its timeout runs from
 /// then), and drops its ticket then, which would cancel a job still queued.
 fn started_job(shared: Rc<JobShared>) -> job::Client {
-    capnp_rpc::new_future_client(async move {
-        loop {
-            let changed = shared.changed.notified();
-            {
-                let st = shared.state.borrow();
-                if st.attempts > 0 {
-                    break;
-                }
-                if let Some(Err(e)) = &st.outcome {
-                    return Err(e.clone());
-                }
-            }
-            changed.await;
+    let proxy: job::Client = capnp_rpc::new_client(JobProxy {
+        shared: shared.clone(),
+    });
+    capnp::capability::FromClientHook::new(Box::new(StartingJob {
+        proxy: proxy.client.hook,
+        shared,
+        announced: Rc::default(),
+    }))
+}
+
+/// The promise of [`started_job`]. A promise made by capnp-rpc (`new_future_client`)
+/// queues every call made on it until it settles, and a call that arrived pipelined on
+/// `Ticket.job`'s answer is queued there first, then again on the promise: per queued
+/// job, two queues, each with its own tasks, channels and shared futures, for the
+/// client's `result` and `log` calls (~2.5 KiB of the scheduler's heap per queued job).
+/// This one is a promise on the wire all the same (`senderPromise`, then a `Resolve` to
+/// the [`JobProxy`] once a worker takes the job, or to the job's error), but it hands
+/// each call to that `JobProxy` at once, whose methods wait for the job themselves.
+///
+/// It is a promise at first even when a worker takes the job at once, as the original's
+/// is: it counts as settled only once capnp-rpc has asked what it settles to
+/// (`when_more_resolved`), which it does when it exports it as a promise.
+struct StartingJob {
+    proxy: Box<dyn ClientHook>,
+    shared: Rc<JobShared>,
+    announced: Rc<Cell<bool>>,
+}
+
+impl StartingJob {
+    /// What the promise settled to: the proxy once a worker took the job, the job's
+    /// error if it ended before; `None` while it waits in the queue.
+    fn settled(&self) -> Option<Result<Box<dyn ClientHook>, Error>> {
+        let st = self.shared.state.borrow();
+        if st.attempts > 0 {
+            return Some(Ok(self.proxy.add_ref()));
         }
-        Ok(capnp_rpc::new_client(JobProxy { shared }))
-    })
+        match &st.outcome {
+            Some(Err(e)) => Some(Err(e.clone())),
+            Some(Ok(_)) => Some(Ok(self.proxy.add_ref())),
+            None => None,
+        }
+    }
+}
+
+impl ClientHook for StartingJob {
+    fn add_ref(&self) -> Box<dyn ClientHook> {
+        Box::new(StartingJob {
+            proxy: self.proxy.add_ref(),
+            shared: self.shared.clone(),
+            announced: self.announced.clone(),
+        })
+    }
+
+    fn new_call(
+        &self,
+        interface_id: u64,
+        method_id: u16,
+        size_hint: Option<capnp::MessageSize>,
+    ) -> capnp::capability::Request<capnp::any_pointer::Owned, capnp::any_pointer::Owned> {
+        self.proxy.new_call(interface_id, method_id, size_hint)
+    }
+
+    fn call(
+        &self,
+        interface_id: u64,
+        method_id: u16,
+        params: Box<dyn capnp::private::capability::ParamsHook>,
+        results: Box<dyn capnp::private::capability::ResultsHook>,
+    ) -> Promise<(), Error> {
+        self.proxy.call(interface_id, method_id, params, results)
+    }
+
+    fn get_brand(&self) -> usize {
+        0
+    }
+
+    fn get_ptr(&self) -> usize {
+        // One promise per job: every reference to it is the same capability.
+        Rc::as_ptr(&self.shared) as usize
+    }
+
+    fn get_resolved(&self) -> Option<Box<dyn ClientHook>> {
+        if !self.announced.get() {
+            return None;
+        }
+        match self.settled()? {
+            Ok(c) => Some(c),
+            Err(e) => Some(capnp_rpc::new_broken_cap(e).hook),
+        }
+    }
+
+    fn when_more_resolved(&self) -> Option<Promise<Box<dyn ClientHook>, Error>> {
+        if let Some(r) = self.settled() {
+            self.announced.set(true);
+            return Some(match r {
+                Ok(c) => Promise::ok(c),
+                Err(e) => Promise::err(e),
+            });
+        }
+        let waiting = StartingJob {
+            proxy: self.proxy.add_ref(),
+            shared: self.shared.clone(),
+            announced: self.announced.clone(),
+        };
+        Some(Promise::from_future(async move {
+            loop {
+                let changed = waiting.shared.changed.notified();
+                if let Some(r) = waiting.settled() {
+                    waiting.announced.set(true);
+                    return r;
+                }
+                changed.await;
+            }
+        }))
+    }
+
+    fn when_resolved(&self) -> Promise<(), Error> {
+        match self.when_more_resolved() {
+            Some(p) => Promise::from_future(async move { p.await?.when_resolved().await }),
+            None => Promise::ok(()),
+        }
+    }
 }
 
 /// What the client holds for a job that a worker has taken. It relays `log`, `result`

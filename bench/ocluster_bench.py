@@ -6,7 +6,8 @@ docs/benchmarks.md.
   of capacity 4; assignments per second and the scheduler's own bytes per queued job.
 - End to end over real TLS on 127.0.0.1: a release `ocluster-scheduler`, 10 clients
   (`ocluster-load clients`, in 2 processes) queueing 100 000 jobs the way `ocluster-client`
-  submits (submit, then `job` and `result` pipelined on the ticket), then 200 simulated
+  submits (submit, then `job` pipelined on the ticket, `result` and the first `log` on
+  the job, which stay open while the job is queued), then 200 simulated
   workers of capacity 4 (`ocluster-load workers`, in 4 processes) that finish each job at
   once. Dispatch throughput is jobs / (last result at a client - first start at a worker).
 - Submit-to-start latency: each client runs one job at a time with the workers idle, and
@@ -325,7 +326,7 @@ Measured by `python3 bench/ocluster_bench.py{' --quick' if args.quick else ''}` 
 
 ### End to end over TLS on 127.0.0.1
 
-{e['queued']:,} jobs queued by 10 clients (2 processes) in {e['queue_s']:.1f} s, as `ocluster-client` submits: `submit`, then `job` and `result` pipelined on each ticket. Then 200 simulated workers of capacity 4 (4 processes, one TLS connection each) took them: {e['ok']:,} results, {e['errors']} errors.
+{e['queued']:,} jobs queued by 10 clients (2 processes) in {e['queue_s']:.1f} s, as `ocluster-client` submits: `submit`, then `job` pipelined on each ticket and `result` and the first `log` on each job (both stay open while the job is queued). Then 200 simulated workers of capacity 4 (4 processes, one TLS connection each) took them: {e['ok']:,} results, {e['errors']} errors.
 
 | | measured |
 |---|---|

@@ -439,6 +439,7 @@ async fn queue_mode(
     submit_only: bool,
 ) {
     let mut results = Vec::new();
+    let mut logs = Vec::new();
     let mut submitted = Vec::new();
     let mut n = 0;
     for _ in 0..jobs {
@@ -446,11 +447,15 @@ async fn queue_mode(
             let s = submit_request(sub, pool, &hint_of(n, hints));
             n += 1;
             // As `ocluster-client` does (see the golden capture of its messages): `job`
-            // and `result` pipelined on the ticket, then each question finished once it
-            // is answered, keeping only the ticket and the job themselves.
+            // pipelined on the ticket, `result` and the first `log` on the job, then each
+            // question finished once it is answered, keeping only the ticket and the job
+            // themselves. The `result` and `log` calls stay open while the job is queued.
             let job = (!submit_only).then(|| {
                 let job = s.pipeline.get_ticket().job_request().send();
                 results.push(job.pipeline.get_job().result_request().send().promise);
+                let mut log = job.pipeline.get_job().log_request();
+                log.get().set_start(0);
+                logs.push(log.send().promise);
                 job.promise
             });
             submitted.push(async move {
@@ -493,6 +498,8 @@ async fn queue_mode(
         }
         last = now_ns();
     }
+    // Each first `log` call was answered when its job started.
+    futures::future::join_all(logs).await;
     drop(tickets);
     println!("ok {ok}");
     println!("errors {errors}");

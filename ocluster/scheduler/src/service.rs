@@ -1309,6 +1309,9 @@ impl job::Server for JobProxy {
         mut results: job::LogResults,
     ) -> Result<(), Error> {
         let start = params.get()?.get_start();
+        // The call's message is not needed while it waits (a queued job's client has
+        // this call open until the job starts).
+        drop(params);
         let shared = self.shared.clone();
         drop(self);
         // An attempt whose worker failed a call: wait for the next one or the end.
@@ -1393,9 +1396,11 @@ impl job::Server for JobProxy {
 
     async fn result(
         self: Rc<Self>,
-        _: job::ResultParams,
+        params: job::ResultParams,
         mut results: job::ResultResults,
     ) -> Result<(), Error> {
+        // Not needed while the call waits for the job's end.
+        drop(params);
         let shared = self.shared.clone();
         drop(self);
         loop {

@@ -354,7 +354,7 @@ fn several_service_ids_on_one_connection() {
 }
 
 #[test]
-fn garbage_and_oversized_messages_end_only_their_connection() {
+fn garbage_oversized_messages_and_the_restorers_question_end_only_their_connection() {
     run(async {
         let f = start(false).await;
         // Garbage.
@@ -374,7 +374,23 @@ fn garbage_and_oversized_messages_end_only_their_connection() {
         frame[4..8].copy_from_slice(&(128u32 << 20).to_le_bytes());
         s.write_all(&frame).await.unwrap();
         read_until_closed(&mut s).await;
-        // The server still serves.
+        // The question id the server's connection keeps for its restorer, used by the
+        // peer: a `Finish` for it, then a `Bootstrap` and a call as question `u32::MAX`.
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let mut m = capnp::message::Builder::new_default();
+        m.init_root::<capnp_rpc::rpc_capnp::message::Builder>()
+            .init_finish()
+            .set_question_id(u32::MAX);
+        s.write_all(&capnp::serialize::write_message_to_words(&m))
+            .await
+            .unwrap();
+        let _ = s.write_all(&bootstrap_frame(0, ID)).await;
+        let _ = s.write_all(&bootstrap_frame(u32::MAX, ID)).await;
+        let _ = s.write_all(&report_frame(u32::MAX, 0, "hijack")).await;
+        drop(s);
+        // The server still serves, and nothing else reached the service.
         f.report(&f.sturdy(ID, false), "after").await.unwrap();
         assert_eq!(*f.seen.borrow(), ["after"]);
     });

@@ -17,16 +17,6 @@ fn peer() {
     common::peer::main();
 }
 
-/// `$OCLUSTER_GOLDEN`, or `../shared/reference/ocluster-golden` beside the checkout.
-fn golden_dir() -> std::path::PathBuf {
-    std::env::var_os("OCLUSTER_GOLDEN")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/reference/ocluster-golden")
-        })
-}
-
 #[test]
 fn submit_pipelines_job_log_and_result() {
     let s = Scheduler::start(&["linux"], &[]);
@@ -451,23 +441,10 @@ fn admin_pause_survives_a_restart() {
 /// The original scheduler's key and database: the same cap files, and its clients work.
 #[test]
 fn golden_drop_in_for_the_original_state_dir() {
-    let golden = golden_dir().join("tls");
-    if !golden.join("key.pem").exists() {
-        if std::env::var_os("OBUILDER_TEST_STRICT").is_some() {
-            panic!("golden files missing at {}", golden.display());
-        }
-        eprintln!("skipped: no golden files at {}", golden.display());
+    let Some(golden) = common::replay::golden("tls") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("secrets")).unwrap();
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    std::fs::copy(golden.join("key.pem"), dir.path().join("key.pem")).unwrap();
-    let dump = std::fs::read_to_string(golden.join("scheduler.db.dump")).unwrap();
-    rusqlite::Connection::open(dir.path().join("state/scheduler.db"))
-        .unwrap()
-        .execute_batch(&dump)
-        .unwrap();
+    };
+    let dir = common::replay::original_state(&golden, "");
     let s = Scheduler::start_in(dir, &["linux-x86_64"], &["--default-clients=alice"]);
     // Same fingerprint and ids; only the address differs.
     let strip = |uri: &str| {

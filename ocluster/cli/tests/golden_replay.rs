@@ -33,7 +33,7 @@ use capnp_rpc::rpc_capnp::{message, message_target, resolve};
 use ocluster_api::{ids, job, persistent, queue, submission};
 
 use common::replay::{
-    caps, capture, desc, parse, plain, raw_capture, results, root, show, Msg, Served,
+    caps, capture, desc, params, parse, plain, raw_capture, results, root, show, Msg, Served,
 };
 use common::Scheduler;
 use std::path::PathBuf;
@@ -359,15 +359,7 @@ fn no_calls(s: &mut Session, c: usize) {
 
 /// Our scheduler, on the original's key and state (`plain/`, no TLS).
 fn scheduler(plain: &std::path::Path, sql: &str) -> Scheduler {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("secrets")).unwrap();
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    std::fs::copy(plain.join("key.pem"), dir.path().join("key.pem")).unwrap();
-    let dump = std::fs::read_to_string(plain.join("scheduler.db.dump")).unwrap();
-    rusqlite::Connection::open(dir.path().join("state/scheduler.db"))
-        .unwrap()
-        .execute_batch(&format!("{dump}\n{sql}"))
-        .unwrap();
+    let dir = common::replay::original_state(plain, sql);
     Scheduler::start_in(dir, &["linux-x86_64"], &["--capnp-disable-tls"])
 }
 
@@ -385,8 +377,7 @@ fn original_log(submit_s2c: &[Msg], submit_c2s: &[Msg]) -> (Vec<(i64, Vec<u8>, i
             message::Call(c) => {
                 let c = c.unwrap();
                 (c.get_interface_id() == ids::JOB && c.get_method_id() == 0).then(|| {
-                    let p: job::log_params::Reader<'_> =
-                        c.get_params().unwrap().get_content().get_as().unwrap();
+                    let p: job::log_params::Reader<'_> = params(c);
                     p.get_start()
                 })
             }
@@ -449,16 +440,8 @@ fn the_original_client_and_worker_messages_get_the_originals_answers() {
                 unreachable!()
             };
             let call = call.unwrap();
-            let start = (call.get_method_id() == 0)
-                .then(|| {
-                    call.get_params()
-                        .unwrap()
-                        .get_content()
-                        .get_as::<job::log_params::Reader<'_>>()
-                        .ok()
-                        .map(|p| p.get_start())
-                })
-                .flatten();
+            let start = (call.get_interface_id() == ids::JOB && call.get_method_id() == 0)
+                .then(|| params::<job::log_params::Reader<'_>>(call).get_start());
             (
                 call.get_question_id(),
                 call.get_interface_id(),
@@ -589,13 +572,7 @@ fn the_original_client_and_worker_messages_get_the_originals_answers() {
         let message::Call(call) = root(&client_msgs[1]).which().unwrap() else {
             panic!("the client's second message is its submit")
         };
-        let p: submission::submit_params::Reader<'_> = call
-            .unwrap()
-            .get_params()
-            .unwrap()
-            .get_content()
-            .get_as()
-            .unwrap();
+        let p: submission::submit_params::Reader<'_> = params(call.unwrap());
         spec_of(p.get_descr().unwrap())
     };
     let popped = |ms: &[Msg]| {
@@ -726,6 +703,23 @@ fn run_into_one_file(
     )
 }
 
+/// Plays the original scheduler's messages of `capture` to the program of ours that
+/// connects to `listener`; returns what ours sent, shown.
+fn serve_capture(
+    listener: std::net::TcpListener,
+    plain: &std::path::Path,
+    capture: &str,
+) -> String {
+    let mut s = Served::accept(listener, common::TIMEOUT, String::new);
+    s.play(
+        &raw_capture(plain, capture),
+        Instant::now() + common::TIMEOUT,
+        String::new,
+    );
+    s.until(Instant::now() + Duration::from_secs(1), |_| false);
+    s.shown()
+}
+
 /// Our `ocluster-client submit-obuilder`, given the original scheduler's captured
 /// answers, asks as the original client did and prints what it printed, byte for byte
 /// (the streamed log, `Job succeeded`, the result), but for the port it connected to.
@@ -745,14 +739,7 @@ fn our_client_prints_what_the_original_printed() {
         .arg(plain.join("spec-hi-sh"));
     let mut shown = String::new();
     let (code, output) = run_into_one_file(cmd, dir.path(), || {
-        let mut s = Served::accept(listener, common::TIMEOUT, String::new);
-        s.play(
-            &raw_capture(&plain, "submit-scheduler-to-client.bin"),
-            Instant::now() + common::TIMEOUT,
-            String::new,
-        );
-        s.until(Instant::now() + Duration::from_secs(1), |_| false);
-        shown = s.shown();
+        shown = serve_capture(listener, &plain, "submit-scheduler-to-client.bin")
     });
     let expected = std::fs::read_to_string(plain.join("submit-alice-spec-hi-sh.txt"))
         .unwrap()
@@ -775,14 +762,7 @@ fn our_admin_add_client_prints_what_the_original_printed() {
     cmd.arg("add-client").arg("-c").arg(&cap).arg("carol");
     let mut shown = String::new();
     let (code, output) = run_into_one_file(cmd, dir.path(), || {
-        let mut s = Served::accept(listener, common::TIMEOUT, String::new);
-        s.play(
-            &raw_capture(&plain, "add-client-scheduler-to-admin.bin"),
-            Instant::now() + common::TIMEOUT,
-            String::new,
-        );
-        s.until(Instant::now() + Duration::from_secs(1), |_| false);
-        shown = s.shown();
+        shown = serve_capture(listener, &plain, "add-client-scheduler-to-admin.bin")
     });
     let expected = format!(
         "{}{}",

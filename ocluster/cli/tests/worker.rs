@@ -925,7 +925,7 @@ fn prune_and_healthcheck_pause_the_worker() {
 #[test]
 fn our_worker_answers_the_original_schedulers_messages() {
     use capnp_rpc::rpc_capnp::{message, return_};
-    use common::replay::{capture, plain, raw_capture, root, show, Msg, Served};
+    use common::replay::{capture, params, plain, raw_capture, root, show, Msg, Served};
     use ocluster_api::{ids, job, registration};
 
     let Some(plain) = plain() else { return };
@@ -999,13 +999,7 @@ fn our_worker_answers_the_original_schedulers_messages() {
         let message::Call(c) = root(m).which().unwrap() else {
             unreachable!()
         };
-        let p: registration::register_params::Reader<'_> = c
-            .unwrap()
-            .get_params()
-            .unwrap()
-            .get_content()
-            .get_as()
-            .unwrap();
+        let p: registration::register_params::Reader<'_> = params(c.unwrap());
         (p.get_name().unwrap().to_string().unwrap(), p.get_capacity())
     };
     assert_eq!(register(&ours[1]), register(&theirs[1]));

@@ -13,13 +13,20 @@ pub type Msg = Reader<OwnedSegments>;
 
 /// The golden files' `plain/`, or `None` (skipped) if they are not here.
 pub fn plain() -> Option<PathBuf> {
+    golden("plain")
+}
+
+/// The golden files' `sub` (`tls` or `plain`), from `$OCLUSTER_GOLDEN` or
+/// `../shared/reference/ocluster-golden` beside the checkout; `None` (skipped, or a
+/// failure under `OBUILDER_TEST_STRICT`) if they are not here.
+pub fn golden(sub: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("OCLUSTER_GOLDEN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../../shared/reference/ocluster-golden")
         })
-        .join("plain");
+        .join(sub);
     if dir.join("key.pem").exists() {
         return Some(dir);
     }
@@ -28,6 +35,21 @@ pub fn plain() -> Option<PathBuf> {
     }
     eprintln!("skipped: no golden files at {}", dir.display());
     None
+}
+
+/// A scheduler's directory (`key.pem`, `secrets/`, `state/scheduler.db`) made from the
+/// original scheduler's key and database dump in `golden`, then `sql` run on it.
+pub fn original_state(golden: &Path, sql: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::copy(golden.join("key.pem"), dir.path().join("key.pem")).unwrap();
+    let dump = std::fs::read_to_string(golden.join("scheduler.db.dump")).unwrap();
+    rusqlite::Connection::open(dir.path().join("state/scheduler.db"))
+        .unwrap()
+        .execute_batch(&format!("{dump}\n{sql}"))
+        .unwrap();
+    dir
 }
 
 /// Every message of a capture, in order.
@@ -134,6 +156,13 @@ pub fn results(m: &Msg) -> Result<payload::Reader<'_>, String> {
         },
         _ => Err(show(m)),
     }
+}
+
+/// A call's parameters, read as `T`.
+pub fn params<'a, T: capnp::traits::FromPointerReader<'a>>(
+    c: capnp_rpc::rpc_capnp::call::Reader<'a>,
+) -> T {
+    c.get_params().unwrap().get_content().get_as().unwrap()
 }
 
 /// One of our programs connected to a test that plays the original scheduler's captured

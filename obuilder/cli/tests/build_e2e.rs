@@ -48,7 +48,9 @@ Got: \"[ID]\"
 
     let second = env.build(&spec);
     assert!(second.status.success());
+    // A cached base shows no fetch notes: they were the fetch's, not the base's output.
     let expected_second = expected_first
+        .replace("Extracting layer 1/1 sha256:[ID]\n", "")
         .replace("---> saved as", "---> using")
         .replace("\"[ID]\"\n/", "\"[ID]\" from cache\n/")
         .replace(

@@ -454,7 +454,7 @@ fn progress_json_tty_and_listings() {
         .join("\n");
     assert_eq!(
         shown,
-        "[1/3] (from busybox)\nExtracting layer 1/1 sha256:[ID]\n---> using \"[ID]\" from cache\n\
+        "[1/3] (from busybox)\n---> using \"[ID]\" from cache\n\
          /: (shell /bin/sh -c)\n\
          [2/3] /: (run (shell \"echo one\"))\none\n---> using \"[ID]\" from cache\n\
          [3/3] /: (run (shell \"printf two\"))\ntwo\n---> saved as \"[ID]\" (T)\nGot: \"[ID]\""

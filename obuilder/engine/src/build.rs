@@ -598,18 +598,16 @@ impl Builder {
         }
         let id = resolved.base_id();
         let fetcher = self.fetcher.clone();
-        let work: Work = Box::new(move |dir: BuildDir, steplog: StepLog, _cancel| {
+        let live = log.clone();
+        let work: Work = Box::new(move |dir: BuildDir, _steplog: StepLog, _cancel| {
             Box::pin(async move {
-                // The fetcher's notes (downloads, extraction) go into the base step's own log,
-                // so every waiter sees them live and the saved log keeps them.
-                let sink: LogSink = Arc::new(move |e: &LogEvent| {
-                    let _ = match e {
-                        LogEvent::Heading(t) | LogEvent::Note(t) => {
-                            steplog.write(format!("{t}\n").as_bytes())
-                        }
-                        LogEvent::Output(b) => steplog.write(b),
-                        LogEvent::Step(_) => Ok(()),
-                    };
+                // The fetcher's notes (downloads, extraction) are shown as they happen, to
+                // this build only: they are not the base's output, and a build that finds
+                // the base in the store does not replay them (the original's base steps
+                // have no log either: a cached `(from …)` is just its "using … from cache").
+                let sink: LogSink = Arc::new(move |e: &LogEvent| match e {
+                    LogEvent::Step(_) => {}
+                    e => live(e),
                 });
                 let _t = crate::timing::phase("fetch", &dir.id);
                 let config = fetcher

@@ -925,7 +925,7 @@ fn prune_and_healthcheck_pause_the_worker() {
 #[test]
 fn our_worker_answers_the_original_schedulers_messages() {
     use capnp_rpc::rpc_capnp::{message, return_};
-    use common::replay::{capture, params, plain, raw_capture, root, show, Msg, Served};
+    use common::replay::{capture, params, parse, plain, raw_capture, root, show, Msg, Served};
     use ocluster_api::{ids, job, registration};
 
     let Some(plain) = plain() else { return };
@@ -933,39 +933,76 @@ fn our_worker_answers_the_original_schedulers_messages() {
         return;
     }
     let fs = testkit::LoopFs::new("btrfs", 1024);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let pool = std::fs::read_to_string(plain.join("pool-linux-x86_64.cap")).unwrap();
     let id = pool.trim_end().rsplit('/').next().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let cap = dir.path().join("pool.cap");
-    std::fs::write(&cap, format!("capnp://insecure@127.0.0.1:{port}/{id}\n")).unwrap();
     let store = fs.mnt.join("store");
     import_busybox(&store, &fs.mnt.join("busybox"));
-    let log = dir.path().join("worker.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_ocluster-worker"))
-        .arg("-c")
-        .arg(&cap)
-        .args(["--name", "worker-1", "--capacity", "1"])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg(format!("--obuilder-store=btrfs:{}", store.display()))
-        .args(["--fast-sync", "-v", "--obuilder-healthcheck", "0"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let worker = Worker {
-        child,
-        log: log.clone(),
+    let raws = raw_capture(&plain, "worker-scheduler-to-worker.bin");
+    // Our worker, connected to a listener of the test's as to the original scheduler.
+    let start = |name: &str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cap = dir.path().join(format!("{name}.cap"));
+        std::fs::write(&cap, format!("capnp://insecure@127.0.0.1:{port}/{id}\n")).unwrap();
+        let log = dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_ocluster-worker"))
+            .arg("-c")
+            .arg(&cap)
+            .args(["--name", "worker-1", "--capacity", "1"])
+            .arg("--state-dir")
+            .arg(dir.path().join(format!("state-{name}")))
+            .arg(format!("--obuilder-store=btrfs:{}", store.display()))
+            .args(["--fast-sync", "-v", "--obuilder-healthcheck", "0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let worker = Worker { child, log };
+        let served = Served::accept(listener, TIMEOUT, || worker.log());
+        (worker, served)
     };
-    let mut served = Served::accept(listener, TIMEOUT, || worker.log());
+
+    // First, as the original's store had it from the job before (`spec-hi`): the base
+    // image's first use, a job `((from busybox))`, given in answer to our worker's first
+    // `pop` after the original's answers to its bootstrap and `register`.
+    {
+        let (worker, mut warm) = start("warm-up");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        warm.play(&raws[..2], deadline, || worker.log());
+        assert!(warm.until(deadline, |s| s.asked(2)), "{}", warm.shown());
+        let mut b = capnp::message::Builder::new_default();
+        {
+            let mut r = b.init_root::<message::Builder<'_>>().init_return();
+            r.set_answer_id(2);
+            let mut p = r.init_results();
+            p.reborrow()
+                .get_content()
+                .init_as::<ocluster_api::queue::pop_results::Builder<'_>>()
+                .init_descr()
+                .get_action()
+                .init_obuilder()
+                .set_spec("((from busybox))");
+            p.init_cap_table(0);
+        }
+        warm.send(&b);
+        warm.call(0, 1, ids::JOB, 1, |_| {});
+        assert!(
+            warm.until(deadline, Served::all_answered),
+            "{}\n{}",
+            warm.shown(),
+            worker.log()
+        );
+    }
+
+    let (worker, mut served) = start("replay");
     let deadline = Instant::now() + Duration::from_secs(120);
-    served.play(
-        &raw_capture(&plain, "worker-scheduler-to-worker.bin"),
-        deadline,
-        || worker.log(),
-    );
+    // Everything up to the original's release of the job (kept for the end, below).
+    let release = raws
+        .iter()
+        .rposition(|r| matches!(root(&parse(r)).which().unwrap(), message::Release(_)))
+        .unwrap();
+    served.play(&raws[..release], deadline, || worker.log());
     // Every call made on our worker's job is answered.
     assert!(
         served.until(deadline, Served::all_answered),
@@ -974,6 +1011,61 @@ fn our_worker_answers_the_original_schedulers_messages() {
     );
     // A little longer for the next `pop`, which the original worker made at once.
     served.until(Instant::now() + Duration::from_secs(1), |_| false);
+    // The job's whole log as our worker keeps it (a `log` call from 0 of ours, on the job
+    // it offered, export 1 as the original's): the original's, but for times and ids.
+    served.call(100, 1, ids::JOB, 0, |p| {
+        p.init_as::<job::log_params::Builder<'_>>().set_start(0)
+    });
+    assert!(
+        served.until(deadline, Served::all_answered),
+        "{}",
+        served.shown()
+    );
+    let whole: job::log_results::Reader<'_> = common::replay::results(served.answer(100).unwrap())
+        .unwrap()
+        .get_content()
+        .get_as()
+        .unwrap();
+    let ours_log = String::from_utf8_lossy(whole.get_log().unwrap()).into_owned();
+    let golden = std::fs::read_to_string(plain.join("submit-alice-spec-hi-sh.txt")).unwrap();
+    let from = golden.find("Tailing log:\n").unwrap() + "Tailing log:\n".len();
+    let to = golden.find("Job succeeded\n").unwrap() + "Job succeeded\n".len();
+    let normal = |s: &str| {
+        let mut out = String::new();
+        for line in s.lines() {
+            let mut l = line.to_string();
+            // Times (`2026-12-01 07:50.44`) and 64-hex ids.
+            let b = l.as_bytes().to_vec();
+            let mut i = 0;
+            let mut norm = String::new();
+            while i < b.len() {
+                if i + 19 <= b.len()
+                    && b[i..i + 19].iter().enumerate().all(|(k, c)| match k {
+                        4 | 7 => *c == b'-',
+                        10 => *c == b' ',
+                        13 => *c == b':',
+                        16 => *c == b'.',
+                        _ => c.is_ascii_digit(),
+                    })
+                {
+                    norm.push_str("TIME");
+                    i += 19;
+                } else if i + 64 <= b.len() && b[i..i + 64].iter().all(|c| c.is_ascii_hexdigit()) {
+                    norm.push_str("ID");
+                    i += 64;
+                } else {
+                    norm.push(b[i] as char);
+                    i += 1;
+                }
+            }
+            l = norm;
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out
+    };
+    assert_eq!(normal(&ours_log), normal(&golden[from..to]));
+    served.play(&raws[release..], deadline, || worker.log());
     let ours = &served.ours;
 
     // It asked as the original worker did: the bootstrap byte for byte (the service id),

@@ -364,6 +364,52 @@ impl Served {
         true
     }
 
+    /// Whether ours has asked question `q`.
+    pub fn asked(&self, q: u32) -> bool {
+        self.questions.get(&q).copied().unwrap_or(0) > 0
+    }
+
+    /// Sends a message of the test's own.
+    pub fn send(&mut self, b: &capnp::message::Builder<capnp::message::HeapAllocator>) {
+        use std::io::Write;
+        capnp::serialize::write_message(&mut self.out, b).unwrap();
+        self.out.flush().unwrap();
+    }
+
+    /// Calls method `method` of `interface` on ours' export `target`, as question `q`,
+    /// with the parameters `fill` writes.
+    pub fn call(
+        &mut self,
+        q: u32,
+        target: u32,
+        interface: u64,
+        method: u16,
+        fill: impl FnOnce(capnp::any_pointer::Builder<'_>),
+    ) {
+        use std::io::Write;
+        let mut b = capnp::message::Builder::new_default();
+        {
+            let mut c = b.init_root::<message::Builder<'_>>().init_call();
+            c.set_question_id(q);
+            c.set_interface_id(interface);
+            c.set_method_id(method);
+            c.reborrow().init_target().set_imported_cap(target);
+            let mut p = c.init_params();
+            fill(p.reborrow().get_content());
+            p.init_cap_table(0);
+        }
+        capnp::serialize::write_message(&mut self.out, &b).unwrap();
+        self.out.flush().unwrap();
+        *self.calls_made.entry(q).or_default() += 1;
+    }
+
+    /// Ours' last answer to question `q`.
+    pub fn answer(&self, q: u32) -> Option<&Msg> {
+        self.ours.iter().rev().find(
+            |m| matches!(root(m).which().unwrap(), message::Return(Ok(r)) if r.get_answer_id() == q),
+        )
+    }
+
     /// Whether ours answered every call made on it.
     pub fn all_answered(&self) -> bool {
         self.calls_made

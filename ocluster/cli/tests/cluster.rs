@@ -1480,3 +1480,65 @@ fn jobs_with_secrets_are_not_written_to_disk() {
     let show = s.admin_ok(&["show", "linux"]);
     assert_eq!(backlog(&show), ["alice:(no cache hint)"], "{show}");
 }
+
+/// The golden session's admin commands (`commands.txt`, the TLS run, up to the jobs),
+/// as the original was run: each output, stderr's `Connecting to … OK` line and then
+/// stdout, is the original's byte for byte but for the port.
+#[test]
+fn the_golden_admin_session_prints_what_the_original_printed() {
+    let Some(golden) = common::replay::golden("tls") else {
+        return;
+    };
+    let s = Scheduler::start(&["linux-x86_64"], &["--default-clients=alice"]);
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocluster-admin"));
+        // The verb first, then `-c`, as in the golden commands.
+        cmd.arg(args[0])
+            .arg("-c")
+            .arg(s.admin_cap())
+            .args(&args[1..]);
+        let out = common::run_bounded(cmd);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        (stderr(&out), stdout(&out))
+    };
+    let expect = |file: &str| {
+        std::fs::read_to_string(golden.join(file))
+            .unwrap()
+            .replace("127.0.0.1:9400", &format!("127.0.0.1:{}", s.port))
+    };
+    let both = |(e, o): (String, String)| format!("{e}{o}");
+    let (err, bob) = run(&["add-client", "bob"]);
+    assert_eq!(err, expect("add-client.stderr"));
+    let bob_cap = bob.trim_end();
+    assert!(bob_cap.starts_with("capnp://sha-256:"), "{bob}");
+    assert_eq!(both(run(&["show"])), expect("show.txt"));
+    assert_eq!(
+        both(run(&["show", "linux-x86_64"])),
+        expect("show-pool-initial.txt")
+    );
+    assert_eq!(both(run(&["list-clients"])), expect("list-clients.txt"));
+    assert_eq!(
+        both(run(&["set-rate", "linux-x86_64", "bob", "2.5"])),
+        expect("set-rate.txt")
+    );
+    assert_eq!(
+        both(run(&["show", "linux-x86_64"])),
+        expect("show-pool-after-set-rate.txt")
+    );
+    let _w = Peer::worker(&s.pool_cap("linux-x86_64"), "worker-1", 1);
+    common::wait_until(
+        || {
+            s.admin_ok(&["show", "linux-x86_64"])
+                .contains("worker-1 (0)")
+        },
+        || "worker-1 did not register".into(),
+    );
+    assert_eq!(
+        both(run(&["show", "linux-x86_64"])),
+        expect("show-pool-with-worker.txt")
+    );
+    assert_eq!(
+        both(run(&["show", "linux-x86_64", "worker-1"])),
+        expect("show-worker.txt")
+    );
+}

@@ -141,9 +141,9 @@ impl Connection<Side> for IdConnection {
         let first_segment_word_size = first_segment_word_size.min(MAX_FIRST_SEGMENT_WORDS);
         if let Some(r) = &self.restoring {
             if !r.borrow().answered {
-                return Box::new(KeptAnswer {
+                return Box::new(Wrapped {
                     inner: self.inner.new_outgoing_message(first_segment_word_size),
-                    restoring: r.clone(),
+                    on_send: OnSend::KeepRestorerAnswer(r.clone()),
                 });
             }
         }
@@ -157,11 +157,11 @@ impl Connection<Side> for IdConnection {
                 } else {
                     (id.len() as u32 + 1).div_ceil(8) + 1
                 };
-                Box::new(IdMessage {
+                Box::new(Wrapped {
                     inner: self
                         .inner
                         .new_outgoing_message(first_segment_word_size + extra),
-                    id: id.clone(),
+                    on_send: OnSend::NameBootstrap(id.clone()),
                 })
             }
         }
@@ -269,75 +269,6 @@ fn made(f: impl FnOnce(message::Builder<'_>)) -> Box<dyn IncomingMessage> {
     Box::new(Made(m))
 }
 
-/// An outgoing message, unless it is the answer to the restorer's own `Bootstrap`: that
-/// one is kept from the peer, and the export it names is released.
-struct KeptAnswer {
-    inner: Box<dyn OutgoingMessage>,
-    restoring: Rc<RefCell<Restoring>>,
-}
-
-impl KeptAnswer {
-    /// The export named by this message if it answers the restorer's `Bootstrap`.
-    fn restorer_answer(&self) -> Option<Option<u32>> {
-        let msg: message::Reader = self.inner.get_body_as_reader().ok()?.get_as().ok()?;
-        let Ok(message::Return(Ok(r))) = msg.which() else {
-            return None;
-        };
-        if r.get_answer_id() != RESTORER_QUESTION {
-            return None;
-        }
-        let export = match r.which() {
-            Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) => p
-                .get_cap_table()
-                .ok()
-                .and_then(|t| t.iter().next())
-                .and_then(|d| match d.which() {
-                    Ok(capnp_rpc::rpc_capnp::cap_descriptor::SenderHosted(id)) => Some(id),
-                    _ => None,
-                }),
-            _ => None,
-        };
-        Some(export)
-    }
-}
-
-impl OutgoingMessage for KeptAnswer {
-    fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
-        self.inner.get_body()
-    }
-
-    fn get_body_as_reader(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
-        self.inner.get_body_as_reader()
-    }
-
-    fn send(
-        self: Box<Self>,
-    ) -> (
-        Promise<(), capnp::Error>,
-        Rc<capnp::message::Builder<capnp::message::HeapAllocator>>,
-    ) {
-        match self.restorer_answer() {
-            None => self.inner.send(),
-            Some(export) => {
-                {
-                    let mut r = self.restoring.borrow_mut();
-                    r.answered = true;
-                    r.release = export;
-                }
-                (Promise::ok(()), Rc::new(self.inner.take()))
-            }
-        }
-    }
-
-    fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {
-        self.inner.take()
-    }
-
-    fn size_in_words(&self) -> usize {
-        self.inner.size_in_words()
-    }
-}
-
 /// The bootstrap capability of a server connection: `restore(id)` answers with the
 /// restorer's capability for `id` itself, or its error, which is then the answer to the
 /// peer's `Bootstrap`, as the original's is.
@@ -414,12 +345,46 @@ impl capnp::capability::FromServer<Restore> for RestoreClient {
     }
 }
 
-struct IdMessage {
+/// An outgoing message, with what the connection's wrapper does to it as it is sent.
+struct Wrapped {
     inner: Box<dyn OutgoingMessage>,
-    id: Rc<Vec<u8>>,
+    on_send: OnSend,
 }
 
-impl OutgoingMessage for IdMessage {
+enum OnSend {
+    /// Client side: a `Bootstrap` names this service.
+    NameBootstrap(Rc<Vec<u8>>),
+    /// Server side, until it has come: the answer to the restorer's own `Bootstrap` is
+    /// kept from the peer, and the export it names is released.
+    KeepRestorerAnswer(Rc<RefCell<Restoring>>),
+}
+
+impl Wrapped {
+    /// The export named by this message if it answers the restorer's `Bootstrap`.
+    fn restorer_answer(&self) -> Option<Option<u32>> {
+        let msg: message::Reader = self.inner.get_body_as_reader().ok()?.get_as().ok()?;
+        let Ok(message::Return(Ok(r))) = msg.which() else {
+            return None;
+        };
+        if r.get_answer_id() != RESTORER_QUESTION {
+            return None;
+        }
+        let export = match r.which() {
+            Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) => p
+                .get_cap_table()
+                .ok()
+                .and_then(|t| t.iter().next())
+                .and_then(|d| match d.which() {
+                    Ok(capnp_rpc::rpc_capnp::cap_descriptor::SenderHosted(id)) => Some(id),
+                    _ => None,
+                }),
+            _ => None,
+        };
+        Some(export)
+    }
+}
+
+impl OutgoingMessage for Wrapped {
     fn get_body(&mut self) -> capnp::Result<capnp::any_pointer::Builder<'_>> {
         self.inner.get_body()
     }
@@ -434,10 +399,26 @@ impl OutgoingMessage for IdMessage {
         Promise<(), capnp::Error>,
         Rc<capnp::message::Builder<capnp::message::HeapAllocator>>,
     ) {
-        if let Err(e) = set_bootstrap_id(self.inner.as_mut(), &self.id) {
-            tracing::warn!("cannot name the service in the bootstrap message: {e}");
+        match &self.on_send {
+            OnSend::NameBootstrap(id) => {
+                let id = id.clone();
+                if let Err(e) = set_bootstrap_id(self.inner.as_mut(), &id) {
+                    tracing::warn!("cannot name the service in the bootstrap message: {e}");
+                }
+                self.inner.send()
+            }
+            OnSend::KeepRestorerAnswer(restoring) => match self.restorer_answer() {
+                None => self.inner.send(),
+                Some(export) => {
+                    {
+                        let mut r = restoring.borrow_mut();
+                        r.answered = true;
+                        r.release = export;
+                    }
+                    (Promise::ok(()), Rc::new(self.inner.take()))
+                }
+            },
         }
-        self.inner.send()
     }
 
     fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {

@@ -23,17 +23,18 @@
 mod common;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp::message::{Builder, HeapAllocator};
 use capnp_rpc::rpc_capnp::{message, message_target, resolve};
 use ocluster_api::{ids, job, persistent, queue, submission};
 
 use common::replay::{
-    caps, capture, desc, params, parse, plain, raw_capture, results, root, show, Msg, Served,
+    caps, capture, desc, messages_from, params, parse, plain, raw_capture, results, root, show,
+    Msg, Served,
 };
 use common::Scheduler;
 use std::path::PathBuf;
@@ -66,16 +67,7 @@ impl Session {
     fn open(name: &'static str, port: u16, theirs: Vec<Msg>) -> Session {
         let out = TcpStream::connect(("127.0.0.1", port)).unwrap();
         out.set_nodelay(true).unwrap();
-        let input = out.try_clone().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut input = BufReader::new(input);
-            while let Ok(m) = capnp::serialize::read_message(&mut input, ReaderOptions::new()) {
-                if tx.send(m).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = messages_from(&out);
         Session {
             name,
             out,
@@ -292,23 +284,12 @@ impl Session {
         self.out.flush().unwrap();
     }
 
-    /// Sends the captured messages `from..to` (of `mine`), each once it can go; our
-    /// scheduler's calls meanwhile go to `answer`.
-    fn play(
-        &mut self,
-        mine: &[Vec<u8>],
-        deadline: Instant,
-        answer: &mut dyn FnMut(&mut Session, usize),
-    ) {
+    /// Sends the captured messages `mine`, each once it can go. Calls our scheduler makes
+    /// meanwhile wait in `calls` (`ok` fails on any left unanswered).
+    fn play(&mut self, mine: &[Vec<u8>], deadline: Instant) {
         for raw in mine {
             let m = &parse(raw);
             while !self.ready(m) {
-                while let Some(c) = self.calls.pop_front() {
-                    answer(self, c);
-                }
-                if self.ready(m) {
-                    break;
-                }
                 assert!(
                     self.pump(deadline),
                     "{}: no answer in time for the original's {}\nours so far:\n{}\nproblems: {:?}",
@@ -322,39 +303,28 @@ impl Session {
         }
     }
 
-    /// Keeps taking messages in (answering calls) until `done` or the deadline.
-    fn until(
-        &mut self,
-        deadline: Instant,
-        answer: &mut dyn FnMut(&mut Session, usize),
-        done: &dyn Fn(&Session) -> bool,
-    ) {
-        while !done(self) {
-            while let Some(c) = self.calls.pop_front() {
-                answer(self, c);
-            }
-            if done(self) || !self.pump(deadline) {
-                break;
-            }
-        }
+    /// Keeps taking messages in until `done` or the deadline.
+    fn until(&mut self, deadline: Instant, done: &dyn Fn(&Session) -> bool) {
+        while !done(self) && self.pump(deadline) {}
     }
 
+    /// Everything matched the original's, and no call of our scheduler's is left
+    /// unanswered (this side expected none it did not answer).
     fn ok(&self) {
+        let unexpected: Vec<String> = self
+            .calls
+            .iter()
+            .map(|&c| format!("unexpected {}", show(&self.ours[c])))
+            .collect();
         assert!(
-            self.problems.is_empty(),
-            "{}: {:?}\nours:\n{}\nthe original's:\n{}",
+            self.problems.is_empty() && unexpected.is_empty(),
+            "{}: {:?} {unexpected:?}\nours:\n{}\nthe original's:\n{}",
             self.name,
             self.problems,
             self.ours.iter().map(show).collect::<Vec<_>>().join("\n"),
             self.theirs.iter().map(show).collect::<Vec<_>>().join("\n"),
         );
     }
-}
-
-/// No calls are expected on this side.
-fn no_calls(s: &mut Session, c: usize) {
-    let what = show(&s.ours[c]);
-    s.problems.push(format!("unexpected {what}"));
 }
 
 /// Our scheduler, on the original's key and state (`plain/`, no TLS).
@@ -431,7 +401,7 @@ fn the_original_client_and_worker_messages_get_the_originals_answers() {
         s.port,
         capture(&plain, "worker-scheduler-to-worker.bin"),
     );
-    w.play(&worker_msgs[..3], deadline, &mut no_calls);
+    w.play(&worker_msgs[..3], deadline);
     // Its `Job` answers the scheduler's calls as the original worker's answers reached
     // the original client.
     let worker_answers = |w: &mut Session, c: usize| {
@@ -628,8 +598,8 @@ fn the_original_admin_add_client_messages_get_the_originals_answers() {
         s.port,
         capture(&plain, "add-client-scheduler-to-admin.bin"),
     );
-    a.play(&admin_msgs, deadline, &mut no_calls);
-    a.until(deadline, &mut no_calls, &|a| a.returns.len() == 3);
+    a.play(&admin_msgs, deadline);
+    a.until(deadline, &|a| a.returns.len() == 3);
     a.ok();
     let uri = a
         .ours

@@ -1030,39 +1030,20 @@ fn our_worker_answers_the_original_schedulers_messages() {
     let golden = std::fs::read_to_string(plain.join("submit-alice-spec-hi-sh.txt")).unwrap();
     let from = golden.find("Tailing log:\n").unwrap() + "Tailing log:\n".len();
     let to = golden.find("Job succeeded\n").unwrap() + "Job succeeded\n".len();
+    // Ids redacted; a note's time (`2026-12-01 07:50.44`) stands just before its `--->`.
     let normal = |s: &str| {
-        let mut out = String::new();
-        for line in s.lines() {
-            let mut l = line.to_string();
-            // Times (`2026-12-01 07:50.44`) and 64-hex ids.
-            let b = l.as_bytes().to_vec();
-            let mut i = 0;
-            let mut norm = String::new();
-            while i < b.len() {
-                if i + 19 <= b.len()
-                    && b[i..i + 19].iter().enumerate().all(|(k, c)| match k {
-                        4 | 7 => *c == b'-',
-                        10 => *c == b' ',
-                        13 => *c == b':',
-                        16 => *c == b'.',
-                        _ => c.is_ascii_digit(),
-                    })
+        testkit::e2e::redact(s)
+            .lines()
+            .map(|l| {
+                match l
+                    .find(" ---> ")
+                    .and_then(|i| Some((l.get(..i.checked_sub(19)?)?, i)))
                 {
-                    norm.push_str("TIME");
-                    i += 19;
-                } else if i + 64 <= b.len() && b[i..i + 64].iter().all(|c| c.is_ascii_hexdigit()) {
-                    norm.push_str("ID");
-                    i += 64;
-                } else {
-                    norm.push(b[i] as char);
-                    i += 1;
+                    Some((before, i)) => format!("{before}TIME{}\n", &l[i..]),
+                    None => format!("{l}\n"),
                 }
-            }
-            l = norm;
-            out.push_str(&l);
-            out.push('\n');
-        }
-        out
+            })
+            .collect::<String>()
     };
     assert_eq!(normal(&ours_log), normal(&golden[from..to]));
     served.play(&raws[release..], deadline, || worker.log());

@@ -185,6 +185,21 @@ pub struct Served {
     pub calls_made: std::collections::HashMap<u32, usize>,
 }
 
+/// The messages that come on `stream`, read by a thread of their own until it closes.
+pub fn messages_from(stream: &std::net::TcpStream) -> std::sync::mpsc::Receiver<Msg> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let input = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut input = std::io::BufReader::new(input);
+        while let Ok(m) = capnp::serialize::read_message(&mut input, ReaderOptions::new()) {
+            if tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 impl Served {
     /// Waits for ours to connect to `listener`; `what` says what to show if it does not.
     pub fn accept(
@@ -201,16 +216,7 @@ impl Served {
         let out: std::net::TcpStream = conn_rx
             .recv_timeout(timeout)
             .unwrap_or_else(|_| panic!("our program did not connect:\n{}", what()));
-        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
-        let input = out.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut input = std::io::BufReader::new(input);
-            while let Ok(m) = capnp::serialize::read_message(&mut input, ReaderOptions::new()) {
-                if tx.send(m).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = messages_from(&out);
         Served {
             out,
             rx,
@@ -227,7 +233,6 @@ impl Served {
     /// Takes in one message of ours. Calls of our extensions (the worker's heartbeats)
     /// are answered as an OCaml scheduler does: unimplemented.
     fn take(&mut self, m: Msg) {
-        use std::collections::hash_map::Entry;
         match root(&m).which().unwrap() {
             message::Bootstrap(b) => {
                 *self
@@ -241,21 +246,16 @@ impl Served {
                 *self.questions.entry(q).or_default() += 1;
                 self.exported
                     .extend(caps(c.get_params().unwrap()).iter().map(|d| d.1));
-                // Queue.heartbeat (0x817f986f80263aaf.2) is ours alone.
-                if c.get_interface_id() == 0x817f_986f_8026_3aaf && c.get_method_id() == 2 {
+                // Queue.heartbeat (method 2) is ours alone.
+                if c.get_interface_id() == ocluster_api::ids::QUEUE && c.get_method_id() == 2 {
                     let mut b = capnp::message::Builder::new_default();
                     let mut r = b.init_root::<message::Builder<'_>>().init_return();
                     r.set_answer_id(q);
                     let mut e = r.init_exception();
                     e.set_reason("Unknown method 2 on interface Queue");
                     e.set_type(capnp_rpc::rpc_capnp::exception::Type::Unimplemented);
-                    capnp::serialize::write_message(&mut self.out, &b).unwrap();
-                    match self.sent_returns.entry(q) {
-                        Entry::Occupied(mut o) => *o.get_mut() += 1,
-                        Entry::Vacant(v) => {
-                            v.insert(1);
-                        }
-                    }
+                    self.send(&b);
+                    *self.sent_returns.entry(q).or_default() += 1;
                 }
             }
             message::Return(r) => {

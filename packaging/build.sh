@@ -99,8 +99,8 @@ Version: $version
 Architecture: $arch
 Maintainer: ocluster maintainers <ocluster@localhost>
 Installed-Size: $size
-Depends: $shlibs, adduser, runc, btrfs-progs, rsync, fuse3, git, busybox-static | busybox
-Recommends: xfsprogs
+Depends: $shlibs, adduser, btrfs-progs, rsync, fuse3, git, busybox-static | busybox
+Recommends: runc, xfsprogs
 Suggests: buildah, skopeo
 Section: devel
 Priority: optional

@@ -5,8 +5,9 @@
 #   1. packaging/build.sh makes the .deb (and a second one, a newer version);
 #   2. the Ansible playbook (roles scheduler and linux_worker) installs and starts both
 #      services in the container;
-#   3. a job submitted from the host with ocluster-client over loopback runs in runc,
-#      and its log comes back; obuilderfs mounts under the worker unit's hardening;
+#   3. a job submitted from the host with ocluster-client over loopback runs in the
+#      (default) native sandbox, and its log comes back; obuilderfs mounts under the worker
+#      unit's hardening;
 #   4. the playbook again: zero changes;
 #   5. `systemctl stop ocluster-worker` mid-job: the job finishes (the worker drains);
 #   6. the playbook with the newer package: it upgrades, the worker registers again and
@@ -98,8 +99,8 @@ say "booting the container"
 # v2, which its systemd needs to delegate; the host's v2 hierarchy has no controllers
 # (they are on v1), so no pids limit can be set in it: the worker runs with
 # --max-pids=0. nspawn keeps CAP_NET_ADMIN from a container that shares the host's
-# network, and filters the keyring and bpf calls; runc needs them (a step's loopback,
-# its session keyring, its device filter), so the container gets them back, and
+# network, and filters the keyring and bpf calls; the sandboxes need them (a step's
+# loopback, its session keyring, its device filter), so the container gets them back, and
 # /dev/fuse for obuilderfs.
 mkdir -p /run/systemd/nspawn
 SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 unshare -m --propagation private sh -c \

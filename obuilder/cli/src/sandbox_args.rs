@@ -8,22 +8,23 @@ use obuilder_sandbox::{NativeOptions, RuncOptions};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SandboxArgs {
-    /// What runs the steps: runc (Linux containers), runc:/PATH/TO/RUNC, native (the same
-    /// containers, set up by obuilder itself without a runtime binary: faster to start),
-    /// or user (a build user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
+    /// What runs the steps: native (Linux containers, set up by obuilder itself without a
+    /// runtime binary), runc (the same containers, run by runc: slower to start),
+    /// runc:/PATH/TO/RUNC, or user (a build user per step, with the step's snapshot as its home and Homebrew prefix: the macOS
     /// design, also on Linux; see --user-pool). The user sandbox has no network isolation
     /// on macOS (steps have the host's network); on Linux a step without (network host)
     /// gets a network namespace of its own. On FreeBSD: jail (a jail per step, on a ZFS
     /// store; a vnet jail with only a loopback unless (network host)). docker: a container
     /// per step by a Docker-compatible engine, with --store docker:PATH (see --docker-cli).
-    /// Default: runc (docker for a docker: store).
+    /// Default: native on Linux, user on macOS; docker for a docker: store; runc with
+    /// --runc PATH.
     #[arg(long, value_name = "SANDBOX", env = "OBUILDER_SANDBOX")]
     pub sandbox: Option<String>,
     /// Make sync syscalls (fsync, sync, …) no-ops inside the sandbox: much faster on btrfs;
     /// the store's commit writes each result to the disk whole before publishing it.
     #[arg(long)]
     pub fast_sync: bool,
-    /// The runc binary to use (as --sandbox runc:PATH).
+    /// The runc binary to use (as --sandbox runc:PATH); alone, it chooses the runc sandbox.
     #[arg(long, value_name = "PATH")]
     pub runc: Option<String>,
     /// Most processes and threads a step may have at once; 0 for no limit.
@@ -88,12 +89,23 @@ fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
 impl SandboxArgs {
     /// The sandbox these flags describe, or what is wrong with them.
     pub fn spec(&self) -> Result<SandboxSpec, String> {
-        let spec: SandboxSpec = self
-            .sandbox
-            .as_deref()
-            .unwrap_or("runc")
-            .parse()
-            .map_err(|e: obuilder_sandbox::SandboxSpecError| e.to_string())?;
+        let spec: SandboxSpec = match (&self.sandbox, &self.runc) {
+            (Some(s), _) => s
+                .parse()
+                .map_err(|e: obuilder_sandbox::SandboxSpecError| e.to_string())?,
+            (None, Some(_)) => SandboxSpec::Runc(RuncOptions::default()),
+            (None, None) => SandboxSpec::platform_default().ok_or_else(|| {
+                format!(
+                    "this platform has no default sandbox: choose one with --sandbox ({})",
+                    obuilder_sandbox::FORMS
+                )
+            })?,
+        };
+        if let (Some(runc), false) = (&self.runc, matches!(spec, SandboxSpec::Runc(_))) {
+            return Err(format!(
+                "--runc {runc} goes with the runc sandbox, not --sandbox {spec}: drop one of them"
+            ));
+        }
         Ok(match spec {
             SandboxSpec::Runc(o) => SandboxSpec::Runc(RuncOptions {
                 runc: self.runc.clone().unwrap_or(o.runc),

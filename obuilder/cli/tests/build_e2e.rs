@@ -1,5 +1,6 @@
 #![cfg(target_os = "linux")]
-//! `obuilder build` end to end: the real binary, real runc, real stores on loopback
+//! `obuilder build` end to end: the real binary, its default (native) sandbox and runc,
+//! real stores on loopback
 //! filesystems, a busybox image made from Debian's busybox-static package.
 
 // Tests drive the real binary and tools directly.
@@ -8,7 +9,10 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use testkit::e2e::{caps, make_busybox, redact, text, Env, SANDBOXES};
+use testkit::e2e::{
+    caps, eventually, make_busybox, native_cgroup_left, process_alive, redact, start_until,
+    start_until_line, text, Env, SANDBOXES,
+};
 use testkit::{require, Cap};
 
 fn bin() -> &'static str {
@@ -277,56 +281,44 @@ fn ctrl_c_kills_the_container_and_records_nothing() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let spec = env.spec(
-        "s.spec",
-        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
-    );
-    let child = Command::new(bin())
-        .args(env.args(&[
-            "build",
-            "-f",
-            spec.to_str().unwrap(),
-            env.ctx.to_str().unwrap(),
-        ]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let spec = env.spec(
+            "s.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 300\")))",
+        );
+        let (child, _rest) = start_until_line(
+            &env,
+            &spec,
+            &[],
+            Stdio::piped(),
+            |l| l == "started",
+            "started",
+        );
+        let pid = child.id();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::INT,
+        )
         .unwrap();
-    wait_for_container(&env.root());
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("Cancelled at user's request"));
-    env.assert_clean();
-    let results = std::fs::read_dir(env.root().join("result"))
-        .unwrap()
-        .count();
-    assert_eq!(results, 1, "only the base image was recorded");
-}
-
-fn wait_for_container(root: &Path) {
-    for _ in 0..200 {
-        let out = Command::new("runc")
-            .args([
-                "--root",
-                root.join("state/runc").to_str().unwrap(),
-                "list",
-                "-q",
-            ])
-            .output()
-            .unwrap();
-        if !text(&out.stdout).trim().is_empty() {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{sandbox}: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stderr).contains("Cancelled at user's request"));
+        env.assert_clean();
+        assert!(
+            !native_cgroup_left(pid),
+            "{sandbox}: a step's cgroup is left"
+        );
+        let results = std::fs::read_dir(env.root().join("result"))
+            .unwrap()
+            .count();
+        assert_eq!(results, 1, "{sandbox}: only the base image was recorded");
     }
-    panic!("no container started");
 }
 
 #[test]
@@ -334,51 +326,40 @@ fn crash_mid_step_then_restart_leaves_nothing_and_builds() {
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
-    let env = Env::new(bin(), "btrfs");
-    let spec = env.spec(
-        "s.spec",
-        // (a sleep no other test uses: the check below looks at every process)
-        "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep 297\")))",
-    );
-    let mut child = Command::new(bin())
-        .args(env.args(&[
-            "build",
-            "-f",
-            spec.to_str().unwrap(),
-            env.ctx.to_str().unwrap(),
-        ]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_container(&env.root());
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    assert!(
-        std::fs::read_dir(env.root().join("result-tmp"))
-            .unwrap()
-            .count()
-            > 0,
-        "the crash left a build dir"
-    );
-    let ok = env.spec(
-        "ok.spec",
-        "((from busybox) (shell /bin/sh -c) (run (shell \"echo after-crash\")))",
-    );
-    let out = env.build(&ok);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("after-crash"));
-    env.assert_clean();
-    // The killed container's `sleep` is gone too.
-    let ps = Command::new("pgrep")
-        .args(["-f", "sleep 297"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        text(&ps.stdout).trim(),
-        "",
-        "the crashed build's process still runs"
-    );
+    // (sleeps no other test uses: the check below looks at every process)
+    for (sandbox, secs) in SANDBOXES.iter().zip([297, 296]) {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let spec = env.spec(
+            "s.spec",
+            &format!(
+                "((from busybox) (shell /bin/sh -c) (run (shell \"echo started; sleep {secs}\")))"
+            ),
+        );
+        let mut child = start_until(&env, &spec, &[], "started");
+        child.kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().unwrap();
+        assert!(
+            std::fs::read_dir(env.root().join("result-tmp"))
+                .unwrap()
+                .count()
+                > 0,
+            "{sandbox}: the crash left a build dir"
+        );
+        let ok = env.spec(
+            "ok.spec",
+            "((from busybox) (shell /bin/sh -c) (run (shell \"echo after-crash\")))",
+        );
+        let out = env.build(&ok);
+        assert!(out.status.success(), "{sandbox}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("after-crash"));
+        env.assert_clean();
+        // The killed step's `sleep` is gone too.
+        eventually(
+            &format!("{sandbox}: the crashed build's process ends"),
+            10,
+            || !process_alive(&format!("sleep {secs}")),
+        );
+    }
 }
 
 #[test]

@@ -198,8 +198,8 @@ pub enum SandboxSpec {
 }
 
 /// Every accepted `--sandbox` form, for error messages and help.
-pub const FORMS: &str = "runc (Linux containers; the default on Linux), runc:/PATH/TO/RUNC, \
-                         native (the same containers, set up without a runtime binary), \
+pub const FORMS: &str = "native (Linux containers set up by obuilder itself; the default on Linux), \
+                         runc (the same containers, run by runc), runc:/PATH/TO/RUNC, \
                          user (a build user per step: the macOS design, also on Linux), \
                          jail (a FreeBSD jail per step), \
                          docker (containers of a Docker-compatible engine, with --store docker:PATH)";
@@ -251,10 +251,12 @@ impl std::str::FromStr for SandboxSpec {
 }
 
 impl SandboxSpec {
-    /// The default sandbox of this platform.
+    /// The default sandbox of this platform: on Linux the native one (the runc sandbox's
+    /// container, started without a runtime binary: docs/performance.md, The native
+    /// sandbox), on macOS a build user per step.
     pub fn platform_default() -> Option<SandboxSpec> {
         #[cfg(target_os = "linux")]
-        return Some(SandboxSpec::Runc(RuncOptions::default()));
+        return Some(SandboxSpec::Native(NativeOptions::default()));
         #[cfg(target_os = "macos")]
         return Some(SandboxSpec::User(UserOptions::default()));
         #[cfg(not(any(target_os = "linux", target_os = "macos")))]

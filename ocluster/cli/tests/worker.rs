@@ -1,6 +1,6 @@
 //! The whole cluster for real: `ocluster-scheduler`, `ocluster-worker`s running OBuilder
-//! jobs in runc on btrfs stores on a loopback filesystem, and `ocluster-client`, each in
-//! its own process, over TLS on 127.0.0.1.
+//! jobs in the native sandbox and runc on btrfs stores on a loopback filesystem, and
+//! `ocluster-client`, each in its own process, over TLS on 127.0.0.1.
 
 // Tests start the real programs as processes.
 #![allow(clippy::disallowed_methods)]
@@ -340,7 +340,8 @@ fn git_jobs_logs_affinity_and_bad_input() {
         }
     });
     let w1 = Worker::start_with(&s, &fs.mnt, "w1", 2, &["--additional-metrics", &extra_uri]);
-    let w2 = Worker::start(&s, &fs.mnt, "w2", 2);
+    // w1 runs its jobs in the default (native) sandbox, w2 in runc.
+    let w2 = Worker::start_with(&s, &fs.mnt, "w2", 2, &["--sandbox", "runc"]);
     let (url, one, two, clash) = repo(&s.dir.path().join("repo"));
 
     // Two commits merged: the context has the files of both.

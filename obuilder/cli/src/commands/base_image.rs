@@ -50,10 +50,13 @@ async fn build_image(mut a: BuildArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     if a.build.sandbox.sandbox.as_deref() != Some("user") {
+        let given = match a.build.sandbox.sandbox.as_deref() {
+            Some(s) => format!("--sandbox {s}: "),
+            None => String::new(),
+        };
         return Err(usage(format!(
-            "--sandbox {}: a base image is built with --sandbox user (its trees are the build \
-             user's home and Homebrew prefix)",
-            a.build.sandbox.sandbox.as_deref().unwrap_or("runc")
+            "{given}a base image is built with --sandbox user (its trees are the build \
+             user's home and Homebrew prefix)"
         )));
     }
     if matches!(a.export.as_deref(), Some(d) if d.starts_with("tar:")) {

@@ -6,7 +6,7 @@
 //!   replays the log from the start and follows it live; the step is cancelled only when its
 //!   last waiter leaves; a request arriving while a step is being cancelled waits for that to
 //!   finish and starts afresh;
-//! * across processes sharing the store, a step is built under its bucket's lock; a
+//! * across processes sharing the store, a step is built under its own lock; a
 //!   process that waits says for whom, and replays that process's log afterwards;
 //! * every id a running build has used or is building is *pinned*, and pruning never
 //!   removes a pinned id (OBuilder #157/#176);
@@ -252,6 +252,10 @@ impl Policy {
         }
         if alone {
             let _ = std::fs::remove_file(&damaged);
+        }
+        if !dead.is_empty() {
+            // Alone after a crash: the dead process's step lock files are left over.
+            lock::clear_step_locks(&state);
         }
         for m in dead {
             let _ = std::fs::remove_file(m);
@@ -776,7 +780,7 @@ impl BuildTask {
             &self.id,
             || inf.cancel.is_cancelled(),
             |h| {
-                // The bucket is shared by 1/4096th of all ids: say so only for this one.
+                // (A holder that wrote nothing yet is said at the next round.)
                 if h.as_ref().is_some_and(|h| h.id == self.id) {
                     holder = h.as_ref().map(|h| h.pid);
                     tracing::info!("waiting for process {:?} building {}", holder, self.id);

@@ -412,6 +412,55 @@ fn step_logs_are_capped_and_keep_their_end() {
     assert!(again.stdout.len() < 1_200_000, "{}", again.stdout.len());
 }
 
+/// A descriptor that whoever started the builder left open without close-on-exec (a CI
+/// runner's, a shell's) never reaches a step: here a directory outside the tree, which a
+/// step holding it could read through `/proc/self/fd/N/`.
+#[test]
+fn a_descriptor_the_builder_inherited_never_reaches_a_step() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    for sandbox in SANDBOXES {
+        let env = Env::new(bin(), "btrfs").sandboxed(sandbox);
+        let outside = env.tmp.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("marker"), "host-secret-3981\n").unwrap();
+        let dir = std::fs::File::open(&outside).unwrap();
+        let spec = env.spec(
+            "s.spec",
+            "((from busybox) (shell /bin/sh -c)\n \
+             (run (shell \"ls /proc/self/fd; for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
+        );
+        let mut cmd = env.command(&[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ]);
+        let raw = dir.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe; the new descriptor 9 has no close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 9) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{sandbox}: {o}{}", text(&out.stderr));
+        assert!(o.contains("probed"), "{sandbox}: {o}");
+        assert!(
+            !o.contains("host-secret-3981"),
+            "{sandbox}: the step read the host's file:\n{o}"
+        );
+        drop(dir);
+    }
+}
+
 /// A pids limit (default on), a memory limit and a step time limit, each with a clear
 /// message, on this machine's v1/v2 hybrid cgroups.
 #[test]

@@ -164,6 +164,9 @@ pub struct Plan {
     pub go_parent: RawFd,
     /// Close-on-exec: the failure report.
     pub report: RawFd,
+    /// The largest descriptor number this kernel allows (`fs.nr_open`): how far
+    /// [`seal_descriptors`] looks on a kernel without `close_range`.
+    pub fd_limit: c_int,
     /// One byte is written here first thing: the process exists (its pid is known to the
     /// parent, see `super::spawn`). Closed right after.
     pub started: RawFd,
@@ -173,6 +176,49 @@ pub struct Plan {
 // Once made it is only read, by the parent and by the child (which shares its memory).
 unsafe impl Send for Plan {}
 unsafe impl Sync for Plan {}
+
+/// Makes every descriptor from 3 up close-on-exec, or closes it, but `report` (which is
+/// close-on-exec itself and written to until `execve`). `close_range` with
+/// `CLOSE_RANGE_CLOEXEC` does it in one call from Linux 5.11; before, `close_range`
+/// closes the ranges around `report` (5.9, 5.10); before that, each number up to
+/// `fd_limit` is marked. Nothing may be allocated here (the child shares the builder's
+/// memory), and none of the three can be skipped: an unchecked `close_range` on an older
+/// kernel leaves every descriptor open.
+///
+/// # Safety
+/// Only in the child, after everything else that uses a descriptor but `report`.
+pub(crate) unsafe fn seal_descriptors(report: RawFd, fd_limit: c_int) {
+    if cloexec_range() || close_around(report) {
+        return;
+    }
+    cloexec_each(fd_limit);
+}
+
+unsafe fn cloexec_range() -> bool {
+    libc::syscall(
+        libc::SYS_close_range,
+        3u32,
+        u32::MAX,
+        libc::CLOSE_RANGE_CLOEXEC,
+    ) == 0
+}
+
+unsafe fn close_around(report: RawFd) -> bool {
+    let range = |first: c_int, last: u32| {
+        libc::syscall(libc::SYS_close_range, first as u32, last, 0u32) == 0
+    };
+    if report < 3 {
+        return range(3, u32::MAX);
+    }
+    (report == 3 || range(3, report as u32 - 1)) && range(report + 1, u32::MAX)
+}
+
+unsafe fn cloexec_each(fd_limit: c_int) {
+    for fd in 3..fd_limit {
+        // EBADF for a number not in use: nothing to do.
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+}
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -726,13 +772,10 @@ pub unsafe fn run(p: &Plan) -> ! {
     if libc::poll(&mut pfd, 1, 0) > 0 && pfd.revents & libc::POLLHUP != 0 {
         libc::_exit(127);
     }
-    // Nothing of the builder's but the three streams and the report pipe survives execve.
-    libc::syscall(
-        libc::SYS_close_range,
-        3u32,
-        u32::MAX,
-        libc::CLOSE_RANGE_CLOEXEC,
-    );
+    // Nothing of the builder's but the three streams and the report pipe survives execve
+    // (a descriptor its own parent left open without close-on-exec would give the step a
+    // way out of its tree).
+    seal_descriptors(p.report, p.fd_limit);
 
     let mut seen = libc::ENOENT;
     for c in &p.exec {
@@ -749,4 +792,90 @@ pub unsafe fn run(p: &Plan) -> ! {
         }
     }
     fail(p, Stage::Exec, 0, seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `seal` in a forked child holding three descriptors without close-on-exec (one
+    /// of them standing for the report pipe); true if afterwards the report pipe alone is
+    /// open and not marked, and each other is closed or marked close-on-exec.
+    fn sealed_in_a_child(seal: unsafe fn(RawFd)) -> bool {
+        // SAFETY: plain descriptor calls; the forked child only makes system calls and
+        // leaves with _exit.
+        unsafe {
+            let dev_null = c"/dev/null".as_ptr();
+            let fds: Vec<RawFd> = (0..3)
+                .map(|_| libc::open(dev_null, libc::O_RDONLY))
+                .collect();
+            assert!(fds.iter().all(|&fd| fd >= 3));
+            let (report, others) = (fds[1], [fds[0], fds[2]]);
+            let pid = libc::fork();
+            if pid == 0 {
+                seal(report);
+                let kept = libc::fcntl(report, libc::F_GETFD) == 0;
+                let gone = others.iter().all(|&fd| {
+                    let f = libc::fcntl(fd, libc::F_GETFD);
+                    f == -1 || f & libc::FD_CLOEXEC != 0
+                });
+                libc::_exit(if kept && gone { 0 } else { 1 });
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            for fd in fds {
+                libc::close(fd);
+            }
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+        }
+    }
+
+    /// Each way of keeping the builder's descriptors from the step works on this kernel,
+    /// the fallbacks for kernels before 5.11 and 5.9 included (which cannot be had here
+    /// otherwise: this kernel has the one-call way).
+    #[test]
+    fn no_descriptor_of_the_builder_reaches_the_step_on_any_kernel() {
+        // (No panics in the forked child: a failure is its exit status.)
+        unsafe fn whole(_: RawFd) {
+            if !cloexec_range() {
+                libc::_exit(2);
+            }
+        }
+        unsafe fn around(report: RawFd) {
+            if !close_around(report) {
+                libc::_exit(2);
+            }
+        }
+        unsafe fn each(report: RawFd) {
+            cloexec_each(4096);
+            // (The report pipe is close-on-exec in the sandbox: here it stands apart.)
+            libc::fcntl(report, libc::F_SETFD, 0);
+        }
+        unsafe fn all(report: RawFd) {
+            seal_descriptors(report, 4096);
+            libc::fcntl(report, libc::F_SETFD, 0);
+        }
+        assert!(
+            sealed_in_a_child(around),
+            "close_range around the report pipe"
+        );
+        assert!(sealed_in_a_child(each), "one by one");
+        assert!(sealed_in_a_child(all), "the three in order");
+        // The one-call way marks the report pipe too, as the sandbox's is marked already.
+        // SAFETY: as above.
+        unsafe {
+            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            let pid = libc::fork();
+            if pid == 0 {
+                whole(fd);
+                libc::_exit(i32::from(
+                    libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC == 0,
+                ));
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            libc::close(fd);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        }
+    }
 }

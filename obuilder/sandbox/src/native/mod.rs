@@ -158,6 +158,19 @@ impl Ahead {
 /// Numbers the sandboxes of this process, for their step records.
 static NEXT_SANDBOX: AtomicU64 = AtomicU64::new(0);
 
+/// The largest descriptor number a process may have (`fs.nr_open`, 1 048 576 unless
+/// raised), read once: how far the child marks descriptors close-on-exec one by one on a
+/// kernel without `close_range` (see `child::seal_descriptors`).
+fn fd_limit() -> c_int {
+    static LIMIT: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    })
+}
+
 /// The prefix of a step record's name (see `NativeSandbox::record`).
 const RECORD_PREFIX: &str = "steps-";
 
@@ -853,6 +866,7 @@ impl NativeSandbox {
             go: go.0,
             go_parent: go.1,
             report,
+            fd_limit: fd_limit(),
             started: -1,
         };
         Ok((plan, flags))
@@ -1133,8 +1147,11 @@ impl NativeSandbox {
         let (pid, pidfd, plan) = match spawn(plan, flags) {
             Ok(p) => p,
             Err(e) => {
+                // The default sandbox on Linux: say what it needs, and the other way.
                 return Err(SandboxError::Unsupported(format!(
-                    "the native sandbox cannot start a step: {e}"
+                    "the native sandbox cannot start a step: {e} (it needs root, Linux 5.3+ \
+                     and new mount, pid, ipc, uts and network namespaces; `--sandbox runc` \
+                     runs the same container with runc)"
                 )));
             }
         };

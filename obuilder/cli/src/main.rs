@@ -78,6 +78,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    obuilder_engine::exec::seal_inherited_descriptors();
     cli_docs::generate_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let level = match cli.verbose {

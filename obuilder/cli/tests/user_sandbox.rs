@@ -607,6 +607,57 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
     assert_eq!(private(), 0, "left TMPDIRs removed");
 }
 
+/// A descriptor that whoever started the builder left open without close-on-exec never
+/// reaches a build user's step (`setpriv` passes every open descriptor on): here a
+/// directory the build user could otherwise read through `/proc/self/fd/N/`.
+#[test]
+fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    if !machine_ok("a_descriptor_the_builder_inherited_never_reaches_a_build_user") {
+        return;
+    }
+    let env = Env::new(bin(), "btrfs");
+    let dir = tempdir_0755();
+    let farm = Farm::new(dir.path(), (61700, 61700));
+    farm.import(&env);
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("marker"), "host-secret-3982\n").unwrap();
+    let held = std::fs::File::open(&outside).unwrap();
+    let spec = env.spec(
+        "fd.spec",
+        "((from macbase) (run (shell \"ls /proc/self/fd; for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
+    );
+    let mut cmd = farm.command(
+        &env,
+        &[
+            "build",
+            "-f",
+            spec.to_str().unwrap(),
+            env.ctx.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let raw = held.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; the new descriptor 9 has no close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = ok(&cmd.output().unwrap(), "build");
+    assert!(out.contains("probed"), "{out}");
+    assert!(
+        !out.contains("host-secret-3982"),
+        "the build user read the host's file:\n{out}"
+    );
+    drop(held);
+}
+
 /// `obuilder base-image build`: a macOS base image made by a spec `(from scratch)` with the
 /// user sandbox, pushed to a registry as an OCI image of `home/` and `brew/`, then pulled by
 /// another store's `(from REF)` and built on, as a worker would.

@@ -1,5 +1,5 @@
 #![cfg(target_os = "linux")]
-//! Children that die with the thread that started them.
+//! Children that die with the thread that started them; descriptors that no child gets.
 
 use std::os::unix::process::CommandExt;
 
@@ -19,5 +19,22 @@ pub fn die_with_parent(c: &mut std::process::Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// [`super::seal_inherited_descriptors`] on Linux: one `close_range` call from 5.11,
+/// else each descriptor `/proc/self/fd` lists.
+pub fn seal_inherited_descriptors() {
+    // SAFETY: a system call on this process's own descriptor table.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        super::cloexec_listed("/proc/self/fd");
     }
 }

@@ -122,6 +122,36 @@ pub trait Exec: Send + Sync {
 
 pub type SharedExec = Arc<dyn Exec>;
 
+/// Marks every descriptor this process inherited beyond the standard three close-on-exec,
+/// so that none reaches a command or a step: whoever started the builder (a CI runner, a
+/// shell, a service manager) may have left some open without close-on-exec, and a
+/// directory or file descriptor in a step's hands is a way around its sandbox (`setpriv`,
+/// which starts a user-sandbox step, passes every open descriptor on). Called first thing
+/// by the programs that run builds; the descriptors stay usable here.
+pub fn seal_inherited_descriptors() {
+    #[cfg(target_os = "linux")]
+    linux::seal_inherited_descriptors();
+    #[cfg(not(target_os = "linux"))]
+    cloexec_listed("/dev/fd");
+}
+
+/// Marks close-on-exec every descriptor above 2 that `listing` (this process's descriptor
+/// directory) names.
+pub(crate) fn cloexec_listed(listing: &str) {
+    let fds: Vec<libc::c_int> = std::fs::read_dir(listing)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor number; EBADF at worst (the listing's own, closed
+        // since). FD_CLOEXEC is the only descriptor flag.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 /// Runs commands for real, logging each at debug level.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealExec;
@@ -233,5 +263,24 @@ impl Exec for RealExec {
             cmd: cmd.display(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The way kernels without `close_range`'s flag (and other systems) take: each listed
+    /// descriptor is marked, and stays open.
+    #[test]
+    fn inherited_descriptors_are_marked_close_on_exec_by_the_listing() {
+        // SAFETY: a descriptor opened and closed here.
+        unsafe {
+            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            assert!(fd > 2);
+            assert_eq!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+            // (`/dev/fd` is this process's descriptors on Linux, macOS and FreeBSD.)
+            super::cloexec_listed("/dev/fd");
+            assert_ne!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+            libc::close(fd);
+        }
     }
 }

@@ -105,6 +105,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 }
 
 fn main() {
+    obuilder_engine::exec::seal_inherited_descriptors();
     cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);

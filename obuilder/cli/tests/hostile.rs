@@ -431,7 +431,7 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_step() {
         let spec = env.spec(
             "s.spec",
             "((from busybox) (shell /bin/sh -c)\n \
-             (run (shell \"ls /proc/self/fd; for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
+             (run (shell \"echo fds: $(ls /proc/self/fd); for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
         );
         let mut cmd = env.command(&[
             "build",
@@ -457,6 +457,8 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_step() {
             !o.contains("host-secret-3981"),
             "{sandbox}: the step read the host's file:\n{o}"
         );
+        // The three streams and `ls`'s own directory: nothing else is open in the step.
+        assert!(o.contains("fds: 0 1 2 3\n"), "{sandbox}: {o}");
         drop(dir);
     }
 }

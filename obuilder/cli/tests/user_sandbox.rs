@@ -627,7 +627,7 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     let held = std::fs::File::open(&outside).unwrap();
     let spec = env.spec(
         "fd.spec",
-        "((from macbase) (run (shell \"ls /proc/self/fd; for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
+        "((from macbase) (run (shell \"echo fds: $(ls /proc/self/fd); for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
     );
     let mut cmd = farm.command(
         &env,
@@ -655,6 +655,8 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
         !out.contains("host-secret-3982"),
         "the build user read the host's file:\n{out}"
     );
+    // The three streams and `ls`'s own directory: nothing else is open in the step.
+    assert!(out.contains("fds: 0 1 2 3\n"), "{out}");
     drop(held);
 }
 

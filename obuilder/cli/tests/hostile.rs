@@ -5,7 +5,9 @@
 // Tests drive the real binary and tools directly.
 #![allow(clippy::disallowed_methods)]
 
-use testkit::e2e::{caps, eventually, process_alive, start_until, text, Env, SANDBOXES, STORES};
+use testkit::e2e::{
+    caps, eventually, leave_open, process_alive, start_until, text, Env, SANDBOXES, STORES,
+};
 use testkit::Cap;
 
 /// The binary under test; `OBUILDER_TEST_BIN` points these probes at another build (an
@@ -418,7 +420,6 @@ fn step_logs_are_capped_and_keep_their_end() {
 #[test]
 fn a_descriptor_the_builder_inherited_never_reaches_a_step() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     if !testkit::require(module_path!(), &caps()) {
         return;
     }
@@ -439,16 +440,8 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_step() {
             spec.to_str().unwrap(),
             env.ctx.to_str().unwrap(),
         ]);
-        let raw = dir.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; the new descriptor 9 has no close-on-exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(raw, 9) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let held_fd = dir.as_raw_fd();
+        leave_open(&mut cmd, held_fd, 9);
         let out = cmd.output().unwrap();
         let o = text(&out.stdout);
         assert!(out.status.success(), "{sandbox}: {o}{}", text(&out.stderr));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::e2e::{caps, text, Env};
+use testkit::e2e::{caps, leave_open, text, Env};
 use testkit::Cap;
 
 fn bin() -> &'static str {
@@ -613,7 +613,6 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
 #[test]
 fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     if !machine_ok("a_descriptor_the_builder_inherited_never_reaches_a_build_user") {
         return;
     }
@@ -639,16 +638,8 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
         ],
         &[],
     );
-    let raw = held.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe; the new descriptor 9 has no close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(raw, 9) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let held_fd = held.as_raw_fd();
+    leave_open(&mut cmd, held_fd, 9);
     let out = ok(&cmd.output().unwrap(), "build");
     assert!(out.contains("probed"), "{out}");
     assert!(

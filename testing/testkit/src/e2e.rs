@@ -393,3 +393,18 @@ pub fn kept_id(log: &str) -> String {
         .unwrap_or_else(|| panic!("no kept id in:\n{log}"))
         .to_string()
 }
+
+/// Makes `cmd` start with `fd` open as descriptor `as_fd` without close-on-exec: what a
+/// careless parent (a CI runner, a shell) may leave a builder.
+pub fn leave_open(cmd: &mut Command, fd: std::os::fd::RawFd, as_fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: dup2 is async-signal-safe; its new descriptor has no close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, as_fd) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

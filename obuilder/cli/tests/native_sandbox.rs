@@ -32,6 +32,8 @@ p hosts "$(cat /etc/hosts)"
 p hosts-writable "$(echo x 2>&1 >> /etc/hosts || echo refused)"
 p resolv "$(head -c 200 /etc/resolv.conf 2>&1)"
 p cwd "$(pwd)"
+p umask "$(umask) $(rm -f /tmp/new; touch /tmp/new; stat -c %a /tmp/new)"
+p root-mode "$(stat -c %a /)"
 p env "$(env | sort)"
 p nofile "$(ulimit -n) $(ulimit -Hn)"
 p net-devices "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort)"
@@ -83,7 +85,17 @@ fn probe(sandbox: &str, network_host: bool) -> Vec<BTreeMap<String, String>> {
             step("user")
         ),
     );
-    let out = env.build_with(&spec, &["--secret", &format!("tok:{}", secret.display())]);
+    // Started under a umask of 077: the step's must not depend on it.
+    let mut cmd = env.command(&[
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+        "--secret",
+        &format!("tok:{}", secret.display()),
+    ]);
+    testkit::e2e::with_umask(&mut cmd, 0o077);
+    let out = cmd.output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "{sandbox}: {o}{}", text(&out.stderr));
     // Each run's output starts with a line `@@root` or `@@user`.
@@ -107,7 +119,7 @@ fn probe(sandbox: &str, network_host: bool) -> Vec<BTreeMap<String, String>> {
 /// Every property of the runc sandbox's container, the native one's too: namespaces,
 /// loopback, pivot_root, /proc /dev /sys and their options, masks, read-only paths,
 /// capabilities, no_new_privs, seccomp, rlimits, hostname, /etc/hosts, resolv.conf with
-/// the host's network, caches, secrets, user and groups, cwd and env.
+/// the host's network, caches, secrets, user and groups, cwd, umask and env.
 #[test]
 fn the_native_container_is_the_runc_container_property_by_property() {
     if !testkit::require(module_path!(), &caps()) {
@@ -171,6 +183,10 @@ fn the_native_container_is_the_runc_container_property_by_property() {
         assert_eq!(native[1]["secret"].split(' ').nth(1), Some("1000"));
         assert!(root["cache"].ends_with("writable-and-exec"));
         assert_eq!(root["cwd"], "/src");
+        // runc's umask, whatever the builder's (077 here); and the tree's root, which the
+        // store made and no layer entry sets, as a base image has it.
+        assert_eq!(root["umask"], "0022 644");
+        assert_eq!(root["root-mode"], "755");
         assert!(
             native[1]["id"].starts_with("uid=1000 gid=1000"),
             "{}",

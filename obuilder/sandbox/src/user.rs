@@ -1342,8 +1342,10 @@ impl Sandbox for UserSandbox {
                 let _ = sup.wait().await;
             });
             started = true;
+            // The umask runc gives a step: a result never depends on the builder's (a
+            // login profile may still set its own).
             let mut child = self.exec.spawn(
-                &Cmd::new(argv),
+                &Cmd::new(argv).umask(0o022),
                 if c.stdin {
                     Stdio::inherit()
                 } else {

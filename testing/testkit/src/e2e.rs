@@ -408,3 +408,15 @@ pub fn leave_open(cmd: &mut Command, fd: std::os::fd::RawFd, as_fd: std::os::fd:
         });
     }
 }
+
+/// Makes `cmd` start with umask `mask` (as a careful operator's shell or service may).
+pub fn with_umask(cmd: &mut Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        });
+    }
+}

@@ -190,6 +190,7 @@ pub fn builder_config(
 
 /// Opens a builder from the config, with the store named in the error.
 pub async fn open(config: &BuilderConfig) -> anyhow::Result<Arc<obuilder_engine::Builder>> {
+    obuilder_engine::exec::use_build_umask();
     Ok(Arc::new(config.open().await?))
 }
 

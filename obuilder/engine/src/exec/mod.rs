@@ -18,6 +18,8 @@ pub struct Cmd {
     pub cwd: Option<PathBuf>,
     /// Bytes fed to standard input (closed after them); `None` gives `/dev/null`.
     pub stdin: Option<Vec<u8>>,
+    /// The command's umask; `None`: this process's.
+    pub umask: Option<u32>,
 }
 
 impl Cmd {
@@ -34,6 +36,11 @@ impl Cmd {
 
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Cmd {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    pub fn umask(mut self, mask: u32) -> Cmd {
+        self.umask = Some(mask);
         self
     }
 
@@ -152,6 +159,16 @@ pub(crate) fn cloexec_listed(listing: &str) {
     }
 }
 
+/// Sets this process's umask to 022, as Docker's daemon does at its start: what a build
+/// makes (a store's new trees, a base image's implied directories, a workdir, a copy's
+/// parents) and what its steps make must not depend on the umask of whoever started the
+/// builder. Under 077 a base image's root came out 0700, and no step of a non-root user
+/// could run at all. For the programs that open a builder, before they do.
+pub fn use_build_umask() {
+    // SAFETY: umask only swaps this process's mask.
+    unsafe { libc::umask(0o022) };
+}
+
 /// Runs commands for real, logging each at debug level.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealExec;
@@ -170,6 +187,15 @@ fn command(cmd: &Cmd) -> tokio::process::Command {
     if let Some(dir) = &cmd.cwd {
         c.current_dir(dir);
     }
+    if let Some(mask) = cmd.umask {
+        // SAFETY: umask is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            c.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
+    }
     c
 }
 
@@ -186,6 +212,16 @@ fn run_to_end(cmd: &Cmd) -> std::io::Result<std::process::Output> {
     c.args(&cmd.argv[1..]);
     if let Some(dir) = &cmd.cwd {
         c.current_dir(dir);
+    }
+    if let Some(mask) = cmd.umask {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            c.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
     }
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c.stdin(if cmd.stdin.is_some() {

@@ -567,7 +567,7 @@ pub unsafe fn run(p: &Plan) -> ! {
     }
     // The standard nodes, made rather than bound from the host (as runc without a user
     // namespace); what else a step may open is the devices cgroup's to say.
-    let old = libc::umask(0);
+    libc::umask(0);
     for (i, d) in p.devices.iter().enumerate() {
         check(
             p,
@@ -576,7 +576,9 @@ pub unsafe fn run(p: &Plan) -> ! {
             i,
         );
     }
-    libc::umask(old);
+    // From here, and for the step, runc's umask (the OCI config sets none): a step's files
+    // never depend on the umask of whoever started the builder.
+    libc::umask(0o022);
     for (i, (target, link)) in p.dev_links.iter().enumerate() {
         let r = libc::symlink(target.as_ptr(), link.as_ptr());
         if r < 0 && errno() != libc::EEXIST {

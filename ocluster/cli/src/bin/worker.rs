@@ -106,6 +106,7 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     obuilder_engine::exec::seal_inherited_descriptors();
+    obuilder_engine::exec::use_build_umask();
     cli_docs::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     init_logging(&args.verbosity);

@@ -188,15 +188,20 @@ fn command(cmd: &Cmd) -> tokio::process::Command {
         c.current_dir(dir);
     }
     if let Some(mask) = cmd.umask {
-        // SAFETY: umask is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            c.pre_exec(move || {
-                libc::umask(mask as libc::mode_t);
-                Ok(())
-            });
-        }
+        // SAFETY: see `umask_in_child`.
+        unsafe { c.pre_exec(umask_in_child(mask)) };
     }
     c
+}
+
+/// A `pre_exec` hook that sets the child's umask (async-signal-safe: one system call,
+/// nothing of the parent's touched).
+fn umask_in_child(mask: u32) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    move || {
+        // SAFETY: umask only swaps the calling process's mask.
+        unsafe { libc::umask(mask as libc::mode_t) };
+        Ok(())
+    }
 }
 
 /// Runs `cmd` to completion on a thread of its own that forks it and waits for it, so
@@ -215,13 +220,8 @@ fn run_to_end(cmd: &Cmd) -> std::io::Result<std::process::Output> {
     }
     if let Some(mask) = cmd.umask {
         use std::os::unix::process::CommandExt;
-        // SAFETY: umask is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            c.pre_exec(move || {
-                libc::umask(mask as libc::mode_t);
-                Ok(())
-            });
-        }
+        // SAFETY: see `umask_in_child`.
+        unsafe { c.pre_exec(umask_in_child(mask)) };
     }
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c.stdin(if cmd.stdin.is_some() {

@@ -154,3 +154,42 @@ fn default_obuilderfs() -> String {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|| "obuilderfs".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    }
+
+    fn spec(args: &[&str]) -> Result<SandboxSpec, String> {
+        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?
+            .sandbox
+            .spec()
+    }
+
+    #[test]
+    fn the_default_and_what_runc_alone_chooses() {
+        // (OBUILDER_SANDBOX, which clap reads, is not set in this test's environment.)
+        if std::env::var_os("OBUILDER_SANDBOX").is_some() {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        assert!(matches!(spec(&[]), Ok(SandboxSpec::Native(_))));
+        let Ok(SandboxSpec::Runc(o)) = spec(&["--runc", "/opt/runc"]) else {
+            panic!("--runc alone chooses runc")
+        };
+        assert_eq!(o.runc, "/opt/runc");
+        let e = spec(&["--sandbox", "native", "--runc", "/opt/runc"]).unwrap_err();
+        assert!(e.contains("goes with the runc sandbox"), "{e}");
+        assert!(matches!(
+            spec(&["--sandbox", "runc:/x", "--runc", "/y"]),
+            Ok(SandboxSpec::Runc(RuncOptions { runc, .. })) if runc == "/y"
+        ));
+    }
+}

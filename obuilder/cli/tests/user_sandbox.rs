@@ -609,8 +609,8 @@ fn builder_killed_mid_step_leaves_no_process_of_the_user() {
 
 /// A descriptor that whoever started the builder left open without close-on-exec never
 /// reaches a build user's step (`setpriv` passes every open descriptor on): here a
-/// directory the build user could otherwise read through `/proc/self/fd/N/`. Nor does its
-/// umask.
+/// directory the build user could otherwise read through `/proc/self/fd/N/`. Nor do its
+/// umask and ignored signals.
 #[test]
 fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     use std::os::fd::AsRawFd;
@@ -627,7 +627,7 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     let held = std::fs::File::open(&outside).unwrap();
     let spec = env.spec(
         "fd.spec",
-        "((from macbase) (run (shell \"echo umask: $(umask); echo fds: $(ls /proc/self/fd); for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
+        "((from macbase) (run (shell \"echo umask: $(umask); grep SigIgn /proc/self/status; echo fds: $(ls /proc/self/fd); for f in /proc/self/fd/*; do cat $f/marker 2>/dev/null; done; echo probed\")))",
     );
     let mut cmd = farm.command(
         &env,
@@ -641,8 +641,16 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     );
     let held_fd = held.as_raw_fd();
     leave_open(&mut cmd, held_fd, 9);
-    // And started under a umask of 077, which the build user's command must not get.
+    // And started under a umask of 077 and with SIGUSR1 ignored (`timeout` resets SIGINT),
+    // which the build user's command must not get.
     testkit::e2e::with_umask(&mut cmd, 0o077);
+    // SAFETY: signal is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+            Ok(())
+        });
+    }
     let out = ok(&cmd.output().unwrap(), "build");
     assert!(out.contains("probed"), "{out}");
     assert!(
@@ -652,6 +660,15 @@ fn a_descriptor_the_builder_inherited_never_reaches_a_build_user() {
     // The three streams and `ls`'s own directory: nothing else is open in the step.
     assert!(out.contains("fds: 0 1 2 3\n"), "{out}");
     assert!(out.contains("umask: 0022\n"), "{out}");
+    let ignored = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
+    assert_eq!(
+        ignored.map(|m| m & (1 << (libc::SIGUSR1 - 1))),
+        Some(0),
+        "{out}"
+    );
     drop(held);
 }
 

@@ -1342,10 +1342,11 @@ impl Sandbox for UserSandbox {
                 let _ = sup.wait().await;
             });
             started = true;
-            // The umask runc gives a step: a result never depends on the builder's (a
-            // login profile may still set its own).
+            // The umask runc gives a step, and no signal ignored because the builder's
+            // parent ignored it: a result never depends on how the builder was started (a
+            // login profile may still set its own umask).
             let mut child = self.exec.spawn(
-                &Cmd::new(argv).umask(0o022),
+                &Cmd::new(argv).umask(0o022).default_signals(),
                 if c.stdin {
                     Stdio::inherit()
                 } else {

@@ -20,6 +20,9 @@ pub struct Cmd {
     pub stdin: Option<Vec<u8>>,
     /// The command's umask; `None`: this process's.
     pub umask: Option<u32>,
+    /// Start it with every signal's default disposition, whatever this process's parent
+    /// had set to be ignored (as a container runtime starts a step).
+    pub default_signals: bool,
 }
 
 impl Cmd {
@@ -41,6 +44,11 @@ impl Cmd {
 
     pub fn umask(mut self, mask: u32) -> Cmd {
         self.umask = Some(mask);
+        self
+    }
+
+    pub fn default_signals(mut self) -> Cmd {
+        self.default_signals = true;
         self
     }
 
@@ -187,19 +195,33 @@ fn command(cmd: &Cmd) -> tokio::process::Command {
     if let Some(dir) = &cmd.cwd {
         c.current_dir(dir);
     }
-    if let Some(mask) = cmd.umask {
-        // SAFETY: see `umask_in_child`.
-        unsafe { c.pre_exec(umask_in_child(mask)) };
+    if cmd.umask.is_some() || cmd.default_signals {
+        // SAFETY: see `child_setup`.
+        unsafe { c.pre_exec(child_setup(cmd.umask, cmd.default_signals)) };
     }
     c
 }
 
-/// A `pre_exec` hook that sets the child's umask (async-signal-safe: one system call,
-/// nothing of the parent's touched).
-fn umask_in_child(mask: u32) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+/// A `pre_exec` hook that sets the child's umask and resets ignored signals to their
+/// default (async-signal-safe: system calls only, nothing of the parent's touched).
+fn child_setup(
+    umask: Option<u32>,
+    default_signals: bool,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
     move || {
-        // SAFETY: umask only swaps the calling process's mask.
-        unsafe { libc::umask(mask as libc::mode_t) };
+        // SAFETY: umask and signal only change the calling (child) process.
+        unsafe {
+            if let Some(mask) = umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            if default_signals {
+                // Handlers do not survive execve; ignored signals do. (SIGKILL and SIGSTOP
+                // refuse, harmlessly.)
+                for sig in 1..32 {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -218,10 +240,10 @@ fn run_to_end(cmd: &Cmd) -> std::io::Result<std::process::Output> {
     if let Some(dir) = &cmd.cwd {
         c.current_dir(dir);
     }
-    if let Some(mask) = cmd.umask {
+    if cmd.umask.is_some() || cmd.default_signals {
         use std::os::unix::process::CommandExt;
-        // SAFETY: see `umask_in_child`.
-        unsafe { c.pre_exec(umask_in_child(mask)) };
+        // SAFETY: see `child_setup`.
+        unsafe { c.pre_exec(child_setup(cmd.umask, cmd.default_signals)) };
     }
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c.stdin(if cmd.stdin.is_some() {

@@ -780,9 +780,10 @@ impl BuildTask {
             &self.id,
             || inf.cancel.is_cancelled(),
             |h| {
-                // (A holder that wrote nothing yet is said at the next round.)
-                if h.as_ref().is_some_and(|h| h.id == self.id) {
-                    holder = h.as_ref().map(|h| h.pid);
+                // (The lock is this step's alone; a holder that wrote nothing yet is said
+                // at the next round.)
+                if let Some(h) = h {
+                    holder = Some(h.pid);
                     tracing::info!("waiting for process {:?} building {}", holder, self.id);
                     inf.waiting_for.send_replace(holder);
                 }

@@ -22,19 +22,25 @@ pub fn die_with_parent(c: &mut std::process::Command) {
     }
 }
 
-/// [`super::seal_inherited_descriptors`] on Linux: one `close_range` call from 5.11,
-/// else each descriptor `/proc/self/fd` lists.
-pub fn seal_inherited_descriptors() {
+/// Marks every descriptor from 3 up close-on-exec in one `close_range` call; false where
+/// the kernel refuses it (before Linux 5.11). One system call, no allocation: a forked
+/// child may call it (the native sandbox's does, before `execve`).
+pub fn cloexec_above_stdio() -> bool {
     // SAFETY: a system call on this process's own descriptor table.
-    let marked = unsafe {
+    unsafe {
         libc::syscall(
             libc::SYS_close_range,
             3u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if !marked {
+        ) == 0
+    }
+}
+
+/// [`super::seal_inherited_descriptors`] on Linux: one `close_range` call from 5.11,
+/// else each descriptor `/proc/self/fd` lists.
+pub fn seal_inherited_descriptors() {
+    if !cloexec_above_stdio() {
         super::cloexec_listed("/proc/self/fd");
     }
 }

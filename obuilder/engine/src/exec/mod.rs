@@ -272,6 +272,8 @@ fn run_to_end(cmd: &Cmd) -> std::io::Result<std::process::Output> {
 
 #[cfg(target_os = "linux")]
 mod linux;
+#[cfg(target_os = "linux")]
+pub use linux::cloexec_above_stdio;
 
 #[async_trait]
 impl Exec for RealExec {

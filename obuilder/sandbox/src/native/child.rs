@@ -188,19 +188,10 @@ unsafe impl Sync for Plan {}
 /// # Safety
 /// Only in the child, after everything else that uses a descriptor but `report`.
 pub(crate) unsafe fn seal_descriptors(report: RawFd, fd_limit: c_int) {
-    if cloexec_range() || close_around(report) {
+    if obuilder_engine::exec::cloexec_above_stdio() || close_around(report) {
         return;
     }
     cloexec_each(fd_limit);
-}
-
-unsafe fn cloexec_range() -> bool {
-    libc::syscall(
-        libc::SYS_close_range,
-        3u32,
-        u32::MAX,
-        libc::CLOSE_RANGE_CLOEXEC,
-    ) == 0
 }
 
 unsafe fn close_around(report: RawFd) -> bool {
@@ -839,7 +830,7 @@ mod tests {
     fn no_descriptor_of_the_builder_reaches_the_step_on_any_kernel() {
         // (No panics in the forked child: a failure is its exit status.)
         unsafe fn whole(_: RawFd) {
-            if !cloexec_range() {
+            if !obuilder_engine::exec::cloexec_above_stdio() {
                 libc::_exit(2);
             }
         }

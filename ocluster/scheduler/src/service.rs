@@ -1173,6 +1173,15 @@ struct StartingJob {
 }
 
 impl StartingJob {
+    /// Another reference to the same promise.
+    fn share(&self) -> StartingJob {
+        StartingJob {
+            proxy: self.proxy.add_ref(),
+            shared: self.shared.clone(),
+            announced: self.announced.clone(),
+        }
+    }
+
     /// What the promise settled to: the proxy once a worker took the job, the job's
     /// error if it ended before; `None` while it waits in the queue.
     fn settled(&self) -> Option<Result<Box<dyn ClientHook>, Error>> {
@@ -1190,11 +1199,7 @@ impl StartingJob {
 
 impl ClientHook for StartingJob {
     fn add_ref(&self) -> Box<dyn ClientHook> {
-        Box::new(StartingJob {
-            proxy: self.proxy.add_ref(),
-            shared: self.shared.clone(),
-            announced: self.announced.clone(),
-        })
+        Box::new(self.share())
     }
 
     fn new_call(
@@ -1243,11 +1248,7 @@ impl ClientHook for StartingJob {
                 Err(e) => Promise::err(e),
             });
         }
-        let waiting = StartingJob {
-            proxy: self.proxy.add_ref(),
-            shared: self.shared.clone(),
-            announced: self.announced.clone(),
-        };
+        let waiting = self.share();
         Some(Promise::from_future(async move {
             loop {
                 let changed = waiting.shared.changed.notified();

@@ -18,4 +18,11 @@ pub fn detach(path: &std::path::Path) {
     #[cfg(not(target_os = "linux"))]
     portable::detach(path);
 }
+
+/// After mounting with auto-unmount: makes a `kill -9` of this process end the FUSE
+/// connection before the auto-unmount helper hears of it (see the Linux version).
+pub fn fuse_ends_before_helper_wakes() {
+    #[cfg(target_os = "linux")]
+    linux::fuse_ends_before_helper_wakes();
+}
 pub mod resolve;

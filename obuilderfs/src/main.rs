@@ -127,6 +127,9 @@ fn main() {
             args.mountpoint.display()
         ))
     });
+    if !args.no_auto_unmount {
+        obuilderfs::fuse_ends_before_helper_wakes();
+    }
     say(format_args!("mounted on {}", args.mountpoint.display()));
     let mut sig: libc::c_int = 0;
     // SAFETY: waits for one of the signals blocked above.

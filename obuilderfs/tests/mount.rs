@@ -488,6 +488,31 @@ fn interrupted_writer_and_unmounting() {
     m.mount();
     assert!(m.mounted());
     let mut daemon = m.daemon.take().unwrap();
+    // A dying process's files are released last descriptor first: a `/dev/fuse`
+    // descriptor above the helper's socket ends the connection before the helper wakes,
+    // or it may find the connection alive and leave a dead mount (obuilderfs's
+    // `fuse_ends_before_helper_wakes`).
+    let fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{}/fd", daemon.id()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            Some((
+                n,
+                std::fs::read_link(e.path())
+                    .ok()?
+                    .to_string_lossy()
+                    .into_owned(),
+            ))
+        })
+        .collect();
+    let top = |kind: &str| {
+        fds.iter()
+            .filter(|(_, l)| l.starts_with(kind))
+            .map(|(n, _)| *n)
+            .max()
+    };
+    assert!(top("/dev/fuse") > top("socket:"), "{fds:?}");
     daemon.kill().unwrap();
     let _ = daemon.wait();
     // fusermount3's helper unmounts once the daemon's end of its socket closes. (Seen once

@@ -1,6 +1,14 @@
 //! `obuilder`: the command-line tool. Each subcommand lives in `commands/<name>.rs` with a
 //! `run(args) -> anyhow::Result<ExitCode>`; this file only parses and dispatches. Exit
 //! codes, signals and a closed stdout are handled in `commands/process.rs`.
+//!
+//! On Linux with glibc the program starts at a C `main` of its own instead of Rust's
+//! runtime entry: that entry's stack-overflow handler asks glibc for the main thread's
+//! stack, which reads and parses `/proc/self/maps` (and the CPU affinity) at every start,
+//! a twentieth of a fully cached build (docs/performance.md). A stack overflow is then a
+//! plain `SIGSEGV`, without the runtime's message. The arguments still reach
+//! `std::env::args` (glibc hands them to the standard library's initialiser).
+#![cfg_attr(all(target_os = "linux", target_env = "gnu", not(test)), no_main)]
 
 use std::process::ExitCode;
 
@@ -77,7 +85,28 @@ enum Command {
     Check(Lazy<check::Args>),
 }
 
+/// The process's entry (see the module's documentation): what the runtime would do
+/// first, then [`run`], then the runtime's exit (which flushes stdout). A panic is exit
+/// status 101, as under the runtime.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
+#[no_mangle]
+extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    obuilder_engine::exec::start_like_the_runtime();
+    let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(101));
+    // `ExitCode` does not give its number back; it compares, though.
+    let status = (0..=u8::MAX).find(|&n| ExitCode::from(n) == code);
+    std::process::exit(status.map_or(1, i32::from))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(test))))]
 fn main() -> ExitCode {
+    run()
+}
+
+fn run() -> ExitCode {
     obuilder_engine::exec::seal_inherited_descriptors();
     cli_docs::generate_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();

@@ -121,6 +121,56 @@ fn a_closed_stdout_ends_the_command_quietly() {
     env.assert_clean();
 }
 
+/// Started with its standard descriptors closed (a careless service manager or a `>&-`),
+/// the builder runs as if they were `/dev/null`: the store's files must not take their
+/// numbers and receive what is printed (`obuilder` starts without Rust's runtime on
+/// Linux, and does this itself).
+#[test]
+fn closed_standard_descriptors_are_never_reused_for_the_store() {
+    if !testkit::require(module_path!(), &caps()) {
+        return;
+    }
+    let env = Env::new(bin(), "overlayfs");
+    let spec = env.spec(
+        "c.spec",
+        "((from busybox) (shell /bin/sh -c) (run (shell \"echo printed-by-the-step\")))",
+    );
+    let mut cmd = env.command(&[
+        "build",
+        "-f",
+        spec.to_str().unwrap(),
+        env.ctx.to_str().unwrap(),
+    ]);
+    // SAFETY: close(2) only, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "{status:?}");
+    // The store is whole: the step is cached, and its log replays.
+    let out = env.build(&spec);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("---> using") && stdout.contains("printed-by-the-step"),
+        "{stdout}"
+    );
+    for bad in ["printed-by-the-step", "(from busybox)"] {
+        let hits = std::process::Command::new("grep")
+            .args(["-rlF", bad, "--exclude=log"])
+            .arg(env.root().join("state"))
+            .output()
+            .unwrap();
+        assert_eq!(text(&hits.stdout), "", "printed into the store's files");
+    }
+    env.assert_clean();
+}
+
 #[test]
 fn exit_codes_tell_a_failed_step_from_usage_from_obuilder_failing() {
     if !testkit::require(module_path!(), &caps()) {

@@ -167,6 +167,33 @@ pub(crate) fn cloexec_listed(listing: &str) {
     }
 }
 
+/// What Rust's runtime does before `main`, for a program that starts without it
+/// (`obuilder` on Linux with glibc, see its `main.rs`), less the stack-overflow handler:
+/// a standard descriptor that is closed is opened on `/dev/null` (so that no file the
+/// program opens takes its number and receives what is meant for stdout), and `SIGPIPE`
+/// is ignored (a closed pipe is an `EPIPE` error, handled where it is written). The
+/// runtime's own children get `SIGPIPE` back at its default, as before: the standard
+/// library resets it in every command it starts unless told otherwise, and the native
+/// sandbox resets every signal.
+pub fn start_like_the_runtime() {
+    for fd in 0..3 {
+        // SAFETY: fcntl(F_GETFD) on a descriptor number only reads its flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+        {
+            // SAFETY: a NUL-terminated path; the lowest free number is `fd`.
+            let got = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            if got != fd {
+                // As the runtime does: running with a standard descriptor that anything
+                // may take is worse than not running.
+                std::process::abort();
+            }
+        }
+    }
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// Sets this process's umask to 022, as Docker's daemon does at its start: what a build
 /// makes (a store's new trees, a base image's implied directories, a workdir, a copy's
 /// parents) and what its steps make must not depend on the umask of whoever started the

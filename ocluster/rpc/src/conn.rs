@@ -101,6 +101,13 @@ enum Answer {
         /// capabilities in it (`receiverAnswer` descriptors).
         waiting: Option<Box<Pipelined>>,
     },
+    /// Open, and finished by the peer while calls were pipelined on it: answered as
+    /// usual for their sake, then dropped (releasing its results' exports if asked).
+    Finishing {
+        gen: u32,
+        waiting: Box<Pipelined>,
+        release: bool,
+    },
     Done {
         /// The results when they hold capabilities (for calls pipelined on them).
         results: Result<Option<Rc<Stored>>, Rc<Error>>,
@@ -256,6 +263,41 @@ impl Call {
             .take()
             .expect("a call has its responder until taken")
     }
+
+    /// The parameters and what answers the call, apart.
+    pub fn into_parts(self) -> (CallParams, Responder) {
+        let Call {
+            msg, caps, resp, ..
+        } = self;
+        let resp = resp.expect("a call has its responder until taken");
+        (CallParams { msg, caps }, resp)
+    }
+}
+
+/// The parameters of a call, apart from its responder.
+pub struct CallParams {
+    msg: Msg,
+    caps: Vec<Cap>,
+}
+
+impl CallParams {
+    /// The parameters, their capabilities read through `table` (one hook per capability).
+    pub fn content_with<'a>(
+        &'a self,
+        table: &'a CapTable,
+    ) -> Result<any_pointer::Reader<'a>, Error> {
+        let root = self.msg.get_root::<message::Reader>()?;
+        let message::Call(c) = root.which()? else {
+            return Err(Error::failed("not a call".into()));
+        };
+        let mut content = c?.get_params()?.get_content();
+        capnp::traits::Imbue::imbue(&mut content, table);
+        Ok(content)
+    }
+
+    pub fn caps(&self) -> &[Cap] {
+        &self.caps
+    }
 }
 
 /// What answers a call, once. Dropped unanswered, it answers with an error.
@@ -293,7 +335,7 @@ impl Responder {
     pub fn is_open(&self) -> bool {
         matches!(
             self.conn.st.borrow().answers.get(&self.question),
-            Some(Answer::Open { gen, .. }) if *gen == self.gen
+            Some(Answer::Open { gen, .. } | Answer::Finishing { gen, .. }) if *gen == self.gen
         )
     }
 
@@ -491,7 +533,7 @@ impl Conn {
         let open = st
             .answers
             .values()
-            .filter(|a| matches!(a, Answer::Open { .. }))
+            .filter(|a| matches!(a, Answer::Open { .. } | Answer::Finishing { .. }))
             .count();
         (
             st.exports.iter().filter(|e| e.is_some()).count(),
@@ -878,7 +920,7 @@ impl Conn {
                 Some(Answer::Open { .. }) => {
                     Err(protocol(&format!("question {q} has no answer yet")))
                 }
-                None => Err(protocol(&format!("no question {q}"))),
+                Some(Answer::Finishing { .. }) | None => Err(protocol(&format!("no question {q}"))),
             },
         }
     }
@@ -904,7 +946,10 @@ impl Conn {
                         Ok(None) => Cap::Null,
                         Err(e) => Cap::Broken(e.clone()),
                     },
-                    None => Cap::broken(Error::failed(format!("no question {q} is open"))),
+                    // (A finished question takes no more pipelined calls.)
+                    Some(Answer::Finishing { .. }) | None => {
+                        Cap::broken(Error::failed(format!("no question {q} is open")))
+                    }
                 },
             }
         };
@@ -923,6 +968,24 @@ impl Conn {
                         self.release_export(*id, 1);
                     }
                 }
+            }
+            Some(Answer::Open {
+                gen,
+                waiting: Some(waiting),
+            }) if !waiting.is_empty() => {
+                // Calls wait on its results: it is not cancelled.
+                self.st.borrow_mut().answers.insert(
+                    q,
+                    Answer::Finishing {
+                        gen,
+                        waiting,
+                        release: release_results,
+                    },
+                );
+            }
+            Some(a @ Answer::Finishing { .. }) => {
+                tracing::debug!("a second finish for question {q}");
+                self.st.borrow_mut().answers.insert(q, a);
             }
             Some(Answer::Open { waiting, .. }) => {
                 self.send(|m| {
@@ -974,7 +1037,7 @@ impl Conn {
         F: FnOnce(any_pointer::Builder<'_>, &mut CapsOut) -> Result<(), Error>,
     {
         match self.st.borrow().answers.get(&q) {
-            Some(Answer::Open { gen: g, .. }) if *g == gen => {}
+            Some(Answer::Open { gen: g, .. } | Answer::Finishing { gen: g, .. }) if *g == gen => {}
             _ => return,
         }
         let mut m = Builder::new(HeapAllocator::new().first_segment_words(FIRST_SEGMENT_WORDS));
@@ -1014,15 +1077,21 @@ impl Conn {
                 }
             }
         };
-        let waiting = {
+        let (waiting, finished) = {
             let mut st = self.st.borrow_mut();
             match st.answers.insert(q, done) {
-                Some(Answer::Open { waiting, .. }) => waiting,
-                _ => None,
+                Some(Answer::Open { waiting, .. }) => (waiting, None),
+                Some(Answer::Finishing {
+                    waiting, release, ..
+                }) => (Some(waiting), Some(release)),
+                _ => (None, None),
             }
         };
         for (ops, w) in waiting.into_iter().flat_map(|w| *w) {
             self.route(Target::Answer(q, ops), w);
+        }
+        if let Some(release) = finished {
+            self.finish(q, release);
         }
     }
 
@@ -1048,11 +1117,9 @@ impl Conn {
         }
         let slots: Vec<Cap> = t
             .iter()
-            .map(|h| {
-                h.as_ref()
-                    .and_then(|h| cap_index(&**h))
-                    .and_then(|i| out.caps.get(i).cloned())
-                    .unwrap_or(Cap::Null)
+            .map(|h| match h {
+                Some(h) => crate::bridge::cap_of_hook(&**h, &out.caps),
+                None => Cap::Null,
             })
             .collect();
         let mut exports = Vec::new();

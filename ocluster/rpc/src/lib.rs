@@ -20,10 +20,14 @@
 //!
 //! Single-threaded (`Rc`): run connections on a tokio `LocalSet`.
 
+mod bridge;
 mod conn;
 mod hook;
 
-pub use conn::{serve, Call, CapsOut, Conn, Import, Options, Reply, Responder, Response};
+pub use bridge::{CapClient, HookObject};
+pub use conn::{
+    serve, Call, CallParams, CapsOut, Conn, Import, Options, Reply, Responder, Response,
+};
 pub use hook::{cap_index, CapHook};
 
 use std::cell::RefCell;
@@ -42,6 +46,12 @@ pub trait Object {
     /// for as long as it is exported; an object sent once (a ticket, a job) says false.
     fn dedupe(&self) -> bool {
         true
+    }
+
+    /// The capnp client hook this object serves, if it is one ([`HookObject`]): its
+    /// identity, and a direct way in for generated clients.
+    fn as_hook(&self) -> Option<&dyn capnp::private::capability::ClientHook> {
+        None
     }
 }
 
@@ -103,7 +113,10 @@ impl Cap {
     /// The identity that export tables key on (0: none).
     fn ptr(&self) -> usize {
         match self {
-            Cap::Local(o) => Rc::as_ptr(o) as *const () as usize,
+            Cap::Local(o) => match o.as_hook() {
+                Some(h) => h.get_ptr(),
+                None => Rc::as_ptr(o) as *const () as usize,
+            },
             Cap::Promise(p) => Rc::as_ptr(p) as usize,
             Cap::Remote(i) => Rc::as_ptr(i) as usize,
             Cap::Null | Cap::Broken(_) => 0,

@@ -63,10 +63,16 @@ enum Role {
     },
 }
 
+/// The heap in use, by glibc's count (0 where there is none: the figures then say so).
 fn heap() -> usize {
-    // SAFETY: mallinfo2 only reads the allocator's counters.
-    let m = unsafe { libc::mallinfo2() };
-    m.uordblks + m.hblkhd
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let m = unsafe { libc::mallinfo2() };
+        m.uordblks + m.hblkhd
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
 }
 
 fn main() {

@@ -38,8 +38,8 @@ def main():
 | capnp-rpc, the baseline (the same, the job not even a promise) | **{base}** ({r['capnp_rpc_all'].strip()}) |
 
 The RPC layer alone: {ours / base:.2f}× capnp-rpc's. With the pool's own state per job (`ocluster-load state-machine`, ~470 bytes),
-a scheduler on ocluster-rpc would hold about {ours + 470} bytes per queued job against the 1 KiB target. The scheduler does not use
-ocluster-rpc yet (docs/architecture.md).
+a scheduler on ocluster-rpc would hold about {ours + 470} bytes per queued job against the 1 KiB target. The scheduler's connections run on ocluster-rpc, its services through the bridge (its
+hot path not yet native: docs/architecture.md).
 """
     write_section("rpc-memory", text)
     print(text)

@@ -8,7 +8,10 @@
 //! [`capnp_rpc::OutgoingMessage`]), without changing the crate:
 //!
 //! * client side, outgoing `Bootstrap` messages get the id written in as they are sent;
-//! * server side, each connection's `RpcSystem` has a restorer for its bootstrap
+//! * server side, connections are now served by `ocluster-rpc` ([`Server::serve`]), which
+//!   restores each `Bootstrap` by its id itself. The wrapper below for capnp-rpc's
+//!   server side (its `restoring` path) is no longer used and is to be removed; it worked
+//!   as follows. Each connection's `RpcSystem` has a restorer for its bootstrap
 //!   capability. The connection wrapper first hands the `RpcSystem` a `Bootstrap` of its
 //!   own (question `u32::MAX`), keeps the answer from the wire and releases the export it
 //!   made; then it hands on each of the peer's `Bootstrap`s as a call of the restorer on
@@ -267,82 +270,6 @@ fn made(f: impl FnOnce(message::Builder<'_>)) -> Box<dyn IncomingMessage> {
     let mut m = capnp::message::Builder::new_default();
     f(m.init_root());
     Box::new(Made(m))
-}
-
-/// The bootstrap capability of a server connection: `restore(id)` answers with the
-/// restorer's capability for `id` itself, or its error, which is then the answer to the
-/// peer's `Bootstrap`, as the original's is.
-struct Restore {
-    restorer: Restorer,
-    peer: Peer,
-}
-
-#[derive(Clone)]
-struct RestoreDispatch(Rc<Restore>);
-
-impl std::ops::Deref for RestoreDispatch {
-    type Target = Restore;
-    fn deref(&self) -> &Restore {
-        &self.0
-    }
-}
-
-impl capnp::capability::Server for RestoreDispatch {
-    fn dispatch_call(
-        self,
-        interface_id: u64,
-        method_id: u16,
-        params: capnp::capability::Params<capnp::any_pointer::Owned>,
-        mut results: capnp::capability::Results<capnp::any_pointer::Owned>,
-    ) -> capnp::capability::DispatchCallResult {
-        let answer = (|| {
-            if (interface_id, method_id) != (RESTORER_INTERFACE, 0) {
-                return Err(capnp::Error::unimplemented(format!(
-                    "Unknown method {method_id} on interface {interface_id:#x}"
-                )));
-            }
-            let id: capnp::data::Reader = params.get()?.get_as()?;
-            let cap = (self.restorer)(id, &self.peer)?;
-            results.get().set_as_capability(cap.hook);
-            Ok(())
-        })();
-        capnp::capability::DispatchCallResult::new(
-            match answer {
-                Ok(()) => Promise::ok(()),
-                Err(e) => Promise::err(e),
-            },
-            false,
-        )
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.0) as usize
-    }
-}
-
-struct RestoreClient {
-    client: Client,
-}
-
-impl capnp::capability::FromClientHook for RestoreClient {
-    fn new(hook: Box<dyn capnp::private::capability::ClientHook>) -> Self {
-        RestoreClient {
-            client: Client::new(hook),
-        }
-    }
-    fn into_client_hook(self) -> Box<dyn capnp::private::capability::ClientHook> {
-        self.client.hook
-    }
-    fn as_client_hook(&self) -> &dyn capnp::private::capability::ClientHook {
-        &*self.client.hook
-    }
-}
-
-impl capnp::capability::FromServer<Restore> for RestoreClient {
-    type Dispatch = RestoreDispatch;
-    fn from_server(s: Rc<Restore>) -> RestoreDispatch {
-        RestoreDispatch(s)
-    }
 }
 
 /// An outgoing message, with what the connection's wrapper does to it as it is sent.
@@ -767,19 +694,22 @@ impl Server {
             }
         };
         tracing::debug!("connection from {addr} ({peer})");
-        let bootstrap: RestoreClient = capnp_rpc::new_client(Restore {
-            restorer: self.restorer.clone(),
-            peer: peer.clone(),
+        // Served by ocluster-rpc (a compact RPC layer of our own: docs/architecture.md);
+        // each `Bootstrap` restores the service its id names.
+        let restorer = self.restorer.clone();
+        let p = peer.clone();
+        let conn = ocluster_rpc::Conn::new(ocluster_rpc::Options {
+            max_message_words: MAX_MESSAGE_WORDS,
+            restorer: Some(Box::new(move |id: &[u8]| {
+                restorer(id, &p).map(|c| ocluster_rpc::Cap::from_hook(c.hook))
+            })),
         });
-        let network = IdNetwork {
-            inner: twoparty::VatNetwork::new(r, w, Side::Server, reader_options()),
-            id: None,
-            restoring: Some(Rc::default()),
-        };
-        let system = RpcSystem::new(Box::new(network), Some(bootstrap.client));
-        match system.await {
-            Ok(()) => tracing::debug!("connection from {addr} ({peer}) closed"),
-            Err(e) => tracing::info!("connection from {addr} ({peer}) ended: {e}"),
+        let why = conn.run(r, w).await;
+        match why.kind {
+            capnp::ErrorKind::Disconnected => {
+                tracing::debug!("connection from {addr} ({peer}) closed: {}", why.extra)
+            }
+            _ => tracing::info!("connection from {addr} ({peer}) ended: {why}"),
         }
     }
 }

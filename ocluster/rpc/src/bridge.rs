@@ -112,6 +112,16 @@ fn unsupported(what: &str) -> Error {
     Error::unimplemented(format!("{what} is not offered by ocluster-rpc's bridge"))
 }
 
+/// The capnp hook a call on `cap` goes to in this vat, if it goes to one (an object
+/// served by [`HookObject`], or a waiting promise's forward that is one).
+fn local_hook(cap: &Cap) -> Option<Box<dyn ClientHook>> {
+    match cap.settled() {
+        Cap::Local(o) => o.as_hook().map(|h| h.add_ref()),
+        Cap::Promise(p) => local_hook(&p.forward()?),
+        _ => None,
+    }
+}
+
 impl ClientHook for CapClient {
     fn add_ref(&self) -> Box<dyn ClientHook> {
         Box::new(CapClient(self.0.clone()))
@@ -121,8 +131,11 @@ impl ClientHook for CapClient {
         &self,
         interface_id: u64,
         method_id: u16,
-        _size_hint: Option<MessageSize>,
+        size_hint: Option<MessageSize>,
     ) -> Request<any_pointer::Owned, any_pointer::Owned> {
+        if let Some(h) = local_hook(&self.0.cap) {
+            return h.new_call(interface_id, method_id, size_hint);
+        }
         Request::new(Box::new(CapRequest {
             cap: self.0.cap.clone(),
             interface_id,
@@ -139,6 +152,9 @@ impl ClientHook for CapClient {
         params: Box<dyn ParamsHook>,
         mut results: Box<dyn ResultsHook>,
     ) -> CapPromise<(), Error> {
+        if let Some(h) = local_hook(&self.0.cap) {
+            return h.call(interface_id, method_id, params, results);
+        }
         // The parameters' capabilities are copied through their own table (real hooks),
         // which the message's build turns back into `Cap`s.
         let reply = send(&self.0.cap, interface_id, method_id, |mut b, _| {
@@ -299,7 +315,12 @@ impl Object for HookObject {
             Box::new(results),
         );
         tokio::task::spawn_local(async move {
-            let outcome = promise.await;
+            // A call its caller gave up (or whose connection closed) is dropped, which
+            // cancels the method, as capnp-rpc does.
+            let outcome = tokio::select! {
+                r = promise => r,
+                _ = resp.cancelled() => return,
+            };
             let results = rx.await;
             match (outcome, results) {
                 (Ok(()), Ok((msg, table))) => resp.results(|mut b, _| {

@@ -67,6 +67,9 @@ pub struct Conn {
     out: RefCell<Out>,
     wake: tokio::sync::Notify,
     drained: tokio::sync::Notify,
+    /// Notified when open answers end unanswered (a `Finish` cancels one, or the
+    /// connection closes).
+    cancelled: tokio::sync::Notify,
     opts: Options,
 }
 
@@ -87,6 +90,8 @@ struct State {
     questions: Vec<Option<Question>>,
     free_questions: Vec<u32>,
     gen: u32,
+    /// Promises sent already resolved: their `Resolve` follows the message that sent them.
+    resolves: Vec<(u32, Rc<Promise>)>,
 }
 
 struct Export {
@@ -339,6 +344,18 @@ impl Responder {
         )
     }
 
+    /// Waits until the caller no longer waits for the answer (cancelled, or the
+    /// connection closed); at once if it already does not.
+    pub async fn cancelled(&self) {
+        loop {
+            let n = self.conn.cancelled.notified();
+            if !self.is_open() {
+                return;
+            }
+            n.await;
+        }
+    }
+
     /// The connection the call came on.
     pub fn conn(&self) -> &Rc<Conn> {
         &self.conn
@@ -517,6 +534,7 @@ impl Conn {
             out: RefCell::new(Out::default()),
             wake: tokio::sync::Notify::new(),
             drained: tokio::sync::Notify::new(),
+            cancelled: tokio::sync::Notify::new(),
             opts,
         })
     }
@@ -609,7 +627,7 @@ impl Conn {
     }
 
     /// Queues a message that `build` writes (nothing once closed).
-    fn send(&self, build: impl FnOnce(message::Builder<'_>) -> Result<(), Error>) {
+    fn send(self: &Rc<Self>, build: impl FnOnce(message::Builder<'_>) -> Result<(), Error>) {
         let mut m = Builder::new(HeapAllocator::new().first_segment_words(FIRST_SEGMENT_WORDS));
         if let Err(e) = build(m.init_root()) {
             tracing::warn!("cannot build a message: {e}");
@@ -618,7 +636,7 @@ impl Conn {
         self.push(&m);
     }
 
-    fn push(&self, m: &Builder<HeapAllocator>) {
+    fn push(self: &Rc<Self>, m: &Builder<HeapAllocator>) {
         let mut o = self.out.borrow_mut();
         if o.closing {
             return;
@@ -628,6 +646,11 @@ impl Conn {
         }
         drop(o);
         self.wake.notify_one();
+        let resolves = std::mem::take(&mut self.st.borrow_mut().resolves);
+        for (id, p) in resolves {
+            let cap = p.resolution();
+            self.send_resolve(id, &p, &cap);
+        }
     }
 
     /// Ends the connection: everything it held is released, the questions fail.
@@ -649,6 +672,7 @@ impl Conn {
         self.out.borrow_mut().closing = true;
         self.wake.notify_one();
         self.drained.notify_waiters();
+        self.cancelled.notify_waiters();
         for q in questions.into_iter().flatten() {
             if let Some(tx) = q.reply {
                 let _ = tx.send(Err(e.clone()));
@@ -880,7 +904,7 @@ impl Conn {
         Ok(())
     }
 
-    fn unimplemented(&self, root: &message::Reader<'_>) -> Result<(), Error> {
+    fn unimplemented(self: &Rc<Self>, root: &message::Reader<'_>) -> Result<(), Error> {
         let mut m = Builder::new(HeapAllocator::new().first_segment_words(FIRST_SEGMENT_WORDS));
         m.init_root::<message::Builder>().set_unimplemented(*root)?;
         self.push(&m);
@@ -995,6 +1019,7 @@ impl Conn {
                     r.set_canceled(());
                     Ok(())
                 });
+                self.cancelled.notify_waiters();
                 let e = Error::failed(format!("question {q} was canceled"));
                 for (_, w) in waiting.into_iter().flat_map(|w| *w) {
                     match w {
@@ -1138,7 +1163,14 @@ impl Conn {
         mut d: cap_descriptor::Builder<'_>,
         exports: &mut Vec<u32>,
     ) {
-        match cap.settled() {
+        // A promise of ours is a promise on the wire until the peer is told what it
+        // resolved to, even when it resolved before it was sent (as the original's job
+        // is, which a client takes as "a worker took it" when it resolves).
+        let cap = match cap {
+            Cap::Promise(p) => Cap::Promise(p.clone()),
+            c => c.settled(),
+        };
+        match cap {
             Cap::Null => d.set_none(()),
             Cap::Remote(i) if Rc::ptr_eq(&i.conn, self) => d.set_receiver_hosted(i.id),
             Cap::Promise(p) => {
@@ -1147,7 +1179,11 @@ impl Conn {
                     Some(id) => id,
                     None => {
                         let id = self.export(Cap::Promise(p.clone()), false);
-                        p.exported_on(self, id);
+                        if p.is_resolved() {
+                            self.st.borrow_mut().resolves.push((id, p.clone()));
+                        } else {
+                            p.exported_on(self, id);
+                        }
                         id
                     }
                 };

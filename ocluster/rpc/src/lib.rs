@@ -169,6 +169,14 @@ impl Promise {
         matches!(&*self.st.borrow(), PromiseState::Resolved(_))
     }
 
+    /// What it resolved to (itself while it waits).
+    pub(crate) fn resolution(&self) -> Cap {
+        match &*self.st.borrow() {
+            PromiseState::Resolved(c) => c.clone(),
+            PromiseState::Waiting { .. } => Cap::Null,
+        }
+    }
+
     /// Resolves the promise (once; later calls do nothing): each peer it was exported to
     /// is sent a `Resolve`, and the calls that waited in it go to `cap`.
     pub fn resolve(&self, cap: Cap) {
@@ -197,6 +205,31 @@ impl Promise {
                 cap.deliver(call);
             }
         }
+    }
+
+    /// Where its calls go while it waits, if anywhere but its queue.
+    pub(crate) fn forward(&self) -> Option<Cap> {
+        match &*self.st.borrow() {
+            PromiseState::Waiting {
+                pending: Pending::Forward(f),
+                ..
+            } => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// Resolves the promise to the capability its calls were going to meanwhile (a
+    /// promise made without one resolves to null).
+    pub fn settle(&self) {
+        let to = match &*self.st.borrow() {
+            PromiseState::Waiting {
+                pending: Pending::Forward(f),
+                ..
+            } => f.clone(),
+            PromiseState::Waiting { .. } => Cap::Null,
+            PromiseState::Resolved(_) => return,
+        };
+        self.resolve(to)
     }
 
     fn deliver(&self, call: Call) {

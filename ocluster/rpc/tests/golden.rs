@@ -40,12 +40,14 @@ fn golden() -> Option<PathBuf> {
 struct Seen {
     dropped: Cell<usize>,
     logs: Cell<usize>,
+    /// The job's promise resolves before `Ticket.job` answers.
+    early: Cell<bool>,
     /// `result`, held until the job ends (after the fourth `log`, as in the capture).
     result: std::cell::RefCell<Option<ocluster_rpc::Responder>>,
 }
 
 struct Submission(Rc<Seen>);
-struct Ticket(Rc<Seen>);
+struct Ticket(Rc<Seen>, bool);
 struct Job(Rc<Seen>);
 
 impl Drop for Submission {
@@ -78,7 +80,8 @@ impl Object for Submission {
         assert!(spec.starts_with("linux-x86_64"), "{spec}");
         let w = self.0.clone();
         call.responder().results(|b, caps| {
-            let t: ticket::Client = caps.client(Cap::local(Ticket(w)));
+            let early = w.early.get();
+            let t: ticket::Client = caps.client(Cap::local(Ticket(w, early)));
             b.init_as::<submission::submit_results::Builder>()
                 .set_ticket(t);
             Ok(())
@@ -93,6 +96,10 @@ impl Object for Ticket {
         // original's is: `senderPromise`, then `Resolve`.
         let p = Promise::new(None);
         let job = p.clone();
+        if self.1 {
+            // Resolved before it is sent: still a promise on the wire, then `Resolve`.
+            p.resolve(Cap::local(Job(self.0.clone())));
+        }
         call.responder().results(|b, caps| {
             let j: job::Client = caps.client(Cap::Promise(job));
             b.init_as::<ticket::job_results::Builder>().set_job(j);
@@ -190,6 +197,15 @@ fn read_all(mut bytes: &[u8]) -> Vec<String> {
 
 #[test]
 fn the_ocaml_clients_submission_is_answered_as_the_original_scheduler_answered_it() {
+    replay(false);
+}
+
+#[test]
+fn a_job_taken_before_the_client_asks_is_still_a_promise_on_the_wire() {
+    replay(true);
+}
+
+fn replay(early: bool) {
     let Some(g) = golden() else { return };
     let sent = std::fs::read(g.join("plain/submit-client-to-scheduler.bin")).unwrap();
     let answered = std::fs::read(g.join("plain/submit-scheduler-to-client.bin")).unwrap();
@@ -202,6 +218,7 @@ fn the_ocaml_clients_submission_is_answered_as_the_original_scheduler_answered_i
         .build()
         .unwrap();
     let seen = Rc::new(Seen::default());
+    seen.early.set(early);
     let got = tokio::task::LocalSet::new().block_on(&rt, async {
         let (ours, mut peer) = tokio::io::duplex(1 << 20);
         let s = seen.clone();
@@ -229,6 +246,7 @@ fn the_ocaml_clients_submission_is_answered_as_the_original_scheduler_answered_i
     });
     assert_eq!(read_all(&got), want);
     assert_eq!(seen.logs.get(), 6);
-    // The client released the ticket, the job and the submission.
-    assert_eq!(seen.dropped.get(), 3);
+    // The client released the ticket, the job and the submission (and the job made
+    // first when it resolved early).
+    assert_eq!(seen.dropped.get(), if early { 4 } else { 3 });
 }

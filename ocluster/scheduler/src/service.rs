@@ -17,7 +17,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use capnp::capability::{FromClientHook, Promise};
-use capnp::private::capability::ClientHook;
 use capnp::Error;
 use futures::channel::oneshot;
 use ocluster_api::{
@@ -1045,6 +1044,8 @@ struct JobState {
 
 struct JobShared {
     state: RefCell<JobState>,
+    /// The client's promise of the job ([`started_job`]), while the client holds it.
+    promise: RefCell<std::rc::Weak<ocluster_rpc::Promise>>,
     changed: tokio::sync::Notify,
     pool: std::rc::Weak<RefCell<PoolApi>>,
     /// Its row in `job_queue`.
@@ -1055,6 +1056,7 @@ impl JobShared {
     fn new(pool: &std::rc::Weak<RefCell<PoolApi>>, seq: u64) -> Rc<JobShared> {
         Rc::new(JobShared {
             state: RefCell::new(JobState::default()),
+            promise: RefCell::new(std::rc::Weak::new()),
             changed: tokio::sync::Notify::new(),
             pool: pool.clone(),
             seq,
@@ -1075,7 +1077,35 @@ impl JobShared {
         }
         drop(st);
         self.changed.notify_waiters();
+        self.settle();
         n
+    }
+
+    /// Resolves the client's promise once the job has settled: to the proxy once a worker
+    /// took it (or it finished), to the job's error if it ended before.
+    fn settle(&self) {
+        let Some(p) = self.promise.borrow().upgrade() else {
+            return;
+        };
+        if p.is_resolved() {
+            return;
+        }
+        let st = self.state.borrow();
+        let to = if st.attempts > 0 {
+            Some(Ok(()))
+        } else {
+            match &st.outcome {
+                Some(Ok(_)) => Some(Ok(())),
+                Some(Err(e)) => Some(Err(e.clone())),
+                None => None,
+            }
+        };
+        drop(st);
+        match to {
+            Some(Ok(())) => p.settle(),
+            Some(Err(e)) => p.resolve(ocluster_rpc::Cap::broken(e)),
+            None => {}
+        }
     }
 
     /// The worker of the current attempt is gone; `note` goes into the log.
@@ -1109,6 +1139,7 @@ impl JobShared {
         }
         drop(st);
         self.changed.notify_waiters();
+        self.settle();
     }
 
     /// Someone still wants the result.
@@ -1143,130 +1174,25 @@ impl JobShared {
 /// released while queued). Clients rely on it: OCurrent's plugin waits for the job to
 /// settle to know that it started ("Waiting for worker…", and its timeout runs from
 /// then), and drops its ticket then, which would cancel a job still queued.
-fn started_job(shared: Rc<JobShared>) -> job::Client {
-    let proxy: job::Client = capnp_rpc::new_client(JobProxy {
-        shared: shared.clone(),
-    });
-    capnp::capability::FromClientHook::new(Box::new(StartingJob {
-        proxy: proxy.client.hook,
-        shared,
-        announced: Rc::default(),
-    }))
-}
-
-/// The promise of [`started_job`]. A promise made by capnp-rpc (`new_future_client`)
-/// queues every call made on it until it settles, and a call that arrived pipelined on
-/// `Ticket.job`'s answer is queued there first, then again on the promise: per queued
-/// job, two queues, each with its own tasks, channels and shared futures, for the
-/// client's `result` and `log` calls (~2.5 KiB of the scheduler's heap per queued job).
-/// This one is a promise on the wire all the same (`senderPromise`, then a `Resolve` to
-/// the [`JobProxy`] once a worker takes the job, or to the job's error), but it hands
-/// each call to that `JobProxy` at once, whose methods wait for the job themselves.
 ///
-/// It is a promise at first even when a worker takes the job at once, as the original's
-/// is: it counts as settled only once capnp-rpc has asked what it settles to
-/// (`when_more_resolved`), which it does when it exports it as a promise.
-struct StartingJob {
-    proxy: Box<dyn ClientHook>,
-    shared: Rc<JobShared>,
-    announced: Rc<Cell<bool>>,
-}
-
-impl StartingJob {
-    /// Another reference to the same promise.
-    fn share(&self) -> StartingJob {
-        StartingJob {
-            proxy: self.proxy.add_ref(),
-            shared: self.shared.clone(),
-            announced: self.announced.clone(),
-        }
-    }
-
-    /// What the promise settled to: the proxy once a worker took the job, the job's
-    /// error if it ended before; `None` while it waits in the queue.
-    fn settled(&self) -> Option<Result<Box<dyn ClientHook>, Error>> {
-        let st = self.shared.state.borrow();
-        if st.attempts > 0 {
-            return Some(Ok(self.proxy.add_ref()));
-        }
-        match &st.outcome {
-            Some(Err(e)) => Some(Err(e.clone())),
-            Some(Ok(_)) => Some(Ok(self.proxy.add_ref())),
-            None => None,
-        }
-    }
-}
-
-impl ClientHook for StartingJob {
-    fn add_ref(&self) -> Box<dyn ClientHook> {
-        Box::new(self.share())
-    }
-
-    fn new_call(
-        &self,
-        interface_id: u64,
-        method_id: u16,
-        size_hint: Option<capnp::MessageSize>,
-    ) -> capnp::capability::Request<capnp::any_pointer::Owned, capnp::any_pointer::Owned> {
-        self.proxy.new_call(interface_id, method_id, size_hint)
-    }
-
-    fn call(
-        &self,
-        interface_id: u64,
-        method_id: u16,
-        params: Box<dyn capnp::private::capability::ParamsHook>,
-        results: Box<dyn capnp::private::capability::ResultsHook>,
-    ) -> Promise<(), Error> {
-        self.proxy.call(interface_id, method_id, params, results)
-    }
-
-    fn get_brand(&self) -> usize {
-        0
-    }
-
-    fn get_ptr(&self) -> usize {
-        // One promise per job: every reference to it is the same capability.
-        Rc::as_ptr(&self.shared) as usize
-    }
-
-    fn get_resolved(&self) -> Option<Box<dyn ClientHook>> {
-        if !self.announced.get() {
-            return None;
-        }
-        match self.settled()? {
-            Ok(c) => Some(c),
-            Err(e) => Some(capnp_rpc::new_broken_cap(e).hook),
-        }
-    }
-
-    fn when_more_resolved(&self) -> Option<Promise<Box<dyn ClientHook>, Error>> {
-        if let Some(r) = self.settled() {
-            self.announced.set(true);
-            return Some(match r {
-                Ok(c) => Promise::ok(c),
-                Err(e) => Promise::err(e),
-            });
-        }
-        let waiting = self.share();
-        Some(Promise::from_future(async move {
-            loop {
-                let changed = waiting.shared.changed.notified();
-                if let Some(r) = waiting.settled() {
-                    waiting.announced.set(true);
-                    return r;
-                }
-                changed.await;
-            }
-        }))
-    }
-
-    fn when_resolved(&self) -> Promise<(), Error> {
-        match self.when_more_resolved() {
-            Some(p) => Promise::from_future(async move { p.await?.when_resolved().await }),
-            None => Promise::ok(()),
-        }
-    }
+/// It is an `ocluster_rpc::Promise`: on the wire a promise (`senderPromise`, then a
+/// `Resolve` to the proxy or to the job's error), a promise at first even when a worker
+/// took the job before the client asked for it, as the original's is; but each call made
+/// on it while the job waits goes to the [`JobProxy`] at once, whose methods wait for
+/// the job themselves (no queue of calls per job). [`JobShared::settle`] resolves it.
+fn started_job(shared: Rc<JobShared>) -> job::Client {
+    let existing = shared.promise.borrow().upgrade();
+    let promise = existing.unwrap_or_else(|| {
+        // (A proxy is made only here: dropping one releases the job.)
+        let proxy: job::Client = capnp_rpc::new_client(JobProxy {
+            shared: shared.clone(),
+        });
+        let p = ocluster_rpc::Promise::new(Some(ocluster_rpc::Cap::from_hook(proxy.client.hook)));
+        *shared.promise.borrow_mut() = Rc::downgrade(&p);
+        p
+    });
+    shared.settle();
+    ocluster_rpc::Cap::Promise(promise).client()
 }
 
 /// What the client holds for a job that a worker has taken. It relays `log`, `result`

@@ -246,13 +246,7 @@ pub struct Call {
 impl Call {
     /// The parameters (read them with `get_as::<T>()`).
     pub fn params(&self) -> Result<any_pointer::Reader<'_>, Error> {
-        let root = self.msg.get_root::<message::Reader>()?;
-        let message::Call(c) = root.which()? else {
-            return Err(Error::failed("not a call".into()));
-        };
-        let mut content = c?.get_params()?.get_content();
-        capnp::traits::Imbue::imbue(&mut content, &self.table);
-        Ok(content)
+        call_params(&self.msg, &self.table)
     }
 
     /// The capability a client read from the parameters stands for.
@@ -279,6 +273,17 @@ impl Call {
     }
 }
 
+/// A call message's parameters, their capabilities read through `table`.
+fn call_params<'a>(msg: &'a Msg, table: &'a CapTable) -> Result<any_pointer::Reader<'a>, Error> {
+    let root = msg.get_root::<message::Reader>()?;
+    let message::Call(c) = root.which()? else {
+        return Err(Error::failed("not a call".into()));
+    };
+    let mut content = c?.get_params()?.get_content();
+    capnp::traits::Imbue::imbue(&mut content, table);
+    Ok(content)
+}
+
 /// The parameters of a call, apart from its responder.
 pub struct CallParams {
     msg: Msg,
@@ -291,13 +296,7 @@ impl CallParams {
         &'a self,
         table: &'a CapTable,
     ) -> Result<any_pointer::Reader<'a>, Error> {
-        let root = self.msg.get_root::<message::Reader>()?;
-        let message::Call(c) = root.which()? else {
-            return Err(Error::failed("not a call".into()));
-        };
-        let mut content = c?.get_params()?.get_content();
-        capnp::traits::Imbue::imbue(&mut content, table);
-        Ok(content)
+        call_params(&self.msg, table)
     }
 
     pub fn caps(&self) -> &[Cap] {

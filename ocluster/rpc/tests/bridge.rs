@@ -111,15 +111,11 @@ impl job::Server for WorkerJob {
     }
 }
 
-/// A capnp-rpc client of the service, served by ocluster-rpc.
-fn connect(kept: &Kept) -> capnp::capability::Client {
+/// A capnp-rpc client of `make`'s object, served by ocluster-rpc.
+fn serve<C: capnp::capability::FromClientHook>(make: impl Fn() -> Cap + 'static) -> C {
     let (a, b) = tokio::io::duplex(1 << 16);
-    let k = kept.clone();
     let conn = Conn::new(Options {
-        restorer: Some(Box::new(move |_: &[u8]| {
-            let c: submission::Client = capnp_rpc::new_client(Service(k.clone()));
-            Ok(Cap::from_hook(c.client.hook))
-        })),
+        restorer: Some(Box::new(move |_: &[u8]| Ok(make()))),
         ..Options::default()
     });
     let (r, w) = tokio::io::split(a);
@@ -132,35 +128,27 @@ fn connect(kept: &Kept) -> capnp::capability::Client {
         Default::default(),
     );
     let mut rpc = RpcSystem::new(Box::new(net), None);
-    let client: capnp::capability::Client = rpc.bootstrap(Side::Server);
+    let client: C = rpc.bootstrap(Side::Server);
     tokio::task::spawn_local(rpc);
     client
 }
 
-/// Like `connect`, for the queue interface.
-fn connect_queue(kept: &Kept) -> queue::Client {
-    let (a, b) = tokio::io::duplex(1 << 16);
+/// The service's submission interface, as a generated capnp-rpc server.
+fn connect(kept: &Kept) -> submission::Client {
     let k = kept.clone();
-    let conn = Conn::new(Options {
-        restorer: Some(Box::new(move |_: &[u8]| {
-            let q: queue::Client = capnp_rpc::new_client(Service(k.clone()));
-            Ok(Cap::from_hook(q.client.hook))
-        })),
-        ..Options::default()
-    });
-    let (r, w) = tokio::io::split(a);
-    tokio::task::spawn_local(async move { conn.run(r.compat(), w.compat_write()).await });
-    let (r, w) = tokio::io::split(b);
-    let net = twoparty::VatNetwork::new(
-        r.compat(),
-        w.compat_write(),
-        Side::Client,
-        Default::default(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(net), None);
-    let client: queue::Client = rpc.bootstrap(Side::Server);
-    tokio::task::spawn_local(rpc);
-    client
+    serve(move || {
+        let c: submission::Client = capnp_rpc::new_client(Service(k.clone()));
+        Cap::from_hook(c.client.hook)
+    })
+}
+
+/// The service's queue interface.
+fn connect_queue(kept: &Kept) -> queue::Client {
+    let k = kept.clone();
+    serve(move || {
+        let q: queue::Client = capnp_rpc::new_client(Service(k.clone()));
+        Cap::from_hook(q.client.hook)
+    })
 }
 
 fn run(f: impl std::future::Future<Output = ()>) {
@@ -179,7 +167,7 @@ fn run(f: impl std::future::Future<Output = ()>) {
 fn generated_servers_answer_through_ocluster_rpc() {
     run(async {
         let kept = Kept::default();
-        let s: submission::Client = capnp::capability::FromClientHook::new(connect(&kept).hook);
+        let s = connect(&kept);
         let mut req = s.submit_request();
         req.get().set_pool("bad");
         let e = match req.send().promise.await {
@@ -225,7 +213,7 @@ fn a_peers_capability_is_called_through_its_generated_client_and_handed_on() {
         assert_eq!(hint.to_str().unwrap(), "worker log 7");
         // A client on another connection gets the worker's job from its ticket, and its
         // calls are relayed to the worker.
-        let s: submission::Client = capnp::capability::FromClientHook::new(connect(&kept).hook);
+        let s = connect(&kept);
         let mut req = s.submit_request();
         req.get().set_pool("linux");
         let job = req

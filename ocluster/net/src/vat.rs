@@ -8,25 +8,15 @@
 //! [`capnp_rpc::OutgoingMessage`]), without changing the crate:
 //!
 //! * client side, outgoing `Bootstrap` messages get the id written in as they are sent;
-//! * server side, connections are now served by `ocluster-rpc` ([`Server::serve`]), which
-//!   restores each `Bootstrap` by its id itself. The wrapper below for capnp-rpc's
-//!   server side (its `restoring` path) is no longer used and is to be removed; it worked
-//!   as follows. Each connection's `RpcSystem` has a restorer for its bootstrap
-//!   capability. The connection wrapper first hands the `RpcSystem` a `Bootstrap` of its
-//!   own (question `u32::MAX`), keeps the answer from the wire and releases the export it
-//!   made; then it hands on each of the peer's `Bootstrap`s as a call of the restorer on
-//!   that answer, with the peer's question id and the service id as its parameter. The
-//!   call's answer is the restored capability itself (or the restorer's error), which is
-//!   what the original sends for a `Bootstrap`: the peer cannot tell the difference, its
-//!   first capability is export 0, an unknown id is answered with the error, and every
-//!   `Bootstrap` on one connection gets its own service (an OCaml process reuses one
-//!   connection to a scheduler for every service it holds there). A peer that uses
-//!   question id `u32::MAX` itself only breaks its own connection.
+//! * server side, connections are served by `ocluster-rpc` ([`Server::serve`]), which
+//!   restores each `Bootstrap` by its id itself: its answer is the restored capability
+//!   (or the restorer's error), as the original's, and every `Bootstrap` on one
+//!   connection gets its own service (an OCaml process reuses one connection to a
+//!   scheduler for every service it holds there).
 //!
 //! Everything here is single-threaded (capnp-rpc is `!Send`): run it on a tokio
 //! `LocalSet`.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -39,7 +29,7 @@ use capnp_rpc::rpc_capnp::message;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, Connection, IncomingMessage, OutgoingMessage, RpcSystem, VatNetwork};
 use futures::{AsyncRead, AsyncWrite, FutureExt};
-use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::key::SecretKey;
 use crate::uri::{Auth, Location, SturdyRef};
@@ -63,31 +53,12 @@ fn reader_options() -> ReaderOptions {
 type Reader = Pin<Box<dyn AsyncRead + Unpin>>;
 type Writer = Pin<Box<dyn AsyncWrite + Unpin>>;
 
-// ---- bootstrap by id: the wrappers ------------------------------------------------------
-
-/// The question id of the `Bootstrap` that the server side's connection wrapper asks of
-/// its own `RpcSystem` (never sent, never answered on the wire), for the restorer.
-const RESTORER_QUESTION: u32 = u32::MAX;
-/// The interface of the restorer's one method, `restore(id :Data) -> AnyPointer` (the
-/// capability itself, as a `Bootstrap`'s answer); only ever called by the wrapper.
-const RESTORER_INTERFACE: u64 = 0xb5c6_8a1e_0d3f_47a2;
-
-/// Server side: where the restoring wrapper is on a connection.
-#[derive(Default)]
-struct Restoring {
-    /// The restorer's own `Bootstrap` was handed to the `RpcSystem`.
-    asked: bool,
-    /// Its answer was kept from the wire (and names this export, released next).
-    answered: bool,
-    release: Option<u32>,
-}
+// ---- bootstrap by id: the client side's wrapper ------------------------------------------
 
 struct IdNetwork {
     inner: twoparty::VatNetwork<Reader>,
-    /// Client side: the id written into outgoing `Bootstrap`s.
-    id: Option<Rc<Vec<u8>>>,
-    /// Server side: incoming `Bootstrap`s become calls of the restorer.
-    restoring: Option<Rc<RefCell<Restoring>>>,
+    /// The id written into outgoing `Bootstrap`s.
+    id: Rc<Vec<u8>>,
 }
 
 impl IdNetwork {
@@ -95,7 +66,6 @@ impl IdNetwork {
         Box::new(IdConnection {
             inner: c,
             id: self.id.clone(),
-            restoring: self.restoring.clone(),
         })
     }
 }
@@ -108,15 +78,8 @@ impl VatNetwork<Side> for IdNetwork {
 
     fn accept(&mut self) -> Promise<Box<dyn Connection<Side>>, capnp::Error> {
         let id = self.id.clone();
-        let restoring = self.restoring.clone();
         Promise::from_future(self.inner.accept().map(move |r| {
-            r.map(|c| {
-                Box::new(IdConnection {
-                    inner: c,
-                    id,
-                    restoring,
-                }) as Box<dyn Connection<Side>>
-            })
+            r.map(|c| Box::new(IdConnection { inner: c, id }) as Box<dyn Connection<Side>>)
         }))
     }
 
@@ -127,8 +90,7 @@ impl VatNetwork<Side> for IdNetwork {
 
 struct IdConnection {
     inner: Box<dyn Connection<Side>>,
-    id: Option<Rc<Vec<u8>>>,
-    restoring: Option<Rc<RefCell<Restoring>>>,
+    id: Rc<Vec<u8>>,
 }
 
 impl Connection<Side> for IdConnection {
@@ -138,91 +100,28 @@ impl Connection<Side> for IdConnection {
 
     fn new_outgoing_message(&mut self, first_segment_word_size: u32) -> Box<dyn OutgoingMessage> {
         // capnp-rpc asks for 100 words for every Return and 1024 for every Call, and
-        // keeps a Return's message while its answer can be pipelined on: 800 bytes for
-        // each ticket a client holds. Most messages here are a few words; a bigger one
-        // just gets a second segment.
+        // keeps a Return's message while its answer can be pipelined on. Most messages
+        // here are a few words; a bigger one just gets a second segment.
         let first_segment_word_size = first_segment_word_size.min(MAX_FIRST_SEGMENT_WORDS);
-        if let Some(r) = &self.restoring {
-            if !r.borrow().answered {
-                return Box::new(Wrapped {
-                    inner: self.inner.new_outgoing_message(first_segment_word_size),
-                    on_send: OnSend::KeepRestorerAnswer(r.clone()),
-                });
-            }
-        }
-        match &self.id {
-            None => self.inner.new_outgoing_message(first_segment_word_size),
-            Some(id) => {
-                // Room for the id in the first segment, so that a Bootstrap stays one
-                // segment, as the original sends it.
-                let extra = if first_segment_word_size == 0 {
-                    0
-                } else {
-                    (id.len() as u32 + 1).div_ceil(8) + 1
-                };
-                Box::new(Wrapped {
-                    inner: self
-                        .inner
-                        .new_outgoing_message(first_segment_word_size + extra),
-                    on_send: OnSend::NameBootstrap(id.clone()),
-                })
-            }
-        }
+        // Room for the id in the first segment, so that a Bootstrap stays one segment,
+        // as the original sends it.
+        let extra = if first_segment_word_size == 0 {
+            0
+        } else {
+            (self.id.len() as u32 + 1).div_ceil(8) + 1
+        };
+        Box::new(Wrapped {
+            inner: self
+                .inner
+                .new_outgoing_message(first_segment_word_size + extra),
+            id: self.id.clone(),
+        })
     }
 
     fn receive_incoming_message(
         &mut self,
     ) -> Promise<Option<Box<dyn IncomingMessage + 'static>>, capnp::Error> {
-        let Some(restoring) = self.restoring.clone() else {
-            return self.inner.receive_incoming_message();
-        };
-        // First, the restorer's own `Bootstrap`; then the release of the export its
-        // answer made (so that the peer's first capability is export 0, as the
-        // original's); then the peer's messages, its `Bootstrap`s made calls of the
-        // restorer.
-        {
-            let mut r = restoring.borrow_mut();
-            if !r.asked {
-                r.asked = true;
-                return Promise::ok(Some(made(|m| {
-                    m.init_bootstrap().set_question_id(RESTORER_QUESTION);
-                })));
-            }
-            if let Some(export) = r.release.take() {
-                return Promise::ok(Some(made(|m| {
-                    let mut rel = m.init_release();
-                    rel.set_id(export);
-                    rel.set_reference_count(1);
-                })));
-            }
-        }
-        let p = self.inner.receive_incoming_message();
-        Promise::from_future(async move {
-            let Some(m) = p.await? else {
-                return Ok(None);
-            };
-            let Some((question, id)) = bootstrap_id(m.as_ref())? else {
-                return Ok(Some(m));
-            };
-            Ok(Some(made(|msg| {
-                let mut call = msg.init_call();
-                call.set_question_id(question);
-                call.set_interface_id(RESTORER_INTERFACE);
-                call.set_method_id(0);
-                call.reborrow()
-                    .init_target()
-                    .init_promised_answer()
-                    .set_question_id(RESTORER_QUESTION);
-                call.reborrow().init_send_results_to().set_caller(());
-                let mut params = call.init_params();
-                params
-                    .reborrow()
-                    .get_content()
-                    .set_as::<capnp::data::Owned>(&id[..])
-                    .ok();
-                params.init_cap_table(0);
-            })))
-        })
+        self.inner.receive_incoming_message()
     }
 
     fn new_stream(
@@ -239,76 +138,10 @@ impl Connection<Side> for IdConnection {
     }
 }
 
-/// The question and service id of a `Bootstrap` message (the id empty if it names none);
-/// `None` for any other message.
-fn bootstrap_id(m: &dyn IncomingMessage) -> capnp::Result<Option<(u32, Vec<u8>)>> {
-    let msg: message::Reader = m.get_body()?.get_as()?;
-    match msg.which() {
-        Ok(message::Bootstrap(b)) => {
-            let b = b?;
-            let q = b.get_question_id();
-            if !b.has_deprecated_object_id() {
-                return Ok(Some((q, Vec::new())));
-            }
-            let text: capnp::text::Reader = b.get_deprecated_object_id().get_as()?;
-            Ok(Some((q, text.as_bytes().to_vec())))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// An incoming message made here, not read from the peer.
-struct Made(capnp::message::Builder<capnp::message::HeapAllocator>);
-
-impl IncomingMessage for Made {
-    fn get_body(&self) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
-        self.0.get_root_as_reader()
-    }
-}
-
-fn made(f: impl FnOnce(message::Builder<'_>)) -> Box<dyn IncomingMessage> {
-    let mut m = capnp::message::Builder::new_default();
-    f(m.init_root());
-    Box::new(Made(m))
-}
-
-/// An outgoing message, with what the connection's wrapper does to it as it is sent.
+/// An outgoing message; a `Bootstrap` gets the service id written in as it is sent.
 struct Wrapped {
     inner: Box<dyn OutgoingMessage>,
-    on_send: OnSend,
-}
-
-enum OnSend {
-    /// Client side: a `Bootstrap` names this service.
-    NameBootstrap(Rc<Vec<u8>>),
-    /// Server side, until it has come: the answer to the restorer's own `Bootstrap` is
-    /// kept from the peer, and the export it names is released.
-    KeepRestorerAnswer(Rc<RefCell<Restoring>>),
-}
-
-impl Wrapped {
-    /// The export named by this message if it answers the restorer's `Bootstrap`.
-    fn restorer_answer(&self) -> Option<Option<u32>> {
-        let msg: message::Reader = self.inner.get_body_as_reader().ok()?.get_as().ok()?;
-        let Ok(message::Return(Ok(r))) = msg.which() else {
-            return None;
-        };
-        if r.get_answer_id() != RESTORER_QUESTION {
-            return None;
-        }
-        let export = match r.which() {
-            Ok(capnp_rpc::rpc_capnp::return_::Results(Ok(p))) => p
-                .get_cap_table()
-                .ok()
-                .and_then(|t| t.iter().next())
-                .and_then(|d| match d.which() {
-                    Ok(capnp_rpc::rpc_capnp::cap_descriptor::SenderHosted(id)) => Some(id),
-                    _ => None,
-                }),
-            _ => None,
-        };
-        Some(export)
-    }
+    id: Rc<Vec<u8>>,
 }
 
 impl OutgoingMessage for Wrapped {
@@ -326,26 +159,10 @@ impl OutgoingMessage for Wrapped {
         Promise<(), capnp::Error>,
         Rc<capnp::message::Builder<capnp::message::HeapAllocator>>,
     ) {
-        match &self.on_send {
-            OnSend::NameBootstrap(id) => {
-                let id = id.clone();
-                if let Err(e) = set_bootstrap_id(self.inner.as_mut(), &id) {
-                    tracing::warn!("cannot name the service in the bootstrap message: {e}");
-                }
-                self.inner.send()
-            }
-            OnSend::KeepRestorerAnswer(restoring) => match self.restorer_answer() {
-                None => self.inner.send(),
-                Some(export) => {
-                    {
-                        let mut r = restoring.borrow_mut();
-                        r.answered = true;
-                        r.release = export;
-                    }
-                    (Promise::ok(()), Rc::new(self.inner.take()))
-                }
-            },
+        if let Err(e) = set_bootstrap_id(self.inner.as_mut(), &self.id) {
+            tracing::warn!("cannot name the service in the bootstrap message: {e}");
         }
+        self.inner.send()
     }
 
     fn take(self: Box<Self>) -> capnp::message::Builder<capnp::message::HeapAllocator> {
@@ -407,18 +224,30 @@ fn keepalive(s: &tokio::net::TcpStream) {
     let _ = s.set_nodelay(true);
 }
 
+/// A stream's halves for capnp-rpc: the writer batches (capnp's queue flushes after every
+/// message).
 fn split<S>(s: S) -> (Reader, Writer)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let (r, w) = tokio::io::split(s);
-    (
-        Box::pin(futures::io::BufReader::with_capacity(
-            16 * 1024,
-            crate::batch::EofReader(r.compat()),
-        )),
-        Box::pin(crate::batch::BatchWriter::new(w)),
-    )
+    (reader(r), Box::pin(crate::batch::BatchWriter::new(w)))
+}
+
+/// A stream's halves for ocluster-rpc, which batches its writes itself.
+fn split_plain<S>(s: S) -> (Reader, Writer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let (r, w) = tokio::io::split(s);
+    (reader(r), Box::pin(w.compat_write()))
+}
+
+fn reader<R: tokio::io::AsyncRead + Unpin + 'static>(r: R) -> Reader {
+    Box::pin(futures::io::BufReader::with_capacity(
+        16 * 1024,
+        crate::batch::EofReader(r.compat()),
+    ))
 }
 
 async fn open_stream(
@@ -521,8 +350,7 @@ pub async fn connect(sr: &SturdyRef, key: &SecretKey) -> Result<Connected, Conne
     let (r, w) = open_stream(&sr.location, &sr.auth, key).await?;
     let network = IdNetwork {
         inner: twoparty::VatNetwork::new(r, w, Side::Client, reader_options()),
-        id: Some(Rc::new(sr.service_id.clone())),
-        restoring: None,
+        id: Rc::new(sr.service_id.clone()),
     };
     let mut system = RpcSystem::new(Box::new(network), None);
     let cap: Client = system.bootstrap(Side::Server);
@@ -655,7 +483,7 @@ impl Server {
     {
         let (r, w, peer) = match &self.tls {
             None => {
-                let (r, w) = split(s);
+                let (r, w) = split_plain(s);
                 (r, w, Peer::Insecure(addr.clone()))
             }
             Some(cfg) => {
@@ -689,7 +517,7 @@ impl Server {
                     );
                     return;
                 };
-                let (r, w) = split(t);
+                let (r, w) = split_plain(t);
                 (r, w, Peer::Key(key))
             }
         };

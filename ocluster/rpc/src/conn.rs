@@ -251,9 +251,7 @@ impl Call {
 
     /// The capability a client read from the parameters stands for.
     pub fn cap(&self, client: &impl capnp::capability::FromClientHook) -> Cap {
-        cap_index(client.as_client_hook())
-            .and_then(|i| self.caps.get(i).cloned())
-            .unwrap_or(Cap::Null)
+        cap_in(&self.caps, client)
     }
 
     /// Gives up the parameters, keeping what answers the call.
@@ -271,6 +269,13 @@ impl Call {
         let resp = resp.expect("a call has its responder until taken");
         (CallParams { msg, caps }, resp)
     }
+}
+
+/// The capability of `caps` that a client read from their message stands for.
+fn cap_in(caps: &[Cap], client: &impl capnp::capability::FromClientHook) -> Cap {
+    cap_index(client.as_client_hook())
+        .and_then(|i| caps.get(i).cloned())
+        .unwrap_or(Cap::Null)
 }
 
 /// A call message's parameters, their capabilities read through `table`.
@@ -396,10 +401,9 @@ impl Response {
         Ok(content)
     }
 
+    /// The capability a client read from the results stands for.
     pub fn cap(&self, client: &impl capnp::capability::FromClientHook) -> Cap {
-        cap_index(client.as_client_hook())
-            .and_then(|i| self.caps.get(i).cloned())
-            .unwrap_or(Cap::Null)
+        cap_in(&self.caps, client)
     }
 
     /// The capabilities, in the order of the message's table.
@@ -1387,15 +1391,6 @@ pub(crate) fn forward(i: &Rc<Import>, call: Call) {
             Err(e) => resp.error(e),
         }
     });
-}
-
-/// Serves one connection with `opts` until it ends; returns why it ended.
-pub async fn serve<R, W>(reader: R, writer: W, opts: Options) -> Error
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    Conn::new(opts).run(reader, writer).await
 }
 
 #[cfg(test)]

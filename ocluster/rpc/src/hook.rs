@@ -4,8 +4,8 @@
 //! [`crate::Response`]'s, or a [`crate::CapsOut`] being built), so no RPC state hides in
 //! the generated code. A hook is recognised by its brand, and its index is its `get_ptr`.
 
-use capnp::capability::{Promise, RemotePromise, Request};
-use capnp::private::capability::{ClientHook, ParamsHook, PipelineHook, RequestHook, ResultsHook};
+use capnp::capability::{Promise, Request};
+use capnp::private::capability::{ClientHook, ParamsHook, ResultsHook};
 use capnp::{any_pointer, Error, MessageSize};
 
 /// The brand of the hooks of this crate (the address of a static of its own).
@@ -41,15 +41,18 @@ impl ClientHook for CapHook {
         Box::new(CapHook { index: self.index })
     }
 
+    /// A request that fails when sent.
     fn new_call(
         &self,
-        _interface_id: u64,
-        _method_id: u16,
-        _size_hint: Option<MessageSize>,
+        interface_id: u64,
+        method_id: u16,
+        size_hint: Option<MessageSize>,
     ) -> Request<any_pointer::Owned, any_pointer::Owned> {
-        Request::new(Box::new(NoRequest {
-            message: capnp::message::Builder::new_default(),
-        }))
+        crate::CapClient::new(crate::Cap::broken(not_callable())).new_call(
+            interface_id,
+            method_id,
+            size_hint,
+        )
     }
 
     fn call(
@@ -80,52 +83,5 @@ impl ClientHook for CapHook {
 
     fn when_resolved(&self) -> Promise<(), Error> {
         Promise::ok(())
-    }
-}
-
-/// The request of a [`CapHook`]: it fails when sent.
-struct NoRequest {
-    message: capnp::message::Builder<capnp::message::HeapAllocator>,
-}
-
-impl RequestHook for NoRequest {
-    fn get(&mut self) -> any_pointer::Builder<'_> {
-        self.message
-            .get_root()
-            .expect("an empty message has a root")
-    }
-
-    fn get_brand(&self) -> usize {
-        brand()
-    }
-
-    fn send(self: Box<Self>) -> RemotePromise<any_pointer::Owned> {
-        RemotePromise {
-            promise: Promise::err(not_callable()),
-            pipeline: any_pointer::Pipeline::new(Box::new(NoPipeline)),
-        }
-    }
-
-    fn send_streaming(self: Box<Self>) -> Promise<(), Error> {
-        Promise::err(not_callable())
-    }
-
-    fn tail_send(self: Box<Self>) -> Option<(u32, Promise<(), Error>, Box<dyn PipelineHook>)> {
-        None
-    }
-}
-
-struct NoPipeline;
-
-impl PipelineHook for NoPipeline {
-    fn add_ref(&self) -> Box<dyn PipelineHook> {
-        Box::new(NoPipeline)
-    }
-
-    fn get_pipelined_cap(
-        &self,
-        _ops: &[capnp::private::capability::PipelineOp],
-    ) -> Box<dyn ClientHook> {
-        Box::new(CapHook { index: usize::MAX })
     }
 }

@@ -25,9 +25,7 @@ mod conn;
 mod hook;
 
 pub use bridge::{CapClient, HookObject};
-pub use conn::{
-    serve, Call, CallParams, CapsOut, Conn, Import, Options, Reply, Responder, Response,
-};
+pub use conn::{Call, CallParams, CapsOut, Conn, Import, Options, Reply, Responder, Response};
 pub use hook::{cap_index, CapHook};
 
 use std::cell::RefCell;

@@ -85,7 +85,7 @@ struct State {
     exports: Vec<Option<Export>>,
     free_exports: Vec<u32>,
     by_ptr: HashMap<usize, u32>,
-    answers: HashMap<u32, Answer>,
+    answers: Answers,
     imports: HashMap<u32, Weak<Import>>,
     questions: Vec<Option<Question>>,
     free_questions: Vec<u32>,
@@ -97,6 +97,79 @@ struct State {
 struct Export {
     cap: Cap,
     refs: u32,
+}
+
+/// The answers table, by question id. Peers (capnp-rpc, OCaml's capnp-rpc) give a
+/// question the lowest id free, so the ids in use are dense: those below a bound are in
+/// a vector (24 bytes an answer, where a hash map took about three times that once a
+/// burst had grown it), the others in a map. The bound follows how many answers are
+/// open, so that a peer that picks huge ids cannot make the vector big.
+#[derive(Default)]
+struct Answers {
+    dense: Vec<Option<Answer>>,
+    sparse: HashMap<u32, Answer>,
+    len: usize,
+}
+
+impl Answers {
+    // (An id in the map stays there when the vector grows past it: lookups try both.)
+    fn get(&self, q: &u32) -> Option<&Answer> {
+        match self.dense.get(*q as usize) {
+            Some(Some(a)) => Some(a),
+            _ => self.sparse.get(q),
+        }
+    }
+
+    fn get_mut(&mut self, q: &u32) -> Option<&mut Answer> {
+        match self.dense.get_mut(*q as usize) {
+            Some(Some(a)) => Some(a),
+            _ => self.sparse.get_mut(q),
+        }
+    }
+
+    fn contains_key(&self, q: &u32) -> bool {
+        self.get(q).is_some()
+    }
+
+    fn insert(&mut self, q: u32, a: Answer) -> Option<Answer> {
+        let i = q as usize;
+        if i >= self.dense.len() && i < 2 * self.len + 1024 {
+            // Grown by an eighth at a time, not doubled: the vector is most of the table.
+            if self.dense.capacity() <= i {
+                let more = (i + 1 - self.dense.len()).max(self.dense.len() / 8);
+                self.dense.reserve_exact(more);
+            }
+            self.dense.resize_with(i + 1, || None);
+        }
+        let in_map = !self.sparse.is_empty() && self.sparse.contains_key(&q);
+        let old = match self.dense.get_mut(i) {
+            Some(slot) if !in_map => slot.replace(a),
+            _ => self.sparse.insert(q, a),
+        };
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    fn remove(&mut self, q: &u32) -> Option<Answer> {
+        let old = match self.dense.get_mut(*q as usize) {
+            Some(slot @ Some(_)) => slot.take(),
+            _ => self.sparse.remove(q),
+        };
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Answer> {
+        self.dense.iter().flatten().chain(self.sparse.values())
+    }
 }
 
 enum Answer {
@@ -113,10 +186,23 @@ enum Answer {
         waiting: Box<Pipelined>,
         release: bool,
     },
-    Done {
-        /// The results when they hold capabilities (for calls pipelined on them).
-        results: Result<Option<Rc<Stored>>, Rc<Error>>,
-    },
+    /// Answered with results: kept when they hold capabilities (for calls pipelined on
+    /// them). (Two variants rather than a `Result`: 16 bytes an answer, not 24.)
+    Returned(Option<Rc<Stored>>),
+    /// Answered with an error.
+    Failed(Rc<Error>),
+}
+
+impl Answer {
+    /// The capability at `ops` in an answered question's results (None while open).
+    fn pipelined(&self, ops: &[PipelineOp]) -> Option<Cap> {
+        match self {
+            Answer::Returned(Some(s)) => Some(s.pipelined(ops)),
+            Answer::Returned(None) => Some(Cap::Null),
+            Answer::Failed(e) => Some(Cap::Broken(e.clone())),
+            Answer::Open { .. } | Answer::Finishing { .. } => None,
+        }
+    }
 }
 
 /// Calls and promises waiting for an open answer, by their path into its results.
@@ -939,11 +1025,9 @@ impl Conn {
                 .map(|e| e.cap.clone())
                 .ok_or_else(|| protocol(&format!("no export {id}"))),
             Target::Answer(q, ops) => match st.answers.get(q) {
-                Some(Answer::Done { results, .. }) => Ok(match results {
-                    Ok(Some(s)) => s.pipelined(ops),
-                    Ok(None) => Cap::Null,
-                    Err(e) => Cap::Broken(e.clone()),
-                }),
+                Some(a @ (Answer::Returned(_) | Answer::Failed(_))) => {
+                    Ok(a.pipelined(ops).unwrap_or(Cap::Null))
+                }
                 Some(Answer::Open { .. }) => {
                     Err(protocol(&format!("question {q} has no answer yet")))
                 }
@@ -968,11 +1052,9 @@ impl Conn {
                             .push((ops.clone(), w));
                         return;
                     }
-                    Some(Answer::Done { results, .. }) => match results {
-                        Ok(Some(s)) => s.pipelined(ops),
-                        Ok(None) => Cap::Null,
-                        Err(e) => Cap::Broken(e.clone()),
-                    },
+                    Some(a @ (Answer::Returned(_) | Answer::Failed(_))) => {
+                        a.pipelined(ops).unwrap_or(Cap::Null)
+                    }
                     // (A finished question takes no more pipelined calls.)
                     Some(Answer::Finishing { .. }) | None => {
                         Cap::broken(Error::failed(format!("no question {q} is open")))
@@ -989,13 +1071,12 @@ impl Conn {
     fn finish(self: &Rc<Self>, q: u32, release_results: bool) {
         let answer = self.st.borrow_mut().answers.remove(&q);
         match answer {
-            Some(Answer::Done { results }) => {
-                if let (true, Ok(Some(s))) = (release_results, results) {
-                    for id in &s.exports {
-                        self.release_export(*id, 1);
-                    }
+            Some(Answer::Returned(Some(s))) if release_results => {
+                for id in &s.exports {
+                    self.release_export(*id, 1);
                 }
             }
+            Some(Answer::Returned(_) | Answer::Failed(_)) => {}
             Some(Answer::Open {
                 gen,
                 waiting: Some(waiting),
@@ -1088,9 +1169,7 @@ impl Conn {
                         exports,
                     })
                 });
-                Answer::Done {
-                    results: Ok(stored),
-                }
+                Answer::Returned(stored)
             }
             Err(e) => {
                 self.send(|m| {
@@ -1100,9 +1179,7 @@ impl Conn {
                     write_exception(ret.init_exception(), &e);
                     Ok(())
                 });
-                Answer::Done {
-                    results: Err(Rc::new(e)),
-                }
+                Answer::Failed(Rc::new(e))
             }
         };
         let (waiting, finished) = {
@@ -1236,6 +1313,11 @@ impl Conn {
                 id
             }
             None => {
+                // Grown by an eighth at a time, not doubled (two exports per queued job).
+                if st.exports.len() == st.exports.capacity() {
+                    let more = (st.exports.len() / 8).max(16);
+                    st.exports.reserve_exact(more);
+                }
                 st.exports.push(e);
                 (st.exports.len() - 1) as u32
             }
@@ -1401,7 +1483,58 @@ mod sizes {
         use std::mem::size_of;
         assert!(size_of::<crate::Cap>() <= 24);
         assert!(size_of::<super::Export>() <= 32);
-        assert!(size_of::<super::Answer>() <= 24);
+        assert!(size_of::<super::Answer>() <= 16);
+        assert!(size_of::<Option<super::Answer>>() <= 16);
         assert!(size_of::<super::Responder>() <= 16);
+    }
+}
+
+#[cfg(test)]
+mod answers {
+    use super::{Answer, Answers};
+
+    fn open(gen: u32) -> Answer {
+        Answer::Open { gen, waiting: None }
+    }
+
+    fn gen(a: Option<&Answer>) -> Option<u32> {
+        match a {
+            Some(Answer::Open { gen, .. }) => Some(*gen),
+            _ => None,
+        }
+    }
+
+    /// Dense ids go in the vector; an id far past what is open goes in the map (a peer
+    /// cannot make the vector huge); the vector growing past a mapped id keeps it.
+    #[test]
+    fn dense_ids_in_the_vector_far_ones_in_the_map() {
+        let mut t = Answers::default();
+        for q in 0..100 {
+            assert!(t.insert(q, open(q)).is_none());
+        }
+        assert_eq!(t.dense.len(), 100);
+        assert!(t.sparse.is_empty());
+        assert!(t.insert(u32::MAX, open(7)).is_none());
+        assert!(t.insert(2000, open(8)).is_none());
+        assert_eq!(t.sparse.len(), 2);
+        assert!(t.dense.len() < 2000);
+        // More open answers move the bound past 2000: the vector grows, 2000 stays put.
+        for q in 100..700 {
+            t.insert(q, open(q));
+        }
+        t.insert(2100, open(9));
+        assert!(t.dense.len() > 2000);
+        assert_eq!(gen(t.get(&2000)), Some(8));
+        assert_eq!(gen(t.insert(2000, open(10)).as_ref()), Some(8));
+        assert_eq!(gen(t.get(&2000)), Some(10));
+        assert_eq!(gen(t.get(&u32::MAX)), Some(7));
+        assert_eq!(t.len(), 703);
+        assert_eq!(t.values().count(), 703);
+        assert_eq!(gen(t.remove(&2000).as_ref()), Some(10));
+        assert!(t.get(&2000).is_none());
+        assert!(t.remove(&2000).is_none());
+        assert_eq!(gen(t.remove(&5).as_ref()), Some(5));
+        assert!(!t.contains_key(&5));
+        assert_eq!(t.len(), 701);
     }
 }

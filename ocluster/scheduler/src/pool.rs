@@ -14,7 +14,8 @@
 //! for the disk.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 
 use crate::text::{rough_duration, Wrapped};
 
@@ -291,7 +292,8 @@ enum Place {
 struct Ticket<I> {
     item: I,
     key: Key,
-    client: String,
+    /// (Shared by the client's tickets: see [`Pool::client_name`].)
+    client: Rc<str>,
     /// The estimated cost it was queued at on a worker; -1 in the backlog.
     cost: i64,
     place: Place,
@@ -392,11 +394,15 @@ pub struct Pool<I> {
     name: String,
     costs: Costs,
     main: Main,
-    tickets: HashMap<TicketId, Ticket<I>>,
+    /// (Boxed: a bucket of a map that doubles as it grows is mostly empty; a ticket
+    /// is ~150 bytes, a box 8.)
+    tickets: HashMap<TicketId, Box<Ticket<I>>>,
     workers: HashMap<WorkerId, Worker>,
     /// Connected workers by name.
     connected: BTreeMap<String, WorkerId>,
     clients: BTreeMap<String, Client>,
+    /// The names of the clients that have queued jobs, each held once.
+    names: HashSet<Rc<str>>,
     cluster_capacity: i64,
     pending_cached: HashMap<String, i64>,
     state: PoolState,
@@ -423,6 +429,7 @@ impl<I: Item> Pool<I> {
             workers: HashMap::new(),
             connected: BTreeMap::new(),
             clients,
+            names: HashSet::new(),
             cluster_capacity: 0,
             pending_cached: HashMap::new(),
             state,
@@ -461,6 +468,16 @@ impl<I: Item> Pool<I> {
     }
 
     // ---- clients -------------------------------------------------------------------
+
+    /// `client`'s name, as the tickets hold it.
+    fn client_name(&mut self, client: &str) -> Rc<str> {
+        if let Some(n) = self.names.get(client) {
+            return n.clone();
+        }
+        let n: Rc<str> = Rc::from(client);
+        self.names.insert(n.clone());
+        n
+    }
 
     fn client_entry(&mut self, client: &str, now: f64) -> &mut Client {
         self.clients.entry(client.to_string()).or_insert(Client {
@@ -598,16 +615,17 @@ impl<I: Item> Pool<I> {
             start,
             seq: id,
         };
+        let client = self.client_name(client);
         self.tickets.insert(
             id,
-            Ticket {
+            Box::new(Ticket {
                 item,
                 key,
-                client: client.to_string(),
+                client,
                 cost: -1,
                 place: Place::Backlog,
                 queued_at: start,
-            },
+            }),
         );
         self.add(id);
         id
@@ -832,7 +850,7 @@ impl<I: Item> Pool<I> {
                     if let Some(ticket) = q.pop_first() {
                         let t = self.tickets.remove(&ticket).expect("ticket exists");
                         w.workload -= t.cost;
-                        self.start(worker, pop, ticket, t);
+                        self.start(worker, pop, ticket, *t);
                         return;
                     }
                 }
@@ -848,7 +866,7 @@ impl<I: Item> Pool<I> {
                     Some(ticket) => {
                         if !self.assign_preferred(ticket) {
                             let t = self.tickets.remove(&ticket).expect("ticket exists");
-                            self.start(worker, pop, ticket, t);
+                            self.start(worker, pop, ticket, *t);
                             return;
                         }
                     }
@@ -1185,7 +1203,7 @@ impl<I: Item> Pool<I> {
     pub fn client_queued(&self) -> BTreeMap<(String, bool), usize> {
         let mut out = BTreeMap::new();
         for t in self.tickets.values() {
-            *out.entry((t.client.clone(), t.key.priority.is_high()))
+            *out.entry((t.client.to_string(), t.key.priority.is_high()))
                 .or_insert(0) += 1;
         }
         out
@@ -1207,7 +1225,7 @@ impl<I: Item> Pool<I> {
                 .map(|id| {
                     let t = &self.tickets[id];
                     QueuedView {
-                        client: t.client.clone(),
+                        client: t.client.to_string(),
                         label: t.item.label().into_owned(),
                         priority: t.key.priority.name(),
                         start_in: t.key.start - now,

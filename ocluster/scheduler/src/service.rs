@@ -36,9 +36,10 @@ pub const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 /// A queued job: its description, kept as a compact serialized message, and what its
 /// client holds of it.
 pub struct QueuedJob {
-    descr: Vec<u8>,
-    hint: String,
-    client: String,
+    descr: Box<[u8]>,
+    hint: Box<str>,
+    /// (Shared by the client's jobs.)
+    client: Rc<str>,
     priority: Priority,
     /// The job as its client sees it (a promise of `Job`, then a `JobProxy`), from its
     /// submission on, or, for a job restored after a restart, what its client gets once
@@ -558,7 +559,7 @@ impl Scheduler {
     fn submission(self: &Rc<Self>, name: &str, id: &[u8]) -> submission::Client {
         let s: SubmissionCap = capnp_rpc::new_client(SubmissionImpl {
             sched: self.clone(),
-            client: name.to_string(),
+            client: Rc::from(name),
             id_hash: Sha256::digest(id).to_vec(),
             uri: (self.make_uri)(id),
         });
@@ -724,16 +725,21 @@ impl PoolApi {
     /// Queues again the jobs that were queued or running before a restart, in their
     /// order, each waiting for its client to claim it.
     fn restore(&mut self, jobs: Vec<StoredJob>) {
+        let mut names: HashMap<String, Rc<str>> = HashMap::new();
         for j in jobs {
+            let client = names
+                .entry(j.client.clone())
+                .or_insert_with(|| Rc::from(j.client.as_str()))
+                .clone();
             self.next_seq = self.next_seq.max(j.seq + 1);
             let shared = JobShared::new(&self.this, j.seq);
             let key = dedup_key(&j.client, &j.descr);
             let ticket = self.pool.restore(
                 &j.client,
                 QueuedJob {
-                    descr: j.descr,
-                    hint: j.cache_hint,
-                    client: j.client.clone(),
+                    descr: j.descr.into(),
+                    hint: j.cache_hint.into(),
+                    client,
                     priority: Priority(j.priority),
                     shared: Some(shared.clone()),
                     seq: j.seq,
@@ -867,7 +873,7 @@ impl PoolApi {
             .take()
             .unwrap_or_else(|| JobShared::new(&self.this, item.seq));
         let attempt = shared.start_attempt(job.clone(), &worker_name);
-        if tx.send(Ok(item.descr.clone())).is_err() {
+        if tx.send(Ok(item.descr.to_vec())).is_err() {
             tracing::warn!("worker's pop went away as its job was assigned");
         }
         // One `result` call to the worker per attempt: the pool learns that the job
@@ -887,7 +893,7 @@ impl PoolApi {
             key,
             RunningJob {
                 worker: worker_name.clone(),
-                client: item.client.clone(),
+                client: item.client.to_string(),
                 label: item.label().into_owned(),
                 priority: item.priority,
                 started,
@@ -1023,9 +1029,25 @@ impl PoolApi {
 
 // ---- The client's view of a job ----------------------------------------------------------------
 
-/// What the scheduler knows of a job once a worker has taken it, across attempts.
+/// What the scheduler knows of a job. Kept small while it is queued (issue 12: < 1 KiB
+/// per queued job): what only a job that a worker took needs is in [`Run`].
 #[derive(Default)]
 struct JobState {
+    /// From the first attempt on.
+    run: Option<Box<Run>>,
+    outcome: Option<Box<Result<String, Error>>>,
+    /// Queued (again): its ticket in the pool.
+    queued: Option<TicketId>,
+    cancelled: bool,
+    released: bool,
+    /// The client's calls that wait for the job to start or end (`log` and `result`
+    /// while it is queued): answered by [`JobShared::wake`].
+    waiting: Vec<Waiting>,
+}
+
+/// What the scheduler knows of a job once a worker has taken it, across attempts.
+#[derive(Default)]
+struct Run {
     /// The current attempt's `Job` on its worker, and the attempt's number.
     current: Option<(job::Client, u32)>,
     attempts: u32,
@@ -1035,18 +1057,57 @@ struct JobState {
     note: Vec<u8>,
     /// The furthest the client has read.
     high: i64,
-    outcome: Option<Result<String, Error>>,
-    /// Queued again: its ticket in the pool.
-    queued: Option<TicketId>,
-    cancelled: bool,
-    released: bool,
+    /// Wakes the tasks that relay the client's `log` calls when the job changes.
+    changed: Rc<tokio::sync::Notify>,
+}
+
+impl JobState {
+    fn run(&mut self) -> &mut Run {
+        self.run.get_or_insert_with(Default::default)
+    }
+
+    fn current(&self) -> Option<&(job::Client, u32)> {
+        self.run.as_ref()?.current.as_ref()
+    }
+
+    fn attempts(&self) -> u32 {
+        self.run.as_ref().map_or(0, |r| r.attempts)
+    }
+
+    fn outcome(&self) -> Option<&Result<String, Error>> {
+        self.outcome.as_deref()
+    }
+}
+
+/// A client's call on its job that waits for the job, as little as it can be: what
+/// answers it, and for `log` where the client wants to read from.
+enum Waiting {
+    Log(i64, ocluster_rpc::Responder),
+    Result(ocluster_rpc::Responder),
+}
+
+impl Waiting {
+    fn is_open(&self) -> bool {
+        match self {
+            Waiting::Log(_, r) | Waiting::Result(r) => r.is_open(),
+        }
+    }
+}
+
+/// What a `log` call on a job gets now, or what it waits for.
+enum LogNow {
+    /// Data and where the next read starts.
+    Answer(Vec<u8>, i64),
+    /// The current attempt's worker has the log: relay the call.
+    Relay,
+    /// Queued, or between attempts: nothing to read until a worker takes it.
+    Wait,
 }
 
 struct JobShared {
     state: RefCell<JobState>,
     /// The client's promise of the job ([`started_job`]), while the client holds it.
-    promise: RefCell<std::rc::Weak<ocluster_rpc::Promise>>,
-    changed: tokio::sync::Notify,
+    promise: Cell<std::rc::Weak<ocluster_rpc::Promise>>,
     pool: std::rc::Weak<RefCell<PoolApi>>,
     /// Its row in `job_queue`.
     seq: u64,
@@ -1056,27 +1117,35 @@ impl JobShared {
     fn new(pool: &std::rc::Weak<RefCell<PoolApi>>, seq: u64) -> Rc<JobShared> {
         Rc::new(JobShared {
             state: RefCell::new(JobState::default()),
-            promise: RefCell::new(std::rc::Weak::new()),
-            changed: tokio::sync::Notify::new(),
+            promise: Cell::new(std::rc::Weak::new()),
             pool: pool.clone(),
             seq,
         })
     }
 
-    fn start_attempt(&self, job: job::Client, worker: &str) -> u32 {
+    /// The client's promise of the job, while the client holds it.
+    fn promise(&self) -> Option<Rc<ocluster_rpc::Promise>> {
+        let w = self.promise.take();
+        let p = w.upgrade();
+        self.promise.set(w);
+        p
+    }
+
+    fn start_attempt(self: &Rc<Self>, job: job::Client, worker: &str) -> u32 {
         let mut st = self.state.borrow_mut();
-        st.attempts += 1;
-        let n = st.attempts;
-        st.current = Some((job, n));
         st.queued = None;
+        let run = st.run();
+        run.attempts += 1;
+        let n = run.attempts;
+        run.current = Some((job, n));
         if n > 1 {
             // The client reads the note and waits at its end; it can grow until then.
             let line = format!("Running again on {worker}\n");
-            st.note.extend_from_slice(line.as_bytes());
-            st.base += line.len() as i64;
+            run.note.extend_from_slice(line.as_bytes());
+            run.base += line.len() as i64;
         }
         drop(st);
-        self.changed.notify_waiters();
+        self.changed();
         self.settle();
         n
     }
@@ -1084,17 +1153,17 @@ impl JobShared {
     /// Resolves the client's promise once the job has settled: to the proxy once a worker
     /// took it (or it finished), to the job's error if it ended before.
     fn settle(&self) {
-        let Some(p) = self.promise.borrow().upgrade() else {
+        let Some(p) = self.promise() else {
             return;
         };
         if p.is_resolved() {
             return;
         }
         let st = self.state.borrow();
-        let to = if st.attempts > 0 {
+        let to = if st.attempts() > 0 {
             Some(Ok(()))
         } else {
-            match &st.outcome {
+            match st.outcome() {
                 Some(Ok(_)) => Some(Ok(())),
                 Some(Err(e)) => Some(Err(e.clone())),
                 None => None,
@@ -1109,37 +1178,220 @@ impl JobShared {
     }
 
     /// The worker of the current attempt is gone; `note` goes into the log.
-    fn lost(&self, note: &str) {
+    fn lost(self: &Rc<Self>, note: &str) {
         let mut st = self.state.borrow_mut();
-        st.current = None;
-        let at = st.high.max(st.base);
-        st.note = note.as_bytes().to_vec();
-        st.base = at + st.note.len() as i64;
+        let run = st.run();
+        run.current = None;
+        let at = run.high.max(run.base);
+        run.note = note.as_bytes().to_vec();
+        run.base = at + run.note.len() as i64;
         drop(st);
-        self.changed.notify_waiters();
+        self.changed();
     }
 
     /// The worker's `Job` of `attempt`, if it is still the current one.
     fn job_of(&self, attempt: u32) -> Option<job::Client> {
-        match &self.state.borrow().current {
+        match self.state.borrow().current() {
             Some((job, n)) if *n == attempt => Some(job.clone()),
             _ => None,
         }
     }
 
     /// The scheduler stopped the job (a limit): `note` ends its log.
-    fn stopped(&self, note: &str) {
+    fn stopped(self: &Rc<Self>, note: &str) {
         self.lost(note);
     }
 
-    fn finish(&self, outcome: Result<String, Error>) {
+    fn finish(self: &Rc<Self>, outcome: Result<String, Error>) {
         let mut st = self.state.borrow_mut();
         if st.outcome.is_none() {
-            st.outcome = Some(outcome);
+            st.outcome = Some(Box::new(outcome));
         }
         drop(st);
-        self.changed.notify_waiters();
+        self.changed();
         self.settle();
+    }
+
+    /// The job changed: its relaying tasks look again, its waiting calls are answered.
+    fn changed(self: &Rc<Self>) {
+        let notify = self.state.borrow().run.as_ref().map(|r| r.changed.clone());
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+        self.wake();
+    }
+
+    /// What a relaying task waits on for the job to change.
+    fn notify(&self) -> Rc<tokio::sync::Notify> {
+        self.state.borrow_mut().run().changed.clone()
+    }
+
+    /// The job changed: the calls that waited for it are answered, or relayed to its
+    /// worker, or wait on.
+    fn wake(self: &Rc<Self>) {
+        let waiting = std::mem::take(&mut self.state.borrow_mut().waiting);
+        for w in waiting {
+            match w {
+                Waiting::Log(start, resp) => self.log_call(start, resp),
+                Waiting::Result(resp) => self.result_call(resp),
+            }
+        }
+    }
+
+    /// Keeps a call until the job changes (dropping those whose callers gave up, so
+    /// that a client that calls and cancels again and again holds nothing).
+    fn wait(&self, w: Waiting) {
+        let mut st = self.state.borrow_mut();
+        st.waiting.retain(Waiting::is_open);
+        // (Most jobs have two: `result` and the first `log`.)
+        if st.waiting.capacity() == 0 {
+            st.waiting.reserve_exact(2);
+        }
+        st.waiting.push(w);
+    }
+
+    /// `Job.result`: the job's outcome, once it has one.
+    fn result_call(self: &Rc<Self>, resp: ocluster_rpc::Responder) {
+        let outcome = self.state.borrow().outcome().cloned();
+        match outcome {
+            Some(Ok(out)) => resp.results(|b, _| {
+                b.init_as::<job::result_results::Builder>()
+                    .set_output(out.as_str());
+                Ok(())
+            }),
+            Some(Err(e)) => resp.error(e),
+            None => self.wait(Waiting::Result(resp)),
+        }
+    }
+
+    /// `Job.log` from `start`: the scheduler's own lines, the worker's log (relayed by a
+    /// task while the job runs), or nothing more once it ended; while it is queued, the
+    /// call waits in the job (no task).
+    fn log_call(self: &Rc<Self>, start: i64, resp: ocluster_rpc::Responder) {
+        match self.log_now(start, 0) {
+            LogNow::Answer(data, next) => answer_log(resp, Ok((data, next))),
+            LogNow::Wait => self.wait(Waiting::Log(start, resp)),
+            LogNow::Relay => {
+                let shared = self.clone();
+                tokio::task::spawn_local(async move {
+                    let r = tokio::select! {
+                        r = shared.relay_log(start) => r,
+                        _ = resp.cancelled() => return,
+                    };
+                    answer_log(resp, r)
+                });
+            }
+        }
+    }
+
+    /// What a `log` call from `start` gets now, the attempt `dead` aside (its worker
+    /// failed a call).
+    fn log_now(&self, start: i64, dead: u32) -> LogNow {
+        let mut st = self.state.borrow_mut();
+        let ended = st.outcome.is_some();
+        let Some(run) = st.run.as_mut() else {
+            return match ended {
+                true => LogNow::Answer(Vec::new(), start.max(0)),
+                false => LogNow::Wait,
+            };
+        };
+        let note_start = run.base - run.note.len() as i64;
+        if start >= 0 && start < run.base && !run.note.is_empty() {
+            let from = (start.max(note_start) - note_start) as usize;
+            let data = run.note[from..].to_vec();
+            let next = run.base;
+            run.high = run.high.max(next);
+            return LogNow::Answer(data, next);
+        }
+        match &run.current {
+            Some((_, n)) if *n != dead => LogNow::Relay,
+            _ if ended => LogNow::Answer(Vec::new(), start.max(run.high)),
+            _ => LogNow::Wait,
+        }
+    }
+
+    /// `log` relayed to the current attempt's worker, waiting for the next attempt if
+    /// this one's worker is lost meanwhile.
+    async fn relay_log(self: &Rc<Self>, start: i64) -> Result<(Vec<u8>, i64), Error> {
+        let mut dead_attempt = 0;
+        let notify = self.notify();
+        loop {
+            let changed = notify.notified();
+            let target = match self.log_now(start, dead_attempt) {
+                LogNow::Answer(data, next) => return Ok((data, next)),
+                LogNow::Wait => None,
+                LogNow::Relay => {
+                    let st = self.state.borrow();
+                    st.run.as_ref().and_then(|r| {
+                        let (job, n) = r.current.as_ref()?;
+                        Some((job.clone(), *n, r.base))
+                    })
+                }
+            };
+            let Some((job, attempt, base)) = target else {
+                changed.await;
+                continue;
+            };
+            // Offsets in the worker's log are offsets in ours less `base`; a negative
+            // start counts from the end of the worker's log.
+            let worker_start = if start < 0 { start } else { start - base };
+            let mut req = job.log_request();
+            drop(job);
+            req.get().set_start(worker_start);
+            // A wedged worker may never answer: stop waiting once its attempt is over.
+            let over = async {
+                loop {
+                    let changed = notify.notified();
+                    let current = self.state.borrow().current().map(|(_, n)| *n);
+                    if current != Some(attempt) {
+                        return;
+                    }
+                    changed.await;
+                }
+            };
+            let answer = tokio::select! {
+                r = req.send().promise => r,
+                _ = over => {
+                    dead_attempt = attempt;
+                    drop(changed);
+                    continue;
+                }
+            };
+            match answer {
+                Ok(r) => {
+                    let r = r.get()?;
+                    let next = base + r.get_next();
+                    {
+                        let mut st = self.state.borrow_mut();
+                        let run = st.run();
+                        run.high = run.high.max(next);
+                    }
+                    return Ok((r.get_log()?.to_vec(), next));
+                }
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                    // Look again: the attempt may have ended while the call was out.
+                    dead_attempt = attempt;
+                    drop(changed);
+                }
+                Err(e) => return Err(relayed(e)),
+            }
+        }
+    }
+
+    /// `Job.cancel` (and `Ticket.cancel` once the job has left the queue).
+    async fn cancel(self: Rc<Self>) -> Result<(), Error> {
+        let current = {
+            let mut st = self.state.borrow_mut();
+            st.cancelled = true;
+            st.current().map(|(j, _)| j.clone())
+        };
+        if self.withdraw("Ticket cancelled") {
+            return Ok(());
+        }
+        if let Some(job) = current {
+            job.cancel_request().send().promise.await.map_err(relayed)?;
+        }
+        Ok(())
     }
 
     /// Someone still wants the result.
@@ -1149,7 +1401,7 @@ impl JobShared {
     }
 
     /// Takes the job out of the queue if it waits there again; true if it did.
-    fn withdraw(&self, msg: &str) -> bool {
+    fn withdraw(self: &Rc<Self>, msg: &str) -> bool {
         let Some(ticket) = self.state.borrow_mut().queued.take() else {
             return false;
         };
@@ -1180,28 +1432,32 @@ impl JobShared {
 /// took the job before the client asked for it, as the original's is; but each call made
 /// on it while the job waits goes to the [`JobProxy`] at once, whose methods wait for
 /// the job themselves (no queue of calls per job). [`JobShared::settle`] resolves it.
-fn started_job(shared: Rc<JobShared>) -> job::Client {
-    let existing = shared.promise.borrow().upgrade();
+fn started_job(shared: &Rc<JobShared>) -> Rc<ocluster_rpc::Promise> {
+    let existing = shared.promise();
     let promise = existing.unwrap_or_else(|| {
         // (A proxy is made only here: dropping one releases the job.)
-        let proxy: job::Client = capnp_rpc::new_client(JobProxy {
+        let proxy = ocluster_rpc::Cap::local(JobProxy {
             shared: shared.clone(),
         });
-        let p = ocluster_rpc::Promise::new(Some(ocluster_rpc::Cap::from_hook(proxy.client.hook)));
-        *shared.promise.borrow_mut() = Rc::downgrade(&p);
+        let p = ocluster_rpc::Promise::new(Some(proxy));
+        shared.promise.set(Rc::downgrade(&p));
         p
     });
     shared.settle();
-    ocluster_rpc::Cap::Promise(promise).client()
+    promise
 }
 
 /// What the client holds for a job that a worker has taken. It relays `log`, `result`
 /// and `cancel` to the current attempt's `Job`, so that the job can run again on another
 /// worker when its worker is lost, unseen by the client (an OCaml client too) except for
 /// a line in the log. The RPC layer could relay by itself, but it would prefix the
-/// worker's errors with "remote exception: " at each hop. Each method lets go of the
-/// proxy before it waits, so that when the client releases its last reference the
+/// worker's errors with "remote exception: " at each hop. Its calls hold only the job's
+/// state, never the proxy, so that when the client releases its last reference the
 /// worker's job is released at once, which cancels it (as in the original).
+///
+/// A native object of the RPC layer: while the job is queued, its client's `result` and
+/// `log` calls wait in the job's state as bare responders ([`Waiting`]), which is most
+/// of what keeps a queued job small (issue 12: < 1 KiB per queued job).
 struct JobProxy {
     shared: Rc<JobShared>,
 }
@@ -1211,9 +1467,65 @@ impl Drop for JobProxy {
         tracing::debug!("client released its job");
         let mut st = self.shared.state.borrow_mut();
         st.released = true;
-        st.current = None;
+        if let Some(run) = st.run.as_mut() {
+            run.current = None;
+        }
         drop(st);
         self.shared.withdraw("Job released");
+    }
+}
+
+impl ocluster_rpc::Object for JobProxy {
+    fn call(self: Rc<Self>, call: ocluster_rpc::Call) {
+        let shared = self.shared.clone();
+        drop(self);
+        match (call.interface_id, call.method_id) {
+            (ids::JOB, 0) => {
+                let start = call
+                    .params()
+                    .and_then(|p| p.get_as::<job::log_params::Reader>())
+                    .map(|p| p.get_start());
+                match start {
+                    Ok(start) => shared.log_call(start, call.responder()),
+                    Err(e) => call.responder().error(e),
+                }
+            }
+            (ids::JOB, 1) => shared.result_call(call.responder()),
+            (ids::JOB, 2) => {
+                let resp = call.responder();
+                tokio::task::spawn_local(async move {
+                    match shared.cancel().await {
+                        Ok(()) => resp.empty(),
+                        Err(e) => resp.error(e),
+                    }
+                });
+            }
+            (i, m) => call.responder().error(unimplemented(i, m, "Job")),
+        }
+    }
+
+    fn dedupe(&self) -> bool {
+        false
+    }
+}
+
+/// The error for a method an object does not have, as capnp's generated servers say it.
+fn unimplemented(interface_id: u64, method_id: u16, name: &str) -> Error {
+    Error::unimplemented(format!(
+        "Method {method_id} of interface {interface_id:#x} is not implemented by {name}"
+    ))
+}
+
+/// Answers a `Job.log` call.
+fn answer_log(resp: ocluster_rpc::Responder, r: Result<(Vec<u8>, i64), Error>) {
+    match r {
+        Ok((data, next)) => resp.results(|b, _| {
+            let mut out = b.init_as::<job::log_results::Builder>();
+            out.set_log(&data);
+            out.set_next(next);
+            Ok(())
+        }),
+        Err(e) => resp.error(e),
     }
 }
 
@@ -1226,143 +1538,6 @@ fn relayed(e: Error) -> Error {
     Error {
         kind: e.kind,
         extra: extra.to_string(),
-    }
-}
-
-impl job::Server for JobProxy {
-    async fn log(
-        self: Rc<Self>,
-        params: job::LogParams,
-        mut results: job::LogResults,
-    ) -> Result<(), Error> {
-        let start = params.get()?.get_start();
-        // The call's message is not needed while it waits (a queued job's client has
-        // this call open until the job starts).
-        drop(params);
-        let shared = self.shared.clone();
-        drop(self);
-        // An attempt whose worker failed a call: wait for the next one or the end.
-        let mut dead_attempt = 0;
-        loop {
-            let changed = shared.changed.notified();
-            let target = {
-                let mut st = shared.state.borrow_mut();
-                let note_start = st.base - st.note.len() as i64;
-                if start >= 0 && start < st.base && !st.note.is_empty() {
-                    let from = (start.max(note_start) - note_start) as usize;
-                    let data = st.note[from..].to_vec();
-                    let next = st.base;
-                    st.high = st.high.max(next);
-                    let mut out = results.get();
-                    out.set_log(&data);
-                    out.set_next(next);
-                    return Ok(());
-                }
-                match &st.current {
-                    Some((job, n)) if *n != dead_attempt => Some((job.clone(), *n, st.base)),
-                    _ if st.outcome.is_some() => {
-                        let mut out = results.get();
-                        out.set_log(&[]);
-                        out.set_next(start.max(st.high));
-                        return Ok(());
-                    }
-                    // Between attempts: wait for the next worker.
-                    _ => None,
-                }
-            };
-            let Some((job, attempt, base)) = target else {
-                changed.await;
-                continue;
-            };
-            // Offsets in the worker's log are offsets in ours less `base`; a negative
-            // start counts from the end of the worker's log.
-            let worker_start = if start < 0 { start } else { start - base };
-            let mut req = job.log_request();
-            req.get().set_start(worker_start);
-            // A wedged worker may never answer: stop waiting once its attempt is over.
-            let over = async {
-                loop {
-                    let changed = shared.changed.notified();
-                    let current = shared.state.borrow().current.as_ref().map(|(_, n)| *n);
-                    if current != Some(attempt) {
-                        return;
-                    }
-                    changed.await;
-                }
-            };
-            let answer = tokio::select! {
-                r = req.send().promise => r,
-                _ = over => {
-                    dead_attempt = attempt;
-                    drop(changed);
-                    continue;
-                }
-            };
-            match answer {
-                Ok(r) => {
-                    let r = r.get()?;
-                    let next = base + r.get_next();
-                    {
-                        let mut st = shared.state.borrow_mut();
-                        st.high = st.high.max(next);
-                    }
-                    let mut out = results.get();
-                    out.set_log(r.get_log()?);
-                    out.set_next(next);
-                    return Ok(());
-                }
-                Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
-                    // Look again: the attempt may have ended while the call was out.
-                    dead_attempt = attempt;
-                    drop(changed);
-                }
-                Err(e) => return Err(relayed(e)),
-            }
-        }
-    }
-
-    async fn result(
-        self: Rc<Self>,
-        params: job::ResultParams,
-        mut results: job::ResultResults,
-    ) -> Result<(), Error> {
-        // Not needed while the call waits for the job's end.
-        drop(params);
-        let shared = self.shared.clone();
-        drop(self);
-        loop {
-            let changed = shared.changed.notified();
-            let outcome = shared.state.borrow().outcome.clone();
-            match outcome {
-                Some(Ok(out)) => {
-                    results.get().set_output(out.as_str());
-                    return Ok(());
-                }
-                Some(Err(e)) => return Err(e),
-                None => changed.await,
-            }
-        }
-    }
-
-    async fn cancel(
-        self: Rc<Self>,
-        _: job::CancelParams,
-        _: job::CancelResults,
-    ) -> Result<(), Error> {
-        let shared = self.shared.clone();
-        drop(self);
-        let current = {
-            let mut st = shared.state.borrow_mut();
-            st.cancelled = true;
-            st.current.as_ref().map(|(j, _)| j.clone())
-        };
-        if shared.withdraw("Ticket cancelled") {
-            return Ok(());
-        }
-        if let Some(job) = current {
-            job.cancel_request().send().promise.await.map_err(relayed)?;
-        }
-        Ok(())
     }
 }
 
@@ -1581,7 +1756,7 @@ impl Drop for QueueImpl {
 
 struct SubmissionImpl {
     sched: Rc<Scheduler>,
-    client: String,
+    client: Rc<str>,
     id_hash: Vec<u8>,
     uri: String,
 }
@@ -1668,8 +1843,8 @@ impl SubmissionImpl {
                 "{:?} submitted again a job kept from before the restart: it is that job",
                 self.client
             );
-            let job = started_job(shared.clone());
-            return (capnp_rpc::new_client(TicketImpl { shared, job }), None);
+            let job = started_job(&shared);
+            return (ticket_client(TicketImpl { shared, job }), None);
         }
         {
             let mut p = pool.borrow_mut();
@@ -1681,8 +1856,8 @@ impl SubmissionImpl {
             let (id, start) = p.pool.submit(
                 &self.client,
                 QueuedJob {
-                    descr: bytes,
-                    hint,
+                    descr: bytes.into(),
+                    hint: hint.into(),
                     client: self.client.clone(),
                     priority,
                     shared: Some(shared.clone()),
@@ -1695,7 +1870,7 @@ impl SubmissionImpl {
             if let Some((cache_hint, descr)) = kept {
                 p.added.push(StoredJob {
                     seq,
-                    client: self.client.clone(),
+                    client: self.client.to_string(),
                     priority: priority.0,
                     fair_start: start,
                     cache_hint,
@@ -1704,11 +1879,17 @@ impl SubmissionImpl {
             }
             // Stored before the client hears of its ticket (the caller waits).
             let batch = p.flush_soon();
-            let job = started_job(shared.clone());
-            let ticket = capnp_rpc::new_client(TicketImpl { shared, job });
+            let job = started_job(&shared);
+            let ticket = ticket_client(TicketImpl { shared, job });
             (ticket, Some((p.stored.clone(), batch)))
         }
     }
+}
+
+/// The ticket as the generated client the bridged `submit` answers with (the bridge
+/// sends the native object).
+fn ticket_client(t: TicketImpl) -> ticket::Client {
+    ocluster_rpc::Cap::local(t).client()
 }
 
 impl persistent::Server for SubmissionImpl {
@@ -1793,46 +1974,61 @@ impl capnp::capability::FromServer<SubmissionImpl> for SubmissionCap {
 }
 
 /// A client's ticket: its job (submitted on this run, or kept from before a restart and
-/// submitted again), and the `Job` its client is given.
+/// submitted again), and the `Job` its client is given. A native object of the RPC layer,
+/// exported once (no entry in the connection's identity table).
 struct TicketImpl {
     shared: Rc<JobShared>,
-    job: job::Client,
+    job: Rc<ocluster_rpc::Promise>,
 }
 
-impl TicketImpl {
-    /// Takes the job out of its queue if it waits there, failing it with `msg`.
-    fn withdraw(&self, msg: &str) -> bool {
-        self.shared.withdraw(msg)
-    }
-}
-
-impl ticket::Server for TicketImpl {
-    async fn job(
-        self: Rc<Self>,
-        _: ticket::JobParams,
-        mut results: ticket::JobResults,
-    ) -> Result<(), Error> {
-        results.get().set_job(self.job.clone());
-        Ok(())
-    }
-
-    async fn cancel(
-        self: Rc<Self>,
-        _: ticket::CancelParams,
-        _: ticket::CancelResults,
-    ) -> Result<(), Error> {
-        if self.withdraw("Ticket cancelled") {
-            return Ok(());
+impl ocluster_rpc::Object for TicketImpl {
+    fn call(self: Rc<Self>, call: ocluster_rpc::Call) {
+        match (call.interface_id, call.method_id) {
+            (ids::TICKET, 0) => {
+                let job = ocluster_rpc::Cap::Promise(self.job.clone());
+                call.responder().results(|b, caps| {
+                    b.init_as::<ticket::job_results::Builder>()
+                        .set_job(caps.client(job));
+                    Ok(())
+                })
+            }
+            (ids::TICKET, 1) => {
+                let resp = call.responder();
+                if self.shared.withdraw("Ticket cancelled") {
+                    return resp.empty();
+                }
+                // A job that ended before a worker took it: its `Job` is broken.
+                let ended = {
+                    let st = self.shared.state.borrow();
+                    match st.outcome() {
+                        Some(Err(e)) if st.attempts() == 0 => Some(e.clone()),
+                        _ => None,
+                    }
+                };
+                if let Some(e) = ended {
+                    return resp.error(e);
+                }
+                let shared = self.shared.clone();
+                tokio::task::spawn_local(async move {
+                    match shared.cancel().await {
+                        Ok(()) => resp.empty(),
+                        Err(e) => resp.error(e),
+                    }
+                });
+            }
+            (i, m) => call.responder().error(unimplemented(i, m, "Ticket")),
         }
-        self.job.cancel_request().send().promise.await?;
-        Ok(())
+    }
+
+    fn dedupe(&self) -> bool {
+        false
     }
 }
 
 impl Drop for TicketImpl {
     fn drop(&mut self) {
         tracing::debug!("ticket released");
-        self.withdraw("Ticket released (cancelled)");
+        self.shared.withdraw("Ticket released (cancelled)");
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the `ocluster-*` programs share: logging flags, connecting with a cap file, and
 //! the scheduler's metrics endpoint.
 
+pub mod heap;
 pub mod metrics_http;
 pub mod status;
 

@@ -137,18 +137,13 @@ async fn handle(
 /// also keeps what was freed, e.g. after a burst of submissions, until the allocator gives
 /// it back.
 fn heap_metric() -> String {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's counters.
-        let m = unsafe { libc::mallinfo2() };
-        let live = m.uordblks + m.hblkhd;
-        format!(
+    match crate::heap::in_use() {
+        Some(live) => format!(
             "# HELP ocluster_scheduler_heap_bytes Bytes of heap in use (malloc'd and not freed)\n\
              # TYPE ocluster_scheduler_heap_bytes gauge\nocluster_scheduler_heap_bytes {live}\n"
-        )
+        ),
+        None => String::new(),
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    String::new()
 }
 
 async fn route(path: &str, sched: &Rc<Scheduler>) -> (u16, String, String) {

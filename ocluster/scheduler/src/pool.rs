@@ -1201,12 +1201,16 @@ impl<I: Item> Pool<I> {
 
     /// Queued tickets per (client, urgent).
     pub fn client_queued(&self) -> BTreeMap<(String, bool), usize> {
-        let mut out = BTreeMap::new();
+        let mut counts: HashMap<(&str, bool), usize> = HashMap::new();
         for t in self.tickets.values() {
-            *out.entry((t.client.to_string(), t.key.priority.is_high()))
+            *counts
+                .entry((&*t.client, t.key.priority.is_high()))
                 .or_insert(0) += 1;
         }
-        out
+        counts
+            .into_iter()
+            .map(|((c, high), n)| ((c.to_string(), high), n))
+            .collect()
     }
 
     pub fn queued(&self) -> usize {

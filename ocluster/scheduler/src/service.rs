@@ -1378,7 +1378,18 @@ impl JobShared {
         }
     }
 
-    /// `Job.cancel` (and `Ticket.cancel` once the job has left the queue).
+    /// Answers a `cancel` call (`Job`'s, or `Ticket`'s once the job has left the queue)
+    /// once the worker has (a task: the worker is called).
+    fn cancel_call(self: &Rc<Self>, resp: ocluster_rpc::Responder) {
+        let shared = self.clone();
+        tokio::task::spawn_local(async move {
+            match shared.cancel().await {
+                Ok(()) => resp.empty(),
+                Err(e) => resp.error(e),
+            }
+        });
+    }
+
     async fn cancel(self: Rc<Self>) -> Result<(), Error> {
         let current = {
             let mut st = self.state.borrow_mut();
@@ -1491,15 +1502,7 @@ impl ocluster_rpc::Object for JobProxy {
                 }
             }
             (ids::JOB, 1) => shared.result_call(call.responder()),
-            (ids::JOB, 2) => {
-                let resp = call.responder();
-                tokio::task::spawn_local(async move {
-                    match shared.cancel().await {
-                        Ok(()) => resp.empty(),
-                        Err(e) => resp.error(e),
-                    }
-                });
-            }
+            (ids::JOB, 2) => shared.cancel_call(call.responder()),
             (i, m) => call.responder().error(unimplemented(i, m, "Job")),
         }
     }
@@ -2008,13 +2011,7 @@ impl ocluster_rpc::Object for TicketImpl {
                 if let Some(e) = ended {
                     return resp.error(e);
                 }
-                let shared = self.shared.clone();
-                tokio::task::spawn_local(async move {
-                    match shared.cancel().await {
-                        Ok(()) => resp.empty(),
-                        Err(e) => resp.error(e),
-                    }
-                });
+                self.shared.cancel_call(resp);
             }
             (i, m) => call.responder().error(unimplemented(i, m, "Ticket")),
         }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::Duration;
 
 use clap::Parser;
 use ocluster::{init_logging, metrics_http, Verbosity};
@@ -400,6 +401,8 @@ fn main() {
                 Err(e) => fail(format!("--listen-prometheus {spec}: {e}")),
             }
         }
+        // Gives back to the system what a burst of submissions took, once freed.
+        tokio::task::spawn_local(ocluster::heap::trim_after_bursts(Duration::from_secs(1)));
         let server = Server { tls, restorer };
         let stop = async {
             let mut term =

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the RPC layer holds for each queued job (issue 12: < 1 KiB per queued job, of
-which the pool's own state is ~470 bytes): ocluster-rpc against capnp-rpc, alternating in
+which the pool's own state is ~430 bytes): ocluster-rpc against capnp-rpc, alternating in
 the same run. See bench/ocluster-load/src/bin/rpc-memory.rs for what each server holds
 and what the client does (ocluster-client's messages, as the golden capture shows them).
 
@@ -37,9 +37,8 @@ def main():
 | ocluster-rpc (ticket and job exported, the job a promise, two calls open) | **{ours}** ({r['ours_all'].strip()}) |
 | capnp-rpc, the baseline (the same, the job not even a promise) | **{base}** ({r['capnp_rpc_all'].strip()}) |
 
-The RPC layer alone: {ours / base:.2f}× capnp-rpc's. With the pool's own state per job (`ocluster-load state-machine`, ~470 bytes),
-a scheduler on ocluster-rpc would hold about {ours + 470} bytes per queued job against the 1 KiB target. The scheduler's connections run on ocluster-rpc, its services through the bridge (its
-hot path not yet native: docs/architecture.md).
+The RPC layer alone: {ours / base:.2f}× capnp-rpc's. The scheduler runs on it, its hot path (the client's ticket and job) native; what the whole
+scheduler holds per queued job (the pool's state, the job's own, and this) is measured by `bench/ocluster_bench.py` (the `ocluster` section).
 """
     write_section("rpc-memory", text)
     print(text)

@@ -121,6 +121,25 @@ fn releasing_the_last_reference_cancels() {
     assert_eq!(b.expect("result"), "result ok b");
 }
 
+/// A queued job's `result` and `log` wait in the job as bare responders; calls its client
+/// gives up meanwhile (here a hundred `log`s, each cancelled) are let go of, and the calls
+/// still open are answered once a worker takes the job.
+#[test]
+fn calls_given_up_on_a_queued_job_leave_it_working() {
+    let s = Scheduler::start(&["linux"], &[]);
+    let alice = s.add_client("alice");
+    let mut c = Peer::client(&alice, "linux", "echo patient", "", "fickle");
+    c.expect("fickle-done");
+    assert_eq!(
+        backlog(&s.admin_ok(&["show", "linux"])),
+        ["alice:(no cache hint)"]
+    );
+    let mut w = Peer::worker(&s.pool_cap("linux"), "w1", 1);
+    assert_eq!(c.expect("log"), "log patient");
+    assert_eq!(c.expect("result"), "result ok patient");
+    assert_eq!(w.expect("job"), "job w1 echo patient hint=");
+}
+
 #[test]
 fn cancel_and_release_while_queued() {
     let s = Scheduler::start(&["linux"], &[]);

@@ -470,6 +470,18 @@ async fn submit(
         (Some(ticket), submitted, Some(pipeline))
     };
     let result = job.result_request().send().promise;
+    if action == "fickle" {
+        // Calls on the queued job, each given up (capnp-rpc sends `Finish`) before the
+        // job starts: the scheduler keeps them in the job until then.
+        for _ in 0..100 {
+            let mut l = job.log_request();
+            l.get().set_start(0);
+            let p = l.send().promise;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            drop(p);
+        }
+        say("fickle-done");
+    }
     let mut start = 0;
     let mut started = false;
     loop {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
-use capnp::capability::{FromClientHook, Promise};
+use capnp::capability::FromClientHook;
 use capnp::Error;
 use futures::channel::oneshot;
 use ocluster_api::{
@@ -141,30 +141,53 @@ struct Stored {
     done: Cell<u64>,
     /// A task will write the batch at the end of this turn.
     scheduled: Cell<bool>,
-    written: tokio::sync::Notify,
+    /// The submits waiting for their batch: the batch, what answers the call, and the
+    /// ticket it answers with (no task per submit).
+    waiting: RefCell<Vec<(u64, ocluster_rpc::Responder, ocluster_rpc::Cap)>>,
 }
 
 impl Stored {
-    /// Once batch `batch` is written (at once if it is).
-    async fn wait(&self, batch: u64) {
-        loop {
-            let written = self.written.notified();
-            if self.done.get() >= batch {
+    /// Answers `resp` with `ticket` once batch `batch` is written (at once if it is).
+    fn answer_once_written(&self, batch: u64, resp: ocluster_rpc::Responder, ticket: Cap) {
+        if self.done.get() >= batch {
+            answer_ticket(resp, ticket);
+        } else {
+            self.waiting.borrow_mut().push((batch, resp, ticket));
+        }
+    }
+
+    /// Batch `done` is written: its submits are answered (by a task, so that no borrow
+    /// of the pool is held meanwhile).
+    fn written(&self) {
+        let done = self.done.get();
+        let ready: Vec<_> = {
+            let mut w = self.waiting.borrow_mut();
+            if w.is_empty() {
                 return;
             }
-            written.await;
-        }
+            let (ready, later) = std::mem::take(&mut *w)
+                .into_iter()
+                .partition(|(batch, _, _)| *batch <= done);
+            *w = later;
+            ready
+        };
+        tokio::task::spawn_local(async move {
+            for (_, resp, ticket) in ready {
+                answer_ticket(resp, ticket);
+            }
+        });
     }
 }
 
-/// A submitted job's ticket, once its row is written (see [`Stored`]).
-async fn once_stored(
-    (ticket, stored): (ticket::Client, Option<(Rc<Stored>, u64)>),
-) -> ticket::Client {
-    if let Some((stored, batch)) = stored {
-        stored.wait(batch).await;
-    }
-    ticket
+type Cap = ocluster_rpc::Cap;
+
+/// Answers a `submit` with its ticket.
+fn answer_ticket(resp: ocluster_rpc::Responder, ticket: Cap) {
+    resp.results(|b, caps| {
+        b.init_as::<submission::submit_results::Builder>()
+            .set_ticket(caps.client(ticket));
+        Ok(())
+    })
 }
 
 /// A job running on a worker, as the status page shows it.
@@ -557,13 +580,13 @@ impl Scheduler {
     }
 
     fn submission(self: &Rc<Self>, name: &str, id: &[u8]) -> submission::Client {
-        let s: SubmissionCap = capnp_rpc::new_client(SubmissionImpl {
+        Cap::local(SubmissionImpl {
             sched: self.clone(),
             client: Rc::from(name),
             id_hash: Sha256::digest(id).to_vec(),
             uri: (self.make_uri)(id),
-        });
-        FromClientHook::new(s.0.hook)
+        })
+        .client()
     }
 
     /// Adds a client; returns its secret id.
@@ -854,7 +877,7 @@ impl PoolApi {
         stored.done.set(stored.next.get());
         stored.next.set(stored.next.get() + 1);
         stored.scheduled.set(false);
-        stored.written.notify_waiters();
+        stored.written();
     }
 
     fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob, cached: bool) {
@@ -1764,38 +1787,54 @@ struct SubmissionImpl {
     uri: String,
 }
 
-impl submission::Server for SubmissionImpl {
-    async fn submit(
-        self: Rc<Self>,
-        params: submission::SubmitParams,
-        mut results: submission::SubmitResults,
-    ) -> Result<(), Error> {
-        let p = params.get()?;
-        let pool_name = p.get_pool()?.to_str()?.to_string();
-        let descr = p.get_descr()?;
-        let urgent = p.get_urgent();
-        let ticket = once_stored(self.enqueue(&pool_name, descr, urgent.into())).await;
-        results.get().set_ticket(ticket);
-        Ok(())
-    }
-
-    async fn submit_with_priority(
-        self: Rc<Self>,
-        params: submission::SubmitWithPriorityParams,
-        mut results: submission::SubmitWithPriorityResults,
-    ) -> Result<(), Error> {
-        let p = params.get()?;
-        let pool_name = p.get_pool()?.to_str()?.to_string();
-        let descr = p.get_descr()?;
-        let priority = p.get_priority();
-        if priority > Priority::URGENT.0 {
-            return Err(Error::failed(format!(
-                "priority {priority} is not a level: 0 (background) to 4 (urgent)"
-            )));
+/// A native object of the RPC layer: a submit waits for its row to be written as a bare
+/// responder in [`Stored`] (every queued job passes here; a task per submit would be
+/// allocated between the jobs' own blocks, and the heap would keep the burst's holes).
+impl ocluster_rpc::Object for SubmissionImpl {
+    fn call(self: Rc<Self>, call: ocluster_rpc::Call) {
+        match (call.interface_id, call.method_id) {
+            (ids::SUBMISSION, m @ (0 | 1)) => {
+                let enqueued = (|| -> Result<_, Error> {
+                    let params = call.params()?;
+                    let (pool, descr, priority) = if m == 0 {
+                        let p = params.get_as::<submission::submit_params::Reader>()?;
+                        (
+                            p.get_pool()?,
+                            p.get_descr()?,
+                            Priority::from(p.get_urgent()),
+                        )
+                    } else {
+                        let p =
+                            params.get_as::<submission::submit_with_priority_params::Reader>()?;
+                        let priority = p.get_priority();
+                        if priority > Priority::URGENT.0 {
+                            return Err(Error::failed(format!(
+                                "priority {priority} is not a level: 0 (background) to 4 (urgent)"
+                            )));
+                        }
+                        (p.get_pool()?, p.get_descr()?, Priority(priority))
+                    };
+                    Ok(self.enqueue(pool.to_str()?, descr, priority))
+                })();
+                let resp = call.responder();
+                match enqueued {
+                    Ok((ticket, None)) => answer_ticket(resp, ticket),
+                    Ok((ticket, Some((stored, batch)))) => {
+                        stored.answer_once_written(batch, resp, ticket)
+                    }
+                    Err(e) => resp.error(e),
+                }
+            }
+            (ids::PERSISTENT, 0) => {
+                let uri = self.uri.clone();
+                call.responder().results(move |b, _| {
+                    b.init_as::<persistent::save_results::Builder>()
+                        .init_sturdy_ref()
+                        .set_as(uri.as_str())
+                })
+            }
+            (i, m) => call.responder().error(unimplemented(i, m, "Submission")),
         }
-        let ticket = once_stored(self.enqueue(&pool_name, descr, Priority(priority))).await;
-        results.get().set_ticket(ticket);
-        Ok(())
     }
 }
 
@@ -1805,11 +1844,8 @@ impl SubmissionImpl {
         pool_name: &str,
         descr: job_descr::Reader,
         priority: Priority,
-    ) -> (ticket::Client, Option<(Rc<Stored>, u64)>) {
-        let broken = |msg: String| {
-            let cap = FromClientHook::new(capnp_rpc::new_broken_cap(Error::failed(msg)).hook);
-            (cap, None)
-        };
+    ) -> (Cap, Option<(Rc<Stored>, u64)>) {
+        let broken = |msg: String| (Cap::broken(Error::failed(msg)), None);
         match self.sched.db.borrow().lookup_hash(&self.id_hash) {
             Ok(Some(_)) => {}
             Ok(None) => return broken("Access has been revoked".into()),
@@ -1847,7 +1883,7 @@ impl SubmissionImpl {
                 self.client
             );
             let job = started_job(&shared);
-            return (ticket_client(TicketImpl { shared, job }), None);
+            return (Cap::local(TicketImpl { shared, job }), None);
         }
         {
             let mut p = pool.borrow_mut();
@@ -1883,96 +1919,9 @@ impl SubmissionImpl {
             // Stored before the client hears of its ticket (the caller waits).
             let batch = p.flush_soon();
             let job = started_job(&shared);
-            let ticket = ticket_client(TicketImpl { shared, job });
+            let ticket = Cap::local(TicketImpl { shared, job });
             (ticket, Some((p.stored.clone(), batch)))
         }
-    }
-}
-
-/// The ticket as the generated client the bridged `submit` answers with (the bridge
-/// sends the native object).
-fn ticket_client(t: TicketImpl) -> ticket::Client {
-    ocluster_rpc::Cap::local(t).client()
-}
-
-impl persistent::Server for SubmissionImpl {
-    async fn save(
-        self: Rc<Self>,
-        _: persistent::SaveParams,
-        mut results: persistent::SaveResults,
-    ) -> Result<(), Error> {
-        results.get().init_sturdy_ref().set_as(self.uri.as_str())?;
-        Ok(())
-    }
-}
-
-/// A `Submission` that is also `Persistent` (the admin tool saves it to get the URI).
-struct SubmissionDispatch(Rc<SubmissionImpl>);
-
-impl Clone for SubmissionDispatch {
-    fn clone(&self) -> Self {
-        SubmissionDispatch(self.0.clone())
-    }
-}
-
-impl std::ops::Deref for SubmissionDispatch {
-    type Target = SubmissionImpl;
-    fn deref(&self) -> &SubmissionImpl {
-        &self.0
-    }
-}
-
-impl capnp::capability::Server for SubmissionDispatch {
-    fn dispatch_call(
-        self,
-        interface_id: u64,
-        method_id: u16,
-        params: capnp::capability::Params<capnp::any_pointer::Owned>,
-        results: capnp::capability::Results<capnp::any_pointer::Owned>,
-    ) -> capnp::capability::DispatchCallResult {
-        match interface_id {
-            ids::SUBMISSION => {
-                submission::ServerDispatch::<SubmissionImpl>::dispatch_call_internal(
-                    self.0, method_id, params, results,
-                )
-            }
-            ids::PERSISTENT => {
-                persistent::ServerDispatch::<SubmissionImpl>::dispatch_call_internal(
-                    self.0, method_id, params, results,
-                )
-            }
-            _ => capnp::capability::DispatchCallResult::new(
-                Promise::err(Error::unimplemented(format!(
-                    "interface {interface_id:#x} is not implemented by Submission"
-                ))),
-                false,
-            ),
-        }
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.0) as usize
-    }
-}
-
-struct SubmissionCap(capnp::capability::Client);
-
-impl FromClientHook for SubmissionCap {
-    fn new(hook: Box<dyn capnp::private::capability::ClientHook>) -> Self {
-        SubmissionCap(capnp::capability::Client::new(hook))
-    }
-    fn into_client_hook(self) -> Box<dyn capnp::private::capability::ClientHook> {
-        self.0.hook
-    }
-    fn as_client_hook(&self) -> &dyn capnp::private::capability::ClientHook {
-        &*self.0.hook
-    }
-}
-
-impl capnp::capability::FromServer<SubmissionImpl> for SubmissionCap {
-    type Dispatch = SubmissionDispatch;
-    fn from_server(s: Rc<SubmissionImpl>) -> SubmissionDispatch {
-        SubmissionDispatch(s)
     }
 }
 

@@ -214,17 +214,35 @@ enum Waiting {
 }
 
 /// A sent `Return`, kept while calls may be pipelined on its capabilities.
+///
+/// Kept flat and exactly its size (the message was built in a first segment of 32 words
+/// and a builder's bookkeeping): every queued job's `submit` and `job` answers are kept
+/// until the client's `Finish`, which in a burst can be long after.
 struct Stored {
-    msg: Builder<HeapAllocator>,
-    slots: Vec<Cap>,
+    words: Box<[capnp::Word]>,
+    slots: Box<[Cap]>,
     /// The exports its results hold, released by a `Finish` that asks for it.
-    exports: Vec<u32>,
+    exports: Box<[u32]>,
 }
 
 impl Stored {
+    fn new(m: &Builder<HeapAllocator>, slots: Vec<Cap>, exports: Vec<u32>) -> Stored {
+        let bytes = capnp::serialize::write_message_to_words(m);
+        let mut words = capnp::Word::allocate_zeroed_vec(bytes.len() / 8);
+        capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(&bytes);
+        Stored {
+            words: words.into_boxed_slice(),
+            slots: slots.into_boxed_slice(),
+            exports: exports.into_boxed_slice(),
+        }
+    }
+
     fn pipelined(&self, ops: &[PipelineOp]) -> Cap {
         let found = (|| {
-            let root = self.msg.get_root_as_reader::<message::Reader>()?;
+            let mut flat = capnp::Word::words_to_bytes(&self.words);
+            let msg =
+                capnp::serialize::read_message_from_flat_slice(&mut flat, ReaderOptions::new())?;
+            let root = msg.get_root::<message::Reader>()?;
             let message::Return(r) = root.which()? else {
                 return Ok(None);
             };
@@ -1162,13 +1180,7 @@ impl Conn {
         let done = match built {
             Ok((slots, exports)) => {
                 self.push(&m);
-                let stored = (!slots.is_empty()).then(|| {
-                    Rc::new(Stored {
-                        msg: m,
-                        slots,
-                        exports,
-                    })
-                });
+                let stored = (!slots.is_empty()).then(|| Rc::new(Stored::new(&m, slots, exports)));
                 Answer::Returned(stored)
             }
             Err(e) => {

@@ -37,7 +37,8 @@ pub const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 /// client holds of it.
 pub struct QueuedJob {
     descr: Box<[u8]>,
-    hint: Box<str>,
+    /// (Shared by the jobs with this hint: [`Hints`].)
+    hint: Rc<str>,
     /// (Shared by the client's jobs.)
     client: Rc<str>,
     priority: Priority,
@@ -127,6 +128,32 @@ pub struct PoolApi {
     running: BTreeMap<u64, RunningJob>,
     /// The group commit of job rows: see [`PoolApi::flush_soon`].
     stored: Rc<Stored>,
+    hints: Hints,
+}
+
+/// The cache hints of the queued and running jobs, each held once: many jobs share a
+/// hint (an image and a commit), and a block per job for a few bytes of text costs 32.
+/// Hints no job holds any more are dropped once the set has doubled since the last
+/// sweep, so that a sweep costs O(1) per hint added.
+#[derive(Default)]
+struct Hints {
+    set: std::collections::HashSet<Rc<str>>,
+    swept: usize,
+}
+
+impl Hints {
+    fn get(&mut self, hint: &str) -> Rc<str> {
+        if let Some(h) = self.set.get(hint) {
+            return h.clone();
+        }
+        if self.set.len() >= 2 * self.swept + 1024 {
+            self.set.retain(|h| Rc::strong_count(h) > 1);
+            self.swept = self.set.len();
+        }
+        let h: Rc<str> = Rc::from(hint);
+        self.set.insert(h.clone());
+        h
+    }
 }
 
 /// Group commit: the changes of every submit handled in one turn of the event loop go to
@@ -459,6 +486,7 @@ impl Scheduler {
                         next: Cell::new(1),
                         ..Stored::default()
                     }),
+                    hints: Hints::default(),
                 })
             });
             if !jobs.is_empty() {
@@ -755,13 +783,13 @@ impl PoolApi {
                 .or_insert_with(|| Rc::from(j.client.as_str()))
                 .clone();
             self.next_seq = self.next_seq.max(j.seq + 1);
-            let shared = JobShared::new(&self.this, j.seq);
+            let shared = JobShared::new(&self.this);
             let key = dedup_key(&j.client, &j.descr);
             let ticket = self.pool.restore(
                 &j.client,
                 QueuedJob {
                     descr: j.descr.into(),
-                    hint: j.cache_hint.into(),
+                    hint: self.hints.get(&j.cache_hint),
                     client,
                     priority: Priority(j.priority),
                     shared: Some(shared.clone()),
@@ -770,7 +798,7 @@ impl PoolApi {
                 Priority(j.priority),
                 j.fair_start,
             );
-            shared.state.borrow_mut().queued = Some(ticket);
+            shared.state.borrow_mut().queued = ticket;
             self.orphans.entry(key).or_default().push_back(shared);
         }
     }
@@ -894,7 +922,7 @@ impl PoolApi {
         let shared = item
             .shared
             .take()
-            .unwrap_or_else(|| JobShared::new(&self.this, item.seq));
+            .unwrap_or_else(|| JobShared::new(&self.this));
         let attempt = shared.start_attempt(job.clone(), &worker_name);
         if tx.send(Ok(item.descr.to_vec())).is_err() {
             tracing::warn!("worker's pop went away as its job was assigned");
@@ -1002,7 +1030,7 @@ impl PoolApi {
                     &item.client,
                     QueuedJob {
                         descr: std::mem::take(&mut item.descr),
-                        hint: std::mem::take(&mut item.hint),
+                        hint: item.hint.clone(),
                         client: item.client.clone(),
                         priority: item.priority,
                         shared: Some(shared.clone()),
@@ -1011,7 +1039,7 @@ impl PoolApi {
                     item.priority,
                     now,
                 );
-                shared.state.borrow_mut().queued = Some(ticket);
+                shared.state.borrow_mut().queued = ticket;
             } else {
                 p.forget_job(item.seq);
                 shared.finish(outcome.map_err(relayed));
@@ -1054,18 +1082,41 @@ impl PoolApi {
 
 /// What the scheduler knows of a job. Kept small while it is queued (issue 12: < 1 KiB
 /// per queued job): what only a job that a worker took needs is in [`Run`].
-#[derive(Default)]
 struct JobState {
     /// From the first attempt on.
     run: Option<Box<Run>>,
     outcome: Option<Box<Result<String, Error>>>,
     /// Queued (again): its ticket in the pool.
-    queued: Option<TicketId>,
+    /// ([`NOT_QUEUED`] when not: 8 bytes where an `Option` takes 16.)
+    queued: TicketId,
     cancelled: bool,
     released: bool,
     /// The client's calls that wait for the job to start or end (`log` and `result`
     /// while it is queued): answered by [`JobShared::wake`].
-    waiting: Vec<Waiting>,
+    waiting: WaitingCalls,
+}
+
+/// The calls waiting in a job: most jobs have two (`result` and the first `log`), kept
+/// in the job itself; more go in its [`Run`] (made for them if need be).
+#[derive(Default)]
+struct WaitingCalls {
+    two: [Option<Waiting>; 2],
+}
+
+/// `JobState::queued` of a job that is not queued (the pool counts its ids up from 1).
+const NOT_QUEUED: TicketId = TicketId::MAX;
+
+impl Default for JobState {
+    fn default() -> JobState {
+        JobState {
+            run: None,
+            outcome: None,
+            queued: NOT_QUEUED,
+            cancelled: false,
+            released: false,
+            waiting: WaitingCalls::default(),
+        }
+    }
 }
 
 /// What the scheduler knows of a job once a worker has taken it, across attempts.
@@ -1082,6 +1133,8 @@ struct Run {
     high: i64,
     /// Wakes the tasks that relay the client's `log` calls when the job changes.
     changed: Rc<tokio::sync::Notify>,
+    /// Waiting calls beyond the two a job keeps itself.
+    more_waiting: Vec<Waiting>,
 }
 
 impl JobState {
@@ -1100,20 +1153,52 @@ impl JobState {
     fn outcome(&self) -> Option<&Result<String, Error>> {
         self.outcome.as_deref()
     }
+
+    fn push_waiting(&mut self, w: Waiting) {
+        match self.waiting.two.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(w),
+            None => self.run().more_waiting.push(w),
+        }
+    }
+
+    /// Lets go of the waiting calls whose callers gave up.
+    fn prune_waiting(&mut self) {
+        for slot in &mut self.waiting.two {
+            if slot.as_ref().is_some_and(|w| !w.is_open()) {
+                *slot = None;
+            }
+        }
+        if let Some(run) = &mut self.run {
+            run.more_waiting.retain(Waiting::is_open);
+        }
+    }
+
+    fn take_waiting(&mut self) -> Vec<Waiting> {
+        let mut all: Vec<Waiting> = std::mem::take(&mut self.waiting.two)
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(run) = &mut self.run {
+            all.append(&mut run.more_waiting);
+        }
+        all
+    }
 }
 
-/// A client's call on its job that waits for the job, as little as it can be: what
-/// answers it, and for `log` where the client wants to read from.
-enum Waiting {
-    Log(i64, ocluster_rpc::Responder),
-    Result(ocluster_rpc::Responder),
+/// A client's call on its job that waits for the job, as little as it can be (24 bytes,
+/// and no more as an `Option`): what answers it, and for `log` where the client wants
+/// to read from; a `result` call has [`Waiting::RESULT`] there.
+struct Waiting {
+    start: i64,
+    resp: ocluster_rpc::Responder,
 }
 
 impl Waiting {
+    /// (No `log` call starts there: the furthest back is `-i64::MAX`.)
+    const RESULT: i64 = i64::MIN;
+
     fn is_open(&self) -> bool {
-        match self {
-            Waiting::Log(_, r) | Waiting::Result(r) => r.is_open(),
-        }
+        self.resp.is_open()
     }
 }
 
@@ -1132,17 +1217,14 @@ struct JobShared {
     /// The client's promise of the job ([`started_job`]), while the client holds it.
     promise: Cell<std::rc::Weak<ocluster_rpc::Promise>>,
     pool: std::rc::Weak<RefCell<PoolApi>>,
-    /// Its row in `job_queue`.
-    seq: u64,
 }
 
 impl JobShared {
-    fn new(pool: &std::rc::Weak<RefCell<PoolApi>>, seq: u64) -> Rc<JobShared> {
+    fn new(pool: &std::rc::Weak<RefCell<PoolApi>>) -> Rc<JobShared> {
         Rc::new(JobShared {
             state: RefCell::new(JobState::default()),
             promise: Cell::new(std::rc::Weak::new()),
             pool: pool.clone(),
-            seq,
         })
     }
 
@@ -1156,7 +1238,7 @@ impl JobShared {
 
     fn start_attempt(self: &Rc<Self>, job: job::Client, worker: &str) -> u32 {
         let mut st = self.state.borrow_mut();
-        st.queued = None;
+        st.queued = NOT_QUEUED;
         let run = st.run();
         run.attempts += 1;
         let n = run.attempts;
@@ -1252,11 +1334,14 @@ impl JobShared {
     /// The job changed: the calls that waited for it are answered, or relayed to its
     /// worker, or wait on.
     fn wake(self: &Rc<Self>) {
-        let waiting = std::mem::take(&mut self.state.borrow_mut().waiting);
+        let waiting = self.state.borrow_mut().take_waiting();
         for w in waiting {
             match w {
-                Waiting::Log(start, resp) => self.log_call(start, resp),
-                Waiting::Result(resp) => self.result_call(resp),
+                Waiting {
+                    start: Waiting::RESULT,
+                    resp,
+                } => self.result_call(resp),
+                Waiting { start, resp } => self.log_call(start, resp),
             }
         }
     }
@@ -1265,12 +1350,8 @@ impl JobShared {
     /// that a client that calls and cancels again and again holds nothing).
     fn wait(&self, w: Waiting) {
         let mut st = self.state.borrow_mut();
-        st.waiting.retain(Waiting::is_open);
-        // (Most jobs have two: `result` and the first `log`.)
-        if st.waiting.capacity() == 0 {
-            st.waiting.reserve_exact(2);
-        }
-        st.waiting.push(w);
+        st.prune_waiting();
+        st.push_waiting(w);
     }
 
     /// `Job.result`: the job's outcome, once it has one.
@@ -1283,7 +1364,10 @@ impl JobShared {
                 Ok(())
             }),
             Some(Err(e)) => resp.error(e),
-            None => self.wait(Waiting::Result(resp)),
+            None => self.wait(Waiting {
+                start: Waiting::RESULT,
+                resp,
+            }),
         }
     }
 
@@ -1293,7 +1377,7 @@ impl JobShared {
     fn log_call(self: &Rc<Self>, start: i64, resp: ocluster_rpc::Responder) {
         match self.log_now(start, 0) {
             LogNow::Answer(data, next) => answer_log(resp, Ok((data, next))),
-            LogNow::Wait => self.wait(Waiting::Log(start, resp)),
+            LogNow::Wait => self.wait(Waiting { start, resp }),
             LogNow::Relay => {
                 let shared = self.clone();
                 tokio::task::spawn_local(async move {
@@ -1436,15 +1520,16 @@ impl JobShared {
 
     /// Takes the job out of the queue if it waits there again; true if it did.
     fn withdraw(self: &Rc<Self>, msg: &str) -> bool {
-        let Some(ticket) = self.state.borrow_mut().queued.take() else {
+        let ticket = std::mem::replace(&mut self.state.borrow_mut().queued, NOT_QUEUED);
+        if ticket == NOT_QUEUED {
             return false;
-        };
+        }
         if let Some(pool) = self.pool.upgrade() {
             if let Ok(mut p) = pool.try_borrow_mut() {
                 if let Ok(mut item) = p.pool.cancel(ticket) {
                     tracing::info!("{msg}: {}", item.client);
                     item.shared = None;
-                    p.forget_job(self.seq);
+                    p.forget_job(item.seq);
                     let db = p.db.clone();
                     p.flush(&db);
                 }
@@ -1890,13 +1975,14 @@ impl SubmissionImpl {
             let persist = p.persist && !has_secrets;
             let seq = if persist { p.next_seq } else { 0 };
             p.next_seq += 1;
-            let shared = JobShared::new(&p.this, seq);
+            let shared = JobShared::new(&p.this);
             let kept = persist.then(|| (hint.clone(), bytes.clone()));
+            let shared_hint = p.hints.get(&hint);
             let (id, start) = p.pool.submit(
                 &self.client,
                 QueuedJob {
                     descr: bytes.into(),
-                    hint: hint.into(),
+                    hint: shared_hint,
                     client: self.client.clone(),
                     priority,
                     shared: Some(shared.clone()),
@@ -1905,7 +1991,7 @@ impl SubmissionImpl {
                 priority,
                 now,
             );
-            shared.state.borrow_mut().queued = Some(id);
+            shared.state.borrow_mut().queued = id;
             if let Some((cache_hint, descr)) = kept {
                 p.added.push(StoredJob {
                     seq,
@@ -2289,5 +2375,18 @@ impl pool_admin::Server for PoolAdminImpl {
         let r = api.pool.forget(&name);
         api.flush(&self.sched.db);
         r.map_err(|e| Error::failed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    /// A queued job keeps one `JobShared` (and its waiting calls inside it): keep them
+    /// small (issue 12: < 1 KiB per queued job, all included).
+    #[test]
+    fn a_queued_job_s_state_stays_small() {
+        use std::mem::size_of;
+        assert!(size_of::<Option<super::Waiting>>() <= 24);
+        // (An `Rc` of it is then a block of 128 bytes with glibc's header.)
+        assert!(size_of::<super::JobShared>() <= 104);
     }
 }

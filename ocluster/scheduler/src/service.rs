@@ -7,6 +7,10 @@
 //! * `Queue.pop` waits for a job; the client's ticket then resolves to the worker's `Job`.
 //! * `Submission` (one per client, also `Persistent`): the client's right is checked
 //!   again at every submit, so `remove-client` revokes at once.
+//!
+//! `Submission`, `Ticket` and the client's `Job` are native objects of `ocluster-rpc`
+//! (every queued job passes through or keeps them: a call waits as a bare responder);
+//! the others are capnp `Server` impls run through its bridge.
 //! * `Ticket`: `job` is a promise until a worker takes the job; `cancel` (or dropping the
 //!   ticket) takes a queued job out, or forwards to the job once it runs.
 //! * `Admin` and `PoolAdmin` (`admin.cap`).
@@ -836,7 +840,8 @@ impl PoolApi {
 
     /// As [`PoolApi::flush`], but the store waits for the end of this turn of the event
     /// loop, with the changes of every other call handled in it (group commit). Returns
-    /// the batch to wait for (with [`Stored::wait`]) before telling anyone of the change.
+    /// the batch to wait for (with [`Stored::answer_once_written`]) before telling anyone
+    /// of the change.
     fn flush_soon(&mut self) -> u64 {
         self.settle();
         let stored = self.stored.clone();

@@ -528,3 +528,49 @@ fn garbage_ends_the_connection_with_an_error_and_no_panic() {
         drop(world);
     });
 }
+
+/// Bootstrap messages written by hand: a question id far past the open ones is answered
+/// (it goes in the answers table's map, not its vector), and an id asked again before its
+/// `Finish` ends the connection with a protocol error, no panic.
+#[test]
+fn far_question_ids_are_answered_and_an_id_asked_twice_is_refused() {
+    run(async {
+        use capnp_rpc::rpc_capnp::message;
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let conn = Conn::new(Options::default());
+        let (r, w) = tokio::io::split(a);
+        let c = conn.clone();
+        let served = tokio::task::spawn_local(async move {
+            c.run(
+                r.compat(),
+                tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(w),
+            )
+            .await
+        });
+        let bootstrap = |q: u32| {
+            let mut m = capnp::message::Builder::new_default();
+            m.init_root::<message::Builder>()
+                .init_bootstrap()
+                .set_question_id(q);
+            capnp::serialize::write_message_to_words(&m)
+        };
+        // Read what the server writes, so that it never blocks.
+        let (mut rd, mut wr) = tokio::io::split(b);
+        tokio::spawn(async move {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut rd, &mut sink).await;
+        });
+        for q in [u32::MAX - 1, 3_000_000_000, 0] {
+            wr.write_all(&bootstrap(q)).await.unwrap();
+        }
+        settle().await;
+        assert!(conn.closed().is_none());
+        // Answered (with an error: this vat offers no bootstrap), kept until `Finish`.
+        assert_eq!(conn.table_sizes().2, 3);
+        wr.write_all(&bootstrap(3_000_000_000)).await.unwrap();
+        let why = served.await.unwrap();
+        assert!(why.extra.contains("asked again"), "{why}");
+        assert!(conn.closed().is_some());
+    });
+}

@@ -101,7 +101,7 @@ struct Export {
 
 /// The answers table, by question id. Peers (capnp-rpc, OCaml's capnp-rpc) give a
 /// question the lowest id free, so the ids in use are dense: those below a bound are in
-/// a vector (24 bytes an answer, where a hash map took about three times that once a
+/// a vector (16 bytes an answer, where a hash map took about three times that once a
 /// burst had grown it), the others in a map. The bound follows how many answers are
 /// open, so that a peer that picks huge ids cannot make the vector big.
 #[derive(Default)]
@@ -134,11 +134,8 @@ impl Answers {
     fn insert(&mut self, q: u32, a: Answer) -> Option<Answer> {
         let i = q as usize;
         if i >= self.dense.len() && i < 2 * self.len + 1024 {
-            // Grown by an eighth at a time, not doubled: the vector is most of the table.
-            if self.dense.capacity() <= i {
-                let more = (i + 1 - self.dense.len()).max(self.dense.len() / 8);
-                self.dense.reserve_exact(more);
-            }
+            let more = i + 1 - self.dense.len();
+            grow_by_eighths(&mut self.dense, more);
             self.dense.resize_with(i + 1, || None);
         }
         let in_map = !self.sparse.is_empty() && self.sparse.contains_key(&q);
@@ -169,6 +166,15 @@ impl Answers {
 
     fn values(&self) -> impl Iterator<Item = &Answer> {
         self.dense.iter().flatten().chain(self.sparse.values())
+    }
+}
+
+/// Makes room in `v` for `more` elements, growing it by an eighth (at least 16) rather
+/// than doubling: the answers and exports tables hold a few entries for every queued job,
+/// and a doubled vector is half empty after a burst.
+fn grow_by_eighths<T>(v: &mut Vec<T>, more: usize) {
+    if v.capacity() - v.len() < more {
+        v.reserve_exact(more.max(v.len() / 8).max(16));
     }
 }
 
@@ -1325,11 +1331,7 @@ impl Conn {
                 id
             }
             None => {
-                // Grown by an eighth at a time, not doubled (two exports per queued job).
-                if st.exports.len() == st.exports.capacity() {
-                    let more = (st.exports.len() / 8).max(16);
-                    st.exports.reserve_exact(more);
-                }
+                grow_by_eighths(&mut st.exports, 1);
                 st.exports.push(e);
                 (st.exports.len() - 1) as u32
             }

@@ -178,6 +178,29 @@ impl Queue {
     }
 }
 
+/// A connection of ours with `opts`, served on one end of an in-memory stream: the
+/// connection, the task that serves it (its result is why it ended), the other end.
+fn serve(
+    opts: Options,
+) -> (
+    Rc<Conn>,
+    tokio::task::JoinHandle<capnp::Error>,
+    tokio::io::DuplexStream,
+) {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let conn = Conn::new(opts);
+    let (r, w) = tokio::io::split(a);
+    let c = conn.clone();
+    let served = tokio::task::spawn_local(async move {
+        c.run(
+            r.compat(),
+            tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(w),
+        )
+        .await
+    });
+    (conn, served, b)
+}
+
 /// Serves `world`'s submission on one end of a stream; returns a capnp-rpc client of it
 /// and the server's connection.
 fn connect(
@@ -187,9 +210,8 @@ fn connect(
     Rc<Conn>,
     tokio::task::JoinHandle<capnp::Error>,
 ) {
-    let (a, b) = tokio::io::duplex(1 << 16);
     let w = world.clone();
-    let conn = Conn::new(Options {
+    let (conn, served, b) = serve(Options {
         restorer: Some(Box::new(move |id: &[u8]| {
             if id.is_empty() {
                 Ok(Cap::local(Submission(w.clone())))
@@ -198,15 +220,6 @@ fn connect(
             }
         })),
         ..Options::default()
-    });
-    let (r, wr) = tokio::io::split(a);
-    let c = conn.clone();
-    let served = tokio::task::spawn_local(async move {
-        c.run(
-            r.compat(),
-            tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(wr),
-        )
-        .await
     });
     let (r, wr) = tokio::io::split(b);
     let net = twoparty::VatNetwork::new(
@@ -509,17 +522,7 @@ fn garbage_ends_the_connection_with_an_error_and_no_panic() {
     run(async {
         use tokio::io::AsyncWriteExt;
         let world = W::default();
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let conn = Conn::new(Options::default());
-        let (r, w) = tokio::io::split(a);
-        let c = conn.clone();
-        let served = tokio::task::spawn_local(async move {
-            c.run(
-                r.compat(),
-                tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(w),
-            )
-            .await
-        });
+        let (conn, served, mut b) = serve(Options::default());
         // A segment table that claims 2^30 words.
         b.write_all(&[0, 0, 0, 0, 0, 0, 0, 0x40]).await.unwrap();
         b.write_all(&[0xff; 64]).await.unwrap();
@@ -537,17 +540,7 @@ fn far_question_ids_are_answered_and_an_id_asked_twice_is_refused() {
     run(async {
         use capnp_rpc::rpc_capnp::message;
         use tokio::io::AsyncWriteExt;
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let conn = Conn::new(Options::default());
-        let (r, w) = tokio::io::split(a);
-        let c = conn.clone();
-        let served = tokio::task::spawn_local(async move {
-            c.run(
-                r.compat(),
-                tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(w),
-            )
-            .await
-        });
+        let (conn, served, b) = serve(Options::default());
         let bootstrap = |q: u32| {
             let mut m = capnp::message::Builder::new_default();
             m.init_root::<message::Builder>()

@@ -27,6 +27,7 @@ use ocluster_api::{
     admin, ids, job, job_descr, persistent, pool_admin, progress, queue, registration, submission,
     ticket, worker,
 };
+use ocluster_rpc::Cap;
 use sha2::{Digest, Sha256};
 
 use crate::db::{ClientError, Db, StoredJob};
@@ -174,7 +175,7 @@ struct Stored {
     scheduled: Cell<bool>,
     /// The submits waiting for their batch: the batch, what answers the call, and the
     /// ticket it answers with (no task per submit).
-    waiting: RefCell<Vec<(u64, ocluster_rpc::Responder, ocluster_rpc::Cap)>>,
+    waiting: RefCell<Vec<(u64, ocluster_rpc::Responder, Cap)>>,
 }
 
 impl Stored {
@@ -209,8 +210,6 @@ impl Stored {
         });
     }
 }
-
-type Cap = ocluster_rpc::Cap;
 
 /// Answers a `submit` with its ticket.
 fn answer_ticket(resp: ocluster_rpc::Responder, ticket: Cap) {
@@ -1097,15 +1096,9 @@ struct JobState {
     cancelled: bool,
     released: bool,
     /// The client's calls that wait for the job to start or end (`log` and `result`
-    /// while it is queued): answered by [`JobShared::wake`].
-    waiting: WaitingCalls,
-}
-
-/// The calls waiting in a job: most jobs have two (`result` and the first `log`), kept
-/// in the job itself; more go in its [`Run`] (made for them if need be).
-#[derive(Default)]
-struct WaitingCalls {
-    two: [Option<Waiting>; 2],
+    /// while it is queued), answered by [`JobShared::wake`]: most jobs have two, kept
+    /// here; more go in its [`Run`] (made for them if need be).
+    waiting: [Option<Waiting>; 2],
 }
 
 /// `JobState::queued` of a job that is not queued (the pool counts its ids up from 1).
@@ -1119,7 +1112,7 @@ impl Default for JobState {
             queued: NOT_QUEUED,
             cancelled: false,
             released: false,
-            waiting: WaitingCalls::default(),
+            waiting: [None, None],
         }
     }
 }
@@ -1160,7 +1153,7 @@ impl JobState {
     }
 
     fn push_waiting(&mut self, w: Waiting) {
-        match self.waiting.two.iter_mut().find(|s| s.is_none()) {
+        match self.waiting.iter_mut().find(|s| s.is_none()) {
             Some(slot) => *slot = Some(w),
             None => self.run().more_waiting.push(w),
         }
@@ -1168,7 +1161,7 @@ impl JobState {
 
     /// Lets go of the waiting calls whose callers gave up.
     fn prune_waiting(&mut self) {
-        for slot in &mut self.waiting.two {
+        for slot in &mut self.waiting {
             if slot.as_ref().is_some_and(|w| !w.is_open()) {
                 *slot = None;
             }
@@ -1179,7 +1172,7 @@ impl JobState {
     }
 
     fn take_waiting(&mut self) -> Vec<Waiting> {
-        let mut all: Vec<Waiting> = std::mem::take(&mut self.waiting.two)
+        let mut all: Vec<Waiting> = std::mem::take(&mut self.waiting)
             .into_iter()
             .flatten()
             .collect();
@@ -1282,7 +1275,7 @@ impl JobShared {
         drop(st);
         match to {
             Some(Ok(())) => p.settle(),
-            Some(Err(e)) => p.resolve(ocluster_rpc::Cap::broken(e)),
+            Some(Err(e)) => p.resolve(Cap::broken(e)),
             None => {}
         }
     }
@@ -1560,7 +1553,7 @@ fn started_job(shared: &Rc<JobShared>) -> Rc<ocluster_rpc::Promise> {
     let existing = shared.promise();
     let promise = existing.unwrap_or_else(|| {
         // (A proxy is made only here: dropping one releases the job.)
-        let proxy = ocluster_rpc::Cap::local(JobProxy {
+        let proxy = Cap::local(JobProxy {
             shared: shared.clone(),
         });
         let p = ocluster_rpc::Promise::new(Some(proxy));
@@ -2028,7 +2021,7 @@ impl ocluster_rpc::Object for TicketImpl {
     fn call(self: Rc<Self>, call: ocluster_rpc::Call) {
         match (call.interface_id, call.method_id) {
             (ids::TICKET, 0) => {
-                let job = ocluster_rpc::Cap::Promise(self.job.clone());
+                let job = Cap::Promise(self.job.clone());
                 call.responder().results(|b, caps| {
                     b.init_as::<ticket::job_results::Builder>()
                         .set_job(caps.client(job));

@@ -221,10 +221,26 @@ enum Waiting {
 
 /// A sent `Return`, kept while calls may be pipelined on its capabilities.
 ///
-/// Kept flat and exactly its size (the message was built in a first segment of 32 words
-/// and a builder's bookkeeping): every queued job's `submit` and `job` answers are kept
-/// until the client's `Finish`, which in a burst can be long after.
-struct Stored {
+/// Every queued job's `submit` and `job` answers are kept until the client's `Finish`,
+/// which in a burst comes after all its other calls: at its peak a burst of 100 000
+/// jobs held them all at once, and what they took and gave back stayed scattered
+/// between the jobs' own blocks (issue 12). So the usual results, one capability in a
+/// pointer field of their struct (a ticket, a job, a queue), keep only it and its
+/// field: one 64-byte block, where the message kept flat took four blocks and 288.
+enum Stored {
+    /// The results' only capability pointer is their struct's pointer field `field`.
+    Field {
+        field: u16,
+        cap: Cap,
+        /// The export it is, released by a `Finish` that asks for it.
+        export: Option<u32>,
+    },
+    /// Any other results (boxed: the usual ones' block stays small).
+    Flat(Box<Flat>),
+}
+
+/// Results kept flat and exactly their size.
+struct Flat {
     words: Box<[capnp::Word]>,
     slots: Box<[Cap]>,
     /// The exports its results hold, released by a `Finish` that asks for it.
@@ -232,20 +248,50 @@ struct Stored {
 }
 
 impl Stored {
-    fn new(m: &Builder<HeapAllocator>, slots: Vec<Cap>, exports: Vec<u32>) -> Stored {
+    fn new(m: &Builder<HeapAllocator>, mut slots: Vec<Cap>, exports: Vec<u32>) -> Stored {
+        if slots.len() == 1 && exports.len() <= 1 {
+            if let Some(field) = sole_cap_field(m) {
+                return Stored::Field {
+                    field,
+                    cap: slots.pop().expect("one slot"),
+                    export: exports.first().copied(),
+                };
+            }
+        }
         let bytes = capnp::serialize::write_message_to_words(m);
         let mut words = capnp::Word::allocate_zeroed_vec(bytes.len() / 8);
         capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(&bytes);
-        Stored {
+        Stored::Flat(Box::new(Flat {
             words: words.into_boxed_slice(),
             slots: slots.into_boxed_slice(),
             exports: exports.into_boxed_slice(),
+        }))
+    }
+
+    /// The exports its results hold.
+    fn exports(&self) -> &[u32] {
+        match self {
+            Stored::Field { export, .. } => export.as_slice(),
+            Stored::Flat(f) => &f.exports,
         }
     }
 
     fn pipelined(&self, ops: &[PipelineOp]) -> Cap {
+        let (words, slots) = match self {
+            Stored::Field { field, cap, .. } => {
+                let mut path = ops.iter().filter(|op| !matches!(op, PipelineOp::Noop));
+                return match (path.next(), path.next()) {
+                    (Some(PipelineOp::GetPointerField(f)), None) if f == field => cap.clone(),
+                    // (What reading the message gives: its only capability is elsewhere.)
+                    _ => Cap::broken(Error::failed(
+                        "no capability at that path of the results".into(),
+                    )),
+                };
+            }
+            Stored::Flat(f) => (&f.words, &f.slots),
+        };
         let found = (|| {
-            let mut flat = capnp::Word::words_to_bytes(&self.words);
+            let mut flat = capnp::Word::words_to_bytes(words);
             let msg =
                 capnp::serialize::read_message_from_flat_slice(&mut flat, ReaderOptions::new())?;
             let root = msg.get_root::<message::Reader>()?;
@@ -255,11 +301,11 @@ impl Stored {
             let return_::Results(p) = r?.which()? else {
                 return Ok(None);
             };
-            let t = table(self.slots.len());
+            let t = table(slots.len());
             let mut content = p?.get_content();
             capnp::traits::Imbue::imbue(&mut content, &t);
             let hook = content.get_pipelined_cap(ops)?;
-            Ok::<_, Error>(cap_index(&*hook).and_then(|i| self.slots.get(i).cloned()))
+            Ok::<_, Error>(cap_index(&*hook).and_then(|i| slots.get(i).cloned()))
         })();
         match found {
             Ok(Some(c)) => c,
@@ -267,6 +313,30 @@ impl Stored {
             Err(e) => Cap::broken(e),
         }
     }
+}
+
+/// The pointer field of a `Return`'s results struct that is the results' only
+/// capability pointer, if there is one such field.
+fn sole_cap_field(m: &Builder<HeapAllocator>) -> Option<u16> {
+    let root = m.get_root_as_reader::<message::Reader>().ok()?;
+    let message::Return(r) = root.which().ok()? else {
+        return None;
+    };
+    let return_::Results(p) = r.ok()?.which().ok()? else {
+        return None;
+    };
+    let content = p.ok()?.get_content();
+    // (Counted over everything the results point to, lists and nested structs too.)
+    if content.target_size().ok()?.cap_count != 1 {
+        return None;
+    }
+    // Any struct type reads a struct's sections; `Payload` is at hand.
+    let fields = capnp::raw::get_struct_pointer_section(content.get_as::<payload::Reader>().ok()?);
+    (0..fields.len()).find_map(|i| {
+        let size = fields.get(i).target_size().ok()?;
+        // A capability pointer is the only pointer with nothing behind it but a cap.
+        (size.word_count == 0 && size.cap_count == 1).then_some(i as u16)
+    })
 }
 
 struct Question {
@@ -1071,9 +1141,13 @@ impl Conn {
                 },
                 Target::Answer(q, ops) => match st.answers.get_mut(q) {
                     Some(Answer::Open { waiting, .. }) => {
-                        waiting
-                            .get_or_insert_with(Default::default)
-                            .push((ops.clone(), w));
+                        let v = waiting.get_or_insert_with(Default::default);
+                        // Room for one at first, not four: in a burst every queued
+                        // job has calls pipelined on its `submit` and `job` answers.
+                        if v.len() == v.capacity() {
+                            v.reserve_exact(v.len().max(1));
+                        }
+                        v.push((ops.clone(), w));
                         return;
                     }
                     Some(a @ (Answer::Returned(_) | Answer::Failed(_))) => {
@@ -1096,7 +1170,7 @@ impl Conn {
         let answer = self.st.borrow_mut().answers.remove(&q);
         match answer {
             Some(Answer::Returned(Some(s))) if release_results => {
-                for id in &s.exports {
+                for id in s.exports() {
                     self.release_export(*id, 1);
                 }
             }
@@ -1499,6 +1573,8 @@ mod sizes {
         assert!(size_of::<super::Export>() <= 32);
         assert!(size_of::<super::Answer>() <= 16);
         assert!(size_of::<Option<super::Answer>>() <= 16);
+        // With the Rc's counts, a 56-byte request: glibc's 64-byte block.
+        assert!(size_of::<super::Stored>() <= 40);
         assert!(size_of::<super::Responder>() <= 16);
     }
 }
@@ -1550,5 +1626,109 @@ mod answers {
         assert_eq!(gen(t.remove(&5).as_ref()), Some(5));
         assert!(!t.contains_key(&5));
         assert_eq!(t.len(), 701);
+    }
+}
+
+#[cfg(test)]
+mod kept_answers {
+    use super::{any_pointer, payload, Builder, CapTable, HeapAllocator, Stored};
+    use crate::hook::table;
+    use crate::{Cap, Promise};
+    use capnp::private::capability::PipelineOp::{GetPointerField, Noop};
+    use capnp_rpc::rpc_capnp::{call, message};
+    use std::rc::Rc;
+
+    /// A `Return` whose results `build` writes, `caps` the capabilities it sets.
+    fn results(
+        caps: usize,
+        build: impl FnOnce(any_pointer::Builder<'_>, &mut CapTable),
+    ) -> Builder<HeapAllocator> {
+        let mut m = Builder::new_default();
+        let mut t: CapTable = Vec::new();
+        {
+            let ret = m.init_root::<message::Builder>().init_return();
+            let mut content = ret.init_results().get_content();
+            capnp::traits::ImbueMut::imbue_mut(&mut content, &mut t);
+            let mut hooks = table(caps);
+            build(content, &mut hooks);
+        }
+        assert_eq!(t.len(), caps);
+        m
+    }
+
+    fn cap() -> (Cap, Rc<Promise>) {
+        let p = Promise::new(None);
+        (Cap::Promise(p.clone()), p)
+    }
+
+    fn is(c: Cap, p: &Rc<Promise>) -> bool {
+        matches!(c, Cap::Promise(q) if Rc::ptr_eq(&q, p))
+    }
+
+    #[test]
+    fn one_capability_in_a_field_keeps_only_it() {
+        // As `submit`'s results: a struct (read as a `Payload`) with a cap in field 0.
+        let m = results(1, |r, hooks| {
+            r.init_as::<payload::Builder>()
+                .get_content()
+                .set_as_capability(hooks[0].take().unwrap());
+        });
+        let (c, p) = cap();
+        let s = Stored::new(&m, vec![c], vec![7]);
+        assert!(matches!(s, Stored::Field { field: 0, .. }));
+        assert_eq!(s.exports(), &[7]);
+        assert!(is(s.pipelined(&[GetPointerField(0)]), &p));
+        assert!(is(s.pipelined(&[Noop, GetPointerField(0)]), &p));
+        // Where the results hold no capability, a broken one (as reading them gives).
+        for ops in [
+            &[][..],
+            &[GetPointerField(1)],
+            &[GetPointerField(0), GetPointerField(0)],
+        ] {
+            assert!(matches!(s.pipelined(ops), Cap::Broken(_)), "{}", ops.len());
+        }
+    }
+
+    #[test]
+    fn other_results_are_kept_flat_and_read_for_each_call() {
+        // One capability, in a struct in a field: not a field of the results' own.
+        let m = results(1, |r, hooks| {
+            r.init_as::<payload::Builder>()
+                .get_content()
+                .init_as::<payload::Builder>()
+                .get_content()
+                .set_as_capability(hooks[0].take().unwrap());
+        });
+        let (c, p) = cap();
+        let s = Stored::new(&m, vec![c], vec![3]);
+        assert!(matches!(s, Stored::Flat(_)));
+        assert_eq!(s.exports(), &[3]);
+        assert!(is(
+            s.pipelined(&[GetPointerField(0), GetPointerField(0)]),
+            &p
+        ));
+        assert!(matches!(s.pipelined(&[GetPointerField(0)]), Cap::Broken(_)));
+
+        // Two: one in a field of the results (a `Call`'s pointer 2, `thirdParty`), one
+        // deeper (in its `params`, pointer 1).
+        let m = results(2, |r, hooks| {
+            let mut c = r.init_as::<call::Builder>();
+            c.reborrow()
+                .init_send_results_to()
+                .init_third_party()
+                .set_as_capability(hooks[0].take().unwrap());
+            c.init_params()
+                .get_content()
+                .set_as_capability(hooks[1].take().unwrap());
+        });
+        let ((a, pa), (b, pb)) = (cap(), cap());
+        let s = Stored::new(&m, vec![a, b], vec![1, 2]);
+        assert!(matches!(s, Stored::Flat(_)));
+        assert_eq!(s.exports(), &[1, 2]);
+        assert!(is(s.pipelined(&[GetPointerField(2)]), &pa));
+        assert!(is(
+            s.pipelined(&[GetPointerField(1), GetPointerField(0)]),
+            &pb
+        ));
     }
 }

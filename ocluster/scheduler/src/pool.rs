@@ -168,6 +168,9 @@ pub enum Event<I> {
         pop: PopId,
         worker: WorkerId,
         ticket: TicketId,
+        /// Whose job it is, and its priority (kept by the pool, not in every item).
+        client: Rc<str>,
+        priority: Priority,
         item: I,
         /// The worker had run a job with this cache hint before.
         cached: bool,
@@ -287,6 +290,11 @@ impl Queue {
 enum Place {
     Backlog,
     Worker(WorkerId),
+}
+
+/// The bytes a ticket of `I` takes in the pool (boxed), for the memory tests.
+pub fn ticket_bytes<I>() -> usize {
+    std::mem::size_of::<Ticket<I>>()
 }
 
 struct Ticket<I> {
@@ -633,6 +641,11 @@ impl<I: Item> Pool<I> {
 
     /// Takes a queued ticket out (the client cancelled it, or dropped it). A ticket
     /// already given to a worker is not queued: cancel its job instead.
+    /// Whose job a queued ticket is.
+    pub fn client_of(&self, ticket: TicketId) -> Option<&str> {
+        self.tickets.get(&ticket).map(|t| &*t.client)
+    }
+
     pub fn cancel(&mut self, ticket: TicketId) -> Result<I, PoolError> {
         let t = self.tickets.remove(&ticket).ok_or(PoolError::NotQueued)?;
         match t.place {
@@ -885,6 +898,8 @@ impl<I: Item> Pool<I> {
             pop,
             worker,
             ticket,
+            client: t.client,
+            priority: t.key.priority,
             item: t.item,
             cached,
         });

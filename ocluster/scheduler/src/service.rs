@@ -44,9 +44,6 @@ pub struct QueuedJob {
     descr: Box<[u8]>,
     /// (Shared by the jobs with this hint: [`Hints`].)
     hint: Rc<str>,
-    /// (Shared by the client's jobs.)
-    client: Rc<str>,
-    priority: Priority,
     /// The job as its client sees it (a promise of `Job`, then a `JobProxy`), from its
     /// submission on, or, for a job restored after a restart, what its client gets once
     /// it submits the job again. (None once it has been told its outcome.)
@@ -779,12 +776,7 @@ impl PoolApi {
     /// Queues again the jobs that were queued or running before a restart, in their
     /// order, each waiting for its client to claim it.
     fn restore(&mut self, jobs: Vec<StoredJob>) {
-        let mut names: HashMap<String, Rc<str>> = HashMap::new();
         for j in jobs {
-            let client = names
-                .entry(j.client.clone())
-                .or_insert_with(|| Rc::from(j.client.as_str()))
-                .clone();
             self.next_seq = self.next_seq.max(j.seq + 1);
             let shared = JobShared::new(&self.this);
             let key = dedup_key(&j.client, &j.descr);
@@ -793,8 +785,6 @@ impl PoolApi {
                 QueuedJob {
                     descr: j.descr.into(),
                     hint: self.hints.get(&j.cache_hint),
-                    client,
-                    priority: Priority(j.priority),
                     shared: Some(shared.clone()),
                     seq: j.seq,
                 },
@@ -875,10 +865,12 @@ impl PoolApi {
                     Event::Assigned {
                         pop,
                         worker,
+                        client,
+                        priority,
                         item,
                         cached,
                         ..
-                    } => self.assigned(pop, worker, item, cached),
+                    } => self.assigned(pop, worker, (client, priority), item, cached),
                     Event::PopFailed { pop } => {
                         if let Some((tx, _)) = self.pending_pops.remove(&pop) {
                             let _ = tx.send(Err(Error::failed("Worker disconnected".into())));
@@ -912,7 +904,14 @@ impl PoolApi {
         stored.written();
     }
 
-    fn assigned(&mut self, pop: PopId, worker: WorkerId, mut item: QueuedJob, cached: bool) {
+    fn assigned(
+        &mut self,
+        pop: PopId,
+        worker: WorkerId,
+        (client, priority): (Rc<str>, Priority),
+        mut item: QueuedJob,
+        cached: bool,
+    ) {
         let started = std::time::Instant::now();
         let Some((tx, job)) = self.pending_pops.remove(&pop) else {
             // Cannot happen: a pop is withdrawn from the pool before its call goes.
@@ -948,9 +947,9 @@ impl PoolApi {
             key,
             RunningJob {
                 worker: worker_name.clone(),
-                client: item.client.to_string(),
+                client: client.to_string(),
                 label: item.label().into_owned(),
-                priority: item.priority,
+                priority,
                 started,
                 attempt,
                 shared: shared.clone(),
@@ -1031,16 +1030,14 @@ impl PoolApi {
                 ));
                 let now = wall_clock();
                 let (ticket, _) = p.pool.submit(
-                    &item.client,
+                    &client,
                     QueuedJob {
                         descr: std::mem::take(&mut item.descr),
                         hint: item.hint.clone(),
-                        client: item.client.clone(),
-                        priority: item.priority,
                         shared: Some(shared.clone()),
                         seq: item.seq,
                     },
-                    item.priority,
+                    priority,
                     now,
                 );
                 shared.state.borrow_mut().queued = ticket;
@@ -1524,8 +1521,11 @@ impl JobShared {
         }
         if let Some(pool) = self.pool.upgrade() {
             if let Ok(mut p) = pool.try_borrow_mut() {
+                // (Whose it is, while the pool has it.)
+                if let Some(client) = p.pool.client_of(ticket) {
+                    tracing::info!("{msg}: {client}");
+                }
                 if let Ok(mut item) = p.pool.cancel(ticket) {
-                    tracing::info!("{msg}: {}", item.client);
                     item.shared = None;
                     p.forget_job(item.seq);
                     let db = p.db.clone();
@@ -1981,8 +1981,6 @@ impl SubmissionImpl {
                 QueuedJob {
                     descr: bytes.into(),
                     hint: shared_hint,
-                    client: self.client.clone(),
-                    priority,
                     shared: Some(shared.clone()),
                     seq,
                 },
@@ -2386,5 +2384,8 @@ mod sizes {
         assert!(size_of::<Option<super::Waiting>>() <= 24);
         // (An `Rc` of it is then a block of 128 bytes with glibc's header.)
         assert!(size_of::<super::JobShared>() <= 104);
+        // The pool's ticket of it (boxed): a block of 128 bytes. Its client and
+        // priority are the ticket's, not copies in the job.
+        assert!(crate::pool::ticket_bytes::<super::QueuedJob>() <= 120);
     }
 }

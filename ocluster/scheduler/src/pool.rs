@@ -639,13 +639,13 @@ impl<I: Item> Pool<I> {
         id
     }
 
-    /// Takes a queued ticket out (the client cancelled it, or dropped it). A ticket
-    /// already given to a worker is not queued: cancel its job instead.
     /// Whose job a queued ticket is.
     pub fn client_of(&self, ticket: TicketId) -> Option<&str> {
         self.tickets.get(&ticket).map(|t| &*t.client)
     }
 
+    /// Takes a queued ticket out (the client cancelled it, or dropped it). A ticket
+    /// already given to a worker is not queued: cancel its job instead.
     pub fn cancel(&mut self, ticket: TicketId) -> Result<I, PoolError> {
         let t = self.tickets.remove(&ticket).ok_or(PoolError::NotQueued)?;
         match t.place {

@@ -294,15 +294,11 @@ impl Stored {
             let mut flat = capnp::Word::words_to_bytes(words);
             let msg =
                 capnp::serialize::read_message_from_flat_slice(&mut flat, ReaderOptions::new())?;
-            let root = msg.get_root::<message::Reader>()?;
-            let message::Return(r) = root.which()? else {
-                return Ok(None);
-            };
-            let return_::Results(p) = r?.which()? else {
+            let Some(p) = return_results(msg.get_root()?)? else {
                 return Ok(None);
             };
             let t = table(slots.len());
-            let mut content = p?.get_content();
+            let mut content = p.get_content();
             capnp::traits::Imbue::imbue(&mut content, &t);
             let hook = content.get_pipelined_cap(ops)?;
             Ok::<_, Error>(cap_index(&*hook).and_then(|i| slots.get(i).cloned()))
@@ -315,17 +311,23 @@ impl Stored {
     }
 }
 
+/// A message's results, if it is a `Return` with results.
+fn return_results(root: message::Reader<'_>) -> Result<Option<payload::Reader<'_>>, Error> {
+    let message::Return(r) = root.which()? else {
+        return Ok(None);
+    };
+    match r?.which()? {
+        return_::Results(p) => Ok(Some(p?)),
+        _ => Ok(None),
+    }
+}
+
 /// The pointer field of a `Return`'s results struct that is the results' only
 /// capability pointer, if there is one such field.
 fn sole_cap_field(m: &Builder<HeapAllocator>) -> Option<u16> {
-    let root = m.get_root_as_reader::<message::Reader>().ok()?;
-    let message::Return(r) = root.which().ok()? else {
-        return None;
-    };
-    let return_::Results(p) = r.ok()?.which().ok()? else {
-        return None;
-    };
-    let content = p.ok()?.get_content();
+    let content = return_results(m.get_root_as_reader().ok()?)
+        .ok()??
+        .get_content();
     // (Counted over everything the results point to, lists and nested structs too.)
     if content.target_size().ok()?.cap_count != 1 {
         return None;

@@ -192,17 +192,37 @@ enum Answer {
         waiting: Box<Pipelined>,
         release: bool,
     },
-    /// Answered with results: kept when they hold capabilities (for calls pipelined on
-    /// them). (Two variants rather than a `Result`: 16 bytes an answer, not 24.)
+    /// Answered with results whose only capability is pointer field `field` of their
+    /// struct (`submit`'s ticket, `job`'s job, `register`'s queue): export `export`,
+    /// which the answer holds a reference to until the `Finish`. Nothing is allocated
+    /// for it (see [`Stored`]).
+    Field { field: u16, export: u32 },
+    /// Answered with other results: kept when they hold capabilities (for calls
+    /// pipelined on them). (Two variants rather than a `Result`: 16 bytes an answer,
+    /// not 24.)
     Returned(Option<Rc<Stored>>),
     /// Answered with an error.
     Failed(Rc<Error>),
 }
 
 impl Answer {
-    /// The capability at `ops` in an answered question's results (None while open).
-    fn pipelined(&self, ops: &[PipelineOp]) -> Option<Cap> {
+    /// The capability at `ops` in an answered question's results (None while open);
+    /// `exports` is the connection's exports table.
+    fn pipelined(&self, ops: &[PipelineOp], exports: &[Option<Export>]) -> Option<Cap> {
         match self {
+            Answer::Field { field, export } => {
+                let mut path = ops.iter().filter(|op| !matches!(op, PipelineOp::Noop));
+                Some(match (path.next(), path.next()) {
+                    (Some(PipelineOp::GetPointerField(f)), None) if f == field => exports
+                        .get(*export as usize)
+                        .and_then(Option::as_ref)
+                        .map_or_else(|| Cap::broken(gone(*export)), |e| e.cap.clone()),
+                    // (What reading the message gives: its only capability is elsewhere.)
+                    _ => Cap::broken(Error::failed(
+                        "no capability at that path of the results".into(),
+                    )),
+                })
+            }
             Answer::Returned(Some(s)) => Some(s.pipelined(ops)),
             Answer::Returned(None) => Some(Cap::Null),
             Answer::Failed(e) => Some(Cap::Broken(e.clone())),
@@ -219,77 +239,52 @@ enum Waiting {
     Promise(Rc<Promise>),
 }
 
-/// A sent `Return`, kept while calls may be pipelined on its capabilities.
+/// A sent `Return`, kept while calls may be pipelined on its capabilities, when they
+/// are not one capability in a field ([`Answer::Field`]): the message flat and exactly
+/// its size, with its capabilities by table slot.
 ///
 /// Every queued job's `submit` and `job` answers are kept until the client's `Finish`,
 /// which in a burst comes after all its other calls: at its peak a burst of 100 000
 /// jobs held them all at once, and what they took and gave back stayed scattered
 /// between the jobs' own blocks (issue 12). So the usual results, one capability in a
-/// pointer field of their struct (a ticket, a job, a queue), keep only it and its
-/// field: one 64-byte block, where the message kept flat took four blocks and 288.
-enum Stored {
-    /// The results' only capability pointer is their struct's pointer field `field`.
-    Field {
-        field: u16,
-        cap: Cap,
-        /// The export it is, released by a `Finish` that asks for it.
-        export: Option<u32>,
-    },
-    /// Any other results (boxed: the usual ones' block stays small).
-    Flat(Box<Flat>),
-}
-
-/// Results kept flat and exactly their size.
-struct Flat {
+/// pointer field of their struct, are kept in the answers table itself as its field and
+/// its export, with no block of their own; only the others come here.
+struct Stored {
     words: Box<[capnp::Word]>,
     slots: Box<[Cap]>,
     /// The exports its results hold, released by a `Finish` that asks for it.
     exports: Box<[u32]>,
 }
 
-impl Stored {
-    fn new(m: &Builder<HeapAllocator>, mut slots: Vec<Cap>, exports: Vec<u32>) -> Stored {
-        if slots.len() == 1 && exports.len() <= 1 {
-            if let Some(field) = sole_cap_field(m) {
-                return Stored::Field {
-                    field,
-                    cap: slots.pop().expect("one slot"),
-                    export: exports.first().copied(),
-                };
-            }
+/// How an answered question's results (`m`, whose capabilities are `slots`, `exports`
+/// the exports among them) are kept. An [`Answer::Field`] needs a reference to its
+/// export, which the caller adds.
+fn keep(m: &Builder<HeapAllocator>, slots: Vec<Cap>, exports: Vec<u32>) -> Answer {
+    if slots.is_empty() {
+        return Answer::Returned(None);
+    }
+    if let ([_], &[export]) = (&slots[..], &exports[..]) {
+        if let Some(field) = sole_cap_field(m) {
+            return Answer::Field { field, export };
         }
+    }
+    Answer::Returned(Some(Rc::new(Stored::new(m, slots, exports))))
+}
+
+impl Stored {
+    fn new(m: &Builder<HeapAllocator>, slots: Vec<Cap>, exports: Vec<u32>) -> Stored {
         let bytes = capnp::serialize::write_message_to_words(m);
         let mut words = capnp::Word::allocate_zeroed_vec(bytes.len() / 8);
         capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(&bytes);
-        Stored::Flat(Box::new(Flat {
+        Stored {
             words: words.into_boxed_slice(),
             slots: slots.into_boxed_slice(),
             exports: exports.into_boxed_slice(),
-        }))
-    }
-
-    /// The exports its results hold.
-    fn exports(&self) -> &[u32] {
-        match self {
-            Stored::Field { export, .. } => export.as_slice(),
-            Stored::Flat(f) => &f.exports,
         }
     }
 
     fn pipelined(&self, ops: &[PipelineOp]) -> Cap {
-        let (words, slots) = match self {
-            Stored::Field { field, cap, .. } => {
-                let mut path = ops.iter().filter(|op| !matches!(op, PipelineOp::Noop));
-                return match (path.next(), path.next()) {
-                    (Some(PipelineOp::GetPointerField(f)), None) if f == field => cap.clone(),
-                    // (What reading the message gives: its only capability is elsewhere.)
-                    _ => Cap::broken(Error::failed(
-                        "no capability at that path of the results".into(),
-                    )),
-                };
-            }
-            Stored::Flat(f) => (&f.words, &f.slots),
-        };
+        let (words, slots) = (&self.words, &self.slots);
         let found = (|| {
             let mut flat = capnp::Word::words_to_bytes(words);
             let msg =
@@ -708,6 +703,11 @@ fn target_of(t: message_target::Reader<'_>) -> Result<Target, Error> {
     })
 }
 
+/// An export that is not there (for a kept answer, cannot happen: it holds its export).
+fn gone(id: u32) -> Error {
+    Error::failed(format!("no capability {id} is exported"))
+}
+
 fn protocol(msg: &str) -> Error {
     Error::failed(format!("protocol error: {msg}"))
 }
@@ -1121,8 +1121,8 @@ impl Conn {
                 .map(|e| e.cap.clone())
                 .ok_or_else(|| protocol(&format!("no export {id}"))),
             Target::Answer(q, ops) => match st.answers.get(q) {
-                Some(a @ (Answer::Returned(_) | Answer::Failed(_))) => {
-                    Ok(a.pipelined(ops).unwrap_or(Cap::Null))
+                Some(a @ (Answer::Field { .. } | Answer::Returned(_) | Answer::Failed(_))) => {
+                    Ok(a.pipelined(ops, &st.exports).unwrap_or(Cap::Null))
                 }
                 Some(Answer::Open { .. }) => {
                     Err(protocol(&format!("question {q} has no answer yet")))
@@ -1136,12 +1136,15 @@ impl Conn {
     fn route(self: &Rc<Self>, t: Target, w: Waiting) {
         let cap = {
             let mut st = self.st.borrow_mut();
+            let State {
+                answers, exports, ..
+            } = &mut *st;
             match &t {
-                Target::Export(id) => match st.exports.get(*id as usize).and_then(Option::as_ref) {
+                Target::Export(id) => match exports.get(*id as usize).and_then(Option::as_ref) {
                     Some(e) => e.cap.clone(),
-                    None => Cap::broken(Error::failed(format!("no capability {id} is exported"))),
+                    None => Cap::broken(gone(*id)),
                 },
-                Target::Answer(q, ops) => match st.answers.get_mut(q) {
+                Target::Answer(q, ops) => match answers.get_mut(q) {
                     Some(Answer::Open { waiting, .. }) => {
                         let v = waiting.get_or_insert_with(Default::default);
                         // Room for one at first, not four: in a burst every queued
@@ -1152,8 +1155,8 @@ impl Conn {
                         v.push((ops.clone(), w));
                         return;
                     }
-                    Some(a @ (Answer::Returned(_) | Answer::Failed(_))) => {
-                        a.pipelined(ops).unwrap_or(Cap::Null)
+                    Some(a @ (Answer::Field { .. } | Answer::Returned(_) | Answer::Failed(_))) => {
+                        a.pipelined(ops, exports).unwrap_or(Cap::Null)
                     }
                     // (A finished question takes no more pipelined calls.)
                     Some(Answer::Finishing { .. }) | None => {
@@ -1171,8 +1174,12 @@ impl Conn {
     fn finish(self: &Rc<Self>, q: u32, release_results: bool) {
         let answer = self.st.borrow_mut().answers.remove(&q);
         match answer {
+            // (Its own reference, and the peer's if the finish releases it.)
+            Some(Answer::Field { export, .. }) => {
+                self.release_export(export, 1 + u32::from(release_results))
+            }
             Some(Answer::Returned(Some(s))) if release_results => {
-                for id in s.exports() {
+                for id in s.exports.iter() {
                     self.release_export(*id, 1);
                 }
             }
@@ -1262,8 +1269,13 @@ impl Conn {
         let done = match built {
             Ok((slots, exports)) => {
                 self.push(&m);
-                let stored = (!slots.is_empty()).then(|| Rc::new(Stored::new(&m, slots, exports)));
-                Answer::Returned(stored)
+                let kept = keep(&m, slots, exports);
+                if let Answer::Field { export, .. } = kept {
+                    if let Some(Some(e)) = self.st.borrow_mut().exports.get_mut(export as usize) {
+                        e.refs += 1;
+                    }
+                }
+                kept
             }
             Err(e) => {
                 self.send(|m| {
@@ -1575,8 +1587,6 @@ mod sizes {
         assert!(size_of::<super::Export>() <= 32);
         assert!(size_of::<super::Answer>() <= 16);
         assert!(size_of::<Option<super::Answer>>() <= 16);
-        // With the Rc's counts, a 56-byte request: glibc's 64-byte block.
-        assert!(size_of::<super::Stored>() <= 40);
         assert!(size_of::<super::Responder>() <= 16);
     }
 }
@@ -1633,7 +1643,7 @@ mod answers {
 
 #[cfg(test)]
 mod kept_answers {
-    use super::{any_pointer, payload, Builder, CapTable, HeapAllocator, Stored};
+    use super::{any_pointer, keep, payload, Answer, Builder, CapTable, Export, HeapAllocator};
     use crate::hook::table;
     use crate::{Cap, Promise};
     use capnp::private::capability::PipelineOp::{GetPointerField, Noop};
@@ -1676,19 +1686,35 @@ mod kept_answers {
                 .set_as_capability(hooks[0].take().unwrap());
         });
         let (c, p) = cap();
-        let s = Stored::new(&m, vec![c], vec![7]);
-        assert!(matches!(s, Stored::Field { field: 0, .. }));
-        assert_eq!(s.exports(), &[7]);
-        assert!(is(s.pipelined(&[GetPointerField(0)]), &p));
-        assert!(is(s.pipelined(&[Noop, GetPointerField(0)]), &p));
+        let a = keep(&m, vec![c.clone()], vec![1]);
+        assert!(matches!(
+            a,
+            Answer::Field {
+                field: 0,
+                export: 1
+            }
+        ));
+        // It is read from the exports table.
+        let exports = [None, Some(Export { cap: c, refs: 2 })];
+        let got = |ops: &[_]| a.pipelined(ops, &exports).unwrap();
+        assert!(is(got(&[GetPointerField(0)]), &p));
+        assert!(is(got(&[Noop, GetPointerField(0)]), &p));
         // Where the results hold no capability, a broken one (as reading them gives).
         for ops in [
             &[][..],
             &[GetPointerField(1)],
             &[GetPointerField(0), GetPointerField(0)],
         ] {
-            assert!(matches!(s.pipelined(ops), Cap::Broken(_)), "{}", ops.len());
+            assert!(matches!(got(ops), Cap::Broken(_)), "{}", ops.len());
         }
+        // A capability that is not exported (one the peer hosts) is kept flat.
+        let (c, p) = cap();
+        let Answer::Returned(Some(s)) = keep(&m, vec![c], vec![]) else {
+            panic!("not kept flat");
+        };
+        assert!(is(s.pipelined(&[GetPointerField(0)]), &p));
+        // No capability: nothing kept.
+        assert!(matches!(keep(&m, vec![], vec![]), Answer::Returned(None)));
     }
 
     #[test]
@@ -1702,9 +1728,10 @@ mod kept_answers {
                 .set_as_capability(hooks[0].take().unwrap());
         });
         let (c, p) = cap();
-        let s = Stored::new(&m, vec![c], vec![3]);
-        assert!(matches!(s, Stored::Flat(_)));
-        assert_eq!(s.exports(), &[3]);
+        let Answer::Returned(Some(s)) = keep(&m, vec![c], vec![3]) else {
+            panic!("not kept flat");
+        };
+        assert_eq!(&s.exports[..], &[3]);
         assert!(is(
             s.pipelined(&[GetPointerField(0), GetPointerField(0)]),
             &p
@@ -1724,9 +1751,10 @@ mod kept_answers {
                 .set_as_capability(hooks[1].take().unwrap());
         });
         let ((a, pa), (b, pb)) = (cap(), cap());
-        let s = Stored::new(&m, vec![a, b], vec![1, 2]);
-        assert!(matches!(s, Stored::Flat(_)));
-        assert_eq!(s.exports(), &[1, 2]);
+        let Answer::Returned(Some(s)) = keep(&m, vec![a, b], vec![1, 2]) else {
+            panic!("not kept flat");
+        };
+        assert_eq!(&s.exports[..], &[1, 2]);
         assert!(is(s.pipelined(&[GetPointerField(2)]), &pa));
         assert!(is(
             s.pipelined(&[GetPointerField(1), GetPointerField(0)]),

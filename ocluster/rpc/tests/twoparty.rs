@@ -567,3 +567,125 @@ fn far_question_ids_are_answered_and_an_id_asked_twice_is_refused() {
         assert!(conn.closed().is_some());
     });
 }
+
+/// Messages written by hand: an answer whose results are one capability in a field
+/// (`submit`'s ticket) keeps it for calls pipelined on it until its `Finish`, even once
+/// the peer has released its reference; the `Finish` lets it go, and releases the peer's
+/// reference too when it asks to.
+#[test]
+fn a_kept_answer_holds_its_capability_until_its_finish() {
+    run(async {
+        use capnp::message::Builder;
+        use capnp_rpc::rpc_capnp::{cap_descriptor, message, return_};
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let world = W::default();
+        let w = world.clone();
+        let (conn, _served, b) = serve(Options {
+            restorer: Some(Box::new(move |_: &[u8]| {
+                Ok(Cap::local(Submission(w.clone())))
+            })),
+            ..Options::default()
+        });
+        let (rd, mut wr) = tokio::io::split(b);
+        let mut rd = rd.compat();
+        let send = |build: &dyn Fn(message::Builder<'_>)| {
+            let mut m = Builder::new_default();
+            build(m.init_root());
+            capnp::serialize::write_message_to_words(&m)
+        };
+        // A call of `method` on what `target` (question, pointer field) names.
+        let call = |q: u32, target: (u32, Option<u16>), iface: u64, method: u16| {
+            send(&|m| {
+                let mut c = m.init_call();
+                c.set_question_id(q);
+                c.set_interface_id(iface);
+                c.set_method_id(method);
+                let mut pa = c.reborrow().init_target().init_promised_answer();
+                pa.set_question_id(target.0);
+                if let Some(f) = target.1 {
+                    pa.init_transform(1).get(0).set_get_pointer_field(f);
+                }
+                let p = c.init_params().get_content();
+                let mut s = p.init_as::<submission::submit_params::Builder>();
+                s.set_pool("linux");
+                s.init_descr().set_cache_hint("h");
+            })
+        };
+        // The next message: the answer id of a `Return`, and the export its results give.
+        let mut next_return = async || {
+            let m = capnp_futures::serialize::try_read_message(&mut rd, Default::default())
+                .await
+                .unwrap()
+                .unwrap();
+            let message::Return(r) = m.get_root::<message::Reader>().unwrap().which().unwrap()
+            else {
+                panic!("not a return");
+            };
+            let r = r.unwrap();
+            let export = match r.which().unwrap() {
+                return_::Results(p) => p.unwrap().get_cap_table().unwrap().iter().find_map(|d| {
+                    match d.which().unwrap() {
+                        cap_descriptor::SenderHosted(i) => Some(i),
+                        _ => None,
+                    }
+                }),
+                _ => None,
+            };
+            (r.get_answer_id(), export)
+        };
+        let finish = |q: u32, release: bool| {
+            send(&|m| {
+                let mut f = m.init_finish();
+                f.set_question_id(q);
+                f.set_release_result_caps(release);
+            })
+        };
+        let dropped = || world.borrow().tickets_dropped;
+
+        wr.write_all(&send(&|m| m.init_bootstrap().set_question_id(0)))
+            .await
+            .unwrap();
+        assert_eq!(next_return().await.0, 0);
+        wr.write_all(&call(1, (0, None), ids::SUBMISSION, 0))
+            .await
+            .unwrap();
+        let (q, ticket) = next_return().await;
+        assert_eq!(q, 1);
+        let ticket = ticket.expect("a ticket exported");
+
+        // The peer lets its reference go: the answer still holds the ticket, and a call
+        // pipelined on it (`cancel`) reaches it.
+        wr.write_all(&send(&|m| {
+            let mut r = m.init_release();
+            r.set_id(ticket);
+            r.set_reference_count(1);
+        }))
+        .await
+        .unwrap();
+        wr.write_all(&call(2, (1, Some(0)), ids::TICKET, 1))
+            .await
+            .unwrap();
+        assert_eq!(next_return().await, (2, None));
+        assert_eq!(dropped(), 0);
+        // Its `Finish` lets it go.
+        wr.write_all(&finish(1, false)).await.unwrap();
+        settle().await;
+        assert_eq!(dropped(), 1);
+
+        // A `Finish` that releases the results' capabilities releases the peer's
+        // reference as well; one that does not leaves it to the peer.
+        for (q, release) in [(3, true), (4, false)] {
+            wr.write_all(&call(q, (0, None), ids::SUBMISSION, 0))
+                .await
+                .unwrap();
+            assert_eq!(next_return().await.0, q);
+            wr.write_all(&finish(q, release)).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(dropped(), 2);
+        assert!(conn.closed().is_none());
+        // The ticket of question 4, which the peer holds, and the submission.
+        assert_eq!(conn.table_sizes().0, 2);
+    });
+}

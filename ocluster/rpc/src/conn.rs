@@ -43,6 +43,14 @@ const FIRST_SEGMENT_WORDS: u32 = 32;
 /// Reading stops while this much waits to be written (a peer that does not read).
 const HIGH_WATER: usize = 1 << 20;
 
+/// A connection lets the event loop's other tasks run after this many messages. A
+/// TLS record holds a hundred small calls, read without a system call and so without
+/// using tokio's budget: a peer with megabytes of calls ready kept the loop to itself,
+/// and the scheduler's group commit (a task) waited for all of them. In a burst its
+/// batches grew to 30 000 jobs, whose calls all waited in memory at once, and the heap
+/// they took stayed scattered between the jobs that stayed (issue 12).
+const YIELD_EVERY: u32 = 64;
+
 /// How a connection is made.
 pub struct Options {
     /// The largest message accepted, in 8-byte words; a bigger one ends the connection.
@@ -759,7 +767,12 @@ impl Conn {
             o
         };
         let read = async {
+            let mut n = 0u32;
             loop {
+                n = n.wrapping_add(1);
+                if n.is_multiple_of(YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
                 while self.out.borrow().buf.len() > HIGH_WATER && self.closed().is_none() {
                     self.drained.notified().await;
                 }

@@ -568,6 +568,43 @@ fn far_question_ids_are_answered_and_an_id_asked_twice_is_refused() {
     });
 }
 
+/// A peer whose calls are all readable at once (as a TLS record's worth is, without a
+/// system call) does not keep the event loop to itself: the connection lets other tasks
+/// run every few messages. The scheduler's group commit is such a task: without this, a
+/// burst's store batches grew to 30 000 jobs whose calls all waited in memory (issue 12).
+#[test]
+fn a_peer_with_many_calls_ready_does_not_keep_the_event_loop() {
+    run(async {
+        use capnp_rpc::rpc_capnp::message;
+        let mut bytes = Vec::new();
+        for q in 0..1000 {
+            let mut m = capnp::message::Builder::new_default();
+            m.init_root::<message::Builder>()
+                .init_bootstrap()
+                .set_question_id(q);
+            capnp::serialize::write_message(&mut bytes, &m).unwrap();
+        }
+        let conn = Conn::new(Options::default());
+        let c = conn.clone();
+        // (An in-memory reader is never pending and takes none of tokio's budget.)
+        let served = tokio::task::spawn_local(async move {
+            c.run(futures::io::Cursor::new(bytes), futures::io::sink())
+                .await
+        });
+        let probe =
+            tokio::task::spawn_local(
+                async move { (conn.closed().is_none(), conn.table_sizes().2) },
+            );
+        let (open, answered) = probe.await.unwrap();
+        assert!(
+            open && answered > 0 && answered < 1000,
+            "{answered} answered"
+        );
+        let why = served.await.unwrap();
+        assert!(why.extra.contains("closed the connection"), "{why}");
+    });
+}
+
 /// Messages written by hand: an answer whose results are one capability in a field
 /// (`submit`'s ticket) keeps it for calls pipelined on it until its `Finish`, even once
 /// the peer has released its reference; the `Finish` lets it go, and releases the peer's

@@ -372,7 +372,7 @@ Submit → start crosses the scheduler twice (client → scheduler → worker, t
 | ≥ 5 000 jobs/s end to end over RPC (as measured for issue 12: the queue in memory) | {'met' if mem_rate >= 5000 else 'NOT met'}: {mem_rate:,.0f} (persisted, the default since issue 14: {rate:,.0f}) |
 | restart to dispatching with 100 000 persisted jobs < 2 s (issue 14) | {'met' if r['first_s'] is not None and r['first_s'] < 2 and r['queued'] >= 100_000 else 'NOT met'}: {first} with {r['queued']:,} |
 | dispatch with persistence ≥ 0.5× in memory (issue 14) | {'met' if rate >= 0.5 * mem_rate else 'NOT met'}: {rate / mem_rate:.2f}× |
-| < 1 KiB of memory per queued job | scheduler state: {'met' if med(sm[False], 'bytes_per_queued_job') < 1024 else 'NOT met'} ({med(sm[False], 'bytes_per_queued_job'):.0f} bytes). Whole process over RPC, heap in use: {'met' if per_job_heap < 1024 else 'NOT met'} ({per_job_heap / 1024:.2f} KiB); RSS: {'met' if per_job_rpc < 1024 else 'NOT met'} ({per_job_rpc / 1024:.2f} KiB: the burst's freed blocks between live ones); see docs/performance.md |
+| < 1 KiB of memory per queued job | scheduler state: {'met' if med(sm[False], 'bytes_per_queued_job') < 1024 else 'NOT met'} ({med(sm[False], 'bytes_per_queued_job'):.0f} bytes). Whole process over RPC, heap in use: {'met' if per_job_heap < 1024 else 'NOT met'} ({per_job_heap / 1024:.2f} KiB); RSS: {'met' if per_job_rpc < 1024 else 'NOT met'} ({per_job_rpc / 1024:.2f} KiB, with what the burst freed between live blocks); see docs/performance.md |
 """
     report.write_section("ocluster", text)
     print(text)

@@ -104,7 +104,11 @@ struct State {
 
 struct Export {
     cap: Cap,
+    /// The peer's references.
     refs: u32,
+    /// Kept answers that name it ([`Answer::Field`]): a count of its own, so that a
+    /// peer that releases more than it holds cannot free an id they still name.
+    pins: u32,
 }
 
 /// The answers table, by question id. Peers (capnp-rpc, OCaml's capnp-rpc) give a
@@ -1187,9 +1191,9 @@ impl Conn {
     fn finish(self: &Rc<Self>, q: u32, release_results: bool) {
         let answer = self.st.borrow_mut().answers.remove(&q);
         match answer {
-            // (Its own reference, and the peer's if the finish releases it.)
+            // (The peer's reference too if the finish releases it.)
             Some(Answer::Field { export, .. }) => {
-                self.release_export(export, 1 + u32::from(release_results))
+                self.drop_refs(export, u32::from(release_results), 1)
             }
             Some(Answer::Returned(Some(s))) if release_results => {
                 for id in s.exports.iter() {
@@ -1236,7 +1240,14 @@ impl Conn {
         }
     }
 
+    /// The peer lets `n` references to export `id` go.
     fn release_export(&self, id: u32, n: u32) {
+        self.drop_refs(id, n, 0)
+    }
+
+    /// Drops `n` of the peer's references to export `id` and `pins` of its kept
+    /// answers'; the export goes when none of either is left.
+    fn drop_refs(&self, id: u32, n: u32, pins: u32) {
         let dropped = {
             let mut st = self.st.borrow_mut();
             let Some(Some(e)) = st.exports.get_mut(id as usize) else {
@@ -1244,7 +1255,8 @@ impl Conn {
                 return;
             };
             e.refs = e.refs.saturating_sub(n);
-            if e.refs > 0 {
+            e.pins = e.pins.saturating_sub(pins);
+            if e.refs > 0 || e.pins > 0 {
                 return;
             }
             let e = st.exports[id as usize].take();
@@ -1285,7 +1297,7 @@ impl Conn {
                 let kept = keep(&m, slots, exports);
                 if let Answer::Field { export, .. } = kept {
                     if let Some(Some(e)) = self.st.borrow_mut().exports.get_mut(export as usize) {
-                        e.refs += 1;
+                        e.pins += 1;
                     }
                 }
                 kept
@@ -1425,7 +1437,11 @@ impl Conn {
                 }
             }
         }
-        let e = Some(Export { cap, refs: 1 });
+        let e = Some(Export {
+            cap,
+            refs: 1,
+            pins: 0,
+        });
         let id = match st.free_exports.pop() {
             Some(id) => {
                 st.exports[id as usize] = e;
@@ -1710,7 +1726,14 @@ mod kept_answers {
             }
         ));
         // It is read from the exports table.
-        let exports = [None, Some(Export { cap: c, refs: 2 })];
+        let exports = [
+            None,
+            Some(Export {
+                cap: c,
+                refs: 1,
+                pins: 1,
+            }),
+        ];
         let got = |ops: &[_]| a.pipelined(ops, &exports).unwrap();
         assert!(is(got(&[GetPointerField(0)]), &p));
         assert!(is(got(&[Noop, GetPointerField(0)]), &p));

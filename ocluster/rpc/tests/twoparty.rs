@@ -607,8 +607,8 @@ fn a_peer_with_many_calls_ready_does_not_keep_the_event_loop() {
 
 /// Messages written by hand: an answer whose results are one capability in a field
 /// (`submit`'s ticket) keeps it for calls pipelined on it until its `Finish`, even once
-/// the peer has released its reference; the `Finish` lets it go, and releases the peer's
-/// reference too when it asks to.
+/// the peer has released its reference (even a peer that releases more than it holds);
+/// the `Finish` lets it go, and releases the peer's reference too when it asks to.
 #[test]
 fn a_kept_answer_holds_its_capability_until_its_finish() {
     run(async {
@@ -691,12 +691,12 @@ fn a_kept_answer_holds_its_capability_until_its_finish() {
         assert_eq!(q, 1);
         let ticket = ticket.expect("a ticket exported");
 
-        // The peer lets its reference go: the answer still holds the ticket, and a call
-        // pipelined on it (`cancel`) reaches it.
+        // The peer lets its reference go (and more than it holds): the answer still
+        // holds the ticket, and a call pipelined on it (`cancel`) reaches it.
         wr.write_all(&send(&|m| {
             let mut r = m.init_release();
             r.set_id(ticket);
-            r.set_reference_count(1);
+            r.set_reference_count(5);
         }))
         .await
         .unwrap();

@@ -206,7 +206,7 @@ enum Answer {
     },
     /// Answered with results whose only capability is pointer field `field` of their
     /// struct (`submit`'s ticket, `job`'s job, `register`'s queue): export `export`,
-    /// which the answer holds a reference to until the `Finish`. Nothing is allocated
+    /// which the answer pins until the `Finish` (`Export::pins`). Nothing is allocated
     /// for it (see [`Stored`]).
     Field { field: u16, export: u32 },
     /// Answered with other results: kept when they hold capabilities (for calls

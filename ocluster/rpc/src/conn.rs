@@ -269,8 +269,8 @@ struct Stored {
 }
 
 /// How an answered question's results (`m`, whose capabilities are `slots`, `exports`
-/// the exports among them) are kept. An [`Answer::Field`] needs a reference to its
-/// export, which the caller adds.
+/// the exports among them) are kept. An [`Answer::Field`] needs a pin on its export,
+/// which the caller adds.
 fn keep(m: &Builder<HeapAllocator>, slots: Vec<Cap>, exports: Vec<u32>) -> Answer {
     if slots.is_empty() {
         return Answer::Returned(None);
@@ -296,19 +296,18 @@ impl Stored {
     }
 
     fn pipelined(&self, ops: &[PipelineOp]) -> Cap {
-        let (words, slots) = (&self.words, &self.slots);
         let found = (|| {
-            let mut flat = capnp::Word::words_to_bytes(words);
+            let mut flat = capnp::Word::words_to_bytes(&self.words);
             let msg =
                 capnp::serialize::read_message_from_flat_slice(&mut flat, ReaderOptions::new())?;
             let Some(p) = return_results(msg.get_root()?)? else {
                 return Ok(None);
             };
-            let t = table(slots.len());
+            let t = table(self.slots.len());
             let mut content = p.get_content();
             capnp::traits::Imbue::imbue(&mut content, &t);
             let hook = content.get_pipelined_cap(ops)?;
-            Ok::<_, Error>(cap_index(&*hook).and_then(|i| slots.get(i).cloned()))
+            Ok::<_, Error>(cap_index(&*hook).and_then(|i| self.slots.get(i).cloned()))
         })();
         match found {
             Ok(Some(c)) => c,
@@ -1196,7 +1195,7 @@ impl Conn {
                 self.drop_refs(export, u32::from(release_results), 1)
             }
             Some(Answer::Returned(Some(s))) if release_results => {
-                for id in s.exports.iter() {
+                for id in &s.exports {
                     self.release_export(*id, 1);
                 }
             }
